@@ -1,0 +1,3 @@
+from zerostart.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""The ``zerostart`` command line.
+
+Thin by design: each command lives next to the code it drives, in a module exposing
+``add_arguments(parser)`` and ``main(args) -> int``. Modules are imported only when their
+command runs, so ``zerostart serve`` (the gateway) never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command words -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("serve",): ("zerostart.serve._cli", "run the OpenAI-compatible gateway (scale-to-zero replicas)"),
+    ("generate",): ("zerostart.engine._cli_generate", "generate text from a model on the command line"),
+    ("demo-model",): ("zerostart.engine._cli_demo", "write a random-weights demo checkpoint (Hugging Face layout)"),
+    ("snapshot",): ("zerostart.snapshot._cli", "write a ready image of a model"),
+    ("coldstart",): ("zerostart.bench.coldstart", "run real cold starts and print their phases"),
+    ("simulate",): ("zerostart.sim._cli", "replay a request trace against keep-alive policies"),
+    ("plan",): ("zerostart.sim._cli_plan", "break-even calculator: is scale-to-zero worth it?"),
+    ("pull",): ("zerostart.weights._cli_pull", "prefetch a checkpoint into the local cache"),
+    ("cache",): ("zerostart.weights._cli_cache", "list, remove and evict cached checkpoints"),
+    ("bench", "load"): ("zerostart.bench.load", "benchmark weight loading against peers and the hardware limit"),
+    ("bench", "generate"): ("zerostart.bench.generate", "benchmark generation against transformers"),
+    ("bench", "serve"): ("zerostart.bench.serve", "benchmark gateway overhead and cold-start latency"),
+}
+
+
+def _build_parser(words: tuple[str, ...] | None) -> argparse.ArgumentParser:
+    from zerostart import __version__
+
+    parser = argparse.ArgumentParser(prog="zerostart", description="Serve LLMs that scale to zero and come back fast.")
+    parser.add_argument("--version", action="version", version=f"zerostart {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for key, (module_name, help_text) in COMMANDS.items():
+        target = sub
+        if len(key) == 2:
+            if key[0] not in groups:
+                group = sub.add_parser(key[0], help=f"{key[0]} commands")
+                groups[key[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            target = groups[key[0]]
+        p = target.add_parser(key[-1], help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        if key == words:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def _command_words(argv: list[str]) -> tuple[str, ...] | None:
+    for key in COMMANDS:
+        if tuple(argv[: len(key)]) == key:
+            return key
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(_command_words(argv))
+    args = parser.parse_args(argv)
+    if getattr(args, "_module", None) is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        return _fail(e)
+    except Exception as e:
+        # Our own errors (WeightsError, ConfigError, ...) name what failed; print them plainly.
+        if type(e).__module__.startswith("zerostart"):
+            return _fail(e)
+        raise
+
+
+def _fail(e: BaseException) -> int:
+    if os.environ.get("ZEROSTART_DEBUG"):
+        raise e
+    print(f"zerostart: error: {e}", file=sys.stderr)
+    return 1

@@ -1,0 +1,42 @@
+"""Bytes -> tensors: safetensors checkpoints into one arena per load, at the storage limit.
+
+    from zerostart import weights
+    tensors = weights.load("path/to/model", device="cuda")
+
+``load`` returns a ``dict[str, torch.Tensor]`` whose tensors are views into one allocation on
+the target device (:func:`load_arena` returns the :class:`Arena` itself, with the load's
+statistics). The header parser and checkpoint resolution need no torch; the names that do are
+imported on first use, so ``from zerostart.weights import read_header`` stays light.
+"""
+
+from typing import Any
+
+from zerostart.weights._checkpoint import Checkpoint, resolve
+from zerostart.weights._format import Header, TensorInfo, WeightsError, parse_header, read_header
+from zerostart.weights._paths import cache_dir
+
+_TORCH_NAMES = {"Arena", "LoadConfig", "LoadStats", "load", "load_arena"}
+
+__all__ = [
+    "Arena",
+    "Checkpoint",
+    "Header",
+    "LoadConfig",
+    "LoadStats",
+    "TensorInfo",
+    "WeightsError",
+    "cache_dir",
+    "load",
+    "load_arena",
+    "parse_header",
+    "read_header",
+    "resolve",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_NAMES:
+        from zerostart.weights import _load
+
+        return getattr(_load, name)
+    raise AttributeError(f"module 'zerostart.weights' has no attribute {name!r}")
