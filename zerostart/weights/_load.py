@@ -1,59 +1,336 @@
-"""Load a checkpoint into one arena (placeholder pipeline: sequential reads)."""
+"""``load`` / ``load_arena``: a checkpoint into one arena on the target device.
+
+Per file, the strategy follows what is measured at load time (page-cache residency via
+mincore) and what ``bench load`` measured on real hardware:
+
+| where the bytes are | CPU, no cast | CPU with cast, CUDA |
+| --- | --- | --- |
+| page cache (warm) | map the file into the arena (no copy) | buffered reads into staging |
+| disk (cold) | O_DIRECT reads straight into the arena | O_DIRECT reads into staging |
+
+The host arena is anonymous memory with transparent huge pages (first-touch faults on 4 KiB
+pages alone cost more than the copy). Mapped files are private copy-on-write mappings: the
+pages are shared with the page cache (and other processes) until a tensor is written. Replace
+a checkpoint by writing a new file and renaming it, never by rewriting it in place, while a
+process holds it mapped.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Literal
 
 import torch
 
 from zerostart.weights._checkpoint import resolve
-from zerostart.weights._dtypes import parse_dtype, to_torch
+from zerostart.weights._dtypes import parse_dtype
+from zerostart.weights._format import WeightsError
+from zerostart.weights._io import DIRECT_ALIGN, Region, open_direct, residency
+from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, default_threads
+from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, staged_mirror_items
+
+Mode = Literal["auto", "always", "never"]
 
 
 @dataclass
 class LoadConfig:
-    threads: int = 0
+    """How a load reads. Defaults are chosen per device and cache state; see ``bench load``."""
+
+    threads: int = 0  # reader threads; 0 = by device and cache state
+    chunk_bytes: int = 8 << 20  # bytes per read
+    staging_bytes: int = 256 << 20  # budget for staging buffers (CUDA loads and dtype casts)
+    direct_io: Mode = "auto"  # O_DIRECT for files not in the page cache
+    mmap: Mode = "auto"  # CPU without a cast: map files that are in the page cache
+    warm_fraction: float = 0.5  # a file this much in the page cache counts as warm
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"LoadConfig.threads must be >= 0 (0 = automatic), got {self.threads}")
+        if self.chunk_bytes < DIRECT_ALIGN:
+            raise ValueError(f"LoadConfig.chunk_bytes must be >= {DIRECT_ALIGN}, got {self.chunk_bytes}")
+        if self.staging_bytes < 2 * (DIRECT_ALIGN * 3):
+            raise ValueError(f"LoadConfig.staging_bytes must be >= {6 * DIRECT_ALIGN} (two minimal buffers), got {self.staging_bytes}")
+        for key in ("direct_io", "mmap"):
+            if getattr(self, key) not in ("auto", "always", "never"):
+                raise ValueError(f"LoadConfig.{key} must be 'auto', 'always' or 'never', got {getattr(self, key)!r}")
+        if not 0.0 <= self.warm_fraction <= 1.0:
+            raise ValueError(f"LoadConfig.warm_fraction must be within [0, 1], got {self.warm_fraction}")
 
 
 @dataclass
 class LoadStats:
-    bytes: int = 0
-    seconds: float = 0.0
+    path: str = ""
+    device: str = ""
+    bytes: int = 0  # tensor bytes read from the checkpoint
+    arena_bytes: int = 0
+    files: int = 0
+    tensors: int = 0
+    strategy: dict[str, int] = field(default_factory=dict)  # files per strategy: mmap / direct / buffered
+    layout: str = ""  # mirror | packed
+    residency: float = 0.0  # fraction of the checkpoint in the page cache when the load began
+    threads: int = 0
+    chunk_bytes: int = 0
+    staging_bytes: int = 0  # staging buffers allocated (the budget in use)
+    staging_peak_bytes: int = 0  # most staging bytes held at once
+    read_s: float = 0.0  # first read start -> last read end
+    copy_s: float = 0.0  # first copy (or cast) start -> last copy done
+    total_s: float = 0.0  # call -> every byte in place
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.total_s / 1e9 if self.total_s else 0.0
+
+    @property
+    def read_gbps(self) -> float:
+        return self.bytes / self.read_s / 1e9 if self.read_s else 0.0
+
+    @property
+    def copy_gbps(self) -> float:
+        return self.bytes / self.copy_s / 1e9 if self.copy_s else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(gbps=round(self.gbps, 4), read_gbps=round(self.read_gbps, 4), copy_gbps=round(self.copy_gbps, 4))
+        return d
 
 
-@dataclass
 class Arena:
-    storage: torch.Tensor
-    tensors: dict[str, torch.Tensor]
-    stats: LoadStats = field(default_factory=LoadStats)
+    """The tensors of one load and the single allocation they view.
+
+    ``tensors`` exist from the start; with ``background=True`` their bytes arrive while the
+    caller works: :meth:`wait` blocks until the named tensors (default: all) are in place, and
+    re-raises a load error.
+    """
+
+    def __init__(self, storage: torch.Tensor, tensors: dict[str, torch.Tensor], layout: Layout, stats: LoadStats,
+                 region: Region | None) -> None:
+        self.storage = storage
+        self.tensors = tensors
+        self.layout = layout
+        self.stats = stats
+        self.region = region
+        self._cond = threading.Condition()
+        self._ready: set[str] = set()
+        self._done = False
+        self._error: BaseException | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def is_ready(self, name: str) -> bool:
+        with self._cond:
+            return self._done or name in self._ready
+
+    def wait(self, names: Iterable[str] | None = None, timeout: float | None = None) -> None:
+        """Block until ``names`` (default: every tensor) are loaded. Raises the load's error, or
+        TimeoutError after ``timeout`` seconds."""
+        wanted = None if names is None else set(names)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if self._done or (wanted is not None and wanted <= self._ready):
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"{self.stats.path}: tensors not loaded within {timeout} s")
+                self._cond.wait(left)
+
+    def _mark(self, names: Iterable[str]) -> None:
+        with self._cond:
+            self._ready.update(names)
+            self._cond.notify_all()
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._cond:
+            self._error = error
+            self._done = error is None
+            self._cond.notify_all()
 
 
-def load_arena(path, device="cpu", *, dtype=None, config=None, progress: Callable[[int, int], None] | None = None) -> Arena:
-    t0 = time.perf_counter()
-    ckpt = resolve(path)
-    dtype = parse_dtype(dtype)
-    total = sum(h.file_size for h in ckpt.headers)
-    host = torch.empty(total, dtype=torch.uint8)
-    tensors: dict[str, torch.Tensor] = {}
-    base = 0
-    for h in ckpt.headers:
-        with open(h.path, "rb", buffering=0) as f:
-            f.readinto(memoryview(host.numpy())[base : base + h.file_size])
-        for name, t in h.tensors.items():
-            o = base + h.data_start + t.start
-            td = to_torch(t.dtype, f"{h.path}: tensor {name!r}: ")
-            tensors[name] = host[o : o + t.nbytes].clone().view(td).view(t.shape)
-        base += h.file_size
-    out = {}
-    for k, v in tensors.items():
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        out[k] = v.to(device)
-    return Arena(host, out, LoadStats(total, time.perf_counter() - t0))
+def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *, dtype: str | torch.dtype | None = None,
+         config: LoadConfig | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint (file, or Hugging Face directory) into one arena.
 
-
-def load(path, device="cpu", *, dtype=None, config=None, progress=None) -> dict[str, torch.Tensor]:
+    Returns name -> tensor, every tensor a view into a single allocation on ``device``.
+    ``dtype`` casts floating-point tensors (f16/bf16/f32/f64) during the load, without a
+    second full copy; integer, bool and fp8 tensors keep their stored dtype.
+    ``progress(bytes_done, bytes_total)`` is called from loader threads as bytes land.
+    """
     return load_arena(path, device, dtype=dtype, config=config, progress=progress).tensors
+
+
+def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
+               dtype: str | torch.dtype | None = None, config: LoadConfig | None = None,
+               progress: Callable[[int, int], None] | None = None, background: bool = False) -> Arena:
+    """Like :func:`load`, returning the :class:`Arena` (with statistics). With
+    ``background=True`` it returns once the arena is allocated and the reads have started."""
+    t_start = time.perf_counter()
+    cfg = config or LoadConfig()
+    dev = _device(device)
+    target = parse_dtype(dtype)
+    ckpt = resolve(path)
+    layout = plan_layout(ckpt, target)
+
+    files: list[FileHandle] = []
+    strategies: list[str] = []
+    fds: list[int] = []
+    resident_bytes = 0.0
+    try:
+        for h in ckpt.headers:
+            fd = os.open(h.path, os.O_RDONLY)
+            fds.append(fd)
+            res = residency(fd, h.file_size, h.data_start)
+            resident_bytes += res * h.data_size
+            warm = res >= cfg.warm_fraction
+            strategy = "buffered"
+            if dev.type == "cpu" and layout.mode == "mirror" and (cfg.mmap == "always" or (cfg.mmap == "auto" and warm)):
+                strategy = "mmap"
+            elif cfg.direct_io == "always" or (cfg.direct_io == "auto" and not warm):
+                dfd = open_direct(h.path)
+                if dfd is not None:
+                    fds.append(dfd)
+                    fd, strategy = dfd, "direct"
+            strategies.append(strategy)
+            files.append(FileHandle(h.path, h.file_size, fd, strategy == "direct"))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+    staged = dev.type == "cuda" or layout.mode == "packed"
+    stats = LoadStats(path=ckpt.path, device=str(dev), bytes=ckpt.nbytes, arena_bytes=layout.size, files=len(files),
+                      tensors=len(layout.slots), layout=layout.mode,
+                      residency=round(resident_bytes / ckpt.nbytes, 4) if ckpt.nbytes else 1.0)
+    for s in strategies:
+        stats.strategy[s] = stats.strategy.get(s, 0) + 1
+
+    # Staging: at least two buffers within the budget; shrink the chunk rather than exceed it.
+    chunk = cfg.chunk_bytes
+    ring_count = 0
+    if staged:
+        buf_size = chunk + 2 * DIRECT_ALIGN
+        if cfg.staging_bytes < 2 * buf_size:
+            buf_size = cfg.staging_bytes // 2 // DIRECT_ALIGN * DIRECT_ALIGN
+            chunk = buf_size - 2 * DIRECT_ALIGN
+    threads = cfg.threads or default_threads(dev, any(f.direct for f in files), staged)
+    if staged:
+        # enough buffers to keep every reader busy while earlier copies drain, within the budget
+        ring_count = min(cfg.staging_bytes // buf_size, 2 * threads + 2)
+        threads = min(threads, ring_count)
+    stats.threads, stats.chunk_bytes = threads, chunk
+
+    try:
+        region, storage = _allocate(layout, dev, files, strategies)
+        items = []
+        for i, (h, f, s) in enumerate(zip(ckpt.headers, files, strategies)):
+            if s == "mmap":
+                continue
+            if layout.mode == "packed":
+                items += packed_items(h, i, layout.slots, chunk, f.direct)
+            elif staged:
+                items += staged_mirror_items(h, i, layout.file_base[i], chunk, f.direct)
+            else:
+                items += mirror_items(h, i, layout.file_base[i], chunk, f.direct)
+        ring = Ring(ring_count, chunk + 2 * DIRECT_ALIGN, pinned=dev.type == "cuda") if staged and items else None
+        if ring is not None:
+            stats.staging_bytes = ring.nbytes
+        if dev.type == "cuda":
+            sink = CudaSink(storage, ring_count, ring.size if ring else 0, need_scratch=layout.mode == "packed")
+        else:
+            sink = CpuSink(storage, region)
+        tensors = {name: _view(storage, s.offset, s.dtype, s.shape) for name, s in layout.slots.items()}
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+    arena = Arena(storage, tensors, layout, stats, region)
+    mapped_bytes = sum(h.data_size for h, s in zip(ckpt.headers, strategies) if s == "mmap")
+    relocated = {n for n, s in layout.slots.items() if s.relocate_from is not None}
+    arena._mark(n for i, h in enumerate(ckpt.headers) if strategies[i] == "mmap" for n in h.tensors if n not in relocated)
+    if progress is not None and mapped_bytes:
+        progress(mapped_bytes, ckpt.nbytes)
+    run = Run(items, files, sink, ring, threads, progress=_offset_progress(progress, mapped_bytes), total=ckpt.nbytes,
+              on_tensors_done=lambda names: arena._mark(n for n in names if n not in relocated))
+
+    def finish() -> None:
+        error: BaseException | None = None
+        try:
+            run.join()
+            for s in layout.slots.values():
+                if s.relocate_from is not None:
+                    storage[s.offset : s.offset + s.nbytes].copy_(storage[s.relocate_from : s.relocate_from + s.nbytes])
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        except BaseException as e:
+            error = e
+        finally:
+            for fd in fds:
+                os.close(fd)
+        stats.read_s, stats.copy_s = run.timing.read_s, run.timing.copy_s
+        stats.staging_peak_bytes = ring.peak * ring.size if ring is not None else 0
+        stats.total_s = time.perf_counter() - t_start
+        arena._finish(error)
+
+    run.start()
+    if background:
+        threading.Thread(target=finish, name="zerostart-load", daemon=True).start()
+    else:
+        finish()
+        arena.wait()
+    return arena
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__}); use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}: zerostart loads to 'cpu' or 'cuda'")
+    return dev
+
+
+def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strategies: list[str]) -> tuple[Region | None, torch.Tensor]:
+    if dev.type == "cuda":
+        return None, torch.empty(max(layout.size, 1), dtype=torch.uint8, device=dev)
+    region = Region.anonymous(max(layout.size, 1))
+    for i, f in enumerate(files):
+        if strategies[i] == "mmap":
+            region.map_file(layout.file_base[i], f.fd, f.size, populate=True)
+    return region, region.tensor()[: max(layout.size, 1)]
+
+
+def _view(storage: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    return storage[offset : offset + n * dtype.itemsize].view(dtype).view(shape)
+
+
+def _offset_progress(progress: Callable[[int, int], None] | None, already: int) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(done + already, total)
+
+
+__all__ = ["Arena", "LoadConfig", "LoadStats", "WeightsError", "load", "load_arena"]

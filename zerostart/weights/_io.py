@@ -1,0 +1,223 @@
+"""Low-level file and memory primitives: positional reads, direct I/O, page-cache residency,
+and page-aligned host memory regions (anonymous or file-mapped) that torch tensors can view.
+
+Linux-first: ``mincore``, ``MAP_POPULATE``, ``MAP_FIXED`` and ``MADV_HUGEPAGE`` come from libc
+through ctypes. Where something is unavailable (another OS, a filesystem without O_DIRECT) the
+callers fall back to plain buffered reads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import sys
+import threading
+
+PAGE = mmap.PAGESIZE
+DIRECT_ALIGN = 4096  # O_DIRECT offset/length/address alignment (logical block size, at most a page)
+HUGE = 2 << 20
+
+_PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+_MAP_NORESERVE, _MAP_POPULATE = 0x4000, 0x8000
+_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE = 3, 4, 14
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_LINUX = sys.platform.startswith("linux")
+_libc = ctypes.CDLL(None, use_errno=True) if _LINUX else None
+if _libc is not None:
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def align_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def align_down(n: int, a: int) -> int:
+    return n // a * a
+
+
+def _check(ret: int | None, what: str) -> int:
+    """Raise OSError for a failed mmap (MAP_FAILED) or a failed int-returning call (-1)."""
+    if ret is None or ret == _MAP_FAILED or ret == -1:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory regions
+
+
+class Region:
+    """A page-aligned range of host virtual memory owned by this object (unmapped on close/GC).
+
+    ``Region.anonymous(n)`` is ordinary zero-filled memory with transparent huge pages
+    requested, which makes first-touch page faults ~3x cheaper for multi-GB arenas.
+    ``Region.reserve(n)`` reserves address space only; ``map_file`` then places a file's pages
+    at a fixed offset in it (private, copy-on-write: reads share the page cache, writes copy).
+    """
+
+    def __init__(self, addr: int, size: int) -> None:
+        self.addr = addr
+        self.size = size
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def anonymous(cls, size: int, huge: bool = True) -> "Region":
+        size = max(align_up(size, PAGE), PAGE)
+        if _libc is None:
+            raise OSError(errno.ENOSYS, "anonymous regions need Linux")
+        addr = _check(_libc.mmap(None, size, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0), "mmap")
+        if huge:
+            _libc.madvise(addr, size, _MADV_HUGEPAGE)  # advisory; failure is harmless
+        return cls(addr, size)
+
+    @classmethod
+    def reserve(cls, size: int) -> "Region":
+        size = max(align_up(size, PAGE), PAGE)
+        if _libc is None:
+            raise OSError(errno.ENOSYS, "address reservations need Linux")
+        addr = _check(_libc.mmap(None, size, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0), "mmap")
+        return cls(addr, size)
+
+    def map_file(self, offset: int, fd: int, length: int, populate: bool = True) -> None:
+        """Map ``length`` bytes of ``fd`` (from file offset 0) at ``offset`` in this region.
+
+        The pages are first mapped read-only with MAP_POPULATE (page tables filled from the page
+        cache, no copy; a writable private mapping would be copied page by page), then made
+        writable: a later write copies only the page it touches.
+        """
+        assert offset % PAGE == 0 and offset + length <= self.size
+        length = align_up(length, PAGE)
+        flags = _MAP_PRIVATE | _MAP_FIXED | (_MAP_POPULATE if populate else 0)
+        addr = _check(_libc.mmap(self.addr + offset, length, _PROT_READ, flags, fd, 0), "mmap")
+        assert addr == self.addr + offset
+        _check(_libc.mprotect(addr, length, _PROT_READ | _PROT_WRITE), "mprotect")
+
+    def map_anonymous(self, offset: int, length: int, huge: bool = True) -> None:
+        """Back ``[offset, offset + length)`` of a reservation with ordinary writable memory."""
+        assert offset % PAGE == 0
+        length = align_up(length, PAGE)
+        addr = _check(_libc.mmap(self.addr + offset, length, _PROT_READ | _PROT_WRITE,
+                                 _MAP_PRIVATE | _MAP_FIXED | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0), "mmap")
+        assert addr == self.addr + offset
+        if huge:
+            _libc.madvise(addr, length, _MADV_HUGEPAGE)
+
+    def buffer(self, offset: int = 0, length: int | None = None) -> memoryview:
+        """A writable memoryview of part of the region (valid while the region is open)."""
+        length = self.size - offset if length is None else length
+        arr = (ctypes.c_uint8 * length).from_address(self.addr + offset)
+        arr._zerostart_region = self  # keeps the mapping alive as long as the view exists
+        return memoryview(arr).cast("B")
+
+    def tensor(self):
+        """The whole region as a 1-D uint8 torch tensor sharing its memory (keeps it alive)."""
+        import torch
+
+        arr = (ctypes.c_uint8 * self.size).from_address(self.addr)
+        arr._zerostart_region = self
+        return torch.frombuffer(arr, dtype=torch.uint8)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed and _libc is not None:
+                _libc.munmap(self.addr, self.size)
+                self._closed = True
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def residency(fd: int, size: int, offset: int = 0, length: int | None = None) -> float:
+    """Fraction of ``[offset, offset + length)`` of a file that is in the page cache (0..1).
+
+    Uses mincore on a transient mapping: no pages are read. Returns 0.0 where unknown.
+    """
+    length = size - offset if length is None else length
+    if length <= 0 or _libc is None:
+        return 0.0 if length > 0 else 1.0
+    start = align_down(offset, PAGE)
+    span = align_up(offset + length, PAGE) - start
+    addr = _libc.mmap(None, span, _PROT_READ, _MAP_SHARED, fd, start)
+    if addr in (None, _MAP_FAILED):
+        return 0.0
+    try:
+        pages = span // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(addr, span, vec) != 0:
+            return 0.0
+        resident = sum(memoryview(vec).cast("B")) if pages < 4096 else _count_resident(vec, pages)
+        return resident / pages
+    finally:
+        _libc.munmap(addr, span)
+
+
+def _count_resident(vec, pages: int) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(vec, dtype=np.uint8, count=pages).__and__(1).sum())
+
+
+def open_direct(path: str) -> int | None:
+    """An O_DIRECT descriptor for ``path``, or None where the OS or filesystem refuses it."""
+    if not O_DIRECT:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | O_DIRECT)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return None
+        raise
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, file_size: int, path: str) -> int:
+    """Fill ``buf`` from ``fd`` at ``offset``; bytes past the end of the file stay untouched.
+
+    Returns the number of bytes read. Raises OSError naming the file if it ends early (a file
+    that shrank under the reader).
+    """
+    want = min(len(buf), max(0, file_size - offset))
+    done = 0
+    while done < want:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"{path}: file ended at byte {offset + done}, expected {file_size} bytes (truncated while loading?)")
+        done += n
+    return done
+
+
+def drop_page_cache(paths: list[str] | None = None) -> bool:
+    """Evict files from the page cache. Tries ``/proc/sys/vm/drop_caches`` (root) and falls back
+    to ``POSIX_FADV_DONTNEED`` per file. Returns True if every file ended up non-resident."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+    ok = True
+    for p in paths or []:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            ok = ok and residency(fd, os.fstat(fd).st_size) < 0.01
+        finally:
+            os.close(fd)
+    return ok
