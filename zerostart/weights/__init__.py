@@ -15,7 +15,7 @@ from zerostart.weights._checkpoint import Checkpoint, resolve
 from zerostart.weights._format import Header, TensorInfo, WeightsError, parse_header, read_header
 from zerostart.weights._paths import cache_dir
 
-_TORCH_NAMES = {"Arena", "LoadConfig", "LoadStats", "load", "load_arena"}
+_TORCH_NAMES = {"Arena", "LoadConfig", "LoadStats", "load", "load_arena", "save_file"}
 
 __all__ = [
     "Arena",
@@ -31,11 +31,16 @@ __all__ = [
     "parse_header",
     "read_header",
     "resolve",
+    "save_file",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in _TORCH_NAMES:
+        if name == "save_file":
+            from zerostart.weights._save import save_file
+
+            return save_file
         from zerostart.weights import _load
 
         return getattr(_load, name)
