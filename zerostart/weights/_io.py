@@ -22,7 +22,7 @@ HUGE = 2 << 20
 _PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 _MAP_NORESERVE, _MAP_POPULATE = 0x4000, 0x8000
-_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE = 3, 4, 14
+_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ = 3, 4, 14, 22
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 _LINUX = sys.platform.startswith("linux")
@@ -34,8 +34,10 @@ if _libc is not None:
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _libc.syscall.restype = ctypes.c_long
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
+_populate_read_ok = True
 
 
 def align_up(n: int, a: int) -> int:
@@ -91,19 +93,43 @@ class Region:
         addr = _check(_libc.mmap(None, size, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0), "mmap")
         return cls(addr, size)
 
-    def map_file(self, offset: int, fd: int, length: int, populate: bool = True) -> None:
+    def map_file(self, offset: int, fd: int, length: int) -> None:
         """Map ``length`` bytes of ``fd`` (from file offset 0) at ``offset`` in this region.
 
-        The pages are first mapped read-only with MAP_POPULATE (page tables filled from the page
-        cache, no copy; a writable private mapping would be copied page by page), then made
-        writable: a later write copies only the page it touches.
+        Private and copy-on-write: the pages are the page cache's own until a write copies the
+        one page it touches. Nothing is read here; :meth:`populate` fills the page tables.
         """
         assert offset % PAGE == 0 and offset + length <= self.size
         length = align_up(length, PAGE)
-        flags = _MAP_PRIVATE | _MAP_FIXED | (_MAP_POPULATE if populate else 0)
-        addr = _check(_libc.mmap(self.addr + offset, length, _PROT_READ, flags, fd, 0), "mmap")
+        addr = _check(_libc.mmap(self.addr + offset, length, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_FIXED, fd, 0), "mmap")
         assert addr == self.addr + offset
-        _check(_libc.mprotect(addr, length, _PROT_READ | _PROT_WRITE), "mprotect")
+
+    def populate(self, offset: int, length: int) -> None:
+        """Fault in ``[offset, offset + length)`` readable, reading any page not yet cached.
+
+        MADV_POPULATE_READ (Linux 5.14+) maps file pages without breaking copy-on-write; older
+        kernels touch one byte per page instead. Releases the GIL: call it from several
+        threads on disjoint ranges to populate in parallel.
+        """
+        global _populate_read_ok
+        start = align_down(offset, PAGE)
+        span = align_up(offset + length, PAGE) - start
+        if _populate_read_ok:
+            if _libc.madvise(self.addr + start, span, _MADV_POPULATE_READ) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS):
+                raise OSError(err, f"madvise(MADV_POPULATE_READ): {os.strerror(err)}")
+            _populate_read_ok = False
+        import torch
+
+        t = torch.frombuffer((ctypes.c_uint8 * span).from_address(self.addr + start), dtype=torch.uint8)
+        int(t[::PAGE].sum())
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        """Start asynchronous readahead of a mapped range (no-op where unsupported)."""
+        start = align_down(offset, PAGE)
+        _libc.madvise(self.addr + start, align_up(offset + length, PAGE) - start, _MADV_WILLNEED)
 
     def map_anonymous(self, offset: int, length: int, huge: bool = True) -> None:
         """Back ``[offset, offset + length)`` of a reservation with ordinary writable memory."""
@@ -144,34 +170,48 @@ class Region:
 # Files
 
 
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451}.get(os.uname().machine) if _LINUX else None
+_cachestat_ok = _SYS_CACHESTAT is not None
+
+
 def residency(fd: int, size: int, offset: int = 0, length: int | None = None) -> float:
     """Fraction of ``[offset, offset + length)`` of a file that is in the page cache (0..1).
 
-    Uses mincore on a transient mapping: no pages are read. Returns 0.0 where unknown.
+    Asks the kernel (``cachestat``, Linux 6.5+) or falls back to ``mincore`` on a transient
+    mapping; no page is read either way. Returns 0.0 where unknown.
     """
+    global _cachestat_ok
     length = size - offset if length is None else length
     if length <= 0 or _libc is None:
         return 0.0 if length > 0 else 1.0
     start = align_down(offset, PAGE)
     span = align_up(offset + length, PAGE) - start
+    pages = span // PAGE
+    if _cachestat_ok:
+        rng, cs = _CacheStatRange(start, span), _CacheStat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(cs), 0) == 0:
+            return min(1.0, cs.nr_cache / pages)
+        _cachestat_ok = False  # ENOSYS on older kernels: use mincore from now on
     addr = _libc.mmap(None, span, _PROT_READ, _MAP_SHARED, fd, start)
     if addr in (None, _MAP_FAILED):
         return 0.0
     try:
-        pages = span // PAGE
         vec = (ctypes.c_ubyte * pages)()
         if _libc.mincore(addr, span, vec) != 0:
             return 0.0
-        resident = sum(memoryview(vec).cast("B")) if pages < 4096 else _count_resident(vec, pages)
-        return resident / pages
+        import numpy as np
+
+        return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) / pages
     finally:
         _libc.munmap(addr, span)
-
-
-def _count_resident(vec, pages: int) -> int:
-    import numpy as np
-
-    return int(np.frombuffer(vec, dtype=np.uint8, count=pages).__and__(1).sum())
 
 
 def open_direct(path: str) -> int | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Literal
 
@@ -28,11 +29,13 @@ import torch
 from zerostart.weights._checkpoint import resolve
 from zerostart.weights._dtypes import parse_dtype
 from zerostart.weights._format import WeightsError
-from zerostart.weights._io import DIRECT_ALIGN, Region, open_direct, residency
+from zerostart.weights._io import DIRECT_ALIGN, Region, align_up, open_direct, residency
 from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, default_threads
 from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, staged_mirror_items
 
 Mode = Literal["auto", "always", "never"]
+_MMAP_RESIDENT = 0.98  # fraction of a file in the page cache for mmap="auto" to map it
+_POPULATE_SPAN = 64 << 20  # page-table population is split into spans this big, one per thread
 
 
 @dataclass
@@ -188,16 +191,21 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     files: list[FileHandle] = []
     strategies: list[str] = []
     fds: list[int] = []
+    residencies: list[float] = []
     resident_bytes = 0.0
     try:
         for h in ckpt.headers:
             fd = os.open(h.path, os.O_RDONLY)
             fds.append(fd)
             res = residency(fd, h.file_size, h.data_start)
+            residencies.append(res)
             resident_bytes += res * h.data_size
             warm = res >= cfg.warm_fraction
             strategy = "buffered"
-            if dev.type == "cpu" and layout.mode == "mirror" and (cfg.mmap == "always" or (cfg.mmap == "auto" and warm)):
+            # Mapping pays off only when (nearly) everything is cached: populating a missing page
+            # is a small synchronous read, far slower than a streamed one.
+            mappable = res >= _MMAP_RESIDENT
+            if dev.type == "cpu" and layout.mode == "mirror" and (cfg.mmap == "always" or (cfg.mmap == "auto" and mappable)):
                 strategy = "mmap"
             elif cfg.direct_io == "always" or (cfg.direct_io == "auto" and not warm):
                 dfd = open_direct(h.path)
@@ -234,7 +242,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     stats.threads, stats.chunk_bytes = threads, chunk
 
     try:
-        region, storage = _allocate(layout, dev, files, strategies)
+        region, storage = _allocate(layout, dev, files, strategies, threads, residencies)
         items = []
         for i, (h, f, s) in enumerate(zip(ckpt.headers, files, strategies)):
             if s == "mmap":
@@ -252,7 +260,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             sink = CudaSink(storage, ring_count, ring.size if ring else 0, need_scratch=layout.mode == "packed")
         else:
             sink = CpuSink(storage, region)
-        tensors = {name: _view(storage, s.offset, s.dtype, s.shape) for name, s in layout.slots.items()}
+        tensors = _views(storage, layout.slots)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -310,21 +318,41 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strategies: list[str]) -> tuple[Region | None, torch.Tensor]:
+def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strategies: list[str], threads: int,
+              residencies: list[float]) -> tuple[Region | None, torch.Tensor]:
     if dev.type == "cuda":
-        return None, torch.empty(max(layout.size, 1), dtype=torch.uint8, device=dev)
+        return None, torch.empty(align_up(max(layout.size, 1), DIRECT_ALIGN), dtype=torch.uint8, device=dev)
     region = Region.anonymous(max(layout.size, 1))
+    spans: list[tuple[int, int]] = []
     for i, f in enumerate(files):
         if strategies[i] == "mmap":
-            region.map_file(layout.file_base[i], f.fd, f.size, populate=True)
-    return region, region.tensor()[: max(layout.size, 1)]
+            region.map_file(layout.file_base[i], f.fd, f.size)
+            if residencies[i] < 1.0:
+                region.advise_willneed(layout.file_base[i], f.size)  # readahead for the pages not cached
+            spans += [(layout.file_base[i] + a, min(_POPULATE_SPAN, f.size - a)) for a in range(0, f.size, _POPULATE_SPAN)]
+    if len(spans) > 1 and threads > 1:
+        with ThreadPoolExecutor(min(threads, len(spans)), thread_name_prefix="zerostart-populate") as ex:
+            list(ex.map(lambda s: region.populate(*s), spans))
+    else:
+        for s in spans:
+            region.populate(*s)
+    return region, region.tensor()
 
 
-def _view(storage: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    n = 1
-    for d in shape:
-        n *= d
-    return storage[offset : offset + n * dtype.itemsize].view(dtype).view(shape)
+def _views(storage: torch.Tensor, slots) -> dict[str, torch.Tensor]:
+    """Tensors as strided views of the arena (one reinterpretation of the arena per dtype)."""
+    bases: dict[torch.dtype, torch.Tensor] = {}
+    out = {}
+    for name, s in slots.items():
+        base = bases.get(s.dtype)
+        if base is None:
+            base = bases[s.dtype] = storage[: storage.numel() // s.dtype.itemsize * s.dtype.itemsize].view(s.dtype)
+        stride, acc = [], 1
+        for d in reversed(s.shape):
+            stride.append(acc)
+            acc *= d
+        out[name] = base.as_strided(s.shape, tuple(reversed(stride)), s.offset // s.dtype.itemsize)
+    return out
 
 
 def _offset_progress(progress: Callable[[int, int], None] | None, already: int) -> Callable[[int, int], None] | None:

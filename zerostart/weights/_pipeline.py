@@ -234,6 +234,9 @@ class Run:
             self._all_done.set()
 
     def start(self) -> list[threading.Thread]:
+        if not self.items:
+            self._threads = []
+            return []
         threads = [threading.Thread(target=self._worker, name=f"zerostart-read-{i}", daemon=True)
                    for i in range(max(1, min(self.threads, len(self.items))))]
         for t in threads:

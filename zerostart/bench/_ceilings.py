@@ -1,0 +1,117 @@
+"""The physical limits a load is measured against, taken in the same run as the loads.
+
+- cold read: the same files read with direct I/O into memory that is already faulted in, both
+  sequentially (one reader, 64 MiB blocks, as ``dd iflag=direct``) and in parallel (16
+  readers, 4 MiB blocks); the ceiling is the better of the two.
+- warm read: the same files read from the page cache into faulted-in memory (all cores).
+- memcpy: RAM to RAM within the process.
+- pinned host->device: one pinned buffer copied to the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from zerostart.weights._io import Region, drop_page_cache, open_direct, pread_into
+
+_BUF = 256 << 20  # readers cycle through this much faulted-in memory
+
+
+def can_drop_caches() -> bool:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def drop(files: list[str]) -> None:
+    drop_page_cache(files)
+
+
+def warm(files: list[str]) -> None:
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
+def _read_all(files: list[str], threads: int, block: int, direct: bool, buf: Region) -> float:
+    total = 0
+    t0 = time.perf_counter()
+    for p in files:
+        size = os.path.getsize(p)
+        fd = open_direct(p) if direct else None
+        if fd is None:
+            fd = os.open(p, os.O_RDONLY)
+        try:
+            offsets = list(range(0, size, block))
+            slots = max(1, _BUF // block)
+
+            def rd(i_off):
+                i, off = i_off
+                slot = (i % slots) * block
+                pread_into(fd, buf.buffer(slot, block), off, size, p)
+
+            if threads == 1:
+                for x in enumerate(offsets):
+                    rd(x)
+            else:
+                with ThreadPoolExecutor(threads) as ex:
+                    list(ex.map(rd, enumerate(offsets)))
+        finally:
+            os.close(fd)
+        total += size
+    return total / (time.perf_counter() - t0) / 1e9
+
+
+def measure(files: list[str], device: str, cold: bool) -> dict[str, float]:
+    buf = Region.anonymous(_BUF + (64 << 20))
+    buf.tensor().fill_(0)  # fault every page in before timing
+    out: dict[str, float] = {}
+    if cold:
+        drop(files)
+        out["cold_sequential"] = _read_all(files, 1, 64 << 20, True, buf)
+        drop(files)
+        out["cold_parallel"] = _read_all(files, 16, 4 << 20, True, buf)
+        out["cold_read"] = max(out["cold_sequential"], out["cold_parallel"])
+    warm(files)
+    out["warm_read"] = _read_all(files, os.cpu_count() or 1, 8 << 20, False, buf)
+    out["memcpy"] = _memcpy()
+    if device.startswith("cuda"):
+        out["pinned_h2d"] = _pinned_h2d(device)
+    buf.close()
+    return out
+
+
+def _memcpy(n: int = 1 << 30) -> float:
+    import torch
+
+    a = torch.ones(n, dtype=torch.uint8)
+    b = torch.zeros(n, dtype=torch.uint8)
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        runs.append(n / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(runs)
+
+
+def _pinned_h2d(device: str, n: int = 1 << 30) -> float:
+    import torch
+
+    a = torch.ones(n, dtype=torch.uint8, pin_memory=True)
+    b = torch.empty(n, dtype=torch.uint8, device=device)
+    b.copy_(a, non_blocking=True)
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a, non_blocking=True)
+        torch.cuda.synchronize()
+        runs.append(n / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(runs)

@@ -1,0 +1,124 @@
+"""The loaders ``bench load`` races, each with its fastest documented settings.
+
+Every contestant ends with every byte resident in the target device's memory: the trial
+touches one byte per page of each CPU tensor afterwards (a lazy mapping pays its page faults
+inside the timed region) and synchronizes CUDA before the clock stops.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+Loader = Callable[[str, list[str], str, dict[str, Any]], Any]
+
+CONTESTANTS = ["zerostart", "safetensors", "safe_open", "runai", "fastsafetensors", "tensorizer"]
+LABELS = {
+    "zerostart": "zerostart",
+    "safetensors": "safetensors load_file",
+    "safe_open": "safetensors safe_open",
+    "runai": "Run:ai Model Streamer",
+    "fastsafetensors": "fastsafetensors (no GDS)",
+    "tensorizer": "Tensorizer",
+}
+
+
+def available(name: str) -> str | None:
+    """None if the contestant can run here, else why not."""
+    modules = {"zerostart": "zerostart.weights", "safetensors": "safetensors", "safe_open": "safetensors",
+               "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer"}
+    import importlib.util
+
+    if importlib.util.find_spec(modules[name]) is None:
+        return f"{modules[name]} is not installed (pip install 'zerostart[bench]')"
+    return None
+
+
+def prepare(name: str, path: str, files: list[str], work_dir: str) -> dict[str, Any]:
+    """Untimed setup a contestant needs once (Tensorizer reads its own format)."""
+    if name != "tensorizer":
+        return {}
+    out = os.path.join(work_dir, "model.tensors")
+    if not os.path.exists(out):
+        from safetensors.torch import load_file
+        from tensorizer import TensorSerializer
+
+        tmp = out + ".tmp"
+        s = TensorSerializer(tmp)
+        for f in files:
+            s.write_state_dict(load_file(f))
+        s.close()
+        os.replace(tmp, out)
+    return {"tensorizer_file": out}
+
+
+def load(name: str, path: str, files: list[str], device: str, extra: dict[str, Any], threads: int) -> tuple[dict, Any]:
+    """Run one contestant; returns (name -> tensor, objects to keep alive until measured)."""
+    return _LOADERS[name](path, files, device, extra, threads)
+
+
+def _zerostart(path, files, device, extra, threads):
+    from zerostart import weights
+
+    arena = weights.load_arena(path, device)
+    return arena.tensors, arena
+
+
+def _safetensors(path, files, device, extra, threads):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in files:
+        out.update(load_file(f, device=device))
+    return out, None
+
+
+def _safe_open(path, files, device, extra, threads):
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt", device=device) as g:
+            for k in g.keys():
+                out[k] = g.get_tensor(k)
+    return out, None
+
+
+def _runai(path, files, device, extra, threads):
+    # Documented knobs: RUNAI_STREAMER_CONCURRENCY (reader threads), RUNAI_STREAMER_MEMORY_LIMIT
+    # (-1 = unlimited CPU buffer); set by the trial before import.
+    from runai_model_streamer import SafetensorsStreamer
+
+    out = {}
+    with SafetensorsStreamer() as s:
+        s.stream_files(files, device="cpu")
+        for name, t in s.get_tensors():
+            out[name] = t.to(device) if device != "cpu" else t
+    return out, None
+
+
+def _fastsafetensors(path, files, device, extra, threads):
+    from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+    loader = SafeTensorsFileLoader(SingleGroup(), device, nogds=True, max_threads=max(16, threads))
+    loader.add_filenames({0: files})
+    fb = loader.copy_files_to_device()
+    out = {k: fb.get_tensor(k) for k in loader.get_keys()}
+    return out, (loader, fb)
+
+
+def _tensorizer(path, files, device, extra, threads):
+    from tensorizer import TensorDeserializer
+
+    d = TensorDeserializer(extra["tensorizer_file"], device=device, num_readers=max(4, threads), lazy_load=False)
+    return dict(d), d
+
+
+_LOADERS: dict[str, Callable] = {
+    "zerostart": _zerostart,
+    "safetensors": _safetensors,
+    "safe_open": _safe_open,
+    "runai": _runai,
+    "fastsafetensors": _fastsafetensors,
+    "tensorizer": _tensorizer,
+}
