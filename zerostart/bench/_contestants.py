@@ -60,7 +60,8 @@ def load(name: str, path: str, files: list[str], device: str, extra: dict[str, A
 def _zerostart(path, files, device, extra, threads):
     from zerostart import weights
 
-    arena = weights.load_arena(path, device)
+    cfg = weights.LoadConfig(**extra["config"]) if extra.get("config") else None
+    arena = weights.load_arena(path, device, config=cfg)
     return arena.tensors, arena
 
 

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=16, help="reader threads offered to peers that take a count (default 16)")
     p.add_argument("--json", metavar="FILE", help="write every trial, ceiling and median here")
     p.add_argument("--work-dir", metavar="DIR", help="where generated checkpoints live (default: the zerostart cache)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of racing peers, time zerostart over a grid of threads x chunk sizes x strategies "
+                        "(how the defaults were chosen)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,6 +68,9 @@ def main(args: argparse.Namespace) -> int:
     files = [h.path for h in ckpt.headers]
     model_bytes = ckpt.nbytes
     _log(f"bench load: {desc}: {model_bytes / 1e9:.2f} GB in {len(files)} file(s), device {args.device}")
+
+    if args.sweep:
+        return _sweep(path, files, model_bytes, args)
 
     skipped = {n: why for n in names if (why := available(n))}
     runners = [n for n in names if n not in skipped]
@@ -119,6 +125,47 @@ def main(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         _log(f"wrote {args.json}")
+    return 0
+
+
+def _sweep(path: str, files: list[str], model_bytes: int, args: argparse.Namespace) -> int:
+    """Time zerostart's own settings against each other, interleaved, medians."""
+    cuda = args.device.startswith("cuda")
+    grid: list[dict[str, Any]] = []
+    for threads in (8, 16, 32):
+        for chunk_mb in (4, 16, 32):
+            grid.append({"threads": threads, "chunk_bytes": chunk_mb << 20, "mmap": "never"})
+            if cuda:
+                grid.append({"threads": threads, "chunk_bytes": chunk_mb << 20, "cuda_register": True})
+    if not cuda:
+        grid.append({"mmap": "always"})
+    modes = ["cold", "warm"] if args.cold else ["warm"]
+    results: dict[tuple[str, int], list[float]] = {}
+    for rnd in range(args.repeat):
+        for mode in modes:
+            for i, cfg in enumerate(grid):
+                if mode == "cold":
+                    _ceilings.drop(files)
+                else:
+                    _ceilings.warm(files)
+                r = _trial("zerostart", path, files, args.device, {"config": cfg}, args.threads)
+                if "error" in r:
+                    _log(f"  {mode} {cfg}: FAILED {r['error'].splitlines()[-1] if r['error'] else ''}")
+                    continue
+                results.setdefault((mode, i), []).append(r["bytes"] / r["seconds"] / 1e9)
+                _log(f"  {mode} {cfg}: {results[(mode, i)][-1]:.2f} GB/s {r['stats']['strategy']}")
+    rows = []
+    print(f"zerostart bench load --sweep: {model_bytes / 1e9:.2f} GB, device {args.device}, median of {args.repeat}")
+    print(f"{'mode':<5} {'threads':>7} {'chunk MB':>8} {'strategy':<16} {'GB/s':>7}")
+    for (mode, i), v in sorted(results.items(), key=lambda kv: (kv[0][0], -statistics.median(kv[1]))):
+        cfg = grid[i]
+        strat = "register" if cfg.get("cuda_register") else ("mmap" if cfg.get("mmap") == "always" else "read")
+        med = statistics.median(v)
+        rows.append({"mode": mode, "config": cfg, "gbps": med, "runs": v})
+        print(f"{mode:<5} {cfg.get('threads', '-'):>7} {cfg.get('chunk_bytes', 0) >> 20:>8} {strat:<16} {med:>7.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"sweep": rows, "bytes": model_bytes, "device": args.device, "environment": _environment(args.device)}, f, indent=2)
     return 0
 
 
