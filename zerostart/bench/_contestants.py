@@ -101,6 +101,8 @@ def _runai(path, files, device, extra, threads):
 def _fastsafetensors(path, files, device, extra, threads):
     from fastsafetensors import SafeTensorsFileLoader, SingleGroup
 
+    if device == "cuda":
+        device = "cuda:0"  # it wants an explicit index
     loader = SafeTensorsFileLoader(SingleGroup(), device, nogds=True, max_threads=max(16, threads))
     loader.add_filenames({0: files})
     fb = loader.copy_files_to_device()
