@@ -135,8 +135,6 @@ def _sweep(path: str, files: list[str], model_bytes: int, args: argparse.Namespa
     for threads in (8, 16, 32):
         for chunk_mb in (4, 16, 32):
             grid.append({"threads": threads, "chunk_bytes": chunk_mb << 20, "mmap": "never"})
-            if cuda:
-                grid.append({"threads": threads, "chunk_bytes": chunk_mb << 20, "cuda_register": True})
     if not cuda:
         grid.append({"mmap": "always"})
     modes = ["cold", "warm"] if args.cold else ["warm"]
@@ -159,7 +157,7 @@ def _sweep(path: str, files: list[str], model_bytes: int, args: argparse.Namespa
     print(f"{'mode':<5} {'threads':>7} {'chunk MB':>8} {'strategy':<16} {'GB/s':>7}")
     for (mode, i), v in sorted(results.items(), key=lambda kv: (kv[0][0], -statistics.median(kv[1]))):
         cfg = grid[i]
-        strat = "register" if cfg.get("cuda_register") else ("mmap" if cfg.get("mmap") == "always" else "read")
+        strat = "mmap" if cfg.get("mmap") == "always" else "read"
         med = statistics.median(v)
         rows.append({"mode": mode, "config": cfg, "gbps": med, "runs": v})
         print(f"{mode:<5} {cfg.get('threads', '-'):>7} {cfg.get('chunk_bytes', 0) >> 20:>8} {strat:<16} {med:>7.2f}")

@@ -31,7 +31,7 @@ from zerostart.weights._dtypes import parse_dtype
 from zerostart.weights._format import WeightsError
 from zerostart.weights._io import DIRECT_ALIGN, Region, align_up, open_direct, residency
 from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, default_threads
-from zerostart.weights._plan import Layout, mapped_items, mirror_items, packed_items, plan_layout, staged_mirror_items
+from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, staged_mirror_items
 
 Mode = Literal["auto", "always", "never"]
 # Defaults measured with `zerostart bench load --sweep` and bench/h2d_paths.py (H100 host,
@@ -52,8 +52,6 @@ class LoadConfig:
     direct_io: Mode = "auto"  # O_DIRECT for files not in the page cache
     mmap: Mode = "auto"  # CPU without a cast: map files that are in the page cache
     warm_fraction: float = 0.5  # a file this much in the page cache counts as warm
-    cuda_register: bool = False  # CUDA, warm files: DMA straight from the mapped page cache
-    #                              (cudaHostRegister per chunk) instead of copying into staging
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -214,8 +212,6 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             mappable = res >= _MMAP_RESIDENT
             if dev.type == "cpu" and layout.mode == "mirror" and (cfg.mmap == "always" or (cfg.mmap == "auto" and mappable)):
                 strategy = "mmap"
-            elif dev.type == "cuda" and layout.mode == "mirror" and cfg.cuda_register and mappable:
-                strategy = "mapped"
             elif cfg.direct_io == "always" or (cfg.direct_io == "auto" and not warm):
                 dfd = open_direct(h.path)
                 if dfd is not None:
@@ -258,9 +254,6 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         for i, (h, f, s) in enumerate(zip(ckpt.headers, files, strategies)):
             if s == "mmap":
                 continue
-            if s == "mapped":
-                items += mapped_items(h, i, layout.file_base[i], chunk)
-                continue
             if layout.mode == "packed":
                 items += packed_items(h, i, layout.slots, chunk, f.direct)
             elif staged:
@@ -272,8 +265,6 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             stats.staging_bytes = ring.nbytes
         if dev.type == "cuda":
             sink = CudaSink(storage, ring_count, ring.size if ring else 0, need_scratch=layout.mode == "packed")
-            if "mapped" in strategies:
-                sink.host = _map_host(layout, files, strategies, threads)
         else:
             sink = CpuSink(storage, region)
         tensors = _views(storage, layout.slots)
@@ -356,20 +347,6 @@ def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strate
         for s in spans:
             region.populate(*s)
     return region, region.tensor()
-
-
-def _map_host(layout: Layout, files: list[FileHandle], strategies: list[str], threads: int) -> Region:
-    """Warm files mapped (and populated) in one host reservation, mirroring the arena layout,
-    for the CUDA path that copies straight from the page cache."""
-    host = Region.reserve(max(layout.size, 1))
-    spans = []
-    for i, f in enumerate(files):
-        if strategies[i] == "mapped":
-            host.map_file(layout.file_base[i], f.fd, f.size)
-            spans += [(layout.file_base[i] + a, min(_POPULATE_SPAN, f.size - a)) for a in range(0, f.size, _POPULATE_SPAN)]
-    with ThreadPoolExecutor(max(1, min(threads, len(spans))), thread_name_prefix="zerostart-populate") as ex:
-        list(ex.map(lambda s: host.populate(*s), spans))
-    return host
 
 
 def _views(storage: torch.Tensor, slots) -> dict[str, torch.Tensor]:

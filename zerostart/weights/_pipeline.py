@@ -25,7 +25,6 @@ from zerostart.weights._io import DIRECT_ALIGN, Region, align_up, pread_into
 from zerostart.weights._plan import Item
 
 Progress = Callable[[int, int], None]
-_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the device only reads the pages
 
 
 @dataclass
@@ -165,27 +164,6 @@ class CudaSink(Sink):
         self._thread = threading.Thread(target=self._complete, name="zerostart-copy-done", daemon=True)
         self._thread.start()
 
-    host: Region | None = None  # warm files mapped at arena offsets (cuda_register)
-
-    def register(self, item: Item) -> None:
-        assert self.host is not None and item.arena_offset is not None
-        n = item.end - item.start
-        err = torch.cuda.cudart().cudaHostRegister(self.host.addr + item.arena_offset, n, _REGISTER_READ_ONLY)
-        if int(err) != 0:
-            raise OSError(f"cudaHostRegister of file #{item.file} bytes {item.start}..{item.end} failed (CUDA error {int(err)})")
-
-    def deliver_mapped(self, item: Item, done: Callable[[], None], timing: Timing) -> None:
-        assert self.host is not None and item.arena_offset is not None
-        n = item.end - item.start
-        src = self.host.tensor()[item.arena_offset : item.arena_offset + n]
-        with self._lock, torch.cuda.stream(self.stream):
-            t0 = time.perf_counter()
-            self.arena[item.arena_offset : item.arena_offset + n].copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        addr = self.host.addr + item.arena_offset
-        self._pending.put((event, None, addr, done, timing, t0, item.payload))
-
     def deliver(self, item: Item, ring: Ring, buf: int, done: Callable[[], None], timing: Timing) -> None:
         src = ring.tensor(buf)
         with self._lock, torch.cuda.stream(self.stream):
@@ -214,10 +192,7 @@ class CudaSink(Sink):
             except BaseException as e:  # a failed copy surfaces in the loading thread
                 self._error = e
             timing.copy(t0, time.perf_counter(), n)
-            if ring is None:  # a registered host range: unpin it
-                torch.cuda.cudart().cudaHostUnregister(buf)
-            else:
-                ring.release(buf)
+            ring.release(buf)
             done()
 
     def finish(self) -> None:
@@ -317,12 +292,6 @@ class Run:
 
     def _do(self, item: Item) -> None:
         f = self.files[item.file]
-        if item.mapped:  # CUDA from a mapped, populated file: pin the pages, DMA them
-            t0 = time.perf_counter()
-            self.sink.register(item)
-            self.timing.read(t0, time.perf_counter(), item.payload)
-            self.sink.deliver_mapped(item, lambda: self._item_done(item), self.timing)
-            return
         if item.arena_offset is not None:  # straight into the arena
             t0 = time.perf_counter()
             pread_into(f.fd, self.sink.arena_view(item.arena_offset, item.length), item.start, f.size, f.path)

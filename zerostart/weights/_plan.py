@@ -71,7 +71,6 @@ class Item:
     arena_offset: int | None = None  # mirror: the read lands in the arena here (no staging)
     deliveries: list[Delivery] = field(default_factory=list)  # staged: where the bytes go
     tensors: tuple[str, ...] = ()  # tensors (fully or partly) carried by this item
-    mapped: bool = False  # CUDA: copied from a host mapping at ``arena_offset`` (no read)
 
     @property
     def length(self) -> int:
@@ -156,15 +155,6 @@ def staged_mirror_items(h: Header, file: int, base: int, chunk: int, direct: boo
         n = min(it.end, h.file_size) - it.start
         it.deliveries = [Delivery(0, n, base + it.start)]
         it.arena_offset = None
-    return items
-
-
-def mapped_items(h: Header, file: int, base: int, chunk: int) -> list[Item]:
-    """Chunks of a file that is mapped in host memory at the arena's own offsets: each is
-    registered with the driver and copied from the page cache to the device (no staging)."""
-    items = mirror_items(h, file, base, chunk, direct=False)
-    for it in items:
-        it.mapped = True
     return items
 
 
