@@ -14,8 +14,10 @@ from typing import Any
 from zerostart.weights._checkpoint import Checkpoint, resolve
 from zerostart.weights._format import Header, TensorInfo, WeightsError, parse_header, read_header
 from zerostart.weights._paths import cache_dir
+from zerostart.weights._remote import ObjectChanged, SourceError, is_remote
 
 _TORCH_NAMES = {"Arena", "LoadConfig", "LoadStats", "load", "load_arena", "save_file"}
+_SOURCE_NAMES = {"localize", "pull", "open_source"}
 
 __all__ = [
     "Arena",
@@ -24,8 +26,13 @@ __all__ = [
     "LoadConfig",
     "LoadStats",
     "TensorInfo",
+    "ObjectChanged",
+    "SourceError",
     "WeightsError",
     "cache_dir",
+    "is_remote",
+    "localize",
+    "pull",
     "load",
     "load_arena",
     "parse_header",
@@ -36,6 +43,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SOURCE_NAMES:
+        from zerostart.weights import _sources
+
+        return getattr(_sources, name)
     if name in _TORCH_NAMES:
         if name == "save_file":
             from zerostart.weights._save import save_file

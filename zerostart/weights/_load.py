@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
-from zerostart.weights._checkpoint import resolve
+from zerostart.weights._sources import open_source
 from zerostart.weights._dtypes import parse_dtype
 from zerostart.weights._format import WeightsError
 from zerostart.weights._io import DIRECT_ALIGN, Region, align_up, open_direct, residency
@@ -52,6 +52,7 @@ class LoadConfig:
     direct_io: Mode = "auto"  # O_DIRECT for files not in the page cache
     mmap: Mode = "auto"  # CPU without a cast: map files that are in the page cache
     warm_fraction: float = 0.5  # a file this much in the page cache counts as warm
+    cache: bool = True  # remote sources: also write the bytes to the local cache tier
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -190,8 +191,13 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     cfg = config or LoadConfig()
     dev = _device(device)
     target = parse_dtype(dtype)
-    ckpt = resolve(path)
-    layout = plan_layout(ckpt, target)
+    opened = open_source(path, use_cache=cfg.cache)
+    ckpt = opened.checkpoint
+    try:
+        layout = plan_layout(ckpt, target)
+    except BaseException:
+        opened.finish(False)
+        raise
 
     files: list[FileHandle] = []
     strategies: list[str] = []
@@ -199,7 +205,12 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     residencies: list[float] = []
     resident_bytes = 0.0
     try:
-        for h in ckpt.headers:
+        for h, obj, tee in zip(ckpt.headers, opened.remote, opened.writers):
+            if obj is not None:
+                residencies.append(0.0)
+                strategies.append("remote")
+                files.append(FileHandle(h.path, h.file_size, -1, False, obj, opened.transport, tee))
+                continue
             fd = os.open(h.path, os.O_RDONLY)
             fds.append(fd)
             res = residency(fd, h.file_size, h.data_start)
@@ -222,6 +233,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     except BaseException:
         for fd in fds:
             os.close(fd)
+        opened.finish(False)
         raise
 
     staged = dev.type == "cuda" or layout.mode == "packed"
@@ -241,7 +253,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         if staging_budget < 2 * buf_size:
             buf_size = staging_budget // 2 // DIRECT_ALIGN * DIRECT_ALIGN
             chunk = buf_size - 2 * DIRECT_ALIGN
-    threads = cfg.threads or default_threads(dev, any(f.direct for f in files), staged)
+    threads = cfg.threads or default_threads(dev, any(f.direct or f.remote is not None for f in files), staged)
     if staged:
         # enough buffers to keep every reader busy while earlier copies drain, within the budget
         ring_count = min(staging_budget // buf_size, 2 * threads + 2)
@@ -271,6 +283,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     except BaseException:
         for fd in fds:
             os.close(fd)
+        opened.finish(False)
         raise
 
     arena = Arena(storage, tensors, layout, stats, region)
@@ -296,6 +309,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         finally:
             for fd in fds:
                 os.close(fd)
+            opened.finish(error is None)
             if ring is not None:
                 ring.close()  # unpin and unmap the staging buffers
         stats.read_s, stats.copy_s = run.timing.read_s, run.timing.copy_s

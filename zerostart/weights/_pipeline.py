@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -31,8 +31,20 @@ Progress = Callable[[int, int], None]
 class FileHandle:
     path: str
     size: int
-    fd: int
+    fd: int  # -1 for a remote object
     direct: bool  # fd was opened with O_DIRECT (reads are block-aligned)
+    remote: Any = None  # RemoteObject: read by ranged requests instead of the fd
+    transport: Any = None
+    tee: Any = None  # BlobWriter: every byte read is also written to the local cache
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        if self.remote is None:
+            pread_into(self.fd, buf, offset, self.size, self.path)
+            return
+        n = max(0, min(len(buf), self.size - offset))
+        self.transport.read_range(self.remote, offset, buf[:n])
+        if self.tee is not None:
+            self.tee.write(offset, buf[:n])
 
 
 class Ring:
@@ -294,7 +306,7 @@ class Run:
         f = self.files[item.file]
         if item.arena_offset is not None:  # straight into the arena
             t0 = time.perf_counter()
-            pread_into(f.fd, self.sink.arena_view(item.arena_offset, item.length), item.start, f.size, f.path)
+            f.read_into(self.sink.arena_view(item.arena_offset, item.length), item.start)
             self.timing.read(t0, time.perf_counter(), item.payload)
             self._item_done(item)
             return
@@ -302,7 +314,7 @@ class Run:
         buf = self.ring.acquire()
         try:
             t0 = time.perf_counter()
-            pread_into(f.fd, self.ring.view(buf, item.length), item.start, f.size, f.path)
+            f.read_into(self.ring.view(buf, item.length), item.start)
             self.timing.read(t0, time.perf_counter(), item.payload)
         except BaseException:
             self.ring.release(buf)
