@@ -64,6 +64,7 @@ def test_http_stream_then_cache(served, cache_dir):
     arena = weights.load_arena(url, config=LoadConfig(chunk_bytes=64 << 10))
     same(arena.tensors, ref)
     assert arena.stats.strategy == {"remote": 2}
+    arena.wait_cached()
     snap = Cache().manifest(url)
     assert snap is not None and set(snap["objects"]) >= {"config.json", "model-00001-of-00002.safetensors"}
     sent = srv.bytes_sent
@@ -151,7 +152,9 @@ def test_cache_write_error_midway_abandons_blob(served, cache_dir, monkeypatch):
         return real(fd, data, off)
 
     monkeypatch.setattr(os, "pwrite", failing)
-    same(weights.load(f"{srv.url}/m", config=LoadConfig(chunk_bytes=64 << 10)), ref)
+    arena = weights.load_arena(f"{srv.url}/m", config=LoadConfig(chunk_bytes=64 << 10))
+    same(arena.tensors, ref)
+    arena.wait_cached()
     monkeypatch.setattr(os, "pwrite", real)
     c = Cache()
     assert c.manifest(f"{srv.url}/m") is None
@@ -165,7 +168,9 @@ def test_concurrent_loads_share_one_transfer(served, cache_dir):
 
     def go():
         try:
-            results.append(weights.load(f"{srv.url}/m", config=LoadConfig(chunk_bytes=64 << 10, threads=2)))
+            arena = weights.load_arena(f"{srv.url}/m", config=LoadConfig(chunk_bytes=64 << 10, threads=2))
+            arena.wait_cached()
+            results.append(arena.tensors)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -273,6 +278,7 @@ def test_s3_load_and_cache(s3, cache_dir):
     arena = weights.load_arena(url, config=LoadConfig(chunk_bytes=64 << 10))
     same(arena.tensors, ref)
     assert arena.stats.strategy == {"remote": 2}
+    arena.wait_cached()
     assert Cache().manifest(url) is not None
     same(weights.load(url), ref)
 

@@ -20,13 +20,16 @@ LABELS = {
     "runai": "Run:ai Model Streamer",
     "fastsafetensors": "fastsafetensors (no GDS)",
     "tensorizer": "Tensorizer",
+    "zerostart-nocache": "zerostart (stream only)",
+    "download": "download, then load",
 }
 
 
 def available(name: str) -> str | None:
     """None if the contestant can run here, else why not."""
     modules = {"zerostart": "zerostart.weights", "safetensors": "safetensors", "safe_open": "safetensors",
-               "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer"}
+               "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer",
+               "zerostart-nocache": "zerostart.weights", "download": "boto3"}
     import importlib.util
 
     if importlib.util.find_spec(modules[name]) is None:
@@ -63,6 +66,30 @@ def _zerostart(path, files, device, extra, threads):
     cfg = weights.LoadConfig(**extra["config"]) if extra.get("config") else None
     arena = weights.load_arena(path, device, config=cfg)
     return arena.tensors, arena
+
+
+def _zerostart_nocache(path, files, device, extra, threads):
+    from zerostart import weights
+
+    arena = weights.load_arena(path, device, config=weights.LoadConfig(cache=False))
+    return arena.tensors, arena
+
+
+def _download(path, files, device, extra, threads):
+    """boto3's managed download of every object to local disk, then safetensors."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from safetensors.torch import load_file
+
+    s3 = boto3.client("s3")
+    cfg = TransferConfig(max_concurrency=threads, multipart_chunksize=16 << 20)
+    out = {}
+    for url in files:
+        bucket, _, key = url[len("s3://"):].partition("/")
+        local = os.path.join(extra["download_dir"], os.path.basename(key))
+        s3.download_file(bucket, key, local, Config=cfg)
+        out.update(load_file(local, device=device))
+    return out, None
 
 
 def _safetensors(path, files, device, extra, threads):
@@ -124,4 +151,6 @@ _LOADERS: dict[str, Callable] = {
     "runai": _runai,
     "fastsafetensors": _fastsafetensors,
     "tensorizer": _tensorizer,
+    "zerostart-nocache": _zerostart_nocache,
+    "download": _download,
 }

@@ -62,7 +62,8 @@ def main() -> None:
 
     # import the contestant's library before the clock starts
     mod = {"zerostart": "zerostart.weights._load", "safetensors": "safetensors.torch", "safe_open": "safetensors",
-           "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer"}[name]
+           "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer",
+           "zerostart-nocache": "zerostart.weights._load", "download": "boto3"}[name]
     __import__(mod)
     if device.startswith("cuda"):
         torch.cuda.init()

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=16, help="reader threads offered to peers that take a count (default 16)")
     p.add_argument("--json", metavar="FILE", help="write every trial, ceiling and median here")
     p.add_argument("--work-dir", metavar="DIR", help="where generated checkpoints live (default: the zerostart cache)")
+    p.add_argument("--s3-loopback", action="store_true",
+                   help="serve the checkpoint from a local S3 server (s3rver via npm, else moto) and race the "
+                        "object-storage loaders against it")
     p.add_argument("--sweep", action="store_true",
                    help="instead of racing peers, time zerostart over a grid of threads x chunk sizes x strategies "
                         "(how the defaults were chosen)")
@@ -57,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
     from zerostart import weights
 
     work = args.work_dir or os.path.join(weights.cache_dir(), "bench")
+    if (args.model and weights.is_remote(args.model)) or args.s3_loopback:
+        return _object_storage(args, work)
     if args.model:
         path = args.model
         desc = path
@@ -128,6 +133,37 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _object_storage(args: argparse.Namespace, work: str) -> int:
+    from zerostart import weights
+    from zerostart.bench import _s3
+
+    server = None
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RUNAI_"))}
+    try:
+        if args.s3_loopback:
+            if args.model and weights.is_remote(args.model):
+                raise SystemExit("zerostart: error: --s3-loopback serves a local checkpoint; give --model a local path or --size")
+            local = args.model or _checkpoint.ensure(work, _checkpoint.parse_size(args.size), log=_log)
+            server = _s3.LoopbackS3.start(work, _log)
+            env.update(server.env())
+            _log("  uploading the checkpoint ...")
+            url = server.upload(local if os.path.isdir(local) else os.path.dirname(local), "zerostart-bench", "model")
+        else:
+            url = args.model
+        rep = _s3.run(url, args.device, args.repeat, args.threads, env, work, _log, _trial)
+        rep["server"] = server.kind if server else "given"
+        rep["environment"] = _environment(args.device)
+    finally:
+        if server is not None:
+            server.close()
+    print(_s3.table(rep))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=2)
+        _log(f"wrote {args.json}")
+    return 0
+
+
 def _sweep(path: str, files: list[str], model_bytes: int, args: argparse.Namespace) -> int:
     """Time zerostart's own settings against each other, interleaved, medians."""
     cuda = args.device.startswith("cuda")
@@ -167,12 +203,13 @@ def _sweep(path: str, files: list[str], model_bytes: int, args: argparse.Namespa
     return 0
 
 
-def _trial(name: str, path: str, files: list[str], device: str, extra: dict, threads: int) -> dict[str, Any]:
+def _trial(name: str, path: str, files: list[str], device: str, extra: dict, threads: int,
+           env: dict[str, str] | None = None) -> dict[str, Any]:
     from zerostart.bench import _env
 
     spec = json.dumps({"contestant": name, "path": path, "files": files, "device": device, "extra": extra, "threads": threads})
     proc = subprocess.run([sys.executable, "-m", "zerostart.bench._load_trial", spec], capture_output=True, text=True,
-                          env=_env.child_env(), timeout=3600)
+                          env=_env.child_env(env), timeout=3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"contestant": name, "error": (proc.stderr or proc.stdout).strip()[-2000:]}

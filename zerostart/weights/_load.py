@@ -158,6 +158,14 @@ class Arena:
                     raise TimeoutError(f"{self.stats.path}: tensors not loaded within {timeout} s")
                 self._cond.wait(left)
 
+    def wait_cached(self) -> None:
+        """For remote sources: block until the local cache copy is committed (it is written
+        in the background after the tensors are in place)."""
+        self.wait()
+        opened = getattr(self, "_opened", None)
+        if opened is not None:
+            opened.wait_cached()
+
     def _mark(self, names: Iterable[str]) -> None:
         with self._cond:
             self._ready.update(names)
@@ -287,6 +295,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         raise
 
     arena = Arena(storage, tensors, layout, stats, region)
+    arena._opened = opened
     mapped_bytes = sum(h.data_size for h, s in zip(ckpt.headers, strategies) if s == "mmap")
     relocated = {n for n, s in layout.slots.items() if s.relocate_from is not None}
     arena._mark(n for i, h in enumerate(ckpt.headers) if strategies[i] == "mmap" for n in h.tensors if n not in relocated)

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,14 +67,35 @@ class Opened:
     transport: Transport | None = None  # the load's own connections (closed by finish)
 
     def finish(self, ok: bool) -> None:
-        """After the load: publish complete cache blobs and the snapshot, or abandon them."""
+        """After the load: publish complete cache blobs and the snapshot, or abandon them.
+
+        The tensors are in place already; flushing the cache copy to disk (fsync, rename,
+        link) goes on in a background thread so the load does not wait for the disk. The
+        thread is not a daemon: the process finishes the cache copy before it exits."""
         if self.transport is not None:
             self.transport.close()
+        if not any(self.writers):
+            return
+        if not ok:
+            for w in self.writers:
+                if w is not None:
+                    w.abort()
+            return
+        self.committed = threading.Thread(target=self._commit, name="zerostart-cache-commit")
+        self.committed.start()
+
+    def _commit(self) -> None:
         for w in self.writers:
             if w is not None:
-                (w.commit if ok else w.abort)()
-        if ok and self.cache is not None and self.objects and all(os.path.exists(self.cache.blob_path(o)) for o in self.objects):
+                w.commit()
+        if self.cache is not None and self.objects and all(os.path.exists(self.cache.blob_path(o)) for o in self.objects):
             self.cache.link(self.source, self.objects)
+
+    def wait_cached(self) -> None:
+        """Block until the background cache commit (if any) is done."""
+        t = getattr(self, "committed", None)
+        if t is not None:
+            t.join()
 
 
 def open_source(spec: str | os.PathLike[str], cache: Cache | None = None, transport: Transport | None = None,
