@@ -261,3 +261,91 @@ def test_cuda_background_load_and_progress(sharded):
     assert torch.equal(arena.tensors["big"].cpu(), ref["big"])
     arena.wait()
     assert seen[-1] == arena.stats.bytes
+
+
+# --- checksums ----------------------------------------------------------------------------------
+
+def _aligned_file(tmp_path, n_mb=9):
+    """A file whose data section starts at 4096 (as ready images are written), with checksums."""
+    from zerostart.weights import _checksums
+
+    g = torch.Generator().manual_seed(3)
+    t = {"a": torch.randn(n_mb << 18, generator=g), "b": torch.arange(1000, dtype=torch.int32)}
+    import json as _json, struct
+
+    hdr = {}
+    off = 0
+    for k in ("a", "b"):
+        n = t[k].numel() * t[k].element_size()
+        hdr[k] = {"dtype": {torch.float32: "F32", torch.int32: "I32"}[t[k].dtype], "shape": list(t[k].shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = _json.dumps(hdr).encode()
+    raw += b" " * (4096 - 8 - len(raw))
+    p = tmp_path / "model.safetensors"
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for k in ("a", "b"):
+            f.write(t[k].numpy().tobytes())
+    _checksums.write(str(tmp_path), [_checksums.compute(str(p), 4096, block_bytes=1 << 20)])
+    return p, t
+
+
+@pytest.mark.parametrize("cfg", ["auto", "mmap", "direct", "buffered"])
+def test_checksums_verified_while_loading(tmp_path, cfg):
+    p, ref = _aligned_file(tmp_path)
+    arena = weights.load_arena(tmp_path, config=CONFIGS[cfg])
+    assert torch.equal(arena.tensors["a"], ref["a"]) and torch.equal(arena.tensors["b"], ref["b"])
+    assert arena.stats.verified_bytes == p.stat().st_size - 4096
+    assert arena.stats.verify_s > 0
+
+
+@pytest.mark.parametrize("cfg", ["auto", "mmap", "direct", "buffered"])
+def test_flipped_byte_is_detected(tmp_path, cfg):
+    p, _ = _aligned_file(tmp_path)
+    blob = bytearray(p.read_bytes())
+    blob[4096 + 3 * (1 << 20) + 12345] ^= 0x40
+    p.write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match=r"block 3 \(bytes 3149824\.\.4198400\) fails its checksum"):
+        weights.load(tmp_path, config=CONFIGS[cfg])
+
+
+def test_truncated_checksummed_file_is_detected(tmp_path):
+    p, _ = _aligned_file(tmp_path)
+    blob = p.read_bytes()
+    p.write_bytes(blob[:-4000])
+    with pytest.raises(WeightsError):
+        weights.load(tmp_path)
+
+
+def test_checksums_with_a_cast(tmp_path):
+    p, ref = _aligned_file(tmp_path)
+    got = weights.load(tmp_path, dtype=torch.float64)
+    assert torch.equal(got["a"], ref["a"].double())
+    blob = bytearray(p.read_bytes())
+    blob[-10] ^= 1
+    p.write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match="fails its checksum"):
+        weights.load(tmp_path, dtype=torch.float64)
+
+
+def test_verify_never_skips_checks(tmp_path):
+    p, _ = _aligned_file(tmp_path)
+    blob = bytearray(p.read_bytes())
+    blob[5000] ^= 1
+    p.write_bytes(bytes(blob))
+    arena = weights.load_arena(tmp_path, config=LoadConfig(verify="never"))
+    assert arena.stats.verified_bytes == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", ["auto", "direct"])
+def test_cuda_checksums(tmp_path, cfg):
+    p, ref = _aligned_file(tmp_path)
+    arena = weights.load_arena(tmp_path, device="cuda", config=CONFIGS[cfg])
+    assert torch.equal(arena.tensors["a"].cpu(), ref["a"])
+    assert arena.stats.verified_bytes == p.stat().st_size - 4096
+    blob = bytearray(p.read_bytes())
+    blob[4096 + 7] ^= 1
+    p.write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match="block 0 .* fails its checksum"):
+        weights.load(tmp_path, device="cuda", config=CONFIGS[cfg])

@@ -26,12 +26,13 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
-from zerostart.weights._sources import open_source
+from zerostart.weights._checksums import load_for
 from zerostart.weights._dtypes import parse_dtype
 from zerostart.weights._format import WeightsError
 from zerostart.weights._io import DIRECT_ALIGN, Region, align_up, open_direct, residency
 from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, default_threads
 from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, staged_mirror_items
+from zerostart.weights._sources import open_source
 
 Mode = Literal["auto", "always", "never"]
 # Defaults measured with `zerostart bench load --sweep` and bench/h2d_paths.py (H100 host,
@@ -53,6 +54,7 @@ class LoadConfig:
     mmap: Mode = "auto"  # CPU without a cast: map files that are in the page cache
     warm_fraction: float = 0.5  # a file this much in the page cache counts as warm
     cache: bool = True  # remote sources: also write the bytes to the local cache tier
+    verify: Literal["auto", "never"] = "auto"  # check zerostart-checksums.json blocks where present
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -61,6 +63,8 @@ class LoadConfig:
             raise ValueError(f"LoadConfig.chunk_bytes must be >= {DIRECT_ALIGN} (or 0 for automatic), got {self.chunk_bytes}")
         if self.staging_bytes and self.staging_bytes < 2 * (DIRECT_ALIGN * 3):
             raise ValueError(f"LoadConfig.staging_bytes must be >= {6 * DIRECT_ALIGN} (two minimal buffers), got {self.staging_bytes}")
+        if self.verify not in ("auto", "never"):
+            raise ValueError(f"LoadConfig.verify must be 'auto' or 'never', got {self.verify!r}")
         for key in ("direct_io", "mmap"):
             if getattr(self, key) not in ("auto", "always", "never"):
                 raise ValueError(f"LoadConfig.{key} must be 'auto', 'always' or 'never', got {getattr(self, key)!r}")
@@ -83,6 +87,8 @@ class LoadStats:
     chunk_bytes: int = 0
     staging_bytes: int = 0  # staging buffers allocated (the budget in use)
     staging_peak_bytes: int = 0  # most staging bytes held at once
+    verified_bytes: int = 0  # bytes checked against zerostart-checksums.json
+    verify_s: float = 0.0  # CPU seconds spent hashing (summed over threads, overlapped with reads)
     setup_s: float = 0.0  # call -> reads start (headers, residency, arena and staging allocation)
     read_s: float = 0.0  # first read start -> last read end
     copy_s: float = 0.0  # first copy (or cast) start -> last copy done
@@ -244,6 +250,22 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         opened.finish(False)
         raise
 
+    sums = None
+    if cfg.verify == "auto":
+        local = [h.path for h, obj in zip(ckpt.headers, opened.remote) if obj is None]
+        try:
+            sums = load_for(local)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            opened.finish(False)
+            raise
+    if sums:
+        for f in files:
+            f.sums = sums.get(f.path)
+        if layout.mode == "packed":  # casts regroup bytes by tensor: check the files as they are first
+            _verify_files([f.sums for f in files if f.sums is not None], cfg.threads or 4)
+
     staged = dev.type == "cuda" or layout.mode == "packed"
     stats = LoadStats(path=ckpt.path, device=str(dev), bytes=ckpt.nbytes, arena_bytes=layout.size, files=len(files),
                       tensors=len(layout.slots), layout=layout.mode,
@@ -254,6 +276,9 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     # Staging: at least two buffers within the budget; shrink the chunk rather than exceed it.
     cuda = dev.type == "cuda"
     chunk = cfg.chunk_bytes or (_CUDA_CHUNK if cuda else _CPU_CHUNK)
+    if sums and layout.mode == "mirror":  # reads cover whole checksum blocks
+        block = next(iter(sums.values())).block_bytes
+        chunk = max(block, chunk // block * block)
     staging_budget = cfg.staging_bytes or (_CUDA_STAGING if cuda else _CPU_STAGING)
     ring_count = 0
     if staged:
@@ -269,7 +294,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     stats.threads, stats.chunk_bytes = threads, chunk
 
     try:
-        region, storage = _allocate(layout, dev, files, strategies, threads, residencies)
+        region, storage = _allocate(layout, dev, files, strategies, threads, residencies, stats)
         items = []
         for i, (h, f, s) in enumerate(zip(ckpt.headers, files, strategies)):
             if s == "mmap":
@@ -322,6 +347,9 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             if ring is not None:
                 ring.close()  # unpin and unmap the staging buffers
         stats.read_s, stats.copy_s = run.timing.read_s, run.timing.copy_s
+        if run.verified_blocks:
+            stats.verified_bytes += _verified_bytes(files, strategies, "direct") + _verified_bytes(files, strategies, "buffered")
+            stats.verify_s += run.verify_s
         stats.staging_peak_bytes = ring.peak * ring.size if ring is not None else 0
         stats.total_s = time.perf_counter() - t_start
         arena._finish(error)
@@ -352,24 +380,65 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strategies: list[str], threads: int,
-              residencies: list[float]) -> tuple[Region | None, torch.Tensor]:
+              residencies: list[float], stats: LoadStats) -> tuple[Region | None, torch.Tensor]:
     if dev.type == "cuda":
         return None, torch.empty(align_up(max(layout.size, 1), DIRECT_ALIGN), dtype=torch.uint8, device=dev)
     region = Region.anonymous(max(layout.size, 1))
-    spans: list[tuple[int, int]] = []
+    spans: list[tuple[int, int, FileHandle]] = []  # (file offset, length, file)
     for i, f in enumerate(files):
         if strategies[i] == "mmap":
             region.map_file(layout.file_base[i], f.fd, f.size)
             if residencies[i] < 1.0:
                 region.advise_willneed(layout.file_base[i], f.size)  # readahead for the pages not cached
-            spans += [(layout.file_base[i] + a, min(_POPULATE_SPAN, f.size - a)) for a in range(0, f.size, _POPULATE_SPAN)]
+            # spans aligned to checksum blocks, so each thread verifies what it populated
+            step = _POPULATE_SPAN if f.sums is None else max(f.sums.block_bytes, _POPULATE_SPAN // f.sums.block_bytes * f.sums.block_bytes)
+            first = 0 if f.sums is None else f.sums.data_start
+            cuts = ([0] if first else []) + list(range(first, f.size, step)) + [f.size]
+            spans += [(a, b - a, f, layout.file_base[i]) for a, b in zip(cuts, cuts[1:]) if b > a]
+    verified = [0, 0.0]
+    lock = threading.Lock()
+
+    def populate(span) -> None:
+        a, n, f, base = span
+        region.populate(base + a, n)
+        if f.sums is not None:
+            t0 = time.perf_counter()
+            k = f.sums.check(a, region.buffer(base + a, n))
+            with lock:
+                verified[0] += k
+                verified[1] += time.perf_counter() - t0
+
     if len(spans) > 1 and threads > 1:
         with ThreadPoolExecutor(min(threads, len(spans)), thread_name_prefix="zerostart-populate") as ex:
-            list(ex.map(lambda s: region.populate(*s), spans))
+            list(ex.map(populate, spans))
     else:
-        for s in spans:
-            region.populate(*s)
+        for sp in spans:
+            populate(sp)
+    if verified[0]:
+        stats.verified_bytes += _verified_bytes(files, strategies, "mmap")
+        stats.verify_s += verified[1]
     return region, region.tensor()
+
+
+def _verified_bytes(files: list[FileHandle], strategies: list[str], which: str) -> int:
+    return sum(f.size - f.sums.data_start for f, s in zip(files, strategies) if s == which and f.sums is not None)
+
+
+def _verify_files(sums: list, threads: int) -> None:
+    """Check whole files against their block checksums (reading them), in parallel."""
+    def one(fs) -> None:
+        with open(fs.path, "rb", buffering=0) as f:
+            f.seek(fs.data_start)
+            i = 0
+            while True:
+                chunk = f.read(fs.block_bytes)
+                if not chunk:
+                    break
+                fs.check(fs.data_start + i * fs.block_bytes, memoryview(chunk))
+                i += 1
+
+    with ThreadPoolExecutor(max(1, min(threads, len(sums)))) as ex:
+        list(ex.map(one, sums))
 
 
 def _views(storage: torch.Tensor, slots) -> dict[str, torch.Tensor]:

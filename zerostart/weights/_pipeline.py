@@ -36,6 +36,7 @@ class FileHandle:
     remote: Any = None  # RemoteObject: read by ranged requests instead of the fd
     transport: Any = None
     tee: Any = None  # BlobWriter: every byte read is also written to the local cache
+    sums: Any = None  # FileSums: verify blocks as they arrive
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         if self.remote is None:
@@ -244,6 +245,8 @@ class Run:
     error: BaseException | None = None
     done_bytes: int = 0
     on_tensors_done: Callable[[tuple[str, ...]], None] | None = None
+    verified_blocks: int = 0
+    verify_s: float = 0.0  # summed over reader threads (CPU time spent hashing)
 
     def __post_init__(self) -> None:
         self._next = 0
@@ -306,20 +309,33 @@ class Run:
         f = self.files[item.file]
         if item.arena_offset is not None:  # straight into the arena
             t0 = time.perf_counter()
-            f.read_into(self.sink.arena_view(item.arena_offset, item.length), item.start)
+            view = self.sink.arena_view(item.arena_offset, item.length)
+            f.read_into(view, item.start)
             self.timing.read(t0, time.perf_counter(), item.payload)
+            if f.sums is not None:
+                self._verify(f, item, view)
             self._item_done(item)
             return
         assert self.ring is not None
         buf = self.ring.acquire()
         try:
             t0 = time.perf_counter()
-            f.read_into(self.ring.view(buf, item.length), item.start)
+            view = self.ring.view(buf, item.length)
+            f.read_into(view, item.start)
             self.timing.read(t0, time.perf_counter(), item.payload)
+            if f.sums is not None:
+                self._verify(f, item, view)
         except BaseException:
             self.ring.release(buf)
             raise
         self.sink.deliver(item, self.ring, buf, lambda: self._item_done(item), self.timing)
+
+    def _verify(self, f: FileHandle, item: Item, view: memoryview) -> None:
+        t0 = time.perf_counter()
+        n = f.sums.check(item.start, view[: max(0, min(item.end, f.size) - item.start)])
+        with self._lock:
+            self.verified_blocks += n
+            self.verify_s += time.perf_counter() - t0
 
     def _item_done(self, item: Item) -> None:
         finished: list[str] = []
