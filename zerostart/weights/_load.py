@@ -35,6 +35,7 @@ from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_lay
 from zerostart.weights._sources import open_source
 
 Mode = Literal["auto", "always", "never"]
+PAD_PREFIX = "__zerostart_pad__"  # alignment filler tensors in ready images: loaded, never returned
 # Defaults measured with `zerostart bench load --sweep` and bench/h2d_paths.py (H100 host,
 # 16 cores: 16 readers x 32 MiB reached 48 GB/s page cache -> pinned, beside 55 GB/s H2D).
 _CPU_CHUNK, _CUDA_CHUNK = 8 << 20, 32 << 20
@@ -144,6 +145,12 @@ class Arena:
     def done(self) -> bool:
         return self._done
 
+    @property
+    def writable(self) -> bool:
+        """True when the arena is private memory that may be rearranged in place: device
+        memory, or a host arena with no checkpoint file mapped into it."""
+        return self.storage.device.type != "cpu" or "mmap" not in self.stats.strategy
+
     def is_ready(self, name: str) -> bool:
         with self._cond:
             return self._done or name in self._ready
@@ -198,9 +205,12 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *, dt
 
 def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
                dtype: str | torch.dtype | None = None, config: LoadConfig | None = None,
-               progress: Callable[[int, int], None] | None = None, background: bool = False) -> Arena:
+               progress: Callable[[int, int], None] | None = None, background: bool = False,
+               allocator: Callable[[int, torch.device], torch.Tensor] | None = None) -> Arena:
     """Like :func:`load`, returning the :class:`Arena` (with statistics). With
-    ``background=True`` it returns once the arena is allocated and the reads have started."""
+    ``background=True`` it returns once the arena is allocated and the reads have started.
+    ``allocator(nbytes, device)`` provides the device arena (a 1-D uint8 tensor), e.g. one
+    whose physical memory can be released and restored at the same address (parking)."""
     t_start = time.perf_counter()
     cfg = config or LoadConfig()
     dev = _device(device)
@@ -294,7 +304,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     stats.threads, stats.chunk_bytes = threads, chunk
 
     try:
-        region, storage = _allocate(layout, dev, files, strategies, threads, residencies, stats)
+        region, storage = _allocate(layout, dev, files, strategies, threads, residencies, stats, allocator)
         items = []
         for i, (h, f, s) in enumerate(zip(ckpt.headers, files, strategies)):
             if s == "mmap":
@@ -312,7 +322,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             sink = CudaSink(storage, ring_count, ring.size if ring else 0, need_scratch=layout.mode == "packed")
         else:
             sink = CpuSink(storage, region)
-        tensors = _views(storage, layout.slots)
+        tensors = _views(storage, {n: sl for n, sl in layout.slots.items() if not n.startswith(PAD_PREFIX)})
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -380,9 +390,14 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strategies: list[str], threads: int,
-              residencies: list[float], stats: LoadStats) -> tuple[Region | None, torch.Tensor]:
+              residencies: list[float], stats: LoadStats, allocator=None) -> tuple[Region | None, torch.Tensor]:
     if dev.type == "cuda":
-        return None, torch.empty(align_up(max(layout.size, 1), DIRECT_ALIGN), dtype=torch.uint8, device=dev)
+        n = align_up(max(layout.size, 1), DIRECT_ALIGN)
+        storage = allocator(n, dev) if allocator is not None else torch.empty(n, dtype=torch.uint8, device=dev)
+        if storage.dtype != torch.uint8 or storage.dim() != 1 or storage.numel() < n or storage.device != dev:
+            raise ValueError(f"allocator returned {storage.dtype} {tuple(storage.shape)} on {storage.device}; "
+                             f"need uint8 of at least {n} bytes on {dev}")
+        return None, storage
     region = Region.anonymous(max(layout.size, 1))
     spans: list[tuple[int, int, FileHandle]] = []  # (file offset, length, file)
     for i, f in enumerate(files):

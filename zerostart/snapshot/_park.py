@@ -1,0 +1,171 @@
+"""Parking: release a model's large allocations, keep their addresses, bring them back.
+
+:class:`Parking` manages one allocation (a 1-D uint8 tensor: the weights arena or the KV
+cache). ``park(keep=True)`` moves its bytes to host memory and frees the device (or host)
+memory behind it; ``park(keep=False)`` frees it without keeping the bytes (a KV cache with no
+request in flight). ``wake()`` restores memory *at the same addresses* (and the bytes, if
+kept), so every view of it (model parameters, captured CUDA graphs) stays valid.
+
+- CUDA: the allocation must be a :class:`VmmBuffer` (see :func:`vmm_allocator`). Parked bytes
+  go to page-locked host memory, so waking is one host->device copy at PCIe speed.
+- CPU: the same interface. Parked bytes go to a shared-memory file (memfd); the pages behind
+  the allocation are returned to the kernel with MADV_DONTNEED (the address range stays mapped
+  and reads as zeros until woken).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+
+@dataclass
+class ParkStats:
+    bytes: int = 0
+    park_s: float = 0.0
+    wake_s: float = 0.0
+
+    @property
+    def wake_gbps(self) -> float:
+        return self.bytes / self.wake_s / 1e9 if self.wake_s else 0.0
+
+    @property
+    def park_gbps(self) -> float:
+        return self.bytes / self.park_s / 1e9 if self.park_s else 0.0
+
+
+class Parking:
+    def __init__(self, storage, vmm=None, threads: int = 0) -> None:
+        """``storage``: the allocation (uint8, 1-D). ``vmm``: its VmmBuffer on CUDA."""
+        self.storage = storage
+        self.vmm = vmm
+        self.nbytes = storage.numel() * storage.element_size()
+        self.parked = False
+        self.kept = False
+        self.stats = ParkStats(self.nbytes)
+        self._host = None  # CUDA: pinned host copy (a torch tensor over a registered Region)
+        self._host_region = None
+        self._memfd: int | None = None
+        self.threads = threads or min(16, os.cpu_count() or 1)
+        if storage.device.type == "cuda" and vmm is None:
+            raise ValueError("parking a CUDA allocation needs it to be a VmmBuffer (allocate it with vmm_allocator)")
+
+    # --- CUDA ---------------------------------------------------------------------------------
+
+    def _park_cuda(self, keep: bool) -> None:
+        import torch
+
+        from zerostart.weights._io import Region
+
+        if keep:
+            if self._host is None:
+                self._host_region = Region.anonymous(self.nbytes)
+                host = self._host_region.tensor()[: self.nbytes]
+                err = int(torch.cuda.cudart().cudaHostRegister(self._host_region.addr, self._host_region.size, 0))
+                if err:
+                    raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes failed (CUDA error {err})")
+                self._host = host
+            self._host.copy_(self.storage, non_blocking=True)
+            torch.cuda.synchronize(self.storage.device)
+        self.vmm.release()
+
+    def _wake_cuda(self) -> None:
+        import torch
+
+        self.vmm.restore()
+        if self.kept:
+            self.storage.copy_(self._host, non_blocking=True)
+            torch.cuda.synchronize(self.storage.device)
+            self._drop_host()
+
+    def _drop_host(self) -> None:
+        import torch
+
+        if self._host_region is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._host_region.addr)
+            self._host_region.close()
+        self._host = self._host_region = None
+
+    # --- CPU ----------------------------------------------------------------------------------
+
+    def _span(self) -> tuple[int, int]:
+        addr = self.storage.data_ptr()
+        start = (addr + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = (addr + self.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        return start, max(0, end - start)
+
+    def _park_cpu(self, keep: bool) -> None:
+        if keep:
+            fd = os.memfd_create("zerostart-parked", os.MFD_CLOEXEC)
+            os.ftruncate(fd, self.nbytes)
+            src = memoryview(self.storage.numpy()).cast("B")
+            self._parallel(lambda a, b: _pwrite_all(fd, src[a:b], a))
+            self._memfd = fd
+        start, length = self._span()
+        if length:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            if libc.madvise(start, length, 4) != 0:  # MADV_DONTNEED
+                raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed while parking")
+
+    def _wake_cpu(self) -> None:
+        if self.kept and self._memfd is not None:
+            dst = memoryview(self.storage.numpy()).cast("B")
+            fd = self._memfd
+            self._parallel(lambda a, b: _pread_all(fd, dst[a:b], a))
+            os.close(fd)
+            self._memfd = None
+
+    def _parallel(self, fn) -> None:
+        step = 64 << 20
+        spans = [(a, min(a + step, self.nbytes)) for a in range(0, self.nbytes, step)]
+        with ThreadPoolExecutor(max(1, min(self.threads, len(spans)))) as ex:
+            list(ex.map(lambda s: fn(*s), spans))
+
+    # --- public -------------------------------------------------------------------------------
+
+    def park(self, keep: bool = True) -> None:
+        if self.parked:
+            return
+        t0 = time.perf_counter()
+        if self.storage.device.type == "cuda":
+            self._park_cuda(keep)
+        else:
+            self._park_cpu(keep)
+        self.parked, self.kept = True, keep
+        self.stats.park_s = time.perf_counter() - t0
+
+    def wake(self) -> None:
+        if not self.parked:
+            return
+        t0 = time.perf_counter()
+        if self.storage.device.type == "cuda":
+            self._wake_cuda()
+        else:
+            self._wake_cpu()
+        self.parked = False
+        self.stats.wake_s = time.perf_counter() - t0
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory holding parked bytes."""
+        return self.nbytes if self.parked and self.kept else 0
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise OSError("parked memory file ended early")
+        done += n
