@@ -1,0 +1,150 @@
+import json
+import os
+import threading
+
+import pytest
+import torch
+
+from zerostart import snapshot, weights
+from zerostart.snapshot import Fingerprint, ImageError, ImageIncompatible
+
+
+def arena_tensors(layers=3, fused_adjacent=True):
+    """Tensors as an engine holds them: views into one arena, q/k/v back to back (in order)
+    within each layer, layers in lexicographic (not numeric) order as Hugging Face writers do."""
+    g = torch.Generator().manual_seed(0)
+    names = ["model.embed_tokens.weight"]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                  p + "self_attn.v_proj.weight", p + "mlp.down_proj.weight"]
+    names += ["model.norm.weight", "lm_head.weight"]
+    shapes = {n: ((64,) if "norm" in n else (48, 64) if "proj" in n else (100, 64)) for n in names}
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    arena = torch.randn(total + 1000, generator=g)
+    out, off = {}, 0
+    def key(n):
+        layer = n.split(".")[2] if ".layers." in n else ""
+        return (n.split(".layers.")[0], layer, names.index(n))
+
+    for n in sorted(names, key=key):  # lexicographic layers: 10 before 2, as in real checkpoints
+        k = torch.Size(shapes[n]).numel()
+        out[n] = arena[off : off + k].view(shapes[n])
+        off += k
+    return out
+
+
+def fp(model_dir, device="cpu", dtype="float32"):
+    return snapshot.fingerprint(str(model_dir), device, dtype)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+    (d / "tokenizer.json").write_text("{}")
+    return d
+
+
+def test_image_round_trip(tmp_path, model_dir):
+    tensors = arena_tensors()
+    out = snapshot.write_image(tensors, str(model_dir), str(tmp_path / "img"), fp(model_dir), source=str(model_dir))
+    m = snapshot.check_compatible(out, fp(model_dir))
+    assert m["weights"]["tensors"] == len(tensors)
+    assert os.path.exists(os.path.join(out, "config.json")) and os.path.exists(os.path.join(out, "tokenizer.json"))
+    arena = weights.load_arena(out)
+    assert set(arena.tensors) == set(tensors), "pad tensors are never returned"
+    for n, t in tensors.items():
+        assert torch.equal(arena.tensors[n], t), n
+    assert arena.stats.verified_bytes > 0, "images are checksummed and verified on load"
+
+
+def test_image_is_in_layer_order_and_keeps_fused_groups_adjacent(tmp_path, model_dir):
+    tensors = arena_tensors(layers=12)
+    out = snapshot.write_image(tensors, str(model_dir), str(tmp_path / "img"), fp(model_dir))
+    h = weights.read_header(os.path.join(out, "model.safetensors"))
+    assert h.data_start % 4096 == 0
+    order = [n for n in h.tensors if not n.startswith("__zerostart_pad__")]
+    layers = [int(n.split(".")[2]) for n in order if ".layers." in n]
+    assert layers == sorted(layers)
+    assert order[0] == "model.embed_tokens.weight" and order[-1] == "lm_head.weight"
+    for i in range(12):
+        q, k, v = (h.tensors[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv")
+        assert q.end == k.start and k.end == v.start, "q/k/v stay back to back"
+    m = snapshot.read_manifest(out)
+    starts = [s for s, _ in m["weights"]["spans"].values()]
+    assert all(s % 4096 == 0 for s in starts)
+
+
+def test_incompatible_fingerprint_is_refused(tmp_path, model_dir):
+    out = snapshot.write_image(arena_tensors(), str(model_dir), str(tmp_path / "img"), fp(model_dir))
+    with pytest.raises(ImageIncompatible, match="device_type: image 'cpu', wanted 'cuda'"):
+        snapshot.check_compatible(out, fp(model_dir, device="cuda"))
+    with pytest.raises(ImageIncompatible, match="dtype"):
+        snapshot.check_compatible(out, fp(model_dir, dtype="bfloat16"))
+    (model_dir / "config.json").write_text(json.dumps({"hidden_size": 65}))
+    with pytest.raises(ImageIncompatible, match="config_sha256"):
+        snapshot.check_compatible(out, fp(model_dir))
+
+
+def test_not_an_image(tmp_path):
+    with pytest.raises(ImageError, match="not a ready image"):
+        snapshot.read_manifest(str(tmp_path))
+    (tmp_path / snapshot.MANIFEST).write_text("{")
+    with pytest.raises(ImageError, match="unreadable manifest"):
+        snapshot.read_manifest(str(tmp_path))
+
+
+def test_corrupt_image_is_detected(tmp_path, model_dir):
+    out = snapshot.write_image(arena_tensors(layers=40), str(model_dir), str(tmp_path / "img"), fp(model_dir))
+    p = tmp_path / "img" / "model.safetensors"
+    blob = bytearray(p.read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    p.write_bytes(bytes(blob))
+    with pytest.raises(weights.WeightsError, match="fails its checksum"):
+        weights.load(out)
+    p.write_bytes(bytes(blob[: len(blob) - 100]))
+    with pytest.raises(weights.WeightsError):
+        weights.load(out)
+
+
+def test_concurrent_writers_leave_one_whole_image(tmp_path, model_dir):
+    tensors = arena_tensors(layers=20)
+    target = str(tmp_path / "img")
+    errors = []
+
+    def write():
+        try:
+            snapshot.write_image(tensors, str(model_dir), target, fp(model_dir))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=write) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".img")] == [], "no temporary directories left"
+    got = weights.load(target)
+    for n, t in tensors.items():
+        assert torch.equal(got[n], t)
+
+
+def test_out_that_is_something_else(tmp_path, model_dir):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file.txt").write_text("x")
+    with pytest.raises(ImageError, match="exists and is not a ready image"):
+        snapshot.write_image(arena_tensors(), str(model_dir), str(tmp_path / "taken"), fp(model_dir))
+
+
+def test_image_store_key_depends_on_fingerprint(model_dir):
+    a = snapshot.image_store(str(model_dir), fp(model_dir))
+    b = snapshot.image_store(str(model_dir), fp(model_dir, dtype="bfloat16"))
+    assert a != b and os.path.dirname(a) == os.path.dirname(b)
+
+
+def test_fingerprint_fields(model_dir):
+    f = fp(model_dir)
+    assert isinstance(f, Fingerprint) and f.device_type == "cpu" and f.dtype == "float32" and len(f.config_sha256) == 64
