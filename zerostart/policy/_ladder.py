@@ -41,6 +41,7 @@ from zerostart.policy._idle import IdleBook, IdleLog
 
 _BUSY = Decision(Rung.HOT, reason="busy")
 _PRIOR_FLOOR_S = 1.0  # the log-uniform prior spans [1 s, horizon]
+_QUANTILE_POINTS = 33  # empirical quantiles added to the grid (every 1/32)
 _PLANS_KEPT = 6  # plans kept per model for recent penalty levels
 _TIME_EPS = 1e-6  # seconds: far below the grid's resolution, far above float rounding of trace times
 
@@ -96,7 +97,6 @@ class CostAwareLadder:
         self._allowed = [r in self.rungs for r in LADDER]
         self._grid = _log_grid(horizon_s, grid_growth)
         self._grid_np = np.asarray(self._grid)
-        self._prior_surv, self._prior_below = _log_uniform(self._grid_np, horizon_s)
         self._book = IdleBook(window)
         self._plans: dict[str, dict[tuple, _Plan]] = {}  # model -> (size, level) -> plan
         self._current: dict[str, _Plan] = {}  # model -> the plan its last decision used
@@ -239,15 +239,15 @@ class CostAwareLadder:
         return _Plan(grid, choice, _next_changes(choice), env, wake_s, "break-even", key)
 
     def _learned(self, recent, hold, wake_s, wake_usd, climb_usd, key) -> _Plan:
-        grid = self._grid
+        grid, mass, time_in, surv = self._distribution(recent)
         n_pts = len(grid)
-        mass, time_in, surv = self._distribution(recent)
         allowed = self._allowed
         prewarm = self.prewarm
         inf = math.inf
         h0, h1, h2, h3 = hold
         w0, w1, w2, w3 = wake_usd
         c1, c2, c3 = climb_usd[1], climb_usd[2], climb_usd[3]
+        pw1, pw2, pw3 = 2.0 * wake_s[1], 2.0 * wake_s[2], 2.0 * wake_s[3]  # earliest pre-warm ends
         choice: list[list[int]] = [[0] * 4 for _ in range(n_pts)]
         nxt: list[list[int | None]] = [[None] * 4 for _ in range(n_pts)]
         # Terminal (after the last grid point): rest on the rung whose wake costs least times
@@ -282,13 +282,16 @@ class CostAwareLadder:
                 b0, r0 = b1, r1
             else:
                 b0, r0 = s0, 0
-            # ...or pre-warm to HOT for the device time the climb holds.
+            # ...or pre-warm to HOT for the device time the climb holds, if the rest before it
+            # lasts at least as long as the climb (a shorter one frees the device for less time
+            # than the climb holds it: nobody can use that).
             if prewarm:
-                if c1 * sk + s0 < b1:
+                g = grid[k]
+                if g >= pw1 and c1 * sk + s0 < b1:
                     b1, r1 = c1 * sk + s0, 0
-                if c2 * sk + s0 < b2:
+                if g >= pw2 and c2 * sk + s0 < b2:
                     b2, r2 = c2 * sk + s0, 0
-                if c3 * sk + s0 < b3:
+                if g >= pw3 and c3 * sk + s0 < b3:
                     b3, r3 = c3 * sk + s0, 0
             r1, r2, r3 = abs(r1), abs(r2), abs(r3)
             row[0], row[1], row[2], row[3] = r0, r1, r2, r3
@@ -304,18 +307,25 @@ class CostAwareLadder:
             path.append(level)
         return _Plan(grid, choice, nxt, path, wake_s, "learned", key)
 
-    def _distribution(self, recent) -> tuple[list[float], list[float], list[float]]:
-        """Per grid interval: P(arrival in it) and E[time spent in it]; and P(X >= grid[k]),
-        for the empirical idle times mixed with the log-uniform prior."""
+    def _distribution(self, recent) -> tuple[list[float], list[float], list[float], list[float]]:
+        """The grid for these idle times, and per grid interval P(arrival in it) and E[time spent
+        in it], and P(X >= grid[k]), for the empirical idle times mixed with the prior.
+
+        The grid is the log grid plus the empirical quantiles in 1/32 steps: an interval may
+        then start exactly where a cluster of idle times starts, which is what a pre-warm for a
+        periodic model needs (a log step alone would hold the device up to 25% of the gap early).
+        """
         x = np.sort(np.minimum(np.fromiter(recent, dtype=np.float64, count=len(recent)), self.horizon_s))
         n = x.shape[0]
-        grid = self._grid_np
+        quantiles = x[np.linspace(0, n - 1, min(n, _QUANTILE_POINTS)).round().astype(np.intp)]
+        grid = np.unique(np.concatenate((self._grid_np, quantiles)))
+        prior_surv, prior_below = _log_uniform(grid, self.horizon_s)
         c = np.searchsorted(x, grid, side="left")  # samples below each grid point
         prefix = np.concatenate(([0.0], np.cumsum(x)))
         beta = self.prior_weight / (n + self.prior_weight)
-        surv = (1.0 - beta) * (n - c) / n + beta * self._prior_surv
-        below = (1.0 - beta) * (prefix[c] + grid * (n - c)) / n + beta * self._prior_below  # E[min(X, s)]
-        return (surv[:-1] - surv[1:]).tolist(), (below[1:] - below[:-1]).tolist(), surv.tolist()
+        surv = (1.0 - beta) * (n - c) / n + beta * prior_surv
+        below = (1.0 - beta) * (prefix[c] + grid * (n - c)) / n + beta * prior_below  # E[min(X, s)]
+        return grid.tolist(), (surv[:-1] - surv[1:]).tolist(), (below[1:] - below[:-1]).tolist(), surv.tolist()
 
 
 def _choose(stay, allowed, row, climb1, climb2, climb3, prewarm) -> list[float]:

@@ -19,7 +19,7 @@ Grammar: ``NAME[:ARG[,ARG...]]`` where ARG is ``key=value``; a policy with a mai
       down=image               the rung it drops to
   ladder                       zerostart's cost-aware ladder
       latency=USD_PER_S        value of one second of cold-start wait (default: the cost model's)
-      p99=SECONDS              steer the latency value to meet this p99 added latency instead
+      p99=SECONDS              meet this p99 added latency: a steered penalty per slower wake
       rungs=hot+parked+image+zero  rungs it may use (must include hot)
       prewarm=on               allow predictive pre-warm (on/off)
       min_samples=8            idle times needed before learning (break-even schedule before)
