@@ -41,7 +41,7 @@ from zerostart.policy._idle import IdleBook, IdleLog
 
 _BUSY = Decision(Rung.HOT, reason="busy")
 _PRIOR_FLOOR_S = 1.0  # the log-uniform prior spans [1 s, horizon]
-_QUANTILE_POINTS = 33  # empirical quantiles added to the grid (every 1/32)
+_QUANTILE_POINTS = 17  # empirical quantiles added to the grid (every 1/16)
 _PLANS_KEPT = 6  # plans kept per model for recent penalty levels
 _TIME_EPS = 1e-6  # seconds: far below the grid's resolution, far above float rounding of trace times
 
@@ -210,8 +210,8 @@ class CostAwareLadder:
         else:
             plan = self._learned(log.recent, hold, wake_s, wake_usd, climb_usd, key)
             # Re-solve after a fraction of new samples: each one early on, then every n/8,
-            # at most every window/4 once the window is full.
-            plan.refresh_at = n + max(1, min(n // 8, self.window // 4))
+            # every window/2 once the window is full.
+            plan.refresh_at = n + max(1, min(n // 8, self.window // 2))
         return plan
 
     def _break_even(self, hold, wake_s, wake_usd, key) -> _Plan:
@@ -311,7 +311,7 @@ class CostAwareLadder:
         """The grid for these idle times, and per grid interval P(arrival in it) and E[time spent
         in it], and P(X >= grid[k]), for the empirical idle times mixed with the prior.
 
-        The grid is the log grid plus the empirical quantiles in 1/32 steps: an interval may
+        The grid is the log grid plus the empirical quantiles in 1/16 steps: an interval may
         then start exactly where a cluster of idle times starts, which is what a pre-warm for a
         periodic model needs (a log step alone would hold the device up to 25% of the gap early).
         """

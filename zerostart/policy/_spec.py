@@ -106,7 +106,8 @@ def make(spec: str, costs: CostModel | None = None) -> Policy:
     name, _, argtext = text.partition(":")
     name = name.lower()
     if name not in _SPECS:
-        raise PolicyError(f"unknown policy {name!r} in {spec!r}; valid policies: {', '.join(POLICY_NAMES)}")
+        where = "" if not argtext else f" in {spec!r}"
+        raise PolicyError(f"unknown policy {name!r}{where}; valid policies: {', '.join(POLICY_NAMES)}")
     main, schema, build = _SPECS[name]
     kwargs: dict[str, Any] = {}
     seen: set[str] = set()
