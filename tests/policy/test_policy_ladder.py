@@ -239,3 +239,24 @@ def test_every_rung_is_reachable_by_name():
     assert Rung.parse("source") is Rung.ZERO and Rung.parse(" Parked ") is Rung.PARKED
     with pytest.raises(PolicyError, match="valid: hot, parked, image, zero"):
         Rung.parse("warm")
+
+
+def test_fleet_pool_lends_its_shape_to_models_with_few_samples():
+    import numpy as np
+
+    p = CostAwareLadder(COSTS)
+    for i in range(40):  # 40 models idle exactly 60 s each time: every normalized idle time is 1
+        feed(p, [60.0] * 12, model=f"f{i}")
+    assert p._pool_shape is not None and np.allclose(p._pool_shape, 1.0)
+    # a model with 8 idle times around 600 s borrows the shape at its own scale: 16 of the
+    # 24 samples' worth of probability sits exactly at its mean
+    grid, mass, _, _ = p._distribution([500.0, 700.0] * 4)
+    k = max(i for i, g in enumerate(grid) if g <= 600.0)
+    assert mass[k] >= 16 / 24
+    # without the pool, the log-uniform prior spreads that weight instead
+    q = CostAwareLadder(COSTS, pool_weight=0.0)
+    for i in range(40):
+        feed(q, [60.0] * 12, model=f"f{i}")
+    grid, mass, _, _ = q._distribution([500.0, 700.0] * 4)
+    k = max(i for i, g in enumerate(grid) if g <= 600.0)
+    assert mass[k] < 0.2

@@ -15,8 +15,10 @@ Two ways to pick the schedule:
   lower rung starts to win. It needs no forecast and never costs more than twice the best
   schedule chosen in hindsight (deterministic ski rental).
 * **learned**: dynamic programming over a log-spaced time grid against the model's own idle
-  times (the last ``window``, mixed with a weak log-uniform prior so that one unseen gap length
-  is not taken as impossible). The state is (grid interval, rung); each step may stay, move down
+  times (the last ``window``), mixed with a prior worth ``pool_weight`` samples: the shape of the
+  whole fleet's idle times (each divided by its model's mean) rescaled to this model's mean, so a
+  model with few samples borrows the fleet's experience of how long idleness lasts (empirical
+  Bayes); before the fleet has data, a log-uniform prior on [1 s, horizon] instead. The state is (grid interval, rung); each step may stay, move down
   for free, or pre-warm to HOT for the device time the climb holds. Pre-warm is what a periodic
   model gets: rest low, climb just before the next request is due.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections import deque
 
 import numpy as np
 
@@ -41,6 +44,10 @@ from zerostart.policy._idle import IdleBook, IdleLog
 
 _BUSY = Decision(Rung.HOT, reason="busy")
 _PRIOR_FLOOR_S = 1.0  # the log-uniform prior spans [1 s, horizon]
+_POOL_SIZE = 4096  # normalized idle times the fleet keeps
+_POOL_MIN = 256  # needed before the pool replaces the log-uniform prior
+_POOL_REFRESH = 256  # new pool entries between recomputing its quantiles
+_POOL_QUANTILES = 65
 _QUANTILE_POINTS = 17  # empirical quantiles added to the grid (every 1/16)
 _PLANS_KEPT = 6  # plans kept per model for recent penalty levels
 _TIME_EPS = 1e-6  # seconds: far below the grid's resolution, far above float rounding of trace times
@@ -66,7 +73,8 @@ class CostAwareLadder:
     def __init__(self, costs: CostModel | None = None, *, latency_usd_per_s: float | None = None,
                  p99_target_s: float | None = None, min_samples: int = 8, window: int = 256,
                  prewarm: bool = True, rungs: tuple[Rung, ...] = LADDER, horizon_s: float = 7 * 86400.0,
-                 grid_growth: float = 1.25, prior_weight: float = 1.0, control_every: int = 500,
+                 grid_growth: float = 1.25, prior_weight: float = 1.0, pool_weight: float = 16.0,
+                 control_every: int = 500,
                  control_memory: int = 20000, control_high: float = 0.006, control_low: float = 0.003,
                  start_level: int = 6,
                  name: str = "ladder") -> None:
@@ -93,6 +101,12 @@ class CostAwareLadder:
         self._penalty_base = 120.0 * self.costs.hold_usd_per_s(Rung.HOT)
         self.min_samples, self.window, self.prewarm = min_samples, window, prewarm
         self.horizon_s, self.prior_weight, self.control_every = horizon_s, prior_weight, control_every
+        self.pool_weight = pool_weight
+        # The fleet's idle times, each divided by its model's mean idle time before it: the shape
+        # of idleness that a model with few samples borrows, rescaled to its own mean.
+        self._pool: deque[float] = deque(maxlen=_POOL_SIZE)
+        self._pool_added = 0
+        self._pool_shape: np.ndarray | None = None
         self.control_memory, self.control_high, self.control_low = control_memory, control_high, control_low
         self._allowed = [r in self.rungs for r in LADDER]
         self._grid = _log_grid(horizon_s, grid_growth)
@@ -115,7 +129,14 @@ class CostAwareLadder:
 
     def observe_arrival(self, model: str, t: float) -> None:
         log = self._book.log(model)
+        mean = log.mean()
         gap = log.arrive(t)
+        if gap is not None and mean > 0.0 and log.count > 2:
+            self._pool.append(gap / mean)
+            self._pool_added += 1
+            if self._pool_added % _POOL_REFRESH == 0 and len(self._pool) >= _POOL_MIN:
+                self._pool_shape = np.quantile(np.fromiter(self._pool, dtype=np.float64, count=len(self._pool)),
+                                               np.linspace(0.0, 1.0, _POOL_QUANTILES))
         if self.p99_target_s is None:
             return
         slow = 0.0
@@ -319,10 +340,20 @@ class CostAwareLadder:
         n = x.shape[0]
         quantiles = x[np.linspace(0, n - 1, min(n, _QUANTILE_POINTS)).round().astype(np.intp)]
         grid = np.unique(np.concatenate((self._grid_np, quantiles)))
-        prior_surv, prior_below = _log_uniform(grid, self.horizon_s)
+        if self._pool_shape is not None and self.pool_weight > 0:
+            # the fleet's shape at this model's scale, as equally weighted pseudo-samples
+            y = np.minimum(self._pool_shape * (float(x.sum()) / n), self.horizon_s)
+            cy = np.searchsorted(y, grid, side="left")
+            ny = y.shape[0]
+            prior_surv = (ny - cy) / ny
+            prior_below = (np.concatenate(([0.0], np.cumsum(y)))[cy] + grid * (ny - cy)) / ny
+            weight = self.pool_weight
+        else:
+            prior_surv, prior_below = _log_uniform(grid, self.horizon_s)
+            weight = self.prior_weight
         c = np.searchsorted(x, grid, side="left")  # samples below each grid point
         prefix = np.concatenate(([0.0], np.cumsum(x)))
-        beta = self.prior_weight / (n + self.prior_weight)
+        beta = weight / (n + weight)
         surv = (1.0 - beta) * (n - c) / n + beta * prior_surv
         below = (1.0 - beta) * (prefix[c] + grid * (n - c)) / n + beta * prior_below  # E[min(X, s)]
         return grid.tolist(), (surv[:-1] - surv[1:]).tolist(), (below[1:] - below[:-1]).tolist(), surv.tolist()

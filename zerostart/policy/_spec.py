@@ -25,7 +25,8 @@ Grammar: ``NAME[:ARG[,ARG...]]`` where ARG is ``key=value``; a policy with a mai
       min_samples=8            idle times needed before learning (break-even schedule before)
       window=256               idle times it learns from (the newest)
       horizon=7d               longest idle time it plans for
-      prior=1                  weight, in samples, of the log-uniform prior
+      pool=16                  weight, in samples, of the fleet's idle-time shape at the model's scale
+      prior=1                  weight, in samples, of the log-uniform prior (before the fleet has data)
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ _SPECS: dict[str, tuple[str | None, _Args, Callable[..., Policy]]] = {
         "latency": (float, "latency_usd_per_s"), "p99": (_duration, "p99_target_s"),
         "rungs": (_rungs, "rungs"), "prewarm": (_flag, "prewarm"), "min_samples": (int, "min_samples"),
         "window": (int, "window"), "horizon": (_duration, "horizon_s"), "prior": (float, "prior_weight"),
+        "pool": (float, "pool_weight"),
     }, lambda costs, name, **kw: CostAwareLadder(costs, name=name, **kw)),
 }
 POLICY_NAMES: tuple[str, ...] = tuple(sorted(_SPECS))
