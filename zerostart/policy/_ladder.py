@@ -111,6 +111,7 @@ class CostAwareLadder:
         self._allowed = [r in self.rungs for r in LADDER]
         self._grid = _log_grid(horizon_s, grid_growth)
         self._grid_np = np.asarray(self._grid)
+        self._quantile_index: dict[int, np.ndarray] = {}  # sample count -> indices of its quantiles
         self._book = IdleBook(window)
         self._plans: dict[str, dict[tuple, _Plan]] = {}  # model -> (size, level) -> plan
         self._current: dict[str, _Plan] = {}  # model -> the plan its last decision used
@@ -230,9 +231,9 @@ class CostAwareLadder:
             plan.refresh_at = self.min_samples  # it does not depend on the samples before then
         else:
             plan = self._learned(log.recent, hold, wake_s, wake_usd, climb_usd, key)
-            # Re-solve after a fraction of new samples: each one early on, then every n/8,
-            # every window/2 once the window is full.
-            plan.refresh_at = n + max(1, min(n // 8, self.window // 2))
+            # Re-solve after a quarter more samples (geometric: a few dozen solves per model
+            # to fill the window), then every half window.
+            plan.refresh_at = n + max(1, min(n // 4, self.window // 2))
         return plan
 
     def _break_even(self, hold, wake_s, wake_usd, key) -> _Plan:
@@ -336,10 +337,14 @@ class CostAwareLadder:
         then start exactly where a cluster of idle times starts, which is what a pre-warm for a
         periodic model needs (a log step alone would hold the device up to 25% of the gap early).
         """
-        x = np.sort(np.minimum(np.fromiter(recent, dtype=np.float64, count=len(recent)), self.horizon_s))
+        x = np.array(recent, dtype=np.float64)
+        x.sort()
+        np.minimum(x, self.horizon_s, out=x)
         n = x.shape[0]
-        quantiles = x[np.linspace(0, n - 1, min(n, _QUANTILE_POINTS)).round().astype(np.intp)]
-        grid = np.unique(np.concatenate((self._grid_np, quantiles)))
+        pick = self._quantile_index.get(n)
+        if pick is None:
+            pick = self._quantile_index[n] = np.linspace(0, n - 1, min(n, _QUANTILE_POINTS)).round().astype(np.intp)
+        grid = np.union1d(self._grid_np, x[pick])
         if self._pool_shape is not None and self.pool_weight > 0:
             # the fleet's shape at this model's scale, as equally weighted pseudo-samples
             y = np.minimum(self._pool_shape * (float(x.sum()) / n), self.horizon_s)
