@@ -75,7 +75,7 @@ class CostAwareLadder:
                  prewarm: bool = True, rungs: tuple[Rung, ...] = LADDER, horizon_s: float = 7 * 86400.0,
                  grid_growth: float = 1.25, prior_weight: float = 1.0, pool_weight: float = 16.0,
                  control_every: int = 500,
-                 control_memory: int = 20000, control_high: float = 0.006, control_low: float = 0.003,
+                 control_memory: int = 20000, control_high: float = 0.005, control_low: float = 0.0025,
                  start_level: int = 6,
                  name: str = "ladder") -> None:
         self.costs = costs or CostModel()
@@ -156,10 +156,14 @@ class CostAwareLadder:
         if self._arrivals >= self.control_every:
             self._arrivals = 0
             share = self._slow_n / self._all_n
-            if share > self.control_high:  # below the 1% a p99 allows, with room for noise
-                self._level = min(self._level + 1, 40)
+            # Aim at half the 1% a p99 allows: requests that arrive during a slow climb wait too,
+            # and this count only sees the arrivals that start climbs.
+            # Up fast, down slowly, and not below two minutes of device time per slow wake: an
+            # overshoot costs host RAM, a miss costs the target.
+            if share > self.control_high:
+                self._level = min(self._level + 2, 40)
             elif share < self.control_low:
-                self._level = max(self._level - 1, -20)
+                self._level = max(self._level - 1, 0)
 
     def observe_completion(self, model: str, t: float) -> None:
         self._book.log(model).complete(t)
