@@ -115,6 +115,12 @@ class CostAwareLadder:
         self._book = IdleBook(window)
         self._plans: dict[str, dict[tuple, _Plan]] = {}  # model -> (size, level) -> plan
         self._current: dict[str, _Plan] = {}  # model -> the plan its last decision used
+        # Idle times are measured from the completion that leaves a model idle, and a climb the
+        # policy caused delays that completion: a model kept low would seem to come back sooner
+        # than its arrivals do. _burst holds, for the burst in progress, when its climb should
+        # end and its latest arrival; _shift what was subtracted from the current idle start.
+        self._burst: dict[str, list[float]] = {}
+        self._shift: dict[str, float] = {}
         self._level = start_level  # steers the slow-wake penalty (only with a p99 target)
         self._arrivals = 0
         self._slow_n = 0.0
@@ -132,21 +138,28 @@ class CostAwareLadder:
         log = self._book.log(model)
         mean = log.mean()
         gap = log.arrive(t)
-        if gap is not None and mean > 0.0 and log.count > 2:
+        if gap is None:
+            burst = self._burst.get(model)
+            if burst is not None:
+                burst[1] = t  # the latest arrival of the burst in progress
+            if self.p99_target_s is not None:
+                self._control(0.0)
+            return
+        if mean > 0.0 and log.count > 2:
             self._pool.append(gap / mean)
             self._pool_added += 1
             if self._pool_added % _POOL_REFRESH == 0 and len(self._pool) >= _POOL_MIN:
                 self._pool_shape = np.quantile(np.fromiter(self._pool, dtype=np.float64, count=len(self._pool)),
                                                np.linspace(0.0, 1.0, _POOL_QUANTILES))
-        if self.p99_target_s is None:
-            return
-        slow = 0.0
-        if gap is not None:
-            plan = self._current.get(model)
-            if plan is not None:
-                level = plan.path[max(0, bisect_right(plan.grid, gap) - 1)]
-                if plan.wake[level] > self.p99_target_s:
-                    slow = 1.0
+        # The rung this model's plan had it on when the request came: its climb delays this
+        # burst's completion, which would make the next idle time look that much shorter.
+        plan = self._current.get(model)
+        wake = plan.wake[plan.path[max(0, bisect_right(plan.grid, gap) - 1)]] if plan is not None else 0.0
+        self._burst[model] = [t + wake, t]  # [expected end of the climb, latest arrival]
+        if self.p99_target_s is not None:
+            self._control(1.0 if wake > self.p99_target_s else 0.0)
+
+    def _control(self, slow: float) -> None:
         # Slow and total arrivals, fading over about `control_memory` arrivals: the share of slow
         # ones is what the p99 over that memory will see, overshoot and slack included.
         keep = self._fade
@@ -157,16 +170,30 @@ class CostAwareLadder:
             self._arrivals = 0
             share = self._slow_n / self._all_n
             # Aim at half the 1% a p99 allows: requests that arrive during a slow climb wait too,
-            # and this count only sees the arrivals that start climbs.
-            # Up fast, down slowly, and not below two minutes of device time per slow wake: an
-            # overshoot costs host RAM, a miss costs the target.
+            # and this count only sees the arrivals that start climbs. Up fast, down slowly, and
+            # not below two minutes of device time per slow wake: an overshoot costs host RAM, a
+            # miss costs the target.
             if share > self.control_high:
                 self._level = min(self._level + 2, 40)
             elif share < self.control_low:
                 self._level = max(self._level - 1, 0)
 
     def observe_completion(self, model: str, t: float) -> None:
-        self._book.log(model).complete(t)
+        log = self._book.log(model)
+        log.complete(t)
+        if log.inflight == 0:
+            # Learn idle times as if nothing had waited for a climb: they then depend on the
+            # arrivals alone, not on which rungs this policy chose. The burst's last request
+            # waited for what was left of the climb when it came (nothing if it came later).
+            # (The plan's rung is what the model should have been on; if it was higher, the
+            # completion came sooner, and the idle start never moves before the last arrival.)
+            burst = self._burst.pop(model, None)
+            shift = 0.0
+            if burst is not None:
+                ready, last = burst
+                shift = max(0.0, min(ready - last, t - last))
+            self._shift[model] = shift
+            log.idle_since = t - shift
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -174,7 +201,7 @@ class CostAwareLadder:
         if view.busy:
             return _BUSY
         plan = self.plan(view.name, view.size_bytes)
-        t0 = view.last_active
+        t0 = view.last_active - self._shift.get(view.name, 0.0)  # on the delay-free clock
         # A recheck scheduled at t0 + grid[j] may compute now - t0 a hair below grid[j]: the
         # tolerance keeps that from answering "stay until now" forever.
         k = bisect_right(plan.grid, now - t0 + _TIME_EPS) - 1

@@ -79,30 +79,65 @@ def write_json(path: str | Path, results: list[dict]) -> None:
     _atomic_write(Path(path), (json.dumps(clean(results), indent=2) + "\n").encode())
 
 
+_FAMILY_COLORS = {"always": "#7f7f7f", "ttl": "#1f77b4", "hybrid": "#ff7f0e", "ladder": "#2ca02c"}
+
+
 def plot(path: str | Path, results: list[dict], title: str) -> None:
-    """Total cost against p99 added latency, one labeled point per policy (PNG, Agg)."""
+    """Total cost against p99 added latency, one point per policy (PNG, Agg). Policies that
+    land on (nearly) the same point share one label listing each with its cost."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 5.0), dpi=120)
+    fig = Figure(figsize=(8.0, 5.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs = [r["p99_added_latency_s"] for r in results]
-    ys = [r["total_cost_usd"] for r in results]
-    ax.scatter(xs, ys, s=36, color="#1f77b4", zorder=3)
+    ys = [max(r["total_cost_usd"], 1e-9) for r in results]
+    span_x = (max(xs) - min(xs)) or 1.0
+    log_scale = min(ys) > 0 and max(ys) / min(ys) > 20
+    seen: set[str] = set()
     for r, x, y in zip(results, xs, ys):
-        ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        family = r["policy"].split(":")[0]
+        color = _FAMILY_COLORS.get(family, "#d62728")
+        ax.scatter([x], [y], s=40, color=color, zorder=3, label=None if family in seen else family)
+        seen.add(family)
+    # clusters of points within 3% of the x span and 4% of y (relative) share one label
+    clusters: list[list[int]] = []
+    for i in sorted(range(len(results)), key=lambda i: ys[i]):
+        for c in clusters:
+            j = c[0]
+            if abs(xs[i] - xs[j]) <= 0.03 * span_x and abs(ys[i] - ys[j]) <= 0.04 * max(ys[i], ys[j]):
+                c.append(i)
+                break
+        else:
+            clusters.append([i])
+    placed: list[tuple[float, float, int]] = []  # (x, y, lines) of labels already drawn
+    for c in sorted(clusters, key=lambda c: (xs[c[0]], -ys[c[0]])):
+        text = "\n".join(f"{results[i]['policy']}  ${ys[i]:,.0f}" for i in c)
+        x, y = xs[c[0]], ys[c[0]]
+        right = x < min(xs) + 0.6 * span_x
+        # a label near an earlier one moves below it by that label's height
+        dy = 0.0
+        for px, py, lines in placed:
+            near_y = (abs(math.log10(py) - math.log10(y)) <= 0.06 if log_scale
+                      else abs(py - y) <= 0.1 * max(ys))
+            if abs(px - x) <= 0.2 * span_x and near_y:
+                dy -= 9.0 * (lines + len(c)) / 2 + 4
+        placed.append((x, y, len(c)))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(7 if right else -7, dy), fontsize=7,
+                    ha="left" if right else "right", va="center",
+                    arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.5} if dy else None)
     always = results[0]["always_warm_cost_usd"] if results else 0.0
     if always > 0:
         ax.axhline(always, color="#999999", linestyle="--", linewidth=0.8, zorder=1)
-        ax.annotate("always warm", (0, always), textcoords="offset points", xytext=(2, -10), fontsize=7,
-                    color="#666666")
-    if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+    if log_scale:
         ax.set_yscale("log")
+    ax.set_xlim(min(xs) - 0.08 * span_x, max(xs) + 0.08 * span_x)
     ax.set_xlabel("p99 added latency (s)")
-    ax.set_ylabel("total cost (USD)")
+    ax.set_ylabel("total cost (USD; dashed: always warm)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, linewidth=0.4, alpha=0.5)
+    ax.legend(fontsize=7, loc="center")
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
