@@ -260,3 +260,29 @@ def test_fleet_pool_lends_its_shape_to_models_with_few_samples():
     grid, mass, _, _ = q._distribution([500.0, 700.0] * 4)
     k = max(i for i, g in enumerate(grid) if g <= 600.0)
     assert mass[k] < 0.2
+
+
+def test_idle_times_are_learned_without_the_policys_own_climbs():
+    p = CostAwareLadder(COSTS)
+    p.observe_arrival("m", 0.0)
+    p.observe_completion("m", 1.0)
+    p.decide(view(1.0), 1.0)  # break-even plan: IMAGE after ~55 min idle
+    wake = COSTS.wake_s(Rung.IMAGE)
+    # the request at 5001 finds the model on IMAGE: it waits `wake`, then takes 1 s
+    p.observe_arrival("m", 5001.0)
+    p.observe_completion("m", 5001.0 + wake + 1.0)
+    p.observe_arrival("m", 5008.0)
+    assert p._book.log("m").recent[-1] == pytest.approx(6.0)  # from 5002, where it would have ended
+    p.observe_completion("m", 5009.0)
+    assert p._shift["m"] == 0.0  # 6 s idle: the plan had it HOT, nothing to take back
+    # a request that joins a climb waited only for what was left of it
+    q = CostAwareLadder(COSTS)
+    q.observe_arrival("m", 0.0)
+    q.observe_completion("m", 1.0)
+    q.decide(view(1.0), 1.0)
+    q.observe_arrival("m", 5001.0)  # starts the climb, ready at 5001 + wake
+    q.observe_arrival("m", 5005.0)  # joins it
+    q.observe_completion("m", 5001.0 + wake + 1.0)
+    q.observe_completion("m", 5001.0 + wake + 2.0)
+    assert q._shift["m"] == pytest.approx(5001.0 + wake - 5005.0)
+    assert q._book.log("m").idle_since == pytest.approx(5005.0 + 2.0)
