@@ -149,3 +149,18 @@ def test_describe_lists_every_rung():
     text = "\n".join(CostModel().describe())
     for word in ("hot", "parked", "image", "zero", "$2.99/h", "bandwidth model"):
         assert word in text
+
+
+def test_the_documented_costs_file_is_the_defaults():
+    import pathlib
+    import re
+
+    import yaml
+
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "policy.md"
+    block = re.search(r"```yaml\n(.*?)```", doc.read_text(), re.S)
+    assert block, "docs/policy.md lost its example costs file"
+    data = yaml.safe_load(block.group(1))
+    assert CostModel.from_mapping(data) == CostModel()
+    documented = set(data) | {"wake_s", "measured"}
+    assert documented == {f.name for f in __import__("dataclasses").fields(CostModel)} | {"wake_s"}
