@@ -15,8 +15,8 @@ The simulated fleet follows the caller contract in ``zerostart.policy._base`` ex
 * Costs: HOT time (climbs included: the device is held while loading) x device price x share;
   PARKED time x (model + worker RAM) x RAM price; a model's ready image is charged on disk for
   the whole run once the policy has rested it on IMAGE.
-* Start: every model is idle at the first request's time on the rung the policy picks for a
-  model that has just gone idle there (HOT for all four policies), placed at no cost.
+* Start: every model is idle at the first request's time, placed at no cost on the rung the
+  policy picks for a model that has just gone idle there (HOT, except for a zero timeout).
 """
 
 from __future__ import annotations
