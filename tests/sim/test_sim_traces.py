@@ -7,9 +7,7 @@ import pytest
 from zerostart.sim import Trace, TraceError, derive, load_trace, parse_popularity
 from zerostart.sim._traces import detect_format
 
-TRACES = Path("/work/shared/data/traces")
-if not TRACES.is_dir():  # the repository's own copy, where the shared one is not mounted
-    TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+TRACES = Path(__file__).resolve().parents[2] / "data" / "traces"  # vendored copies of the published traces
 needs_traces = pytest.mark.skipif(not TRACES.is_dir(), reason="the published traces are not available here")
 
 

@@ -1,0 +1,50 @@
+"""``zerostart snapshot --model PATH [--out DIR]``: write a ready image of a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a checkpoint directory, hf://org/name, s3:// or https:// source")
+    p.add_argument("--out", help="image directory (default: the image store the server looks in)")
+    p.add_argument("--device", default="cpu", help="device the image is for: cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="weights dtype in the image (default: the engine's default for the device)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from zerostart import snapshot, weights
+    from zerostart.engine import Engine
+
+    t0 = time.perf_counter()
+    print(f"snapshot: loading {args.model} on {args.device} ...", file=sys.stderr)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model_dir = weights.localize(args.model) if not snapshot.is_image(args.model) else args.model
+    fp = snapshot.fingerprint(model_dir, engine.device.type, str(engine.dtype))
+    out = args.out or snapshot.image_store(args.model, fp)
+    t1 = time.perf_counter()
+    path = write_engine_image(engine, model_dir, out, fp, source=args.model)
+    m = snapshot.read_manifest(path)
+    print(f"snapshot: wrote {m['weights']['bytes'] / 1e9:.2f} GB ({m['weights']['tensors']} tensors, {engine.dtype}, "
+          f"{engine.device.type}) in {time.perf_counter() - t1:.1f} s (load and prepare {t1 - t0:.1f} s)", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def write_engine_image(engine, model_dir: str, out: str, fp, source: str = "") -> str:
+    """Write ``engine``'s prepared weights (its arena, as held) as a ready image."""
+    from zerostart import snapshot
+
+    extra = {"fusion": list(getattr(getattr(engine, "fusion", None), "notes", []) or [])}
+    cache = None
+    if getattr(getattr(engine, "engine_config", None), "compile", False):
+        import torch
+
+        try:
+            artifacts = torch.compiler.save_cache_artifacts()
+            cache = artifacts[0] if artifacts else None
+        except (AttributeError, RuntimeError):
+            cache = None
+    return snapshot.write_image(engine.arena.tensors, model_dir, out, fp, source=source, extra=extra, compile_cache=cache)
