@@ -257,6 +257,21 @@ class Engine:
                 if self._thread is None:
                     self.step()
 
+    def logits(self, prompt_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """Next-token logits [len(prompt_ids), vocab] (float32) at every position of a prompt,
+        prefilled in chunks of ``chunk`` tokens (default: the engine's prefill chunk)."""
+        ids = self._check_prompt(prompt_ids)
+        chunk = chunk or self.config.prefill_chunk
+        with self._step_lock:
+            slot = self.scheduler.take_slot()
+            if slot is None:
+                raise EngineError("every KV cache slot is busy; score the prompt when a request finishes")
+            try:
+                parts = [self.runner.prefill_logits(slot, ids[i : i + chunk], i) for i in range(0, len(ids), chunk)]
+            finally:
+                self.scheduler.give_slot(slot)
+        return torch.cat(parts)
+
     # -- the loop ---------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -97,6 +97,16 @@ class ModelRunner:
         logits = self.model(ctx, kv.k, kv.v)
         return logits, out_seqs
 
+    @torch.inference_mode()
+    def prefill_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Write ``ids`` at positions [start, start + len) of ``slot``; logits of every row."""
+        n = len(ids)
+        self.kv.ensure_zeroed(slot, start + n)
+        packed = self._to_device([ids, list(range(start, start + n)), [slot] * n, list(range(start, start + n))])
+        ctx = StepContext(input_ids=packed[0], positions=packed[1], kv_slots=packed[2], kv_pos=packed[3],
+                          prefills=[Prefill(slot, start, n, 0)])
+        return self.model(ctx, self.kv.k, self.kv.v)
+
     def _decode_rows(self, decode: list[Sequence], n: int) -> tuple[list[int], list[int], list[int], list[int]]:
         scratch = self.kv.max_len
         ids, pos, kvpos, lens = [0] * n, [0] * n, [scratch] * n, [1] * n

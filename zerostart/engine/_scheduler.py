@@ -48,6 +48,13 @@ class Scheduler:
                 budget -= n
         return decode, prefills
 
+    def take_slot(self) -> int | None:
+        """A free slot for work outside the queue (scoring a prompt), or None."""
+        return heapq.heappop(self._free) if self._free else None
+
+    def give_slot(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished or aborted), freeing its slot."""
         if seq.status is Status.RUNNING:
