@@ -134,7 +134,8 @@ class Engine:
         with timeline.phase("prepare") as ph:
             tensors = arena.tensors
             _weights.check(model_cfg, tensors, path)
-            plan = _weights.plan_fusion(model_cfg, tensors, config.fuse)
+            writable = bool(getattr(arena, "writable", False))  # a private arena (not a file mapping)
+            plan = _weights.plan_fusion(model_cfg, tensors, config.fuse, writable)
             sd = _weights.state_dict(model_cfg, tensors, plan)
             with torch.device("meta"):
                 model = Transformer(model_cfg, plan.qkv, plan.gate_up)
@@ -157,6 +158,7 @@ class Engine:
             engine = cls(model=model, model_config=model_cfg, tokenizer=tokenizer, arena=arena, kv=kv,
                          config=config, device=dev, dtype=dtype, max_model_len=max_len, eos_ids=eos,
                          model_name=name, timeline=timeline)
+            engine.fusion = plan
             engine._warmup()
             ph.detail["graphs"] = len(engine.runner._graphs)
         log.info("loaded %s on %s (%s): %s", name, dev, dtype, "; ".join(plan.notes))
