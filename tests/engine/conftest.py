@@ -75,8 +75,9 @@ def view_arena(path, device="cpu", *, dtype=None, **_):
             o = base + h.data_start + t.start
             views[name] = raw[o : o + t.nbytes].view(to_torch(t.dtype, "")).view(t.shape)
         base += h.file_size
-    if dtype is None:
+    if dtype is None and torch.device(device).type == "cpu":
         return types.SimpleNamespace(storage=raw, tensors=views, stats=None)
+    dtype = dtype or next(iter(views.values())).dtype
     storage = torch.empty(sum(v.numel() for v in views.values()), dtype=dtype, device=device)
     out, off = {}, 0
     for name, v in views.items():
