@@ -152,3 +152,35 @@ def test_fused_and_unfused_models_agree(tiny_dir, monkeypatch):
     assert sd["layers.0.attn.qkv.weight"].untyped_storage().data_ptr() == always.weights_storage.untyped_storage().data_ptr()
     torch.testing.assert_close(never.logits(ids), always.logits(ids), atol=1e-5, rtol=0)
     assert _solo(never, ids) == _solo(always, ids)
+
+
+def test_lone_sequence_in_a_high_slot(tiny_dir):
+    # when the others finish, the last sequence decodes from slot 7 alone: its keys are gathered
+    e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=8))
+    long = e.tokenizer.encode("the last one")
+    ref = _solo(e, long, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    shorts = [e.submit([5 + i, 9], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)) for i in range(7)]
+    h = e.submit(long, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    e.step()
+    assert h._seq.slot == 7
+    while not h.finished:
+        e.step()
+    assert all(s.finished for s in shorts)
+    assert [ev.token_id for ev in h] == ref
+
+
+def test_failed_step_ends_every_stream_with_the_error(tiny_dir, monkeypatch):
+    e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=2))
+    handles = [e.submit([1, 2, 3], GREEDY) for _ in range(3)]
+
+    def broken(*a, **k):
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(e.runner, "step", broken)
+    with pytest.raises(RuntimeError, match="fell over"):
+        e.step()
+    for h in handles:
+        with pytest.raises(EngineError, match="fell over"):
+            list(h)
+    monkeypatch.undo()
+    assert len(_solo(e, [1, 2, 3])) == 12  # the engine still works

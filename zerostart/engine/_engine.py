@@ -311,15 +311,20 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:  # the stream's consumers get the error instead of hanging
+            except Exception:  # step() already handed the error to every stream
                 log.exception("engine step failed")
-                with self._step_lock:
-                    self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
 
     def step(self) -> bool:
-        """Run one step (admit, schedule, forward, sample, emit). False if there was nothing to do."""
+        """Run one step (admit, schedule, forward, sample, emit). False if there was nothing to do.
+
+        If the step fails, every request in flight ends with the error (raised from its
+        handle's iterator) and the exception propagates; the engine stays usable."""
         with self._step_lock:
-            return self._step()
+            try:
+                return self._step()
+            except Exception as e:
+                self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+                raise
 
     def _step(self) -> bool:
         with self._cv:
