@@ -96,3 +96,25 @@ def test_cli(tmp_path, child_env):
                        capture_output=True, text=True, env=child_env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out) and "gibberish" in r.stderr
+
+
+def test_concurrent_writers_of_the_same_demo(tmp_path, tiny_dir):
+    import threading
+
+    target = str(tmp_path / "shared")
+    results, errors = [], []
+
+    def write():
+        try:
+            results.append(demo.write_demo_model(target, size="tiny", seed=0))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [target] * 3
+    assert _digest(target) == _digest(tiny_dir)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".shared.")]  # no temporary leftovers

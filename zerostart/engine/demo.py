@@ -246,10 +246,17 @@ def write_demo_model(out_dir: str | os.PathLike[str], size: str = "small", seed:
                     f"Written by `zerostart demo-model --size {size}` (seed {seed}); the same seed gives the "
                     "same bytes.\n")
         _write_json(os.path.join(tmp, MARKER), marker)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir) if os.listdir(out_dir) else os.rmdir(out_dir)
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            if not overwrite:  # filled while we wrote: by the same demo (done), or by something else
+                if _read_marker(out_dir) == marker:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return out_dir
+                raise EngineError(f"{out_dir} was filled while the demo model was being written; not replacing it")
+            shutil.rmtree(out_dir)
+        elif os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.chmod(tmp, 0o755)
         os.replace(tmp, out_dir)
-        os.chmod(out_dir, 0o755)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
