@@ -184,3 +184,23 @@ def test_failed_step_ends_every_stream_with_the_error(tiny_dir, monkeypatch):
             list(h)
     monkeypatch.undo()
     assert len(_solo(e, [1, 2, 3])) == 12  # the engine still works
+
+
+def test_bucketed_decode_matches_exact_shapes(tiny_dir):
+    # the path CUDA graphs and torch.compile take (padded batch and context buckets, static
+    # input buffers), run eagerly on CPU: the same tokens as exact-shape steps
+    plain = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=5, max_model_len=300))
+    bucketed = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=5, max_model_len=300))
+    bucketed.runner.bucketed = True
+    assert bucketed.runner.batch_buckets == [1, 2, 4, 5] and bucketed.runner.len_buckets == [256, 300]
+    prompts = [[5 + i] * (3 + 55 * i) for i in range(5)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)  # the last crosses 256
+
+    def run(e):
+        hs = [e.submit(p, params) for p in prompts]
+        while any(not h.finished for h in hs):
+            e.step()
+        return [[ev.token_id for ev in h] for h in hs]
+
+    assert run(bucketed) == run(plain)
+    assert {(5, 256), (5, 300)} <= set(bucketed.runner._graphs)
