@@ -112,6 +112,9 @@ def test_stop_aborts_in_flight(tiny_dir):
     e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=1))
     h1 = e.submit([1, 2], SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
     h2 = e.submit([3, 4], SamplingParams(max_tokens=10, temperature=0))  # waits: one slot
+    assert e.stats() == {"running": 0, "waiting": 2, "slots": 1}
+    e.step()
+    assert e.stats() == {"running": 1, "waiting": 1, "slots": 1}
     e.start()
     next(iter(h1))
     e.stop()

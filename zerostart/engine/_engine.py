@@ -35,7 +35,7 @@ from zerostart.engine._rope import cos_sin_table  # noqa: E402
 from zerostart.engine._runner import ModelRunner  # noqa: E402
 from zerostart.engine._sampler import Sampler  # noqa: E402
 from zerostart.engine._scheduler import Scheduler  # noqa: E402
-from zerostart.engine._sequence import RequestHandle, Sequence, Status  # noqa: E402
+from zerostart.engine._sequence import RequestHandle, Sequence  # noqa: E402
 from zerostart.engine._tokenizer import Tokenizer  # noqa: E402
 from zerostart.telemetry import Timeline  # noqa: E402
 
@@ -192,6 +192,13 @@ class Engine:
     @property
     def num_slots(self) -> int:
         return self.kv.num_slots
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot for metrics: requests running (holding a slot) and waiting, and slots."""
+        with self._cv:
+            queued = len(self._inbox)
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + queued,
+                "slots": self.kv.num_slots}
 
     # -- requests ---------------------------------------------------------------------------
 
