@@ -193,3 +193,24 @@ def test_token_event_to_dict():
     ev = TokenEvent(5, "hi", "stop", 3, 2)
     assert ev.to_dict() == {"token_id": 5, "text": "hi", "finish_reason": "stop", "prompt_tokens": 3,
                             "completion_tokens": 2}
+
+
+def test_checkpoint_mismatches_name_the_tensor(tmp_path, tiny_dir):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(EngineError, match="'model.norm.weight' is missing"):
+        Engine.from_pretrained(str(bad))
+    shutil.copy(f"{tiny_dir}/model.safetensors", bad / "model.safetensors")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 256
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EngineError, match="gate_proj.weight' has shape"):
+        Engine.from_pretrained(str(bad))

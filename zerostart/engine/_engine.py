@@ -211,11 +211,6 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         seq = Sequence(ids, params, Detokenizer(self.tokenizer, params.stop), max_tokens, stop_ids)
-        if params.penalized:
-            seq.counts = torch.zeros(self.model_config.vocab_size, dtype=torch.float32, device=self.device)
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(params.seed)
         seq.handle.on_cancel = self._notify
         with self._cv:
             if self._stopping:
@@ -333,10 +328,22 @@ class Engine:
                 self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
                 raise
 
-    def _step(self) -> bool:
+    def _admit(self) -> None:
+        # Device state of new requests is made here, on the stepping thread: other threads must
+        # not touch the device while a CUDA graph may be capturing.
         with self._cv:
-            while self._inbox:
-                self.scheduler.add(self._inbox.popleft())
+            new = list(self._inbox)
+            self._inbox.clear()
+        for seq in new:
+            if seq.params.penalized:
+                seq.counts = torch.zeros(self.model_config.vocab_size, dtype=torch.float32, device=self.device)
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator(device=self.device)
+                seq.generator.manual_seed(seq.params.seed)
+            self.scheduler.add(seq)
+
+    def _step(self) -> bool:
+        self._admit()
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             if seq.handle.cancelled:
                 self._finish(seq, None, "", "abort")
@@ -376,9 +383,7 @@ class Engine:
         seq.handle._push(TokenEvent(token, text, reason, seq.prompt_len, len(seq.output_ids)))
 
     def _abort_all(self) -> None:
-        with self._cv:
-            while self._inbox:
-                self.scheduler.add(self._inbox.popleft())
+        self._admit()
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             self._finish(seq, None, "", "abort")
 
