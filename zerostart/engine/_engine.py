@@ -15,7 +15,6 @@ import time
 
 _IMPORT_START = time.perf_counter()
 
-import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import threading  # noqa: E402
@@ -24,11 +23,10 @@ from typing import Iterator  # noqa: E402
 
 import torch  # noqa: E402
 
-from zerostart.engine import _weights  # noqa: E402
-from zerostart.engine._config import (CPU_KV_CACHE_BYTES, MAX_MODEL_LEN_CAP, EngineConfig,  # noqa: E402
-                                      EngineError, ModelConfig)
+from zerostart.engine import _load, _weights  # noqa: E402
+from zerostart.engine._config import MAX_MODEL_LEN_CAP, EngineConfig, EngineError, ModelConfig  # noqa: E402
 from zerostart.engine._detok import Detokenizer  # noqa: E402
-from zerostart.engine._kv_cache import KVCache, bytes_per_token, plan_slots  # noqa: E402
+from zerostart.engine._kv_cache import KVCache, plan_slots  # noqa: E402
 from zerostart.engine._model import Transformer  # noqa: E402
 from zerostart.engine._params import SamplingParams, TokenEvent  # noqa: E402
 from zerostart.engine._rope import cos_sin_table  # noqa: E402
@@ -41,25 +39,6 @@ from zerostart.telemetry import Timeline  # noqa: E402
 
 _IMPORT_END = time.perf_counter()
 log = logging.getLogger("zerostart.engine")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise EngineError(f"dtype {dtype} is not a floating dtype")
-        return dtype
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise EngineError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
-        return _DTYPES[dtype]
-    if dtype is not None:
-        raise EngineError(f"dtype must be a torch.dtype, a name or None (got {dtype!r})")
-    if device.type == "cpu":
-        return torch.float32  # CPU matmuls in half precision are slow and less exact
-    return torch.float16 if cfg.torch_dtype == "float16" else torch.bfloat16
 
 
 class Engine:
@@ -119,10 +98,10 @@ class Engine:
             raise EngineError(f"{path}: no config.json here (a Hugging Face model directory needs one)")
 
         with timeline.phase("device_init"):
-            dev = _device(device)
-        dtype = _resolve_dtype(dtype, dev, model_cfg)
+            dev = _load.device_for(device)
+        dtype = _load.resolve_dtype(dtype, dev, model_cfg)
         tokenizer = Tokenizer(path)
-        eos = _eos_ids(path, model_cfg, tokenizer)
+        eos = _load.eos_ids(path, model_cfg, tokenizer)
 
         with timeline.phase("read") as ph:
             arena = weights.load_arena(path, str(dev), dtype=dtype)
@@ -149,7 +128,7 @@ class Engine:
             ph.detail["fusion"] = "; ".join(plan.notes)
 
         with timeline.phase("warmup") as ph:
-            budget = _kv_budget(config, dev, model_cfg, dtype, max_len)
+            budget = _load.kv_budget(config, dev, model_cfg, dtype, max_len)
             slots = plan_slots(model_cfg, dtype, max_len, config.max_num_seqs, budget)
             kv = KVCache(model_cfg, slots, max_len, dtype, dev)
             ph.bytes = kv.nbytes
@@ -404,55 +383,3 @@ class Engine:
     def __repr__(self) -> str:
         return (f"Engine({self.model_name!r}, device={self.device}, dtype={self.dtype}, "
                 f"max_model_len={self.max_model_len}, slots={self.num_slots})")
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EngineError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EngineError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.init()
-        torch.empty(1, device=dev)  # creates the context
-    elif dev.type != "cpu":
-        raise EngineError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
-    return dev
-
-
-def _eos_ids(path: str, cfg: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]:
-    """End-of-sequence ids: generation_config.json, else config.json, plus the tokenizer's eos token."""
-    ids: set[int] = set()
-    gen = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen):
-        try:
-            with open(gen, "rb") as f:
-                raw = json.loads(f.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EngineError(f"{gen}: not valid JSON ({e})") from None
-        eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list):
-            ids.update(i for i in eos if isinstance(i, int))
-    if not ids:
-        ids.update(cfg.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
-
-
-def _kv_budget(config: EngineConfig, dev: torch.device, cfg: ModelConfig, dtype: torch.dtype, max_len: int) -> int:
-    wanted = bytes_per_token(cfg, dtype) * (max_len + 1) * config.max_num_seqs
-    if config.kv_cache_bytes is not None:
-        return config.kv_cache_bytes
-    if dev.type == "cpu":
-        return min(wanted, CPU_KV_CACHE_BYTES)
-    free, total = torch.cuda.mem_get_info(dev)
-    # leave room for activations of a prefill chunk and the graphs' pool
-    reserve = 64 * 2**20 + config.prefill_chunk * cfg.vocab_size * 4 * 2
-    budget = int(config.gpu_memory_utilization * total) - (total - free) - reserve
-    return max(0, min(wanted, budget))
