@@ -53,35 +53,3 @@ def child_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
-
-
-def view_arena(path, device="cpu", *, dtype=None, **_):
-    """An arena as the load path lays it out: every tensor a view into one allocation, in file order."""
-    import types
-
-    import torch
-
-    from zerostart.weights import resolve
-    from zerostart.weights._dtypes import to_torch
-
-    ckpt = resolve(path)
-    total = sum(h.file_size for h in ckpt.headers)
-    raw = torch.empty(total, dtype=torch.uint8)
-    views, base = {}, 0
-    for h in ckpt.headers:
-        with open(h.path, "rb") as f:
-            f.readinto(memoryview(raw.numpy())[base : base + h.file_size])
-        for name, t in h.tensors.items():
-            o = base + h.data_start + t.start
-            views[name] = raw[o : o + t.nbytes].view(to_torch(t.dtype, "")).view(t.shape)
-        base += h.file_size
-    if dtype is None and torch.device(device).type == "cpu":
-        return types.SimpleNamespace(storage=raw, tensors=views, stats=None)
-    dtype = dtype or next(iter(views.values())).dtype
-    storage = torch.empty(sum(v.numel() for v in views.values()), dtype=dtype, device=device)
-    out, off = {}, 0
-    for name, v in views.items():
-        out[name] = storage[off : off + v.numel()].view(v.shape)
-        out[name].copy_(v)
-        off += v.numel()
-    return types.SimpleNamespace(storage=storage, tensors=out, stats=None)

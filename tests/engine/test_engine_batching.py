@@ -138,11 +138,7 @@ def test_fusion_regroups_in_place_when_allowed():
     torch.testing.assert_close(sd["layers.1.attn.qkv.bias"], torch.cat([qb, kb, vb]), rtol=0, atol=0)
 
 
-def test_fused_and_unfused_models_agree(tiny_dir, monkeypatch):
-    from tests.engine.conftest import view_arena
-    from zerostart import weights
-
-    monkeypatch.setattr(weights, "load_arena", view_arena)
+def test_fused_and_unfused_models_agree(tiny_dir):
     ids = [5, 9, 200, 17, 33, 2, 480]
     never = Engine.from_pretrained(tiny_dir, config=EngineConfig(fuse="never", max_num_seqs=1))
     always = Engine.from_pretrained(tiny_dir, config=EngineConfig(fuse="auto", max_num_seqs=1))

@@ -81,18 +81,14 @@ def test_cuda_compile_matches_eager(tiny_dir, cpu_ref):
     assert _tokens(e, PROMPTS[:2]) == solo[:2]
 
 
-def test_cuda_in_place_fusion(tiny_dir, hf_tiny, tmp_path, monkeypatch, cpu_ref):
+def test_cuda_in_place_fusion(tiny_dir, hf_tiny, tmp_path, cpu_ref):
     import shutil
-
-    from tests.engine.conftest import view_arena
-    from zerostart import weights
 
     _, solo = cpu_ref
     # transformers writes tensors sorted by name (k, o, q, v): fusing needs a regroup in device memory
     hf_tiny[0].save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(f"{tiny_dir}/{name}", tmp_path / name)
-    monkeypatch.setattr(weights, "load_arena", view_arena)
     e = Engine.from_pretrained(str(tmp_path), device="cuda", dtype="float32")
     assert all(e.fusion.qkv) and all(e.fusion.gate_up) and e.fusion.regrouped_bytes > 0
     ptr = e.weights_storage.untyped_storage().data_ptr()

@@ -243,6 +243,8 @@ class EngineConfig:
       "always" also regroups any CPU arena in place (not for arenas that map a read-only file);
       "never" keeps them apart.
     - ``seed``: seed of the generator for requests without their own seed (None = nondeterministic).
+    - ``overlap_load``: assemble and warm up the model while the weights are still arriving
+      (each layer waits for its own tensors); off, the whole load finishes first.
     """
 
     max_model_len: int | None = None
@@ -254,6 +256,7 @@ class EngineConfig:
     compile: bool = False
     fuse: str = "auto"
     seed: int | None = None
+    overlap_load: bool = True
 
     def __post_init__(self) -> None:
         def pos_int(name: str, v: Any, allow_none: bool = False) -> None:

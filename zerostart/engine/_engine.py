@@ -41,6 +41,17 @@ _IMPORT_END = time.perf_counter()
 log = logging.getLogger("zerostart.engine")
 
 
+def _record_load(timeline: Timeline, stats, t_load: float) -> None:
+    """The load's own read and copy phases (they may overlap prepare and warm-up)."""
+    if stats.read_until > stats.read_from > 0:
+        timeline.add("read", stats.read_from, stats.read_until, bytes=stats.bytes, strategy=dict(stats.strategy),
+                     setup_s=round(stats.setup_s, 4), verified_bytes=stats.verified_bytes, verify_s=round(stats.verify_s, 4))
+    elif stats.total_s:
+        timeline.add("read", t_load, t_load + stats.total_s, bytes=stats.bytes, strategy=dict(stats.strategy))
+    if stats.copy_until > stats.copy_from > 0:
+        timeline.add("copy", stats.copy_from, stats.copy_until, bytes=stats.bytes)
+
+
 class Engine:
     """A loaded model with its tokenizer, KV cache and step loop. Build with :meth:`from_pretrained`."""
 
@@ -73,46 +84,73 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None, config: EngineConfig | None = None,
-                        timeline: Timeline | None = None) -> "Engine":
-        """Load a Hugging Face model directory (config.json, safetensors, tokenizer.json).
+                        timeline: Timeline | None = None, allocator=None) -> "Engine":
+        """Load a model: a Hugging Face model directory (config.json, safetensors,
+        tokenizer.json), a ready image written by ``zerostart snapshot``, or a source the
+        weights package resolves (``hf://org/name``, ``s3://bucket/prefix``, ``https://...``).
 
         ``dtype`` None picks float32 on CPU and the checkpoint's half type (else bfloat16) on
-        CUDA. The load is recorded in ``engine.timeline`` (import, device_init, read, prepare,
-        warmup); pass ``timeline`` to record into one of your own.
+        CUDA; an image brings its own. The load is recorded in ``engine.timeline`` (import,
+        device_init, read, copy, prepare, warmup); pass ``timeline`` to record into your own.
+        ``allocator(nbytes, device)`` provides the weights arena and the KV cache on CUDA (e.g.
+        memory that parking can release and restore at the same addresses).
+
+        With ``config.overlap_load`` (the default) the weights keep arriving while the model is
+        assembled and warmed up: each stage of the first forward pass waits only for its own
+        layer's tensors, so the warm-up's prefill overlaps the tail of the load.
         """
         from zerostart import weights
+        from zerostart.weights import _image
 
-        path = os.fspath(path)
+        source = os.fspath(path)
         config = config or EngineConfig()
         if not isinstance(config, EngineConfig):
             raise EngineError(f"config must be an EngineConfig (got {type(config).__name__})")
-        if not os.path.isdir(path):
-            raise EngineError(f"{path}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
         if timeline is None:  # measured from the start of the engine's import
-            timeline = Timeline(origin=_IMPORT_START, label=f"engine {os.path.basename(os.path.abspath(path))}")
+            timeline = Timeline(origin=_IMPORT_START, label=f"engine {os.path.basename(source.rstrip('/'))}")
         if _IMPORT_END >= timeline.origin:  # the import belongs to this timeline's start
             timeline.add("import", max(_IMPORT_START, timeline.origin), _IMPORT_END)
-        model_cfg = ModelConfig.from_file(os.path.join(path, "config.json")) if os.path.isfile(
-            os.path.join(path, "config.json")) else None
-        if model_cfg is None:
-            raise EngineError(f"{path}: no config.json here (a Hugging Face model directory needs one)")
+        if not weights.is_remote(source) and not source.startswith("hf://") and not os.path.isdir(source):
+            raise EngineError(f"{source}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
+        try:
+            local = weights.localize(source)
+        except weights.WeightsError as e:
+            raise EngineError(str(e)) from None
+        if not os.path.isdir(local):
+            raise EngineError(f"{source}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise EngineError(f"{source}: no config.json here (a Hugging Face model directory needs one)")
+        model_cfg = ModelConfig.from_file(os.path.join(local, "config.json"))
+        image = _image.read_manifest(local) if _image.is_image(local) else None
 
         with timeline.phase("device_init"):
             dev = _load.device_for(device)
+        if image is not None and dtype is None:
+            dtype = image["fingerprint"]["dtype"]
         dtype = _load.resolve_dtype(dtype, dev, model_cfg)
-        tokenizer = Tokenizer(path)
-        eos = _load.eos_ids(path, model_cfg, tokenizer)
+        if image is not None:
+            try:
+                _image.check_compatible(local, _image.fingerprint(local, dev.type, str(dtype)))
+            except _image.ImageError as e:
+                raise EngineError(str(e)) from None
+        tokenizer = Tokenizer(local)
+        eos = _load.eos_ids(local, model_cfg, tokenizer)
+        name = os.path.basename(os.path.normpath(image["source"] if image and image.get("source") else source).rstrip("/"))
 
-        with timeline.phase("read") as ph:
-            arena = weights.load_arena(path, str(dev), dtype=dtype)
-            ph.bytes = int(getattr(arena.stats, "bytes", 0) or 0)
-            ph.detail["includes_copy"] = dev.type != "cpu"
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        t_load = time.perf_counter()
+        try:
+            arena = weights.load_arena(local if image is not None or not weights.is_remote(source) else source, str(dev),
+                                       dtype=dtype, background=config.overlap_load,
+                                       allocator=allocator if dev.type == "cuda" else None)
+        except (weights.WeightsError, weights.SourceError) as e:
+            raise EngineError(str(e)) from None
 
         with timeline.phase("prepare") as ph:
             tensors = arena.tensors
-            _weights.check(model_cfg, tensors, path)
+            _weights.check(model_cfg, tensors, source)
+            overlap = config.overlap_load and not arena.done and _weights.fusion_is_free(model_cfg, tensors)
+            if not overlap:
+                arena.wait()  # fusion may move bytes, which must have arrived
             writable = bool(getattr(arena, "writable", False))  # a private arena (not a file mapping)
             plan = _weights.plan_fusion(model_cfg, tensors, config.fuse, writable)
             sd = _weights.state_dict(model_cfg, tensors, plan)
@@ -124,34 +162,43 @@ class Engine:
             max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
             model.cos, model.sin = cos_sin_table(model_cfg.rope, model_cfg.head_dim, max_len + 1, dtype, dev)
             model.eval()
+            if overlap:
+                stages = _weights.layer_names(model_cfg, tensors)
+                model.wait_stage = lambda i: arena.wait(stages[i + 1])
             ph.bytes = plan.regrouped_bytes
             ph.detail["fusion"] = "; ".join(plan.notes)
+            ph.detail["overlap_load"] = overlap
 
         with timeline.phase("warmup") as ph:
             budget = _load.kv_budget(config, dev, model_cfg, dtype, max_len)
             slots = plan_slots(model_cfg, dtype, max_len, config.max_num_seqs, budget)
-            kv = KVCache(model_cfg, slots, max_len, dtype, dev)
+            kv = KVCache(model_cfg, slots, max_len, dtype, dev, allocator=allocator if dev.type == "cuda" else None)
             ph.bytes = kv.nbytes
             ph.detail.update(kv_slots=slots, max_model_len=max_len)
-            name = os.path.basename(os.path.abspath(path))
             engine = cls(model=model, model_config=model_cfg, tokenizer=tokenizer, arena=arena, kv=kv,
                          config=config, device=dev, dtype=dtype, max_model_len=max_len, eos_ids=eos,
                          model_name=name, timeline=timeline)
             engine.fusion = plan
+            engine.source = source
+            engine.model_dir = local
             engine._warmup()
             ph.detail["graphs"] = len(engine.runner._graphs)
+        _record_load(timeline, arena.stats, t_load)
         log.info("loaded %s on %s (%s): %s", name, dev, dtype, "; ".join(plan.notes))
         return engine
 
     def _warmup(self) -> None:
         # One real request through every stage (prefill, decode, sampling, detokenization) so
         # the first user request does not pay for first-call costs; then the decode graphs.
+        # While the weights are still loading, its forward passes wait stage by stage.
         n = min(8, self.max_model_len - 2)
         handle = self.submit([0] * max(1, n), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
         while not handle.finished:
             self.step()
         for _ in handle:
             pass
+        self.arena.wait()  # every byte in place before graphs capture the weights' addresses
+        self.model.wait_stage = None
         self.runner.capture_all(max_len=self.runner.len_buckets[0])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

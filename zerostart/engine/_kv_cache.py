@@ -23,11 +23,18 @@ def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, allocator=None) -> None:
+        """``allocator(nbytes, device)``, if given, provides the memory (a 1-D uint8 tensor),
+        e.g. one that can be released and restored at the same address for parking."""
         self.num_slots, self.max_len = num_slots, max_len
         shape = (cfg.num_layers, 2, num_slots, cfg.num_kv_heads, max_len + 1, cfg.head_dim)
         try:
-            self.storage = torch.empty(shape, dtype=dtype, device=device)
+            if allocator is None:
+                self.storage = torch.empty(shape, dtype=dtype, device=device)
+            else:
+                n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+                self.raw = allocator(n, device)
+                self.storage = self.raw[:n].view(dtype).view(shape)
         except torch.OutOfMemoryError:
             raise EngineError(f"KV cache of {num_slots} slots x {max_len} tokens does not fit on {device}; "
                               "lower EngineConfig.kv_cache_bytes, max_num_seqs or max_model_len") from None

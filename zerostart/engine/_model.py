@@ -7,6 +7,8 @@ writes the preallocated KV cache as described by a :class:`StepContext`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,17 +154,27 @@ class Transformer(nn.Module):
         # set by the runner: rotary tables [max_len + 1, head_dim] and the KV cache views
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+        # execute-while-load: called with the stage about to run (-1 embed, i layer i, N head)
+        # while the weights are still arriving; blocks until that stage's tensors are in place
+        self.wait_stage: Callable[[int], None] | None = None
 
     def forward(self, ctx: StepContext, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for ``ctx.logits_rows`` (every row when None)."""
         self.build_masks(ctx)
+        wait = self.wait_stage
+        if wait is not None:
+            wait(-1)
         h = F.embedding(ctx.input_ids, self.embed)
         cos = self.cos[ctx.positions].unsqueeze(1)
         sin = self.sin[ctx.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
+            if wait is not None:
+                wait(i)
             h = layer(h, cos, sin, ctx, k_caches[i], v_caches[i])
         if ctx.logits_rows is not None:
             h = h[ctx.logits_rows]
+        if wait is not None:
+            wait(len(self.layers))
         h = self.norm(h)
         return F.linear(h, self.embed if self.lm_head is None else self.lm_head).float()
 

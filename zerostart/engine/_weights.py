@@ -162,6 +162,31 @@ def _regroup(tensors: dict[str, torch.Tensor], members: list[str], layer_names: 
     return hi - lo
 
 
+def fusion_is_free(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> bool:
+    """True if every fusable group already sits back to back (fusing needs no byte moved, so
+    the weights may still be loading while the model is assembled)."""
+    for i in range(cfg.num_layers):
+        for members in _groups(cfg, i).values():
+            if any(n not in tensors for n in members) or not _adjacent([tensors[n] for n in members]):
+                return False
+    return True
+
+
+def layer_names(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Tensor names each stage of the forward pass reads: [embed, layer 0, ..., layer N-1, head]."""
+    stages: list[list[str]] = [["model.embed_tokens.weight"]] + [[] for _ in range(cfg.num_layers)] + [[]]
+    for name in tensors:
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            if 0 <= i < cfg.num_layers:
+                stages[1 + i].append(name)
+        elif name != "model.embed_tokens.weight":
+            stages[-1].append(name)
+    if cfg.tie_word_embeddings:
+        stages[-1].append("model.embed_tokens.weight")
+    return stages
+
+
 def plan_fusion(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fuse: str, writable: bool) -> FusePlan:
     """Decide (and where allowed, make) the fused layout. May replace entries of ``tensors``
     with views of their regrouped bytes. ``writable``: the arena is private memory that may be

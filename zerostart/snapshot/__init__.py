@@ -9,7 +9,7 @@
 """
 
 from zerostart.snapshot._foreign import CheckpointUnavailable, resume, state, suspend
-from zerostart.snapshot._image import (
+from zerostart.weights._image import (
     MANIFEST,
     Fingerprint,
     ImageError,
@@ -21,12 +21,13 @@ from zerostart.snapshot._image import (
     read_manifest,
     write_image,
 )
-from zerostart.snapshot._park import Parking, ParkStats
+from zerostart.snapshot._park import EngineParking, Parking, ParkStats
 from zerostart.snapshot._vmm import VmmBuffer, VmmUnavailable, buffer_of, vmm_allocator
 
 __all__ = [
     "MANIFEST",
     "CheckpointUnavailable",
+    "EngineParking",
     "Fingerprint",
     "ImageError",
     "ImageIncompatible",

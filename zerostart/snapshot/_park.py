@@ -169,3 +169,49 @@ def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
         if n == 0:
             raise OSError("parked memory file ended early")
         done += n
+
+
+class EngineParking:
+    """Park / wake a whole engine: its weights arena (bytes kept in host memory) and its KV
+    cache (dropped). The process, the model, compiled code and CUDA graphs stay; nothing moves
+    address. The caller makes sure no request is in flight (the fleet never parks a busy
+    replica); parking a busy engine raises."""
+
+    def __init__(self, engine) -> None:
+        import torch
+
+        from zerostart.snapshot._vmm import buffer_of
+
+        self.engine = engine
+        cuda = engine.device.type == "cuda"
+        wbuf = buffer_of(engine.weights_storage) if cuda else None
+        kvraw = getattr(engine.kv, "raw", None)
+        kbuf = buffer_of(kvraw) if cuda and kvraw is not None else None
+        if cuda and (wbuf is None or kbuf is None):
+            raise ValueError("this engine cannot park on CUDA: load it with allocator=zerostart.snapshot.vmm_allocator "
+                             "(the server does so when parking is enabled)")
+        self.weights = Parking(engine.weights_storage, vmm=wbuf)
+        kv_storage = kvraw if kvraw is not None else engine.kv_storage.view(-1).view(torch.uint8)
+        self.kv = Parking(kv_storage, vmm=kbuf)
+
+    @property
+    def parked(self) -> bool:
+        return self.weights.parked
+
+    def park(self) -> ParkStats:
+        busy = self.engine.stats().get("running", 0) + self.engine.stats().get("waiting", 0)
+        if busy:
+            raise RuntimeError(f"cannot park {self.engine.model_name}: {busy} request(s) in flight")
+        self.weights.park(keep=True)
+        self.kv.park(keep=False)
+        return self.weights.stats
+
+    def wake(self) -> ParkStats:
+        self.weights.wake()
+        self.kv.wake()
+        kv = self.engine.kv
+        if self.engine.device.type == "cuda":
+            kv.storage.zero_()  # fresh physical memory: make every position finite again
+        else:
+            kv._zeroed = [0] * kv.num_slots  # pages came back empty; zero lazily as before
+        return self.weights.stats

@@ -94,6 +94,12 @@ class LoadStats:
     read_s: float = 0.0  # first read start -> last read end
     copy_s: float = 0.0  # first copy (or cast) start -> last copy done
     total_s: float = 0.0  # call -> every byte in place
+    # the same moments as time.perf_counter() values, to place the phases on a timeline
+    started_at: float = 0.0
+    read_from: float = 0.0
+    read_until: float = 0.0
+    copy_from: float = 0.0
+    copy_until: float = 0.0
 
     @property
     def gbps(self) -> float:
@@ -357,6 +363,13 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             if ring is not None:
                 ring.close()  # unpin and unmap the staging buffers
         stats.read_s, stats.copy_s = run.timing.read_s, run.timing.copy_s
+        stats.started_at = t_start
+        if run.timing.read_bytes:
+            stats.read_from, stats.read_until = run.timing.read_start, run.timing.read_end
+        else:  # everything was mapped: the "read" is the mapping and population
+            stats.read_from, stats.read_until = t_start, t_start + stats.setup_s
+        if run.timing.copy_bytes:
+            stats.copy_from, stats.copy_until = run.timing.copy_start, run.timing.copy_end
         if run.verified_blocks:
             stats.verified_bytes += _verified_bytes(files, strategies, "direct") + _verified_bytes(files, strategies, "buffered")
             stats.verify_s += run.verify_s

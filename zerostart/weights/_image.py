@@ -1,4 +1,6 @@
-"""Ready images: a model exactly as the engine holds it after prepare, restorable by one read.
+"""Ready images: a model's weights exactly as the engine holds them after prepare, restorable
+by one sequential, checksummed read. (Written by ``zerostart.snapshot``; read by the engine
+through :func:`zerostart.weights.load_arena`, which verifies the checksums.)
 
 An image is a directory:
 
