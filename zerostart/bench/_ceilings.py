@@ -3,6 +3,9 @@
 - cold read: the same files read with direct I/O into memory that is already faulted in, both
   sequentially (one reader, 64 MiB blocks, as ``dd iflag=direct``) and in parallel (16
   readers, 4 MiB blocks); the ceiling is the better of the two.
+- cold read into fresh memory: the same direct reads (8 readers, 8 MiB) in a new process into
+  newly allocated memory, as any loader must end: where first-touching memory is slow (a VM
+  whose host backs guest memory lazily), this, not the disk, is the floor.
 - warm read: the same files read from the page cache into faulted-in memory (all cores).
 - memcpy: RAM to RAM within the process.
 - pinned host->device: one pinned buffer copied to the GPU.
@@ -79,6 +82,8 @@ def measure(files: list[str], device: str, cold: bool) -> dict[str, float]:
         drop(files)
         out["cold_parallel"] = _read_all(files, 16, 4 << 20, True, buf)
         out["cold_read"] = max(out["cold_sequential"], out["cold_parallel"])
+        drop(files)
+        out["cold_fresh"] = _fresh_read(files)
     warm(files)
     out["warm_read"] = _read_all(files, os.cpu_count() or 1, 8 << 20, False, buf)
     out["memcpy"] = _memcpy()
@@ -86,6 +91,41 @@ def measure(files: list[str], device: str, cold: bool) -> dict[str, float]:
         out["pinned_h2d"] = _pinned_h2d(device)
     buf.close()
     return out
+
+
+_FRESH = """
+import os, sys, time, json
+from concurrent.futures import ThreadPoolExecutor
+from zerostart.weights._io import Region, open_direct, pread_into, align_up
+files = json.loads(sys.argv[1]); chunk = 8 << 20
+t = time.perf_counter(); jobs = []; base = 0
+total = sum(os.path.getsize(f) for f in files)
+r = Region.anonymous(sum(align_up(os.path.getsize(f), 4096) for f in files) + 4096)
+for f in files:
+    size = os.path.getsize(f); fd = open_direct(f) or os.open(f, os.O_RDONLY)
+    jobs += [(fd, base, a, size, f) for a in range(0, size, chunk)]
+    base += align_up(size, 4096)
+def rd(j):
+    fd, b, a, size, f = j
+    pread_into(fd, r.buffer(b + a, min(chunk, align_up(size - a, 4096))), a, size, f)
+with ThreadPoolExecutor(8) as ex:
+    list(ex.map(rd, jobs))
+print(total / (time.perf_counter() - t) / 1e9)
+"""
+
+
+def _fresh_read(files: list[str]) -> float:
+    import json
+    import subprocess
+    import sys
+
+    from zerostart.bench import _env
+
+    r = subprocess.run([sys.executable, "-c", _FRESH, json.dumps(files)], capture_output=True, text=True,
+                       env=_env.child_env(), timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"fresh-memory read probe failed: {r.stderr.strip()[-400:]}")
+    return float(r.stdout.strip().splitlines()[-1])
 
 
 def _memcpy(n: int = 1 << 30) -> float:

@@ -261,7 +261,7 @@ def _table(rep: dict[str, Any]) -> str:
     parts = []
     if "cold_read" in c:
         parts.append(f"cold read {c['cold_read']:.2f} GB/s (direct I/O: sequential {c.get('cold_sequential', 0):.2f}, "
-                     f"parallel {c.get('cold_parallel', 0):.2f})")
+                     f"parallel {c.get('cold_parallel', 0):.2f}; into fresh memory {c.get('cold_fresh', 0):.2f})")
     if "warm_read" in c:
         parts.append(f"page-cache read {c['warm_read']:.2f} GB/s")
     if "memcpy" in c:
@@ -274,6 +274,8 @@ def _table(rep: dict[str, Any]) -> str:
     head = f"{'loader':<26}"
     for m in modes:
         head += f" | {m + ' GB/s':>10} {'vs best peer':>12} {('of ' + ('read' if m == 'cold' else warm_ceiling)):>10}"
+        if m == "cold":
+            head += f" {'of fresh':>9}"
     head += f" | {'peak RSS':>9}"
     if cuda:
         head += f" {'device':>8}"
@@ -285,17 +287,22 @@ def _table(rep: dict[str, Any]) -> str:
         for m in modes:
             r = row.get(m)
             if not r:
-                s += f" | {'failed':>10} {'':>12} {'':>10}"
+                s += f" | {'failed':>10} {'':>12} {'':>10}" + (f" {'':>9}" if m == "cold" else "")
                 continue
             vs = f"{r['vs_best_peer']:.2f}x" if r.get("vs_best_peer") else "-"
             of = f"{r['of_ceiling'] * 100:.0f}%" if r.get("of_ceiling") else "-"
             s += f" | {r['gbps']:>10.2f} {vs:>12} {of:>10}"
+            if m == "cold":
+                s += f" {(r['gbps'] / c['cold_fresh'] * 100 if c.get('cold_fresh') else 0):>8.0f}%"
             peak = max(peak, r["peak_rss_bytes"])
             dev = max(dev, r.get("device_bytes", 0))
         s += f" | {peak / rep['bytes']:>8.2f}x"
         if cuda:
             s += f" {dev / rep['bytes']:>7.2f}x"
         lines.append(s)
+    if "cold_fresh" in c:
+        lines.append("of read: of the raw direct-I/O read ceiling; of fresh: of the same reads into newly allocated memory "
+                     "(the floor for any loader that must end with the bytes in new memory)")
     lines.append("peak RSS: the process's peak resident memory during the load, as a multiple of the model's bytes"
                  + ("; device: device memory in use after the load, same unit" if cuda else ""))
     for n, why in rep.get("skipped", {}).items():
