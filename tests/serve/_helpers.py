@@ -3,6 +3,7 @@ whose workers are real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -70,6 +71,18 @@ class Gateway:
         import openai
 
         return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kw)
+
+    async def burst(self, n: int, *, clients: int = 25, **create: Any) -> list[Any]:
+        """``n`` concurrent ``completions.create`` calls (raw responses, or the exceptions),
+        spread over several async openai clients: one httpx pool with hundreds of connections
+        costs the test process more CPU than the gateway it is testing."""
+        pool = [self.async_openai(connections=n // clients + 1) for _ in range(clients)]
+        try:
+            return await asyncio.gather(*(pool[i % clients].completions.with_raw_response.create(**create)
+                                          for i in range(n)), return_exceptions=True)
+        finally:
+            for c in pool:
+                await c.close()
 
     def async_openai(self, connections: int = 100, **kw: Any) -> Any:
         import openai

@@ -175,14 +175,7 @@ def test_keep_alive_per_request(gw: Gateway) -> None:
 
 def test_500_concurrent_requests_one_cold_start(gw: Gateway) -> None:
     assert gw.model("burst")["state"] == "zero"
-
-    async def run() -> list:
-        client = gw.async_openai(connections=600)
-        async with client:
-            return await asyncio.gather(*(client.completions.with_raw_response.create(
-                model="burst", prompt=f"request {i}", max_tokens=2) for i in range(500)), return_exceptions=True)
-
-    results = asyncio.run(run())
+    results = asyncio.run(gw.burst(500, model="burst", prompt="request", max_tokens=2))
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors[:3]
     assert all(r.parse().usage.completion_tokens >= 1 for r in results)
@@ -193,13 +186,7 @@ def test_500_concurrent_requests_one_cold_start(gw: Gateway) -> None:
 
 
 def test_queue_limit_answers_429_with_retry_after(gw: Gateway) -> None:
-    async def run() -> list:
-        client = gw.async_openai(connections=600)
-        async with client:
-            return await asyncio.gather(*(client.completions.create(model="small-queue", prompt="q", max_tokens=2)
-                                          for _ in range(500)), return_exceptions=True)
-
-    results = asyncio.run(run())
+    results = asyncio.run(gw.burst(500, model="small-queue", prompt="q", max_tokens=2))
     ok = [r for r in results if not isinstance(r, BaseException)]
     limited = [r for r in results if isinstance(r, openai.RateLimitError)]
     assert len(ok) + len(limited) == 500, [r for r in results if isinstance(r, BaseException)

@@ -15,7 +15,6 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -28,6 +27,7 @@ from zerostart.serve._errors import BadRequest, ServeError, StartFailed, StartTi
 from zerostart.serve._fleet import Fleet, Lease
 from zerostart.serve._metrics import CONTENT_TYPE
 from zerostart.serve._protocol import ROUTES, parse_request
+from zerostart.serve._upstream import UpstreamError, UpstreamResponse
 
 log = logging.getLogger("zerostart.serve")
 
@@ -143,7 +143,7 @@ class _Gateway:
         headers = {COLD_START_HEADER: str(round(lease.cold_start_ms)), QUEUE_HEADER: str(round(lease.queue_ms))}
         try:
             upstream = await _send(lease, path, raw)
-        except httpx.TransportError as e:
+        except UpstreamError as e:
             lease.release()
             return self._error(await _worker_failed(lease, e), model, extra=headers)
         if stream and upstream.status_code == 200:
@@ -151,7 +151,7 @@ class _Gateway:
                                      headers={**headers, **_SSE_HEADERS})
         try:
             body = await upstream.aread()
-        except httpx.TransportError as e:
+        except UpstreamError as e:
             return self._error(await _worker_failed(lease, e), model, extra=headers)
         finally:
             await upstream.aclose()
@@ -163,14 +163,14 @@ class _Gateway:
         return Response(body, status_code=upstream.status_code, headers=headers,
                         media_type=upstream.headers.get("content-type", "application/json"))
 
-    async def _relay(self, lease: Lease, upstream: httpx.Response, model: str, arrived: float) -> AsyncIterator[bytes]:
+    async def _relay(self, lease: Lease, upstream: UpstreamResponse, model: str, arrived: float) -> AsyncIterator[bytes]:
         """Pass the worker's SSE bytes through as they come. Owns the lease."""
         status = "200"
         try:
             async for chunk in upstream.aiter_raw():
                 lease.first_byte(streamed=True)
                 yield chunk
-        except httpx.TransportError as e:
+        except UpstreamError as e:
             status = "stream_error"
             yield (await _worker_failed(lease, e)).sse_event()
         finally:
@@ -197,7 +197,7 @@ class _Gateway:
             yield f": {COLD_START_HEADER}={round(lease.cold_start_ms)}\n\n".encode()
             try:
                 upstream = await _send(lease, path, raw)
-            except httpx.TransportError as exc:
+            except UpstreamError as exc:
                 self.metrics.requests.labels(model, "502").inc()
                 yield (await _worker_failed(lease, exc)).sse_event()
                 return
@@ -223,11 +223,10 @@ class _Gateway:
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def _send(lease: Lease, path: str, raw: bytes) -> httpx.Response:
-    client = lease.replica.client
-    assert client is not None
-    request = client.build_request("POST", path, content=raw, headers={"content-type": "application/json"})
-    return await client.send(request, stream=True)
+async def _send(lease: Lease, path: str, raw: bytes) -> UpstreamResponse:
+    upstream = lease.replica.upstream
+    assert upstream is not None
+    return await upstream.request("POST", path, raw)
 
 
 async def _worker_failed(lease: Lease, exc: Exception) -> WorkerFailed:
@@ -236,7 +235,7 @@ async def _worker_failed(lease: Lease, exc: Exception) -> WorkerFailed:
         await asyncio.wait_for(r.exited.wait(), _EXIT_WAIT_S)
     except TimeoutError:
         return WorkerFailed(f"lost the connection to the worker for model {r.name!r} (pid {r.pid}) while serving "
-                            f"this request ({type(exc).__name__}: {exc}); retry the request")
+                            f"this request ({exc}); retry the request")
     return WorkerFailed(r.crash_message())
 
 

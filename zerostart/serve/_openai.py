@@ -193,7 +193,8 @@ class OpenAIRoutes:
                     open_choices -= 1
                     continue
                 c.take(ev)
-                if ev.text or c.index not in started:
+                # a chat stream opens each choice with its role; text chunks are never empty
+                if ev.text or (c.index not in started and (kind == "chat" or echo)):
                     yield chunk(c, ev.text, None)
                 if ev.finish_reason is not None:
                     yield chunk(c, None, ev.finish_reason)

@@ -26,6 +26,7 @@ import zerostart
 from zerostart.serve._config import ModelConfig, ServerConfig
 from zerostart.serve._errors import StartFailed
 from zerostart.serve._state import State, check
+from zerostart.serve._upstream import UpstreamPool
 from zerostart.telemetry import Timeline
 
 log = logging.getLogger("zerostart.serve")
@@ -67,7 +68,8 @@ class Replica:
         self.reserved_bytes = 0
         self.pid: int | None = None
         self.address: str | None = None  # "unix:/path" or "http://host:port"
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None  # control routes (ready, phases)
+        self.upstream: UpstreamPool | None = None  # the proxied OpenAI requests
         self.timeline = Timeline(label=f"{self.name} cold start")
         self.rung = "zero"  # the rung this replica climbed from
         self.ready_at: float | None = None  # monotonic
@@ -77,6 +79,7 @@ class Replica:
         self._expected_exit = False
         self._proc: asyncio.subprocess.Process | None = None
         self._socket_path: str | None = None
+        self._tcp_address: tuple[str, int] = ("", 0)
         self._tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
         self._tasks: list[asyncio.Task[Any]] = []
         self._phase = "spawn"
@@ -113,6 +116,11 @@ class Replica:
         self.pid = self._proc.pid
         self._tasks = [asyncio.create_task(self._read_output()), asyncio.create_task(self._watch_exit())]
         self.client = self._make_client()
+        if self._socket_path is not None:
+            self.upstream = UpstreamPool(uds=self._socket_path, connect_timeout=_CONNECT_TIMEOUT_S)
+        else:
+            host, port = self._tcp_address
+            self.upstream = UpstreamPool(host=host, port=port, connect_timeout=_CONNECT_TIMEOUT_S)
         log.info("model %s: starting worker pid %d (%s)", self.name, self.pid, self.address)
 
         ready = asyncio.create_task(self._wait_ready())
@@ -201,6 +209,8 @@ class Replica:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+        if self.upstream is not None:
+            await self.upstream.aclose()
         for t in self._tasks:
             if not t.done():
                 await asyncio.wait({t}, timeout=1.0)
@@ -233,14 +243,14 @@ class Replica:
                                  socket.SOCK_STREAM)
             sock.bind((self._server.worker_host, 0))
             host, port = sock.getsockname()[:2]
+            self._tcp_address = (host, port)
             self.address = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
         sock.listen(max(128, self.model.max_concurrency * 2))
         sock.set_inheritable(True)
         return sock
 
     def _make_client(self) -> httpx.AsyncClient:
-        n = self.model.max_concurrency + 4  # + control requests
-        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
         timeout = httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)  # generations may take long
         if self._socket_path is not None:
             transport = httpx.AsyncHTTPTransport(uds=self._socket_path, limits=limits)
