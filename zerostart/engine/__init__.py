@@ -1,0 +1,28 @@
+"""Tensors -> tokens: a Llama-family inference engine fed by ``zerostart.weights``.
+
+    from zerostart.engine import Engine, SamplingParams
+    engine = Engine.from_pretrained("path/to/model", device="cuda")
+    for ev in engine.generate("Hello", SamplingParams(max_tokens=32, temperature=0)):
+        print(ev.text, end="", flush=True)
+
+Llama 2/3, Mistral, Qwen2 and Qwen3 checkpoints in the Hugging Face layout. ``SamplingParams``,
+``TokenEvent``, ``EngineConfig`` and ``EngineError`` need no torch; the names that do are
+imported on first use.
+"""
+
+from typing import Any
+
+from zerostart.engine._config import EngineConfig, EngineError
+from zerostart.engine._params import SamplingParams, TokenEvent
+
+_TORCH_NAMES = {"Engine": "_engine", "RequestHandle": "_sequence", "Tokenizer": "_tokenizer"}
+
+__all__ = ["Engine", "EngineConfig", "EngineError", "RequestHandle", "SamplingParams", "TokenEvent", "Tokenizer"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"zerostart.engine.{_TORCH_NAMES[name]}"), name)
+    raise AttributeError(f"module 'zerostart.engine' has no attribute {name!r}")

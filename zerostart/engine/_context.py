@@ -1,0 +1,39 @@
+"""What one forward step computes: a flat batch of tokens and where their keys and values go.
+
+A step mixes two kinds of rows (continuous batching with chunked prefill):
+
+- decode rows ``[0, num_decode)``: one token each; row ``i`` belongs to KV cache slot ``i``
+  (slots without a decoding sequence ride along as filler rows that write only to the slot's
+  scratch position and are never read), so the cache of the whole group is one strided view;
+- prefill chunks after them: consecutive prompt tokens of one sequence each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Prefill:
+    slot: int  # KV cache slot of the sequence
+    start: int  # cache position of the chunk's first token
+    length: int  # tokens in the chunk
+    row: int  # first row of the chunk in the flat batch
+
+
+@dataclass
+class StepContext:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, rotary positions
+    kv_slots: torch.Tensor  # [T] int64, cache slot each row writes to
+    kv_pos: torch.Tensor  # [T] int64, cache position each row writes to
+    num_decode: int = 0
+    decode_len: int = 0  # decode rows attend to cache positions [0, decode_len)
+    decode_lens: torch.Tensor | None = None  # [num_decode] int64, keys each decode row sees (its position + 1)
+    prefills: list[Prefill] = field(default_factory=list)
+    logits_rows: torch.Tensor | None = None  # [N] rows whose logits are needed; None = every row
+    # filled by the model once per step: decode masks [num_decode, 1, 1, decode_len], True = attend
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    prefill_masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)

@@ -1,0 +1,439 @@
+"""The engine: load a model, then turn requests into streams of tokens.
+
+    engine = Engine.from_pretrained("path/to/model", device="cuda")
+    for ev in engine.generate("Hello", SamplingParams(max_tokens=32, temperature=0)):
+        print(ev.text, end="")
+
+Serving: ``start()`` runs the step loop on a background thread; ``submit()`` (thread-safe)
+returns a :class:`RequestHandle` at once. Without ``start()``, ``generate()`` drives the steps
+on the calling thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+_IMPORT_START = time.perf_counter()
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+from collections import deque  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+import torch  # noqa: E402
+
+from zerostart.engine import _weights  # noqa: E402
+from zerostart.engine._config import (CPU_KV_CACHE_BYTES, MAX_MODEL_LEN_CAP, EngineConfig,  # noqa: E402
+                                      EngineError, ModelConfig)
+from zerostart.engine._detok import Detokenizer  # noqa: E402
+from zerostart.engine._kv_cache import KVCache, bytes_per_token, plan_slots  # noqa: E402
+from zerostart.engine._model import Transformer  # noqa: E402
+from zerostart.engine._params import SamplingParams, TokenEvent  # noqa: E402
+from zerostart.engine._rope import cos_sin_table  # noqa: E402
+from zerostart.engine._runner import ModelRunner  # noqa: E402
+from zerostart.engine._sampler import Sampler  # noqa: E402
+from zerostart.engine._scheduler import Scheduler  # noqa: E402
+from zerostart.engine._sequence import RequestHandle, Sequence, Status  # noqa: E402
+from zerostart.engine._tokenizer import Tokenizer  # noqa: E402
+from zerostart.telemetry import Timeline  # noqa: E402
+
+_IMPORT_END = time.perf_counter()
+log = logging.getLogger("zerostart.engine")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise EngineError(f"dtype {dtype} is not a floating dtype")
+        return dtype
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise EngineError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[dtype]
+    if dtype is not None:
+        raise EngineError(f"dtype must be a torch.dtype, a name or None (got {dtype!r})")
+    if device.type == "cpu":
+        return torch.float32  # CPU matmuls in half precision are slow and less exact
+    return torch.float16 if cfg.torch_dtype == "float16" else torch.bfloat16
+
+
+class Engine:
+    """A loaded model with its tokenizer, KV cache and step loop. Build with :meth:`from_pretrained`."""
+
+    def __init__(self, *, model: Transformer, model_config: ModelConfig, tokenizer: Tokenizer, arena,
+                 kv: KVCache, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int, eos_ids: frozenset[int], model_name: str, timeline: Timeline) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.arena = arena
+        self.kv = kv
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_ids
+        self.model_name = model_name
+        self.timeline = timeline
+        self.runner = ModelRunner(model, kv, device, config)
+        self.scheduler = Scheduler(kv.num_slots, config.prefill_chunk)
+        self.sampler = Sampler(model_config.vocab_size, device, config.seed)
+        self._inbox: deque[Sequence] = deque()
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None, config: EngineConfig | None = None,
+                        timeline: Timeline | None = None) -> "Engine":
+        """Load a Hugging Face model directory (config.json, safetensors, tokenizer.json).
+
+        ``dtype`` None picks float32 on CPU and the checkpoint's half type (else bfloat16) on
+        CUDA. The load is recorded in ``engine.timeline`` (import, device_init, read, prepare,
+        warmup); pass ``timeline`` to record into one of your own.
+        """
+        from zerostart import weights
+
+        path = os.fspath(path)
+        config = config or EngineConfig()
+        if not isinstance(config, EngineConfig):
+            raise EngineError(f"config must be an EngineConfig (got {type(config).__name__})")
+        if not os.path.isdir(path):
+            raise EngineError(f"{path}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
+        if timeline is None:  # measured from the start of the engine's import
+            timeline = Timeline(origin=_IMPORT_START, label=f"engine {os.path.basename(os.path.abspath(path))}")
+        if _IMPORT_END >= timeline.origin:  # the import belongs to this timeline's start
+            timeline.add("import", max(_IMPORT_START, timeline.origin), _IMPORT_END)
+        model_cfg = ModelConfig.from_file(os.path.join(path, "config.json")) if os.path.isfile(
+            os.path.join(path, "config.json")) else None
+        if model_cfg is None:
+            raise EngineError(f"{path}: no config.json here (a Hugging Face model directory needs one)")
+
+        with timeline.phase("device_init"):
+            dev = _device(device)
+        dtype = _resolve_dtype(dtype, dev, model_cfg)
+        tokenizer = Tokenizer(path)
+        eos = _eos_ids(path, model_cfg, tokenizer)
+
+        with timeline.phase("read") as ph:
+            arena = weights.load_arena(path, str(dev), dtype=dtype)
+            ph.bytes = int(getattr(arena.stats, "bytes", 0) or 0)
+            ph.detail["includes_copy"] = dev.type != "cpu"
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+        with timeline.phase("prepare") as ph:
+            tensors = arena.tensors
+            _weights.check(model_cfg, tensors, path)
+            plan = _weights.plan_fusion(model_cfg, tensors, config.fuse)
+            sd = _weights.state_dict(model_cfg, tensors, plan)
+            with torch.device("meta"):
+                model = Transformer(model_cfg, plan.qkv, plan.gate_up)
+            model.load_state_dict(sd, strict=True, assign=True)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
+            model.cos, model.sin = cos_sin_table(model_cfg.rope, model_cfg.head_dim, max_len + 1, dtype, dev)
+            model.eval()
+            ph.bytes = plan.regrouped_bytes
+            ph.detail["fusion"] = "; ".join(plan.notes)
+
+        with timeline.phase("warmup") as ph:
+            budget = _kv_budget(config, dev, model_cfg, dtype, max_len)
+            slots = plan_slots(model_cfg, dtype, max_len, config.max_num_seqs, budget)
+            kv = KVCache(model_cfg, slots, max_len, dtype, dev)
+            ph.bytes = kv.nbytes
+            ph.detail.update(kv_slots=slots, max_model_len=max_len)
+            name = os.path.basename(os.path.abspath(path))
+            engine = cls(model=model, model_config=model_cfg, tokenizer=tokenizer, arena=arena, kv=kv,
+                         config=config, device=dev, dtype=dtype, max_model_len=max_len, eos_ids=eos,
+                         model_name=name, timeline=timeline)
+            engine._warmup()
+            ph.detail["graphs"] = len(engine.runner._graphs)
+        log.info("loaded %s on %s (%s): %s", name, dev, dtype, "; ".join(plan.notes))
+        return engine
+
+    def _warmup(self) -> None:
+        # One real request through every stage (prefill, decode, sampling, detokenization) so
+        # the first user request does not pay for first-call costs; then the decode graphs.
+        n = min(8, self.max_model_len - 2)
+        handle = self.submit([0] * max(1, n), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        while not handle.finished:
+            self.step()
+        for _ in handle:
+            pass
+        self.runner.capture_all(max_len=self.runner.len_buckets[0])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- memory, as single allocations -------------------------------------------------------
+
+    @property
+    def weights_storage(self) -> torch.Tensor:
+        """The weights: the arena's one allocation (fused projections are views or regrouped in it)."""
+        return self.arena.storage
+
+    @property
+    def kv_storage(self) -> torch.Tensor:
+        """The KV cache: one allocation [layers, 2, slots, kv_heads, max_model_len + 1, head_dim]."""
+        return self.kv.storage
+
+    @property
+    def num_slots(self) -> int:
+        return self.kv.num_slots
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request (thread-safe, returns at once). Iterate the handle for its events."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise EngineError(f"params must be SamplingParams (got {type(params).__name__})")
+        ids = self._check_prompt(prompt_ids)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        seq = Sequence(ids, params, Detokenizer(self.tokenizer, params.stop), max_tokens, stop_ids)
+        if params.penalized:
+            seq.counts = torch.zeros(self.model_config.vocab_size, dtype=torch.float32, device=self.device)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(params.seed)
+        seq.handle.on_cancel = self._notify
+        with self._cv:
+            if self._stopping:
+                raise EngineError("the engine is stopping; no new requests")
+            self._inbox.append(seq)
+            self._cv.notify_all()
+        return seq.handle
+
+    def _check_prompt(self, prompt_ids: list[int]) -> list[int]:
+        if isinstance(prompt_ids, str):
+            raise EngineError("submit() takes token ids; use engine.tokenizer.encode(text) or generate(text)")
+        try:
+            ids = [int(i) for i in prompt_ids]
+        except (TypeError, ValueError):
+            raise EngineError("prompt_ids must be a list of integers") from None
+        if not ids:
+            raise EngineError("the prompt is empty; it needs at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise EngineError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise EngineError(f"the prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
+                              "(max_model_len), which must leave room for at least one generated token")
+        return ids
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Stream the events of one request (text is encoded with the tokenizer's special tokens)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        handle = self.submit(ids, params)
+        if self._thread is not None:
+            yield from handle
+            return
+        try:
+            while True:
+                ev = handle.get(timeout=0)
+                if ev is not None:
+                    yield ev
+                    if ev.finish_reason is not None:
+                        return
+                    continue
+                if handle.finished:
+                    return
+                self.step()
+        finally:
+            if not handle.finished:
+                handle.cancel()
+                if self._thread is None:
+                    self.step()
+
+    def logits(self, prompt_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """Next-token logits [len(prompt_ids), vocab] (float32) at every position of a prompt,
+        prefilled in chunks of ``chunk`` tokens (default: the engine's prefill chunk)."""
+        ids = self._check_prompt(prompt_ids)
+        chunk = chunk or self.config.prefill_chunk
+        with self._step_lock:
+            slot = self.scheduler.take_slot()
+            if slot is None:
+                raise EngineError("every KV cache slot is busy; score the prompt when a request finishes")
+            try:
+                parts = [self.runner.prefill_logits(slot, ids[i : i + chunk], i) for i in range(0, len(ids), chunk)]
+            finally:
+                self.scheduler.give_slot(slot)
+        return torch.cat(parts)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the step loop on a background thread (idempotent)."""
+        with self._cv:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="zerostart-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop; requests still in flight end with finish_reason "abort"."""
+        with self._cv:
+            thread, self._stopping = self._thread, True
+            self._cv.notify_all()
+        if thread is not None:
+            thread.join()
+        with self._step_lock:
+            self._abort_all()
+        with self._cv:
+            self._thread = None
+            self._stopping = False
+
+    def _notify(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._inbox and not self.scheduler.has_work:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # the stream's consumers get the error instead of hanging
+                log.exception("engine step failed")
+                with self._step_lock:
+                    self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+
+    def step(self) -> bool:
+        """Run one step (admit, schedule, forward, sample, emit). False if there was nothing to do."""
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> bool:
+        with self._cv:
+            while self._inbox:
+                self.scheduler.add(self._inbox.popleft())
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            if seq.handle.cancelled:
+                self._finish(seq, None, "", "abort")
+        decode, prefills = self.scheduler.schedule()
+        if not decode and not prefills:
+            return False
+        logits, seqs = self.runner.step(decode, prefills)
+        for s in decode:
+            s.num_cached += 1
+        for s, n in prefills:
+            s.num_cached += n
+        if not seqs:
+            return True
+        tokens = self.sampler(logits, seqs)
+        for seq, token in zip(seqs, tokens):
+            self._emit(seq, token)
+        return True
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        n = len(seq.output_ids)
+        if token in seq.stop_ids:
+            self._finish(seq, token, seq.detok.finish(), "stop")
+            return
+        text = seq.detok.add(token)
+        if seq.detok.stopped:
+            self._finish(seq, token, text, "stop")
+        elif n >= seq.max_tokens:
+            self._finish(seq, token, text + seq.detok.finish(), "length")
+        else:
+            seq.handle._push(TokenEvent(token, text, None, seq.prompt_len, n))
+
+    def _finish(self, seq: Sequence, token: int | None, text: str, reason: str) -> None:
+        self.scheduler.remove(seq)
+        seq.handle._push(TokenEvent(token, text, reason, seq.prompt_len, len(seq.output_ids)))
+
+    def _abort_all(self) -> None:
+        with self._cv:
+            while self._inbox:
+                self.scheduler.add(self._inbox.popleft())
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            self._finish(seq, None, "", "abort")
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cv:
+            while self._inbox:
+                self.scheduler.add(self._inbox.popleft())
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            self.scheduler.remove(seq)
+            seq.handle._fail(error)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.model_name!r}, device={self.device}, dtype={self.dtype}, "
+                f"max_model_len={self.max_model_len}, slots={self.num_slots})")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EngineError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.init()
+        torch.empty(1, device=dev)  # creates the context
+    elif dev.type != "cpu":
+        raise EngineError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def _eos_ids(path: str, cfg: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]:
+    """End-of-sequence ids: generation_config.json, else config.json, plus the tokenizer's eos token."""
+    ids: set[int] = set()
+    gen = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen):
+        try:
+            with open(gen, "rb") as f:
+                raw = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EngineError(f"{gen}: not valid JSON ({e})") from None
+        eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(i for i in eos if isinstance(i, int))
+    if not ids:
+        ids.update(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _kv_budget(config: EngineConfig, dev: torch.device, cfg: ModelConfig, dtype: torch.dtype, max_len: int) -> int:
+    wanted = bytes_per_token(cfg, dtype) * (max_len + 1) * config.max_num_seqs
+    if config.kv_cache_bytes is not None:
+        return config.kv_cache_bytes
+    if dev.type == "cpu":
+        return min(wanted, CPU_KV_CACHE_BYTES)
+    free, total = torch.cuda.mem_get_info(dev)
+    # leave room for activations of a prefill chunk and the graphs' pool
+    reserve = 64 * 2**20 + config.prefill_chunk * cfg.vocab_size * 4 * 2
+    budget = int(config.gpu_memory_utilization * total) - (total - free) - reserve
+    return max(0, min(wanted, budget))

@@ -1,0 +1,185 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) as one module.
+
+Built on the meta device and filled with the loaded arena's tensors (``_weights.fill``), so no
+memory is initialized twice. Rows are a flat batch of tokens ([T, hidden]); attention reads and
+writes the preallocated KV cache as described by a :class:`StepContext`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zerostart.engine._config import ModelConfig
+from zerostart.engine._context import StepContext
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Proj(nn.Module):
+    """Linear projections of one input (q/k/v, gate/up, or a single one).
+
+    Fused: one ``weight`` [sum(sizes), in] and one matmul whose output is split. Unfused: one
+    weight per part (``weight0``, ``weight1``, ...), used when the parts are not one tensor.
+    """
+
+    def __init__(self, in_features: int, sizes: tuple[int, ...], bias: bool, fused: bool) -> None:
+        super().__init__()
+        self.sizes = sizes
+        self.fused = fused or len(sizes) == 1
+        names = [""] if self.fused else [str(i) for i in range(len(sizes))]
+        shapes = [sum(sizes)] if self.fused else list(sizes)
+        for name, rows in zip(names, shapes):
+            self.register_parameter("weight" + name, nn.Parameter(torch.empty(rows, in_features), requires_grad=False))
+            if bias:
+                self.register_parameter("bias" + name, nn.Parameter(torch.empty(rows), requires_grad=False))
+        self.has_bias = bias
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fused:
+            y = F.linear(x, self.weight, self.bias if self.has_bias else None)
+            return [y] if len(self.sizes) == 1 else list(y.split(self.sizes, dim=-1))
+        return [F.linear(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}") if self.has_bias else None)
+                for i in range(len(self.sizes))]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; cos, sin: [T, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, fuse_qkv: bool) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = cfg.sliding_windows[layer]
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv = Proj(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, fuse_qkv)
+        self.o = Proj(cfg.q_size, (cfg.hidden_size,), cfg.o_bias, True)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden]; k_cache, v_cache: [slots, kv_heads, positions, head_dim]
+        T = x.shape[0]
+        q, k, v = self.qkv(x)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k_cache[ctx.kv_slots, :, ctx.kv_pos] = k
+        v_cache[ctx.kv_slots, :, ctx.kv_pos] = v
+
+        outs = []
+        nd = ctx.num_decode
+        if nd:
+            # GQA without repeating keys: the query heads sharing a KV head become its query rows.
+            group = self.num_heads // self.num_kv_heads
+            qd = q[:nd].view(nd, self.num_kv_heads, group, self.head_dim)
+            kd = k_cache[:nd, :, : ctx.decode_len]
+            vd = v_cache[:nd, :, : ctx.decode_len]
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=ctx.masks[self.window], scale=self.scale)
+            outs.append(o.reshape(nd, self.num_heads * self.head_dim))
+        for p in ctx.prefills:
+            # [1, heads, S, D] against the slot's keys [1, kv_heads, start + S, D]
+            qp = q[p.row : p.row + p.length].transpose(0, 1).unsqueeze(0)
+            end = p.start + p.length
+            kp = k_cache[p.slot : p.slot + 1, :, :end]
+            vp = v_cache[p.slot : p.slot + 1, :, :end]
+            mask = ctx.prefill_masks[(p.row, self.window)]
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                               scale=self.scale, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1).reshape(p.length, self.num_heads * self.head_dim))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.o(out)[0]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, fuse_gate_up: bool) -> None:
+        super().__init__()
+        self.gate_up = Proj(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias, fuse_gate_up)
+        self.down = Proj(cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)[0]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, fuse_qkv: bool, fuse_gate_up: bool) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer, fuse_qkv)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, fuse_gate_up)
+
+    def forward(self, h, cos, sin, ctx, k_cache, v_cache):
+        h = h + self.attn(self.input_norm(h), cos, sin, ctx, k_cache, v_cache)
+        return h + self.mlp(self.post_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, fuse_qkv: list[bool], fuse_gate_up: list[bool]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(Block(cfg, i, fuse_qkv[i], fuse_gate_up[i]) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.windows = sorted(set(cfg.sliding_windows), key=lambda w: -1 if w is None else w)
+        # set by the runner: rotary tables [max_len + 1, head_dim] and the KV cache views
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def forward(self, ctx: StepContext, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [rows, vocab] (float32) for ``ctx.logits_rows`` (every row when None)."""
+        self.build_masks(ctx)
+        h = F.embedding(ctx.input_ids, self.embed)
+        cos = self.cos[ctx.positions].unsqueeze(1)
+        sin = self.sin[ctx.positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, ctx, k_caches[i], v_caches[i])
+        if ctx.logits_rows is not None:
+            h = h[ctx.logits_rows]
+        h = self.norm(h)
+        return F.linear(h, self.embed if self.lm_head is None else self.lm_head).float()
+
+    def build_masks(self, ctx: StepContext) -> None:
+        device = ctx.input_ids.device
+        if ctx.num_decode:
+            keys = torch.arange(ctx.decode_len, device=device)[None, :]
+            lens = ctx.decode_lens[:, None]
+            full = keys < lens  # [nd, L]
+            for w in self.windows:
+                m = full if w is None else full & (keys >= lens - w)
+                ctx.masks[w] = m[:, None, None, :]
+        for p in ctx.prefills:
+            end = p.start + p.length
+            q_pos = torch.arange(p.start, end, device=device)[:, None]
+            keys = torch.arange(end, device=device)[None, :]
+            for w in self.windows:
+                if w is None and p.start == 0:
+                    ctx.prefill_masks[(p.row, w)] = None  # plain causal
+                    continue
+                m = keys <= q_pos
+                if w is not None:
+                    m = m & (keys > q_pos - w)
+                ctx.prefill_masks[(p.row, w)] = m

@@ -1,0 +1,186 @@
+"""Turn a scheduled step into tensors, run the model, return the logits that get sampled.
+
+Eager steps take exact shapes. Pure decode steps on CUDA replay a CUDA graph captured for a
+(batch, context) bucket: the batch is padded to the next batch-size bucket with filler rows
+and the keys read up to the next context-length bucket; inputs are copied into the graph's
+static buffers in one host-to-device transfer. With ``compile`` the same bucketed step is a
+``torch.compile``d call (inside the graph on CUDA).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from zerostart.engine._config import EngineConfig
+from zerostart.engine._context import Prefill, StepContext
+from zerostart.engine._kv_cache import KVCache
+from zerostart.engine._model import Transformer
+from zerostart.engine._sequence import Sequence
+
+
+def _buckets(limit: int, start: int) -> list[int]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    out.append(limit)
+    return out
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph | None"
+    inputs: torch.Tensor  # [4, nb] int64: ids, positions, kv positions, key counts
+    ctx: StepContext
+    logits: torch.Tensor | None
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv: KVCache, device: torch.device, config: EngineConfig) -> None:
+        self.model, self.kv, self.device = model, kv, device
+        self.cuda = device.type == "cuda"
+        self.use_graphs = self.cuda and config.cuda_graphs
+        self.bucketed = self.use_graphs or config.compile
+        self.batch_buckets = _buckets(kv.num_slots, 1)
+        self.len_buckets = _buckets(kv.max_len, min(256, kv.max_len))
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None
+        self._forward = model.forward
+        if config.compile:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                        4 * len(self.batch_buckets) * len(self.len_buckets))
+            self._forward = torch.compile(model.forward, dynamic=False)
+        self.graph_capture_seconds = 0.0
+
+    # -- one step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, decode: list[Sequence], prefills: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step. ``prefills`` are (sequence, tokens to prefill now). Returns the logits
+        [N, vocab] and the N sequences they belong to (decodes, then prefills that finish)."""
+        if decode and not prefills and self.bucketed:
+            return self._decode_bucketed(decode), decode
+        kv = self.kv
+        rows: list[list[int]] = [[], [], [], []]  # ids, positions, slots, kv positions
+        lens: list[int] = []
+        nd = max(s.slot for s in decode) + 1 if decode else 0
+        if nd:
+            ids, pos, kvpos, lens = self._decode_rows(decode, nd)
+            rows = [ids, pos, list(range(nd)), kvpos]
+        out_rows = [s.slot for s in decode]
+        out_seqs = list(decode)
+        plan: list[Prefill] = []
+        for seq, n in prefills:
+            start = seq.num_cached
+            row = len(rows[0])
+            rows[0].extend(seq.prompt_ids[start : start + n])
+            rows[1].extend(range(start, start + n))
+            rows[2].extend([seq.slot] * n)
+            rows[3].extend(range(start, start + n))
+            plan.append(Prefill(seq.slot, start, n, row))
+            kv.ensure_zeroed(seq.slot, start + n)  # before the write, never after it
+            if start + n == seq.prompt_len:
+                out_rows.append(row + n - 1)
+                out_seqs.append(seq)
+        decode_len = max(lens) if lens else 0
+        for j in range(nd):
+            kv.ensure_zeroed(j, decode_len)
+        packed = self._to_device(rows + [lens + [0] * (len(rows[0]) - nd)])
+        ctx = StepContext(input_ids=packed[0], positions=packed[1], kv_slots=packed[2], kv_pos=packed[3],
+                          num_decode=nd, decode_len=decode_len, decode_lens=packed[4][:nd] if nd else None,
+                          prefills=plan, logits_rows=self._to_device([out_rows])[0])
+        logits = self.model(ctx, kv.k, kv.v)
+        return logits, out_seqs
+
+    @torch.inference_mode()
+    def prefill_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Write ``ids`` at positions [start, start + len) of ``slot``; logits of every row."""
+        n = len(ids)
+        self.kv.ensure_zeroed(slot, start + n)
+        packed = self._to_device([ids, list(range(start, start + n)), [slot] * n, list(range(start, start + n))])
+        ctx = StepContext(input_ids=packed[0], positions=packed[1], kv_slots=packed[2], kv_pos=packed[3],
+                          prefills=[Prefill(slot, start, n, 0)])
+        return self.model(ctx, self.kv.k, self.kv.v)
+
+    def _decode_rows(self, decode: list[Sequence], n: int) -> tuple[list[int], list[int], list[int], list[int]]:
+        scratch = self.kv.max_len
+        ids, pos, kvpos, lens = [0] * n, [0] * n, [scratch] * n, [1] * n
+        for s in decode:
+            ids[s.slot] = s.last_token
+            pos[s.slot] = kvpos[s.slot] = s.num_cached
+            lens[s.slot] = s.num_cached + 1
+        return ids, pos, kvpos, lens
+
+    def _to_device(self, rows: list[list[int]]) -> torch.Tensor:
+        t = torch.tensor(rows, dtype=torch.int64)
+        if self.cuda:
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    # -- bucketed decode (CUDA graphs / torch.compile) ----------------------------------------
+
+    def _decode_bucketed(self, decode: list[Sequence]) -> torch.Tensor:
+        nd = max(s.slot for s in decode) + 1
+        nb = next(b for b in self.batch_buckets if b >= nd)
+        ids, pos, kvpos, lens = self._decode_rows(decode, nb)
+        lb = next(b for b in self.len_buckets if b >= max(lens))
+        for j in range(nb):
+            self.kv.ensure_zeroed(j, lb)
+        g = self._graphs.get((nb, lb)) or self._capture(nb, lb)
+        host = torch.tensor([ids, pos, kvpos, lens], dtype=torch.int64)
+        g.inputs.copy_(host.pin_memory() if self.cuda else host, non_blocking=self.cuda)
+        if g.graph is not None:
+            g.graph.replay()
+            logits = g.logits
+        else:
+            logits = self._forward(g.ctx, self.kv.k, self.kv.v)
+        return logits[[s.slot for s in decode]]
+
+    def _capture(self, nb: int, lb: int) -> _Graph:
+        t0 = time.perf_counter()
+        inputs = torch.zeros(4, nb, dtype=torch.int64, device=self.device)
+        inputs[2].fill_(self.kv.max_len)  # filler rows write to scratch
+        inputs[3].fill_(1)
+        ctx = StepContext(input_ids=inputs[0], positions=inputs[1],
+                          kv_slots=torch.arange(nb, device=self.device), kv_pos=inputs[2],
+                          num_decode=nb, decode_len=lb, decode_lens=inputs[3])
+        for j in range(nb):
+            self.kv.ensure_zeroed(j, lb)
+        if not self.use_graphs:
+            g = _Graph(None, inputs, ctx, None)
+        else:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up (and compile) outside the capture
+                    self._forward(ctx, self.kv.k, self.kv.v)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(ctx, self.kv.k, self.kv.v)
+            g = _Graph(graph, inputs, ctx, logits)
+        self._graphs[(nb, lb)] = g
+        self.graph_capture_seconds += time.perf_counter() - t0
+        return g
+
+    def capture_all(self, max_len: int | None = None) -> int:
+        """Capture (or compile) every batch bucket for context buckets up to ``max_len``."""
+        if not self.bucketed:
+            return 0
+        limit = max_len or self.kv.max_len
+        n = 0
+        for lb in self.len_buckets:
+            for nb in self.batch_buckets:
+                if (nb, lb) not in self._graphs:
+                    self._capture(nb, lb)
+                    n += 1
+            if lb >= limit:
+                break
+        return n

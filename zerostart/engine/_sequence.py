@@ -1,0 +1,188 @@
+"""A request inside the engine (:class:`Sequence`) and the caller's end of it (:class:`RequestHandle`).
+
+Lifecycle (the scheduler moves it; nothing else does):
+
+    WAITING   -> RUNNING    a KV cache slot is free: the slot is taken, prefill begins
+    RUNNING   -> FINISHED   stop / length; or cancel() or engine stop (abort): the slot is freed
+    WAITING   -> FINISHED   cancel() or engine stop before a slot was free (abort)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import threading
+from collections import deque
+from typing import AsyncIterator, Iterator
+
+import torch
+
+from zerostart.engine._detok import Detokenizer
+from zerostart.engine._params import SamplingParams, TokenEvent
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, detok: Detokenizer,
+                 max_tokens: int, stop_ids: frozenset[int]) -> None:
+        self.id = next(_ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.detok = detok
+        self.max_tokens = max_tokens  # clipped to the context left after the prompt
+        self.stop_ids = stop_ids
+        self.output_ids: list[int] = []
+        self.status = Status.WAITING
+        self.slot = -1
+        self.num_cached = 0  # tokens whose keys and values are in the cache
+        self.counts: torch.Tensor | None = None  # per-token output counts, for penalties
+        self.generator: torch.Generator | None = None
+        self.handle = RequestHandle(self)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_cached < self.prompt_len
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+
+class RequestHandle:
+    """The stream of one request. Iterate it (blocking) or ``async for`` over ``aiter()``;
+    ``cancel()`` ends it with finish_reason "abort" at the next step. Thread-safe."""
+
+    def __init__(self, seq: Sequence) -> None:
+        self._seq = seq
+        self._lock = threading.Lock()
+        self._events: deque[TokenEvent] = deque()
+        self._done = False  # the final event has been queued
+        self._error: BaseException | None = None
+        self._cond = threading.Condition(self._lock)
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.cancelled = False
+        self.on_cancel = None  # set by the engine: wakes its loop
+
+    @property
+    def request_id(self) -> int:
+        return self._seq.id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._seq.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next step and the stream ends with "abort"."""
+        with self._lock:
+            if self._done:
+                return
+            self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+    # -- producer side (engine thread) ------------------------------------------------------
+
+    def _push(self, ev: TokenEvent) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._events.append(ev)
+            if ev.finish_reason is not None:
+                self._done = True
+            self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._error = error
+            self._done = True
+            self._wake()
+
+    def _wake(self) -> None:
+        # caller holds the lock
+        self._cond.notify_all()
+        waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_resolve, fut)
+
+    # -- consumer side ----------------------------------------------------------------------
+
+    def _next_ready(self) -> TokenEvent | None:
+        # caller holds the lock; None = nothing yet; raises StopIteration at the end
+        if self._events:
+            return self._events.popleft()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._done:
+            raise StopIteration
+        return None
+
+    def get(self, timeout: float | None = None) -> TokenEvent | None:
+        """The next event, waiting up to ``timeout`` seconds (None = forever); None at the end or on timeout."""
+        with self._lock:
+            while True:
+                try:
+                    ev = self._next_ready()
+                except StopIteration:
+                    return None
+                if ev is not None:
+                    return ev
+                if not self._cond.wait(timeout):
+                    return None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            with self._lock:
+                while True:
+                    try:
+                        ev = self._next_ready()
+                    except StopIteration:
+                        return
+                    if ev is not None:
+                        break
+                    self._cond.wait()
+            yield ev
+
+    async def aiter(self) -> AsyncIterator[TokenEvent]:
+        """Events as an async iterator; waits without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                try:
+                    ev = self._next_ready()
+                except StopIteration:
+                    return
+                if ev is None:
+                    fut = loop.create_future()
+                    self._waiters.append((loop, fut))
+            if ev is None:
+                await fut
+                continue
+            yield ev
+
+    def text(self) -> str:
+        """Consume the stream and return the whole completion text."""
+        return "".join(ev.text for ev in self)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,219 @@
+"""From the loaded arena's tensors (Hugging Face names) to the model's parameters, without copies.
+
+Each parameter of :class:`Transformer` is mapped from checkpoint names. Projections that run on
+the same input (q/k/v, gate/up) become one fused matmul when their weights are one tensor:
+
+- already back to back in the arena, in order: the fused weight is a view (free);
+- otherwise, where allowed (arena in device memory, or ``fuse="always"``), the layer's span of
+  the arena is regrouped in place through a temporary buffer the size of that span, so the
+  result is still one allocation and the next image of it is already fused;
+- otherwise the parts stay separate (several matmuls, no extra memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zerostart.engine._config import EngineError, ModelConfig
+
+
+@dataclass
+class FusePlan:
+    qkv: list[bool]
+    gate_up: list[bool]
+    regrouped_bytes: int = 0  # bytes moved inside the arena by regrouping
+    notes: list[str] = field(default_factory=list)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, for every tensor the model needs."""
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (V, H)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (H,)
+        out[p + "post_attention_layernorm.weight"] = (H,)
+        for name, rows in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
+            out[f"{p}self_attn.{name}_proj.weight"] = (rows, H)
+            if cfg.qkv_bias:
+                out[f"{p}self_attn.{name}_proj.bias"] = (rows,)
+        out[p + "self_attn.o_proj.weight"] = (H, cfg.q_size)
+        if cfg.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (H,)
+        if cfg.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
+            out[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
+        out[p + "mlp.gate_proj.weight"] = (I, H)
+        out[p + "mlp.up_proj.weight"] = (I, H)
+        out[p + "mlp.down_proj.weight"] = (H, I)
+        if cfg.mlp_bias:
+            for name, n in (("gate", I), ("up", I), ("down", H)):
+                out[f"{p}mlp.{name}_proj.bias"] = (n,)
+    return out
+
+
+def check(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every needed tensor present, with its shape and a floating dtype; errors name the tensor."""
+    expected = expected_shapes(cfg)
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            if name == "lm_head.weight":
+                raise EngineError(f"{where}: no 'lm_head.weight' and tie_word_embeddings is false in config.json")
+            raise EngineError(f"{where}: tensor {name!r} is missing from the checkpoint")
+        if tuple(t.shape) != shape:
+            raise EngineError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
+        if not t.is_floating_point():
+            raise EngineError(f"{where}: tensor {name!r} has dtype {t.dtype}; a floating dtype is needed")
+    dtypes = {t.dtype for n, t in tensors.items() if n in expected}
+    if len(dtypes) > 1:
+        raise EngineError(f"{where}: tensors have mixed dtypes {sorted(map(str, dtypes))}; pass dtype= to cast them")
+
+
+def _groups(cfg: ModelConfig, i: int) -> dict[str, list[str]]:
+    p = f"model.layers.{i}."
+    g = {"qkv": [f"{p}self_attn.{n}_proj.weight" for n in "qkv"],
+         "gate_up": [f"{p}mlp.{n}_proj.weight" for n in ("gate", "up")]}
+    if cfg.qkv_bias:
+        g["qkv_bias"] = [f"{p}self_attn.{n}_proj.bias" for n in "qkv"]
+    if cfg.mlp_bias:
+        g["gate_up_bias"] = [f"{p}mlp.{n}_proj.bias" for n in ("gate", "up")]
+    return g
+
+
+def _adjacent(ts: list[torch.Tensor]) -> bool:
+    """True if the tensors sit back to back, in order, in one storage."""
+    t0 = ts[0]
+    if not all(t.is_contiguous() and t.dtype == t0.dtype and t.device == t0.device for t in ts):
+        return False
+    base = t0.untyped_storage().data_ptr()
+    ptr = t0.data_ptr()
+    for t in ts:
+        if t.untyped_storage().data_ptr() != base or t.data_ptr() != ptr:
+            return False
+        ptr += t.numel() * t.element_size()
+    return True
+
+
+def _joined(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The view spanning adjacent tensors, concatenated along dim 0."""
+    rows = sum(t.shape[0] for t in ts)
+    shape = (rows, *ts[0].shape[1:])
+    stride = tuple(ts[0].stride())
+    return ts[0].as_strided(shape, stride)
+
+
+def _regroup(tensors: dict[str, torch.Tensor], members: list[str], layer_names: list[str]) -> int:
+    """Move ``members`` back to back (in order) inside the span of the arena they and their
+    neighbours occupy. Returns the bytes moved, 0 if the span holds tensors of other layers or
+    other storages (then nothing is touched)."""
+    ts = [tensors[n] for n in members]
+    t0 = ts[0]
+    storage = t0.untyped_storage()
+    base = storage.data_ptr()
+    if any(t.untyped_storage().data_ptr() != base or not t.is_contiguous() or t.dtype != t0.dtype for t in ts):
+        return 0
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = t.data_ptr() - base
+        return start, start + t.numel() * t.element_size()
+
+    lo = min(span(t)[0] for t in ts)
+    hi = max(span(t)[1] for t in ts)
+    # every tensor of this storage that overlaps [lo, hi) must belong to this layer
+    inside: list[str] = []
+    for name, t in tensors.items():
+        if t.untyped_storage().data_ptr() != base or t.numel() == 0:
+            continue
+        s, e = span(t)
+        if e <= lo or s >= hi:
+            continue
+        if name not in layer_names or s < lo or e > hi or not t.is_contiguous():
+            return 0
+        inside.append(name)
+    order = list(members) + sorted((n for n in inside if n not in members), key=lambda n: span(tensors[n])[0])
+    region = torch.empty(0, dtype=torch.uint8, device=t0.device).set_(storage, lo, (hi - lo,))
+    tmp = region.clone()
+    offset = 0
+    placed: dict[str, int] = {}
+    for name in order:
+        t = tensors[name]
+        s, e = span(t)
+        align = t.element_size()
+        offset = (offset + align - 1) // align * align
+        if offset + (e - s) > hi - lo:
+            return 0  # cannot happen for tiling tensors; keep the arena as it was
+        placed[name] = offset
+        offset += e - s
+    for name in order:
+        s, e = span(tensors[name])
+        region[placed[name] : placed[name] + (e - s)].copy_(tmp[s - lo : e - lo])
+    for name in order:
+        t = tensors[name]
+        el = t.element_size()
+        view = torch.empty(0, dtype=t.dtype, device=t.device)
+        view.set_(storage, (lo + placed[name]) // el, tuple(t.shape), tuple(t.stride()))
+        tensors[name] = view
+    return hi - lo
+
+
+def plan_fusion(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fuse: str) -> FusePlan:
+    """Decide (and where allowed, make) the fused layout. May replace entries of ``tensors``
+    with views of their regrouped bytes."""
+    plan = FusePlan(qkv=[False] * cfg.num_layers, gate_up=[False] * cfg.num_layers)
+    if fuse == "never":
+        return plan
+    for i in range(cfg.num_layers):
+        groups = _groups(cfg, i)
+        prefix = f"model.layers.{i}."
+        layer_names = [n for n in tensors if n.startswith(prefix)]
+        ok: dict[str, bool] = {}
+        for key, members in groups.items():
+            ts = [tensors[n] for n in members]
+            if not _adjacent(ts):
+                allowed = fuse == "always" or ts[0].device.type == "cuda"
+                if allowed:
+                    plan.regrouped_bytes += _regroup(tensors, members, layer_names)
+            ok[key] = _adjacent([tensors[n] for n in members])
+        plan.qkv[i] = ok["qkv"] and ok.get("qkv_bias", True)
+        plan.gate_up[i] = ok["gate_up"] and ok.get("gate_up_bias", True)
+    n_qkv, n_gu = sum(plan.qkv), sum(plan.gate_up)
+    plan.notes.append(f"fused qkv in {n_qkv}/{cfg.num_layers} layers, gate/up in {n_gu}/{cfg.num_layers}")
+    return plan
+
+
+def state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], plan: FusePlan) -> dict[str, torch.Tensor]:
+    """The model's parameter name -> tensor (views of ``tensors``)."""
+    sd: dict[str, torch.Tensor] = {"embed": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        sd["lm_head"] = tensors["lm_head.weight"]
+
+    def proj(dst: str, srcs: list[str], fused: bool, bias: bool) -> None:
+        w = [tensors[s + ".weight"] for s in srcs]
+        b = [tensors[s + ".bias"] for s in srcs] if bias else []
+        if fused or len(srcs) == 1:
+            sd[dst + ".weight"] = w[0] if len(w) == 1 else _joined(w)
+            if bias:
+                sd[dst + ".bias"] = b[0] if len(b) == 1 else _joined(b)
+        else:
+            for j, t in enumerate(w):
+                sd[f"{dst}.weight{j}"] = t
+            for j, t in enumerate(b):
+                sd[f"{dst}.bias{j}"] = t
+
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        sd[dst + "input_norm.weight"] = tensors[src + "input_layernorm.weight"]
+        sd[dst + "post_norm.weight"] = tensors[src + "post_attention_layernorm.weight"]
+        proj(dst + "attn.qkv", [f"{src}self_attn.{n}_proj" for n in "qkv"], plan.qkv[i], cfg.qkv_bias)
+        proj(dst + "attn.o", [src + "self_attn.o_proj"], True, cfg.o_bias)
+        if cfg.qk_norm:
+            sd[dst + "attn.q_norm.weight"] = tensors[src + "self_attn.q_norm.weight"]
+            sd[dst + "attn.k_norm.weight"] = tensors[src + "self_attn.k_norm.weight"]
+        proj(dst + "mlp.gate_up", [f"{src}mlp.{n}_proj" for n in ("gate", "up")], plan.gate_up[i], cfg.mlp_bias)
+        proj(dst + "mlp.down", [src + "mlp.down_proj"], True, cfg.mlp_bias)
+    return sd
