@@ -1,7 +1,34 @@
-"""When to move a model along the cold ladder (DESIGN.md §2). Pure: no I/O, no clocks, no
-imports of the rest of zerostart. The server's fleet and the trace simulator call the same
-policy objects with the same observations."""
+"""When to move a model along the cold ladder (DESIGN.md §2). Pure: no I/O (but
+``CostModel.from_file``), no clocks, no imports of the rest of zerostart. The server's fleet
+and the trace simulator call the same policy objects with the same observations.
 
-from zerostart.policy._base import Decision, ModelView, Policy, Rung
+    >>> from zerostart import policy
+    >>> p = policy.make("ttl:300")
+    >>> p.observe_arrival("m", 0.0); p.observe_completion("m", 2.0)
+    >>> p.decide(policy.ModelView("m", policy.Rung.HOT, busy=False, last_active=2.0), now=10.0).rung
+    <Rung.HOT: 'hot'>
+"""
 
-__all__ = ["Decision", "ModelView", "Policy", "Rung"]
+from zerostart.policy._base import LADDER, Decision, ModelView, Policy, PolicyError, Rung
+from zerostart.policy._costs import CostModel
+from zerostart.policy._hybrid import HybridHistogram
+from zerostart.policy._ladder import CostAwareLadder
+from zerostart.policy._spec import POLICY_NAMES, describe, make
+from zerostart.policy._ttl import AlwaysWarm, FixedTTL
+
+__all__ = [
+    "LADDER",
+    "POLICY_NAMES",
+    "AlwaysWarm",
+    "CostAwareLadder",
+    "CostModel",
+    "Decision",
+    "FixedTTL",
+    "HybridHistogram",
+    "ModelView",
+    "Policy",
+    "PolicyError",
+    "Rung",
+    "describe",
+    "make",
+]
