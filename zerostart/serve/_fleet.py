@@ -494,7 +494,8 @@ class Fleet:
 
     def _idle_due(self, m: _Model, r: Replica, now: float) -> float:
         """When an idle hot replica may stop: its keep-alive (the latest request's, else the
-        model's idle_timeout), or what the model's policy says."""
+        model's idle_timeout), or what the model's policy says. Until the cold ladder's parked
+        and image rungs exist, any rung below hot means the worker stops."""
         if m.policy is None or m.keep_alive_explicit:
             return r.last_active + m.keep_alive
         from zerostart.policy import Rung
@@ -519,12 +520,17 @@ class Fleet:
         floor = m.cfg.min_replicas
         if floor == 0 and m.cfg.prewarm and _prewarm.is_open(m.cfg.prewarm, wall or datetime.now().astimezone()):
             floor = 1
-        if floor == 0 and m.policy is not None and not m.live():
+        if floor == 0 and m.policy is not None and not m.keep_alive_explicit and not m.live():
+            from zerostart.policy import Rung
+
             d = self._decide(m, now)
-            if d.prewarm_at is not None and d.prewarm_at <= now and d.prewarm_at != m.prewarmed_for:
-                m.prewarmed_for = d.prewarm_at
-                log.info("model %s: pre-warming (%s)", m.name, d.reason or "policy")
+            if d.rung is Rung.HOT:  # the policy wants it hot now: climb
                 floor = 1
+            elif d.prewarm_at is not None and d.prewarm_at <= now and d.prewarm_at != m.prewarmed_for:
+                m.prewarmed_for = d.prewarm_at  # one climb per predicted arrival
+                floor = 1
+            if floor:
+                log.info("model %s: pre-warming (policy %s: %s)", m.name, m.policy.name, d.reason or "hot")
         return floor
 
     # -- what is going on -------------------------------------------------------------------
