@@ -39,6 +39,7 @@ class Gateway:
             yaml.safe_dump(config, f)
         self.api_key = api_key
         self.log: list[str] = []
+        self._clients: list[Any] = []
         cmd = [sys.executable, "-m", "zerostart", "serve", "--config", self.config_path, "--port", "0"]
         self.proc = subprocess.Popen(cmd + (extra_args or []), env=child_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
@@ -70,7 +71,9 @@ class Gateway:
     def openai(self, **kw: Any) -> Any:
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kw)
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kw)
+        self._clients.append(client)  # closed by stop()
+        return client
 
     async def burst(self, n: int, *, clients: int = 25, **create: Any) -> list[Any]:
         """``n`` concurrent ``completions.create`` calls (raw responses, or the exceptions),
@@ -126,6 +129,24 @@ class Gateway:
             time.sleep(0.05)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}\n" + self.tail())
 
+    def worker_pids(self, name: str) -> list[int]:
+        """Live worker processes of model ``name`` that this gateway started (from /proc)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if (b"zerostart.serve._worker" in args and name.encode() in args and stat[0] != "Z"
+                    and int(stat[1]) == self.proc.pid):
+                pids.append(int(entry))
+        return pids
+
     def tail(self, n: int = 40) -> str:
         return "".join(self.log[-n:])
 
@@ -138,6 +159,8 @@ class Gateway:
                 self.proc.kill()
                 self.proc.wait()
         self.http.close()
+        for client in self._clients:
+            client.close()
         if self.proc.stderr is not None:
             self.proc.stderr.close()
 

@@ -51,8 +51,9 @@ def test_models_health_and_auth(gw: Gateway) -> None:
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key"
         assert r.headers["x-zerostart-cold-start-ms"] == "0"
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=gw.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key="wrong", max_retries=0) as wrong:
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
     assert all(m["state"] == "zero" for m in gw.status()["models"])  # nothing started by any of this
 
 
