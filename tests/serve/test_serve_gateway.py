@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -16,7 +17,7 @@ from tests.serve._helpers import API_KEY, Gateway, pid_alive
 MODELS = {
     # name: extra model settings
     "api": {"idle_timeout": 120},
-    "lifecycle": {"idle_timeout": 1.5},
+    "lifecycle": {"idle_timeout": 1},
     "burst": {"idle_timeout": 2},
     "small-queue": {"idle_timeout": 2, "max_queued": 100},
     "held": {"idle_timeout": 1},
@@ -146,7 +147,7 @@ def test_cold_hot_scale_to_zero_and_cold_again(gw: Gateway) -> None:
     assert time.monotonic() - t0 < cold_ms / 1000
 
     gw.wait_for("lifecycle to scale to zero", lambda: gw.model("lifecycle")["state"] == "zero", timeout=15)
-    assert time.monotonic() - t0 >= 1.5  # not before its idle timeout
+    assert time.monotonic() - t0 >= 1.0  # not before its idle timeout
     gw.wait_for("the worker process to be gone", lambda: not pid_alive(pid), timeout=5)
     assert gw.model("lifecycle")["replicas"] == 0
     assert gw.metric("zerostart_replica_stops_total", model="lifecycle", reason="idle") == 1
@@ -176,10 +177,10 @@ def test_keep_alive_per_request(gw: Gateway) -> None:
 
 def test_500_concurrent_requests_one_cold_start(gw: Gateway) -> None:
     assert gw.model("burst")["state"] == "zero"
-    results = asyncio.run(gw.burst(500, model="burst", prompt="request", max_tokens=2))
+    results = asyncio.run(gw.burst(500, model="burst", prompt="request", max_tokens=1))
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors[:3]
-    assert all(r.parse().usage.completion_tokens >= 1 for r in results)
+    assert all(r.parse().usage.completion_tokens == 1 for r in results)
     assert gw.metric("zerostart_cold_starts_total", model="burst", rung="zero") == 1
     assert gw.metric("zerostart_requests_total", model="burst", status="200") == 500
     paid = [int(r.headers["x-zerostart-cold-start-ms"]) for r in results]
@@ -187,7 +188,7 @@ def test_500_concurrent_requests_one_cold_start(gw: Gateway) -> None:
 
 
 def test_queue_limit_answers_429_with_retry_after(gw: Gateway) -> None:
-    results = asyncio.run(gw.burst(500, model="small-queue", prompt="q", max_tokens=2))
+    results = asyncio.run(gw.burst(500, model="small-queue", prompt="q", max_tokens=1))
     ok = [r for r in results if not isinstance(r, BaseException)]
     limited = [r for r in results if isinstance(r, openai.RateLimitError)]
     assert len(ok) + len(limited) == 500, [r for r in results if isinstance(r, BaseException)
@@ -202,22 +203,24 @@ def test_queue_limit_answers_429_with_retry_after(gw: Gateway) -> None:
 
 def test_streamed_request_waiting_for_a_start_gets_keepalives(gw: Gateway) -> None:
     body = {"model": "held", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True}
+    # the openai client reads such a stream like any other; it waits for the same start
+    parsed: list = []
+    reader = threading.Thread(target=lambda: parsed.extend(gw.openai().chat.completions.create(
+        model="held", messages=[{"role": "user", "content": "y"}], max_tokens=3, stream=True)))
+    reader.start()
     with gw.http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["x-zerostart-cold-start-ms"] == "pending"  # headers went out before the start ended
         lines = [line for line in r.iter_lines() if line]
+    reader.join(30)
     comments = [x for x in lines if x.startswith(":")]
     data = [x for x in lines if x.startswith("data: ")]
     assert len(comments) >= 2 and lines.index(comments[0]) < lines.index(data[0])
     reported = [c for c in comments if "x-zerostart-cold-start-ms=" in c]
     assert len(reported) == 1 and int(reported[0].split("=")[1]) > 250
     assert data[-1] == "data: [DONE]"
-
-    # the openai client reads such a stream like any other
-    gw.wait_for("held to scale to zero", lambda: gw.model("held")["state"] == "zero", timeout=15)
-    stream = gw.openai().chat.completions.create(model="held", messages=[{"role": "user", "content": "y"}],
-                                                 max_tokens=3, stream=True)
-    assert sum(1 for ch in stream if ch.choices and ch.choices[0].finish_reason) == 1
+    assert sum(1 for ch in parsed if ch.choices and ch.choices[0].finish_reason) == 1
+    assert gw.metric("zerostart_cold_starts_total", model="held", rung="zero") == 1
 
 
 def test_request_while_stopping_gets_a_fresh_start(gw: Gateway) -> None:

@@ -100,7 +100,9 @@ class ModelConfig(_Section):
     path: str  # a Hugging Face model directory or a .safetensors file; relative to the config file
     name: str | None = None  # the name clients ask for; None: the directory's (or file's) name
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the checkpoint's own
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the engine's choice for the device
+    max_model_len: int | None = Field(None, ge=2)  # longest prompt + completion; None: the engine's default
+    kv_cache_bytes: Bytes | None = None  # the engine's KV cache size; None: the engine's default
     idle_timeout: KeepAlive = 300.0  # scale to zero after this long idle; negative: never
     keep_alive_policy: str | None = None  # a zerostart.policy spec ("ttl:600", "hybrid"); None: idle_timeout
     min_replicas: int = Field(0, ge=0)  # replicas kept hot whatever the traffic
@@ -111,7 +113,7 @@ class ModelConfig(_Section):
     stop_timeout: Seconds = 10.0  # a stopping worker is killed after this long
     start_backoff: Seconds = 5.0  # wait after a failed start, doubling per failure ...
     start_backoff_max: Seconds = 300.0  # ... up to this
-    memory_estimate: Bytes | None = None  # device bytes a replica holds; None: from the checkpoint
+    memory_estimate: Bytes | None = None  # device bytes a replica holds; None: weights + kv_cache_bytes
     prewarm: list[PrewarmWindow] = []  # windows when the model is kept hot ahead of traffic
     env: dict[str, str] = {}  # extra environment for this model's workers
 

@@ -23,13 +23,13 @@ class DemoModelError(RuntimeError):
     """The demo model could not be created."""
 
 
-def demo_model_dir() -> str:
-    return os.path.join(weights.cache_dir(), "demo", DEMO_SIZE)
+def demo_model_dir(size: str = DEMO_SIZE) -> str:
+    return os.path.join(weights.cache_dir(), "demo", size)
 
 
-def ensure_demo_model(out: TextIO = sys.stderr) -> str:
+def ensure_demo_model(out: TextIO = sys.stderr, size: str = DEMO_SIZE) -> str:
     """The demo checkpoint's directory, creating it (once, atomically) if needed."""
-    path = demo_model_dir()
+    path = demo_model_dir(size)
     if _complete(path):
         return path
     print(f"zerostart: creating the demo model in {path} (once; this takes a few seconds) ...", file=out, flush=True)
@@ -38,7 +38,7 @@ def ensure_demo_model(out: TextIO = sys.stderr) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "zerostart", "demo-model", "--out", tmp, "--size", DEMO_SIZE]
+    cmd = [sys.executable, "-m", "zerostart", "demo-model", "--out", tmp, "--size", size]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:

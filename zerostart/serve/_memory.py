@@ -1,9 +1,9 @@
 """Device memory: how much a replica will hold, the per-device budget, and who goes first
 when a new model needs room.
 
-Estimates come from the checkpoint's safetensors headers (no torch needed) or from the
-model's ``memory_estimate``. They count the weights as loaded (after a ``dtype`` cast); set
-``memory_estimate`` to include what the engine adds (KV cache, activations) on tight budgets.
+Estimates come from the checkpoint's safetensors headers (no torch needed): the weights as
+the engine will hold them, plus ``kv_cache_bytes`` when the model sets it; or the model's
+``memory_estimate``, which should then include the KV cache and activations.
 """
 
 from __future__ import annotations
@@ -15,22 +15,22 @@ from zerostart import weights
 from zerostart.serve._config import ModelConfig
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # cast by a dtype override; others kept
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # cast to the load dtype; others kept as stored
 
 K = TypeVar("K")
 
 
 def estimate_bytes(model: ModelConfig) -> int:
-    """Device bytes one replica of ``model`` holds: ``memory_estimate`` if set, else the weights
-    read from the checkpoint's headers (raises ``WeightsError`` for a bad checkpoint)."""
+    """Device bytes one replica of ``model`` holds: ``memory_estimate`` if set, else its weights
+    as loaded plus ``kv_cache_bytes`` (raises ``WeightsError`` for an unreadable checkpoint)."""
     if model.memory_estimate is not None:
         return model.memory_estimate
     ckpt = weights.resolve(model.path)
-    if model.dtype is None:
-        return ckpt.nbytes
-    width = _DTYPE_BYTES[model.dtype]
-    return sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
-               for h in ckpt.headers for t in h.tensors.values())
+    # Without a dtype the engine loads float32 on CPU and a 16-bit type on accelerators.
+    width = _DTYPE_BYTES[model.dtype or ("float32" if model.device == "cpu" else "bfloat16")]
+    weight_bytes = sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
+                       for h in ckpt.headers for t in h.tensors.values())
+    return weight_bytes + (model.kv_cache_bytes or 0)
 
 
 class Budget:

@@ -265,6 +265,10 @@ class Replica:
                "--name", self.name, "--device", m.device]
         if m.dtype:
             cmd += ["--dtype", m.dtype]
+        if m.max_model_len:
+            cmd += ["--max-model-len", str(m.max_model_len)]
+        if m.kv_cache_bytes:
+            cmd += ["--kv-cache-bytes", str(m.kv_cache_bytes)]
         return cmd
 
     def _env(self) -> dict[str, str]:

@@ -53,8 +53,9 @@ _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly b
 class _Loader:
     """Loads the engine on a background thread and records the phases."""
 
-    def __init__(self, path: str, device: str, dtype: str | None) -> None:
+    def __init__(self, path: str, device: str, dtype: str | None, engine_options: dict[str, Any]) -> None:
         self.path, self.device, self.dtype = path, device, dtype
+        self.engine_options = engine_options  # EngineConfig fields the gateway sets
         self.timeline = Timeline(origin=_ORIGIN, label="worker")
         self.state = "loading"
         self.phase = "import"
@@ -70,11 +71,12 @@ class _Loader:
     def _run(self) -> None:
         try:
             t0 = time.perf_counter()
-            from zerostart.engine import Engine  # torch and the engine: the fixed cost of a cold start
+            from zerostart.engine import Engine, EngineConfig  # torch and the engine: the fixed cost of a cold start
 
             t1 = time.perf_counter()
             self.phase = "load"
-            engine = Engine.from_pretrained(self.path, device=self.device, dtype=self.dtype)
+            engine = Engine.from_pretrained(self.path, device=self.device, dtype=self.dtype,
+                                            config=EngineConfig(**self.engine_options))
             # The engine's phases (import, device_init, read, copy, prepare, warmup) on our origin;
             # the engine times its own import where it can, else ours stands in.
             etl = engine.timeline
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="served model name (default: the directory's name)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (tokens)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--fd", type=int, help="an inherited, listening socket (set by the gateway)")
     where.add_argument("--uds", help="listen on this Unix socket path")
@@ -218,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    loader = _Loader(args.model, args.device, args.dtype)
+    options = {k: v for k, v in (("max_model_len", args.max_model_len), ("kv_cache_bytes", args.kv_cache_bytes))
+               if v is not None}
+    loader = _Loader(args.model, args.device, args.dtype, options)
     loader.start()  # overlaps the load with the server's start
     if args.fd is not None:
         _watch_parent()
