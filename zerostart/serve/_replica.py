@@ -239,8 +239,9 @@ class Replica:
             self._socket_path = path
             self.address = f"unix:{path}"
         else:
+            # IPPROTO_TCP, so asyncio turns Nagle off on the worker's connections
             sock = socket.socket(socket.AF_INET6 if ":" in self._server.worker_host else socket.AF_INET,
-                                 socket.SOCK_STREAM)
+                                 socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.bind((self._server.worker_host, 0))
             host, port = sock.getsockname()[:2]
             self._tcp_address = (host, port)
