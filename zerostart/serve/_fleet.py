@@ -18,8 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import deque
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,97 +26,13 @@ from zerostart.serve._config import ConfigError, ModelConfig, ServeConfig
 from zerostart.serve._errors import QueueFull, ServeError, ShuttingDown, StartFailed, StartTimeout, UnknownModel
 from zerostart.serve._memory import Budget, Candidate, choose_victim, estimate_bytes
 from zerostart.serve._metrics import DeviceGauges, Metrics, ModelGauges
+from zerostart.serve._model import Lease, Model, Waiter
 from zerostart.serve._replica import Replica
-from zerostart.serve._state import State, model_state
+from zerostart.serve._state import State
 from zerostart.serve._units import format_duration, format_size
 from zerostart.weights import WeightsError
 
 log = logging.getLogger("zerostart.serve")
-
-_LIVE = (State.STARTING, State.HOT)
-
-
-@dataclass
-class _Waiter:
-    future: asyncio.Future[Replica]
-    arrived: float
-
-
-class Lease:
-    """A request's hold on one replica: while any lease is open the replica is not stopped.
-    Call :meth:`release` exactly when the response is finished (extra calls are ignored)."""
-
-    def __init__(self, fleet: "Fleet", model: "_Model", replica: Replica, arrived: float) -> None:
-        self._fleet = fleet
-        self._model = model
-        self.replica = replica
-        self.arrived = arrived
-        self.dispatched = time.monotonic()
-        ready = replica.ready_at or self.dispatched
-        # Time this request spent waiting for a start, and then for room on the replica.
-        self.cold_start_ms = max(0.0, ready - arrived) * 1000.0
-        self.queue_ms = max(0.0, self.dispatched - max(ready, arrived)) * 1000.0
-        self._released = False
-        self._first_byte = False
-
-    def first_byte(self, *, streamed: bool) -> None:
-        """The worker's response started (a streamed request's first token)."""
-        if self._first_byte:
-            return
-        self._first_byte = True
-        now = time.monotonic()
-        if streamed:
-            self._fleet.metrics.ttft.labels(self._model.name).observe(now - self.arrived)
-        r = self.replica
-        if r.ready_at is not None and not r.first_token_recorded:
-            r.first_token_recorded = True
-            began = max(r.ready_at, self.dispatched)
-            end = r.timeline.now()
-            r.timeline.add_relative("first_token", end - (now - began), end, streamed=streamed)
-            self._fleet.metrics.observe_first_token(self._model.name, r.rung, now - began)
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._fleet._release(self._model, self.replica)
-
-
-class _Model:
-    """One served model: its config, replicas, queue and history."""
-
-    def __init__(self, cfg: ModelConfig, estimate: int, policy: Any) -> None:
-        self.cfg = cfg
-        self.name = cfg.served_name
-        self.estimate = estimate
-        self.policy = policy
-        self.replicas: list[Replica] = []
-        self.waiters: deque[_Waiter] = deque()
-        self.start_task: asyncio.Task[None] | None = None
-        self.start_began = 0.0
-        self.keep_alive = cfg.idle_timeout  # the latest request's keep_alive, else idle_timeout
-        self.keep_alive_explicit = False
-        self.last_active = -math.inf  # last arrival or completion (monotonic)
-        self.failures = 0  # consecutive failed starts
-        self.backoff_until = 0.0
-        self.last_error: str | None = None
-        self.last_cold_start: Replica | None = None
-        self.last_ready_s: float | None = None  # spawn -> ready of the last cold start
-        self.prewarmed_for: float | None = None  # the policy prewarm_at already acted on
-
-    def live(self) -> list[Replica]:
-        return [r for r in self.replicas if r.state in _LIVE]
-
-    def free_replica(self) -> Replica | None:
-        ready = [r for r in self.replicas if r.has_capacity]
-        return min(ready, key=lambda r: r.in_flight, default=None)
-
-    @property
-    def state(self) -> State:
-        return model_state(r.state for r in self.replicas)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(r.in_flight for r in self.replicas)
 
 
 class Fleet:
@@ -127,7 +41,7 @@ class Fleet:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, Model] = {}
         limits = {dev: d.memory_budget for dev, d in config.devices.items()}
         self._budget = Budget(limits)
         for i, m in enumerate(config.models):
@@ -142,7 +56,7 @@ class Fleet:
                                   f"devices.{m.device}.memory_budget ({format_size(limit)}); raise the budget, or set "
                                   "memory_estimate if the estimate is wrong")
             policy = _make_policy(m.keep_alive_policy, f"{where}.keep_alive_policy") if m.keep_alive_policy else None
-            self._models[m.served_name] = _Model(m, est, policy)
+            self._models[m.served_name] = Model(m, est, policy)
         self.metrics = Metrics(self._models, self._model_gauges, self._device_gauges)
         self._wake = asyncio.Event()
         self._memory_event = asyncio.Event()
@@ -214,12 +128,12 @@ class Fleet:
             r = m.free_replica()
             if r is not None:
                 r.in_flight += 1
-                return Lease(self, m, r, now)
+                return Lease(m, r, now, self.metrics, self._release)
         if len(m.waiters) >= m.cfg.max_queued:
             self._scale(m)
             raise QueueFull(f"model {name!r} already has {len(m.waiters)} requests waiting (max_queued "
                             f"{m.cfg.max_queued}); retry after Retry-After seconds", retry_after=self._retry_after(m))
-        w = _Waiter(asyncio.get_running_loop().create_future(), now)
+        w = Waiter(asyncio.get_running_loop().create_future(), now)
         m.waiters.append(w)
         self._scale(m)
         self._dispatch(m)
@@ -231,9 +145,9 @@ class Fleet:
             elif w.future.done() and not w.future.cancelled() and w.future.exception() is None:
                 self._release(m, w.future.result())  # assigned just as the client went away
             raise
-        return Lease(self, m, replica, w.arrived)
+        return Lease(m, replica, w.arrived, self.metrics, self._release)
 
-    def _model(self, name: str) -> _Model:
+    def _model(self, name: str) -> Model:
         try:
             return self._models[name]
         except KeyError:
@@ -241,7 +155,7 @@ class Fleet:
             raise UnknownModel(f"The model {name!r} does not exist on this server (served models: {known}). "
                                "GET /v1/models lists them.", param="model") from None
 
-    def _on_arrival(self, m: _Model, now: float, keep_alive: float | None) -> None:
+    def _on_arrival(self, m: Model, now: float, keep_alive: float | None) -> None:
         m.last_active = now
         m.keep_alive = m.cfg.idle_timeout if keep_alive is None else keep_alive
         m.keep_alive_explicit = keep_alive is not None
@@ -249,7 +163,7 @@ class Fleet:
             m.policy.observe_arrival(m.name, now)
         self._wake.set()
 
-    def _release(self, m: _Model, r: Replica) -> None:
+    def _release(self, m: Model, r: Replica) -> None:
         now = time.monotonic()
         r.in_flight -= 1
         r.last_active = m.last_active = now
@@ -260,7 +174,7 @@ class Fleet:
             self._notify_memory()  # an idle replica is an eviction candidate
             self._wake.set()
 
-    def _dispatch(self, m: _Model) -> None:
+    def _dispatch(self, m: Model) -> None:
         while m.waiters:
             r = m.free_replica()
             if r is None:
@@ -271,13 +185,13 @@ class Fleet:
             r.in_flight += 1
             w.future.set_result(r)
 
-    def _fail_waiters(self, m: _Model, err: ServeError) -> None:
+    def _fail_waiters(self, m: Model, err: ServeError) -> None:
         while m.waiters:
             w = m.waiters.popleft()
             if not w.future.done():
                 w.future.set_exception(type(err)(err.message, retry_after=err.retry_after))
 
-    def _retry_after(self, m: _Model) -> float:
+    def _retry_after(self, m: Model) -> float:
         """A hint for 429s: the rest of a start in progress (by the last one's duration), else 1 s."""
         if m.start_task is not None and m.last_ready_s:
             return max(1.0, m.last_ready_s - (time.monotonic() - m.start_began))
@@ -285,7 +199,7 @@ class Fleet:
 
     # -- starting and stopping replicas -----------------------------------------------------
 
-    def _scale(self, m: _Model) -> None:
+    def _scale(self, m: Model) -> None:
         """Start a replica if the queue or the floor needs one (one start at a time per model)."""
         if m.start_task is not None or self._closing:
             return
@@ -296,11 +210,11 @@ class Fleet:
         if len(live) >= m.cfg.max_replicas:
             return
         needed = bool(m.waiters) and not any(r.has_capacity for r in live)
-        if needed or len(live) < self._floor(m, now):
+        if needed or len(live) < m.floor(now):
             m.start_began = now
             m.start_task = asyncio.create_task(self._start(m))
 
-    async def _start(self, m: _Model) -> None:
+    async def _start(self, m: Model) -> None:
         assert self._socket_dir is not None, "Fleet.start() was not called"
         r = Replica(m.cfg, self.config.server, self._socket_dir, on_exit=self._on_worker_exit)
         r.transition(State.STARTING)
@@ -349,7 +263,7 @@ class Fleet:
             self._fail_waiters(m, err)
         self._wake.set()
 
-    async def _admit(self, m: _Model, r: Replica) -> None:
+    async def _admit(self, m: Model, r: Replica) -> None:
         """Reserve the replica's estimated bytes on its device, stopping idle replicas of other
         models (the cheapest to bring back first) or waiting for busy ones to become idle."""
         dev, need = m.cfg.device, m.estimate
@@ -371,14 +285,14 @@ class Fleet:
         self._budget.reserve(dev, need)
         r.reserved_bytes = need
 
-    def _eviction_victim(self, device: str, exclude: _Model) -> tuple[_Model, Replica] | None:
+    def _eviction_victim(self, device: str, exclude: Model) -> tuple[Model, Replica] | None:
         now = time.monotonic()
         candidates = []
         for m in self._models.values():
             if m is exclude or m.cfg.device != device:
                 continue
             live = m.live()
-            spare = len(live) - self._floor(m, now)
+            spare = len(live) - m.floor(now)
             idle = sorted((r for r in live if r.state is State.HOT and r.in_flight == 0), key=lambda r: r.last_active)
             for r in idle[:max(0, spare)]:
                 cost = m.last_ready_s if m.last_ready_s is not None else math.inf
@@ -395,13 +309,13 @@ class Fleet:
                     return True
         return False
 
-    def _begin_stop(self, m: _Model, r: Replica, reason: str, *, force: bool = False) -> None:
+    def _begin_stop(self, m: Model, r: Replica, reason: str, *, force: bool = False) -> None:
         if r.state is not State.HOT or (r.in_flight and not force):
             raise RuntimeError(f"refusing to stop {r!r}: only idle hot replicas stop")
         r.transition(State.STOPPING)
         self._spawn(self._stop(m, r, reason))
 
-    async def _stop(self, m: _Model, r: Replica, reason: str) -> None:
+    async def _stop(self, m: Model, r: Replica, reason: str) -> None:
         await r.stop(m.cfg.stop_timeout)
         r.transition(State.ZERO)
         self._free(m, r)
@@ -410,14 +324,14 @@ class Fleet:
         self._scale(m)
         self._wake.set()
 
-    async def _discard(self, m: _Model, r: Replica) -> None:
+    async def _discard(self, m: Model, r: Replica) -> None:
         """Kill a replica that failed to start (or whose start was cancelled)."""
         await r.kill()
         if r.state is not State.ZERO:
             r.transition(State.ZERO)
         self._free(m, r)
 
-    def _free(self, m: _Model, r: Replica) -> None:
+    def _free(self, m: Model, r: Replica) -> None:
         if r.reserved_bytes:
             self._budget.release(m.cfg.device, r.reserved_bytes)
             r.reserved_bytes = 0
@@ -464,7 +378,7 @@ class Fleet:
         next_at = math.inf
         wall = datetime.now().astimezone()
         for m in self._models.values():
-            floor = self._floor(m, now, wall)
+            floor = m.floor(now, wall)
             self._scale(m)
             if m.backoff_until > now and (m.waiters or len(m.live()) < floor):
                 next_at = min(next_at, m.backoff_until)
@@ -473,7 +387,7 @@ class Fleet:
             for r in sorted((r for r in live if r.state is State.HOT and r.in_flight == 0), key=lambda r: r.last_active):
                 if spare <= 0:
                     break
-                due = self._idle_due(m, r, now)
+                due = m.idle_due(r, now)
                 if due <= now:
                     log.info("model %s: idle for %.1f s (keep-alive %s): stopping worker pid %s", m.name,
                              now - r.last_active, format_duration(m.keep_alive), r.pid)
@@ -486,88 +400,20 @@ class Fleet:
                 if change is not None:
                     next_at = min(next_at, now + max(0.0, (change - wall).total_seconds()))
             if m.policy is not None:
-                d = self._decide(m, now)
+                d = m.decide(now)
                 for t in (d.recheck_at, d.prewarm_at):
                     if t is not None and t > now:
                         next_at = min(next_at, t)
         return next_at
-
-    def _idle_due(self, m: _Model, r: Replica, now: float) -> float:
-        """When an idle hot replica may stop: its keep-alive (the latest request's, else the
-        model's idle_timeout), or what the model's policy says. Until the cold ladder's parked
-        and image rungs exist, any rung below hot means the worker stops."""
-        if m.policy is None or m.keep_alive_explicit:
-            return r.last_active + m.keep_alive
-        from zerostart.policy import Rung
-
-        d = self._decide(m, now)
-        if d.rung is Rung.HOT:
-            return d.recheck_at if d.recheck_at is not None else math.inf
-        return now
-
-    def _decide(self, m: _Model, now: float) -> Any:
-        from zerostart.policy import ModelView, Rung
-
-        live = m.live()
-        view = ModelView(name=m.name, rung=Rung.HOT if live else Rung.ZERO,
-                         busy=bool(m.in_flight or m.waiters or m.start_task is not None),
-                         last_active=m.last_active, size_bytes=m.estimate)
-        return m.policy.decide(view, now)
-
-    def _floor(self, m: _Model, now: float, wall: datetime | None = None) -> int:
-        """Replicas the model keeps whatever the traffic: min_replicas, one while a pre-warm
-        window is open, one when its policy asks to pre-warm."""
-        floor = m.cfg.min_replicas
-        if floor == 0 and m.cfg.prewarm and _prewarm.is_open(m.cfg.prewarm, wall or datetime.now().astimezone()):
-            floor = 1
-        if floor == 0 and m.policy is not None and not m.keep_alive_explicit and not m.live():
-            from zerostart.policy import Rung
-
-            d = self._decide(m, now)
-            if d.rung is Rung.HOT:  # the policy wants it hot now: climb
-                floor = 1
-            elif d.prewarm_at is not None and d.prewarm_at <= now and d.prewarm_at != m.prewarmed_for:
-                m.prewarmed_for = d.prewarm_at  # one climb per predicted arrival
-                floor = 1
-            if floor:
-                log.info("model %s: pre-warming (policy %s: %s)", m.name, m.policy.name, d.reason or "hot")
-        return floor
 
     # -- what is going on -------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """The JSON of ``GET /zerostart/status``."""
         now = time.monotonic()
-        models = []
-        for m in self._models.values():
-            models.append({
-                "name": m.name,
-                "state": m.state.value,
-                "replicas": len(m.replicas),
-                "queued": len(m.waiters),
-                "in_flight": m.in_flight,
-                "device": m.cfg.device,
-                "memory_estimate_bytes": m.estimate,
-                "keep_alive_s": None if math.isinf(m.keep_alive) else m.keep_alive,
-                "last_cold_start": self._cold_start_json(m),
-                "last_error": m.last_error,
-                "backoff_s": round(max(0.0, m.backoff_until - now), 3),
-                "workers": [{"pid": r.pid, "state": r.state.value, "address": r.address, "in_flight": r.in_flight,
-                             "idle_s": round(now - r.last_active, 3) if r.state is State.HOT and not r.in_flight else 0.0}
-                            for r in m.replicas],
-            })
         devices = [{"device": d.device, "budget_bytes": d.budget_bytes, "reserved_bytes": d.reserved_bytes}
                    for d in self._device_gauges()]
-        return {"models": models, "devices": devices}
-
-    @staticmethod
-    def _cold_start_json(m: _Model) -> dict[str, Any] | None:
-        r = m.last_cold_start
-        if r is None:
-            return None
-        d = r.timeline.to_dict()
-        d.pop("label", None)
-        return {"rung": r.rung, "ready_s": round(m.last_ready_s or 0.0, 6), **d}
+        return {"models": [m.status(now) for m in self._models.values()], "devices": devices}
 
     def _model_gauges(self) -> list[ModelGauges]:
         out = []
