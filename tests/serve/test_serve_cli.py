@@ -60,6 +60,10 @@ def test_startup_errors_name_what_is_wrong(tiny_model: str, tmp_path) -> None:
     r = _serve("--config", str(cfg))
     assert r.returncode == 1 and "more than devices.cpu.memory_budget" in r.stderr
 
+    cfg.write_text(f"models:\n  - path: {tiny_model}\n    keep_alive_policy: ttl:soon\n")
+    r = _serve("--config", str(cfg))
+    assert r.returncode == 1 and "models[0] (tiny).keep_alive_policy:" in r.stderr and "ttl" in r.stderr
+
     r = _serve("--model", tiny_model, "--idle-timeout", "soon")
     assert r.returncode == 1 and "--idle-timeout: expected a duration" in r.stderr
 

@@ -20,6 +20,7 @@ def floors(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
         {"path": tiny_model, "name": "always", "keep_alive_policy": "always"},
         {"path": tiny_model, "name": "ttl", "keep_alive_policy": "ttl:1", "idle_timeout": 300},
         {"path": tiny_model, "name": "plain", "idle_timeout": 0.3},
+        {"path": tiny_model, "name": "wide", "max_replicas": 2, "max_concurrency": 1, "idle_timeout": 0.5},
     ]}
     g = Gateway(config, str(tmp_path_factory.mktemp("floors")))
     yield g
@@ -57,6 +58,21 @@ def test_keep_alive_policy_replaces_the_idle_timeout(floors: Gateway) -> None:
     floors.wait_for("ttl:1 to scale to zero", lambda: floors.model("ttl")["state"] == "zero", timeout=10)
     assert 0.9 <= time.monotonic() - t0 < 8
     assert floors.metric("zerostart_cold_starts_total", model="ttl", rung="zero") == 1
+
+
+def test_a_second_replica_starts_when_the_first_is_full(floors: Gateway) -> None:
+    client = floors.openai()
+    long = dict(model="wide", prompt="go", max_tokens=900, stream=True, extra_body={"ignore_eos": True})
+    first = client.completions.create(**long)
+    next(iter(first))  # replica 1 is hot and full (max_concurrency 1)
+    second = client.completions.create(**long)
+    next(iter(second))  # served by a second replica, started for it
+    workers = floors.model("wide")["workers"]
+    assert len(workers) == 2 and all(w["state"] == "hot" and w["in_flight"] == 1 for w in workers), workers
+    first.close()  # the clients leave: the workers stop generating, the replicas go idle
+    second.close()
+    assert floors.metric("zerostart_cold_starts_total", model="wide", rung="zero") == 2
+    floors.wait_for("both replicas to stop when idle", lambda: floors.model("wide")["replicas"] == 0, timeout=15)
 
 
 @pytest.fixture(scope="module")
