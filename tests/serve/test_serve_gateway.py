@@ -99,6 +99,11 @@ def test_chat_and_completions_streamed_and_not(gw: Gateway) -> None:
         assert stop not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
         assert probe.startswith(cut.choices[0].text)
 
+    # echo puts the prompt before the completion
+    echoed = client.completions.create(model="api", prompt="Echo me", max_tokens=2, seed=1, echo=True)
+    assert echoed.choices[0].text.startswith("Echo me")
+    assert client.models.retrieve("api").id == "api"
+
     # n choices and several prompts
     multi = client.completions.create(model="api", prompt=["a", "b"], n=2, max_tokens=3, seed=1)
     assert sorted(ch.index for ch in multi.choices) == [0, 1, 2, 3]

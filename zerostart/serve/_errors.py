@@ -79,7 +79,7 @@ class StartFailed(ServeError):
 
     def __init__(self, message: str, *, cause: str = "load_error", **kw: Any) -> None:
         super().__init__(message, **kw)
-        self.cause = cause  # metric label: load_error, exit, spawn, memory
+        self.cause = cause  # metric label: load_error, exit, spawn, memory, internal (timeouts: timeout)
 
 
 class StartTimeout(ServeError):

@@ -232,6 +232,9 @@ class Fleet:
             cause = "timeout"
         except StartFailed as e:
             err, cause = e, e.cause
+        except Exception as e:  # noqa: BLE001 - a bug must not wedge the model in "starting" forever
+            log.exception("model %s: start failed unexpectedly", m.name)
+            err, cause = StartFailed(f"model {m.name!r} could not be started: {e!r}", cause="internal"), "internal"
         except asyncio.CancelledError:
             await self._discard(m, r)
             m.start_task = None
@@ -365,7 +368,11 @@ class Fleet:
     async def _tick_loop(self) -> None:
         while True:
             self._wake.clear()
-            next_at = self._tick(time.monotonic())
+            try:
+                next_at = self._tick(time.monotonic())
+            except Exception:  # noqa: BLE001 - log a bug loudly, but keep scaling the other models
+                log.exception("fleet tick failed")
+                next_at = time.monotonic() + 1.0
             timeout = None if math.isinf(next_at) else max(0.0, next_at - time.monotonic())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)

@@ -73,17 +73,20 @@ class OpenAIRoutes:
             choices = self._submit(req, [prompt], req.max_new_tokens, param="messages")
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return await self._respond("chat", req, choices, [prompt])
+        return await self._respond("chat", req, choices, None)
 
     async def completions(self, request: Request) -> Response:
         try:
             req = parse_request(CompletionRequest, await request.body())
             assert isinstance(req, CompletionRequest)
-            prompts = [self._encode(p) for p in req.prompts()]
+            given = req.prompts()
+            prompts = [self._encode(p) for p in given]
             choices = self._submit(req, prompts, req.max_new_tokens, param="prompt")
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return await self._respond("text", req, choices, prompts)
+        # echo gives back the prompt as it was sent (token prompts as their text)
+        echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in given] if req.echo else None
+        return await self._respond("text", req, choices, echo)
 
     # -- prompts and sampling ---------------------------------------------------------------
 
@@ -135,10 +138,9 @@ class OpenAIRoutes:
 
     # -- responses --------------------------------------------------------------------------
 
-    async def _respond(self, kind: str, req: _Request, choices: list[_Choice], prompts: list[list[int]]) -> Response:
+    async def _respond(self, kind: str, req: _Request, choices: list[_Choice], echo: list[str] | None) -> Response:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        echo = [self.engine.tokenizer.decode(p) for p in prompts] if getattr(req, "echo", False) else None
         if req.stream:
             return StreamingResponse(self._stream(kind, req, rid, created, choices, echo),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})

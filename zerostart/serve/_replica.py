@@ -101,7 +101,11 @@ class Replica:
     async def start(self) -> None:
         """Spawn the worker and return once it has loaded the model and serves requests.
         Raises :class:`StartFailed` naming the cause; the caller enforces the start timeout."""
-        sock = self._listen()
+        try:
+            sock = self._listen()
+        except OSError as e:
+            raise StartFailed(f"could not open a socket for model {self.name!r}'s worker ({e}); check "
+                              "server.socket_dir / server.worker_host", cause="spawn") from None
         spawn_unix = time.time()
         self.timeline = Timeline(label=f"{self.name} cold start")
         try:
@@ -160,15 +164,18 @@ class Replica:
 
     async def _fetch_phases(self, spawn_unix: float) -> None:
         assert self.client is not None
-        r = await self.client.get("/zerostart/phases", timeout=_CONNECT_TIMEOUT_S)
-        r.raise_for_status()
-        body = r.json()
-        # The worker's phases are relative to its own origin (the first line it ran); everything
-        # before that (fork/exec, interpreter start) is the spawn phase.
-        # Spawn ends where the worker's first phase begins (its own HTTP server is up by then).
-        shift = float(body["origin_unix"]) - spawn_unix
-        worker = body["timeline"]["phases"]
-        first = min((float(p["start_s"]) for p in worker), default=0.0)
+        try:
+            r = await self.client.get("/zerostart/phases", timeout=_CONNECT_TIMEOUT_S)
+            r.raise_for_status()
+            body = r.json()
+            # The worker's phases are relative to its own origin (the first line it ran).
+            # Spawn ends where the worker's first phase begins (its HTTP server is up by then).
+            shift = float(body["origin_unix"]) - spawn_unix
+            worker = body["timeline"]["phases"]
+            first = min((float(p["start_s"]) for p in worker), default=0.0)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            raise StartFailed(f"the worker for model {self.name!r} did not report its load phases ({e!r})",
+                              cause="exit") from None
         self.timeline.add_relative("spawn", 0.0, max(0.0, shift + first))
         self.timeline.merge(body["timeline"], shift=shift)
 
