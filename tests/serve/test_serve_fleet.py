@@ -104,7 +104,7 @@ def test_busy_model_is_never_evicted(budget: Gateway) -> None:
     client = budget.openai()
     assert budget.model("m2")["state"] == "hot"
     m2_pid = budget.model("m2")["workers"][0]["pid"]
-    stream = client.completions.create(model="m2", prompt="go", max_tokens=150, stream=True,
+    stream = client.completions.create(model="m2", prompt="go", max_tokens=900, stream=True,
                                        extra_body={"ignore_eos": True})
     chunks = iter(stream)
     next(chunks)  # m2 is serving
@@ -117,10 +117,16 @@ def test_busy_model_is_never_evicted(budget: Gateway) -> None:
     t = threading.Thread(target=ask_m1)
     t.start()
     budget.wait_for("m1 to wait for memory", lambda: budget.model("m1")["state"] == "starting")
-    n = sum(1 for _ in chunks)  # the stream runs to its end, undisturbed
-    done["m2"] = time.monotonic()
+    time.sleep(1.0)
+    # m1 waits (memory forces it) while m2's request runs on, undisturbed
+    assert "m1" not in done and budget.model("m1")["workers"][0]["pid"] is None  # not even spawned
+    m2 = budget.model("m2")
+    assert m2["state"] == "hot" and m2["in_flight"] == 1 and m2["workers"][0]["pid"] == m2_pid
+    for _ in range(3):
+        next(chunks)
+    closed = time.monotonic()
+    stream.close()  # the client leaves: m2 goes idle, and only now may it be evicted
     t.join(30)
-    assert n >= 1 and "m1" in done
-    assert done["m1"] >= done["m2"]  # m1 waited: memory forced it
+    assert done["m1"] > closed
     assert budget.model("m1")["state"] == "hot" and budget.model("m2")["state"] == "zero"
     assert m2_pid not in budget.worker_pids("m2")

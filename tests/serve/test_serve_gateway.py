@@ -189,7 +189,7 @@ def test_500_concurrent_requests_one_cold_start(gw: Gateway) -> None:
     assert gw.metric("zerostart_cold_starts_total", model="burst", rung="zero") == 1
     assert gw.metric("zerostart_requests_total", model="burst", status="200") == 500
     paid = [int(r.headers["x-zerostart-cold-start-ms"]) for r in results]
-    assert sum(1 for ms in paid if ms > 0) >= 400  # held during the one start, not refused
+    assert sum(1 for ms in paid if ms > 0) >= 250  # most arrived during the one start, and were held
 
 
 def test_queue_limit_answers_429_with_retry_after(gw: Gateway) -> None:
