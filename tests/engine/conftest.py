@@ -3,6 +3,18 @@ import os
 import pytest
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny models here are latency bound: one intra-op thread is faster on a shared 2-core
+    machine than two threads waiting on each other. Restored after each module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny demo model (Llama architecture, random weights), written once per session."""
@@ -41,3 +53,35 @@ def child_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def view_arena(path, device="cpu", *, dtype=None, **_):
+    """An arena as the load path lays it out: every tensor a view into one allocation, in file order."""
+    import types
+
+    import torch
+
+    from zerostart.weights import resolve
+    from zerostart.weights._dtypes import to_torch
+
+    ckpt = resolve(path)
+    total = sum(h.file_size for h in ckpt.headers)
+    raw = torch.empty(total, dtype=torch.uint8)
+    views, base = {}, 0
+    for h in ckpt.headers:
+        with open(h.path, "rb") as f:
+            f.readinto(memoryview(raw.numpy())[base : base + h.file_size])
+        for name, t in h.tensors.items():
+            o = base + h.data_start + t.start
+            views[name] = raw[o : o + t.nbytes].view(to_torch(t.dtype, "")).view(t.shape)
+        base += h.file_size
+    if dtype is None and torch.device(device).type == "cpu":
+        return types.SimpleNamespace(storage=raw, tensors=views, stats=None)
+    dtype = dtype or next(iter(views.values())).dtype
+    storage = torch.empty(sum(v.numel() for v in views.values()), dtype=dtype, device=device)
+    out, off = {}, 0
+    for name, v in views.items():
+        out[name] = storage[off : off + v.numel()].view(v.shape)
+        out[name].copy_(v)
+        off += v.numel()
+    return types.SimpleNamespace(storage=storage, tensors=out, stats=None)

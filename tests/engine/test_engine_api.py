@@ -174,3 +174,19 @@ def test_load_errors(tmp_path, tiny_dir):
         Engine.from_pretrained(str(tmp_path / "empty"))
     with pytest.raises(EngineError, match="cuda|device"):
         Engine.from_pretrained(tiny_dir, device="tpu")
+
+
+def test_light_names_do_not_import_torch(child_env):
+    import subprocess
+    import sys
+
+    code = ("import sys; from zerostart.engine import SamplingParams, TokenEvent, EngineConfig, EngineError; "
+            "SamplingParams(max_tokens=3); assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_token_event_to_dict():
+    ev = TokenEvent(5, "hi", "stop", 3, 2)
+    assert ev.to_dict() == {"token_id": 5, "text": "hi", "finish_reason": "stop", "prompt_tokens": 3,
+                            "completion_tokens": 2}

@@ -192,3 +192,29 @@ def test_stop_strings_are_cut_and_never_emitted(toks):
     # a held-back prefix of a stop string is released once it cannot be one
     parts, d = _stream(ours, ids, ["two threx"])
     assert "".join(parts) == text and not d.stopped
+
+
+def test_template_sources(tmp_path, tiny_dir):
+    import json
+    import shutil
+
+    shutil.copy(f"{tiny_dir}/tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": {"content": "<|eot_id|>", "special": True}, "bos_token": "<|begin_of_text|>",
+        "chat_template": [{"name": "default", "template": "A{{ messages[0].content }}"},
+                          {"name": "tool_use", "template": "T{{ tools | length }}"}]}))
+    tok = Tokenizer(str(tmp_path))
+    msgs = [{"role": "user", "content": "x"}]
+    assert tok.apply_chat_template(msgs) == "Ax"
+    assert tok.apply_chat_template(msgs, tools=[{"a": 1}]) == "T1"
+    assert tok.apply_chat_template(msgs, chat_template="tool_use", tools=[]) == "T0"
+    assert tok.eos_token_id == tok.token_to_id("<|eot_id|>")
+    (tmp_path / "chat_template.jinja").write_text("J{{ bos_token }}")  # a template file wins
+    assert Tokenizer(str(tmp_path)).apply_chat_template(msgs) == "J<|begin_of_text|>"
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "chat_template.jinja").unlink()
+    with pytest.raises(EngineError, match="no chat template"):
+        Tokenizer(str(tmp_path)).apply_chat_template(msgs)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(EngineError, match="tokenizer.json"):
+        Tokenizer(str(tmp_path))

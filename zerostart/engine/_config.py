@@ -238,8 +238,10 @@ class EngineConfig:
       running decodes keep flowing).
     - ``cuda_graphs``: capture decode steps as CUDA graphs, one per batch-size bucket (CUDA only).
     - ``compile``: ``torch.compile`` the decode step.
-    - ``fuse``: "auto" fuses q/k/v and gate/up where the weights already sit back to back or can be
-      regrouped in device memory; "always" also regroups CPU arenas in place; "never" keeps them apart.
+    - ``fuse``: "auto" fuses q/k/v and gate/up where the weights already sit back to back in the
+      arena, or can be regrouped in place (device memory, or a CPU arena marked ``writable``);
+      "always" also regroups any CPU arena in place (not for arenas that map a read-only file);
+      "never" keeps them apart.
     - ``seed``: seed of the generator for requests without their own seed (None = nondeterministic).
     """
 

@@ -4,7 +4,9 @@ A step mixes two kinds of rows (continuous batching with chunked prefill):
 
 - decode rows ``[0, num_decode)``: one token each; row ``i`` belongs to KV cache slot ``i``
   (slots without a decoding sequence ride along as filler rows that write only to the slot's
-  scratch position and are never read), so the cache of the whole group is one strided view;
+  scratch position and are never read), so the cache of the whole group is one strided view.
+  When few of the slots below the highest one decode (``decode_slots`` set), the rows are just
+  the decoding sequences and their keys are gathered instead;
 - prefill chunks after them: consecutive prompt tokens of one sequence each.
 """
 
@@ -32,6 +34,7 @@ class StepContext:
     num_decode: int = 0
     decode_len: int = 0  # decode rows attend to cache positions [0, decode_len)
     decode_lens: torch.Tensor | None = None  # [num_decode] int64, keys each decode row sees (its position + 1)
+    decode_slots: torch.Tensor | None = None  # [num_decode] int64 slots of gathered decode rows; None = dense
     prefills: list[Prefill] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # [N] rows whose logits are needed; None = every row
     # filled by the model once per step: decode masks [num_decode, 1, 1, decode_len], True = attend

@@ -134,7 +134,8 @@ class Engine:
         with timeline.phase("prepare") as ph:
             tensors = arena.tensors
             _weights.check(model_cfg, tensors, path)
-            plan = _weights.plan_fusion(model_cfg, tensors, config.fuse)
+            writable = bool(getattr(arena, "writable", False))  # a private arena (not a file mapping)
+            plan = _weights.plan_fusion(model_cfg, tensors, config.fuse, writable)
             sd = _weights.state_dict(model_cfg, tensors, plan)
             with torch.device("meta"):
                 model = Transformer(model_cfg, plan.qkv, plan.gate_up)
@@ -157,6 +158,7 @@ class Engine:
             engine = cls(model=model, model_config=model_cfg, tokenizer=tokenizer, arena=arena, kv=kv,
                          config=config, device=dev, dtype=dtype, max_model_len=max_len, eos_ids=eos,
                          model_name=name, timeline=timeline)
+            engine.fusion = plan
             engine._warmup()
             ph.detail["graphs"] = len(engine.runner._graphs)
         log.info("loaded %s on %s (%s): %s", name, dev, dtype, "; ".join(plan.notes))
@@ -309,15 +311,20 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:  # the stream's consumers get the error instead of hanging
+            except Exception:  # step() already handed the error to every stream
                 log.exception("engine step failed")
-                with self._step_lock:
-                    self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
 
     def step(self) -> bool:
-        """Run one step (admit, schedule, forward, sample, emit). False if there was nothing to do."""
+        """Run one step (admit, schedule, forward, sample, emit). False if there was nothing to do.
+
+        If the step fails, every request in flight ends with the error (raised from its
+        handle's iterator) and the exception propagates; the engine stays usable."""
         with self._step_lock:
-            return self._step()
+            try:
+                return self._step()
+            except Exception as e:
+                self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+                raise
 
     def _step(self) -> bool:
         with self._cv:

@@ -93,8 +93,12 @@ class Attention(nn.Module):
             # GQA without repeating keys: the query heads sharing a KV head become its query rows.
             group = self.num_heads // self.num_kv_heads
             qd = q[:nd].view(nd, self.num_kv_heads, group, self.head_dim)
-            kd = k_cache[:nd, :, : ctx.decode_len]
-            vd = v_cache[:nd, :, : ctx.decode_len]
+            if ctx.decode_slots is None:  # rows are slots [0, nd): a view
+                kd = k_cache[:nd, :, : ctx.decode_len]
+                vd = v_cache[:nd, :, : ctx.decode_len]
+            else:
+                kd = k_cache[:, :, : ctx.decode_len].index_select(0, ctx.decode_slots)
+                vd = v_cache[:, :, : ctx.decode_len].index_select(0, ctx.decode_slots)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=ctx.masks[self.window], scale=self.scale)
             outs.append(o.reshape(nd, self.num_heads * self.head_dim))
         for p in ctx.prefills:

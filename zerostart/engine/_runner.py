@@ -69,10 +69,19 @@ class ModelRunner:
         rows: list[list[int]] = [[], [], [], []]  # ids, positions, slots, kv positions
         lens: list[int] = []
         nd = max(s.slot for s in decode) + 1 if decode else 0
-        if nd:
+        gathered = nd > 2 * len(decode) + 2  # mostly filler rows: gather the few real ones instead
+        if gathered:
+            nd = len(decode)
+            rows = [[s.last_token for s in decode], [s.num_cached for s in decode], [s.slot for s in decode],
+                    [s.num_cached for s in decode]]
+            lens = [s.num_cached + 1 for s in decode]
+            out_rows = list(range(nd))
+        elif nd:
             ids, pos, kvpos, lens = self._decode_rows(decode, nd)
             rows = [ids, pos, list(range(nd)), kvpos]
-        out_rows = [s.slot for s in decode]
+            out_rows = [s.slot for s in decode]
+        else:
+            out_rows = []
         out_seqs = list(decode)
         plan: list[Prefill] = []
         for seq, n in prefills:
@@ -88,11 +97,12 @@ class ModelRunner:
                 out_rows.append(row + n - 1)
                 out_seqs.append(seq)
         decode_len = max(lens) if lens else 0
-        for j in range(nd):
+        for j in rows[2][:nd]:
             kv.ensure_zeroed(j, decode_len)
         packed = self._to_device(rows + [lens + [0] * (len(rows[0]) - nd)])
         ctx = StepContext(input_ids=packed[0], positions=packed[1], kv_slots=packed[2], kv_pos=packed[3],
                           num_decode=nd, decode_len=decode_len, decode_lens=packed[4][:nd] if nd else None,
+                          decode_slots=packed[2][:nd] if gathered else None,
                           prefills=plan, logits_rows=self._to_device([out_rows])[0])
         logits = self.model(ctx, kv.k, kv.v)
         return logits, out_seqs

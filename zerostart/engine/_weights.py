@@ -4,7 +4,8 @@ Each parameter of :class:`Transformer` is mapped from checkpoint names. Projecti
 the same input (q/k/v, gate/up) become one fused matmul when their weights are one tensor:
 
 - already back to back in the arena, in order: the fused weight is a view (free);
-- otherwise, where allowed (arena in device memory, or ``fuse="always"``), the layer's span of
+- otherwise, where allowed (arena in device memory, a CPU arena that says it is writable
+  private memory, or ``fuse="always"``), the layer's span of
   the arena is regrouped in place through a temporary buffer the size of that span, so the
   result is still one allocation and the next image of it is already fused;
 - otherwise the parts stay separate (several matmuls, no extra memory).
@@ -161,11 +162,13 @@ def _regroup(tensors: dict[str, torch.Tensor], members: list[str], layer_names: 
     return hi - lo
 
 
-def plan_fusion(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fuse: str) -> FusePlan:
+def plan_fusion(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fuse: str, writable: bool) -> FusePlan:
     """Decide (and where allowed, make) the fused layout. May replace entries of ``tensors``
-    with views of their regrouped bytes."""
+    with views of their regrouped bytes. ``writable``: the arena is private memory that may be
+    rearranged (device memory always is; a CPU arena that maps the checkpoint file is not)."""
     plan = FusePlan(qkv=[False] * cfg.num_layers, gate_up=[False] * cfg.num_layers)
     if fuse == "never":
+        plan.notes.append("fusion off")
         return plan
     for i in range(cfg.num_layers):
         groups = _groups(cfg, i)
@@ -175,7 +178,7 @@ def plan_fusion(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fuse: str) -
         for key, members in groups.items():
             ts = [tensors[n] for n in members]
             if not _adjacent(ts):
-                allowed = fuse == "always" or ts[0].device.type == "cuda"
+                allowed = fuse == "always" or writable or ts[0].device.type != "cpu"
                 if allowed:
                     plan.regrouped_bytes += _regroup(tensors, members, layer_names)
             ok[key] = _adjacent([tensors[n] for n in members])

@@ -10,7 +10,7 @@ synthetic corpus; the chat template is in ``tokenizer_config.json``. The same si
 give byte-identical files.
 
 Sizes: ``tiny`` (tests; ~0.3 MB), ``small`` (~30M parameters, generates quickly on a laptop
-CPU; the server's built-in model), ``1b`` (~1.0B parameters in bfloat16, ~2 GB in three
+CPU; the server's built-in model), ``1b`` (~1.0B parameters in bfloat16, ~2 GB in two
 shards; for cold-start benchmarks).
 """
 
