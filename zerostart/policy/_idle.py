@@ -13,13 +13,18 @@ from collections import deque
 class IdleLog:
     """One model's in-flight count and its recent idle times."""
 
-    __slots__ = ("inflight", "idle_since", "recent", "count")
+    __slots__ = ("inflight", "idle_since", "recent", "recent_sum", "count")
 
     def __init__(self, window: int) -> None:
         self.inflight = 0
         self.idle_since: float | None = None  # None until the first completion
         self.recent: deque[float] = deque(maxlen=window)  # newest last
+        self.recent_sum = 0.0  # sum of ``recent``
         self.count = 0  # idle samples seen in total (the window keeps the newest)
+
+    def mean(self) -> float:
+        """Mean of the idle times in the window (0 before the first)."""
+        return self.recent_sum / len(self.recent) if self.recent else 0.0
 
     def arrive(self, t: float) -> float | None:
         """Record an arrival; return the idle time it ended, if it ended one."""
@@ -28,7 +33,10 @@ class IdleLog:
             gap = t - self.idle_since
             if gap < 0.0:  # out-of-order observations: count it as back-to-back
                 gap = 0.0
+            if len(self.recent) == self.recent.maxlen:
+                self.recent_sum -= self.recent[0]
             self.recent.append(gap)
+            self.recent_sum += gap
             self.count += 1
         self.inflight += 1
         return gap

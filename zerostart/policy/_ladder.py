@@ -15,8 +15,10 @@ Two ways to pick the schedule:
   lower rung starts to win. It needs no forecast and never costs more than twice the best
   schedule chosen in hindsight (deterministic ski rental).
 * **learned**: dynamic programming over a log-spaced time grid against the model's own idle
-  times (the last ``window``, mixed with a weak log-uniform prior so that one unseen gap length
-  is not taken as impossible). The state is (grid interval, rung); each step may stay, move down
+  times (the last ``window``), mixed with a prior worth ``pool_weight`` samples: the shape of the
+  whole fleet's idle times (each divided by its model's mean) rescaled to this model's mean, so a
+  model with few samples borrows the fleet's experience of how long idleness lasts (empirical
+  Bayes); before the fleet has data, a log-uniform prior on [1 s, horizon] instead. The state is (grid interval, rung); each step may stay, move down
   for free, or pre-warm to HOT for the device time the climb holds. Pre-warm is what a periodic
   model gets: rest low, climb just before the next request is due.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections import deque
 
 import numpy as np
 
@@ -41,6 +44,11 @@ from zerostart.policy._idle import IdleBook, IdleLog
 
 _BUSY = Decision(Rung.HOT, reason="busy")
 _PRIOR_FLOOR_S = 1.0  # the log-uniform prior spans [1 s, horizon]
+_POOL_SIZE = 4096  # normalized idle times the fleet keeps
+_POOL_MIN = 256  # needed before the pool replaces the log-uniform prior
+_POOL_REFRESH = 256  # new pool entries between recomputing its quantiles
+_POOL_QUANTILES = 65
+_QUANTILE_POINTS = 17  # empirical quantiles added to the grid (every 1/16)
 _PLANS_KEPT = 6  # plans kept per model for recent penalty levels
 _TIME_EPS = 1e-6  # seconds: far below the grid's resolution, far above float rounding of trace times
 
@@ -65,8 +73,9 @@ class CostAwareLadder:
     def __init__(self, costs: CostModel | None = None, *, latency_usd_per_s: float | None = None,
                  p99_target_s: float | None = None, min_samples: int = 8, window: int = 256,
                  prewarm: bool = True, rungs: tuple[Rung, ...] = LADDER, horizon_s: float = 7 * 86400.0,
-                 grid_growth: float = 1.25, prior_weight: float = 1.0, control_every: int = 500,
-                 control_memory: int = 20000, control_high: float = 0.006, control_low: float = 0.003,
+                 grid_growth: float = 1.25, prior_weight: float = 1.0, pool_weight: float = 16.0,
+                 control_every: int = 500,
+                 control_memory: int = 20000, control_high: float = 0.005, control_low: float = 0.0025,
                  start_level: int = 6,
                  name: str = "ladder") -> None:
         self.costs = costs or CostModel()
@@ -92,11 +101,17 @@ class CostAwareLadder:
         self._penalty_base = 120.0 * self.costs.hold_usd_per_s(Rung.HOT)
         self.min_samples, self.window, self.prewarm = min_samples, window, prewarm
         self.horizon_s, self.prior_weight, self.control_every = horizon_s, prior_weight, control_every
+        self.pool_weight = pool_weight
+        # The fleet's idle times, each divided by its model's mean idle time before it: the shape
+        # of idleness that a model with few samples borrows, rescaled to its own mean.
+        self._pool: deque[float] = deque(maxlen=_POOL_SIZE)
+        self._pool_added = 0
+        self._pool_shape: np.ndarray | None = None
         self.control_memory, self.control_high, self.control_low = control_memory, control_high, control_low
         self._allowed = [r in self.rungs for r in LADDER]
         self._grid = _log_grid(horizon_s, grid_growth)
         self._grid_np = np.asarray(self._grid)
-        self._prior_surv, self._prior_below = _log_uniform(self._grid_np, horizon_s)
+        self._quantile_index: dict[int, np.ndarray] = {}  # sample count -> indices of its quantiles
         self._book = IdleBook(window)
         self._plans: dict[str, dict[tuple, _Plan]] = {}  # model -> (size, level) -> plan
         self._current: dict[str, _Plan] = {}  # model -> the plan its last decision used
@@ -115,7 +130,14 @@ class CostAwareLadder:
 
     def observe_arrival(self, model: str, t: float) -> None:
         log = self._book.log(model)
+        mean = log.mean()
         gap = log.arrive(t)
+        if gap is not None and mean > 0.0 and log.count > 2:
+            self._pool.append(gap / mean)
+            self._pool_added += 1
+            if self._pool_added % _POOL_REFRESH == 0 and len(self._pool) >= _POOL_MIN:
+                self._pool_shape = np.quantile(np.fromiter(self._pool, dtype=np.float64, count=len(self._pool)),
+                                               np.linspace(0.0, 1.0, _POOL_QUANTILES))
         if self.p99_target_s is None:
             return
         slow = 0.0
@@ -134,10 +156,14 @@ class CostAwareLadder:
         if self._arrivals >= self.control_every:
             self._arrivals = 0
             share = self._slow_n / self._all_n
-            if share > self.control_high:  # below the 1% a p99 allows, with room for noise
-                self._level = min(self._level + 1, 40)
+            # Aim at half the 1% a p99 allows: requests that arrive during a slow climb wait too,
+            # and this count only sees the arrivals that start climbs.
+            # Up fast, down slowly, and not below two minutes of device time per slow wake: an
+            # overshoot costs host RAM, a miss costs the target.
+            if share > self.control_high:
+                self._level = min(self._level + 2, 40)
             elif share < self.control_low:
-                self._level = max(self._level - 1, -20)
+                self._level = max(self._level - 1, 0)
 
     def observe_completion(self, model: str, t: float) -> None:
         self._book.log(model).complete(t)
@@ -209,9 +235,9 @@ class CostAwareLadder:
             plan.refresh_at = self.min_samples  # it does not depend on the samples before then
         else:
             plan = self._learned(log.recent, hold, wake_s, wake_usd, climb_usd, key)
-            # Re-solve after a fraction of new samples: each one early on, then every n/8,
-            # at most every window/4 once the window is full.
-            plan.refresh_at = n + max(1, min(n // 8, self.window // 4))
+            # Re-solve after a quarter more samples (geometric: a few dozen solves per model
+            # to fill the window), then every half window.
+            plan.refresh_at = n + max(1, min(n // 4, self.window // 2))
         return plan
 
     def _break_even(self, hold, wake_s, wake_usd, key) -> _Plan:
@@ -239,15 +265,15 @@ class CostAwareLadder:
         return _Plan(grid, choice, _next_changes(choice), env, wake_s, "break-even", key)
 
     def _learned(self, recent, hold, wake_s, wake_usd, climb_usd, key) -> _Plan:
-        grid = self._grid
+        grid, mass, time_in, surv = self._distribution(recent)
         n_pts = len(grid)
-        mass, time_in, surv = self._distribution(recent)
         allowed = self._allowed
         prewarm = self.prewarm
         inf = math.inf
         h0, h1, h2, h3 = hold
         w0, w1, w2, w3 = wake_usd
         c1, c2, c3 = climb_usd[1], climb_usd[2], climb_usd[3]
+        pw1, pw2, pw3 = 2.0 * wake_s[1], 2.0 * wake_s[2], 2.0 * wake_s[3]  # earliest pre-warm ends
         choice: list[list[int]] = [[0] * 4 for _ in range(n_pts)]
         nxt: list[list[int | None]] = [[None] * 4 for _ in range(n_pts)]
         # Terminal (after the last grid point): rest on the rung whose wake costs least times
@@ -282,13 +308,16 @@ class CostAwareLadder:
                 b0, r0 = b1, r1
             else:
                 b0, r0 = s0, 0
-            # ...or pre-warm to HOT for the device time the climb holds.
+            # ...or pre-warm to HOT for the device time the climb holds, if the rest before it
+            # lasts at least as long as the climb (a shorter one frees the device for less time
+            # than the climb holds it: nobody can use that).
             if prewarm:
-                if c1 * sk + s0 < b1:
+                g = grid[k]
+                if g >= pw1 and c1 * sk + s0 < b1:
                     b1, r1 = c1 * sk + s0, 0
-                if c2 * sk + s0 < b2:
+                if g >= pw2 and c2 * sk + s0 < b2:
                     b2, r2 = c2 * sk + s0, 0
-                if c3 * sk + s0 < b3:
+                if g >= pw3 and c3 * sk + s0 < b3:
                     b3, r3 = c3 * sk + s0, 0
             r1, r2, r3 = abs(r1), abs(r2), abs(r3)
             row[0], row[1], row[2], row[3] = r0, r1, r2, r3
@@ -304,18 +333,39 @@ class CostAwareLadder:
             path.append(level)
         return _Plan(grid, choice, nxt, path, wake_s, "learned", key)
 
-    def _distribution(self, recent) -> tuple[list[float], list[float], list[float]]:
-        """Per grid interval: P(arrival in it) and E[time spent in it]; and P(X >= grid[k]),
-        for the empirical idle times mixed with the log-uniform prior."""
-        x = np.sort(np.minimum(np.fromiter(recent, dtype=np.float64, count=len(recent)), self.horizon_s))
+    def _distribution(self, recent) -> tuple[list[float], list[float], list[float], list[float]]:
+        """The grid for these idle times, and per grid interval P(arrival in it) and E[time spent
+        in it], and P(X >= grid[k]), for the empirical idle times mixed with the prior.
+
+        The grid is the log grid plus the empirical quantiles in 1/16 steps: an interval may
+        then start exactly where a cluster of idle times starts, which is what a pre-warm for a
+        periodic model needs (a log step alone would hold the device up to 25% of the gap early).
+        """
+        x = np.array(recent, dtype=np.float64)
+        x.sort()
+        np.minimum(x, self.horizon_s, out=x)
         n = x.shape[0]
-        grid = self._grid_np
+        pick = self._quantile_index.get(n)
+        if pick is None:
+            pick = self._quantile_index[n] = np.linspace(0, n - 1, min(n, _QUANTILE_POINTS)).round().astype(np.intp)
+        grid = np.union1d(self._grid_np, x[pick])
+        if self._pool_shape is not None and self.pool_weight > 0:
+            # the fleet's shape at this model's scale, as equally weighted pseudo-samples
+            y = np.minimum(self._pool_shape * (float(x.sum()) / n), self.horizon_s)
+            cy = np.searchsorted(y, grid, side="left")
+            ny = y.shape[0]
+            prior_surv = (ny - cy) / ny
+            prior_below = (np.concatenate(([0.0], np.cumsum(y)))[cy] + grid * (ny - cy)) / ny
+            weight = self.pool_weight
+        else:
+            prior_surv, prior_below = _log_uniform(grid, self.horizon_s)
+            weight = self.prior_weight
         c = np.searchsorted(x, grid, side="left")  # samples below each grid point
         prefix = np.concatenate(([0.0], np.cumsum(x)))
-        beta = self.prior_weight / (n + self.prior_weight)
-        surv = (1.0 - beta) * (n - c) / n + beta * self._prior_surv
-        below = (1.0 - beta) * (prefix[c] + grid * (n - c)) / n + beta * self._prior_below  # E[min(X, s)]
-        return (surv[:-1] - surv[1:]).tolist(), (below[1:] - below[:-1]).tolist(), surv.tolist()
+        beta = weight / (n + weight)
+        surv = (1.0 - beta) * (n - c) / n + beta * prior_surv
+        below = (1.0 - beta) * (prefix[c] + grid * (n - c)) / n + beta * prior_below  # E[min(X, s)]
+        return grid.tolist(), (surv[:-1] - surv[1:]).tolist(), (below[1:] - below[:-1]).tolist(), surv.tolist()
 
 
 def _choose(stay, allowed, row, climb1, climb2, climb3, prewarm) -> list[float]:

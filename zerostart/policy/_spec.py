@@ -19,13 +19,14 @@ Grammar: ``NAME[:ARG[,ARG...]]`` where ARG is ``key=value``; a policy with a mai
       down=image               the rung it drops to
   ladder                       zerostart's cost-aware ladder
       latency=USD_PER_S        value of one second of cold-start wait (default: the cost model's)
-      p99=SECONDS              steer the latency value to meet this p99 added latency instead
+      p99=SECONDS              meet this p99 added latency: a steered penalty per slower wake
       rungs=hot+parked+image+zero  rungs it may use (must include hot)
       prewarm=on               allow predictive pre-warm (on/off)
       min_samples=8            idle times needed before learning (break-even schedule before)
       window=256               idle times it learns from (the newest)
       horizon=7d               longest idle time it plans for
-      prior=1                  weight, in samples, of the log-uniform prior
+      pool=16                  weight, in samples, of the fleet's idle-time shape at the model's scale
+      prior=1                  weight, in samples, of the log-uniform prior (before the fleet has data)
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ _SPECS: dict[str, tuple[str | None, _Args, Callable[..., Policy]]] = {
         "latency": (float, "latency_usd_per_s"), "p99": (_duration, "p99_target_s"),
         "rungs": (_rungs, "rungs"), "prewarm": (_flag, "prewarm"), "min_samples": (int, "min_samples"),
         "window": (int, "window"), "horizon": (_duration, "horizon_s"), "prior": (float, "prior_weight"),
+        "pool": (float, "pool_weight"),
     }, lambda costs, name, **kw: CostAwareLadder(costs, name=name, **kw)),
 }
 POLICY_NAMES: tuple[str, ...] = tuple(sorted(_SPECS))
@@ -106,7 +108,8 @@ def make(spec: str, costs: CostModel | None = None) -> Policy:
     name, _, argtext = text.partition(":")
     name = name.lower()
     if name not in _SPECS:
-        raise PolicyError(f"unknown policy {name!r} in {spec!r}; valid policies: {', '.join(POLICY_NAMES)}")
+        where = "" if not argtext else f" in {spec!r}"
+        raise PolicyError(f"unknown policy {name!r}{where}; valid policies: {', '.join(POLICY_NAMES)}")
     main, schema, build = _SPECS[name]
     kwargs: dict[str, Any] = {}
     seen: set[str] = set()
