@@ -48,19 +48,21 @@ from zerostart.telemetry import Timeline  # noqa: E402
 log = logging.getLogger("zerostart.serve.worker")
 
 _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly before a hard exit
+_SHUTDOWN_GRACE_S = 5  # on SIGTERM: how long open requests may take to finish
 
 
 class _Loader:
     """Loads the engine on a background thread and records the phases."""
 
-    def __init__(self, path: str, device: str, dtype: str | None, engine_options: dict[str, Any]) -> None:
-        self.path, self.device, self.dtype = path, device, dtype
+    def __init__(self, path: str, name: str, device: str, dtype: str | None, engine_options: dict[str, Any]) -> None:
+        self.path, self.name, self.device, self.dtype = path, name, device, dtype
         self.engine_options = engine_options  # EngineConfig fields the gateway sets
         self.timeline = Timeline(origin=_ORIGIN, label="worker")
         self.state = "loading"
         self.phase = "import"
         self.error: str | None = None
         self.engine: Any = None
+        self.routes: Any = None  # the OpenAI routes over the engine, once loaded
         self._done = threading.Event()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._lock = threading.Lock()
@@ -85,6 +87,10 @@ class _Loader:
                 self.timeline.add("import", t0, t1)
             self.phase = "engine_start"
             engine.start()
+            # the request path's modules too, so the first request pays for none of it
+            from zerostart.serve._openai import OpenAIRoutes
+
+            self.routes = OpenAIRoutes(engine, self.name)
             self.engine = engine
             self.state, self.phase = "ready", "ready"
         except BaseException as e:  # noqa: BLE001 - reported to the gateway, which stops this process
@@ -112,15 +118,6 @@ class _Loader:
 
 
 def build_app(loader: _Loader, name: str) -> Starlette:
-    routes_holder: dict[str, Any] = {}
-
-    def openai() -> Any:
-        if "r" not in routes_holder:
-            from zerostart.serve._openai import OpenAIRoutes
-
-            routes_holder["r"] = OpenAIRoutes(loader.engine, name)
-        return routes_holder["r"]
-
     def not_ready() -> Response:
         msg = (f"model {name!r} failed to load: {loader.error}" if loader.state == "failed"
                else f"model {name!r} is still loading (phase: {loader.phase})")
@@ -151,7 +148,7 @@ def build_app(loader: _Loader, name: str) -> Starlette:
         async def handler(request: Request) -> Response:
             if loader.state != "ready":
                 return not_ready()
-            return await getattr(openai(), route)(request)
+            return await getattr(loader.routes, route)(request)
 
         return handler
 
@@ -225,13 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     options = {k: v for k, v in (("max_model_len", args.max_model_len), ("kv_cache_bytes", args.kv_cache_bytes))
                if v is not None}
-    loader = _Loader(args.model, args.device, args.dtype, options)
+    loader = _Loader(args.model, name, args.device, args.dtype, options)
     loader.start()  # overlaps the load with the server's start
     if args.fd is not None:
         _watch_parent()
     sock = _socket(args)
     config = uvicorn.Config(build_app(loader, name), log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=_SHUTDOWN_GRACE_S)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
