@@ -179,6 +179,8 @@ def _hot_overhead(gw: _Gateway, name: str, n: int, max_tokens: int) -> dict[str,
                 samples[key].append(time.perf_counter() - t0)
             for client, key in order:
                 samples[f"{key}_ttft"].append(_ttft(client, stream_body))
+            if (i + 1) % 50 == 0 or i + 1 == n:
+                print(f"hot requests: {i + 1}/{n} per path", file=sys.stderr)
     out: dict[str, Any] = {"requests": n, "max_tokens": max_tokens}
     for kind, (d, g) in {"unary": ("direct", "gateway"), "stream_ttft": ("direct_ttft", "gateway_ttft")}.items():
         dp, gp = _percentiles(samples[d]), _percentiles(samples[g])
