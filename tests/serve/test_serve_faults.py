@@ -50,7 +50,9 @@ def test_worker_killed_mid_request(gw: Gateway) -> None:
     long = dict(model="crashy", prompt="go", max_tokens=900, extra_body={"ignore_eos": True})
     stream = client.completions.create(stream=True, **long)
     chunks = iter(stream)
-    next(chunks)  # the model is hot and streaming
+    next(chunks)  # the model is hot and streaming ...
+    pid = gw.model("crashy")["workers"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)  # ... and stays mid-stream, however fast this machine generates
     unary: dict[str, BaseException] = {}
 
     def unary_request() -> None:
@@ -62,7 +64,6 @@ def test_worker_killed_mid_request(gw: Gateway) -> None:
     t = threading.Thread(target=unary_request)
     t.start()
     gw.wait_for("two requests in flight", lambda: gw.model("crashy")["in_flight"] == 2)
-    pid = gw.model("crashy")["workers"][0]["pid"]
     os.kill(pid, signal.SIGKILL)
 
     with pytest.raises(openai.APIError) as e:

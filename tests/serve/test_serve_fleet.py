@@ -3,6 +3,8 @@ policies, and models sharing a device memory budget."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -64,11 +66,16 @@ def test_a_second_replica_starts_when_the_first_is_full(floors: Gateway) -> None
     client = floors.openai()
     long = dict(model="wide", prompt="go", max_tokens=900, stream=True, extra_body={"ignore_eos": True})
     first = client.completions.create(**long)
-    next(iter(first))  # replica 1 is hot and full (max_concurrency 1)
-    second = client.completions.create(**long)
-    next(iter(second))  # served by a second replica, started for it
-    workers = floors.model("wide")["workers"]
-    assert len(workers) == 2 and all(w["state"] == "hot" and w["in_flight"] == 1 for w in workers), workers
+    next(iter(first))  # replica 1 is hot and full (max_concurrency 1) ...
+    pid = floors.model("wide")["workers"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)  # ... and stays full, however fast this machine generates
+    try:
+        second = client.completions.create(**long)
+        next(iter(second))  # served by a second replica, started for it
+        workers = floors.model("wide")["workers"]
+        assert len(workers) == 2 and all(w["state"] == "hot" and w["in_flight"] == 1 for w in workers), workers
+    finally:
+        os.kill(pid, signal.SIGCONT)
     first.close()  # the clients leave: the workers stop generating, the replicas go idle
     second.close()
     assert floors.metric("zerostart_cold_starts_total", model="wide", rung="zero") == 2
@@ -107,7 +114,8 @@ def test_busy_model_is_never_evicted(budget: Gateway) -> None:
     stream = client.completions.create(model="m2", prompt="go", max_tokens=900, stream=True,
                                        extra_body={"ignore_eos": True})
     chunks = iter(stream)
-    next(chunks)  # m2 is serving
+    next(chunks)  # m2 is serving ...
+    os.kill(m2_pid, signal.SIGSTOP)  # ... and stays busy, however fast this machine generates
     done: dict[str, float] = {}
 
     def ask_m1() -> None:
@@ -116,14 +124,17 @@ def test_busy_model_is_never_evicted(budget: Gateway) -> None:
 
     t = threading.Thread(target=ask_m1)
     t.start()
-    budget.wait_for("m1 to wait for memory", lambda: budget.model("m1")["state"] == "starting")
-    time.sleep(1.0)
-    # m1 waits (memory forces it) while m2's request runs on, undisturbed
-    assert "m1" not in done and budget.model("m1")["workers"][0]["pid"] is None  # not even spawned
-    m2 = budget.model("m2")
-    assert m2["state"] == "hot" and m2["in_flight"] == 1 and m2["workers"][0]["pid"] == m2_pid
+    try:
+        budget.wait_for("m1 to wait for memory", lambda: budget.model("m1")["state"] == "starting")
+        time.sleep(1.0)
+        # m1 waits (memory forces it) while m2's request is in flight
+        assert "m1" not in done and budget.model("m1")["workers"][0]["pid"] is None  # not even spawned
+        m2 = budget.model("m2")
+        assert m2["state"] == "hot" and m2["in_flight"] == 1 and m2["workers"][0]["pid"] == m2_pid
+    finally:
+        os.kill(m2_pid, signal.SIGCONT)
     for _ in range(3):
-        next(chunks)
+        next(chunks)  # undisturbed
     closed = time.monotonic()
     stream.close()  # the client leaves: m2 goes idle, and only now may it be evicted
     t.join(30)
