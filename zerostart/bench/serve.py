@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.requests < 10 or args.cold_starts < 1:
         raise BenchError("--requests must be at least 10 and --cold-starts at least 1")
+    # a SIGTERM unwinds like ^C: the gateway under test is stopped and the temp files removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.model:
         path, name = os.path.abspath(args.model), None
     else:

@@ -48,7 +48,7 @@ class Fleet:
             where = f"models[{i}] ({m.served_name})"
             try:
                 est = estimate_bytes(m)
-            except WeightsError as e:
+            except (WeightsError, OSError) as e:  # OSError: a path that is neither file nor directory
                 raise ConfigError(f"{where}.path: {e}") from None
             limit = limits.get(m.device)
             if limit is not None and est > limit:
