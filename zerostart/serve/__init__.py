@@ -1,0 +1,43 @@
+"""HTTP in front, replicas behind: the OpenAI-compatible gateway and its workers.
+
+    zerostart serve --config config.yaml
+
+or from Python::
+
+    from zerostart.serve import load_config, create_app
+    app = create_app(load_config("config.yaml"))   # an ASGI app; run it with uvicorn
+
+The gateway never imports torch; each worker process holds one model. Names are imported on
+first use, so that a worker process starts without loading the gateway's modules.
+"""
+
+from typing import Any
+
+_EXPORTS = {
+    "ConfigError": "zerostart.serve._config",
+    "DeviceConfig": "zerostart.serve._config",
+    "ModelConfig": "zerostart.serve._config",
+    "PrewarmWindow": "zerostart.serve._config",
+    "ServeConfig": "zerostart.serve._config",
+    "ServerConfig": "zerostart.serve._config",
+    "load_config": "zerostart.serve._config",
+    "State": "zerostart.serve._state",
+    "TRANSITIONS": "zerostart.serve._state",
+    "Fleet": "zerostart.serve._fleet",
+    "create_app": "zerostart.serve._app",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zerostart.serve' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,181 @@
+"""Helpers for the gateway tests: real gateways (``zerostart serve`` subprocesses on loopback)
+whose workers are real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+import zerostart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
+API_KEY = "test-key"
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class Gateway:
+    """A ``zerostart serve`` process on a free loopback port."""
+
+    def __init__(self, config: dict[str, Any], tmp_dir: str, api_key: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        self.config_path = os.path.join(tmp_dir, "config.yaml")
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(config, f)
+        self.api_key = api_key
+        self.log: list[str] = []
+        self._clients: list[Any] = []
+        cmd = [sys.executable, "-m", "zerostart", "serve", "--config", self.config_path, "--port", "0"]
+        self.proc = subprocess.Popen(cmd + (extra_args or []), env=child_env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.url = self._wait_for_url()
+        threading.Thread(target=self._drain, daemon=True).start()
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def _wait_for_url(self) -> str:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            if "serving on " in line:
+                return line.split("serving on ", 1)[1].split("/v1", 1)[0]
+        self.proc.kill()
+        raise RuntimeError("gateway did not start:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    # -- clients --------------------------------------------------------------------------
+
+    def openai(self, **kw: Any) -> Any:
+        import openai
+
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kw)
+        self._clients.append(client)  # closed by stop()
+        return client
+
+    async def burst(self, n: int, *, clients: int = 25, **create: Any) -> list[Any]:
+        """``n`` concurrent ``completions.create`` calls (raw responses, or the exceptions),
+        spread over several async openai clients: one httpx pool with hundreds of connections
+        costs the test process more CPU than the gateway it is testing."""
+        pool = [self.async_openai(connections=n // clients + 1) for _ in range(clients)]
+        try:
+            return await asyncio.gather(*(pool[i % clients].completions.with_raw_response.create(**create)
+                                          for i in range(n)), return_exceptions=True)
+        finally:
+            for c in pool:
+                await c.close()
+
+    def async_openai(self, connections: int = 100, **kw: Any) -> Any:
+        import openai
+
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        http = httpx.AsyncClient(limits=limits, timeout=120)
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0,
+                                  http_client=http, **kw)
+
+    # -- observing --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        r = self.http.get("/zerostart/status")
+        r.raise_for_status()
+        return r.json()
+
+    def model(self, name: str) -> dict[str, Any]:
+        for m in self.status()["models"]:
+            if m["name"] == name:
+                return m
+        raise KeyError(name)
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Samples by (name, sorted labels)."""
+        r = self.http.get("/metrics")
+        r.raise_for_status()
+        out = {}
+        for fam in text_string_to_metric_families(r.text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n" + self.tail())
+
+    def worker_pids(self, name: str) -> list[int]:
+        """Live worker processes of model ``name`` that this gateway started (from /proc)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if (b"zerostart.serve._worker" in args and name.encode() in args and stat[0] != "Z"
+                    and int(stat[1]) == self.proc.pid):
+                pids.append(int(entry))
+        return pids
+
+    def tail(self, n: int = 40) -> str:
+        return "".join(self.log[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.http.close()
+        for client in self._clients:
+            client.close()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie awaiting its reaper counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1)

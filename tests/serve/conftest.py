@@ -1,0 +1,19 @@
+"""Fixtures for the gateway tests: a real tiny checkpoint, written once per session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.serve._helpers import child_env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The engine's tiny demo checkpoint (random weights), written once per session."""
+    out = str(tmp_path_factory.mktemp("models") / "tiny")
+    subprocess.run([sys.executable, "-m", "zerostart", "demo-model", "--out", out, "--size", "tiny"],
+                   check=True, env=child_env(), capture_output=True)
+    return out

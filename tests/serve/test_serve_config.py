@@ -1,0 +1,156 @@
+"""The config schema, its error messages, the documented example config, and the units."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from zerostart.serve._config import (ConfigError, DeviceConfig, ModelConfig, PrewarmWindow, ServeConfig,
+                                     ServerConfig, load_config)
+from zerostart.serve._units import FOREVER, parse_duration, parse_size
+
+from tests.serve._helpers import ROOT
+
+EXAMPLE = os.path.join(ROOT, "examples", "config.yaml")
+
+
+def _error(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(data=data)
+    return str(e.value)
+
+
+def test_minimal_config_and_defaults(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  - path: models/llama-3.2-1b/\n")
+    cfg = load_config(path)
+    m = cfg.models[0]
+    assert m.path == str(tmp_path / "models" / "llama-3.2-1b")  # relative to the file
+    assert m.served_name == "llama-3.2-1b"
+    assert m.idle_timeout == 300 and m.max_queued == 512 and m.min_replicas == 0 and m.device == "cpu"
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000 and cfg.server.api_keys == []
+    assert load_config(data={"models": [{"path": "/x/model.safetensors"}]}).models[0].served_name == "model"
+    assert load_config(data={"models": [{"path": "/x/y", "name": "z"}]}).models[0].served_name == "z"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty).models == []
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"models": [{"path": "x", "idle_timout": 3}]}, "models[0].idle_timout: unknown key (did you mean 'idle_timeout'?)"),
+    ({"server": {"prot": 1}}, "server.prot: unknown key (did you mean 'port'?)"),
+    ({"srv": {}}, "srv: unknown key"),
+    ({"models": [{"name": "x"}]}, "models[0].path: missing, and has no default"),
+    ({"server": {"port": 70000}}, "server.port: Input should be less than or equal to 65535"),
+    ({"models": [{"path": "x", "idle_timeout": "soon"}]}, "models[0].idle_timeout: expected a duration"),
+    ({"models": [{"path": "x", "start_timeout": 0}]}, "models[0].start_timeout: Input should be greater than 0"),
+    ({"models": [{"path": "x", "max_queued": -1}]}, "models[0].max_queued: Input should be greater than or equal to 0"),
+    ({"models": [{"path": "x", "memory_estimate": "lots"}]}, "models[0].memory_estimate: expected a size"),
+    ({"models": [{"path": "x", "device": "tpu"}]}, "models[0].device: unknown device 'tpu'"),
+    ({"models": [{"path": "x", "dtype": "int8"}]}, "models[0].dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ({"models": [{"path": "x", "min_replicas": 2}]}, "models[0]: min_replicas (2) is above max_replicas (1)"),
+    ({"models": [{"path": "x", "prewarm": [{"cron": "every day", "duration": 5}]}]},
+     "models[0].prewarm[0].cron: 'every day' is not a valid cron expression"),
+    ({"models": [{"path": "x", "prewarm": [{"cron": "* * * * *"}]}]}, "models[0].prewarm[0].duration: missing"),
+    ({"models": [{"path": "a/m"}, {"path": "b/m"}]}, "models[0] and models[1] are both named 'm'"),
+    ({"devices": {"cpu": {"memory_budgt": 1}}}, "devices.cpu.memory_budgt: unknown key (did you mean 'memory_budget'?)"),
+    ({"server": {"api_keys": ["has space"]}}, "server.api_keys: API keys must be non-empty and contain no whitespace"),
+    ({"models": {"path": "x"}}, "models: Input should be a valid list"),
+])
+def test_errors_name_the_key(data: dict[str, Any], expected: str) -> None:
+    assert expected in _error(data)
+
+
+def test_file_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- path: x\n")
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(listy)
+
+
+def test_devices_normalize() -> None:
+    cfg = load_config(data={"devices": {"cuda": {"memory_budget": "70GiB"}}, "models": [{"path": "x", "device": "CUDA"}]})
+    assert cfg.devices["cuda:0"].memory_budget == 70 * 2**30 and cfg.models[0].device == "cuda:0"
+
+
+# -- the documented example config ------------------------------------------------------------
+
+def _defaults(schema: type[BaseModel]) -> dict[str, Any]:
+    return {name: f.get_default(call_default_factory=True) for name, f in schema.model_fields.items()
+            if not f.is_required()}
+
+
+def test_example_config_documents_every_key_with_its_default() -> None:
+    with open(EXAMPLE) as f:
+        raw = yaml.safe_load(f)
+    cfg = load_config(EXAMPLE)  # it is valid
+    assert set(raw) == set(ServeConfig.model_fields)
+
+    # server: every key, each at its default
+    assert set(raw["server"]) == set(ServerConfig.model_fields)
+    assert cfg.server.model_dump() == ServerConfig().model_dump()
+
+    # devices: an example device with every key at its default
+    assert set(raw["devices"]["cpu"]) == set(DeviceConfig.model_fields)
+    assert cfg.devices["cpu"].model_dump() == DeviceConfig().model_dump()
+
+    # models[0]: every key; all but the required path at their defaults
+    first = raw["models"][0]
+    assert set(first) == set(ModelConfig.model_fields)
+    parsed = cfg.models[0]
+    for key, default in _defaults(ModelConfig).items():
+        assert getattr(parsed, key) == default, key
+    # models[1] shows a pre-warm window with every key of one
+    assert set(raw["models"][1]["prewarm"][0]) == set(PrewarmWindow.model_fields)
+
+
+def test_defaults_live_in_one_place() -> None:
+    """The library reads its defaults from the schema, so the example and the code agree."""
+    m = ModelConfig(path="/x")
+    assert m.max_queued == 512 and m.idle_timeout == 300
+
+
+# -- units ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [
+    (300, 300.0), (0.5, 0.5), ("300", 300.0), ("30s", 30.0), ("5m", 300.0), ("1h30m", 5400.0),
+    ("250ms", 0.25), ("2d", 172800.0), ("0", 0.0), (" 10s ", 10.0),
+])
+def test_durations(text: Any, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_keep_alive_durations() -> None:
+    assert parse_duration(-1, forever_if_negative=True) == FOREVER
+    assert parse_duration("-5m", forever_if_negative=True) == FOREVER
+    assert math.isinf(load_config(data={"models": [{"path": "x", "idle_timeout": -1}]}).models[0].idle_timeout)
+    for bad in ("5 minutes", "m5", "", "1h x", True, None, [1]):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    with pytest.raises(ValueError, match="negative"):
+        parse_duration(-1)
+
+
+@pytest.mark.parametrize("text, n", [
+    (1024, 1024), ("1024", 1024), ("1KiB", 1024), ("1.5GiB", 3 * 2**29), ("512MB", 512_000_000), ("8 gib", 8 * 2**30),
+    ("100b", 100),
+])
+def test_sizes(text: Any, n: int) -> None:
+    assert parse_size(text) == n
+
+
+def test_bad_sizes() -> None:
+    for bad in ("lots", "-1", -5, "1 XB", True, float("inf")):
+        with pytest.raises(ValueError):
+            parse_size(bad)

@@ -1,0 +1,187 @@
+"""The gateway's pieces on their own: the lifecycle table, memory estimates and eviction order,
+pre-warm windows, request validation, the public surface, and the no-torch rule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import safetensors.torch
+import torch
+
+import zerostart.serve
+from zerostart import weights
+from zerostart.serve._config import ModelConfig, PrewarmWindow
+from zerostart.serve._errors import BadRequest
+from zerostart.serve._memory import Budget, Candidate, choose_victim, estimate_bytes
+from zerostart.serve._prewarm import is_open, next_change
+from zerostart.serve._protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from zerostart.serve._state import TRANSITIONS, State, TransitionError, check, model_state
+
+from tests.serve._helpers import child_env
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+
+def test_transitions_are_exactly_the_documented_edges() -> None:
+    allowed = {(a, b) for a, dsts in TRANSITIONS.items() for b in dsts}
+    assert allowed == {
+        (State.ZERO, State.STARTING), (State.STARTING, State.HOT), (State.STARTING, State.ZERO),
+        (State.HOT, State.STOPPING), (State.HOT, State.ZERO), (State.STOPPING, State.ZERO),
+    }
+    for a in State:
+        for b in State:
+            if (a, b) in allowed:
+                check(a, b)
+            else:
+                with pytest.raises(TransitionError, match=f"{a.value} -> {b.value}"):
+                    check(a, b)
+    # every edge is explained in the module's docstring, next to the table
+    doc = sys.modules[State.__module__].__doc__ or ""
+    for a, b in allowed:
+        assert f"{a.value:<8} -> {b.value}" in doc, (a, b)
+
+
+def test_model_state_summarizes_replicas() -> None:
+    assert model_state([]) is State.ZERO
+    assert model_state([State.STOPPING]) is State.STOPPING
+    assert model_state([State.STOPPING, State.STARTING]) is State.STARTING
+    assert model_state([State.STARTING, State.HOT, State.STOPPING]) is State.HOT
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def test_estimate_from_headers_matches_the_tensors(tmp_path) -> None:
+    tensors = {"a": torch.zeros(3, 5, dtype=torch.bfloat16), "b": torch.zeros(7, dtype=torch.float32),
+               "ids": torch.zeros(4, dtype=torch.int64)}
+    path = str(tmp_path / "m.safetensors")
+    safetensors.torch.save_file(tensors, path)
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert weights.resolve(path).nbytes == stored
+    # cast floats to the load dtype; integer tensors stay as stored
+    assert estimate_bytes(ModelConfig(path=path, dtype="bfloat16")) == 15 * 2 + 7 * 2 + 4 * 8
+    assert estimate_bytes(ModelConfig(path=path, dtype="float32")) == 15 * 4 + 7 * 4 + 4 * 8
+    assert estimate_bytes(ModelConfig(path=path)) == 15 * 4 + 7 * 4 + 4 * 8  # cpu loads float32
+    assert estimate_bytes(ModelConfig(path=path, device="cuda")) == 15 * 2 + 7 * 2 + 4 * 8
+    assert estimate_bytes(ModelConfig(path=path, dtype="float16", kv_cache_bytes="1KiB")) == 15 * 2 + 7 * 2 + 32 + 1024
+    assert estimate_bytes(ModelConfig(path=path, memory_estimate="1GiB")) == 2**30
+    with pytest.raises(weights.WeightsError):
+        estimate_bytes(ModelConfig(path=str(tmp_path / "missing")))
+
+
+def test_budget_accounting() -> None:
+    b = Budget({"cpu": 100, "cuda:0": None})
+    assert b.fits("cpu", 100) and not b.fits("cpu", 101) and b.fits("cuda:0", 10**15)
+    b.reserve("cpu", 60)
+    assert b.used("cpu") == 60 and not b.fits("cpu", 41) and b.fits("cpu", 40)
+    b.release("cpu", 60)
+    with pytest.raises(RuntimeError):
+        b.release("cpu", 1)
+
+
+def test_the_idle_model_cheapest_to_bring_back_goes_first() -> None:
+    cands = [Candidate("slow", restart_cost_s=9.0, last_active=1.0), Candidate("fast", 2.0, 5.0),
+             Candidate("fast-older", 2.0, 3.0)]
+    assert choose_victim(cands) == "fast-older"  # cheapest; of equals, the least recently used
+    assert choose_victim([]) is None
+
+
+# -- pre-warm windows -------------------------------------------------------------------------
+
+
+def test_prewarm_windows() -> None:
+    utc = timezone.utc
+    weekday_8am = [PrewarmWindow(cron="0 8 * * 1-5", duration="2h")]
+    monday = datetime(2024, 6, 3, tzinfo=utc)
+    assert not is_open(weekday_8am, monday.replace(hour=7, minute=59))
+    assert is_open(weekday_8am, monday.replace(hour=8))
+    assert is_open(weekday_8am, monday.replace(hour=9, minute=59))
+    assert not is_open(weekday_8am, monday.replace(hour=10))
+    assert not is_open(weekday_8am, datetime(2024, 6, 8, 9, tzinfo=utc))  # Saturday
+    assert next_change(weekday_8am, monday.replace(hour=7)) == monday.replace(hour=8)
+    assert next_change(weekday_8am, monday.replace(hour=9)) == monday.replace(hour=10)
+    assert next_change(weekday_8am, monday.replace(hour=11)) == monday.replace(hour=8) + timedelta(days=1)
+    seconds = [PrewarmWindow(cron="* * * * * */10", duration=3)]  # six fields: seconds last
+    t = datetime(2024, 6, 3, 8, 0, 1, tzinfo=utc)
+    assert is_open(seconds, t) and next_change(seconds, t) == t.replace(second=3)
+    assert not is_open(seconds, t.replace(second=5)) and next_change(seconds, t.replace(second=5)) == t.replace(second=10)
+    assert next_change([], t) is None and not is_open([], t)
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+
+def _bad(schema, body) -> BadRequest:
+    with pytest.raises(BadRequest) as e:
+        parse_request(schema, json.dumps(body).encode())
+    return e.value
+
+
+def test_request_validation() -> None:
+    ok = parse_request(ChatCompletionRequest, json.dumps({
+        "model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                                   {"role": "user", "content": "hi"}],
+        "temperature": None, "stop": "x", "keep_alive": "5m", "max_completion_tokens": 9}).encode())
+    assert isinstance(ok, ChatCompletionRequest)
+    assert ok.temperature == 1.0 and ok.stop_list == ["x"] and ok.keep_alive_seconds == 300 and ok.max_new_tokens == 9
+    assert ok.template_messages()[0] == {"role": "system", "content": "be brief"}
+    c = parse_request(CompletionRequest, b'{"model": "m", "prompt": [1, 2, 3]}')
+    assert isinstance(c, CompletionRequest) and c.prompts() == [[1, 2, 3]] and c.max_new_tokens == 16
+    c = parse_request(CompletionRequest, b'{"model": "m", "prompt": ["a", "b"]}')
+    assert isinstance(c, CompletionRequest) and c.prompts() == ["a", "b"]
+
+    assert _bad(CompletionRequest, {"model": "m"}).message.startswith("prompt: this field is required")
+    e = _bad(CompletionRequest, {"model": "m", "prompt": "x", "top_p": 0})
+    assert e.param == "top_p" and e.model == "m"
+    assert "logprobs: not supported" in _bad(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 2}).message
+    assert "tools" in _bad(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                   "tools": [{"type": "function"}]}).message
+    img = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    assert "messages[0].content" in _bad(ChatCompletionRequest, img).message
+    assert "keep_alive" in _bad(CompletionRequest, {"model": "m", "prompt": "x", "keep_alive": "later"}).message
+    assert "stop" in _bad(CompletionRequest, {"model": "m", "prompt": "x", "stop": [""]}).message
+    assert "non-negative" in _bad(CompletionRequest, {"model": "m", "prompt": [1, -2]}).message
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        parse_request(CompletionRequest, b"{")
+    with pytest.raises(BadRequest, match="JSON object"):
+        parse_request(CompletionRequest, b"[1]")
+    # fields of newer SDKs that change nothing here are accepted
+    assert parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "store": false, "metadata": {}}')
+
+
+# -- the package ------------------------------------------------------------------------------
+
+
+def test_public_surface() -> None:
+    assert zerostart.serve.__all__ == ["ConfigError", "DeviceConfig", "Fleet", "ModelConfig", "PrewarmWindow",
+                                       "ServeConfig", "ServerConfig", "State", "TRANSITIONS", "create_app",
+                                       "load_config"]
+    for name in zerostart.serve.__all__:
+        assert getattr(zerostart.serve, name) is not None
+
+
+def test_the_gateway_never_imports_torch(tmp_path) -> None:
+    """Build the gateway app with a model configured, and serve a request to it (no worker
+    needed for /v1/models, /metrics and /zerostart/status), all in a fresh interpreter."""
+    ckpt = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(4)}, str(ckpt))
+    code = f"""
+import sys
+import zerostart.cli, zerostart.serve._cli
+from starlette.testclient import TestClient
+from zerostart.serve import create_app, load_config
+app = create_app(load_config(data={{"models": [{{"path": {str(ckpt)!r}}}]}}))
+with TestClient(app) as client:
+    assert client.get("/v1/models").json()["data"][0]["id"] == "m"
+    assert "zerostart_queue_length" in client.get("/metrics").text
+    assert client.get("/zerostart/status").json()["models"][0]["state"] == "zero"
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy", "safetensors", "transformers"))
+print(heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

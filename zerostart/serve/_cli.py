@@ -1,0 +1,102 @@
+"""``zerostart serve``: run the OpenAI-compatible gateway.
+
+    zerostart serve                                  # the built-in demo model
+    zerostart serve --model ~/models/llama-3.2-1b    # one checkpoint, named after its directory
+    zerostart serve --config config.yaml             # everything else (see examples/config.yaml)
+
+Command-line options override the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from zerostart.serve._config import ConfigError, ServeConfig, load_config
+from zerostart.serve._units import format_duration, parse_duration
+
+
+class ServeStartupError(RuntimeError):
+    """The gateway could not start listening."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config (models, server, device memory budgets)")
+    parser.add_argument("--model", metavar="PATH", action="append", default=[],
+                        help="serve this checkpoint directory or .safetensors file (repeatable; added to the "
+                             "config's models). Without any model: the built-in demo model")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
+    parser.add_argument("--idle-timeout", metavar="SECONDS",
+                        help="scale every model to zero after this long idle ('300', '5m'; negative: never)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="gateway log level (debug also shows worker output and each request)")
+
+
+def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
+    """The config file with the command line's overrides; True when serving the demo model."""
+    config = load_config(args.config) if args.config else ServeConfig()
+    data = config.model_dump()
+    server = data["server"]
+    if args.host is not None:
+        server["host"] = args.host
+    if args.port is not None:
+        server["port"] = args.port
+    if args.log_level is not None:
+        server["log_level"] = args.log_level
+    for path in args.model:
+        data["models"].append({"path": path})
+    demo = not data["models"]
+    if demo:
+        from zerostart.serve._demo import DEMO_NAME, ensure_demo_model
+
+        print(f"zerostart: no model given: serving the built-in demo model {DEMO_NAME!r}. Its weights are random, so "
+              "its output is gibberish; pass --model PATH or --config FILE to serve a real model.", file=sys.stderr)
+        data["models"].append({"path": ensure_demo_model(), "name": DEMO_NAME})
+    if args.idle_timeout is not None:
+        try:
+            idle = parse_duration(args.idle_timeout, forever_if_negative=True)
+        except ValueError as e:
+            raise ConfigError(f"--idle-timeout: {e}") from None
+        for m in data["models"]:
+            m["idle_timeout"] = idle
+    return load_config(data=data), demo
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from zerostart.serve._app import create_app
+
+    config, _ = build_config(args)
+    server = config.server
+    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if server.log_level != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request otherwise
+    app = create_app(config)  # checks every model's checkpoint and memory estimate
+    sock = _listen(server.host, server.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    names = ", ".join(f"{m.served_name} (idle timeout {format_duration(m.idle_timeout)})" for m in config.models)
+    print(f"zerostart: serving on {url}/v1 — models: {names}", file=sys.stderr, flush=True)
+    if server.api_keys:
+        print("zerostart: API keys required (Authorization: Bearer <key>)", file=sys.stderr, flush=True)
+    uv = uvicorn.Config(app, log_config=None, log_level=server.log_level, access_log=server.log_level == "debug",
+                        lifespan="on", timeout_graceful_shutdown=server.shutdown_timeout)
+    uvicorn.Server(uv).run(sockets=[sock])
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        raise ServeStartupError(f"cannot listen on {host}:{port} ({e}); pick another --port or server.port") from None
+    return sock

@@ -1,0 +1,270 @@
+"""The ``zerostart serve`` configuration: one YAML file, typed and validated.
+
+Every default lives here and only here (``examples/config.yaml`` documents them; a test keeps
+the two in step). Unknown keys are errors, and every error names the key that is wrong::
+
+    zerostart: error: config.yaml: models[0].idle_timout: unknown key (did you mean 'idle_timeout'?)
+
+The smallest useful file::
+
+    models:
+      - path: ~/models/llama-3.2-1b
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+
+from zerostart.serve._units import parse_duration, parse_size
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file and the key."""
+
+
+Seconds = Annotated[float, BeforeValidator(lambda v: parse_duration(v))]
+# A keep-alive: seconds, where negative means forever (Ollama's convention).
+KeepAlive = Annotated[float, BeforeValidator(lambda v: parse_duration(v, forever_if_negative=True))]
+Bytes = Annotated[int, BeforeValidator(parse_size)]
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def normalize_device(device: str) -> str:
+    """``cpu``, ``mps``, ``cuda`` or ``cuda:N``; plain ``cuda`` means ``cuda:0``."""
+    d = str(device).strip().lower()
+    if not _DEVICE.match(d):
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)")
+    return "cuda:0" if d == "cuda" else d
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(_Section):
+    """The gateway process: where it listens, who may call it, how it talks to its workers."""
+
+    host: str = "127.0.0.1"  # loopback only unless told otherwise
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port (printed at start)
+    api_keys: list[str] = []  # bearer tokens; empty: no authentication
+    worker_transport: Literal["unix", "tcp"] = "unix"  # how the gateway reaches its workers
+    worker_host: str = "127.0.0.1"  # the address tcp workers listen on (a free port each)
+    socket_dir: str | None = None  # where unix workers' sockets live; None: a private temp dir
+    stream_keepalive: Seconds = Field(10.0, gt=0)  # SSE comment interval while a stream waits
+    shutdown_timeout: Seconds = 10.0  # how long shutdown waits for open requests to finish
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if not k or k != k.strip() or any(c.isspace() for c in k):
+                raise ValueError("API keys must be non-empty and contain no whitespace")
+        return keys
+
+
+class DeviceConfig(_Section):
+    """One device that models share (``cpu``, ``cuda:0``, ...)."""
+
+    memory_budget: Bytes | None = None  # bytes the models on it may hold together; None: no limit
+
+
+class PrewarmWindow(_Section):
+    """Keep a model hot from each time ``cron`` fires (server-local time) for ``duration``."""
+
+    cron: str  # five fields (minute hour day month weekday), or six with seconds last
+    duration: Seconds = Field(gt=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, expr: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(expr):
+            raise ValueError(f"{expr!r} is not a valid cron expression (example: '0 8 * * 1-5' for 08:00 on weekdays)")
+        return expr
+
+
+class ModelConfig(_Section):
+    """One model the gateway serves, with its lifecycle settings."""
+
+    path: str  # a Hugging Face model directory or a .safetensors file; relative to the config file
+    name: str | None = None  # the name clients ask for; None: the directory's (or file's) name
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the engine's choice for the device
+    max_model_len: int | None = Field(None, ge=2)  # longest prompt + completion; None: the engine's default
+    kv_cache_bytes: Bytes | None = None  # the engine's KV cache size; None: the engine's default
+    idle_timeout: KeepAlive = 300.0  # scale to zero after this long idle; negative: never
+    keep_alive_policy: str | None = None  # a zerostart.policy spec ("ttl:600", "hybrid"); None: idle_timeout
+    min_replicas: int = Field(0, ge=0)  # replicas kept hot whatever the traffic
+    max_replicas: int = Field(1, ge=1)  # more start when every replica is at max_concurrency
+    max_queued: int = Field(512, ge=0)  # requests held waiting; beyond: 429 with Retry-After
+    max_concurrency: int = Field(64, ge=1)  # requests in flight per replica
+    start_timeout: Seconds = Field(300.0, gt=0)  # spawn to ready; beyond: 504 naming the phase
+    stop_timeout: Seconds = 10.0  # a stopping worker is killed after this long
+    start_backoff: Seconds = 5.0  # wait after a failed start, doubling per failure ...
+    start_backoff_max: Seconds = 300.0  # ... up to this
+    memory_estimate: Bytes | None = None  # device bytes a replica holds; None: weights + kv_cache_bytes
+    prewarm: list[PrewarmWindow] = []  # windows when the model is kept hot ahead of traffic
+    env: dict[str, str] = {}  # extra environment for this model's workers
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, path: str, info: ValidationInfo) -> str:
+        if not path.strip():
+            raise ValueError("must name a model directory or .safetensors file")
+        path = os.path.expanduser(path)
+        base = (info.context or {}).get("base_dir")
+        if base and not os.path.isabs(path):
+            path = os.path.join(base, path)
+        return os.path.abspath(path)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        if name is not None and (not name or any(c.isspace() or not c.isprintable() for c in name)):
+            raise ValueError(f"model names must be non-empty without spaces, got {name!r}")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        return normalize_device(device)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ModelConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.start_backoff > self.start_backoff_max:
+            raise ValueError(f"start_backoff ({self.start_backoff:g} s) is above start_backoff_max ({self.start_backoff_max:g} s)")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        """The name clients use: ``name``, else the directory's name (a file's name without
+        ``.safetensors``)."""
+        if self.name:
+            return self.name
+        base = os.path.basename(os.path.normpath(self.path))
+        return base[: -len(".safetensors")] if base.endswith(".safetensors") else base
+
+
+class ServeConfig(_Section):
+    """The whole file."""
+
+    server: ServerConfig = ServerConfig()
+    devices: dict[str, DeviceConfig] = {}  # memory budgets per device
+    models: list[ModelConfig] = []
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, devices: Any) -> Any:
+        if isinstance(devices, dict):
+            return {normalize_device(k): v for k, v in devices.items()}
+        return devices
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ServeConfig":
+        seen: dict[str, int] = {}
+        for i, m in enumerate(self.models):
+            if m.served_name in seen:
+                raise ValueError(f"models[{seen[m.served_name]}] and models[{i}] are both named {m.served_name!r}; "
+                                 "give one of them a different 'name'")
+            seen[m.served_name] = i
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.served_name == name:
+                return m
+        raise KeyError(name)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, data: dict[str, Any] | None = None) -> ServeConfig:
+    """Read and validate a YAML config file (or an already parsed mapping). Relative model paths
+    are relative to the file's directory."""
+    where = os.fspath(path) if path is not None else "config"
+    if data is None:
+        if path is None:
+            return ServeConfig()
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML ({e})") from None
+        if data is None:
+            data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping with keys server, devices, models")
+    base = os.path.dirname(os.path.abspath(where)) if path is not None else os.getcwd()
+    try:
+        return ServeConfig.model_validate(data, context={"base_dir": base})
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {describe_errors(e, ServeConfig)}") from None
+
+
+def describe_errors(error: ValidationError, schema: type[BaseModel]) -> str:
+    """One line per problem, each naming its key: ``models[0].port: ...``."""
+    lines = []
+    for err in error.errors():
+        loc = format_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(schema, err["loc"][:-1])
+            hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else (f" (known keys: {', '.join(known)})" if known else "")
+            lines.append(f"{loc}: unknown key{extra}")
+        elif err["type"] == "missing":
+            lines.append(f"{loc}: missing, and has no default")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _known_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the section at ``loc`` accepts (walking lists and dicts of sections)."""
+    current: Any = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None:
+            return []
+        if part not in fields:
+            # a dict of sections (devices: {cpu: {...}}): the key is a free name
+            continue
+        current = _section_type(fields[part].annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None

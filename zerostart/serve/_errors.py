@@ -1,0 +1,92 @@
+"""Errors the gateway answers with, in OpenAI's JSON shape::
+
+    {"error": {"message": "...", "type": "...", "param": null, "code": "..."}}
+
+Each carries its HTTP status; messages say what failed and what to do about it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+class ServeError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"retry-after": str(max(1, math.ceil(self.retry_after)))}
+
+    def sse_event(self) -> bytes:
+        """The error as one SSE data event, for a stream whose headers already went out (the
+        openai client raises ``APIError`` with this message)."""
+        return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
+
+
+class BadRequest(ServeError):
+    status = 400
+    type = "invalid_request_error"
+    model: str | None = None  # the model the request named, when it named one
+
+
+class Unauthorized(ServeError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class UnknownModel(ServeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class QueueFull(ServeError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class WorkerFailed(ServeError):
+    """The worker serving a request died or could not be reached mid-request."""
+
+    status = 502
+    code = "worker_exited"
+
+
+class StartFailed(ServeError):
+    """The model could not be started (bad checkpoint, worker crash at load, no memory)."""
+
+    status = 503
+    code = "model_start_failed"
+
+    def __init__(self, message: str, *, cause: str = "load_error", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.cause = cause  # metric label: load_error, exit, spawn, memory, internal (timeouts: timeout)
+
+
+class StartTimeout(ServeError):
+    status = 504
+    code = "model_start_timeout"
+
+
+class ShuttingDown(ServeError):
+    status = 503
+    code = "shutting_down"

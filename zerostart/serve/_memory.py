@@ -1,0 +1,79 @@
+"""Device memory: how much a replica will hold, the per-device budget, and who goes first
+when a new model needs room.
+
+Estimates come from the checkpoint's safetensors headers (no torch needed): the weights as
+the engine will hold them, plus ``kv_cache_bytes`` when the model sets it; or the model's
+``memory_estimate``, which should then include the KV cache and activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, Iterable, TypeVar
+
+from zerostart import weights
+from zerostart.serve._config import ModelConfig
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # cast to the load dtype; others kept as stored
+
+K = TypeVar("K")
+
+
+def estimate_bytes(model: ModelConfig) -> int:
+    """Device bytes one replica of ``model`` holds: ``memory_estimate`` if set, else its weights
+    as loaded plus ``kv_cache_bytes`` (raises ``WeightsError`` for an unreadable checkpoint)."""
+    if model.memory_estimate is not None:
+        return model.memory_estimate
+    ckpt = weights.resolve(model.path)
+    # Without a dtype the engine loads float32 on CPU and a 16-bit type on accelerators.
+    width = _DTYPE_BYTES[model.dtype or ("float32" if model.device == "cpu" else "bfloat16")]
+    weight_bytes = sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
+                       for h in ckpt.headers for t in h.tensors.values())
+    return weight_bytes + (model.kv_cache_bytes or 0)
+
+
+class Budget:
+    """Bytes reserved per device against optional limits. Reservations are made before a worker
+    spawns and returned when its process has exited."""
+
+    def __init__(self, limits: dict[str, int | None]) -> None:
+        self._limits = dict(limits)
+        self._used: dict[str, int] = {}
+
+    def limit(self, device: str) -> int | None:
+        return self._limits.get(device)
+
+    def used(self, device: str) -> int:
+        return self._used.get(device, 0)
+
+    def fits(self, device: str, nbytes: int) -> bool:
+        limit = self.limit(device)
+        return limit is None or self.used(device) + nbytes <= limit
+
+    def reserve(self, device: str, nbytes: int) -> None:
+        self._used[device] = self.used(device) + nbytes
+
+    def release(self, device: str, nbytes: int) -> None:
+        left = self.used(device) - nbytes
+        if left < 0:
+            raise RuntimeError(f"device {device}: released {nbytes} bytes more than were reserved")
+        self._used[device] = left
+
+    def devices(self) -> list[str]:
+        return sorted(set(self._limits) | set(self._used))
+
+
+@dataclass(frozen=True)
+class Candidate(Generic[K]):
+    """An idle replica that could be stopped to make room."""
+
+    key: K
+    restart_cost_s: float  # what bringing it back would cost (its last measured cold start)
+    last_active: float  # for ties: the least recently used goes first
+
+
+def choose_victim(candidates: Iterable[Candidate[K]]) -> K | None:
+    """The idle replica cheapest to bring back; among equals, the least recently used."""
+    best = min(candidates, key=lambda c: (c.restart_cost_s, c.last_active), default=None)
+    return None if best is None else best.key

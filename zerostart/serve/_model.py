@@ -1,0 +1,187 @@
+"""One served model as the fleet sees it: its replicas, the requests waiting for it, its
+keep-alive and history, and the decisions that concern it alone (how many replicas it keeps
+whatever the traffic, when an idle replica may stop). A request's hold on a replica is a
+:class:`Lease`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+from zerostart.serve import _prewarm
+from zerostart.serve._config import ModelConfig
+from zerostart.serve._metrics import Metrics
+from zerostart.serve._replica import Replica
+from zerostart.serve._state import State, model_state
+
+log = logging.getLogger("zerostart.serve")
+
+_LIVE = (State.STARTING, State.HOT)
+
+
+@dataclass
+class Waiter:
+    """A request held until a replica has room for it."""
+
+    future: asyncio.Future[Replica]
+    arrived: float  # monotonic
+
+
+class Model:
+    """One served model: its config, replicas, queue and history. The fleet mutates it; the
+    methods here only read it (except :meth:`floor`, which remembers a pre-warm it acted on)."""
+
+    def __init__(self, cfg: ModelConfig, estimate: int, policy: Any) -> None:
+        self.cfg = cfg
+        self.name = cfg.served_name
+        self.estimate = estimate  # device bytes per replica
+        self.policy = policy  # a zerostart.policy Policy, or None: idle_timeout decides
+        self.replicas: list[Replica] = []
+        self.waiters: deque[Waiter] = deque()
+        self.start_task: asyncio.Task[None] | None = None  # the one start in progress, if any
+        self.start_began = 0.0
+        self.keep_alive = cfg.idle_timeout  # the latest request's keep_alive, else idle_timeout
+        self.keep_alive_explicit = False  # the latest request set keep_alive: it wins over the policy
+        self.last_active = -math.inf  # last arrival or completion (monotonic)
+        self.failures = 0  # consecutive failed starts
+        self.backoff_until = 0.0
+        self.last_error: str | None = None
+        self.last_cold_start: Replica | None = None
+        self.last_ready_s: float | None = None  # spawn -> ready of the last cold start
+        self.prewarmed_for: float | None = None  # the policy prewarm_at already acted on
+
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state in _LIVE]
+
+    def free_replica(self) -> Replica | None:
+        ready = [r for r in self.replicas if r.has_capacity]
+        return min(ready, key=lambda r: r.in_flight, default=None)
+
+    @property
+    def state(self) -> State:
+        return model_state(r.state for r in self.replicas)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas)
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def floor(self, now: float, wall: datetime | None = None) -> int:
+        """Replicas kept whatever the traffic: min_replicas; one while a pre-warm window is
+        open; one when the policy wants the model hot or asks to pre-warm it."""
+        floor = self.cfg.min_replicas
+        if floor == 0 and self.cfg.prewarm and _prewarm.is_open(self.cfg.prewarm, wall or datetime.now().astimezone()):
+            floor = 1
+        if floor == 0 and self.policy is not None and not self.keep_alive_explicit and not self.live():
+            from zerostart.policy import Rung
+
+            d = self.decide(now)
+            if d.rung is Rung.HOT:  # the policy wants it hot now: climb
+                floor = 1
+            elif d.prewarm_at is not None and d.prewarm_at <= now and d.prewarm_at != self.prewarmed_for:
+                self.prewarmed_for = d.prewarm_at  # one climb per predicted arrival
+                floor = 1
+            if floor:
+                log.info("model %s: pre-warming (policy %s: %s)", self.name, self.policy.name, d.reason or "hot")
+        return floor
+
+    def idle_due(self, r: Replica, now: float) -> float:
+        """When an idle hot replica may stop: its keep-alive after its last request (the latest
+        request's keep_alive, else idle_timeout), or when the policy says. Until the cold
+        ladder's parked and image rungs exist, any rung below hot means the worker stops."""
+        if self.policy is None or self.keep_alive_explicit:
+            return r.last_active + self.keep_alive
+        from zerostart.policy import Rung
+
+        d = self.decide(now)
+        if d.rung is Rung.HOT:
+            return d.recheck_at if d.recheck_at is not None else math.inf
+        return now
+
+    def decide(self, now: float) -> Any:
+        """The policy's decision for this model now."""
+        from zerostart.policy import ModelView, Rung
+
+        view = ModelView(name=self.name, rung=Rung.HOT if self.live() else Rung.ZERO,
+                         busy=bool(self.in_flight or self.waiters or self.start_task is not None),
+                         last_active=self.last_active, size_bytes=self.estimate)
+        return self.policy.decide(view, now)
+
+    # -- what is going on -------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        """This model's entry in ``GET /zerostart/status``."""
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "replicas": len(self.replicas),
+            "queued": len(self.waiters),
+            "in_flight": self.in_flight,
+            "device": self.cfg.device,
+            "memory_estimate_bytes": self.estimate,
+            "keep_alive_s": None if math.isinf(self.keep_alive) else self.keep_alive,
+            "last_cold_start": self._cold_start_json(),
+            "last_error": self.last_error,
+            "backoff_s": round(max(0.0, self.backoff_until - now), 3),
+            "workers": [{"pid": r.pid, "state": r.state.value, "address": r.address, "in_flight": r.in_flight,
+                         "idle_s": round(now - r.last_active, 3) if r.state is State.HOT and not r.in_flight else 0.0}
+                        for r in self.replicas],
+        }
+
+    def _cold_start_json(self) -> dict[str, Any] | None:
+        r = self.last_cold_start
+        if r is None:
+            return None
+        d = r.timeline.to_dict()
+        d.pop("label", None)
+        return {"rung": r.rung, "ready_s": round(self.last_ready_s or 0.0, 6), **d}
+
+
+class Lease:
+    """A request's hold on one replica: while any lease is open the replica is not stopped.
+    Call :meth:`release` when the response is finished (extra calls are ignored)."""
+
+    def __init__(self, model: Model, replica: Replica, arrived: float, metrics: Metrics,
+                 release: Callable[[Model, Replica], None]) -> None:
+        self._model = model
+        self._metrics = metrics
+        self._release = release
+        self.replica = replica
+        self.arrived = arrived
+        self.dispatched = time.monotonic()
+        ready = replica.ready_at or self.dispatched
+        # Time this request spent waiting for a start, and then for room on the replica.
+        self.cold_start_ms = max(0.0, ready - arrived) * 1000.0
+        self.queue_ms = max(0.0, self.dispatched - max(ready, arrived)) * 1000.0
+        self._released = False
+        self._first_byte = False
+
+    def first_byte(self, *, streamed: bool) -> None:
+        """The worker's response started (a streamed request's first token). The first request
+        a new replica serves completes its cold-start timeline with the first_token phase."""
+        if self._first_byte:
+            return
+        self._first_byte = True
+        now = time.monotonic()
+        if streamed:
+            self._metrics.ttft.labels(self._model.name).observe(now - self.arrived)
+        r = self.replica
+        if r.ready_at is not None and not r.first_token_recorded:
+            r.first_token_recorded = True
+            began = max(r.ready_at, self.dispatched)
+            end = r.timeline.now()
+            r.timeline.add_relative("first_token", end - (now - began), end, streamed=streamed)
+            self._metrics.observe_first_token(self._model.name, r.rung, now - began)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release(self._model, self.replica)

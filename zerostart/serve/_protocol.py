@@ -1,0 +1,209 @@
+"""Typed request bodies of the OpenAI routes, shared by the gateway (which validates before it
+starts anything) and the workers (which generate from them).
+
+Unknown fields are ignored as OpenAI's SDKs send new ones over time, but fields for features
+this server does not have (logprobs, tools, ...) are refused with a 400 naming them rather
+than silently dropped. ``null`` means "the default" for every field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zerostart.serve._config import format_loc
+from zerostart.serve._errors import BadRequest
+from zerostart.serve._units import parse_duration
+
+# Fields whose features this server lacks: refused when set to anything but their "off" value.
+_UNSUPPORTED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # extension (vLLM's): 0 or -1 is off
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop_token_ids: list[int] = []  # extension
+    ignore_eos: bool = False  # extension
+    keep_alive: Union[str, float, int, None] = None  # Ollama's: how long the model stays hot after this request
+    user: str | None = None
+    best_of: int | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> "_Request":
+        for key, value in (self.model_extra or {}).items():
+            if key in _UNSUPPORTED and value not in _UNSUPPORTED[key]:
+                raise ValueError(f"{key}: not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: not supported by this server (leave it unset or equal to n)")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format: type {self.response_format.get('type')!r} is not supported (only 'text')")
+        return self
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        for s in [stop] if isinstance(stop, str) else stop or []:
+            if not s:
+                raise ValueError("stop strings must be non-empty")
+        return stop
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> Any:
+        if v is not None:
+            parse_duration(v, forever_if_negative=True)
+        return v
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        return None if self.keep_alive is None else parse_duration(self.keep_alive, forever_if_negative=True)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        out = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part of type {part.get('type')!r} is not supported (text only)")
+            out.append(part["text"])
+        return "".join(out)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _texts(self) -> "ChatCompletionRequest":
+        for i, m in enumerate(self.messages):
+            try:
+                m.text()
+            except ValueError as e:
+                raise ValueError(f"messages[{i}].content: {e}") from None
+        return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def template_messages(self) -> list[dict[str, str]]:
+        # chat templates know system/user/assistant; OpenAI's newer "developer" is a system turn
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, p: Any) -> Any:
+        if isinstance(p, list):
+            if not p:
+                raise ValueError("must not be empty")
+            for x in p:
+                if isinstance(x, list) and not x:
+                    raise ValueError("token lists must not be empty")
+                if isinstance(x, int) and x < 0 or isinstance(x, list) and any(t < 0 for t in x):
+                    raise ValueError("token ids must be non-negative")
+        return p
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_tokens or 16  # OpenAI's default for completions
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+ROUTES: dict[str, type[_Request]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
+
+
+def parse_request(schema: type[_Request], raw: bytes) -> _Request:
+    """Validate a request body; a :class:`BadRequest` naming the bad field otherwise."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"The request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = format_loc(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "this field is required"
+        param = str(err["loc"][0]) if err["loc"] else None
+        text = f"{loc}: {msg}" if loc else msg
+        more = len(e.errors()) - 1
+        bad = BadRequest(text + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""), param=param)
+        bad.model = data.get("model") if isinstance(data.get("model"), str) else None
+        raise bad from None
