@@ -37,6 +37,8 @@ def resolve(path: str | os.PathLike[str]) -> Checkpoint:
         if path.endswith(".json"):
             return _from_index(path)
         return Checkpoint(path, (read_header(path),))
+    if not os.path.isdir(path):
+        raise WeightsError(f"{path}: neither a regular file nor a directory")
     index = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index):
         return _from_index(index, root=path)
