@@ -1,0 +1,433 @@
+"""``zerostart coldstart``: real cold starts of a model from each rung of the cold ladder.
+
+    zerostart coldstart --model PATH [--from source|image|standby|parked ...] [--repeat N]
+                        [--device cpu|cuda] [--json FILE] [--chart FILE.png]
+
+Each start is a real worker process (the one the server runs) answering a real completion:
+
+- source   spawn a worker on the checkpoint (page cache dropped first)
+- image    spawn a worker on the model's ready image (dropped first; written once, untimed)
+- standby  hand the model (its image) to a spare worker that already imported torch and
+           initialized the device (the spare's own start is not timed: it happened earlier)
+- parked   wake a worker whose weights were parked in host RAM
+
+and the clock stops at the first token of a completion request. Phases come from the worker's
+own timeline (spawn, import, device_init, read, copy, prepare, warmup, wake) plus the
+gateway-side first token, on one clock. The table prints, for the phases that move bytes,
+GB/s and the fraction of the ceiling measured in the same run (direct-I/O cold reads of the
+same files for source/image/standby, memcpy or pinned host->device for parked), and for each
+rung the floor: bytes / ceiling plus the fixed costs that rung cannot skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+RUNGS = ["source", "image", "standby", "parked"]
+LABELS = {"source": "source", "image": "image", "standby": "standby+image", "parked": "parked"}
+PHASE_ORDER = ["spawn", "import", "device_init", "read", "copy", "prepare", "warmup", "wake", "first_token"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or source (hf://, s3://, https://)")
+    p.add_argument("--from", dest="rungs", action="append", choices=RUNGS,
+                   help="rung(s) to start from (repeatable; default all)")
+    p.add_argument("--repeat", type=int, default=3, help="cold starts per rung (default 3; medians reported)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="weights dtype (default: the engine's default for the device)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="length of the first request's prompt (default 16)")
+    p.add_argument("--json", metavar="FILE", help="write every run and the medians (the format `simulate --coldstart` reads)")
+    p.add_argument("--chart", metavar="FILE.png", help="draw a phase timeline per rung")
+    p.add_argument("--timeout", type=float, default=600, help="seconds a single start may take (default 600)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from zerostart import snapshot, weights
+    from zerostart.bench import _ceilings
+
+    rungs = args.rungs or RUNGS
+    if args.repeat < 1:
+        raise SystemExit("zerostart: error: --repeat must be at least 1")
+    model = args.model
+    ck = weights.open_source(model)  # resolves (and for remote sources, lists) without loading
+    files = [h.path for h in ck.checkpoint.headers]
+    model_bytes = ck.checkpoint.nbytes
+    ck.finish(False)
+    model_dir = weights.localize(model)
+    _log(f"coldstart: {model}: {model_bytes / 1e9:.2f} GB, device {args.device}, rungs {', '.join(rungs)}")
+
+    image = None
+    if any(r in ("image", "standby") for r in rungs):
+        image = _ensure_image(model, model_dir, args)
+    image_files = [os.path.join(image, "model.safetensors")] if image else []
+
+    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rungs}
+    ceilings: dict[str, list[float]] = {}
+    local_files = [f for f in files if os.path.exists(f)]
+    for rnd in range(args.repeat):
+        _log(f"round {rnd + 1}/{args.repeat}")
+        for k, v in _ceilings.measure(local_files or image_files, args.device, cold=bool(local_files or image_files)).items():
+            ceilings.setdefault(k, []).append(v)
+        for rung in rungs:
+            try:
+                run = _RUNNERS[rung](model, image, args, local_files if rung == "source" else image_files)
+            except RuntimeError as e:
+                run = {"rung": rung, "error": str(e)}
+            run["round"] = rnd
+            runs[rung].append(run)
+            if "error" in run:
+                _log(f"  {LABELS[rung]:<14} FAILED: {run['error']}")
+            else:
+                _log(f"  {LABELS[rung]:<14} first token after {run['total_s']:.3f} s")
+
+    report = _summarize(model, model_bytes, args.device, runs, ceilings, image)
+    print(_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        _log(f"wrote {args.json}")
+    if args.chart:
+        _chart(report, args.chart)
+        _log(f"wrote {args.chart}")
+    return 0 if all("error" not in r for rs in runs.values() for r in rs) else 1
+
+
+# --- one cold start per rung -----------------------------------------------------------------
+
+
+class _Worker:
+    """A worker process on a loopback port, and its control routes."""
+
+    def __init__(self, model: str | None, args: argparse.Namespace, images: str = "off", parkable: bool = False,
+                 standby: bool = False) -> None:
+        from zerostart.bench import _env
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "zerostart.serve._worker", "--port", str(self.port), "--device", args.device]
+        if standby:
+            cmd.append("--standby")
+        else:
+            cmd += ["--model", model, "--images", images]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+        if parkable:
+            cmd.append("--parkable")
+        self.t0 = time.perf_counter()
+        self.t0_unix = time.time()
+        self.proc = subprocess.Popen(cmd, env=_env.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.timeout = args.timeout
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            try:
+                return e.code, json.loads(e.read() or b"{}")
+            except ValueError:
+                return e.code, {}
+
+    def wait_ready(self, want: str = "ready") -> dict:
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited ({self.proc.returncode}): {self.proc.stderr.read()[-800:]}")
+            try:
+                status, body = self.call("GET", "/zerostart/ready?wait=5", timeout=30)
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.005)
+                continue
+            if body.get("state") == want:
+                return body
+            if body.get("state") == "failed":
+                raise RuntimeError(f"worker failed to load: {body.get('error')}")
+        raise RuntimeError(f"worker not {want} within {self.timeout} s")
+
+    def first_token(self, prompt_tokens: int) -> float:
+        status, body = self.call("POST", "/v1/completions", {"model": "any", "prompt": [7] * prompt_tokens, "max_tokens": 1,
+                                                             "temperature": 0})
+        if status != 200:
+            raise RuntimeError(f"first request failed: HTTP {status} {body}")
+        return time.perf_counter()
+
+    def phases(self) -> dict:
+        status, body = self.call("GET", "/zerostart/phases")
+        if status != 200:
+            raise RuntimeError(f"phases route answered {status}")
+        return body
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _timeline_from(w: _Worker, start: float, end: float, include_spawn: bool, since: float | None = None) -> dict:
+    """The worker's phases on our clock (seconds from ``start``), plus spawn and first token."""
+    from zerostart.telemetry import Timeline
+
+    t = Timeline(origin=start)
+    body = w.phases()
+    shift = body.get("origin_unix", w.t0_unix) - w.t0_unix + (w.t0 - start)
+    if include_spawn:
+        t.add_relative("spawn", w.t0 - start, shift)
+    for p in body.get("phases", []):
+        s, e = p["start_s"] + shift, p["end_s"] + shift
+        if since is not None and e <= since - start:
+            continue  # happened before this cold start (a standby's imports, a parked worker's load)
+        t.add_relative(p["name"], s, e, bytes=p.get("bytes", 0), **p.get("detail", {}))
+    ready = max((p.end for p in t.phases), default=0.0)
+    t.add_relative("first_token", ready, end - start)
+    return t.to_dict()
+
+
+def _run_source(model: str, image: str | None, args, files: list[str]) -> dict:
+    from zerostart.bench import _ceilings
+
+    _ceilings.drop(files)
+    w = _Worker(model, args, images="off")
+    try:
+        w.wait_ready()
+        end = w.first_token(args.prompt_tokens)
+        tl = _timeline_from(w, w.t0, end, include_spawn=True)
+    finally:
+        w.close()
+    return {"rung": "source", "total_s": end - w.t0, "timeline": tl}
+
+
+def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
+    from zerostart.bench import _ceilings
+
+    _ceilings.drop(files)
+    w = _Worker(image, args, images="off")
+    try:
+        w.wait_ready()
+        end = w.first_token(args.prompt_tokens)
+        tl = _timeline_from(w, w.t0, end, include_spawn=True)
+    finally:
+        w.close()
+    return {"rung": "image", "total_s": end - w.t0, "timeline": tl}
+
+
+def _run_standby(model: str, image: str | None, args, files: list[str]) -> dict:
+    from zerostart.bench import _ceilings
+
+    w = _Worker(None, args, standby=True)
+    try:
+        w.wait_ready(want="standby")
+        _ceilings.drop(files)
+        start = time.perf_counter()
+        status, body = w.call("POST", "/zerostart/load", {"model": image, "device": args.device, "dtype": args.dtype,
+                                                          "images": "off"})
+        if status not in (200, 202):
+            raise RuntimeError(f"standby load answered HTTP {status}: {body}")
+        w.wait_ready()
+        end = w.first_token(args.prompt_tokens)
+        tl = _timeline_from(w, start, end, include_spawn=False, since=start)
+    finally:
+        w.close()
+    return {"rung": "standby", "total_s": end - start, "timeline": tl}
+
+
+def _run_parked(model: str, image: str | None, args, files: list[str]) -> dict:
+    w = _Worker(model, args, images="off", parkable=True)
+    try:
+        w.wait_ready()
+        w.first_token(args.prompt_tokens)
+        status, body = w.call("POST", "/zerostart/park")
+        if status != 200:
+            raise RuntimeError(f"park answered HTTP {status}: {body}")
+        time.sleep(0.2)
+        start = time.perf_counter()
+        status, body = w.call("POST", "/zerostart/wake")
+        if status != 200:
+            raise RuntimeError(f"wake answered HTTP {status}: {body}")
+        end = w.first_token(args.prompt_tokens)
+        tl = _timeline_from(w, start, end, include_spawn=False, since=start)
+        if not any(p["name"] == "wake" for p in tl["phases"]):  # the worker's wake as reported by the route
+            wake_s = float(body.get("wake_s", 0.0))
+            tl["phases"].insert(0, {"name": "wake", "start_s": 0.0, "end_s": wake_s, "seconds": wake_s,
+                                    "bytes": body.get("bytes", 0), "gbps": body.get("gbps", 0)})
+    finally:
+        w.close()
+    return {"rung": "parked", "total_s": end - start, "timeline": tl}
+
+
+_RUNNERS = {"source": _run_source, "image": _run_image, "standby": _run_standby, "parked": _run_parked}
+
+
+def _ensure_image(model: str, model_dir: str, args) -> str:
+    """The model's ready image in the server's image store (written once, untimed)."""
+    from zerostart import snapshot
+    from zerostart.bench import _env
+
+    import torch
+
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    fp = snapshot.fingerprint(model_dir, torch.device(args.device).type, str(getattr(torch, dtype)))
+    out = snapshot.image_store(model, fp)
+    if snapshot.is_image(out):
+        try:
+            snapshot.check_compatible(out, fp)
+            return out
+        except snapshot.ImageError:
+            pass
+    _log(f"  writing the ready image (untimed) to {out}")
+    cmd = [sys.executable, "-m", "zerostart", "snapshot", "--model", model, "--out", out, "--device", args.device]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    r = subprocess.run(cmd, env=_env.child_env(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"zerostart: error: writing the image failed: {r.stderr.strip()[-600:]}")
+    return out
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _summarize(model: str, model_bytes: int, device: str, runs: dict, ceilings: dict, image: str | None) -> dict:
+    med_ceil = {k: statistics.median(v) for k, v in ceilings.items() if v}
+    rungs: dict[str, Any] = {}
+    for rung, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            rungs[rung] = {"label": LABELS[rung], "error": rs[0].get("error") if rs else "no runs"}
+            continue
+        phases: dict[str, list[dict]] = {}
+        for r in ok:
+            for p in r["timeline"]["phases"]:
+                phases.setdefault(p["name"], []).append(p)
+        med = {name: {"seconds": statistics.median(p["seconds"] for p in ps),
+                      "start_s": statistics.median(p["start_s"] for p in ps),
+                      "bytes": max(p.get("bytes", 0) for p in ps)} for name, ps in phases.items()}
+        for name, m in med.items():
+            if m["bytes"] and m["seconds"] > 0 and name in ("read", "copy", "wake"):
+                m["gbps"] = m["bytes"] / m["seconds"] / 1e9
+                ceiling = _ceiling_for(name, rung, device, med_ceil)
+                if ceiling:
+                    m["of_ceiling"] = m["gbps"] / ceiling
+                    m["ceiling_gbps"] = ceiling
+        total = statistics.median(r["total_s"] for r in ok)
+        fixed = sum(med[n]["seconds"] for n in ("spawn", "import", "device_init") if n in med)
+        bw = _ceiling_for("wake" if rung == "parked" else "read", rung, device, med_ceil)
+        moved = model_bytes if rung in ("source", "parked") else (med.get("read", {}).get("bytes") or model_bytes)
+        floor = fixed + (moved / bw / 1e9 if bw else 0.0)
+        rungs[rung] = {"label": LABELS[rung], "median_s": total, "runs": [r["total_s"] for r in ok], "phases": med,
+                       "floor_s": floor, "of_floor": floor / total if total else None, "timelines": [r["timeline"] for r in ok]}
+    return {"model": model, "bytes": model_bytes, "device": device, "image": image, "ceilings_gbps": med_ceil,
+            "ceilings_runs": ceilings, "rungs": rungs, "environment": _environment(device)}
+
+
+def _ceiling_for(phase: str, rung: str, device: str, c: dict) -> float | None:
+    if phase == "wake":
+        return c.get("pinned_h2d") if device.startswith("cuda") else c.get("memcpy")
+    if phase == "copy":
+        return c.get("pinned_h2d")
+    return c.get("cold_read")
+
+
+def _table(rep: dict) -> str:
+    c = rep["ceilings_gbps"]
+    lines = [f"zerostart coldstart: {rep['model']} ({rep['bytes'] / 1e9:.2f} GB), device {rep['device']}, medians"]
+    parts = []
+    if "cold_read" in c:
+        parts.append(f"cold read {c['cold_read']:.2f} GB/s (into fresh memory {c.get('cold_fresh', 0):.2f})")
+    if "memcpy" in c:
+        parts.append(f"memcpy {c['memcpy']:.2f} GB/s")
+    if "pinned_h2d" in c:
+        parts.append(f"pinned host->device {c['pinned_h2d']:.2f} GB/s")
+    lines.append("ceilings: " + "; ".join(parts))
+    present = [p for p in PHASE_ORDER if any(p in r.get("phases", {}) for r in rep["rungs"].values())]
+    head = f"{'rung':<14}" + "".join(f" {p:>11}" for p in present) + f" {'total':>8} {'floor':>7} {'of floor':>8}"
+    lines += [head, "-" * len(head)]
+    for rung, r in rep["rungs"].items():
+        if "error" in r:
+            lines.append(f"{r['label']:<14} FAILED: {r['error'][:100]}")
+            continue
+        row = f"{r['label']:<14}"
+        for p in present:
+            m = r["phases"].get(p)
+            row += f" {m['seconds']:>11.3f}" if m else f" {'-':>11}"
+        row += f" {r['median_s']:>8.3f} {r['floor_s']:>7.3f} {r['of_floor'] * 100:>7.0f}%"
+        lines.append(row)
+    lines.append("phases in seconds (they may overlap: warm-up runs while the last layers load); bytes moved:")
+    for rung, r in rep["rungs"].items():
+        for name in ("read", "copy", "wake"):
+            m = r.get("phases", {}).get(name)
+            if m and m.get("gbps"):
+                of = f", {m['of_ceiling'] * 100:.0f}% of {m['ceiling_gbps']:.2f} GB/s" if m.get("of_ceiling") else ""
+                extra = ""
+                if name == "read" and c.get("cold_fresh") and rung != "parked":
+                    extra = f" ({m['gbps'] / c['cold_fresh'] * 100:.0f}% of the fresh-memory read)"
+                lines.append(f"  {r['label']:<14} {name:<5} {m['bytes'] / 1e9:6.2f} GB at {m['gbps']:6.2f} GB/s{of}{extra}")
+    lines.append("floor: bytes / ceiling + the fixed costs the rung pays (spawn, import, device init)")
+    return "\n".join(lines)
+
+
+def _chart(rep: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rungs = [r for r in rep["rungs"].values() if "error" not in r]
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 1.1 * len(rungs) * 1.0))
+    colors = dict(zip(PHASE_ORDER, plt.get_cmap("tab10").colors))
+    yticks, ylabels = [], []
+    y = 0.0
+    for r in reversed(rungs):
+        tl = r["timelines"][len(r["timelines"]) // 2]  # the median-ish run
+        lanes = [p for p in PHASE_ORDER if any(x["name"] == p for x in tl["phases"])]
+        for i, name in enumerate(lanes):
+            for p in tl["phases"]:
+                if p["name"] == name:
+                    ax.barh(y + i * 0.8 / max(1, len(lanes)), p["end_s"] - p["start_s"], left=p["start_s"],
+                            height=0.8 / max(1, len(lanes)), color=colors[name], align="edge",
+                            label=name if name not in ax.get_legend_handles_labels()[1] else None)
+        yticks.append(y + 0.4)
+        ylabels.append(f"{r['label']}\n{r['median_s']:.2f} s")
+        y += 1.2
+    ax.set_yticks(yticks)
+    ax.set_yticklabels(ylabels)
+    ax.set_xlabel("seconds from the request (spawn included where the rung pays it)")
+    ax.set_title(f"cold start phases: {os.path.basename(rep['model'].rstrip('/'))} on {rep['device']}")
+    ax.legend(loc="lower right", fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _environment(device: str) -> dict:
+    import platform
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if device.startswith("cuda"):
+            env["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return env
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
