@@ -28,13 +28,13 @@ if want tests; then
   step tests
   timeout 300 $PY -m pytest -m gpu tests/weights tests/snapshot tests/engine -q -p no:cacheprovider -o timeout=240 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
 fi
-if want load; then
-  step "bench load"
-  timeout 400 $PY -m zerostart bench load --size ${LOAD_SIZE:-4GB} --device cuda --cold --repeat ${REPEAT:-2} --work-dir "$WORK" --json "$OUT/load-cuda.json" 2>"$OUT/load-cuda.log" | tee "$OUT/load-cuda.txt"
-fi
 if want park; then
   step "park/wake"
   timeout 240 $PY bench/park_wake.py --size 1b --repeat 5 --json "$OUT/park-cuda.json" 2>&1 | tail -5
+fi
+if want load; then
+  step "bench load"
+  timeout 400 $PY -m zerostart bench load --size ${LOAD_SIZE:-4GB} --device cuda --cold --repeat ${REPEAT:-2} --work-dir "$WORK" --json "$OUT/load-cuda.json" 2>"$OUT/load-cuda.log" | tee "$OUT/load-cuda.txt"
 fi
 if want generate; then
   step "bench generate"
