@@ -142,3 +142,4 @@ def test_foreign_process_suspend_resume(tmp_path):
         assert proc.stdout.readline().strip() == "1", "its data survived"
     finally:
         proc.kill()
+        proc.wait()

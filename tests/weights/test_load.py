@@ -244,7 +244,9 @@ def test_cuda_load_matches(sharded, cfg, cast):
             ref.update(load_file(str(sharded / f)))
     arena = weights.load_arena(sharded, device="cuda", dtype=cast, config=CONFIGS[cfg])
     assert arena.storage.is_cuda
-    assert arena.stats.staging_peak_bytes <= arena.stats.staging_bytes <= CONFIGS[cfg].staging_bytes
+    from zerostart.weights._load import _CUDA_STAGING
+
+    assert arena.stats.staging_peak_bytes <= arena.stats.staging_bytes <= (CONFIGS[cfg].staging_bytes or _CUDA_STAGING)
     assert_same({k: v.cpu() for k, v in arena.tensors.items()}, ref, cast=cast)
 
 

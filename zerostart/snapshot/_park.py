@@ -27,11 +27,16 @@ from dataclasses import dataclass
 class ParkStats:
     bytes: int = 0
     park_s: float = 0.0
-    wake_s: float = 0.0
+    wake_s: float = 0.0  # the whole wake: memory back (CUDA: create and map) plus the copy
+    wake_copy_s: float = 0.0  # the bytes' copy alone (host -> device / shm -> RAM)
 
     @property
     def wake_gbps(self) -> float:
         return self.bytes / self.wake_s / 1e9 if self.wake_s else 0.0
+
+    @property
+    def wake_copy_gbps(self) -> float:
+        return self.bytes / self.wake_copy_s / 1e9 if self.wake_copy_s else 0.0
 
     @property
     def park_gbps(self) -> float:
@@ -74,21 +79,28 @@ class Parking:
         self.vmm.release()
 
     def _wake_cuda(self) -> None:
+        import threading
+
         import torch
 
         self.vmm.restore()
         if self.kept:
+            t0 = time.perf_counter()
             self.storage.copy_(self._host, non_blocking=True)
             torch.cuda.synchronize(self.storage.device)
-            self._drop_host()
+            self.stats.wake_copy_s = time.perf_counter() - t0
+            # unpinning and unmapping gigabytes takes a while: not on the wake's critical path
+            host, region = self._host, self._host_region
+            self._host = self._host_region = None
+            threading.Thread(target=self._drop_host, args=(host, region), name="zerostart-unpin", daemon=True).start()
 
-    def _drop_host(self) -> None:
+    @staticmethod
+    def _drop_host(host, region) -> None:
         import torch
 
-        if self._host_region is not None:
-            torch.cuda.cudart().cudaHostUnregister(self._host_region.addr)
-            self._host_region.close()
-        self._host = self._host_region = None
+        if region is not None:
+            torch.cuda.cudart().cudaHostUnregister(region.addr)
+            region.close()
 
     # --- CPU ----------------------------------------------------------------------------------
 
@@ -114,9 +126,11 @@ class Parking:
 
     def _wake_cpu(self) -> None:
         if self.kept and self._memfd is not None:
+            t0 = time.perf_counter()
             dst = memoryview(self.storage.numpy()).cast("B")
             fd = self._memfd
             self._parallel(lambda a, b: _pread_all(fd, dst[a:b], a))
+            self.stats.wake_copy_s = time.perf_counter() - t0
             os.close(fd)
             self._memfd = None
 

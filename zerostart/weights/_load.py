@@ -37,9 +37,11 @@ from zerostart.weights._sources import open_source
 Mode = Literal["auto", "always", "never"]
 PAD_PREFIX = "__zerostart_pad__"  # alignment filler tensors in ready images: loaded, never returned
 # Defaults measured with `zerostart bench load --sweep` and bench/h2d_paths.py (H100 host,
-# 16 cores: 16 readers x 32 MiB reached 48 GB/s page cache -> pinned, beside 55 GB/s H2D).
-_CPU_CHUNK, _CUDA_CHUNK = 8 << 20, 32 << 20
-_CPU_STAGING, _CUDA_STAGING = 256 << 20, 768 << 20
+# 16 cores: 16 readers reached 45-48 GB/s page cache -> pinned with 8-64 MiB reads, beside
+# 55 GB/s H2D). Staging is fresh memory that a new process must first touch, so less of it
+# (8 MiB buffers, two per reader) starts faster than large buffers do.
+_CPU_CHUNK, _CUDA_CHUNK = 8 << 20, 8 << 20
+_CPU_STAGING, _CUDA_STAGING = 256 << 20, 320 << 20
 _MMAP_RESIDENT = 0.98  # fraction of a file in the page cache for mmap="auto" to map it
 _POPULATE_SPAN = 64 << 20  # page-table population is split into spans this big, one per thread
 
@@ -49,8 +51,8 @@ class LoadConfig:
     """How a load reads. Defaults are chosen per device and cache state; see ``bench load``."""
 
     threads: int = 0  # reader threads; 0 = by device and cache state
-    chunk_bytes: int = 0  # bytes per read; 0 = 8 MiB on CPU, 32 MiB for CUDA
-    staging_bytes: int = 0  # budget for staging buffers (CUDA loads, dtype casts); 0 = 256 MiB CPU, 768 MiB CUDA
+    chunk_bytes: int = 0  # bytes per read; 0 = 8 MiB
+    staging_bytes: int = 0  # budget for staging buffers (CUDA loads, dtype casts); 0 = 256 MiB CPU, 320 MiB CUDA
     direct_io: Mode = "auto"  # O_DIRECT for files not in the page cache
     mmap: Mode = "auto"  # CPU without a cast: map files that are in the page cache
     warm_fraction: float = 0.5  # a file this much in the page cache counts as warm
