@@ -34,7 +34,7 @@ if want park; then
 fi
 if want load; then
   step "bench load"
-  timeout 400 $PY -m zerostart bench load --size ${LOAD_SIZE:-4GB} --device cuda --cold --repeat ${REPEAT:-2} --work-dir "$WORK" --json "$OUT/load-cuda.json" 2>"$OUT/load-cuda.log" | tee "$OUT/load-cuda.txt"
+  timeout 400 $PY -m zerostart bench load --size ${LOAD_SIZE:-4GB} --device cuda ${LOAD_COLD---cold} --repeat ${REPEAT:-2} --work-dir "$WORK" --json "$OUT/load-cuda.json" 2>"$OUT/load-cuda.log" | tee "$OUT/load-cuda.txt"
 fi
 if want generate; then
   step "bench generate"
