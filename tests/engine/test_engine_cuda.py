@@ -74,6 +74,7 @@ def test_cuda_bfloat16_default(tiny_dir):
     assert [ev.token_id for ev in evs] == [ev.token_id for ev in again]
 
 
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores")  # inductor's advice on newer torch
 def test_cuda_compile_matches_eager(tiny_dir, cpu_ref):
     _, solo = cpu_ref
     e = Engine.from_pretrained(tiny_dir, device="cuda", dtype="float32",

@@ -128,7 +128,11 @@ def test_foreign_process_suspend_resume(tmp_path):
         sys.stdin.readline()
         print(int(torch.equal(x, torch.arange(64 << 20, device="cuda", dtype=torch.int32))), flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        _suspend_resume(proc, snapshot)
+
+
+def _suspend_resume(proc, snapshot) -> None:
     try:
         assert proc.stdout.readline().strip() == "ready"
         free0 = torch.cuda.mem_get_info()[0]
