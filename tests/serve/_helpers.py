@@ -121,6 +121,17 @@ class Gateway:
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
+    def cold_starts(self, model: str, rung: str | None = None) -> float:
+        """Cold starts of ``model`` that reached ready, from ``rung`` (None: any rung)."""
+        return sum(v for (name, labels), v in self.metrics().items() if name == "zerostart_cold_starts_total"
+                   and dict(labels)["model"] == model and rung in (None, dict(labels)["rung"]))
+
+    def phase_count(self, model: str, phase: str) -> float:
+        """Cold starts of ``model`` (any rung) whose timeline had ``phase``."""
+        return sum(v for (name, labels), v in self.metrics().items()
+                   if name == "zerostart_cold_start_phase_seconds_count" and dict(labels)["model"] == model
+                   and dict(labels)["phase"] == phase)
+
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -83,7 +83,7 @@ def test_worker_killed_mid_request(gw: Gateway) -> None:
     raw = client.completions.with_raw_response.create(model="crashy", prompt="again", max_tokens=2)
     assert int(raw.headers["x-zerostart-cold-start-ms"]) > 0  # a new worker
     assert gw.model("crashy")["workers"][0]["pid"] != pid
-    assert gw.metric("zerostart_cold_starts_total", model="crashy", rung="zero") == 2
+    assert gw.cold_starts("crashy") == 2
 
 
 def test_checkpoint_that_fails_to_load(gw: Gateway) -> None:
@@ -113,7 +113,7 @@ def test_checkpoint_that_fails_to_load(gw: Gateway) -> None:
     results = asyncio.run(many())
     assert all(isinstance(r, openai.InternalServerError) and r.status_code == 503 for r in results)
     assert gw.metric("zerostart_start_failures_total", model="broken", cause="load_error") == 1
-    assert gw.metric("zerostart_cold_starts_total", model="broken", rung="zero") == 0
+    assert gw.cold_starts("broken") == 0
     assert gw.worker_pids("broken") == []
 
 

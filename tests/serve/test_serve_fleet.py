@@ -37,7 +37,7 @@ def test_floors_keep_models_hot_without_traffic(floors: Gateway) -> None:
     for name in kept:
         m = floors.model(name)
         assert m["state"] == "hot" and m["replicas"] == 1, m
-        assert floors.metric("zerostart_cold_starts_total", model=name, rung="zero") == 1
+        assert floors.cold_starts(name) == 1
     assert floors.model("plain")["state"] == "zero"  # nothing asked for it
     assert floors.model("ttl")["state"] == "zero"  # ttl has no history: it does not pre-warm
 
@@ -59,7 +59,7 @@ def test_keep_alive_policy_replaces_the_idle_timeout(floors: Gateway) -> None:
     t0 = time.monotonic()
     floors.wait_for("ttl:1 to scale to zero", lambda: floors.model("ttl")["state"] == "zero", timeout=10)
     assert 0.9 <= time.monotonic() - t0 < 8
-    assert floors.metric("zerostart_cold_starts_total", model="ttl", rung="zero") == 1
+    assert floors.cold_starts("ttl") == 1
 
 
 def test_a_second_replica_starts_when_the_first_is_full(floors: Gateway) -> None:
@@ -78,7 +78,7 @@ def test_a_second_replica_starts_when_the_first_is_full(floors: Gateway) -> None
         os.kill(pid, signal.SIGCONT)
     first.close()  # the clients leave: the workers stop generating, the replicas go idle
     second.close()
-    assert floors.metric("zerostart_cold_starts_total", model="wide", rung="zero") == 2
+    assert floors.cold_starts("wide") == 2
     floors.wait_for("both replicas to stop when idle", lambda: floors.model("wide")["replicas"] == 0, timeout=15)
 
 

@@ -30,7 +30,12 @@ def test_transitions_are_exactly_the_documented_edges() -> None:
     allowed = {(a, b) for a, dsts in TRANSITIONS.items() for b in dsts}
     assert allowed == {
         (State.ZERO, State.STARTING), (State.STARTING, State.HOT), (State.STARTING, State.ZERO),
-        (State.HOT, State.STOPPING), (State.HOT, State.ZERO), (State.STOPPING, State.ZERO),
+        (State.HOT, State.PARKING), (State.HOT, State.STOPPING), (State.HOT, State.ZERO),
+        (State.PARKING, State.PARKED), (State.PARKING, State.HOT), (State.PARKING, State.STOPPING),
+        (State.PARKING, State.ZERO),
+        (State.PARKED, State.WAKING), (State.PARKED, State.STOPPING), (State.PARKED, State.ZERO),
+        (State.WAKING, State.HOT), (State.WAKING, State.STOPPING), (State.WAKING, State.ZERO),
+        (State.STOPPING, State.ZERO),
     }
     for a in State:
         for b in State:
@@ -50,6 +55,10 @@ def test_model_state_summarizes_replicas() -> None:
     assert model_state([State.STOPPING]) is State.STOPPING
     assert model_state([State.STOPPING, State.STARTING]) is State.STARTING
     assert model_state([State.STARTING, State.HOT, State.STOPPING]) is State.HOT
+    assert model_state([State.PARKED, State.STOPPING]) is State.PARKED
+    assert model_state([State.PARKED, State.STARTING]) is State.STARTING
+    assert model_state([State.PARKED, State.WAKING]) is State.WAKING
+    assert model_state([State.PARKING]) is State.PARKING
 
 
 # -- memory -----------------------------------------------------------------------------------

@@ -36,6 +36,23 @@ Bytes = Annotated[int, BeforeValidator(parse_size)]
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("float32", "bfloat16", "float16")
+REMOTE_SCHEMES = ("hf://", "s3://", "http://", "https://")
+
+
+def is_source_url(path: str) -> bool:
+    """A model source the weights package fetches (or finds in the Hugging Face cache), not a path."""
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def default_name(path: str) -> str:
+    """A model's name when the config gives none: its directory's (or file's, without
+    ``.safetensors``) name; for a source URL its last path component (``hf://org/name@rev``:
+    ``name``)."""
+    if is_source_url(path):
+        base = path.split("://", 1)[1].rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
+        return base.removesuffix(".safetensors") or path
+    base = os.path.basename(os.path.normpath(path))
+    return base[: -len(".safetensors")] if base.endswith(".safetensors") else base
 
 
 def normalize_device(device: str) -> str:
@@ -62,6 +79,7 @@ class ServerConfig(_Section):
     stream_keepalive: Seconds = Field(10.0, gt=0)  # SSE comment interval while a stream waits
     shutdown_timeout: Seconds = 10.0  # how long shutdown waits for open requests to finish
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    standby_workers: int = Field(0, ge=0, le=1)  # 1: keep a spare worker with imports and device init done
 
     @field_validator("api_keys")
     @classmethod
@@ -97,13 +115,16 @@ class PrewarmWindow(_Section):
 class ModelConfig(_Section):
     """One model the gateway serves, with its lifecycle settings."""
 
-    path: str  # a Hugging Face model directory or a .safetensors file; relative to the config file
+    path: str  # a model directory, .safetensors file, ready image, hf://, s3:// or https:// source
     name: str | None = None  # the name clients ask for; None: the directory's (or file's) name
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the engine's choice for the device
     max_model_len: int | None = Field(None, ge=2)  # longest prompt + completion; None: the engine's default
     kv_cache_bytes: Bytes | None = None  # the engine's KV cache size; None: the engine's default
     idle_timeout: KeepAlive = 300.0  # scale to zero after this long idle; negative: never
+    park_after: Seconds | None = Field(None, ge=0)  # park (weights to host RAM) after this long idle; None: never
+    parkable: bool | None = None  # load so it can be parked (CUDA: VMM memory); None: if park_after or the policy parks
+    images: Literal["off", "use", "write"] = "write"  # ready images: restore a matching one; write one after a source load
     keep_alive_policy: str | None = None  # a zerostart.policy spec ("ttl:600", "hybrid"); None: idle_timeout
     min_replicas: int = Field(0, ge=0)  # replicas kept hot whatever the traffic
     max_replicas: int = Field(1, ge=1)  # more start when every replica is at max_concurrency
@@ -122,6 +143,11 @@ class ModelConfig(_Section):
     def _path(cls, path: str, info: ValidationInfo) -> str:
         if not path.strip():
             raise ValueError("must name a model directory or .safetensors file")
+        if "://" in path:
+            if not is_source_url(path):
+                raise ValueError(f"{path!r}: unknown source scheme (use a path, hf://org/name, s3://bucket/prefix "
+                                 "or https://...)")
+            return path
         path = os.path.expanduser(path)
         base = (info.context or {}).get("base_dir")
         if base and not os.path.isabs(path):
@@ -146,16 +172,14 @@ class ModelConfig(_Section):
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
         if self.start_backoff > self.start_backoff_max:
             raise ValueError(f"start_backoff ({self.start_backoff:g} s) is above start_backoff_max ({self.start_backoff_max:g} s)")
+        if self.park_after is not None and self.parkable is False:
+            raise ValueError("park_after is set but parkable is false; remove one of them")
         return self
 
     @property
     def served_name(self) -> str:
-        """The name clients use: ``name``, else the directory's name (a file's name without
-        ``.safetensors``)."""
-        if self.name:
-            return self.name
-        base = os.path.basename(os.path.normpath(self.path))
-        return base[: -len(".safetensors")] if base.endswith(".safetensors") else base
+        """The name clients use: ``name``, else :func:`default_name` of the path."""
+        return self.name or default_name(self.path)
 
 
 class ServeConfig(_Section):

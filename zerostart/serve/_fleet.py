@@ -1,12 +1,13 @@
-"""The fleet: every model the gateway serves, its replicas and waiting requests, and the loop
-that scales them (DESIGN.md §3).
+"""The fleet: every model the gateway serves, its replicas and waiting requests, the standby
+worker, and the loop that moves models along the cold ladder (DESIGN.md §2, §3).
 
 Requests ``acquire`` a replica and hold a :class:`Lease` while they are served. A model with no
-replica with room holds its requests in a bounded queue and starts one replica (one start at a
-time per model, however many requests arrive). A ticker stops replicas whose keep-alive ran
-out, keeps ``min_replicas`` and pre-warm windows hot, and consults the model's policy when it
-has one. Replica lifecycles follow ``_state.py``; nothing moves a replica down while it has a
-request in flight or a load in progress.
+replica with room holds its requests in a bounded queue and climbs one replica (one climb at a
+time per model, however many requests arrive): it wakes a parked replica, else hands the model
+to the standby worker, else spawns a worker. A ticker parks replicas idle past ``park_after``,
+stops those whose keep-alive ran out, keeps ``min_replicas`` and pre-warm windows hot, and
+consults the model's policy when it has one. Replica lifecycles follow ``_state.py``; nothing
+moves a replica down while it has a request in flight or a load in progress.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from zerostart.serve._errors import QueueFull, ServeError, ShuttingDown, StartFa
 from zerostart.serve._memory import Budget, Candidate, choose_victim, estimate_bytes
 from zerostart.serve._metrics import DeviceGauges, Metrics, ModelGauges
 from zerostart.serve._model import Lease, Model, Waiter
-from zerostart.serve._replica import Replica
+from zerostart.serve._replica import ParkRefused, Replica
 from zerostart.serve._state import State
 from zerostart.serve._units import format_duration, format_size
 from zerostart.weights import WeightsError
 
 log = logging.getLogger("zerostart.serve")
+
+_SPARE_BACKOFF_S = (5.0, 300.0)  # a standby worker that failed to come up is retried after 5 s, doubling to 300 s
 
 
 class Fleet:
@@ -42,6 +45,12 @@ class Fleet:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self._models: dict[str, Model] = {}
+        self._spare: Replica | None = None  # the standby worker, once it is ready
+        self._spare_task: asyncio.Task[None] | None = None  # bringing one up
+        self._spare_failures = 0
+        devices = [m.device for m in config.models] or ["cpu"]
+        self._spare_device = max(dict.fromkeys(devices), key=devices.count)  # the device most models use
+        self._spare_timeout = max((m.start_timeout for m in config.models), default=300.0)
         limits = {dev: d.memory_budget for dev, d in config.devices.items()}
         self._budget = Budget(limits)
         for i, m in enumerate(config.models):
@@ -51,13 +60,16 @@ class Fleet:
             except (WeightsError, OSError) as e:  # OSError: a path that is neither file nor directory
                 raise ConfigError(f"{where}.path: {e}") from None
             limit = limits.get(m.device)
-            if limit is not None and est > limit:
+            if est is None:
+                log.info("%s: %s is not in the local cache; its memory estimate comes from its first load "
+                         "(set memory_estimate to admit it against the budget before that)", where, m.path)
+            elif limit is not None and est > limit:
                 raise ConfigError(f"{where}: needs an estimated {format_size(est)} of {m.device} memory, more than "
                                   f"devices.{m.device}.memory_budget ({format_size(limit)}); raise the budget, or set "
                                   "memory_estimate if the estimate is wrong")
             policy = _make_policy(m.keep_alive_policy, f"{where}.keep_alive_policy") if m.keep_alive_policy else None
             self._models[m.served_name] = Model(m, est, policy)
-        self.metrics = Metrics(self._models, self._model_gauges, self._device_gauges)
+        self.metrics = Metrics(self._models, self._model_gauges, self._device_gauges, self.standby_ready)
         self._wake = asyncio.Event()
         self._memory_event = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
@@ -80,6 +92,7 @@ class Fleet:
         else:
             self._socket_dir = ""
         self._ticker = asyncio.create_task(self._tick_loop())
+        self._ensure_spare()
 
     async def close(self) -> None:
         """Answer held requests with 503, wait up to ``shutdown_timeout`` for requests in flight,
@@ -95,12 +108,19 @@ class Fleet:
         while any(m.in_flight for m in self._models.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         starts = [m.start_task for m in self._models.values() if m.start_task is not None]
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+            starts.append(self._spare_task)
+        await asyncio.gather(*starts, *list(self._tasks), return_exceptions=True)  # starts, wakes and parks end
         for m in self._models.values():
             for r in list(m.replicas):
-                if r.state is State.HOT:
+                if r.state in (State.HOT, State.PARKED):
                     # past the shutdown grace, requests still in flight end with the server
                     self._begin_stop(m, r, "shutdown", force=True)
-        await asyncio.gather(*starts, *list(self._tasks), return_exceptions=True)
+        if self._spare is not None:
+            spare, self._spare = self._spare, None
+            self._spawn(spare.stop(self.config.server.shutdown_timeout))
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._own_socket_dir and self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
@@ -200,30 +220,44 @@ class Fleet:
     # -- starting and stopping replicas -----------------------------------------------------
 
     def _scale(self, m: Model) -> None:
-        """Start a replica if the queue or the floor needs one (one start at a time per model)."""
+        """Climb a replica if the queue or the floor needs one (one climb at a time per model):
+        wake a parked replica if there is one, else start a new one."""
         if m.start_task is not None or self._closing:
             return
         now = time.monotonic()
-        if m.backoff_until > now:
+        warm = m.warm()
+        needed = bool(m.waiters) and not any(r.has_capacity for r in warm)
+        if not needed and len(warm) >= m.floor(now):
             return
-        live = m.live()
-        if len(live) >= m.cfg.max_replicas:
-            return
-        needed = bool(m.waiters) and not any(r.has_capacity for r in live)
-        if needed or len(live) < m.floor(now):
+        parked = m.parked()
+        if parked:
+            r = max(parked, key=lambda r: r.last_active)
             m.start_began = now
-            m.start_task = asyncio.create_task(self._start(m))
+            m.start_task = asyncio.create_task(self._wake_replica(m, r))
+            return
+        if any(r.state is State.PARKING for r in m.replicas):
+            return  # it wakes as soon as it is parked
+        if m.backoff_until > now or len(m.live()) >= m.cfg.max_replicas:
+            return
+        m.start_began = now
+        m.start_task = asyncio.create_task(self._start(m))
 
     async def _start(self, m: Model) -> None:
         assert self._socket_dir is not None, "Fleet.start() was not called"
-        r = Replica(m.cfg, self.config.server, self._socket_dir, on_exit=self._on_worker_exit)
+        spare = self._take_spare(m)
+        r = spare or Replica(m.cfg, self.config.server, self._socket_dir, on_exit=self._on_worker_exit)
+        standby = spare is not None
+        r.parkable = m.parkable
         r.transition(State.STARTING)
         m.replicas.append(r)
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(m.cfg.start_timeout):
                 await self._admit(m, r)
-                await r.start()
+                if standby:
+                    await r.hand_over(m.cfg, m.parkable)
+                else:
+                    await r.start()
         except TimeoutError:
             where = await r.current_phase() if r.pid is not None else "waiting for device memory"
             err: ServeError = StartTimeout(
@@ -244,10 +278,18 @@ class Fleet:
             r.ready_at = r.last_active = time.monotonic()
             m.failures, m.backoff_until, m.last_error = 0, 0.0, None
             m.last_cold_start, m.last_ready_s = r, r.ready_at - t0
+            m.last_cold_s = m.last_ready_s
+            self._learn_size(m, r)
             self.metrics.observe_cold_start(m.name, r.rung, r.timeline, m.last_ready_s)
-            log.info("model %s: hot after %.2f s (%s)", m.name, m.last_ready_s,
+            log.info("model %s: hot after %.2f s from %s (%s)", m.name, m.last_ready_s, r.rung,
                      ", ".join(f"{p.name} {p.seconds:.2f}" for p in r.timeline.phases))
+            image = r.image or {}
+            if image.get("rejected"):
+                log.warning("model %s: its ready image %s was not used (%s); it was loaded from %s", m.name,
+                            image.get("path"), image["rejected"], m.cfg.path)
             m.start_task = None
+            if standby:
+                self._ensure_spare()
             self._dispatch(m)
             self._scale(m)
             self._notify_memory()
@@ -262,21 +304,200 @@ class Fleet:
         self.metrics.start_failures.labels(m.name, cause).inc()
         log.error("model %s: start failed (%s); next try in %g s: %s", m.name, cause, delay, err.message)
         m.start_task = None
+        if standby:
+            self._ensure_spare()
         if not m.live():
             self._fail_waiters(m, err)
         self._wake.set()
 
-    async def _admit(self, m: Model, r: Replica) -> None:
-        """Reserve the replica's estimated bytes on its device, stopping idle replicas of other
-        models (the cheapest to bring back first) or waiting for busy ones to become idle."""
-        dev, need = m.cfg.device, m.estimate
+    def _learn_size(self, m: Model, r: Replica) -> None:
+        """A model without an estimate (a remote source not in the cache, no memory_estimate)
+        takes the size its first worker reports, and its reservation grows to match."""
+        if m.estimate is not None:
+            return
+        size = r.info.get("weights_bytes", 0) + r.info.get("kv_bytes", 0)
+        if not isinstance(size, int) or size <= 0:
+            return
+        m.estimate = size
+        self._budget.reserve(m.cfg.device, size - r.reserved_bytes)
+        r.reserved_bytes = size
+        limit = self._budget.limit(m.cfg.device)
+        log.info("model %s: holds %s on %s (measured; used as its memory estimate from now on)", m.name,
+                 format_size(size), m.cfg.device)
+        if limit is not None and self._budget.used(m.cfg.device) > limit:
+            log.warning("device %s: %s reserved, over its memory budget of %s since model %s reported its size; "
+                        "set memory_estimate for models loaded from remote sources", m.cfg.device,
+                        format_size(self._budget.used(m.cfg.device)), format_size(limit), m.name)
+
+    # -- waking and parking -----------------------------------------------------------------
+
+    async def _wake_replica(self, m: Model, r: Replica) -> None:
+        """Bring a parked replica back (a cold start of rung ``parked``). A wake that fails
+        stops the worker; the held requests then get a fresh start."""
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(m.cfg.start_timeout):
+                await self._admit(m, r, max(0, (m.estimate or 0) - r.reserved_bytes))
+                r.transition(State.WAKING)
+                log.info("model %s: waking worker pid %s", m.name, r.pid)
+                await r.wake(m.cfg.start_timeout)
+        except asyncio.CancelledError:
+            await self._discard(m, r)
+            m.start_task = None
+            raise
+        except (StartFailed, TimeoutError) as e:
+            if r.state is State.PARKED:  # still waiting for device memory: it stays parked
+                err = e if isinstance(e, StartFailed) else StartTimeout(
+                    f"model {m.name!r} waited its start_timeout of {m.cfg.start_timeout:g} s for device memory to wake")
+                self.metrics.start_failures.labels(m.name, getattr(err, "cause", "timeout")).inc()
+                m.last_error = err.message
+                m.start_task = None
+                self._fail_waiters(m, err)
+                self._wake.set()
+                return
+            await self._wake_failed(m, r, f"{e}" if isinstance(e, StartFailed) else "it timed out")
+            return
+        except RuntimeError as e:
+            await self._wake_failed(m, r, str(e))
+            return
+        r.transition(State.HOT)
+        r.ready_at = r.last_active = time.monotonic()
+        r.first_token_recorded = False
+        m.last_cold_start, m.last_wake_s = r, r.ready_at - t0
+        m.last_cold_s = m.last_wake_s
+        self.metrics.observe_cold_start(m.name, "parked", r.timeline, m.last_wake_s)
+        log.info("model %s: hot after %.3f s from parked (worker pid %s)", m.name, m.last_wake_s, r.pid)
+        m.start_task = None
+        self._dispatch(m)
+        self._scale(m)
+        self._notify_memory()
+        self._wake.set()
+
+    async def _wake_failed(self, m: Model, r: Replica, why: str) -> None:
+        log.error("model %s: waking worker pid %s failed (%s); stopping it, the next start is fresh", m.name, r.pid, why)
+        self.metrics.start_failures.labels(m.name, "wake").inc()
+        m.last_error = f"waking model {m.name!r} failed: {why}"
+        if r.state is State.WAKING:
+            r.transition(State.STOPPING)
+            await self._stop(m, r, "wake_failed", rescale=False)
+        m.start_task = None
+        self._scale(m)  # held requests get a new worker
+        self._wake.set()
+
+    def _begin_park(self, m: Model, r: Replica, reason: str) -> None:
+        if r.state is not State.HOT or r.in_flight:
+            raise RuntimeError(f"refusing to park {r!r}: only idle hot replicas park")
+        r.transition(State.PARKING)
+        self._spawn(self._park(m, r, reason))
+
+    async def _park(self, m: Model, r: Replica, reason: str) -> None:
+        t0 = time.monotonic()
+        try:
+            stats = await r.park(m.cfg.start_timeout)
+        except ParkRefused as e:
+            if r.state is State.PARKING:
+                r.transition(State.HOT)
+                r.last_active = time.monotonic()  # look again after another idle period, not at once
+                if e.code == "not_parkable":
+                    m.park_refused = str(e)
+                    log.warning("model %s: cannot park (%s); idle replicas stop instead", m.name, e)
+                else:
+                    log.info("model %s: worker pid %s did not park: %s", m.name, r.pid, e)
+            self._after_move(m)
+            return
+        except RuntimeError as e:
+            log.error("model %s: parking worker pid %s failed (%s); stopping it", m.name, r.pid, e)
+            if r.state is State.PARKING:
+                r.transition(State.STOPPING)
+                await self._stop(m, r, "park_failed")
+            return
+        if r.state is not State.PARKING:
+            return
+        r.transition(State.PARKED)
+        keep = m.parked_bytes(r)
+        if r.reserved_bytes > keep:
+            self._budget.release(m.cfg.device, r.reserved_bytes - keep)
+            r.reserved_bytes = keep
+        self.metrics.parks.labels(m.name, reason).inc()
+        log.info("model %s: parked worker pid %s in %.3f s (%s to host RAM at %.2f GB/s; %s)", m.name, r.pid,
+                 time.monotonic() - t0, format_size(int(stats.get("bytes", 0))), float(stats.get("gbps", 0.0)), reason)
+        self._after_move(m)
+
+    def _after_move(self, m: Model) -> None:
+        self._notify_memory()
+        self._dispatch(m)
+        self._scale(m)  # requests that arrived while it parked wake it
+        self._wake.set()
+
+    # -- the standby worker -----------------------------------------------------------------
+
+    def _ensure_spare(self) -> None:
+        if (self.config.server.standby_workers < 1 or self._closing or self._spare is not None
+                or self._spare_task is not None):
+            return
+        self._spare_task = asyncio.create_task(self._prepare_spare())
+
+    async def _prepare_spare(self) -> None:
+        assert self._socket_dir is not None
+        if self._spare_failures:
+            lo, hi = _SPARE_BACKOFF_S
+            await asyncio.sleep(min(lo * 2 ** (self._spare_failures - 1), hi))
+        r = Replica(None, self.config.server, self._socket_dir, on_exit=self._on_spare_exit,
+                    standby_device=self._spare_device)
+        try:
+            async with asyncio.timeout(self._spare_timeout):
+                await r.start_standby()
+        except (StartFailed, TimeoutError) as e:
+            self._spare_failures += 1
+            log.error("the standby worker on %s did not come up (%s); retrying", self._spare_device,
+                      e.message if isinstance(e, StartFailed) else "timed out")
+            await r.kill()
+            self._spare_task = None
+            self._ensure_spare()
+            return
+        except asyncio.CancelledError:
+            await r.kill()
+            raise
+        self._spare_failures = 0
+        self._spare, self._spare_task = r, None
+        log.info("standby worker pid %s is ready on %s", r.pid, self._spare_device)
+
+    def _take_spare(self, m: Model) -> Replica | None:
+        """The ready standby worker, if this model can use it: same device, no extra
+        environment (a running process cannot take the model's ``env``)."""
+        r = self._spare
+        if r is None or r.exited.is_set() or m.cfg.env or m.cfg.device != self._spare_device:
+            return None
+        self._spare = None
+        r.assign(m.cfg, m.parkable)
+        r.on_exit = self._on_worker_exit
+        log.info("model %s: handing the model to standby worker pid %s", m.name, r.pid)
+        return r
+
+    def _on_spare_exit(self, r: Replica) -> None:
+        if self._spare is r:
+            self._spare = None
+            self._spare_failures += 1
+            self._spawn(r.close())
+            self._ensure_spare()
+
+    async def _admit(self, m: Model, r: Replica, need: int | None = None) -> None:
+        """Reserve ``need`` bytes (the replica's estimate) on its device, moving idle replicas of
+        other models down (the cheapest to bring back first: parking them where that frees
+        device memory, else stopping them) or waiting for busy ones to become idle."""
+        dev = m.cfg.device
+        need = (m.estimate or 0) if need is None else need
         while not self._budget.fits(dev, need):
             changed = self._memory_event
             victim = self._eviction_victim(dev, exclude=m)
             if victim is not None:
-                vm, vr = victim
-                log.info("model %s: evicting idle model %s from %s to make room", m.name, vm.name, dev)
-                self._begin_stop(vm, vr, "evicted")
+                vm, vr, action = victim
+                log.info("model %s: %s idle model %s on %s to make room", m.name,
+                         "parking" if action == "park" else "stopping", vm.name, dev)
+                if action == "park":
+                    self._begin_park(vm, vr, "evicted")
+                else:
+                    self._begin_stop(vm, vr, "evicted")
             elif not self._may_free(dev, exclude=r):
                 holders = ", ".join(sorted({x.name for x in self._models.values() for y in x.replicas
                                             if y.reserved_bytes and x.cfg.device == dev})) or "nothing"
@@ -286,45 +507,54 @@ class Fleet:
                                   cause="memory")
             await changed.wait()
         self._budget.reserve(dev, need)
-        r.reserved_bytes = need
+        r.reserved_bytes += need
 
-    def _eviction_victim(self, device: str, exclude: Model) -> tuple[Model, Replica] | None:
+    def _eviction_victim(self, device: str, exclude: Model) -> tuple[Model, Replica, str] | None:
         now = time.monotonic()
         candidates = []
         for m in self._models.values():
             if m is exclude or m.cfg.device != device:
                 continue
-            live = m.live()
-            spare = len(live) - m.floor(now)
-            idle = sorted((r for r in live if r.state is State.HOT and r.in_flight == 0), key=lambda r: r.last_active)
+            spare = len(m.warm()) - m.floor(now)
+            idle = sorted((r for r in m.replicas if r.state is State.HOT and r.in_flight == 0), key=lambda r: r.last_active)
+            full_start = m.last_ready_s if m.last_ready_s is not None else math.inf
             for r in idle[:max(0, spare)]:
-                cost = m.last_ready_s if m.last_ready_s is not None else math.inf
-                candidates.append(Candidate((m, r), cost, r.last_active))
+                if m.can_park and device != "cpu":  # parking frees its device memory and keeps it close
+                    cost = m.last_wake_s if m.last_wake_s is not None else 0.0
+                    candidates.append(Candidate((m, r, "park"), cost, r.last_active))
+                else:
+                    candidates.append(Candidate((m, r, "stop"), full_start, r.last_active))
+            if not m.waiters and m.start_task is None:
+                for r in m.parked():
+                    if r.reserved_bytes:  # on CPU a parked replica's weights still hold host RAM
+                        candidates.append(Candidate((m, r, "stop"), full_start, r.last_active))
         return choose_victim(candidates)
 
     def _may_free(self, device: str, exclude: Replica) -> bool:
-        """Whether waiting can make room: some replica on the device is busy, loading or stopping."""
+        """Whether waiting can make room: some replica on the device is busy, climbing, or on
+        its way down."""
         for m in self._models.values():
             for r in m.replicas:
                 if r is exclude or m.cfg.device != device or not r.reserved_bytes:
                     continue
-                if r.state in (State.STARTING, State.STOPPING) or r.in_flight > 0:
+                if r.state in (State.STARTING, State.STOPPING, State.PARKING, State.WAKING) or r.in_flight > 0:
                     return True
         return False
 
     def _begin_stop(self, m: Model, r: Replica, reason: str, *, force: bool = False) -> None:
-        if r.state is not State.HOT or (r.in_flight and not force):
-            raise RuntimeError(f"refusing to stop {r!r}: only idle hot replicas stop")
+        if r.state not in (State.HOT, State.PARKED) or (r.in_flight and not force):
+            raise RuntimeError(f"refusing to stop {r!r}: only idle hot or parked replicas stop")
         r.transition(State.STOPPING)
         self._spawn(self._stop(m, r, reason))
 
-    async def _stop(self, m: Model, r: Replica, reason: str) -> None:
+    async def _stop(self, m: Model, r: Replica, reason: str, *, rescale: bool = True) -> None:
         await r.stop(m.cfg.stop_timeout)
         r.transition(State.ZERO)
         self._free(m, r)
         self.metrics.stops.labels(m.name, reason).inc()
         log.info("model %s: worker pid %s stopped (%s)", m.name, r.pid, reason)
-        self._scale(m)
+        if rescale:
+            self._scale(m)
         self._wake.set()
 
     async def _discard(self, m: Model, r: Replica) -> None:
@@ -343,9 +573,10 @@ class Fleet:
         self._notify_memory()
 
     def _on_worker_exit(self, r: Replica) -> None:
-        """A worker exited unasked. A starting one is handled by its start; a hot one crashed."""
+        """A worker exited unasked. A starting, parking or waking one is handled by the task
+        that drives it; a hot or parked one crashed."""
         m = self._models[r.name]
-        if r.state is not State.HOT:
+        if r.state not in (State.HOT, State.PARKED):
             return
         r.transition(State.ZERO)
         self._free(m, r)
@@ -387,21 +618,36 @@ class Fleet:
         for m in self._models.values():
             floor = m.floor(now, wall)
             self._scale(m)
-            if m.backoff_until > now and (m.waiters or len(m.live()) < floor):
+            if m.backoff_until > now and (m.waiters or len(m.warm()) < floor):
                 next_at = min(next_at, m.backoff_until)
-            live = m.live()
-            spare = len(live) - floor
-            for r in sorted((r for r in live if r.state is State.HOT and r.in_flight == 0), key=lambda r: r.last_active):
+            spare = len(m.warm()) - floor
+            idle = sorted((r for r in m.replicas if r.state is State.HOT and r.in_flight == 0),
+                          key=lambda r: r.last_active)
+            for r in idle:
                 if spare <= 0:
                     break
-                due = m.idle_due(r, now)
-                if due <= now:
-                    log.info("model %s: idle for %.1f s (keep-alive %s): stopping worker pid %s", m.name,
-                             now - r.last_active, format_duration(m.keep_alive), r.pid)
-                    self._begin_stop(m, r, "idle")
-                    spare -= 1
-                else:
+                due, action = m.next_move(r, now)
+                if action == "stay" or due > now:
                     next_at = min(next_at, due)
+                    continue
+                log.info("model %s: idle for %.1f s (keep-alive %s%s): %s worker pid %s", m.name,
+                         now - r.last_active, format_duration(m.keep_alive),
+                         "" if m.cfg.park_after is None else f", park after {format_duration(m.cfg.park_after)}",
+                         "parking" if action == "park" else "stopping", r.pid)
+                if action == "park":
+                    self._begin_park(m, r, "idle")
+                else:
+                    self._begin_stop(m, r, "idle")
+                spare -= 1
+            if not m.waiters and m.start_task is None:  # a parked replica that requests wait for is about to wake
+                for r in m.parked():
+                    due, action = m.next_move(r, now)
+                    if action == "stop" and due <= now:
+                        log.info("model %s: idle for %.1f s (keep-alive %s): stopping parked worker pid %s", m.name,
+                                 now - r.last_active, format_duration(m.keep_alive), r.pid)
+                        self._begin_stop(m, r, "idle")
+                    else:
+                        next_at = min(next_at, due)
             if m.cfg.prewarm:
                 change = _prewarm.next_change(m.cfg.prewarm, wall)
                 if change is not None:
@@ -420,7 +666,12 @@ class Fleet:
         now = time.monotonic()
         devices = [{"device": d.device, "budget_bytes": d.budget_bytes, "reserved_bytes": d.reserved_bytes}
                    for d in self._device_gauges()]
-        return {"models": [m.status(now) for m in self._models.values()], "devices": devices}
+        standby = None
+        if self.config.server.standby_workers:
+            r = self._spare
+            standby = {"state": "ready" if r is not None else "starting" if self._spare_task is not None else "none",
+                       "device": self._spare_device, "pid": r.pid if r is not None else None}
+        return {"models": [m.status(now) for m in self._models.values()], "devices": devices, "standby": standby}
 
     def _model_gauges(self) -> list[ModelGauges]:
         out = []
@@ -430,6 +681,9 @@ class Fleet:
                 counts[r.state] = counts.get(r.state, 0) + 1
             out.append(ModelGauges(m.name, m.state, counts, len(m.waiters), m.in_flight))
         return out
+
+    def standby_ready(self) -> int:
+        return int(self._spare is not None)
 
     def _device_gauges(self) -> list[DeviceGauges]:
         devices = sorted(set(self._budget.devices()) | {m.cfg.device for m in self._models.values()})

@@ -3,7 +3,9 @@ when a new model needs room.
 
 Estimates come from the checkpoint's safetensors headers (no torch needed): the weights as
 the engine will hold them, plus ``kv_cache_bytes`` when the model sets it; or the model's
-``memory_estimate``, which should then include the KV cache and activations.
+``memory_estimate``, which should then include the KV cache and activations. A remote source
+(``s3://``, ``https://``) is read from its copy in the local cache; with none, the estimate is
+unknown (None) until the first worker reports the bytes it holds.
 """
 
 from __future__ import annotations
@@ -20,17 +22,37 @@ _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # cast to the load dty
 K = TypeVar("K")
 
 
-def estimate_bytes(model: ModelConfig) -> int:
+def estimate_bytes(model: ModelConfig) -> int | None:
     """Device bytes one replica of ``model`` holds: ``memory_estimate`` if set, else its weights
-    as loaded plus ``kv_cache_bytes`` (raises ``WeightsError`` for an unreadable checkpoint)."""
+    as loaded plus ``kv_cache_bytes`` (raises ``WeightsError`` for an unreadable checkpoint);
+    None for a remote source that is not in the local cache."""
     if model.memory_estimate is not None:
         return model.memory_estimate
-    ckpt = weights.resolve(model.path)
+    path = local_copy(model.path)
+    if path is None:
+        return None
+    ckpt = weights.resolve(path)
     # Without a dtype the engine loads float32 on CPU and a 16-bit type on accelerators.
     width = _DTYPE_BYTES[model.dtype or ("float32" if model.device == "cpu" else "bfloat16")]
     weight_bytes = sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
                        for h in ckpt.headers for t in h.tensors.values())
     return weight_bytes + (model.kv_cache_bytes or 0)
+
+
+def local_copy(path: str) -> str | None:
+    """Where a model's checkpoint can be read on this machine: the path itself, the Hugging Face
+    cache's snapshot of ``hf://org/name``, or the weights cache's complete copy of a remote
+    source (None if it has none yet). Never touches the network."""
+    if path.startswith("hf://"):
+        from zerostart.weights._sources import hf_snapshot
+
+        return hf_snapshot(path)  # WeightsError when it is not in the Hugging Face cache
+    if not weights.is_remote(path):
+        return path
+    from zerostart.weights._cache import Cache
+
+    cache = Cache()
+    return cache.snapshot_dir(path) if cache.manifest(path) is not None else None
 
 
 class Budget:

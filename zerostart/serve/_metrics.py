@@ -40,17 +40,20 @@ class DeviceGauges:
 
 class Metrics:
     def __init__(self, models: Iterable[str], models_now: Callable[[], list[ModelGauges]],
-                 devices_now: Callable[[], list[DeviceGauges]]) -> None:
+                 devices_now: Callable[[], list[DeviceGauges]], standby_now: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("zerostart_requests", "Requests answered, by model and HTTP status "
                                 "(stream_error: a stream cut short by its worker)", ["model", "status"], registry=r)
-        self.cold_starts = Counter("zerostart_cold_starts", "Cold starts that reached ready, by the rung climbed from",
-                                   ["model", "rung"], registry=r)
+        self.cold_starts = Counter("zerostart_cold_starts", "Cold starts that reached ready, by the rung climbed from "
+                                   "(source, image, standby+source, standby+image, parked)", ["model", "rung"], registry=r)
+        self.parks = Counter("zerostart_parks", "Replicas parked (weights moved to host RAM), by reason (idle, evicted)",
+                             ["model", "reason"], registry=r)
         self.start_failures = Counter("zerostart_start_failures", "Starts that failed, by cause",
                                       ["model", "cause"], registry=r)
         self.worker_crashes = Counter("zerostart_worker_crashes", "Hot workers that exited unasked", ["model"], registry=r)
-        self.stops = Counter("zerostart_replica_stops", "Replicas stopped, by reason (idle, evicted, shutdown)",
+        self.stops = Counter("zerostart_replica_stops", "Replicas stopped, by reason (idle, evicted, shutdown, "
+                             "park_failed, wake_failed)",
                              ["model", "reason"], registry=r)
         self.cold_start_seconds = Histogram("zerostart_cold_start_seconds", "Cold start from spawn to ready",
                                             ["model", "rung"], buckets=_SECONDS_BUCKETS, registry=r)
@@ -61,8 +64,8 @@ class Metrics:
         self.request_seconds = Histogram("zerostart_request_duration_seconds", "Arrival to the last byte sent",
                                          ["model"], buckets=_SECONDS_BUCKETS, registry=r)
         for name in models:  # counters that tests and dashboards read exist from the start, at 0
-            self.cold_starts.labels(name, "zero")
-        r.register(_FleetCollector(models_now, devices_now))
+            self.cold_starts.labels(name, "source")
+        r.register(_FleetCollector(models_now, devices_now, standby_now))
 
     def observe_cold_start(self, model: str, rung: str, timeline: Timeline, ready_s: float) -> None:
         self.cold_starts.labels(model, rung).inc()
@@ -78,9 +81,11 @@ class Metrics:
 
 
 class _FleetCollector(Collector):
-    def __init__(self, models_now: Callable[[], list[ModelGauges]], devices_now: Callable[[], list[DeviceGauges]]):
+    def __init__(self, models_now: Callable[[], list[ModelGauges]], devices_now: Callable[[], list[DeviceGauges]],
+                 standby_now: Callable[[], int]):
         self._models_now = models_now
         self._devices_now = devices_now
+        self._standby_now = standby_now
 
     def collect(self):
         queue = GaugeMetricFamily("zerostart_queue_length", "Requests held waiting for a replica", labels=["model"])
@@ -101,4 +106,6 @@ class _FleetCollector(Collector):
             reserved.add_metric([d.device], d.reserved_bytes)
             if d.budget_bytes is not None:
                 budget.add_metric([d.device], d.budget_bytes)
-        yield from (queue, in_flight, replicas, state, reserved, budget)
+        standby = GaugeMetricFamily("zerostart_standby_workers_ready", "Standby workers ready to take a model")
+        standby.add_metric([], self._standby_now())
+        yield from (queue, in_flight, replicas, state, reserved, budget, standby)

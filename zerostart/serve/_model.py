@@ -1,7 +1,7 @@
 """One served model as the fleet sees it: its replicas, the requests waiting for it, its
 keep-alive and history, and the decisions that concern it alone (how many replicas it keeps
-whatever the traffic, when an idle replica may stop). A request's hold on a replica is a
-:class:`Lease`.
+whatever the traffic, when an idle replica parks or stops). A request's hold on a replica is
+a :class:`Lease`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from zerostart.serve import _prewarm
 from zerostart.serve._config import ModelConfig
 from zerostart.serve._metrics import Metrics
 from zerostart.serve._replica import Replica
-from zerostart.serve._state import State, model_state
+from zerostart.serve._state import ALIVE, WARM, State, model_state
 
 log = logging.getLogger("zerostart.serve")
-
-_LIVE = (State.STARTING, State.HOT)
 
 
 @dataclass
@@ -38,11 +36,14 @@ class Model:
     """One served model: its config, replicas, queue and history. The fleet mutates it; the
     methods here only read it (except :meth:`floor`, which remembers a pre-warm it acted on)."""
 
-    def __init__(self, cfg: ModelConfig, estimate: int, policy: Any) -> None:
+    def __init__(self, cfg: ModelConfig, estimate: int | None, policy: Any) -> None:
         self.cfg = cfg
         self.name = cfg.served_name
-        self.estimate = estimate  # device bytes per replica
-        self.policy = policy  # a zerostart.policy Policy, or None: idle_timeout decides
+        self.estimate = estimate  # device bytes per replica; None: unknown until a worker reports its size
+        self.policy = policy  # a zerostart.policy Policy, or None: idle_timeout (and park_after) decide
+        self.parkable = cfg.parkable if cfg.parkable is not None else (
+            cfg.park_after is not None or (policy is not None and _policy_parks(policy)))
+        self.park_refused: str | None = None  # a worker said it cannot park: idle replicas stop instead
         self.replicas: list[Replica] = []
         self.waiters: deque[Waiter] = deque()
         self.start_task: asyncio.Task[None] | None = None  # the one start in progress, if any
@@ -54,11 +55,35 @@ class Model:
         self.backoff_until = 0.0
         self.last_error: str | None = None
         self.last_cold_start: Replica | None = None
-        self.last_ready_s: float | None = None  # spawn -> ready of the last cold start
+        self.last_cold_s: float | None = None  # the latest cold start (any rung), until ready
+        self.last_ready_s: float | None = None  # spawn -> ready of the last start from source or image
+        self.last_wake_s: float | None = None  # the last wake from parked, until ready
         self.prewarmed_for: float | None = None  # the policy prewarm_at already acted on
 
     def live(self) -> list[Replica]:
-        return [r for r in self.replicas if r.state in _LIVE]
+        """Replicas with a worker that is, or will be, usable (counted against max_replicas)."""
+        return [r for r in self.replicas if r.state in ALIVE]
+
+    def warm(self) -> list[Replica]:
+        """Replicas holding the model on its device, or about to (starting, hot, waking)."""
+        return [r for r in self.replicas if r.state in WARM]
+
+    def parked(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state is State.PARKED]
+
+    @property
+    def can_park(self) -> bool:
+        return self.parkable and self.park_refused is None
+
+    def parked_bytes(self, r: Replica) -> int:
+        """Device bytes a parked replica still holds: none on an accelerator (its weights went
+        to host RAM); on CPU, host RAM is the device, so its weights stay counted."""
+        if self.cfg.device != "cpu":
+            return 0
+        weights = r.info.get("weights_bytes")
+        if isinstance(weights, int):
+            return min(weights, r.reserved_bytes)
+        return max(0, r.reserved_bytes - (self.cfg.kv_cache_bytes or 0))
 
     def free_replica(self) -> Replica | None:
         ready = [r for r in self.replicas if r.has_capacity]
@@ -80,7 +105,7 @@ class Model:
         floor = self.cfg.min_replicas
         if floor == 0 and self.cfg.prewarm and _prewarm.is_open(self.cfg.prewarm, wall or datetime.now().astimezone()):
             floor = 1
-        if floor == 0 and self.policy is not None and not self.keep_alive_explicit and not self.live():
+        if floor == 0 and self.policy is not None and not self.keep_alive_explicit and not self.warm():
             from zerostart.policy import Rung
 
             d = self.decide(now)
@@ -93,26 +118,40 @@ class Model:
                 log.info("model %s: pre-warming (policy %s: %s)", self.name, self.policy.name, d.reason or "hot")
         return floor
 
-    def idle_due(self, r: Replica, now: float) -> float:
-        """When an idle hot replica may stop: its keep-alive after its last request (the latest
-        request's keep_alive, else idle_timeout), or when the policy says. Until the cold
-        ladder's parked and image rungs exist, any rung below hot means the worker stops."""
+    def next_move(self, r: Replica, now: float) -> tuple[float, str]:
+        """When an idle replica (hot or parked) should move down, and how: ``(time, "park")``,
+        ``(time, "stop")``, or ``(time, "stay")`` (look again then; inf: only an event can
+        change it). Without a policy (or when the latest request set keep_alive): park
+        ``park_after`` after the last request, stop ``keep_alive`` after it (idle_timeout, or
+        the request's keep_alive), whichever comes first for a hot replica."""
         if self.policy is None or self.keep_alive_explicit:
-            return r.last_active + self.keep_alive
+            stop_at = r.last_active + self.keep_alive
+            if r.state is State.HOT and self.can_park and self.cfg.park_after is not None:
+                park_at = r.last_active + self.cfg.park_after
+                if park_at < stop_at:
+                    return park_at, "park"
+            return stop_at, "stop"
         from zerostart.policy import Rung
 
         d = self.decide(now)
+        later = d.recheck_at if d.recheck_at is not None else math.inf
         if d.rung is Rung.HOT:
-            return d.recheck_at if d.recheck_at is not None else math.inf
-        return now
+            return later, "stay"
+        if d.rung is Rung.PARKED:
+            if r.state is State.PARKED:
+                return later, "stay"
+            return now, "park" if self.can_park else "stop"
+        return now, "stop"  # image or zero: the worker goes (its ready image stays on disk)
 
     def decide(self, now: float) -> Any:
         """The policy's decision for this model now."""
         from zerostart.policy import ModelView, Rung
 
-        view = ModelView(name=self.name, rung=Rung.HOT if self.live() else Rung.ZERO,
+        rung = Rung.HOT if self.warm() else Rung.PARKED if any(
+            r.state in (State.PARKING, State.PARKED) for r in self.replicas) else Rung.ZERO
+        view = ModelView(name=self.name, rung=rung,
                          busy=bool(self.in_flight or self.waiters or self.start_task is not None),
-                         last_active=self.last_active, size_bytes=self.estimate)
+                         last_active=self.last_active, size_bytes=self.estimate or 0)
         return self.policy.decide(view, now)
 
     # -- what is going on -------------------------------------------------------------------
@@ -128,11 +167,14 @@ class Model:
             "device": self.cfg.device,
             "memory_estimate_bytes": self.estimate,
             "keep_alive_s": None if math.isinf(self.keep_alive) else self.keep_alive,
+            "park_after_s": self.cfg.park_after, "parkable": self.can_park, "images": self.cfg.images,
             "last_cold_start": self._cold_start_json(),
             "last_error": self.last_error,
             "backoff_s": round(max(0.0, self.backoff_until - now), 3),
-            "workers": [{"pid": r.pid, "state": r.state.value, "address": r.address, "in_flight": r.in_flight,
-                         "idle_s": round(now - r.last_active, 3) if r.state is State.HOT and not r.in_flight else 0.0}
+            "workers": [{"pid": r.pid, "state": r.state.value, "rung": r.rung, "address": r.address,
+                         "in_flight": r.in_flight,
+                         "idle_s": round(now - r.last_active, 3) if r.state in (State.HOT, State.PARKED)
+                         and not r.in_flight else 0.0}
                         for r in self.replicas],
         }
 
@@ -142,7 +184,16 @@ class Model:
             return None
         d = r.timeline.to_dict()
         d.pop("label", None)
-        return {"rung": r.rung, "ready_s": round(self.last_ready_s or 0.0, 6), **d}
+        out = {"rung": r.rung, "ready_s": round(self.last_cold_s or 0.0, 6), **d, "image": r.image}
+        if r.rung.startswith("standby+") and r.standby_record is not None:
+            out["standby"] = r.standby_record  # the spare's own start, paid before this cold start
+        return out
+
+
+def _policy_parks(policy: Any) -> bool:
+    from zerostart.policy import Rung
+
+    return Rung.PARKED in tuple(getattr(policy, "rungs", ()))
 
 
 class Lease:

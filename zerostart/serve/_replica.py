@@ -4,6 +4,9 @@ The gateway binds the worker's listening socket itself (a Unix socket, or a free
 port) and hands the descriptor to the child, so the address is known before the worker runs
 and requests can be sent as soon as it accepts. The worker's stdin is a pipe the gateway
 never writes: when the gateway goes away, the worker sees end-of-file and exits.
+
+A replica made without a model is the fleet's standby worker: it imports and initializes its
+device, then waits; :meth:`Replica.hand_over` makes it a replica of a model.
 """
 
 from __future__ import annotations
@@ -50,18 +53,28 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+class ParkRefused(Exception):
+    """The worker did not park (busy, or not parkable); it is still serving."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class Replica:
     """A worker process for one model. ``state`` follows the table in ``_state.py``; the fleet
     drives the transitions, this class does the process work."""
 
-    def __init__(self, model: ModelConfig, server: ServerConfig, socket_dir: str,
-                 on_exit: Callable[["Replica"], None]) -> None:
+    def __init__(self, model: ModelConfig | None, server: ServerConfig, socket_dir: str,
+                 on_exit: Callable[["Replica"], None], *, standby_device: str | None = None) -> None:
         self.id = next(_ids)
         self.model = model
-        self.name = model.served_name
+        self.name = model.served_name if model is not None else "standby"
+        self.standby_device = standby_device  # a standby worker: the device it initializes
+        self.parkable = False  # load so that it can be parked (the fleet decides)
         self._server = server
         self._socket_dir = socket_dir
-        self._on_exit = on_exit
+        self.on_exit = on_exit  # the fleet swaps it when a standby worker becomes a replica
         self.state = State.ZERO
         self.in_flight = 0
         self.last_active = time.monotonic()
@@ -71,7 +84,10 @@ class Replica:
         self.client: httpx.AsyncClient | None = None  # control routes (ready, phases)
         self.upstream: UpstreamPool | None = None  # the proxied OpenAI requests
         self.timeline = Timeline(label=f"{self.name} cold start")
-        self.rung = "zero"  # the rung this replica climbed from
+        self.rung = "source"  # the rung this replica last climbed from (source, image, standby+..., parked)
+        self.info: dict[str, Any] = {}  # the worker's last ready report (sizes, image, parkable)
+        self.standby_record: dict[str, Any] | None = None  # a standby worker's own start, before the hand-over
+        self.spawned_at = 0.0  # monotonic
         self.ready_at: float | None = None  # monotonic
         self.first_token_recorded = False
         self.exit_code: int | None = None
@@ -83,6 +99,7 @@ class Replica:
         self._tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
         self._tasks: list[asyncio.Task[Any]] = []
         self._phase = "spawn"
+        self.image: dict[str, Any] | None = None  # what the worker did with ready images
 
     def __repr__(self) -> str:
         return f"<Replica {self.name}#{self.id} {self.state.value} pid={self.pid} in_flight={self.in_flight}>"
@@ -101,12 +118,58 @@ class Replica:
     async def start(self) -> None:
         """Spawn the worker and return once it has loaded the model and serves requests.
         Raises :class:`StartFailed` naming the cause; the caller enforces the start timeout."""
+        spawn_unix = await self._spawn()
+        await self._await_ready("while loading")
+        await self._fetch_phases(spawn_unix, spawned=True)
+
+    async def start_standby(self) -> None:
+        """Spawn a standby worker and return once it has imported and initialized its device."""
+        spawn_unix = await self._spawn()
+        await self._await_ready("while preparing as a standby worker", want="standby")
+        body = await self._phases_body()
+        shift = float(body["origin_unix"]) - spawn_unix
+        first = min((float(p["start_s"]) for p in body["phases"]), default=0.0)
+        tl = Timeline(label="standby worker")
+        tl.add_relative("spawn", 0.0, max(0.0, shift + first))
+        tl.merge({"phases": body["phases"]}, shift=shift)
+        self.standby_record = {"pid": self.pid, "device": self.standby_device, "phases": tl.to_dict()["phases"]}
+
+    async def hand_over(self, model: ModelConfig, parkable: bool) -> None:
+        """Make this standby worker a replica of ``model``: it loads it with its imports and
+        device init already done. Raises :class:`StartFailed` like :meth:`start`."""
+        self.assign(model, parkable)
+        assert self.client is not None
+        if self.standby_record is not None:
+            self.standby_record["waited_s"] = round(time.monotonic() - self.spawned_at, 3)
+        begin_unix = time.time()
+        self.timeline = Timeline(label=f"{self.name} cold start")
+        body = {"model": model.path, "name": model.served_name, "device": model.device, "dtype": model.dtype,
+                "images": model.images, "parkable": parkable,
+                "engine_options": {k: v for k, v in (("max_model_len", model.max_model_len),
+                                                     ("kv_cache_bytes", model.kv_cache_bytes)) if v is not None}}
+        try:
+            r = await self.client.post("/zerostart/load", json=body, timeout=_CONNECT_TIMEOUT_S)
+        except httpx.HTTPError as e:
+            raise StartFailed(f"the standby worker (pid {self.pid}) did not take model {self.name!r}: {e!r}",
+                              cause="exit") from None
+        if r.status_code != 202:
+            raise StartFailed(f"the standby worker (pid {self.pid}) refused model {self.name!r}: HTTP {r.status_code} "
+                              f"{r.text[:300]}", cause="internal")
+        await self._await_ready("while loading")
+        await self._fetch_phases(begin_unix, spawned=False)
+
+    def assign(self, model: ModelConfig, parkable: bool) -> None:
+        """This standby worker now belongs to ``model`` (before :meth:`hand_over` loads it)."""
+        self.model, self.name, self.parkable = model, model.served_name, parkable
+
+    async def _spawn(self) -> float:
         try:
             sock = self._listen()
         except OSError as e:
             raise StartFailed(f"could not open a socket for model {self.name!r}'s worker ({e}); check "
                               "server.socket_dir / server.worker_host", cause="spawn") from None
         spawn_unix = time.time()
+        self.spawned_at = time.monotonic()
         self.timeline = Timeline(label=f"{self.name} cold start")
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -126,8 +189,10 @@ class Replica:
             host, port = self._tcp_address
             self.upstream = UpstreamPool(host=host, port=port, connect_timeout=_CONNECT_TIMEOUT_S)
         log.info("model %s: starting worker pid %d (%s)", self.name, self.pid, self.address)
+        return spawn_unix
 
-        ready = asyncio.create_task(self._wait_ready())
+    async def _await_ready(self, when: str, want: str = "ready") -> None:
+        ready = asyncio.create_task(self._wait_ready(want))
         exited = asyncio.create_task(self.exited.wait())
         try:
             await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -136,15 +201,14 @@ class Replica:
             if not ready.done():
                 ready.cancel()
         if not ready.done() or ready.cancelled():
-            raise StartFailed(self._exit_message("while loading"), cause="exit")
+            raise StartFailed(self._exit_message(when), cause="exit")
         exc = ready.exception()
         if isinstance(exc, StartFailed):
             raise exc
         if exc is not None:
             raise StartFailed(f"the worker for model {self.name!r} answered its ready route unexpectedly: {exc!r}", cause="exit")
-        await self._fetch_phases(spawn_unix)
 
-    async def _wait_ready(self) -> None:
+    async def _wait_ready(self, want: str = "ready") -> None:
         assert self.client is not None
         while True:
             try:
@@ -157,27 +221,84 @@ class Replica:
                 continue
             body = r.json()
             self._phase = str(body.get("phase") or self._phase)
-            if r.status_code == 200:
+            if r.status_code == 200 and body.get("state") == want:
+                if want == "ready":
+                    self.info = body
+                    self.rung = str(body.get("rung") or "source")
                 return
             if body.get("state") == "failed":
-                raise StartFailed(f"model {self.name!r} failed to load from {self.model.path}: {body.get('error')}")
+                where = self.model.path if self.model is not None else f"a standby worker on {self.standby_device}"
+                raise StartFailed(f"model {self.name!r} failed to load from {where}: {body.get('error')}")
+            if r.status_code == 200:
+                raise StartFailed(f"the worker for model {self.name!r} is {body.get('state')!r}, expected {want!r}",
+                                  cause="internal")
 
-    async def _fetch_phases(self, spawn_unix: float) -> None:
+    async def _phases_body(self) -> dict[str, Any]:
         assert self.client is not None
         try:
             r = await self.client.get("/zerostart/phases", timeout=_CONNECT_TIMEOUT_S)
             r.raise_for_status()
             body = r.json()
-            # The worker's phases are relative to its own origin (the first line it ran).
-            # Spawn ends where the worker's first phase begins (its HTTP server is up by then).
-            shift = float(body["origin_unix"]) - spawn_unix
-            worker = body["timeline"]["phases"]
-            first = min((float(p["start_s"]) for p in worker), default=0.0)
+            float(body["origin_unix"]), list(body["phases"])
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             raise StartFailed(f"the worker for model {self.name!r} did not report its load phases ({e!r})",
                               cause="exit") from None
-        self.timeline.add_relative("spawn", 0.0, max(0.0, shift + first))
-        self.timeline.merge(body["timeline"], shift=shift)
+        return body
+
+    async def _fetch_phases(self, begin_unix: float, *, spawned: bool) -> None:
+        """This cold start's phases from the worker, on a timeline that begins at ``begin_unix``
+        (the spawn, the hand-over to a standby worker, or the wake). The worker's phases are
+        relative to its own origin (the first line it ran); only those after the worker was
+        asked for this cold start belong to it (a standby's imports happened before)."""
+        body = await self._phases_body()
+        shift = float(body["origin_unix"]) - begin_unix
+        requested = float(body.get("requested_s") or 0.0)
+        phases = [p for p in body["phases"] if not requested or float(p["end_s"]) > requested]
+        if spawned:
+            # Spawn ends where the worker's first phase begins (its HTTP server is up by then).
+            first = min((float(p["start_s"]) for p in phases), default=0.0)
+            self.timeline.add_relative("spawn", 0.0, max(0.0, shift + first))
+        self.timeline.merge({"phases": phases}, shift=shift)
+        self.rung = str(body.get("rung") or self.rung)
+        self.image = body.get("image")
+
+    # -- parking ----------------------------------------------------------------------------
+
+    async def park(self, timeout: float) -> dict[str, Any]:
+        """Ask the worker to park. Raises :class:`ParkRefused` (it is still hot) or
+        ``RuntimeError`` (the park failed or the worker is unreachable: stop it)."""
+        assert self.client is not None
+        try:
+            r = await self.client.post("/zerostart/park", timeout=httpx.Timeout(timeout, connect=_CONNECT_TIMEOUT_S))
+            body = r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise RuntimeError(f"parking the worker for model {self.name!r} (pid {self.pid}) failed: {e!r}") from None
+        if r.status_code == 409:
+            err = body.get("error", {})
+            raise ParkRefused(str(err.get("message")), str(err.get("code")))
+        if r.status_code != 200:
+            raise RuntimeError(str(body.get("error", {}).get("message", f"HTTP {r.status_code}")))
+        return body
+
+    async def wake(self, timeout: float) -> dict[str, Any]:
+        """Wake a parked worker; its ``wake`` phase becomes this replica's cold-start timeline.
+        Raises ``RuntimeError`` when the wake fails (stop the worker then)."""
+        assert self.client is not None
+        begin_unix = time.time()
+        self.timeline = Timeline(label=f"{self.name} cold start")
+        try:
+            r = await self.client.post("/zerostart/wake", timeout=httpx.Timeout(timeout, connect=_CONNECT_TIMEOUT_S))
+            body = r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise RuntimeError(f"waking the worker for model {self.name!r} (pid {self.pid}) failed: {e!r}") from None
+        if r.status_code != 200:
+            raise RuntimeError(str(body.get("error", {}).get("message", f"HTTP {r.status_code}")))
+        try:
+            await self._fetch_phases(begin_unix, spawned=False)
+        except StartFailed as e:
+            raise RuntimeError(e.message) from None
+        self.rung = "parked"
+        return body
 
     async def current_phase(self) -> str:
         """What the worker is doing now (for timeout messages); the last known phase if it
@@ -253,7 +374,7 @@ class Replica:
             host, port = sock.getsockname()[:2]
             self._tcp_address = (host, port)
             self.address = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-        sock.listen(max(128, self.model.max_concurrency * 2))
+        sock.listen(max(128, self.model.max_concurrency * 2 if self.model is not None else 0))
         sock.set_inheritable(True)
         return sock
 
@@ -268,9 +389,13 @@ class Replica:
                                  timeout=timeout)
 
     def _command(self, fd: int) -> list[str]:
+        cmd = [sys.executable, "-m", "zerostart.serve._worker", "--fd", str(fd)]
         m = self.model
-        cmd = [sys.executable, "-m", "zerostart.serve._worker", "--fd", str(fd), "--model", m.path,
-               "--name", self.name, "--device", m.device]
+        if m is None:
+            return cmd + ["--standby", "--device", self.standby_device or "cpu"]
+        cmd += ["--model", m.path, "--name", self.name, "--device", m.device, "--images", m.images]
+        if self.parkable:
+            cmd.append("--parkable")
         if m.dtype:
             cmd += ["--dtype", m.dtype]
         if m.max_model_len:
@@ -281,7 +406,8 @@ class Replica:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(self.model.env)
+        if self.model is not None:
+            env.update(self.model.env)
         root = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
@@ -310,7 +436,7 @@ class Replica:
         if not self._expected_exit:
             log.warning("model %s: worker pid %s exited unexpectedly (%s)", self.name, self.pid,
                         describe_exit(self.exit_code))
-            self._on_exit(self)
+            self.on_exit(self)
 
     def _unlink_socket(self) -> None:
         if self._socket_path and os.path.exists(self._socket_path):

@@ -2,23 +2,24 @@
 
 Started by the gateway with a listening socket already bound (``--fd``)::
 
-    python -m zerostart.serve._worker --fd 5 --model PATH --name NAME [--device cpu] [--dtype bfloat16]
+    python -m zerostart.serve._worker --fd 5 --model SOURCE --name NAME [--device cpu] [--dtype bfloat16]
+                                      [--images off|use|write] [--parkable]
+    python -m zerostart.serve._worker --fd 5 --standby [--device cuda]
 
-or on its own, for a direct comparison or debugging::
+or on its own, for a direct comparison, ``zerostart coldstart`` or debugging::
 
-    python -m zerostart.serve._worker --model PATH (--port 8001 [--host 127.0.0.1] | --uds /tmp/w.sock)
+    python -m zerostart.serve._worker --model SOURCE (--port 8001 [--host 127.0.0.1] | --uds /tmp/w.sock)
 
-It serves HTTP at once and loads the model in the background, so the gateway can ask how the
-load is going. Routes:
+It serves HTTP at once and loads the model in the background (``_holder.py`` has the worker's
+states), so the gateway can ask how the load is going. Routes (their JSON is in docs/serve.md):
 
-- ``GET /zerostart/ready?wait=SECONDS``: 200 once loaded, 503 ``{"state": "loading", "phase"}``
-  while loading (after waiting up to ``wait`` seconds for it to finish), 500
-  ``{"state": "failed", "error"}`` if the load failed.
-- ``GET /zerostart/phases``: the load's phase timeline, relative to ``origin_unix`` (the moment
-  this process began running Python code of ours).
+- ``GET /zerostart/ready?wait=SECONDS``: long poll; 200 ``standby`` / ``ready`` / ``parked``,
+  503 while ``starting`` / ``loading`` / ``parking`` / ``waking``, 500 ``failed``.
+- ``GET /zerostart/phases``: the latest cold start's phases (the load, or the latest wake),
+  relative to ``origin_unix`` (the moment this process began running Python code of ours).
+- ``POST /zerostart/load``: a standby worker becomes a worker of the model named in the body.
+- ``POST /zerostart/park``, ``POST /zerostart/wake``: weights to host RAM and back.
 - ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /health``.
-
-The cold ladder's ``park`` and ``wake`` join the control routes here.
 """
 
 import time
@@ -28,144 +29,195 @@ _ORIGIN_UNIX = time.time()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
-import traceback  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
-from typing import Any, AsyncIterator  # noqa: E402
+from typing import Any, AsyncIterator, Literal  # noqa: E402
 
+from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
+from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
-from zerostart.telemetry import Timeline  # noqa: E402
+from zerostart.serve._holder import Busy, Holder, LoadSpec, NotParkable  # noqa: E402
+from zerostart.serve._config import default_name  # noqa: E402
+from zerostart.serve._images import MODES  # noqa: E402
 
 log = logging.getLogger("zerostart.serve.worker")
 
 _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly before a hard exit
-_SHUTDOWN_GRACE_S = 5  # on SIGTERM: how long open requests may take to finish
+_SHUTDOWN_GRACE_S = 5  # on SIGTERM: how long open requests (and an image being written) may take to finish
+_GENERATE = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
-class _Loader:
-    """Loads the engine on a background thread and records the phases."""
+def _error(status: int, message: str, code: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
+                                   "param": None, "code": code}, **extra}, status_code=status)
 
-    def __init__(self, path: str, name: str, device: str, dtype: str | None, engine_options: dict[str, Any]) -> None:
-        self.path, self.name, self.device, self.dtype = path, name, device, dtype
-        self.engine_options = engine_options  # EngineConfig fields the gateway sets
-        self.timeline = Timeline(origin=_ORIGIN, label="worker")
-        self.state = "loading"
-        self.phase = "import"
-        self.error: str | None = None
-        self.engine: Any = None
-        self.routes: Any = None  # the OpenAI routes over the engine, once loaded
-        self._done = threading.Event()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._lock = threading.Lock()
 
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="zerostart-loader", daemon=True).start()
+class LoadRequest(BaseModel):
+    """The body of ``POST /zerostart/load``; nulls take the worker's command-line values."""
 
-    def _run(self) -> None:
-        try:
-            t0 = time.perf_counter()
-            from zerostart.engine import Engine, EngineConfig  # torch and the engine: the fixed cost of a cold start
+    model_config = ConfigDict(extra="forbid")
 
-            t1 = time.perf_counter()
-            self.phase = "load"
-            engine = Engine.from_pretrained(self.path, device=self.device, dtype=self.dtype,
-                                            config=EngineConfig(**self.engine_options))
-            # The engine's phases (import, device_init, read, copy, prepare, warmup) on our origin;
-            # the engine times its own import where it can, else ours stands in.
-            etl = engine.timeline
-            self.timeline.merge(etl, shift=etl.origin - _ORIGIN)
-            if self.timeline.get("import") is None:
-                self.timeline.add("import", t0, t1)
-            self.phase = "engine_start"
-            engine.start()
-            # the request path's modules too, so the first request pays for none of it
-            from zerostart.serve._openai import OpenAIRoutes
+    model: str | None = None
+    name: str | None = None
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    images: Literal["off", "use", "write"] | None = None
+    parkable: bool | None = None
+    engine_options: dict[str, Any] = {}
 
-            self.routes = OpenAIRoutes(engine, self.name)
-            self.engine = engine
-            self.state, self.phase = "ready", "ready"
-        except BaseException as e:  # noqa: BLE001 - reported to the gateway, which stops this process
-            self.error = f"{type(e).__name__}: {e}"
-            self.state = "failed"
-            traceback.print_exc()
-        finally:
-            with self._lock:
-                self._done.set()
-                for loop, ev in self._waiters:
-                    loop.call_soon_threadsafe(ev.set)
 
-    async def wait(self, timeout: float) -> None:
-        if self._done.is_set() or timeout <= 0:
+class _Tracker:
+    """Counts the OpenAI requests in flight (until their last byte is sent), so that a park can
+    refuse while any is. While the model is parked they are refused; while it wakes they wait."""
+
+    def __init__(self, app: ASGIApp, holder: Holder) -> None:
+        self.app, self.holder = app, holder
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        h = self.holder
+        if scope["type"] != "http" or scope["path"] not in _GENERATE:
+            await self.app(scope, receive, send)
             return
-        ev = asyncio.Event()
-        with self._lock:
-            if self._done.is_set():
-                return
-            self._waiters.append((asyncio.get_running_loop(), ev))
+        while h.state == "waking":
+            await h.wait_settled(60.0)
+        if h.state in ("parking", "parked"):
+            name = h.spec.name if h.spec is not None else "?"
+            msg = (f"model {name!r} is {h.state} (its weights are in host memory); "
+                   "POST /zerostart/wake first")
+            await _error(503, msg, "model_parked")(scope, receive, send)
+            return
+        rid = h.begin_request(scope["method"], scope["path"])  # no await since the state check: a park sees it
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except TimeoutError:
-            pass
+            await self.app(scope, receive, send)
+        finally:
+            h.end_request(rid)
 
 
-def build_app(loader: _Loader, name: str) -> Starlette:
+def build_app(holder: Holder, name: str, defaults: LoadSpec | None = None) -> Starlette:
+    def served_name() -> str:
+        return holder.spec.name if holder.spec is not None and holder.spec.name else name
+
     def not_ready() -> Response:
-        msg = (f"model {name!r} failed to load: {loader.error}" if loader.state == "failed"
-               else f"model {name!r} is still loading (phase: {loader.phase})")
-        return JSONResponse({"error": {"message": msg, "type": "server_error", "param": None, "code": "not_ready"}},
-                            status_code=503)
+        name = served_name()
+        msg = (f"model {name!r} failed to load: {holder.error}" if holder.state == "failed"
+               else f"model {name!r} is not ready (state: {holder.state}, phase: {holder.phase})")
+        return _error(503, msg, "not_ready")
 
     async def ready(request: Request) -> Response:
         try:
             wait = float(request.query_params.get("wait", "0"))
         except ValueError:
             wait = 0.0
-        await loader.wait(wait)
-        if loader.state == "ready":
-            e = loader.engine
-            return JSONResponse({"state": "ready", "phase": "ready", "model": name, "pid": os.getpid(),
-                                 "device": str(e.device), "max_model_len": e.max_model_len})
-        if loader.state == "failed":
-            return JSONResponse({"state": "failed", "phase": loader.phase, "error": loader.error}, status_code=500)
-        return JSONResponse({"state": "loading", "phase": loader.phase}, status_code=503)
+        await holder.wait_settled(wait)
+        body = holder.ready_json(os.getpid())
+        status = {"standby": 200, "ready": 200, "parked": 200, "failed": 500}.get(holder.state, 503)
+        return JSONResponse(body, status_code=status)
 
     async def phases(request: Request) -> Response:
-        return JSONResponse({"origin_unix": _ORIGIN_UNIX, "state": loader.state, "timeline": loader.timeline.to_dict()})
+        return JSONResponse(holder.phases_json())
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": loader.state}, status_code=200 if loader.state != "failed" else 500)
+        return JSONResponse({"status": holder.state}, status_code=200 if holder.state != "failed" else 500)
+
+    async def load(request: Request) -> Response:
+        try:
+            req = LoadRequest.model_validate_json(await request.body() or b"{}")
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "body"
+            return _error(400, f"{where}: {err['msg']}", "bad_request")
+        if holder.state != "standby":
+            return _error(409, f"this worker is {holder.state}; only a waiting standby worker (--standby) takes "
+                          "/zerostart/load", "not_standby")
+        from zerostart.engine import EngineConfig, EngineError
+
+        try:
+            EngineConfig(**req.engine_options)
+        except (TypeError, EngineError) as e:
+            return _error(400, f"engine_options: {e} (EngineConfig fields: "
+                          f"{', '.join(f.name for f in dataclasses.fields(EngineConfig))})", "bad_request")
+        d = defaults or LoadSpec(model="", name="")
+        model = req.model or d.model
+        if not model:
+            return _error(400, "model: required (this standby worker was started without --model)", "bad_request")
+        spec = LoadSpec(model=model, name=req.name or (d.name if model == d.model and d.name else default_name(model)),
+                        device=req.device or d.device, dtype=req.dtype if req.dtype is not None else d.dtype,
+                        images=req.images or d.images, parkable=d.parkable if req.parkable is None else req.parkable,
+                        engine_options={**d.engine_options, **req.engine_options})
+        if holder.standby_device and spec.device != holder.standby_device and not (
+                spec.device == "cuda" and holder.standby_device.startswith("cuda")):
+            log.warning("standby worker initialized %s; loading on %s pays its device init", holder.standby_device,
+                        spec.device)
+        holder.load(spec)
+        return JSONResponse({"state": "loading", "model": spec.model, "name": spec.name}, status_code=202)
+
+    async def park(request: Request) -> Response:
+        if holder.state == "parked":
+            return JSONResponse({"state": "parked", "changed": False})
+        try:
+            holder.begin_park()
+            return JSONResponse(await asyncio.to_thread(holder.park))
+        except Busy as e:
+            busy = holder.in_flight_json()
+            what = "; ".join(f"{r['method']} {r['path']} (id {r['id']}, {r['age_s']:.1f} s)" for r in busy)
+            return _error(409, f"cannot park model {served_name()!r}: {e}" + (f": {what}" if what else ""), "busy",
+                          in_flight=busy)
+        except NotParkable as e:
+            code = "not_parkable" if holder.state == "ready" else "not_ready"
+            return _error(409, f"cannot park model {served_name()!r}: {e}", code)
+        except Exception as e:  # noqa: BLE001 - the worker is now failed; the gateway stops it
+            return _error(500, f"parking model {served_name()!r} failed: {type(e).__name__}: {e}", "park_failed")
+
+    async def wake(request: Request) -> Response:
+        if holder.state == "ready":
+            return JSONResponse({"state": "ready", "changed": False})
+        try:
+            requested = holder.begin_wake()
+        except NotParkable as e:
+            return _error(409, f"cannot wake model {served_name()!r}: {e}", "not_ready")
+        try:
+            return JSONResponse(await asyncio.to_thread(holder.wake, requested))
+        except Exception as e:  # noqa: BLE001 - the worker is now failed; the gateway stops it
+            return _error(500, f"waking model {served_name()!r} failed: {type(e).__name__}: {e}", "wake_failed")
 
     def served(route: str):
         async def handler(request: Request) -> Response:
-            if loader.state != "ready":
+            if holder.state != "ready":
                 return not_ready()
-            return await getattr(loader.routes, route)(request)
+            return await getattr(holder.routes, route)(request)
 
         return handler
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        if loader.engine is not None:
-            loader.engine.stop()
+        if holder.engine is not None:
+            holder.engine.stop()
+        await asyncio.to_thread(holder.wait_for_writer, _SHUTDOWN_GRACE_S)
 
-    return Starlette(lifespan=lifespan, routes=[
+    app = Starlette(lifespan=lifespan, routes=[
         Route("/zerostart/ready", ready),
         Route("/zerostart/phases", phases),
+        Route("/zerostart/load", load, methods=["POST"]),
+        Route("/zerostart/park", park, methods=["POST"]),
+        Route("/zerostart/wake", wake, methods=["POST"]),
         Route("/health", health),
         Route("/v1/models", served("models")),
         Route("/v1/chat/completions", served("chat"), methods=["POST"]),
         Route("/v1/completions", served("completions"), methods=["POST"]),
     ])
+    app.add_middleware(_Tracker, holder=holder)
+    return app
 
 
 def _watch_parent() -> None:
@@ -203,10 +255,17 @@ def _socket(args: argparse.Namespace) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zerostart.serve._worker", description="a zerostart worker (one model)")
-    p.add_argument("--model", required=True, help="checkpoint directory or .safetensors file")
-    p.add_argument("--name", help="served model name (default: the directory's name)")
+    p.add_argument("--model", help="model directory, .safetensors file, ready image, hf://org/name, s3://... or "
+                                   "https://... (with --standby: the default for /zerostart/load)")
+    p.add_argument("--standby", action="store_true",
+                   help="import and initialize the device, then wait for POST /zerostart/load")
+    p.add_argument("--name", help="served model name (default: the model directory's name)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--images", default="off", choices=MODES,
+                   help="ready images: off, use (restore a matching one), write (use, and write one after a "
+                        "load from the source); default off")
+    p.add_argument("--parkable", action="store_true", help="load so that the model can be parked (CUDA: VMM memory)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (tokens)")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
     where = p.add_mutually_exclusive_group(required=True)
@@ -215,20 +274,27 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--port", type=int, help="listen on this TCP port")
     p.add_argument("--host", default="127.0.0.1", help="with --port")
     args = p.parse_args(argv)
-    name = args.name or os.path.basename(os.path.normpath(args.model)).removesuffix(".safetensors")
+    if not args.model and not args.standby:
+        p.error("--model is required (or --standby, to wait for POST /zerostart/load)")
 
     import uvicorn
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     options = {k: v for k, v in (("max_model_len", args.max_model_len), ("kv_cache_bytes", args.kv_cache_bytes))
                if v is not None}
-    loader = _Loader(args.model, name, args.device, args.dtype, options)
-    loader.start()  # overlaps the load with the server's start
+    name = args.name or (default_name(args.model) if args.model else "")
+    spec = LoadSpec(model=args.model or "", name=name, device=args.device, dtype=args.dtype, images=args.images,
+                    parkable=args.parkable, engine_options=options)
+    holder = Holder(_ORIGIN, _ORIGIN_UNIX)
+    if args.standby:
+        holder.start_standby(args.device)
+    else:
+        holder.start(spec)  # overlaps the load with the server's start
     if args.fd is not None:
         _watch_parent()
     sock = _socket(args)
-    config = uvicorn.Config(build_app(loader, name), log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=_SHUTDOWN_GRACE_S)
+    config = uvicorn.Config(build_app(holder, name or "standby", spec), log_level="warning", access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=_SHUTDOWN_GRACE_S)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
