@@ -186,8 +186,9 @@ def _timeline_from(w: _Worker, start: float, end: float, include_spawn: bool, si
     t = Timeline(origin=start)
     body = w.phases()
     shift = body.get("origin_unix", w.t0_unix) - w.t0_unix + (w.t0 - start)
-    if include_spawn:
-        t.add_relative("spawn", w.t0 - start, shift)
+    if include_spawn:  # process start until the worker's first phase (interpreter, server up)
+        first = min((p["start_s"] for p in body.get("phases", [])), default=0.0)
+        t.add_relative("spawn", w.t0 - start, shift + first)
     for p in body.get("phases", []):
         s, e = p["start_s"] + shift, p["end_s"] + shift
         if since is not None and e <= since - start:
