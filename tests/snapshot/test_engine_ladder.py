@@ -78,14 +78,19 @@ def test_execute_while_load_overlaps_warmup_with_the_read(small_image, monkeypat
 
     from zerostart.weights import _io, _pipeline
 
-    real = _pipeline.FileHandle.read_into
+    real_read, real_populate = _pipeline.FileHandle.read_into, _io.Region.populate
 
-    def slow(self, buf, offset):  # a slow disk: 30 ms per read
+    def slow_read(self, buf, offset):  # a slow disk: 30 ms per read
         time.sleep(0.03)
-        return real(self, buf, offset)
+        return real_read(self, buf, offset)
 
-    monkeypatch.setattr(_pipeline.FileHandle, "read_into", slow)
-    _io.drop_page_cache([os.path.join(small_image, "model.safetensors")])  # not mapped: read
+    def slow_populate(self, offset, length):
+        time.sleep(0.03 * max(1, length >> 23))
+        return real_populate(self, offset, length)
+
+    monkeypatch.setattr(_pipeline.FileHandle, "read_into", slow_read)
+    monkeypatch.setattr(_io.Region, "populate", slow_populate)
+    _io.drop_page_cache([os.path.join(small_image, "model.safetensors")])
     e = Engine.from_pretrained(small_image, config=EngineConfig(overlap_load=True))
     prepare, read, warm = e.timeline.get("prepare"), e.timeline.get("read"), e.timeline.get("warmup")
     assert prepare.detail["overlap_load"] is True

@@ -145,44 +145,47 @@ class Engine:
         except (weights.WeightsError, weights.SourceError) as e:
             raise EngineError(str(e)) from None
 
-        with timeline.phase("prepare") as ph:
-            tensors = arena.tensors
-            _weights.check(model_cfg, tensors, source)
-            overlap = config.overlap_load and not arena.done and _weights.fusion_is_free(model_cfg, tensors)
-            if not overlap:
-                arena.wait()  # fusion may move bytes, which must have arrived
-            writable = bool(getattr(arena, "writable", False))  # a private arena (not a file mapping)
-            plan = _weights.plan_fusion(model_cfg, tensors, config.fuse, writable)
-            sd = _weights.state_dict(model_cfg, tensors, plan)
-            with torch.device("meta"):
-                model = Transformer(model_cfg, plan.qkv, plan.gate_up)
-            model.load_state_dict(sd, strict=True, assign=True)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
-            model.cos, model.sin = cos_sin_table(model_cfg.rope, model_cfg.head_dim, max_len + 1, dtype, dev)
-            model.eval()
-            if overlap:
-                stages = _weights.layer_names(model_cfg, tensors)
-                model.wait_stage = lambda i: arena.wait(stages[i + 1])
-            ph.bytes = plan.regrouped_bytes
-            ph.detail["fusion"] = "; ".join(plan.notes)
-            ph.detail["overlap_load"] = overlap
+        try:
+            with timeline.phase("prepare") as ph:
+                tensors = arena.tensors
+                _weights.check(model_cfg, tensors, source)
+                overlap = config.overlap_load and not arena.done and _weights.fusion_is_free(model_cfg, tensors)
+                if not overlap:
+                    arena.wait()  # fusion may move bytes, which must have arrived
+                writable = bool(getattr(arena, "writable", False))  # a private arena (not a file mapping)
+                plan = _weights.plan_fusion(model_cfg, tensors, config.fuse, writable)
+                sd = _weights.state_dict(model_cfg, tensors, plan)
+                with torch.device("meta"):
+                    model = Transformer(model_cfg, plan.qkv, plan.gate_up)
+                model.load_state_dict(sd, strict=True, assign=True)
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
+                model.cos, model.sin = cos_sin_table(model_cfg.rope, model_cfg.head_dim, max_len + 1, dtype, dev)
+                model.eval()
+                if overlap:
+                    stages = _weights.layer_names(model_cfg, tensors)
+                    model.wait_stage = lambda i: arena.wait(stages[i + 1])
+                ph.bytes = plan.regrouped_bytes
+                ph.detail["fusion"] = "; ".join(plan.notes)
+                ph.detail["overlap_load"] = overlap
 
-        with timeline.phase("warmup") as ph:
-            budget = _load.kv_budget(config, dev, model_cfg, dtype, max_len)
-            slots = plan_slots(model_cfg, dtype, max_len, config.max_num_seqs, budget)
-            kv = KVCache(model_cfg, slots, max_len, dtype, dev, allocator=allocator if dev.type == "cuda" else None)
-            ph.bytes = kv.nbytes
-            ph.detail.update(kv_slots=slots, max_model_len=max_len)
-            engine = cls(model=model, model_config=model_cfg, tokenizer=tokenizer, arena=arena, kv=kv,
-                         config=config, device=dev, dtype=dtype, max_model_len=max_len, eos_ids=eos,
-                         model_name=name, timeline=timeline)
-            engine.fusion = plan
-            engine.source = source
-            engine.model_dir = local
-            engine._warmup()
-            ph.detail["graphs"] = len(engine.runner._graphs)
+            with timeline.phase("warmup") as ph:
+                budget = _load.kv_budget(config, dev, model_cfg, dtype, max_len)
+                slots = plan_slots(model_cfg, dtype, max_len, config.max_num_seqs, budget)
+                kv = KVCache(model_cfg, slots, max_len, dtype, dev, allocator=allocator if dev.type == "cuda" else None)
+                ph.bytes = kv.nbytes
+                ph.detail.update(kv_slots=slots, max_model_len=max_len)
+                engine = cls(model=model, model_config=model_cfg, tokenizer=tokenizer, arena=arena, kv=kv,
+                             config=config, device=dev, dtype=dtype, max_model_len=max_len, eos_ids=eos,
+                             model_name=name, timeline=timeline)
+                engine.fusion = plan
+                engine.source = source
+                engine.model_dir = local
+                engine._warmup()
+                ph.detail["graphs"] = len(engine.runner._graphs)
+        except (weights.WeightsError, weights.SourceError) as e:  # surfaced while waiting on the load
+            raise EngineError(str(e)) from None
         _record_load(timeline, arena.stats, t_load)
         log.info("loaded %s on %s (%s): %s", name, dev, dtype, "; ".join(plan.notes))
         return engine

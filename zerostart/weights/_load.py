@@ -31,7 +31,7 @@ from zerostart.weights._dtypes import parse_dtype
 from zerostart.weights._format import WeightsError
 from zerostart.weights._io import DIRECT_ALIGN, Region, align_up, open_direct, residency
 from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, default_threads
-from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, staged_mirror_items
+from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, populate_items, staged_mirror_items
 from zerostart.weights._sources import open_source
 
 Mode = Literal["auto", "always", "never"]
@@ -42,7 +42,6 @@ PAD_PREFIX = "__zerostart_pad__"  # alignment filler tensors in ready images: lo
 # (8 MiB buffers, two per reader) starts faster than large buffers do.
 _CPU_CHUNK, _CUDA_CHUNK = 8 << 20, 8 << 20
 _CPU_STAGING, _CUDA_STAGING = 256 << 20, 320 << 20
-_MMAP_RESIDENT = 0.98  # fraction of a file in the page cache for mmap="auto" to map it
 _POPULATE_SPAN = 64 << 20  # page-table population is split into spans this big, one per thread
 
 
@@ -54,7 +53,7 @@ class LoadConfig:
     chunk_bytes: int = 0  # bytes per read; 0 = 8 MiB
     staging_bytes: int = 0  # budget for staging buffers (CUDA loads, dtype casts); 0 = 256 MiB CPU, 320 MiB CUDA
     direct_io: Mode = "auto"  # O_DIRECT for files not in the page cache
-    mmap: Mode = "auto"  # CPU without a cast: map files that are in the page cache
+    mmap: Mode = "auto"  # CPU without a cast: map the files into the arena ("never": read them)
     warm_fraction: float = 0.5  # a file this much in the page cache counts as warm
     cache: bool = True  # remote sources: also write the bytes to the local cache tier
     verify: Literal["auto", "never"] = "auto"  # check zerostart-checksums.json blocks where present
@@ -250,10 +249,10 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             resident_bytes += res * h.data_size
             warm = res >= cfg.warm_fraction
             strategy = "buffered"
-            # Mapping pays off only when (nearly) everything is cached: populating a missing page
-            # is a small synchronous read, far slower than a streamed one.
-            mappable = res >= _MMAP_RESIDENT
-            if dev.type == "cpu" and layout.mode == "mirror" and (cfg.mmap == "always" or (cfg.mmap == "auto" and mappable)):
+            # On CPU without a cast the mapping is the arena, cold or warm: the kernel reads ahead
+            # into page-cache pages that need no zeroing (anonymous memory does), and several
+            # threads fault the pages in while it does (measured: bench load, cold and warm).
+            if dev.type == "cpu" and layout.mode == "mirror" and cfg.mmap in ("auto", "always"):
                 strategy = "mmap"
             elif cfg.direct_io == "always" or (cfg.direct_io == "auto" and not warm):
                 dfd = open_direct(h.path)
@@ -315,7 +314,8 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         region, storage = _allocate(layout, dev, files, strategies, threads, residencies, stats, allocator)
         items = []
         for i, (h, f, s) in enumerate(zip(ckpt.headers, files, strategies)):
-            if s == "mmap":
+            if s == "mmap":  # the pages are faulted in (and checked) by the reader threads
+                items += populate_items(h, i, layout.file_base[i], _POPULATE_SPAN, f.sums)
                 continue
             if layout.mode == "packed":
                 items += packed_items(h, i, layout.slots, chunk, f.direct)
@@ -339,7 +339,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
 
     arena = Arena(storage, tensors, layout, stats, region)
     arena._opened = opened
-    mapped_bytes = sum(h.data_size for h, s in zip(ckpt.headers, strategies) if s == "mmap")
+    mapped_bytes = 0  # mapped files report progress as their pages are faulted in
     relocated = {n for n, s in layout.slots.items() if s.relocate_from is not None}
     arena._mark(n for i, h in enumerate(ckpt.headers) if strategies[i] == "mmap" for n in h.tensors if n not in relocated)
     if progress is not None and mapped_bytes:
@@ -373,7 +373,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         if run.timing.copy_bytes:
             stats.copy_from, stats.copy_until = run.timing.copy_start, run.timing.copy_end
         if run.verified_blocks:
-            stats.verified_bytes += _verified_bytes(files, strategies, "direct") + _verified_bytes(files, strategies, "buffered")
+            stats.verified_bytes += sum(_verified_bytes(files, strategies, k) for k in ("direct", "buffered", "mmap"))
             stats.verify_s += run.verify_s
         stats.staging_peak_bytes = ring.peak * ring.size if ring is not None else 0
         stats.total_s = time.perf_counter() - t_start
@@ -414,39 +414,11 @@ def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strate
                              f"need uint8 of at least {n} bytes on {dev}")
         return None, storage
     region = Region.anonymous(max(layout.size, 1))
-    spans: list[tuple[int, int, FileHandle]] = []  # (file offset, length, file)
     for i, f in enumerate(files):
         if strategies[i] == "mmap":
             region.map_file(layout.file_base[i], f.fd, f.size)
             if residencies[i] < 1.0:
-                region.advise_willneed(layout.file_base[i], f.size)  # readahead for the pages not cached
-            # spans aligned to checksum blocks, so each thread verifies what it populated
-            step = _POPULATE_SPAN if f.sums is None else max(f.sums.block_bytes, _POPULATE_SPAN // f.sums.block_bytes * f.sums.block_bytes)
-            first = 0 if f.sums is None else f.sums.data_start
-            cuts = ([0] if first else []) + list(range(first, f.size, step)) + [f.size]
-            spans += [(a, b - a, f, layout.file_base[i]) for a, b in zip(cuts, cuts[1:]) if b > a]
-    verified = [0, 0.0]
-    lock = threading.Lock()
-
-    def populate(span) -> None:
-        a, n, f, base = span
-        region.populate(base + a, n)
-        if f.sums is not None:
-            t0 = time.perf_counter()
-            k = f.sums.check(a, region.buffer(base + a, n))
-            with lock:
-                verified[0] += k
-                verified[1] += time.perf_counter() - t0
-
-    if len(spans) > 1 and threads > 1:
-        with ThreadPoolExecutor(min(threads, len(spans)), thread_name_prefix="zerostart-populate") as ex:
-            list(ex.map(populate, spans))
-    else:
-        for sp in spans:
-            populate(sp)
-    if verified[0]:
-        stats.verified_bytes += _verified_bytes(files, strategies, "mmap")
-        stats.verify_s += verified[1]
+                region.advise_willneed(layout.file_base[i], f.size)  # readahead starts now
     return region, region.tensor()
 
 

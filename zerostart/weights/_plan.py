@@ -71,6 +71,7 @@ class Item:
     arena_offset: int | None = None  # mirror: the read lands in the arena here (no staging)
     deliveries: list[Delivery] = field(default_factory=list)  # staged: where the bytes go
     tensors: tuple[str, ...] = ()  # tensors (fully or partly) carried by this item
+    populate: bool = False  # a mapped file's span: fault its pages in (no read into memory)
 
     @property
     def length(self) -> int:
@@ -144,6 +145,25 @@ def mirror_items(h: Header, file: int, base: int, chunk: int, direct: bool) -> l
         b = min(a + chunk, stop)
         payload = max(0, min(b, h.file_size) - max(a, h.data_start))
         items.append(Item(file, a, b, payload, arena_offset=base + a, tensors=_names_in(h, infos, starts, a, b)))
+    return items
+
+
+def populate_items(h: Header, file: int, base: int, span: int, sums=None) -> list[Item]:
+    """Spans of a file mapped at ``base`` whose pages the reader threads fault in (and check),
+    in file order so early layers are ready first. With checksums, spans cover whole blocks."""
+    if sums is not None:
+        step = max(sums.block_bytes, span // sums.block_bytes * sums.block_bytes)
+        cuts = ([0] if sums.data_start else []) + list(range(sums.data_start, h.file_size, step)) + [h.file_size]
+    else:
+        cuts = list(range(0, h.file_size, span)) + [h.file_size]
+    infos = list(h.tensors.values())
+    starts = [t.start for t in infos]
+    items = []
+    for a, b in zip(cuts, cuts[1:]):
+        if b <= a:
+            continue
+        payload = max(0, b - max(a, h.data_start))
+        items.append(Item(file, a, b, payload, arena_offset=base + a, tensors=_names_in(h, infos, starts, a, b), populate=True))
     return items
 
 
