@@ -313,9 +313,16 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     try:
         region, storage = _allocate(layout, dev, files, strategies, threads, residencies, stats, allocator)
         items = []
+        resident_now: list[str] = []  # tensors of fully cached, mapped files: ready at once
         for i, (h, f, s) in enumerate(zip(ckpt.headers, files, strategies)):
-            if s == "mmap":  # the pages are faulted in (and checked) by the reader threads
-                items += populate_items(h, i, layout.file_base[i], _POPULATE_SPAN, f.sums)
+            if s == "mmap":
+                # Pages not in the page cache yet are faulted in (and checked) by the reader
+                # threads; a file wholly in the page cache is resident already: its pages map on
+                # first touch (checksummed files are still read through, to be verified).
+                if residencies[i] < 1.0 or f.sums is not None:
+                    items += populate_items(h, i, layout.file_base[i], _POPULATE_SPAN, f.sums)
+                else:
+                    resident_now.extend(h.tensors)
                 continue
             if layout.mode == "packed":
                 items += packed_items(h, i, layout.slots, chunk, f.direct)
@@ -339,8 +346,10 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
 
     arena = Arena(storage, tensors, layout, stats, region)
     arena._opened = opened
-    mapped_bytes = 0  # mapped files report progress as their pages are faulted in
+    mapped_bytes = sum(h.data_size for h, s, r in zip(ckpt.headers, strategies, residencies)
+                       if s == "mmap" and r >= 1.0 and not any(f.sums for f in files if f.path == h.path))
     relocated = {n for n, s in layout.slots.items() if s.relocate_from is not None}
+    arena._mark(n for n in resident_now if n not in relocated)
     arena._mark(n for i, h in enumerate(ckpt.headers) if strategies[i] == "mmap" for n in h.tensors if n not in relocated)
     if progress is not None and mapped_bytes:
         progress(mapped_bytes, ckpt.nbytes)
