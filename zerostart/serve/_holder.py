@@ -259,7 +259,10 @@ class Holder:
                     t0 = time.perf_counter()
                     try:
                         engine = self._from_pretrained(path, spec, config, allocator)
-                    except EngineError as e:
+                    except (ValueError, OSError, RuntimeError) as e:
+                        # EngineError and WeightsError (checksums, truncation, an incompatible
+                        # manifest) are ValueErrors; I/O errors are OSErrors. Whatever it was, the
+                        # image is not served from: the source is loaded instead.
                         self._reject(spec, path, str(e), t0)
                         gc.collect()  # the failed attempt's memory, before the source's load
                     else:
