@@ -194,3 +194,79 @@ print(heavy)
     out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# -- moving idle replicas down: park_after, idle_timeout, and a policy's rungs -----------------
+
+
+class _FixedPolicy:
+    """A policy that always gives the same decision (the fleet's side of the interface)."""
+
+    def __init__(self, decision, rungs) -> None:
+        self.name, self.rungs, self.decision = "fixed", rungs, decision
+
+    def observe_arrival(self, model: str, t: float) -> None: ...
+
+    def observe_completion(self, model: str, t: float) -> None: ...
+
+    def decide(self, view, now: float):
+        return self.decision
+
+
+def _replica(cfg: ModelConfig, state: State, last_active: float):
+    from zerostart.serve._config import ServerConfig
+    from zerostart.serve._replica import Replica
+
+    r = Replica(cfg, ServerConfig(), "/tmp", on_exit=lambda r: None)
+    r.state, r.last_active = state, last_active
+    return r
+
+
+def test_next_move_without_a_policy() -> None:
+    from zerostart.serve._model import Model
+
+    m = Model(ModelConfig(path="/x", park_after=5, idle_timeout=60), 100, None)
+    assert m.parkable and m.can_park
+    assert m.next_move(_replica(m.cfg, State.HOT, 10.0), 11.0) == (15.0, "park")
+    assert m.next_move(_replica(m.cfg, State.PARKED, 10.0), 16.0) == (70.0, "stop")  # idle_timeout from the last request
+    m.keep_alive = 3.0  # a request's keep_alive shorter than park_after: it stops instead
+    assert m.next_move(_replica(m.cfg, State.HOT, 10.0), 11.0) == (13.0, "stop")
+    never = Model(ModelConfig(path="/x", idle_timeout=60), 100, None)
+    assert not never.parkable and never.next_move(_replica(never.cfg, State.HOT, 0.0), 1.0) == (60.0, "stop")
+    m2 = Model(ModelConfig(path="/x", park_after=5, idle_timeout=60), 100, None)
+    m2.park_refused = "no VMM"  # a worker said it cannot park: stop at the keep-alive instead
+    assert m2.next_move(_replica(m2.cfg, State.HOT, 0.0), 1.0) == (60.0, "stop")
+    with pytest.raises(ValueError, match="park_after is set but parkable is false"):
+        ModelConfig(path="/x", park_after=5, parkable=False)
+
+
+def test_a_policy_that_says_parked_parks() -> None:
+    from zerostart.policy import LADDER, Decision, Rung
+    from zerostart.serve._model import Model
+
+    parked = _FixedPolicy(Decision(Rung.PARKED, recheck_at=500.0), LADDER)
+    m = Model(ModelConfig(path="/x"), 100, parked)
+    assert m.parkable  # the policy may rest it on the parked rung
+    assert m.next_move(_replica(m.cfg, State.HOT, 0.0), 100.0) == (100.0, "park")
+    assert m.next_move(_replica(m.cfg, State.PARKED, 0.0), 100.0) == (500.0, "stay")
+    # not parkable: parked is as far as it would go, so it stops
+    m = Model(ModelConfig(path="/x", parkable=False), 100, parked)
+    assert m.next_move(_replica(m.cfg, State.HOT, 0.0), 100.0) == (100.0, "stop")
+    for rung in (Rung.IMAGE, Rung.ZERO):
+        m = Model(ModelConfig(path="/x"), 100, _FixedPolicy(Decision(rung), LADDER))
+        assert m.next_move(_replica(m.cfg, State.PARKED, 0.0), 100.0) == (100.0, "stop")
+    hot = Model(ModelConfig(path="/x"), 100, _FixedPolicy(Decision(Rung.HOT), (Rung.HOT, Rung.ZERO)))
+    assert not hot.parkable and hot.next_move(_replica(hot.cfg, State.HOT, 0.0), 100.0)[1] == "stay"
+
+
+def test_model_sources_in_the_config() -> None:
+    from zerostart.serve._config import default_name, load_config
+
+    cfg = load_config(data={"models": [{"path": "hf://meta-llama/Llama-3.2-1B@main"}, {"path": "s3://bucket/models/qwen/"},
+                                       {"path": "https://host/m/phi.safetensors"}]})
+    assert [m.path for m in cfg.models] == ["hf://meta-llama/Llama-3.2-1B@main", "s3://bucket/models/qwen/",
+                                            "https://host/m/phi.safetensors"]
+    assert [m.served_name for m in cfg.models] == ["Llama-3.2-1B", "qwen", "phi"]
+    assert default_name("/a/b/model.safetensors") == "model"
+    with pytest.raises(ValueError, match="unknown source scheme"):
+        load_config(data={"models": [{"path": "ftp://x/y"}]})

@@ -29,13 +29,13 @@ from zerostart.serve._memory import Budget, Candidate, choose_victim, estimate_b
 from zerostart.serve._metrics import DeviceGauges, Metrics, ModelGauges
 from zerostart.serve._model import Lease, Model, Waiter
 from zerostart.serve._replica import ParkRefused, Replica
+from zerostart.serve._standby import Standby
 from zerostart.serve._state import State
 from zerostart.serve._units import format_duration, format_size
 from zerostart.weights import WeightsError
 
 log = logging.getLogger("zerostart.serve")
 
-_SPARE_BACKOFF_S = (5.0, 300.0)  # a standby worker that failed to come up is retried after 5 s, doubling to 300 s
 
 
 class Fleet:
@@ -45,12 +45,9 @@ class Fleet:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self._models: dict[str, Model] = {}
-        self._spare: Replica | None = None  # the standby worker, once it is ready
-        self._spare_task: asyncio.Task[None] | None = None  # bringing one up
-        self._spare_failures = 0
         devices = [m.device for m in config.models] or ["cpu"]
-        self._spare_device = max(dict.fromkeys(devices), key=devices.count)  # the device most models use
-        self._spare_timeout = max((m.start_timeout for m in config.models), default=300.0)
+        self._standby = Standby(config.server, device=max(dict.fromkeys(devices), key=devices.count),
+                                timeout=max((m.start_timeout for m in config.models), default=300.0))
         limits = {dev: d.memory_budget for dev, d in config.devices.items()}
         self._budget = Budget(limits)
         for i, m in enumerate(config.models):
@@ -69,7 +66,7 @@ class Fleet:
                                   "memory_estimate if the estimate is wrong")
             policy = _make_policy(m.keep_alive_policy, f"{where}.keep_alive_policy") if m.keep_alive_policy else None
             self._models[m.served_name] = Model(m, est, policy)
-        self.metrics = Metrics(self._models, self._model_gauges, self._device_gauges, self.standby_ready)
+        self.metrics = Metrics(self._models, self._model_gauges, self._device_gauges, lambda: self._standby.ready)
         self._wake = asyncio.Event()
         self._memory_event = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
@@ -92,7 +89,7 @@ class Fleet:
         else:
             self._socket_dir = ""
         self._ticker = asyncio.create_task(self._tick_loop())
-        self._ensure_spare()
+        self._standby.start(self._socket_dir)
 
     async def close(self) -> None:
         """Answer held requests with 503, wait up to ``shutdown_timeout`` for requests in flight,
@@ -108,19 +105,14 @@ class Fleet:
         while any(m.in_flight for m in self._models.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         starts = [m.start_task for m in self._models.values() if m.start_task is not None]
-        if self._spare_task is not None:
-            self._spare_task.cancel()
-            starts.append(self._spare_task)
         await asyncio.gather(*starts, *list(self._tasks), return_exceptions=True)  # starts, wakes and parks end
         for m in self._models.values():
             for r in list(m.replicas):
                 if r.state in (State.HOT, State.PARKED):
                     # past the shutdown grace, requests still in flight end with the server
                     self._begin_stop(m, r, "shutdown", force=True)
-        if self._spare is not None:
-            spare, self._spare = self._spare, None
-            self._spawn(spare.stop(self.config.server.shutdown_timeout))
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await asyncio.gather(self._standby.close(self.config.server.shutdown_timeout), *list(self._tasks),
+                             return_exceptions=True)
         if self._own_socket_dir and self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
@@ -244,7 +236,7 @@ class Fleet:
 
     async def _start(self, m: Model) -> None:
         assert self._socket_dir is not None, "Fleet.start() was not called"
-        spare = self._take_spare(m)
+        spare = self._standby.take(m.cfg, m.parkable, on_exit=self._on_worker_exit)
         r = spare or Replica(m.cfg, self.config.server, self._socket_dir, on_exit=self._on_worker_exit)
         standby = spare is not None
         r.parkable = m.parkable
@@ -289,7 +281,7 @@ class Fleet:
                             image.get("path"), image["rejected"], m.cfg.path)
             m.start_task = None
             if standby:
-                self._ensure_spare()
+                self._standby.ensure()
             self._dispatch(m)
             self._scale(m)
             self._notify_memory()
@@ -305,7 +297,7 @@ class Fleet:
         log.error("model %s: start failed (%s); next try in %g s: %s", m.name, cause, delay, err.message)
         m.start_task = None
         if standby:
-            self._ensure_spare()
+            self._standby.ensure()
         if not m.live():
             self._fail_waiters(m, err)
         self._wake.set()
@@ -429,57 +421,7 @@ class Fleet:
         self._scale(m)  # requests that arrived while it parked wake it
         self._wake.set()
 
-    # -- the standby worker -----------------------------------------------------------------
-
-    def _ensure_spare(self) -> None:
-        if (self.config.server.standby_workers < 1 or self._closing or self._spare is not None
-                or self._spare_task is not None):
-            return
-        self._spare_task = asyncio.create_task(self._prepare_spare())
-
-    async def _prepare_spare(self) -> None:
-        assert self._socket_dir is not None
-        if self._spare_failures:
-            lo, hi = _SPARE_BACKOFF_S
-            await asyncio.sleep(min(lo * 2 ** (self._spare_failures - 1), hi))
-        r = Replica(None, self.config.server, self._socket_dir, on_exit=self._on_spare_exit,
-                    standby_device=self._spare_device)
-        try:
-            async with asyncio.timeout(self._spare_timeout):
-                await r.start_standby()
-        except (StartFailed, TimeoutError) as e:
-            self._spare_failures += 1
-            log.error("the standby worker on %s did not come up (%s); retrying", self._spare_device,
-                      e.message if isinstance(e, StartFailed) else "timed out")
-            await r.kill()
-            self._spare_task = None
-            self._ensure_spare()
-            return
-        except asyncio.CancelledError:
-            await r.kill()
-            raise
-        self._spare_failures = 0
-        self._spare, self._spare_task = r, None
-        log.info("standby worker pid %s is ready on %s", r.pid, self._spare_device)
-
-    def _take_spare(self, m: Model) -> Replica | None:
-        """The ready standby worker, if this model can use it: same device, no extra
-        environment (a running process cannot take the model's ``env``)."""
-        r = self._spare
-        if r is None or r.exited.is_set() or m.cfg.env or m.cfg.device != self._spare_device:
-            return None
-        self._spare = None
-        r.assign(m.cfg, m.parkable)
-        r.on_exit = self._on_worker_exit
-        log.info("model %s: handing the model to standby worker pid %s", m.name, r.pid)
-        return r
-
-    def _on_spare_exit(self, r: Replica) -> None:
-        if self._spare is r:
-            self._spare = None
-            self._spare_failures += 1
-            self._spawn(r.close())
-            self._ensure_spare()
+    # -- device memory and stopping --------------------------------------------------------
 
     async def _admit(self, m: Model, r: Replica, need: int | None = None) -> None:
         """Reserve ``need`` bytes (the replica's estimate) on its device, moving idle replicas of
@@ -666,12 +608,8 @@ class Fleet:
         now = time.monotonic()
         devices = [{"device": d.device, "budget_bytes": d.budget_bytes, "reserved_bytes": d.reserved_bytes}
                    for d in self._device_gauges()]
-        standby = None
-        if self.config.server.standby_workers:
-            r = self._spare
-            standby = {"state": "ready" if r is not None else "starting" if self._spare_task is not None else "none",
-                       "device": self._spare_device, "pid": r.pid if r is not None else None}
-        return {"models": [m.status(now) for m in self._models.values()], "devices": devices, "standby": standby}
+        return {"models": [m.status(now) for m in self._models.values()], "devices": devices,
+                "standby": self._standby.status()}
 
     def _model_gauges(self) -> list[ModelGauges]:
         out = []
@@ -681,9 +619,6 @@ class Fleet:
                 counts[r.state] = counts.get(r.state, 0) + 1
             out.append(ModelGauges(m.name, m.state, counts, len(m.waiters), m.in_flight))
         return out
-
-    def standby_ready(self) -> int:
-        return int(self._spare is not None)
 
     def _device_gauges(self) -> list[DeviceGauges]:
         devices = sorted(set(self._budget.devices()) | {m.cfg.device for m in self._models.values()})

@@ -88,6 +88,7 @@ class Holder:
         self.parkable_error: str | None = None
         self.load_record: dict[str, Any] | None = None  # the load's timeline, once a wake replaced it
         self.in_flight: dict[int, _InFlight] = {}  # OpenAI requests being served, by id
+        self.paused = False  # new requests wait (CUDA: while the image writer copies the weights to host)
         self._ids = 0
         self._fp: Any = None
         self._parking: Any = None
@@ -259,7 +260,10 @@ class Holder:
                     t0 = time.perf_counter()
                     try:
                         engine = self._from_pretrained(path, spec, config, allocator)
-                    except EngineError as e:
+                    except (ValueError, OSError, RuntimeError) as e:
+                        # EngineError and WeightsError (checksums, truncation, an incompatible
+                        # manifest) are ValueErrors; I/O errors are OSErrors. Whatever it was, the
+                        # image is not served from: the source is loaded instead.
                         self._reject(spec, path, str(e), t0)
                         gc.collect()  # the failed attempt's memory, before the source's load
                     else:
@@ -294,32 +298,82 @@ class Holder:
 
     def _write_image(self) -> None:
         """After a load from the source: write the ready image once the worker is idle, at low
-        priority. Requests keep being served meanwhile (the weights are only read)."""
+        priority. Requests keep being served meanwhile (the weights are only read). On CUDA the
+        weights are first copied to host memory while new requests wait (no device work from
+        this thread can then meet a CUDA graph capture), and the file is written from there."""
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
         except (OSError, AttributeError):
             pass
+        name = self.spec.name if self.spec else "?"
         while True:
             while self.state != "ready" or self.in_flight or self._engine_busy():
                 if self.state == "failed":
                     return
                 time.sleep(_IDLE_POLL_S)
-            with self._weights_lock:
-                if self.state != "ready":
-                    continue  # being parked: wait for the wake
-                self.image.status = "writing"
-                t0 = time.perf_counter()
-                try:
+            t0 = time.perf_counter()
+            host = None
+            try:
+                with self._weights_lock:  # a park waits for the weights to be read
+                    if self.state != "ready":
+                        continue  # being parked: wait for the wake
+                    self.image.status = "writing"
                     if self.image.rejected is not None and self.image.path:
                         _images.discard(self.image.path)  # the rejected image it replaces
-                    self.image.path = _images.write(self.engine, self.image.path, self._fp)
-                except Exception as e:  # noqa: BLE001 - an image is an optimization: report, keep serving
-                    self.image.status, self.image.error = "write_failed", f"{type(e).__name__}: {e}"
-                    log.warning("model %s: writing its ready image failed: %s", self.spec.name if self.spec else "?", e)
-                else:
-                    self.image.status, self.image.error = "written", None
-                    log.warning("model %s: wrote its ready image %s", self.spec.name if self.spec else "?", self.image.path)
-                self.image.write_s = time.perf_counter() - t0
+                    if self.engine.device.type == "cuda":
+                        host = self._host_copy()
+                    else:
+                        self.image.path = _images.write(self.engine, self.image.path, self._fp)
+                if host is not None:
+                    self.image.path = _images.write(self.engine, self.image.path, self._fp, host_tensors=host)
+            except Exception as e:  # noqa: BLE001 - an image is an optimization: report, keep serving
+                self.image.status, self.image.error = "write_failed", f"{type(e).__name__}: {e}"
+                log.warning("model %s: writing its ready image failed: %s", name, e)
+            else:
+                self.image.status, self.image.error = "written", None
+                log.warning("model %s: wrote its ready image %s", name, self.image.path)
+            self.image.write_s = time.perf_counter() - t0
+            return
+
+    def _host_copy(self) -> dict[str, Any]:
+        """The weights as host tensors (views of one copy of the arena, at the same relative
+        offsets), copied while new requests wait for it."""
+        import torch
+
+        self._pause(True)
+        try:
+            deadline = time.perf_counter() + _ENGINE_DRAIN_S
+            while (self.in_flight or self._engine_busy()) and time.perf_counter() < deadline:
+                time.sleep(0.01)
+            storage = self.engine.weights_storage
+            host = torch.empty(storage.shape, dtype=storage.dtype, device="cpu")  # pageable: no allocation a capture forbids
+            host.copy_(storage)
+        finally:
+            self._pause(False)
+        base, out = storage.data_ptr(), {}
+        for name, t in self.engine.arena.tensors.items():
+            off, n = t.data_ptr() - base, t.numel() * t.element_size()
+            out[name] = host[off:off + n].view(t.dtype).view(t.shape)
+        return out
+
+    def _pause(self, paused: bool) -> None:
+        with self._lock:
+            self.paused = paused
+            waiters, self._waiters = (self._waiters, []) if not paused else ([], self._waiters)
+        for loop, ev in waiters:
+            loop.call_soon_threadsafe(ev.set)
+
+    async def wait_unpaused(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.paused and time.monotonic() < deadline:
+            ev = asyncio.Event()
+            with self._lock:
+                if not self.paused:
+                    return
+                self._waiters.append((asyncio.get_running_loop(), ev))
+            try:
+                await asyncio.wait_for(ev.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
                 return
 
     def wait_for_writer(self, timeout: float) -> None:

@@ -123,9 +123,13 @@ def sweep_abandoned(path: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def write(engine: Any, path: str | None, fp: Any) -> str:
+def write(engine: Any, path: str | None, fp: Any, host_tensors: dict[str, Any] | None = None) -> str:
     """Write ``engine``'s prepared weights as the ready image of its source (atomically; a
-    concurrent writer of the same image wins or loses as a whole). Returns the directory."""
+    concurrent writer of the same image wins or loses as a whole). ``host_tensors``: the same
+    weights already copied to host memory (same names, same relative offsets), written instead
+    of the engine's own. Returns the directory."""
+    from types import SimpleNamespace
+
     from zerostart.snapshot._cli import write_engine_image
     from zerostart.weights import _image
 
@@ -134,4 +138,7 @@ def write(engine: Any, path: str | None, fp: Any) -> str:
     if path is None:
         path = _image.image_store(engine.source, fp)
     sweep_abandoned(path)
-    return write_engine_image(engine, engine.model_dir, path, fp, source=engine.source)
+    held = engine if host_tensors is None else SimpleNamespace(
+        arena=SimpleNamespace(tensors=host_tensors), fusion=getattr(engine, "fusion", None),
+        engine_config=getattr(engine, "config", None))
+    return write_engine_image(held, engine.model_dir, path, fp, source=engine.source)

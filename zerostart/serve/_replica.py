@@ -188,7 +188,10 @@ class Replica:
         else:
             host, port = self._tcp_address
             self.upstream = UpstreamPool(host=host, port=port, connect_timeout=_CONNECT_TIMEOUT_S)
-        log.info("model %s: starting worker pid %d (%s)", self.name, self.pid, self.address)
+        if self.model is None:
+            log.info("standby worker: starting pid %d on %s (%s)", self.pid, self.standby_device, self.address)
+        else:
+            log.info("model %s: starting worker pid %d (%s)", self.name, self.pid, self.address)
         return spawn_unix
 
     async def _await_ready(self, when: str, want: str = "ready") -> None:

@@ -88,8 +88,8 @@ class _Tracker:
         if scope["type"] != "http" or scope["path"] not in _GENERATE:
             await self.app(scope, receive, send)
             return
-        while h.state == "waking":
-            await h.wait_settled(60.0)
+        while h.state == "waking" or h.paused:
+            await (h.wait_settled(60.0) if h.state == "waking" else h.wait_unpaused(60.0))
         if h.state in ("parking", "parked"):
             name = h.spec.name if h.spec is not None else "?"
             msg = (f"model {name!r} is {h.state} (its weights are in host memory); "

@@ -1,0 +1,76 @@
+"""Ready images as the worker handles them, in process: finding an image for a source and
+runtime, deciding whether to use it, replacing a rejected one, cleaning up after dead writers,
+and writing from a host copy of the weights (the CUDA path) byte for byte like from the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import pytest
+
+from zerostart import snapshot
+from zerostart.serve import _images
+from zerostart.serve._holder import Holder
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: str):
+    from zerostart.engine import Engine
+
+    return Engine.from_pretrained(tiny_model, device="cpu")
+
+
+def _blob(path: str) -> bytes:
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        return f.read()
+
+
+def test_locate_check_discard(engine, tiny_model: str, tmp_path) -> None:
+    path, fp = _images.locate(tiny_model, "cpu", None)
+    assert fp == snapshot.fingerprint(engine.model_dir, "cpu", str(engine.dtype))  # float32 on CPU
+    assert path == snapshot.image_store(tiny_model, fp)
+    assert _images.locate(tiny_model, "cpu", "bfloat16")[0] != path  # another dtype, another image
+    assert _images.check(path, fp) == "missing"
+
+    out = _images.write(engine, str(tmp_path / "img"), fp)
+    assert _images.check(out, fp) is None and _images.is_image(out) and not _images.is_image(tiny_model)
+    other = dataclasses.replace(fp, dtype="bfloat16")
+    assert "does not match this runtime" in _images.check(out, other) and "dtype" in _images.check(out, other)
+
+    _images.discard(out)
+    assert not os.path.exists(out) and os.listdir(tmp_path) == []
+    _images.discard(out)  # already gone: nothing to do
+
+
+def test_abandoned_temporary_directories_are_swept(tmp_path) -> None:
+    image = tmp_path / "abc"
+    old, fresh, other = tmp_path / ".abc.tmp-dead", tmp_path / ".abc.tmp-busy", tmp_path / ".xyz.tmp-dead"
+    for d in (old, fresh, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    long_ago = time.time() - 2 * 3600
+    for p in (old, old / "model.safetensors", other, other / "model.safetensors"):
+        os.utime(p, (long_ago, long_ago))
+    _images.sweep_abandoned(str(image))
+    assert not old.exists()  # a writer that died long ago
+    assert fresh.exists()  # a writer still at work
+    assert other.exists()  # another image's
+
+
+def test_writing_from_a_host_copy_gives_the_same_image(engine, tmp_path) -> None:
+    fp = snapshot.fingerprint(engine.model_dir, "cpu", str(engine.dtype))
+    direct = _images.write(engine, str(tmp_path / "direct"), fp)
+    holder = Holder(time.perf_counter(), time.time())
+    holder.engine = engine
+    host = holder._host_copy()
+    assert not holder.paused  # requests were held only during the copy
+    lo = min(t.data_ptr() for t in engine.arena.tensors.values())
+    host_lo = min(h.data_ptr() for h in host.values())
+    for name, t in engine.arena.tensors.items():
+        h = host[name]
+        assert h.equal(t) and h.data_ptr() != t.data_ptr(), name  # a copy, with the same values ...
+        assert h.data_ptr() - host_lo == t.data_ptr() - lo, name  # ... at the same relative offset
+    copied = _images.write(engine, str(tmp_path / "copied"), fp, host_tensors=host)
+    assert _blob(copied) == _blob(direct)

@@ -1,0 +1,343 @@
+"""The cold ladder in the server, end to end with real workers and the real openai client:
+parking and waking, ready images (written, restored, rejected when corrupt or truncated), and
+the standby worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from zerostart import weights
+
+from tests.serve._helpers import Gateway, pid_alive
+from tests.weights._servers import RangeServer
+
+GREEDY = dict(prompt="Once upon a time", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+# A stream that stays in flight while the client does not read it: 64 choices of up to 500
+# tokens are megabytes of events, far more than the sockets between here and the worker buffer.
+LONG_STREAM = dict(prompt="go", max_tokens=500, n=64, stream=True, extra_body={"ignore_eos": True})
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def _weights_bytes_f32(path: str) -> int:
+    """The checkpoint's weights as a CPU worker holds them (float32)."""
+    return sum(t.numel * 4 for h in weights.resolve(path).headers for t in h.tensors.values())
+
+
+@pytest.fixture(scope="module")
+def copies(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Private copies of the tiny checkpoint: each source has its own ready image."""
+    root = tmp_path_factory.mktemp("sources")
+    out = {}
+    for name in ("imagey", "standby"):
+        out[name] = str(root / name)
+        shutil.copytree(tiny_model, out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def http_source(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny checkpoint served over HTTP (with ranges and ETags) as ``<url>/remote``."""
+    root = tmp_path_factory.mktemp("http")
+    shutil.copytree(tiny_model, root / "remote")
+    srv = RangeServer(str(root))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def gw(tiny_model: str, copies: dict[str, str], http_source: RangeServer, tmp_path_factory: pytest.TempPathFactory):
+    config = {"models": [
+        {"path": tiny_model, "name": "parky", "park_after": 0.5, "idle_timeout": 3, "images": "off"},
+        {"path": copies["imagey"], "name": "imagey", "idle_timeout": 0.5},  # images: write (the default)
+        {"path": f"{http_source.url}/remote", "idle_timeout": 0.5},
+    ]}
+    g = Gateway(config, str(tmp_path_factory.mktemp("ladder")))
+    yield g
+    g.stop()
+
+
+def test_hot_parked_woken_parked_zero(gw: Gateway, tiny_model: str) -> None:
+    client = gw.openai()
+    first = client.completions.with_raw_response.create(model="parky", **GREEDY)
+    assert int(first.headers["x-zerostart-cold-start-ms"]) > 0
+    text = first.parse().choices[0].text
+    assert gw.cold_starts("parky", "source") == 1
+    pid = gw.model("parky")["workers"][0]["pid"]
+
+    # a request in flight keeps it hot well past park_after (0.5 s)
+    stream = client.completions.create(model="parky", **LONG_STREAM)
+    next(iter(stream))
+    time.sleep(1.2)
+    m = gw.model("parky")
+    assert m["state"] == "hot" and m["in_flight"] == 1, m
+    assert gw.metric("zerostart_parks_total", model="parky", reason="idle") == 0
+    hot_rss = _rss(pid)  # weights and the KV cache those sequences touched
+    stream.close()
+
+    gw.wait_for("parky to park", lambda: gw.model("parky")["state"] == "parked", timeout=10)
+    m = gw.model("parky")
+    assert m["workers"][0]["pid"] == pid and m["workers"][0]["state"] == "parked" and pid_alive(pid)
+    assert gw.metric("zerostart_parks_total", model="parky", reason="idle") == 1
+    assert gw.metric("zerostart_model_state", model="parky", state="parked") == 1
+    assert _rss(pid) < hot_rss - _weights_bytes_f32(tiny_model)  # weights out of the process, KV cache dropped
+
+    # a request wakes it: the same worker, the same greedy output, a cold start of rung parked
+    again = client.completions.with_raw_response.create(model="parky", **GREEDY)
+    assert again.parse().choices[0].text == text
+    assert int(again.headers["x-zerostart-cold-start-ms"]) > 0
+    m = gw.model("parky")
+    assert m["state"] == "hot" and m["workers"][0]["pid"] == pid and m["workers"][0]["rung"] == "parked"
+    assert gw.cold_starts("parky", "parked") == 1 and gw.cold_starts("parky") == 2
+    cold = m["last_cold_start"]
+    assert cold["rung"] == "parked", cold
+    names = [p["name"] for p in cold["phases"]]
+    assert names == ["wake", "first_token"], names  # no spawn, import or load: the worker was kept
+    wake = cold["phases"][0]
+    assert wake["bytes"] >= _weights_bytes_f32(tiny_model) and wake["gbps"] > 0  # the arena: weights (+ alignment)
+    assert gw.phase_count("parky", "wake") == 1
+
+    # idle again: parked after park_after, then zero once idle_timeout (3 s) has passed since the request
+    t0 = time.monotonic()
+    gw.wait_for("parky to park again", lambda: gw.model("parky")["state"] == "parked", timeout=10)
+    gw.wait_for("parky to reach zero", lambda: gw.model("parky")["state"] == "zero", timeout=15)
+    assert time.monotonic() - t0 >= 2.0
+    gw.wait_for("the parked worker to exit", lambda: not pid_alive(pid), timeout=10)
+    assert gw.metric("zerostart_replica_stops_total", model="parky", reason="idle") == 1
+    assert gw.metric("zerostart_parks_total", model="parky", reason="idle") == 2
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _flip_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-1000, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1000, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def test_ready_images_written_restored_and_rejected(gw: Gateway, copies: dict[str, str]) -> None:
+    client = gw.openai()
+
+    def cold_start(rung: str) -> tuple[str, dict]:
+        gw.wait_for("imagey at zero", lambda: gw.model("imagey")["state"] == "zero", timeout=15)
+        out = client.completions.with_raw_response.create(model="imagey", **GREEDY)
+        assert out.status_code == 200 and int(out.headers["x-zerostart-cold-start-ms"]) > 0
+        cold = gw.model("imagey")["last_cold_start"]
+        assert cold["rung"] == rung, cold
+        return out.parse().choices[0].text, cold
+
+    # 1. from the source; the image is written in the background once the worker is idle
+    text, cold = cold_start("source")
+    image = cold["image"]
+    assert image["mode"] == "write" and image["status"] in ("queued", "writing", "written"), image
+    manifest = os.path.join(image["path"], "zerostart-image.json")
+    gw.wait_for("the ready image to be written", lambda: os.path.isfile(manifest), timeout=10)
+
+    # 2. the next cold start restores it (checksums verified while it loads); same output
+    again, cold = cold_start("image")
+    assert again == text
+    assert cold["image"]["status"] == "used" and cold["image"]["path"] == image["path"]
+    read = next(p for p in cold["phases"] if p["name"] == "read")
+    assert read["detail"]["verified_bytes"] > 0
+    assert gw.cold_starts("imagey", "source") == 1 and gw.cold_starts("imagey", "image") == 1
+
+    # 3. a flipped byte: reported, never served from; the source answers and the image is rewritten
+    blob = os.path.join(image["path"], "model.safetensors")
+    with open(blob, "rb") as f:
+        whole = f.read()
+    _flip_byte(blob)
+    out, cold = cold_start("source")
+    assert out == text
+    assert "fails its checksum" in cold["image"]["rejected"], cold["image"]
+    rejected = next(p for p in cold["phases"] if p["name"] == "rejected_image")
+    assert "fails its checksum" in rejected["detail"]["reason"]
+    assert "was not used" in gw.tail(200) and "fails its checksum" in gw.tail(200)
+    gw.wait_for("the image to be rewritten whole", lambda: os.path.isfile(manifest) and _read(blob) == whole,
+                timeout=10)
+
+    # 4. a truncated file: the same
+    size = os.path.getsize(blob)
+    os.truncate(blob, size - 4096)
+    out, cold = cold_start("source")
+    assert out == text
+    assert "truncated" in cold["image"]["rejected"], cold["image"]
+    assert gw.cold_starts("imagey", "source") == 3 and gw.cold_starts("imagey", "image") == 1
+
+
+def test_a_remote_source(gw: Gateway, http_source: RangeServer, tiny_model: str) -> None:
+    client = gw.openai()
+    m = gw.model("remote")  # named after the URL's last component
+    assert m["memory_estimate_bytes"] is None  # not in the local cache and no memory_estimate: known after a load
+    first = client.completions.with_raw_response.create(model="remote", **GREEDY)
+    text = first.parse().choices[0].text
+    m = gw.model("remote")
+    assert m["last_cold_start"]["rung"] == "source"
+    fetched = http_source.bytes_sent
+    assert fetched >= weights.resolve(tiny_model).nbytes  # the weights came over HTTP
+    assert m["memory_estimate_bytes"] > _weights_bytes_f32(tiny_model)  # measured: weights + KV cache
+
+    # its ready image (keyed by the URL) serves the next cold start without fetching the weights again
+    manifest = os.path.join(m["last_cold_start"]["image"]["path"], "zerostart-image.json")
+    gw.wait_for("the ready image", lambda: os.path.isfile(manifest), timeout=10)
+    gw.wait_for("remote at zero", lambda: gw.model("remote")["state"] == "zero", timeout=15)
+    again = client.completions.with_raw_response.create(model="remote", **GREEDY)
+    assert again.parse().choices[0].text == text
+    assert gw.model("remote")["last_cold_start"]["rung"] == "image"
+    assert http_source.bytes_sent == fetched
+
+
+# -- the standby worker -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standby_gw(copies: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    config = {"server": {"standby_workers": 1},
+              "models": [{"path": copies["standby"], "name": "sb", "idle_timeout": 0.5}]}
+    g = Gateway(config, str(tmp_path_factory.mktemp("standby")))
+    yield g
+    g.stop()
+
+
+def _spare(g: Gateway) -> dict:
+    return g.status()["standby"]
+
+
+def test_standby_worker_takes_cold_starts(standby_gw: Gateway) -> None:
+    g = standby_gw
+    client = g.openai()
+    g.wait_for("a ready standby worker", lambda: _spare(g)["state"] == "ready", timeout=30)
+    spare = _spare(g)["pid"]
+    assert g.metric("zerostart_standby_workers_ready") == 1
+    assert g.model("sb")["state"] == "zero" and g.model("sb")["replicas"] == 0  # the spare holds no model
+
+    first = client.completions.with_raw_response.create(model="sb", **GREEDY)
+    text = first.parse().choices[0].text
+    m = g.model("sb")
+    assert m["workers"][0]["pid"] == spare  # the spare became the replica
+    cold = m["last_cold_start"]
+    assert cold["rung"] == "standby+source", cold
+    names = {p["name"] for p in cold["phases"]}
+    assert not names & {"spawn", "import", "device_init"}, names  # paid before the request, not by it
+    assert {"read", "prepare", "warmup", "first_token"} <= names, names
+    paid_before = {p["name"]: p["seconds"] for p in cold["standby"]["phases"]}
+    assert {"spawn", "import", "device_init"} <= set(paid_before), cold["standby"]
+    assert cold["ready_s"] < paid_before["import"]  # the whole cold start took less than the import it skipped
+    assert g.cold_starts("sb", "standby+source") == 1
+
+    # a new spare follows, and the image written after that source load serves the next cold start
+    g.wait_for("a new standby worker", lambda: _spare(g)["state"] == "ready" and _spare(g)["pid"] != spare, timeout=30)
+    spare2 = _spare(g)["pid"]
+    manifest = os.path.join(cold["image"]["path"], "zerostart-image.json")
+    g.wait_for("the ready image", lambda: os.path.isfile(manifest), timeout=10)
+    g.wait_for("sb at zero", lambda: g.model("sb")["state"] == "zero", timeout=15)
+    again = client.completions.with_raw_response.create(model="sb", **GREEDY)
+    assert again.parse().choices[0].text == text
+    m = g.model("sb")
+    assert m["workers"][0]["pid"] == spare2 and m["last_cold_start"]["rung"] == "standby+image"
+    assert g.cold_starts("sb", "standby+image") == 1 and g.cold_starts("sb") == 2
+
+
+# -- a worker on its own: the routes zerostart coldstart drives ----------------------------------
+
+
+def test_worker_routes(tiny_model: str) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import openai
+
+    from tests.serve._helpers import child_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "zerostart.serve._worker", "--standby", "--port", str(port)],
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=url, timeout=60)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = http.get("/zerostart/ready", params={"wait": 30})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the worker did not come up"
+                time.sleep(0.05)
+        assert r.status_code == 200 and r.json()["state"] == "standby" and r.json()["device"] == "cpu", r.text
+
+        bad = http.post("/zerostart/load", json={"model": tiny_model, "engine_options": {"max_model_lenn": 9}})
+        assert bad.status_code == 400 and "max_model_lenn" in bad.json()["error"]["message"]
+        assert http.post("/zerostart/load", json={"model": tiny_model, "images": "sometimes"}).status_code == 400
+        r = http.post("/zerostart/load", json={"model": tiny_model, "engine_options": {"max_model_len": 512}})
+        assert r.status_code == 202 and r.json() == {"state": "loading", "model": tiny_model, "name": "tiny"}
+        again = http.post("/zerostart/load", json={"model": tiny_model})
+        assert again.status_code == 409 and again.json()["error"]["code"] == "not_standby"
+        ready = http.get("/zerostart/ready", params={"wait": 30}).json()
+        assert ready["state"] == "ready" and ready["rung"] == "standby+source" and ready["max_model_len"] == 512
+        assert ready["parkable"] is True and ready["image"]["status"] == "off"
+
+        ph = http.get("/zerostart/phases").json()
+        at = {p["name"]: p for p in ph["phases"]}
+        assert ph["rung"] == "standby+source" and ph["requested_s"] > 0
+        assert at["import"]["end_s"] <= ph["requested_s"] and at["device_init"]["end_s"] <= ph["requested_s"]
+        assert all(at[n]["start_s"] >= ph["requested_s"] for n in ("read", "prepare", "warmup"))
+
+        text = client.completions.create(model="tiny", **GREEDY).choices[0].text
+
+        # park is refused while a request streams, and names it
+        stream = client.completions.create(model="tiny", **LONG_STREAM)
+        next(iter(stream))
+        busy = http.post("/zerostart/park")
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "busy", busy.text
+        assert [(x["method"], x["path"]) for x in busy.json()["in_flight"]] == [("POST", "/v1/completions")]
+        assert "POST /v1/completions" in busy.json()["error"]["message"]
+        stream.close()
+
+        deadline = time.monotonic() + 10
+        while (parked := http.post("/zerostart/park")).status_code == 409:  # until the worker sees the client left
+            assert time.monotonic() < deadline, parked.text
+            time.sleep(0.05)
+        body = parked.json()
+        assert parked.status_code == 200 and body["state"] == "parked" and body["changed"] is True, body
+        assert body["bytes"] >= _weights_bytes_f32(tiny_model) and body["kv_bytes"] > 0 and body["park_s"] > 0
+        assert http.post("/zerostart/park").json() == {"state": "parked", "changed": False}
+        assert http.get("/zerostart/ready").json()["state"] == "parked"
+        refused = http.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_parked"
+
+        woke = http.post("/zerostart/wake").json()
+        assert woke["state"] == "ready" and woke["changed"] is True and woke["bytes"] == body["bytes"], woke
+        ph2 = http.get("/zerostart/phases").json()
+        assert ph2["rung"] == "parked" and [p["name"] for p in ph2["phases"]] == ["wake"]
+        assert ph2["requested_s"] > ph["requested_s"] and ph2["phases"][0]["bytes"] == body["bytes"]
+        assert ph2["load"]["rung"] == "standby+source"
+        assert client.completions.create(model="tiny", **GREEDY).choices[0].text == text
+    finally:
+        client.close()
+        http.close()
+        proc.terminate()
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -1,0 +1,120 @@
+"""The standby worker (DESIGN.md §2): one spare worker process that has imported torch and the
+engine and initialized its device, waiting to be told which model to become. A cold start
+takes it (no spawn, import or device init on its path) and a new spare is prepared once that
+start is over, so the two do not compete for the machine. Its memory is not counted against
+any model's budget.
+
+Lifecycle of the spare::
+
+    none     -> preparing   ``standby_workers: 1`` and no spare (at start, after a hand-over,
+                            after the spare died; after a failure, retried with back-off)
+    preparing -> ready      the worker reports ``standby``
+    preparing -> none       it did not come up (logged; retried after 5 s, doubling to 300 s)
+    ready    -> taken       a cold start of a model on the same device without extra ``env``
+                            (a running process cannot take a model's environment)
+    ready    -> none        it exited unasked
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from zerostart.serve._config import ModelConfig, ServerConfig
+from zerostart.serve._errors import StartFailed
+from zerostart.serve._replica import Replica
+
+log = logging.getLogger("zerostart.serve")
+
+_BACKOFF_S = (5.0, 300.0)  # first retry after a failed spare, and the most it waits
+
+
+class Standby:
+    def __init__(self, server: ServerConfig, device: str, timeout: float) -> None:
+        self._server = server
+        self.device = device  # the device the spare initializes (the one most models use)
+        self._timeout = timeout  # how long a spare may take to come up
+        self._socket_dir: str | None = None
+        self._spare: Replica | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._closing = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._server.standby_workers > 0
+
+    def start(self, socket_dir: str) -> None:
+        self._socket_dir = socket_dir
+        self.ensure()
+
+    def ensure(self) -> None:
+        """Prepare a spare if there should be one and none is ready or on its way."""
+        if not self.enabled or self._closing or self._spare is not None or self._task is not None:
+            return
+        self._task = asyncio.create_task(self._prepare())
+
+    async def _prepare(self) -> None:
+        assert self._socket_dir is not None, "Standby.start() was not called"
+        if self._failures:
+            lo, hi = _BACKOFF_S
+            await asyncio.sleep(min(lo * 2 ** (self._failures - 1), hi))
+        r = Replica(None, self._server, self._socket_dir, on_exit=self._on_exit, standby_device=self.device)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await r.start_standby()
+        except (StartFailed, TimeoutError) as e:
+            self._failures += 1
+            log.error("the standby worker on %s did not come up (%s); retrying", self.device,
+                      e.message if isinstance(e, StartFailed) else f"not ready within {self._timeout:g} s")
+            await r.kill()
+            self._task = None
+            self.ensure()
+            return
+        except asyncio.CancelledError:
+            await r.kill()
+            raise
+        self._failures = 0
+        self._spare, self._task = r, None
+        log.info("standby worker pid %s is ready on %s", r.pid, self.device)
+
+    def take(self, model: ModelConfig, parkable: bool, on_exit: Callable[[Replica], None]) -> Replica | None:
+        """The ready spare, now assigned to ``model``; None if there is none or the model cannot
+        use it (another device, or extra ``env``). Call :meth:`ensure` once its load is over."""
+        r = self._spare
+        if r is None or r.exited.is_set() or model.env or model.device != self.device:
+            return None
+        self._spare = None
+        r.assign(model, parkable)
+        r.on_exit = on_exit
+        log.info("model %s: handing the model to standby worker pid %s", model.served_name, r.pid)
+        return r
+
+    def _on_exit(self, r: Replica) -> None:
+        if self._spare is r:
+            log.warning("the standby worker pid %s exited unasked; preparing another", r.pid)
+            self._spare = None
+            self._failures += 1
+            asyncio.get_running_loop().create_task(r.close())
+            self.ensure()
+
+    async def close(self, timeout: float) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._spare is not None:
+            spare, self._spare = self._spare, None
+            await spare.stop(timeout)
+
+    @property
+    def ready(self) -> int:
+        return int(self._spare is not None)
+
+    def status(self) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        r = self._spare
+        state = "ready" if r is not None else "preparing" if self._task is not None else "none"
+        return {"state": state, "device": self.device, "pid": r.pid if r is not None else None}
