@@ -394,7 +394,8 @@ def _chart(rep: dict, path: str) -> None:
     yticks, ylabels = [], []
     y = 0.0
     for r in reversed(rungs):
-        tl = r["timelines"][len(r["timelines"]) // 2]  # the median-ish run
+        order = sorted(range(len(r["runs"])), key=lambda i: r["runs"][i])
+        tl = r["timelines"][order[len(order) // 2]]  # the run with the median total
         lanes = [p for p in PHASE_ORDER if any(x["name"] == p for x in tl["phases"])]
         for i, name in enumerate(lanes):
             for p in tl["phases"]:
