@@ -313,3 +313,12 @@ def test_transport_times_out_cleanly(served):
         t.read_range(obj, 0, memoryview(buf))
     srv.faults.delay_per_mb = 0.0
     t.close()
+
+
+def test_offline_uses_the_cache_without_asking(served, cache_dir, monkeypatch):
+    srv, ref = served
+    weights.pull(f"{srv.url}/m")
+    gets = srv.gets
+    monkeypatch.setenv("ZEROSTART_OFFLINE", "1")
+    same(weights.load(f"{srv.url}/m"), ref)
+    assert srv.gets == gets, "no request reached the server"

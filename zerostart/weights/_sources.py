@@ -4,6 +4,7 @@
     hf://org/name[@revision]  a model already in the Hugging Face hub cache (offline; honours
                               HF_HUB_CACHE and HF_HOME)
     s3://bucket/prefix        an S3(-compatible) prefix holding the model's files
+                              (ZEROSTART_OFFLINE=1: use a complete cached copy without asking)
     https://host/path         a URL under which the Hugging Face file names can be fetched
 
 Remote sources stream: headers first, then concurrent ranged reads into the load's arena (or
@@ -120,6 +121,8 @@ def open_source(spec: str | os.PathLike[str], cache: Cache | None = None, transp
 
 
 def _open_remote(spec: str, cache: Cache | None, t: Transport, say: Callable[[str], None]) -> Opened:
+    if os.environ.get("ZEROSTART_OFFLINE") == "1" and cache is not None and cache.manifest(spec) is not None:
+        return _local(cache, spec)  # told not to ask the network: the complete cached copy
     try:
         objects = list_objects(spec, t)
     except SourceError as e:
@@ -186,6 +189,8 @@ def localize(spec: str | os.PathLike[str], cache: Cache | None = None, transport
         return _dir_of(spec)
     cache = cache or Cache()
     m = cache.manifest(spec)
+    if m is not None and os.environ.get("ZEROSTART_OFFLINE") == "1":
+        return cache.snapshot_dir(spec)
     if m is not None:
         return cache.snapshot_dir(spec)
     t = transport or Transport()
