@@ -35,6 +35,7 @@ class RangeServer:
         self.lock = threading.Lock()
         self.bytes_sent = 0
         self.gets = 0
+        self.requests = 0  # HEAD and GET
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -52,6 +53,8 @@ class RangeServer:
                 return '"' + hashlib.sha1(f"{p}{st.st_mtime_ns}{st.st_size}".encode()).hexdigest() + '"'
 
             def do_HEAD(self):
+                with server.lock:
+                    server.requests += 1
                 p = self._file()
                 if p is None:
                     self.send_response(404)
@@ -70,6 +73,7 @@ class RangeServer:
                 p = self._file()
                 with server.lock:
                     server.gets += 1
+                    server.requests += 1
                     fail = f.fail_503 > 0
                     if fail:
                         f.fail_503 -= 1

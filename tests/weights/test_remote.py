@@ -318,7 +318,10 @@ def test_transport_times_out_cleanly(served):
 def test_offline_uses_the_cache_without_asking(served, cache_dir, monkeypatch):
     srv, ref = served
     weights.pull(f"{srv.url}/m")
-    gets = srv.gets
+    before = srv.requests
     monkeypatch.setenv("ZEROSTART_OFFLINE", "1")
     same(weights.load(f"{srv.url}/m"), ref)
-    assert srv.gets == gets, "no request reached the server"
+    assert srv.requests == before, "no request reached the server"
+    monkeypatch.delenv("ZEROSTART_OFFLINE")
+    weights.load(f"{srv.url}/m")
+    assert srv.requests > before, "online, the source is asked whether it changed"
