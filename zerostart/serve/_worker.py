@@ -179,6 +179,8 @@ def build_app(holder: Holder, name: str, defaults: LoadSpec | None = None) -> St
             return _error(500, f"parking model {served_name()!r} failed: {type(e).__name__}: {e}", "park_failed")
 
     async def wake(request: Request) -> Response:
+        if holder.state == "waking":  # another wake is under way: answer when it is done
+            await holder.wait_settled(600.0)
         if holder.state == "ready":
             return JSONResponse({"state": "ready", "changed": False})
         try:
