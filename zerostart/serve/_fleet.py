@@ -183,6 +183,9 @@ class Fleet:
             m.policy.observe_completion(m.name, now)
         self._dispatch(m)
         if r.in_flight == 0:
+            if r.replenish_standby:
+                r.replenish_standby = False
+                self._standby.ensure()
             self._notify_memory()  # an idle replica is an eviction candidate
             self._wake.set()
 
@@ -280,9 +283,13 @@ class Fleet:
                 log.warning("model %s: its ready image %s was not used (%s); it was loaded from %s", m.name,
                             image.get("path"), image["rejected"], m.cfg.path)
             m.start_task = None
-            if standby:
-                self._standby.ensure()
             self._dispatch(m)
+            if standby:
+                # the next spare's imports would compete with the requests that waited for this
+                # start: prepare it once they are served (at once if none waited)
+                r.replenish_standby = r.in_flight > 0
+                if not r.replenish_standby:
+                    self._standby.ensure()
             self._scale(m)
             self._notify_memory()
             self._wake.set()
