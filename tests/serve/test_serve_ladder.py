@@ -324,6 +324,7 @@ def test_worker_routes(tiny_model: str) -> None:
         bad = http.post("/zerostart/load", json={"model": tiny_model, "engine_options": {"max_model_lenn": 9}})
         assert bad.status_code == 400 and "max_model_lenn" in bad.json()["error"]["message"]
         assert http.post("/zerostart/load", json={"model": tiny_model, "images": "sometimes"}).status_code == 400
+        assert "unknown device" in http.post("/zerostart/load", json={"model": tiny_model, "device": "tpu"}).text
         r = http.post("/zerostart/load", json={"model": tiny_model, "engine_options": {"max_model_len": 512}})
         assert r.status_code == 202 and r.json() == {"state": "loading", "model": tiny_model, "name": "tiny"}
         again = http.post("/zerostart/load", json={"model": tiny_model})

@@ -174,12 +174,13 @@ class Holder:
             t0 = time.perf_counter()
             dev = device_for(device)
             if dev.type == "cuda":
-                try:  # the VMM driver bindings a parkable load will use
-                    from zerostart.snapshot._vmm import _driver
+                from zerostart.snapshot import VmmUnavailable
+                from zerostart.snapshot._vmm import _driver
 
+                try:  # the VMM driver bindings a parkable load will use
                     _driver()
-                except Exception:  # noqa: BLE001 - reported by the load that needs them
-                    pass
+                except VmmUnavailable:
+                    pass  # reported by the load that needs them
             self.timeline.add("device_init", t0, time.perf_counter(), device=str(dev))
             self.standby_device = str(dev)
             self._set("standby")
