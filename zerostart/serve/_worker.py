@@ -209,7 +209,7 @@ def build_app(holder: Holder, name: str, defaults: LoadSpec | None = None) -> St
         yield
         if holder.engine is not None:
             holder.engine.stop()
-        await asyncio.to_thread(holder.wait_for_writer, _SHUTDOWN_GRACE_S)
+        await asyncio.to_thread(holder.close, _SHUTDOWN_GRACE_S)
 
     app = Starlette(lifespan=lifespan, routes=[
         Route("/zerostart/ready", ready),
