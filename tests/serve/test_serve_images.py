@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 
 import pytest
@@ -28,19 +29,21 @@ def _blob(path: str) -> bytes:
 
 
 def test_locate_check_discard(engine, tiny_model: str, tmp_path) -> None:
-    path, fp = _images.locate(tiny_model, "cpu", None)
+    source = str(tmp_path / "source")
+    shutil.copytree(tiny_model, source)  # a source of its own: no image of it exists yet
+    path, fp = _images.locate(source, "cpu", None)
     assert fp == snapshot.fingerprint(engine.model_dir, "cpu", str(engine.dtype))  # float32 on CPU
-    assert path == snapshot.image_store(tiny_model, fp)
-    assert _images.locate(tiny_model, "cpu", "bfloat16")[0] != path  # another dtype, another image
+    assert path == snapshot.image_store(source, fp) != snapshot.image_store(tiny_model, fp)
+    assert _images.locate(source, "cpu", "bfloat16")[0] != path  # another dtype, another image
     assert _images.check(path, fp) == "missing"
 
-    out = _images.write(engine, str(tmp_path / "img"), fp)
-    assert _images.check(out, fp) is None and _images.is_image(out) and not _images.is_image(tiny_model)
+    out = _images.write(engine, str(tmp_path / "images" / "img"), fp)
+    assert _images.check(out, fp) is None and _images.is_image(out) and not _images.is_image(source)
     other = dataclasses.replace(fp, dtype="bfloat16")
     assert "does not match this runtime" in _images.check(out, other) and "dtype" in _images.check(out, other)
 
     _images.discard(out)
-    assert not os.path.exists(out) and os.listdir(tmp_path) == []
+    assert not os.path.exists(out) and os.listdir(tmp_path / "images") == []
     _images.discard(out)  # already gone: nothing to do
 
 

@@ -270,3 +270,33 @@ def test_model_sources_in_the_config() -> None:
     assert default_name("/a/b/model.safetensors") == "model"
     with pytest.raises(ValueError, match="unknown source scheme"):
         load_config(data={"models": [{"path": "ftp://x/y"}]})
+
+
+def test_eviction_parks_on_accelerators_and_stops_parked_cpu_replicas() -> None:
+    """Who makes room: an idle parkable replica on a GPU is parked (its device memory freed, the
+    worker kept); on CPU, where parked weights still take host RAM, a parked replica is stopped."""
+    from zerostart.serve._config import load_config
+    from zerostart.serve._fleet import Fleet
+
+    fleet = Fleet(load_config(data={"models": [
+        {"path": "/x/a", "device": "cuda:0", "park_after": 30, "memory_estimate": 100},
+        {"path": "/x/b", "device": "cuda:0", "memory_estimate": 100},
+        {"path": "/x/c", "memory_estimate": 100},
+        {"path": "/x/d", "memory_estimate": 100},
+    ]}))
+    models = fleet._models
+    a, b, c, d = (models[n] for n in "abcd")
+    a.replicas = [_replica(a.cfg, State.HOT, 5.0)]
+    b.replicas = [_replica(b.cfg, State.HOT, 1.0)]  # idle longer, but not parkable: stopping it costs a full start
+    a.last_ready_s = b.last_ready_s = 3.0
+    a.last_wake_s = 0.1
+    victim = fleet._eviction_victim("cuda:0", exclude=c)
+    assert victim is not None and victim[0] is a and victim[2] == "park"
+
+    parked = _replica(c.cfg, State.PARKED, 2.0)
+    parked.reserved_bytes = 100
+    c.replicas = [parked]
+    victim = fleet._eviction_victim("cpu", exclude=d)
+    assert victim is not None and victim[1] is parked and victim[2] == "stop"
+    c.waiters.append(object())  # requests wait for it: it is about to wake, not to be evicted
+    assert fleet._eviction_victim("cpu", exclude=d) is None

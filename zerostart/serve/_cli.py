@@ -2,6 +2,7 @@
 
     zerostart serve                                  # the built-in demo model
     zerostart serve --model ~/models/llama-3.2-1b    # one checkpoint, named after its directory
+    zerostart serve --model s3://bucket/qwen2.5-0.5b # a source: fetched (and cached) on its first start
     zerostart serve --config config.yaml             # everything else (see examples/config.yaml)
 
 Command-line options override the config file.
@@ -25,8 +26,9 @@ class ServeStartupError(RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config (models, server, device memory budgets)")
     parser.add_argument("--model", metavar="PATH", action="append", default=[],
-                        help="serve this checkpoint directory or .safetensors file (repeatable; added to the "
-                             "config's models). Without any model: the built-in demo model")
+                        help="serve this checkpoint directory, .safetensors file, ready image, or source "
+                             "(hf://org/name, s3://bucket/prefix, https://...); repeatable, added to the "
+                             "config's models. Without any model: the built-in demo model")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
     parser.add_argument("--idle-timeout", metavar="SECONDS",

@@ -183,6 +183,9 @@ class Fleet:
             m.policy.observe_completion(m.name, now)
         self._dispatch(m)
         if r.in_flight == 0:
+            if r.replenish_standby:
+                r.replenish_standby = False
+                self._standby.ensure()
             self._notify_memory()  # an idle replica is an eviction candidate
             self._wake.set()
 
@@ -204,9 +207,10 @@ class Fleet:
                 w.future.set_exception(type(err)(err.message, retry_after=err.retry_after))
 
     def _retry_after(self, m: Model) -> float:
-        """A hint for 429s: the rest of a start in progress (by the last one's duration), else 1 s."""
-        if m.start_task is not None and m.last_ready_s:
-            return max(1.0, m.last_ready_s - (time.monotonic() - m.start_began))
+        """A hint for 429s: the rest of a climb in progress (by the last one of its kind), else 1 s."""
+        expected = m.last_wake_s if m.climbing == "wake" else m.last_ready_s
+        if m.start_task is not None and expected:
+            return max(1.0, expected - (time.monotonic() - m.start_began))
         return 1.0
 
     # -- starting and stopping replicas -----------------------------------------------------
@@ -224,14 +228,14 @@ class Fleet:
         parked = m.parked()
         if parked:
             r = max(parked, key=lambda r: r.last_active)
-            m.start_began = now
+            m.start_began, m.climbing = now, "wake"
             m.start_task = asyncio.create_task(self._wake_replica(m, r))
             return
         if any(r.state is State.PARKING for r in m.replicas):
             return  # it wakes as soon as it is parked
         if m.backoff_until > now or len(m.live()) >= m.cfg.max_replicas:
             return
-        m.start_began = now
+        m.start_began, m.climbing = now, "start"
         m.start_task = asyncio.create_task(self._start(m))
 
     async def _start(self, m: Model) -> None:
@@ -280,9 +284,13 @@ class Fleet:
                 log.warning("model %s: its ready image %s was not used (%s); it was loaded from %s", m.name,
                             image.get("path"), image["rejected"], m.cfg.path)
             m.start_task = None
-            if standby:
-                self._standby.ensure()
             self._dispatch(m)
+            if standby:
+                # the next spare's imports would compete with the requests that waited for this
+                # start: prepare it once they are served (at once if none waited)
+                r.replenish_standby = r.in_flight > 0
+                if not r.replenish_standby:
+                    self._standby.ensure()
             self._scale(m)
             self._notify_memory()
             self._wake.set()

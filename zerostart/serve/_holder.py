@@ -89,6 +89,7 @@ class Holder:
         self.load_record: dict[str, Any] | None = None  # the load's timeline, once a wake replaced it
         self.in_flight: dict[int, _InFlight] = {}  # OpenAI requests being served, by id
         self.paused = False  # new requests wait (CUDA: while the image writer copies the weights to host)
+        self.closing = False  # the worker is shutting down
         self._ids = 0
         self._fp: Any = None
         self._parking: Any = None
@@ -174,12 +175,13 @@ class Holder:
             t0 = time.perf_counter()
             dev = device_for(device)
             if dev.type == "cuda":
-                try:  # the VMM driver bindings a parkable load will use
-                    from zerostart.snapshot._vmm import _driver
+                from zerostart.snapshot import VmmUnavailable
+                from zerostart.snapshot._vmm import _driver
 
+                try:  # the VMM driver bindings a parkable load will use
                     _driver()
-                except Exception:  # noqa: BLE001 - reported by the load that needs them
-                    pass
+                except VmmUnavailable:
+                    pass  # reported by the load that needs them
             self.timeline.add("device_init", t0, time.perf_counter(), device=str(dev))
             self.standby_device = str(dev)
             self._set("standby")
@@ -308,9 +310,11 @@ class Holder:
         name = self.spec.name if self.spec else "?"
         while True:
             while self.state != "ready" or self.in_flight or self._engine_busy():
-                if self.state == "failed":
+                if self.state == "failed" or self.closing:
                     return
                 time.sleep(_IDLE_POLL_S)
+            if self.closing:
+                return  # shutting down before it began: the next start from the source writes it
             t0 = time.perf_counter()
             host = None
             try:
@@ -376,7 +380,10 @@ class Holder:
             except TimeoutError:
                 return
 
-    def wait_for_writer(self, timeout: float) -> None:
+    def close(self, timeout: float) -> None:
+        """On shutdown: an image write not yet begun is dropped; one under way may take up to
+        ``timeout`` seconds to finish (else its temporary directory is swept by a later writer)."""
+        self.closing = True
         if self._writer is not None and self._writer.is_alive():
             self._writer.join(timeout)
 

@@ -46,7 +46,8 @@ class Model:
         self.park_refused: str | None = None  # a worker said it cannot park: idle replicas stop instead
         self.replicas: list[Replica] = []
         self.waiters: deque[Waiter] = deque()
-        self.start_task: asyncio.Task[None] | None = None  # the one start in progress, if any
+        self.start_task: asyncio.Task[None] | None = None  # the one climb (start or wake) in progress, if any
+        self.climbing = "start"  # what start_task does: "start" or "wake"
         self.start_began = 0.0
         self.keep_alive = cfg.idle_timeout  # the latest request's keep_alive, else idle_timeout
         self.keep_alive_explicit = False  # the latest request set keep_alive: it wins over the policy

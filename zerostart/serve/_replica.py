@@ -88,6 +88,7 @@ class Replica:
         self.info: dict[str, Any] = {}  # the worker's last ready report (sizes, image, parkable)
         self.standby_record: dict[str, Any] | None = None  # a standby worker's own start, before the hand-over
         self.spawned_at = 0.0  # monotonic
+        self.replenish_standby = False  # taken from the standby: prepare the next spare once idle
         self.ready_at: float | None = None  # monotonic
         self.first_token_recorded = False
         self.exit_code: int | None = None

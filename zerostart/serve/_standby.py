@@ -1,13 +1,14 @@
 """The standby worker (DESIGN.md §2): one spare worker process that has imported torch and the
 engine and initialized its device, waiting to be told which model to become. A cold start
 takes it (no spawn, import or device init on its path) and a new spare is prepared once that
-start is over, so the two do not compete for the machine. Its memory is not counted against
-any model's budget.
+start is over and the requests that waited for it are served, so the spare's imports do not
+compete with them for the machine. Its memory is not counted against any model's budget.
 
 Lifecycle of the spare::
 
-    none     -> preparing   ``standby_workers: 1`` and no spare (at start, after a hand-over,
-                            after the spare died; after a failure, retried with back-off)
+    none     -> preparing   ``standby_workers: 1`` and no spare (at start; after a hand-over, once
+                            the requests that waited for it are served; after the spare died;
+                            after a failure, retried with back-off)
     preparing -> ready      the worker reports ``standby``
     preparing -> none       it did not come up (logged; retried after 5 s, doubling to 300 s)
     ready    -> taken       a cold start of a model on the same device without extra ``env``

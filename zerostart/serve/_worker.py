@@ -47,7 +47,7 @@ from starlette.routing import Route  # noqa: E402
 from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
 from zerostart.serve._holder import Busy, Holder, LoadSpec, NotParkable  # noqa: E402
-from zerostart.serve._config import default_name  # noqa: E402
+from zerostart.serve._config import default_name, normalize_device  # noqa: E402
 from zerostart.serve._images import MODES  # noqa: E402
 
 log = logging.getLogger("zerostart.serve.worker")
@@ -147,11 +147,15 @@ def build_app(holder: Holder, name: str, defaults: LoadSpec | None = None) -> St
             return _error(400, f"engine_options: {e} (EngineConfig fields: "
                           f"{', '.join(f.name for f in dataclasses.fields(EngineConfig))})", "bad_request")
         d = defaults or LoadSpec(model="", name="")
+        try:
+            device = normalize_device(req.device) if req.device else d.device
+        except ValueError as e:
+            return _error(400, f"device: {e}", "bad_request")
         model = req.model or d.model
         if not model:
             return _error(400, "model: required (this standby worker was started without --model)", "bad_request")
         spec = LoadSpec(model=model, name=req.name or (d.name if model == d.model and d.name else default_name(model)),
-                        device=req.device or d.device, dtype=req.dtype if req.dtype is not None else d.dtype,
+                        device=device, dtype=req.dtype if req.dtype is not None else d.dtype,
                         images=req.images or d.images, parkable=d.parkable if req.parkable is None else req.parkable,
                         engine_options={**d.engine_options, **req.engine_options})
         if holder.standby_device and spec.device != holder.standby_device and not (
@@ -179,6 +183,8 @@ def build_app(holder: Holder, name: str, defaults: LoadSpec | None = None) -> St
             return _error(500, f"parking model {served_name()!r} failed: {type(e).__name__}: {e}", "park_failed")
 
     async def wake(request: Request) -> Response:
+        if holder.state == "waking":  # another wake is under way: answer when it is done
+            await holder.wait_settled(600.0)
         if holder.state == "ready":
             return JSONResponse({"state": "ready", "changed": False})
         try:
@@ -203,7 +209,7 @@ def build_app(holder: Holder, name: str, defaults: LoadSpec | None = None) -> St
         yield
         if holder.engine is not None:
             holder.engine.stop()
-        await asyncio.to_thread(holder.wait_for_writer, _SHUTDOWN_GRACE_S)
+        await asyncio.to_thread(holder.close, _SHUTDOWN_GRACE_S)
 
     app = Starlette(lifespan=lifespan, routes=[
         Route("/zerostart/ready", ready),
