@@ -26,7 +26,7 @@ cat "$OUT/env.txt"
 
 if want tests; then
   step tests
-  timeout 300 $PY -m pytest -m gpu tests/weights tests/snapshot tests/engine -q -p no:cacheprovider -o timeout=240 -W ignore::DeprecationWarning 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
+  timeout 300 $PY -m pytest -m gpu tests/weights tests/snapshot tests/engine tests/serve -q -p no:cacheprovider -o timeout=240 -W ignore::DeprecationWarning 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
 fi
 if want park; then
   step "park/wake"

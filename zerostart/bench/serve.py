@@ -55,7 +55,9 @@ def main(args: argparse.Namespace) -> int:
 
         path, name = ensure_demo_model(), DEMO_NAME
     with tempfile.TemporaryDirectory(prefix="zerostart-bench-") as tmp:
-        model = {"path": path, "device": args.device, "idle_timeout": -1}
+        # images off: every measured cold start loads the checkpoint (`zerostart coldstart`
+        # measures the other rungs)
+        model = {"path": path, "device": args.device, "idle_timeout": -1, "images": "off"}
         if name:
             model["name"] = name
         with _Gateway({"models": [model]}, tmp) as gw:

@@ -39,7 +39,7 @@ def write_engine_image(engine, model_dir: str, out: str, fp, source: str = "") -
 
     extra = {"fusion": list(getattr(getattr(engine, "fusion", None), "notes", []) or [])}
     cache = None
-    if getattr(getattr(engine, "engine_config", None), "compile", False):
+    if getattr(getattr(engine, "config", None), "compile", False):
         import torch
 
         try:
