@@ -150,6 +150,46 @@ def test_progress_reports_every_byte(sharded):
     assert all(b[0] >= a[0] for a, b in zip(seen, seen[1:])) or sorted(seen) == sorted(seen)
 
 
+def test_mapped_load_reports_every_byte_once(sharded):
+    weights.load(sharded)  # now wholly in the page cache
+    seen = []
+    arena = weights.load_arena(sharded, config=LoadConfig(mmap="always"), progress=lambda d, t: seen.append((d, t)))
+    assert arena.stats.strategy == {"mmap": 3}
+    assert seen and seen[-1] == (arena.stats.bytes, arena.stats.bytes)
+    assert all(d <= t for d, t in seen)
+
+
+def test_cpu_arena_places_files_on_huge_page_boundaries(sharded):
+    from zerostart.weights._io import HUGE
+
+    arena = weights.load_arena(sharded)
+    assert arena.storage.data_ptr() % HUGE == 0
+    assert all(b % HUGE == 0 for b in arena.layout.file_base)
+    assert_same(arena.tensors, every_dtype())
+
+
+def test_residency_sampling_tracks_the_exact_count(tmp_path, monkeypatch):
+    from zerostart.weights import _io
+
+    monkeypatch.setattr(_io, "_SAMPLE_WINDOWS", 8)
+    monkeypatch.setattr(_io, "_SAMPLE_BYTES", 64 << 10)
+    p = tmp_path / "blob"
+    p.write_bytes(os.urandom(8 << 20))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what is read
+        os.pread(fd, 4 << 20, 0)  # the first half only
+        exact = _io.residency(fd, 8 << 20, exact=True)
+        sampled = _io.residency(fd, 8 << 20)
+    finally:
+        os.close(fd)
+    if exact > 0.9:
+        pytest.skip("the page cache kept the file (eviction not permitted here)")
+    assert 0.3 < exact < 0.8 and abs(sampled - exact) < 0.2, (exact, sampled)
+
+
 def test_background_load_and_wait(sharded):
     arena = weights.load_arena(sharded, config=LoadConfig(mmap="never", chunk_bytes=4096, threads=2), background=True)
     arena.wait(["big"])

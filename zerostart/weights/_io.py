@@ -60,6 +60,20 @@ def _check(ret: int | None, what: str) -> int:
 # Host memory regions
 
 
+def _aligned_mmap(size: int, prot: int) -> int:
+    """Anonymous private memory of ``size`` bytes, 2 MiB-aligned when it is at least that big."""
+    flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
+    if size < HUGE:
+        return _check(_libc.mmap(None, size, prot, flags, -1, 0), "mmap")
+    raw = _check(_libc.mmap(None, size + HUGE, prot, flags, -1, 0), "mmap")
+    addr = align_up(raw, HUGE)
+    if addr > raw:
+        _libc.munmap(raw, addr - raw)
+    if raw + HUGE > addr:
+        _libc.munmap(addr + size, raw + HUGE - addr)
+    return addr
+
+
 class Region:
     """A page-aligned range of host virtual memory owned by this object (unmapped on close/GC).
 
@@ -77,10 +91,12 @@ class Region:
 
     @classmethod
     def anonymous(cls, size: int, huge: bool = True) -> "Region":
+        """Zero-filled memory; regions of 2 MiB or more start on a 2 MiB boundary, so huge pages
+        (anonymous, or the page cache's large folios once files are mapped in) can back them."""
         size = max(align_up(size, PAGE), PAGE)
         if _libc is None:
             raise OSError(errno.ENOSYS, "anonymous regions need Linux")
-        addr = _check(_libc.mmap(None, size, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0), "mmap")
+        addr = _aligned_mmap(size, _PROT_READ | _PROT_WRITE)
         if huge:
             _libc.madvise(addr, size, _MADV_HUGEPAGE)  # advisory; failure is harmless
         return cls(addr, size)
@@ -90,8 +106,7 @@ class Region:
         size = max(align_up(size, PAGE), PAGE)
         if _libc is None:
             raise OSError(errno.ENOSYS, "address reservations need Linux")
-        addr = _check(_libc.mmap(None, size, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0), "mmap")
-        return cls(addr, size)
+        return cls(_aligned_mmap(size, _PROT_NONE), size)
 
     def map_file(self, offset: int, fd: int, length: int) -> None:
         """Map ``length`` bytes of ``fd`` (from file offset 0) at ``offset`` in this region.
@@ -191,16 +206,28 @@ _SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451}.get(os.uname().machine) if _LIN
 _cachestat_ok = _SYS_CACHESTAT is not None
 
 
-def residency(fd: int, size: int, offset: int = 0, length: int | None = None) -> float:
+_SAMPLE_WINDOWS, _SAMPLE_BYTES = 32, 1 << 20
+
+
+def residency(fd: int, size: int, offset: int = 0, length: int | None = None, *, exact: bool = False) -> float:
     """Fraction of ``[offset, offset + length)`` of a file that is in the page cache (0..1).
 
     Asks the kernel (``cachestat``, Linux 6.5+) or falls back to ``mincore`` on a transient
-    mapping; no page is read either way. Returns 0.0 where unknown.
+    mapping; no page is read either way. Returns 0.0 where unknown. Ranges over 64 MiB are
+    sampled (32 windows of 1 MiB, evenly spaced, first and last included) unless ``exact``:
+    counting every page of a large file costs milliseconds per GB.
     """
-    global _cachestat_ok
     length = size - offset if length is None else length
     if length <= 0 or _libc is None:
         return 0.0 if length > 0 else 1.0
+    if exact or length <= 2 * _SAMPLE_WINDOWS * _SAMPLE_BYTES:
+        return _residency(fd, offset, length)
+    step = (length - _SAMPLE_BYTES) / (_SAMPLE_WINDOWS - 1)
+    return sum(_residency(fd, offset + int(i * step), _SAMPLE_BYTES) for i in range(_SAMPLE_WINDOWS)) / _SAMPLE_WINDOWS
+
+
+def _residency(fd: int, offset: int, length: int) -> float:
+    global _cachestat_ok
     start = align_down(offset, PAGE)
     span = align_up(offset + length, PAGE) - start
     pages = span // PAGE
@@ -266,7 +293,7 @@ def drop_page_cache(paths: list[str] | None = None) -> bool:
         try:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            ok = ok and residency(fd, os.fstat(fd).st_size) < 0.01
+            ok = ok and residency(fd, os.fstat(fd).st_size, exact=True) < 0.01
         finally:
             os.close(fd)
     return ok

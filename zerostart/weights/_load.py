@@ -29,7 +29,7 @@ import torch
 from zerostart.weights._checksums import load_for
 from zerostart.weights._dtypes import parse_dtype
 from zerostart.weights._format import WeightsError
-from zerostart.weights._io import DIRECT_ALIGN, Region, align_up, open_direct, residency
+from zerostart.weights._io import DIRECT_ALIGN, HUGE, Region, align_up, open_direct, residency
 from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, default_threads
 from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, populate_items, staged_mirror_items
 from zerostart.weights._sources import open_source
@@ -225,7 +225,9 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     opened = open_source(path, use_cache=cfg.cache)
     ckpt = opened.checkpoint
     try:
-        layout = plan_layout(ckpt, target)
+        # On CPU each file starts on a 2 MiB boundary of the (2 MiB-aligned) arena: a mapped
+        # file's large page-cache folios then map whole, which makes faulting them in faster.
+        layout = plan_layout(ckpt, target, HUGE if dev.type == "cpu" else DIRECT_ALIGN)
     except BaseException:
         opened.finish(False)
         raise
@@ -313,16 +315,12 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     try:
         region, storage = _allocate(layout, dev, files, strategies, threads, residencies, stats, allocator)
         items = []
-        resident_now: list[str] = []  # tensors of fully cached, mapped files: ready at once
         for i, (h, f, s) in enumerate(zip(ckpt.headers, files, strategies)):
             if s == "mmap":
-                # Pages not in the page cache yet are faulted in (and checked) by the reader
-                # threads; a file wholly in the page cache is resident already: its pages map on
-                # first touch (checksummed files are still read through, to be verified).
-                if residencies[i] < 1.0 or f.sums is not None:
-                    items += populate_items(h, i, layout.file_base[i], _POPULATE_SPAN, f.sums)
-                else:
-                    resident_now.extend(h.tensors)
+                # The reader threads fault the mapped pages in (and check them): the kernel reads
+                # ahead what the page cache lacks, and cached pages map in parallel, faster than
+                # the first touches of one thread would map them (bench load, warm).
+                items += populate_items(h, i, layout.file_base[i], _POPULATE_SPAN, f.sums)
                 continue
             if layout.mode == "packed":
                 items += packed_items(h, i, layout.slots, chunk, f.direct)
@@ -346,14 +344,10 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
 
     arena = Arena(storage, tensors, layout, stats, region)
     arena._opened = opened
-    mapped_bytes = sum(h.data_size for h, s, r in zip(ckpt.headers, strategies, residencies)
-                       if s == "mmap" and r >= 1.0 and not any(f.sums for f in files if f.path == h.path))
     relocated = {n for n, s in layout.slots.items() if s.relocate_from is not None}
-    arena._mark(n for n in resident_now if n not in relocated)
+    # a mapped tensor is readable at once (a touch faults its pages in); relocated ones wait for their copy
     arena._mark(n for i, h in enumerate(ckpt.headers) if strategies[i] == "mmap" for n in h.tensors if n not in relocated)
-    if progress is not None and mapped_bytes:
-        progress(mapped_bytes, ckpt.nbytes)
-    run = Run(items, files, sink, ring, threads, progress=_offset_progress(progress, mapped_bytes), total=ckpt.nbytes,
+    run = Run(items, files, sink, ring, threads, progress=progress, total=ckpt.nbytes,
               on_tensors_done=lambda names: arena._mark(n for n in names if n not in relocated))
 
     def finish() -> None:
@@ -466,12 +460,6 @@ def _views(storage: torch.Tensor, slots) -> dict[str, torch.Tensor]:
             acc *= d
         out[name] = base.as_strided(s.shape, tuple(reversed(stride)), s.offset // s.dtype.itemsize)
     return out
-
-
-def _offset_progress(progress: Callable[[int, int], None] | None, already: int) -> Callable[[int, int], None] | None:
-    if progress is None:
-        return None
-    return lambda done, total: progress(done + already, total)
 
 
 __all__ = ["Arena", "LoadConfig", "LoadStats", "WeightsError", "load", "load_arena"]
