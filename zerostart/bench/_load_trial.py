@@ -65,6 +65,9 @@ def main() -> None:
            "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer",
            "zerostart-nocache": "zerostart.weights._load", "download": "boto3"}[name]
     __import__(mod)
+    if name.startswith("zerostart") and str(args["path"]).startswith("s3://"):
+        for m in ("botocore.session", "botocore.auth", "botocore.awsrequest"):  # its S3 signing library
+            __import__(m)
     if device.startswith("cuda"):
         torch.cuda.init()
         torch.empty(1, device=device)
