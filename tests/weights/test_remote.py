@@ -63,7 +63,7 @@ def test_http_stream_then_cache(served, cache_dir):
     url = f"{srv.url}/m"
     arena = weights.load_arena(url, config=LoadConfig(chunk_bytes=64 << 10))
     same(arena.tensors, ref)
-    assert arena.stats.strategy == {"remote": 2}
+    assert arena.stats.strategy == {"remote-mapped": 2}  # the cache file being written is the arena
     arena.wait_cached()
     snap = Cache().manifest(url)
     assert snap is not None and set(snap["objects"]) >= {"config.json", "model-00001-of-00002.safetensors"}
@@ -71,9 +71,28 @@ def test_http_stream_then_cache(served, cache_dir):
     # the next cold start reads the cache: no weight bytes cross the network again
     arena2 = weights.load_arena(url)
     same(arena2.tensors, ref)
-    assert "remote" not in arena2.stats.strategy
+    assert arena2.stats.strategy == {"mmap": 2}
     assert srv.bytes_sent - sent < 4096
     assert os.path.exists(os.path.join(weights.localize(url), "config.json"))
+
+
+def test_streamed_arena_is_copy_on_write_over_the_cache(served, cache_dir):
+    srv, ref = served
+    url = f"{srv.url}/m"
+    arena = weights.load_arena(url, config=LoadConfig(chunk_bytes=64 << 10))
+    arena.wait_cached()
+    for t in arena.tensors.values():
+        if t.is_floating_point() and t.numel():
+            t.add_(1)  # writes go to the process's own pages, never to the cached file
+    same(weights.load(url), ref)
+    assert srv.bytes_sent and Cache().manifest(url) is not None
+
+
+def test_stream_without_cache_reads_into_memory(served, cache_dir):
+    srv, ref = served
+    arena = weights.load_arena(f"{srv.url}/m", config=LoadConfig(chunk_bytes=64 << 10, cache=False))
+    same(arena.tensors, ref)
+    assert arena.stats.strategy == {"remote": 2}
 
 
 def test_http_cast_and_staged_path(served, cache_dir):
@@ -277,7 +296,7 @@ def test_s3_load_and_cache(s3, cache_dir):
     url, ref = s3
     arena = weights.load_arena(url, config=LoadConfig(chunk_bytes=64 << 10))
     same(arena.tensors, ref)
-    assert arena.stats.strategy == {"remote": 2}
+    assert arena.stats.strategy == {"remote-mapped": 2}
     arena.wait_cached()
     assert Cache().manifest(url) is not None
     same(weights.load(url), ref)

@@ -241,8 +241,12 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         for h, obj, tee in zip(ckpt.headers, opened.remote, opened.writers):
             if obj is not None:
                 residencies.append(0.0)
-                strategies.append("remote")
-                files.append(FileHandle(h.path, h.file_size, -1, False, obj, opened.transport, tee))
+                # On CPU without a cast the cache file being written is mapped as the arena
+                # (as a local file would be), so streamed bytes are not held twice.
+                through = (tee is not None and dev.type == "cpu" and layout.mode == "mirror" and h.file_size > 0
+                           and cfg.mmap in ("auto", "always"))
+                strategies.append("remote-mapped" if through else "remote")
+                files.append(FileHandle(h.path, h.file_size, -1, False, obj, opened.transport, tee, through_cache=through))
                 continue
             fd = os.open(h.path, os.O_RDONLY)
             fds.append(fd)
@@ -422,6 +426,8 @@ def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strate
             region.map_file(layout.file_base[i], f.fd, f.size)
             if residencies[i] < 1.0:
                 region.advise_willneed(layout.file_base[i], f.size)  # readahead starts now
+        elif strategies[i] == "remote-mapped":
+            region.map_file(layout.file_base[i], f.tee.fd, f.size)  # filled as the ranges arrive
     return region, region.tensor()
 
 

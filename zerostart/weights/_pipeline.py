@@ -37,15 +37,37 @@ class FileHandle:
     transport: Any = None
     tee: Any = None  # BlobWriter: every byte read is also written to the local cache
     sums: Any = None  # FileSums: verify blocks as they arrive
+    through_cache: bool = False  # the arena maps ``tee``'s file: bytes go to the file, not the arena
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         if self.remote is None:
             pread_into(self.fd, buf, offset, self.size, self.path)
             return
         n = max(0, min(len(buf), self.size - offset))
+        if self.through_cache:
+            # Into a reused scratch buffer, then into the cache file, whose page-cache pages the
+            # arena maps: the bytes land in memory once. If the cache write fails, the bytes
+            # are placed in the arena's own (copy-on-write) pages instead.
+            scratch = _scratch(n)
+            self.transport.read_range(self.remote, offset, scratch)
+            self.tee.write(offset, scratch)
+            if self.tee.error is not None:
+                buf[:n] = scratch
+            return
         self.transport.read_range(self.remote, offset, buf[:n])
         if self.tee is not None:
             self.tee.write(offset, buf[:n])
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """This thread's reusable buffer, at least ``n`` bytes."""
+    buf = getattr(_scratch_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _scratch_local.buf = bytearray(n)
+    return memoryview(buf)[:n]
 
 
 class Ring:
@@ -319,6 +341,8 @@ class Run:
             t0 = time.perf_counter()
             view = self.sink.arena_view(item.arena_offset, item.length)
             f.read_into(view, item.start)
+            if f.through_cache:  # map the pages just written, as for a mapped local file
+                self.sink.region.populate(item.arena_offset, item.length)
             self.timing.read(t0, time.perf_counter(), item.payload)
             if f.sums is not None:
                 self._verify(f, item, view)
