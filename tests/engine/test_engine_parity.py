@@ -9,6 +9,7 @@ batched steps.
 
 import os
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def pair(request, tmp_path_factory, tiny_dir):
     """(engine, transformers model, tokenizer ids of PROMPT) for one variant."""
     config_cls, model_cls, extra = VARIANTS[request.param]
     cfg = getattr(transformers, config_cls)(**{**BASE, **extra})
-    torch.manual_seed(hash(request.param) % 2**31)
+    torch.manual_seed(zlib.crc32(request.param.encode()))  # the same weights in every run (hash() is salted per process)
     model = getattr(transformers, model_cls)(cfg).to(torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
