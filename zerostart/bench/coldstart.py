@@ -199,32 +199,27 @@ def _timeline_from(w: _Worker, start: float, end: float, include_spawn: bool, si
     return t.to_dict()
 
 
-def _run_source(model: str, image: str | None, args, files: list[str]) -> dict:
+def _run_fresh(rung: str, path: str, args, files: list[str]) -> dict:
+    """A cold start in a new worker process loading ``path`` (the source or the ready image)."""
     from zerostart.bench import _ceilings
 
     _ceilings.drop(files)
-    w = _Worker(model, args, images="off")
+    w = _Worker(path, args, images="off")
     try:
         w.wait_ready()
         end = w.first_token(args.prompt_tokens)
         tl = _timeline_from(w, w.t0, end, include_spawn=True)
     finally:
         w.close()
-    return {"rung": "source", "total_s": end - w.t0, "timeline": tl}
+    return {"rung": rung, "total_s": end - w.t0, "timeline": tl}
+
+
+def _run_source(model: str, image: str | None, args, files: list[str]) -> dict:
+    return _run_fresh("source", model, args, files)
 
 
 def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
-    from zerostart.bench import _ceilings
-
-    _ceilings.drop(files)
-    w = _Worker(image, args, images="off")
-    try:
-        w.wait_ready()
-        end = w.first_token(args.prompt_tokens)
-        tl = _timeline_from(w, w.t0, end, include_spawn=True)
-    finally:
-        w.close()
-    return {"rung": "image", "total_s": end - w.t0, "timeline": tl}
+    return _run_fresh("image", image, args, files)
 
 
 def _run_standby(model: str, image: str | None, args, files: list[str]) -> dict:

@@ -16,6 +16,19 @@ class EngineError(ValueError):
     """A model, request or engine setting the engine cannot work with; the message says which."""
 
 
+def read_json_object(path: str) -> dict[str, Any]:
+    """A model directory's JSON file (config, tokenizer or generation config) as a dict; an
+    :class:`EngineError` naming the file if it is not valid UTF-8 JSON holding an object."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EngineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise EngineError(f"{path}: expected a JSON object")
+    return raw
+
+
 # architecture -> (q/k/v bias, o bias, q/k norm)
 _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -82,13 +95,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str) -> "ModelConfig":
-        try:
-            with open(path, "rb") as f:
-                raw = json.loads(f.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EngineError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise EngineError(f"{path}: expected a JSON object")
+        raw = read_json_object(path)
         try:
             return cls.from_dict(raw)
         except EngineError as e:

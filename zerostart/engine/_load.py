@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-from zerostart.engine._config import CPU_KV_CACHE_BYTES, EngineConfig, EngineError, ModelConfig
+from zerostart.engine._config import CPU_KV_CACHE_BYTES, EngineConfig, EngineError, ModelConfig, read_json_object
 from zerostart.engine._kv_cache import bytes_per_token
 from zerostart.engine._tokenizer import Tokenizer
 
@@ -53,12 +52,7 @@ def eos_ids(path: str, cfg: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]
     ids: set[int] = set()
     gen = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen):
-        try:
-            with open(gen, "rb") as f:
-                raw = json.loads(f.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EngineError(f"{gen}: not valid JSON ({e})") from None
-        eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+        eos = read_json_object(gen).get("eos_token_id")
         if isinstance(eos, int):
             ids.add(eos)
         elif isinstance(eos, list):

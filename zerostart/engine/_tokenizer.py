@@ -15,7 +15,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from zerostart.engine._config import EngineError
+from zerostart.engine._config import EngineError, read_json_object
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -45,13 +45,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         config_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.isfile(config_path):
-            try:
-                with open(config_path, "rb") as f:
-                    config = json.loads(f.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise EngineError(f"{config_path}: not valid JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise EngineError(f"{config_path}: expected a JSON object")
+            config = read_json_object(config_path)
         self.config = config
         # named special tokens (plus model-specific *_token keys), as the template sees them
         self.special_tokens: dict[str, str] = {}
