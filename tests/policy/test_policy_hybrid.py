@@ -2,22 +2,11 @@ import math
 
 import pytest
 
+from tests.policy._feed import feed
 from zerostart.policy import HybridHistogram, ModelView, PolicyError, Rung
 from zerostart.policy._hybrid import forecast_idle
 
 H = 3600.0
-
-
-def feed(p, gaps, model="m", service=1.0, start=0.0):
-    """Requests separated by the given idle times; returns the last completion time."""
-    t = start
-    for gap in [None, *gaps]:
-        if gap is not None:
-            t += gap
-        p.observe_arrival(model, t)
-        t += service
-        p.observe_completion(model, t)
-    return t
 
 
 def view(last, rung=Rung.HOT, busy=False):

@@ -2,20 +2,10 @@ import math
 
 import pytest
 
+from tests.policy._feed import feed
 from zerostart.policy import LADDER, CostAwareLadder, CostModel, ModelView, PolicyError, Rung
 
 COSTS = CostModel()
-
-
-def feed(p, gaps, model="m", service=1.0, start=0.0):
-    t = start
-    for gap in [None, *gaps]:
-        if gap is not None:
-            t += gap
-        p.observe_arrival(model, t)
-        t += service
-        p.observe_completion(model, t)
-    return t
 
 
 def view(last, rung=Rung.HOT, busy=False, model="m"):
