@@ -122,6 +122,9 @@ def test_with_coldstart_uses_measured_medians_for_that_model():
     assert c.wake_s(Rung.PARKED, model="other") == pytest.approx(0.05 + 16 / 25)
     assert c.model_gb == 16.0
     assert CostModel(standby=True).with_coldstart(COLDSTART).wake_s(Rung.IMAGE, model="llama-8b") == 2.1
+    # a file from `coldstart` with every rung: the reserve rung is read and not used
+    every = {**COLDSTART, "rungs": {**COLDSTART["rungs"], "reserve": {"median_s": 1.0}}}
+    assert CostModel(standby=True).with_coldstart(every).wake_s(Rung.IMAGE, model="llama-8b") == 2.1
 
 
 def test_with_coldstart_for_every_model_takes_the_size_and_a_subset_of_rungs():

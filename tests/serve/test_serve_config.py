@@ -61,9 +61,17 @@ def test_minimal_config_and_defaults(tmp_path) -> None:
     ({"devices": {"cpu": {"memory_budgt": 1}}}, "devices.cpu.memory_budgt: unknown key (did you mean 'memory_budget'?)"),
     ({"server": {"api_keys": ["has space"]}}, "server.api_keys: API keys must be non-empty and contain no whitespace"),
     ({"models": {"path": "x"}}, "models: Input should be a valid list"),
+    ({"server": {"standby_reserve": "lots"}}, "server.standby_reserve: expected a size (bytes, or a string like "
+                                              "'512MiB', '8GiB'), got 'lots', or 'auto'"),
+    ({"server": {"standby_reserve": -1}}, "server.standby_reserve: a size must be a non-negative number of bytes"),
 ])
 def test_errors_name_the_key(data: dict[str, Any], expected: str) -> None:
     assert expected in _error(data)
+
+
+@pytest.mark.parametrize("value, resolved", [(0, 0), ("8GiB", 8 << 30), (4096, 4096), ("auto", "auto")])
+def test_standby_reserve(value: Any, resolved: Any) -> None:
+    assert load_config(data={"server": {"standby_reserve": value}}).server.standby_reserve == resolved
 
 
 def test_file_errors(tmp_path) -> None:

@@ -243,7 +243,7 @@ def test_a_remote_source(gw: Gateway, http_source: RangeServer, tiny_model: str)
 
 @pytest.fixture(scope="module")
 def standby_gw(copies: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    config = {"server": {"standby_workers": 1},
+    config = {"server": {"standby_workers": 1, "standby_reserve": "auto"},
               "models": [{"path": copies["standby"], "name": "sb", "idle_timeout": 0.5}]}
     g = Gateway(config, str(tmp_path_factory.mktemp("standby")))
     yield g
@@ -261,6 +261,8 @@ def test_standby_worker_takes_cold_starts(standby_gw: Gateway) -> None:
     spare = _spare(g)["pid"]
     assert g.metric("zerostart_standby_workers_ready") == 1
     assert g.model("sb")["state"] == "zero" and g.model("sb")["replicas"] == 0  # the spare holds no model
+    # auto: the model's memory estimate (its weights as a CPU worker holds them)
+    assert _spare(g)["reserve_bytes"] == g.model("sb")["memory_estimate_bytes"] > 0
 
     first = client.completions.with_raw_response.create(model="sb", **GREEDY)
     text = first.parse().choices[0].text
@@ -272,7 +274,10 @@ def test_standby_worker_takes_cold_starts(standby_gw: Gateway) -> None:
     assert not names & {"spawn", "import", "device_init"}, names  # paid before the request, not by it
     assert {"read", "prepare", "warmup", "first_token"} <= names, names
     paid_before = {p["name"]: p["seconds"] for p in cold["standby"]["phases"]}
-    assert {"spawn", "import", "device_init"} <= set(paid_before), cold["standby"]
+    assert {"spawn", "import", "device_init", "reserve"} <= set(paid_before), cold["standby"]
+    # the weights went into the memory the spare faulted in while it waited
+    read = next(p for p in cold["phases"] if p["name"] == "read")
+    assert read["detail"]["prefaulted_bytes"] > 0, read
     assert cold["ready_s"] < paid_before["import"]  # the whole cold start took less than the import it skipped
     assert g.cold_starts("sb", "standby+source") == 1
 
@@ -290,6 +295,18 @@ def test_standby_worker_takes_cold_starts(standby_gw: Gateway) -> None:
 
 
 # -- a worker on its own: the routes zerostart coldstart drives ----------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "m", "--reserve", "1024"], "--reserve applies to a standby worker"),
+    (["--standby", "--reserve", "-1"], "--reserve must be >= 0"),
+])
+def test_worker_reserve_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from zerostart.serve._worker import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--port", "1"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_worker_routes(tiny_model: str) -> None:

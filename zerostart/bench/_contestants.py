@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 Loader = Callable[[str, list[str], str, dict[str, Any]], Any]
 
-CONTESTANTS = ["zerostart", "safetensors", "safe_open", "runai", "fastsafetensors", "tensorizer"]
+CONTESTANTS = ["zerostart", "zerostart-reserved", "safetensors", "safe_open", "runai", "fastsafetensors", "tensorizer"]
 LABELS = {
     "zerostart": "zerostart",
+    "zerostart-reserved": "zerostart (reserved ahead)",
     "safetensors": "safetensors load_file",
     "safe_open": "safetensors safe_open",
     "runai": "Run:ai Model Streamer",
@@ -25,9 +26,12 @@ LABELS = {
 }
 
 
-def available(name: str) -> str | None:
+def available(name: str, device: str = "cpu") -> str | None:
     """None if the contestant can run here, else why not."""
-    modules = {"zerostart": "zerostart.weights", "safetensors": "safetensors", "safe_open": "safetensors",
+    if name == "zerostart-reserved" and not device.startswith("cpu"):
+        return "a host memory reserve serves CPU arenas only"
+    modules = {"zerostart": "zerostart.weights", "zerostart-reserved": "zerostart.weights",
+               "safetensors": "safetensors", "safe_open": "safetensors",
                "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer",
                "zerostart-nocache": "zerostart.weights", "download": "boto3"}
     import importlib.util
@@ -146,6 +150,7 @@ def _tensorizer(path, files, device, extra, threads):
 
 _LOADERS: dict[str, Callable] = {
     "zerostart": _zerostart,
+    "zerostart-reserved": _zerostart,  # the trial reserves the host memory before the clock starts
     "safetensors": _safetensors,
     "safe_open": _safe_open,
     "runai": _runai,

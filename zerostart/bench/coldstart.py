@@ -1,6 +1,6 @@
 """``zerostart coldstart``: real cold starts of a model from each rung of the cold ladder.
 
-    zerostart coldstart --model PATH [--from source|image|standby|parked ...] [--repeat N]
+    zerostart coldstart --model PATH [--from source|image|standby|reserve|parked ...] [--repeat N]
                         [--device cpu|cuda] [--json FILE] [--chart FILE.png]
 
 Each start is a real worker process (the one the server runs) answering a real completion:
@@ -9,6 +9,8 @@ Each start is a real worker process (the one the server runs) answering a real c
 - image    spawn a worker on the model's ready image (dropped first; written once, untimed)
 - standby  hand the model (its image) to a spare worker that already imported torch and
            initialized the device (the spare's own start is not timed: it happened earlier)
+- reserve  the same, with a spare that also faulted in host memory for the arena while it
+           waited (CPU; ``server.standby_reserve``), so the image is read into memory in place
 - parked   wake a worker whose weights were parked in host RAM
 
 and the clock stops at the first token of a completion request. Phases come from the worker's
@@ -33,8 +35,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-RUNGS = ["source", "image", "standby", "parked"]
-LABELS = {"source": "source", "image": "image", "standby": "standby+image", "parked": "parked"}
+RUNGS = ["source", "image", "standby", "reserve", "parked"]
+LABELS = {"source": "source", "image": "image", "standby": "standby+image", "reserve": "standby+reserve",
+          "parked": "parked"}
 PHASE_ORDER = ["spawn", "import", "device_init", "read", "copy", "prepare", "warmup", "wake", "first_token"]
 
 
@@ -67,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     _log(f"coldstart: {model}: {model_bytes / 1e9:.2f} GB, device {args.device}, rungs {', '.join(rungs)}")
 
     image = None
-    if any(r in ("image", "standby") for r in rungs):
+    if any(r in ("image", "standby", "reserve") for r in rungs):
         image = _ensure_image(model, model_dir, args)
     image_files = [os.path.join(image, "model.safetensors")] if image else []
 
@@ -86,9 +89,9 @@ def main(args: argparse.Namespace) -> int:
             run["round"] = rnd
             runs[rung].append(run)
             if "error" in run:
-                _log(f"  {LABELS[rung]:<14} FAILED: {run['error']}")
+                _log(f"  {LABELS[rung]:<16} FAILED: {run['error']}")
             else:
-                _log(f"  {LABELS[rung]:<14} first token after {run['total_s']:.3f} s")
+                _log(f"  {LABELS[rung]:<16} first token after {run['total_s']:.3f} s")
 
     report = _summarize(model, model_bytes, args.device, runs, ceilings, image)
     print(_table(report))
@@ -109,7 +112,7 @@ class _Worker:
     """A worker process on a loopback port, and its control routes."""
 
     def __init__(self, model: str | None, args: argparse.Namespace, images: str = "off", parkable: bool = False,
-                 standby: bool = False) -> None:
+                 standby: bool = False, reserve: int = 0) -> None:
         from zerostart.bench import _env
 
         with socket.socket() as s:
@@ -119,6 +122,8 @@ class _Worker:
         cmd = [sys.executable, "-m", "zerostart.serve._worker", "--port", str(self.port), "--device", args.device]
         if standby:
             cmd.append("--standby")
+            if reserve:
+                cmd += ["--reserve", str(reserve)]
         else:
             cmd += ["--model", model, "--images", images]
         if args.dtype:
@@ -222,10 +227,12 @@ def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
     return _run_fresh("image", image, args, files)
 
 
-def _run_standby(model: str, image: str | None, args, files: list[str]) -> dict:
+def _run_standby(model: str, image: str | None, args, files: list[str], reserve: bool = False) -> dict:
     from zerostart.bench import _ceilings
 
-    w = _Worker(None, args, standby=True)
+    # The reserve covers the image's arena (each file on a 2 MiB boundary on CPU).
+    nbytes = sum(os.path.getsize(f) + (4 << 20) for f in files) if reserve and args.device == "cpu" else 0
+    w = _Worker(None, args, standby=True, reserve=nbytes)
     try:
         w.wait_ready(want="standby")
         _ceilings.drop(files)
@@ -239,7 +246,11 @@ def _run_standby(model: str, image: str | None, args, files: list[str]) -> dict:
         tl = _timeline_from(w, start, end, include_spawn=False, since=start)
     finally:
         w.close()
-    return {"rung": "standby", "total_s": end - start, "timeline": tl}
+    return {"rung": "reserve" if reserve else "standby", "total_s": end - start, "timeline": tl}
+
+
+def _run_reserve(model: str, image: str | None, args, files: list[str]) -> dict:
+    return _run_standby(model, image, args, files, reserve=True)
 
 
 def _run_parked(model: str, image: str | None, args, files: list[str]) -> dict:
@@ -266,7 +277,8 @@ def _run_parked(model: str, image: str | None, args, files: list[str]) -> dict:
     return {"rung": "parked", "total_s": end - start, "timeline": tl}
 
 
-_RUNNERS = {"source": _run_source, "image": _run_image, "standby": _run_standby, "parked": _run_parked}
+_RUNNERS = {"source": _run_source, "image": _run_image, "standby": _run_standby, "reserve": _run_reserve,
+            "parked": _run_parked}
 
 
 def _ensure_image(model: str, model_dir: str, args) -> str:
@@ -351,13 +363,13 @@ def _table(rep: dict) -> str:
         parts.append(f"pinned host->device {c['pinned_h2d']:.2f} GB/s")
     lines.append("ceilings: " + "; ".join(parts))
     present = [p for p in PHASE_ORDER if any(p in r.get("phases", {}) for r in rep["rungs"].values())]
-    head = f"{'rung':<14}" + "".join(f" {p:>11}" for p in present) + f" {'total':>8} {'floor':>7} {'of floor':>8}"
+    head = f"{'rung':<16}" + "".join(f" {p:>11}" for p in present) + f" {'total':>8} {'floor':>7} {'of floor':>8}"
     lines += [head, "-" * len(head)]
     for rung, r in rep["rungs"].items():
         if "error" in r:
-            lines.append(f"{r['label']:<14} FAILED: {r['error'][:100]}")
+            lines.append(f"{r['label']:<16} FAILED: {r['error'][:100]}")
             continue
-        row = f"{r['label']:<14}"
+        row = f"{r['label']:<16}"
         for p in present:
             m = r["phases"].get(p)
             row += f" {m['seconds']:>11.3f}" if m else f" {'-':>11}"
@@ -372,7 +384,7 @@ def _table(rep: dict) -> str:
                 extra = ""
                 if name == "read" and c.get("cold_fresh") and rung != "parked":
                     extra = f" ({m['gbps'] / c['cold_fresh'] * 100:.0f}% of the fresh-memory read)"
-                lines.append(f"  {r['label']:<14} {name:<5} {m['bytes'] / 1e9:6.2f} GB at {m['gbps']:6.2f} GB/s{of}{extra}")
+                lines.append(f"  {r['label']:<16} {name:<5} {m['bytes'] / 1e9:6.2f} GB at {m['gbps']:6.2f} GB/s{of}{extra}")
     lines.append("floor: bytes / ceiling + the fixed costs the rung pays (spawn, import, device init)")
     return "\n".join(lines)
 

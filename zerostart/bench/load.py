@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     if args.sweep:
         return _sweep(path, files, model_bytes, args)
 
-    skipped = {n: why for n in names if (why := available(n))}
+    skipped = {n: why for n in names if (why := available(n, args.device))}
     runners = [n for n in names if n not in skipped]
     extras: dict[str, dict] = {}
     for n in runners:
@@ -233,7 +233,7 @@ def _summarize(trials, ceilings, runners, modes, model_bytes, device) -> dict[st
                 row[mode]["device_bytes"] = max(t.get("device_bytes", 0) for t in ok)
         rows[n] = row
     for mode in modes:
-        peers = [rows[n][mode]["gbps"] for n in runners if n != "zerostart" and rows[n].get(mode)]
+        peers = [rows[n][mode]["gbps"] for n in runners if not n.startswith("zerostart") and rows[n].get(mode)]
         best = max(peers) if peers else None
         ceiling = _ceiling_for(mode, device, med)
         for n in runners:
@@ -303,6 +303,9 @@ def _table(rep: dict[str, Any]) -> str:
     if "cold_fresh" in c:
         lines.append("of read: of the raw direct-I/O read ceiling; of fresh: of the same reads into newly allocated memory "
                      "(the floor for any loader that must end with the bytes in new memory)")
+    if "zerostart-reserved" in rep["rows"]:
+        lines.append("zerostart (reserved ahead): the same load into host memory faulted in before the clock starts "
+                     "(weights.reserve_host, as a standby worker does while it waits); not a fresh-process load")
     lines.append("peak RSS: the process's peak resident memory during the load, as a multiple of the model's bytes"
                  + ("; device: device memory in use after the load, same unit" if cuda else ""))
     for n, why in rep.get("skipped", {}).items():

@@ -45,9 +45,11 @@ def _record_load(timeline: Timeline, stats, t_load: float) -> None:
     """The load's own read and copy phases (they may overlap prepare and warm-up)."""
     if stats.read_until > stats.read_from > 0:
         timeline.add("read", stats.read_from, stats.read_until, bytes=stats.bytes, strategy=dict(stats.strategy),
-                     setup_s=round(stats.setup_s, 4), verified_bytes=stats.verified_bytes, verify_s=round(stats.verify_s, 4))
+                     setup_s=round(stats.setup_s, 4), verified_bytes=stats.verified_bytes, verify_s=round(stats.verify_s, 4),
+                     prefaulted_bytes=stats.prefaulted_bytes)
     elif stats.total_s:
-        timeline.add("read", t_load, t_load + stats.total_s, bytes=stats.bytes, strategy=dict(stats.strategy))
+        timeline.add("read", t_load, t_load + stats.total_s, bytes=stats.bytes, strategy=dict(stats.strategy),
+                     prefaulted_bytes=stats.prefaulted_bytes)
     if stats.copy_until > stats.copy_from > 0:
         timeline.add("copy", stats.copy_from, stats.copy_until, bytes=stats.bytes)
 

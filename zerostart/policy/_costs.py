@@ -46,7 +46,8 @@ HOURS_PER_MONTH = 730.0  # 8760 / 12, the convention cloud price lists use
 
 # coldstart telemetry rung names -> what they measure
 _TELEMETRY_RUNGS = {"parked": Rung.PARKED, "image": Rung.IMAGE, "source": Rung.ZERO, "zero": Rung.ZERO,
-                    "standby": None}  # standby: an image restored by a standby worker
+                    "standby": None,  # standby: an image restored by a standby worker
+                    "reserve": None}  # the same with a host memory reserve: accepted, not used (standby is)
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class CostModel:
 
         ``telemetry`` is that file's object: ``{"model": str, "bytes": int, "rungs": {"source":
         {"median_s": float, ...}, "image": {...}, "parked": {...}, "standby": {...}}, ...}`` with
-        any subset of rungs; other keys are ignored. The times apply to ``model`` (default: the
+        any subset of rungs (a ``reserve`` rung is accepted and not used); other keys are ignored. The times apply to ``model`` (default: the
         file's own model name); ``model="*"`` applies them to every model and also takes the
         file's ``bytes`` as the default model size.
         """
@@ -243,6 +244,8 @@ class CostModel:
                     or not math.isfinite(seconds):
                 raise PolicyError(f"coldstart telemetry: rung {name!r} median_s must be a non-negative number, "
                                   f"got {seconds!r}")
+            if name == "reserve":
+                continue
             key = "zero" if name == "source" else name
             table[key] = float(seconds)
         key = model if model is not None else telemetry.get("model")

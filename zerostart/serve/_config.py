@@ -34,6 +34,18 @@ Seconds = Annotated[float, BeforeValidator(lambda v: parse_duration(v))]
 KeepAlive = Annotated[float, BeforeValidator(lambda v: parse_duration(v, forever_if_negative=True))]
 Bytes = Annotated[int, BeforeValidator(parse_size)]
 
+
+def _size_or_auto(v: object) -> int | str:
+    if v == "auto":
+        return "auto"
+    try:
+        return parse_size(v)
+    except ValueError as e:
+        raise ValueError(f"{e}, or 'auto'") from None
+
+
+BytesOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_size_or_auto)]
+
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("float32", "bfloat16", "float16")
 REMOTE_SCHEMES = ("hf://", "s3://", "http://", "https://")
@@ -80,6 +92,10 @@ class ServerConfig(_Section):
     shutdown_timeout: Seconds = 10.0  # how long shutdown waits for open requests to finish
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     standby_workers: int = Field(0, ge=0, le=1)  # 1: keep a spare worker with imports and device init done
+    # host memory a CPU standby worker faults in while it waits; the weights it is handed are read
+    # straight into it (at the disk's speed where first-touch faults are slower). Held outside
+    # the device budgets. 0: none; auto: the largest memory estimate of the models on its device
+    standby_reserve: BytesOrAuto = 0
 
     @field_validator("api_keys")
     @classmethod

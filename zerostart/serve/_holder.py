@@ -146,9 +146,11 @@ class Holder:
         self._set("loading", "import")
         threading.Thread(target=self._run, args=(spec, False), name="zerostart-loader", daemon=True).start()
 
-    def start_standby(self, device: str) -> None:
-        """A standby worker: import and initialize ``device``, then wait for :meth:`load`."""
-        threading.Thread(target=self._prepare_standby, args=(device,), name="zerostart-standby", daemon=True).start()
+    def start_standby(self, device: str, reserve: int = 0) -> None:
+        """A standby worker: import and initialize ``device`` (and on CPU fault in ``reserve``
+        bytes of host memory for the arena), then wait for :meth:`load`."""
+        threading.Thread(target=self._prepare_standby, args=(device, reserve), name="zerostart-standby",
+                         daemon=True).start()
 
     def load(self, spec: LoadSpec) -> None:
         """A standby worker's load request (call from the event loop; the state must be standby)."""
@@ -166,7 +168,7 @@ class Holder:
         import zerostart.snapshot  # noqa: F401  parking and ready images
         self.timeline.add("import", t0, time.perf_counter())
 
-    def _prepare_standby(self, device: str) -> None:
+    def _prepare_standby(self, device: str, reserve: int = 0) -> None:
         try:
             self._import()
             self._set("starting", "device_init")
@@ -183,6 +185,14 @@ class Holder:
                 except VmmUnavailable:
                     pass  # reported by the load that needs them
             self.timeline.add("device_init", t0, time.perf_counter(), device=str(dev))
+            if reserve and dev.type == "cpu":
+                from zerostart import weights
+
+                t0 = time.perf_counter()
+                weights.reserve_host(reserve)
+                self.timeline.add("reserve", t0, time.perf_counter(), bytes=weights.reserved_host())
+            elif reserve:
+                log.warning("standby worker on %s: a host memory reserve serves CPU arenas only; none made", dev)
             self.standby_device = str(dev)
             self._set("standby")
         except BaseException as e:  # noqa: BLE001 - reported through /zerostart/ready

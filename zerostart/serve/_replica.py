@@ -66,11 +66,13 @@ class Replica:
     drives the transitions, this class does the process work."""
 
     def __init__(self, model: ModelConfig | None, server: ServerConfig, socket_dir: str,
-                 on_exit: Callable[["Replica"], None], *, standby_device: str | None = None) -> None:
+                 on_exit: Callable[["Replica"], None], *, standby_device: str | None = None,
+                 standby_reserve: int = 0) -> None:
         self.id = next(_ids)
         self.model = model
         self.name = model.served_name if model is not None else "standby"
         self.standby_device = standby_device  # a standby worker: the device it initializes
+        self.standby_reserve = standby_reserve  # and the host memory it faults in for the arena (CPU)
         self.parkable = False  # load so that it can be parked (the fleet decides)
         self._server = server
         self._socket_dir = socket_dir
@@ -396,7 +398,10 @@ class Replica:
         cmd = [sys.executable, "-m", "zerostart.serve._worker", "--fd", str(fd)]
         m = self.model
         if m is None:
-            return cmd + ["--standby", "--device", self.standby_device or "cpu"]
+            cmd += ["--standby", "--device", self.standby_device or "cpu"]
+            if self.standby_reserve:
+                cmd += ["--reserve", str(self.standby_reserve)]
+            return cmd
         cmd += ["--model", m.path, "--name", self.name, "--device", m.device, "--images", m.images]
         if self.parkable:
             cmd.append("--parkable")

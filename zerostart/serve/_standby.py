@@ -4,6 +4,10 @@ takes it (no spawn, import or device init on its path) and a new spare is prepar
 start is over and the requests that waited for it are served, so the spare's imports do not
 compete with them for the machine. Its memory is not counted against any model's budget.
 
+With ``server.standby_reserve`` a CPU spare also faults in that much host memory while it waits
+(``weights.reserve_host``): the model it is handed is read into memory already in place, so the
+read runs at the disk's speed even where touching new memory is slower than the disk.
+
 Lifecycle of the spare::
 
     none     -> preparing   ``standby_workers: 1`` and no spare (at start; after a hand-over, once
@@ -41,6 +45,7 @@ class Standby:
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
         self._closing = False
+        self.reserve = 0  # host memory a CPU spare faults in (server.standby_reserve, resolved)
 
     @property
     def enabled(self) -> bool:
@@ -48,6 +53,9 @@ class Standby:
 
     def start(self, socket_dir: str) -> None:
         self._socket_dir = socket_dir
+        if self.enabled and self._server.standby_reserve not in (0, "auto") and self.device != "cpu":
+            log.warning("server.standby_reserve: the standby worker initializes %s, and a host memory reserve serves "
+                        "CPU arenas only; none is made", self.device)
         self.ensure()
 
     def ensure(self) -> None:
@@ -61,7 +69,8 @@ class Standby:
         if self._failures:
             lo, hi = _BACKOFF_S
             await asyncio.sleep(min(lo * 2 ** (self._failures - 1), hi))
-        r = Replica(None, self._server, self._socket_dir, on_exit=self._on_exit, standby_device=self.device)
+        r = Replica(None, self._server, self._socket_dir, on_exit=self._on_exit, standby_device=self.device,
+                    standby_reserve=self.reserve if self.device == "cpu" else 0)
         try:
             async with asyncio.timeout(self._timeout):
                 await r.start_standby()
@@ -118,4 +127,5 @@ class Standby:
             return None
         r = self._spare
         state = "ready" if r is not None else "preparing" if self._task is not None else "none"
-        return {"state": state, "device": self.device, "pid": r.pid if r is not None else None}
+        return {"state": state, "device": self.device, "pid": r.pid if r is not None else None,
+                "reserve_bytes": self.reserve if self.device == "cpu" else 0}

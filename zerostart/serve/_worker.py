@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "https://... (with --standby: the default for /zerostart/load)")
     p.add_argument("--standby", action="store_true",
                    help="import and initialize the device, then wait for POST /zerostart/load")
+    p.add_argument("--reserve", type=int, default=0, metavar="BYTES",
+                   help="with --standby on cpu: fault in this much host memory while waiting; the model's "
+                        "weights are read straight into it (default 0: none)")
     p.add_argument("--name", help="served model name (default: the model directory's name)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -282,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.model and not args.standby:
         p.error("--model is required (or --standby, to wait for POST /zerostart/load)")
+    if args.reserve < 0:
+        p.error(f"--reserve must be >= 0 bytes, got {args.reserve}")
+    if args.reserve and not args.standby:
+        p.error("--reserve applies to a standby worker (--standby): a worker that loads at once gains nothing from it")
 
     import uvicorn
 
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     parkable=args.parkable, engine_options=options)
     holder = Holder(_ORIGIN, _ORIGIN_UNIX)
     if args.standby:
-        holder.start_standby(args.device)
+        holder.start_standby(args.device, reserve=args.reserve)
     else:
         holder.start(spec)  # overlaps the load with the server's start
     if args.fd is not None:

@@ -15,6 +15,7 @@ from zerostart.weights._checkpoint import Checkpoint, resolve
 from zerostart.weights._format import Header, TensorInfo, WeightsError, parse_header, read_header
 from zerostart.weights._paths import cache_dir
 from zerostart.weights._remote import ObjectChanged, SourceError, is_remote
+from zerostart.weights._reserve import release_host, reserve_host, reserved_host
 
 _TORCH_NAMES = {"Arena", "LoadConfig", "LoadStats", "load", "load_arena", "save_file"}
 _SOURCE_NAMES = {"localize", "pull", "open_source"}
@@ -37,6 +38,9 @@ __all__ = [
     "load_arena",
     "parse_header",
     "read_header",
+    "release_host",
+    "reserve_host",
+    "reserved_host",
     "resolve",
     "save_file",
 ]

@@ -22,7 +22,8 @@ HUGE = 2 << 20
 _PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 _MAP_NORESERVE, _MAP_POPULATE = 0x4000, 0x8000
-_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ = 3, 4, 14, 22
+_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 3, 4, 14, 22, 23
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 _LINUX = sys.platform.startswith("linux")
@@ -34,10 +35,13 @@ if _libc is not None:
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _libc.mremap.restype = ctypes.c_void_p
+    _libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
     _libc.syscall.restype = ctypes.c_long
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 _populate_read_ok = True
+_populate_write_ok = True
 
 
 def align_up(n: int, a: int) -> int:
@@ -149,6 +153,46 @@ class Region:
                 raise OSError(err, f"madvise(MADV_POPULATE_READ): {os.strerror(err)}")
             _populate_read_ok = False
         self.populate(offset, length)
+
+    def prefault(self, offset: int, length: int) -> None:
+        """Fault in ``[offset, offset + length)`` of anonymous memory, writable, so later writes
+        (reads landing from disk) find the pages present. MADV_POPULATE_WRITE (Linux 5.14+),
+        else one written byte per page. Releases the GIL; threads may prefault disjoint ranges."""
+        global _populate_write_ok
+        start = align_down(offset, PAGE)
+        span = align_up(offset + length, PAGE) - start
+        if span <= 0:
+            return
+        if _populate_write_ok:
+            if _libc.madvise(self.addr + start, span, _MADV_POPULATE_WRITE) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS):
+                raise OSError(err, f"madvise(MADV_POPULATE_WRITE): {os.strerror(err)}")
+            _populate_write_ok = False
+        import numpy as np
+
+        pages = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(self.addr + start))
+        pages[::PAGE] = 0  # memory is zero-filled: writing zero changes nothing but maps the page
+
+    def shrink(self, size: int) -> None:
+        """Give back everything past the first ``size`` bytes (rounded up to a page)."""
+        size = max(align_up(size, PAGE), PAGE)
+        with self._lock:
+            if not self._closed and size < self.size:
+                _libc.munmap(self.addr + size, self.size - size)
+                self.size = size
+
+    def move_into(self, dest: "Region", offset: int = 0) -> None:
+        """Move this region's pages (page tables, not bytes) to ``offset`` in ``dest``, a
+        reservation or region at least that large; this region is empty afterwards."""
+        assert offset % PAGE == 0 and offset + self.size <= dest.size
+        with self._lock:
+            if self._closed:
+                raise ValueError("region is closed")
+            _check(_libc.mremap(self.addr, self.size, self.size, _MREMAP_MAYMOVE | _MREMAP_FIXED, dest.addr + offset),
+                   "mremap")
+            self._closed = True  # its range now belongs to dest
 
     def advise_willneed(self, offset: int, length: int) -> None:
         """Start asynchronous readahead of a mapped range (no-op where unsupported)."""

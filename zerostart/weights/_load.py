@@ -6,13 +6,14 @@ mincore) and what ``bench load`` measured on real hardware:
 | where the bytes are | CPU, no cast | CPU with cast, CUDA |
 | --- | --- | --- |
 | page cache (warm) | map the file into the arena (no copy) | buffered reads into staging |
-| disk (cold) | O_DIRECT reads straight into the arena | O_DIRECT reads into staging |
+| disk (cold) | map the file; reader threads fault it in as the kernel reads ahead | O_DIRECT reads into staging |
+| disk (cold), with a reserve | O_DIRECT reads straight into the reserved arena | O_DIRECT reads into staging |
 
 The host arena is anonymous memory with transparent huge pages (first-touch faults on 4 KiB
-pages alone cost more than the copy). Mapped files are private copy-on-write mappings: the
-pages are shared with the page cache (and other processes) until a tensor is written. Replace
-a checkpoint by writing a new file and renaming it, never by rewriting it in place, while a
-process holds it mapped.
+pages alone cost more than the copy), or the memory :func:`reserve_host` faulted in ahead.
+Mapped files are private copy-on-write mappings: the pages are shared with the page cache (and
+other processes) until a tensor is written. Replace a checkpoint by writing a new file and
+renaming it, never by rewriting it in place, while a process holds it mapped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
+from zerostart.weights import _reserve
 from zerostart.weights._checksums import load_for
 from zerostart.weights._dtypes import parse_dtype
 from zerostart.weights._format import WeightsError
@@ -89,6 +91,7 @@ class LoadStats:
     chunk_bytes: int = 0
     staging_bytes: int = 0  # staging buffers allocated (the budget in use)
     staging_peak_bytes: int = 0  # most staging bytes held at once
+    prefaulted_bytes: int = 0  # arena bytes that were already faulted in (a reserve_host reserve)
     verified_bytes: int = 0  # bytes checked against zerostart-checksums.json
     verify_s: float = 0.0  # CPU seconds spent hashing (summed over threads, overlapped with reads)
     setup_s: float = 0.0  # call -> reads start (headers, residency, arena and staging allocation)
@@ -237,6 +240,8 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     fds: list[int] = []
     residencies: list[float] = []
     resident_bytes = 0.0
+    # Host memory faulted in ahead (reserve_host): cold files are read into it, not mapped.
+    reserved = dev.type == "cpu" and _reserve.reserved_host() > 0
     try:
         for h, obj, tee in zip(ckpt.headers, opened.remote, opened.writers):
             if obj is not None:
@@ -258,7 +263,9 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             # On CPU without a cast the mapping is the arena, cold or warm: the kernel reads ahead
             # into page-cache pages that need no zeroing (anonymous memory does), and several
             # threads fault the pages in while it does (measured: bench load, cold and warm).
-            if dev.type == "cpu" and layout.mode == "mirror" and cfg.mmap in ("auto", "always"):
+            # With a reserve, reading a cold file into memory already faulted in beats mapping it.
+            if (dev.type == "cpu" and layout.mode == "mirror" and cfg.mmap in ("auto", "always")
+                    and not (reserved and not warm and cfg.mmap == "auto")):
                 strategy = "mmap"
             elif cfg.direct_io == "always" or (cfg.direct_io == "auto" and not warm):
                 dfd = open_direct(h.path)
@@ -420,7 +427,11 @@ def _allocate(layout: Layout, dev: torch.device, files: list[FileHandle], strate
             raise ValueError(f"allocator returned {storage.dtype} {tuple(storage.shape)} on {storage.device}; "
                              f"need uint8 of at least {n} bytes on {dev}")
         return None, storage
-    region = Region.anonymous(max(layout.size, 1))
+    got = _reserve.take(max(layout.size, 1))
+    if got is not None:
+        region, stats.prefaulted_bytes = got
+    else:
+        region = Region.anonymous(max(layout.size, 1))
     for i, f in enumerate(files):
         if strategies[i] == "mmap":
             region.map_file(layout.file_base[i], f.fd, f.size)
