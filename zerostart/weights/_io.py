@@ -22,7 +22,7 @@ HUGE = 2 << 20
 _PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 _MAP_NORESERVE, _MAP_POPULATE = 0x4000, 0x8000
-_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 3, 4, 14, 22, 23
+_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_WRITE = 3, 4, 14, 23
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -40,7 +40,6 @@ if _libc is not None:
     _libc.syscall.restype = ctypes.c_long
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
-_populate_read_ok = True
 _populate_write_ok = True
 
 
@@ -139,20 +138,6 @@ class Region:
             return
         pages = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(self.addr + start))
         int(pages[::PAGE].sum(dtype=np.uint64))
-
-    def populate_madvise(self, offset: int, length: int) -> None:
-        """Like :meth:`populate`, with MADV_POPULATE_READ (Linux 5.14+; falls back to touching)."""
-        global _populate_read_ok
-        start = align_down(offset, PAGE)
-        span = align_up(offset + length, PAGE) - start
-        if _populate_read_ok:
-            if _libc.madvise(self.addr + start, span, _MADV_POPULATE_READ) == 0:
-                return
-            err = ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOSYS):
-                raise OSError(err, f"madvise(MADV_POPULATE_READ): {os.strerror(err)}")
-            _populate_read_ok = False
-        self.populate(offset, length)
 
     def prefault(self, offset: int, length: int) -> None:
         """Fault in ``[offset, offset + length)`` of anonymous memory, writable, so later writes
