@@ -300,3 +300,22 @@ def test_eviction_parks_on_accelerators_and_stops_parked_cpu_replicas() -> None:
     assert victim is not None and victim[1] is parked and victim[2] == "stop"
     c.waiters.append(object())  # requests wait for it: it is about to wake, not to be evicted
     assert fleet._eviction_victim("cpu", exclude=d) is None
+
+
+@pytest.mark.parametrize("server, device, estimates, reserve", [
+    ({"standby_workers": 1, "standby_reserve": "8GiB"}, "cpu", [], 8 << 30),
+    ({"standby_workers": 1, "standby_reserve": "auto"}, "cpu", [3 << 30, 5 << 30], 5 << 30),
+    ({"standby_workers": 1, "standby_reserve": "auto"}, "cpu", [], 0),  # nothing known: logged, none made
+    ({"standby_workers": 1, "standby_reserve": "8GiB"}, "cuda:0", [1 << 30], 0),  # CPU arenas only: logged
+    ({"standby_workers": 0, "standby_reserve": "8GiB"}, "cpu", [], 0),  # no spare, no reserve
+])
+def test_standby_reserve_resolves(server: dict, device: str, estimates: list[int], reserve: int) -> None:
+    from zerostart.serve._config import ServerConfig
+    from zerostart.serve._standby import Standby
+
+    s = Standby(ServerConfig(**server), device=device, timeout=1.0, estimates=estimates)
+    assert s.reserve == reserve
+    if server["standby_workers"]:
+        assert s.status()["reserve_bytes"] == reserve
+    else:
+        assert s.status() is None

@@ -230,8 +230,9 @@ def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
 def _run_standby(model: str, image: str | None, args, files: list[str], reserve: bool = False) -> dict:
     from zerostart.bench import _ceilings
 
-    # The reserve covers the image's arena (each file on a 2 MiB boundary on CPU).
-    nbytes = sum(os.path.getsize(f) + (4 << 20) for f in files) if reserve and args.device == "cpu" else 0
+    from zerostart.weights._reserve import arena_bytes
+
+    nbytes = arena_bytes(files) if reserve and args.device == "cpu" else 0  # covers the image's arena
     w = _Worker(None, args, standby=True, reserve=nbytes)
     try:
         w.wait_ready(want="standby")

@@ -46,8 +46,7 @@ class Fleet:
         self.config = config
         self._models: dict[str, Model] = {}
         devices = [m.device for m in config.models] or ["cpu"]
-        self._standby = Standby(config.server, device=max(dict.fromkeys(devices), key=devices.count),
-                                timeout=max((m.start_timeout for m in config.models), default=300.0))
+        standby_device = max(dict.fromkeys(devices), key=devices.count)
         limits = {dev: d.memory_budget for dev, d in config.devices.items()}
         self._budget = Budget(limits)
         for i, m in enumerate(config.models):
@@ -66,7 +65,10 @@ class Fleet:
                                   "memory_estimate if the estimate is wrong")
             policy = _make_policy(m.keep_alive_policy, f"{where}.keep_alive_policy") if m.keep_alive_policy else None
             self._models[m.served_name] = Model(m, est, policy)
-        self._standby.reserve = self._standby_reserve(config.server.standby_reserve)
+        self._standby = Standby(config.server, device=standby_device,
+                                timeout=max((m.start_timeout for m in config.models), default=300.0),
+                                estimates=[m.estimate for m in self._models.values()
+                                           if m.cfg.device == standby_device and m.estimate])
         self.metrics = Metrics(self._models, self._model_gauges, self._device_gauges, lambda: self._standby.ready)
         self._wake = asyncio.Event()
         self._memory_event = asyncio.Event()
@@ -116,16 +118,6 @@ class Fleet:
                              return_exceptions=True)
         if self._own_socket_dir and self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
-
-    def _standby_reserve(self, setting: int | str) -> int:
-        """Host memory a CPU standby worker faults in: the setting, or for ``auto`` the largest
-        estimate among the models on the spare's device (0 where none is known)."""
-        if setting != "auto":
-            return int(setting)
-        known = [m.estimate for m in self._models.values() if m.cfg.device == self._standby.device and m.estimate]
-        if self._standby.enabled and self._standby.device == "cpu" and not known:
-            log.warning("server.standby_reserve is auto, but no model on cpu has a memory estimate; no reserve")
-        return max(known, default=0)
 
     # -- requests ---------------------------------------------------------------------------
 

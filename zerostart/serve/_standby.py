@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from zerostart.serve._config import ModelConfig, ServerConfig
 from zerostart.serve._errors import StartFailed
@@ -36,7 +36,7 @@ _BACKOFF_S = (5.0, 300.0)  # first retry after a failed spare, and the most it w
 
 
 class Standby:
-    def __init__(self, server: ServerConfig, device: str, timeout: float) -> None:
+    def __init__(self, server: ServerConfig, device: str, timeout: float, estimates: Sequence[int] = ()) -> None:
         self._server = server
         self.device = device  # the device the spare initializes (the one most models use)
         self._timeout = timeout  # how long a spare may take to come up
@@ -45,7 +45,23 @@ class Standby:
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
         self._closing = False
-        self.reserve = 0  # host memory a CPU spare faults in (server.standby_reserve, resolved)
+        self.reserve = self._reserve_bytes(estimates)  # host memory a spare faults in for the arena
+
+    def _reserve_bytes(self, estimates: Sequence[int]) -> int:
+        """``server.standby_reserve`` resolved: bytes, or for ``auto`` the largest memory estimate
+        among the models on the spare's device; 0 without a spare or on a device other than cpu."""
+        setting = self._server.standby_reserve
+        if not self.enabled or not setting:
+            return 0
+        if self.device != "cpu":
+            log.warning("server.standby_reserve: the standby worker initializes %s, and a host memory reserve serves "
+                        "CPU arenas only; none is made", self.device)
+            return 0
+        if setting != "auto":
+            return int(setting)
+        if not estimates:
+            log.warning("server.standby_reserve is auto, but no model on cpu has a memory estimate; no reserve")
+        return max(estimates, default=0)
 
     @property
     def enabled(self) -> bool:
@@ -53,9 +69,6 @@ class Standby:
 
     def start(self, socket_dir: str) -> None:
         self._socket_dir = socket_dir
-        if self.enabled and self._server.standby_reserve not in (0, "auto") and self.device != "cpu":
-            log.warning("server.standby_reserve: the standby worker initializes %s, and a host memory reserve serves "
-                        "CPU arenas only; none is made", self.device)
         self.ensure()
 
     def ensure(self) -> None:
@@ -70,7 +83,7 @@ class Standby:
             lo, hi = _BACKOFF_S
             await asyncio.sleep(min(lo * 2 ** (self._failures - 1), hi))
         r = Replica(None, self._server, self._socket_dir, on_exit=self._on_exit, standby_device=self.device,
-                    standby_reserve=self.reserve if self.device == "cpu" else 0)
+                    standby_reserve=self.reserve)
         try:
             async with asyncio.timeout(self._timeout):
                 await r.start_standby()
@@ -128,4 +141,4 @@ class Standby:
         r = self._spare
         state = "ready" if r is not None else "preparing" if self._task is not None else "none"
         return {"state": state, "device": self.device, "pid": r.pid if r is not None else None,
-                "reserve_bytes": self.reserve if self.device == "cpu" else 0}
+                "reserve_bytes": self.reserve}

@@ -18,6 +18,7 @@ a load takes it or :func:`release_host` frees it.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ def reserve_host(nbytes: int, *, threads: int = 2) -> float:
         spans = [(o, min(_SPAN, region.size - o)) for o in range(0, region.size, _SPAN)]
         with ThreadPoolExecutor(min(threads, len(spans))) as ex:
             list(ex.map(lambda s: region.prefault(*s), spans))
-    except BaseException:
+    except OSError:  # madvise failed (ENOMEM: the machine cannot hold it): give it back now
         region.close()
         raise
     with _lock:
@@ -54,6 +55,12 @@ def reserve_host(nbytes: int, *, threads: int = 2) -> float:
     if old is not None:
         old.close()
     return time.perf_counter() - t0
+
+
+def arena_bytes(paths: list[str]) -> int:
+    """The CPU arena of these safetensors files loaded without a cast (each file on a 2 MiB
+    boundary): the reserve that covers such a load."""
+    return sum(align_up(os.path.getsize(p), HUGE) for p in paths)
 
 
 def reserved_host() -> int:
@@ -88,7 +95,7 @@ def take(nbytes: int) -> tuple[Region, int] | None:
     grown = Region.reserve(size)
     try:
         region.move_into(grown, 0)
-    except BaseException:
+    except OSError:  # mremap refused: free both now rather than when collected
         grown.close()
         region.close()
         raise
