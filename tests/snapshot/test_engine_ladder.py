@@ -90,15 +90,28 @@ def test_execute_while_load_overlaps_warmup_with_the_read(small_image, monkeypat
 
     monkeypatch.setattr(_pipeline.FileHandle, "read_into", slow_read)
     monkeypatch.setattr(_io.Region, "populate", slow_populate)
-    _io.drop_page_cache([os.path.join(small_image, "model.safetensors")])
-    e = Engine.from_pretrained(small_image, config=EngineConfig(overlap_load=True))
+    import torch
+
+    threads, real_set = torch.get_num_threads(), torch.set_num_threads
+    real_set(2)
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real_set(n))[1])
+    try:
+        _io.drop_page_cache([os.path.join(small_image, "model.safetensors")])
+        e = Engine.from_pretrained(small_image, config=EngineConfig(overlap_load=True))
+        # the warm-up computed on one thread fewer while bytes arrived, then got both back
+        assert calls == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        real_set(threads)
     prepare, read, warm = e.timeline.get("prepare"), e.timeline.get("read"), e.timeline.get("warmup")
     assert prepare.detail["overlap_load"] is True
     assert warm.start < read.end, "warm-up began before the last byte arrived"
+    assert warm.detail["threads_while_loading"] == 1
     _io.drop_page_cache([os.path.join(small_image, "model.safetensors")])
     off = Engine.from_pretrained(small_image, config=EngineConfig(overlap_load=False))
     assert off.timeline.get("prepare").detail["overlap_load"] is False
     assert off.timeline.get("warmup").start >= off.timeline.get("read").end
+    assert "threads_while_loading" not in off.timeline.get("warmup").detail
     assert tokens(e) == tokens(off)
 
 

@@ -66,6 +66,42 @@ def test_park_twice_and_wake_twice_are_harmless():
     assert torch.equal(storage, expect)
 
 
+def rollup_kb(field: str) -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in smaps_rollup")
+
+
+def test_cpu_wake_maps_the_parked_bytes_back_without_new_memory():
+    n = 64 << 20
+    r = Region.anonymous(n + 8192)
+    storage = r.tensor()[100 : 100 + n]  # not page-aligned: the edge pages stay where they are
+    storage.copy_(torch.randint(0, 255, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)))
+    expect = storage.clone()
+    p = Parking(storage)
+    p.park(keep=True)
+    anon = rollup_kb("Anonymous")
+    p.wake()
+    assert torch.equal(storage, expect)
+    assert rollup_kb("Anonymous") - anon < (n >> 10) // 8, "waking allocated new anonymous memory"
+    # the allocation is now the parked file: a write survives the next park without a copy
+    storage[12345] = expect[12345] ^ 0xFF
+    expect[12345] ^= 0xFF
+    p.park(keep=True)
+    assert p.stats.park_s > 0
+    p.wake()
+    assert torch.equal(storage, expect)
+    # dropping the bytes after that puts fresh zeroed memory back, not the file's old bytes
+    p.park(keep=False)
+    p.wake()
+    start = -(-storage.data_ptr() // 4096) * 4096 - storage.data_ptr()
+    inner = storage[start : start + (n - 8192) // 4096 * 4096]
+    assert inner.numel() > 0 and int(inner.max()) == 0
+    assert torch.equal(storage[:start], expect[:start]), "bytes outside the page-aligned span never move"
+
+
 def test_cuda_tensor_needs_vmm():
     class Fake:
         device = torch.device("cuda")

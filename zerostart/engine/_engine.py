@@ -80,6 +80,7 @@ class Engine:
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.warmup_threads_while_loading: int | None = None  # compute threads while weights arrived
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -186,6 +187,8 @@ class Engine:
                 engine.model_dir = local
                 engine._warmup()
                 ph.detail["graphs"] = len(engine.runner._graphs)
+                if engine.warmup_threads_while_loading is not None:
+                    ph.detail["threads_while_loading"] = engine.warmup_threads_while_loading
         except (weights.WeightsError, weights.SourceError) as e:  # surfaced while waiting on the load
             raise EngineError(str(e)) from None
         _record_load(timeline, arena.stats, t_load)
@@ -193,15 +196,38 @@ class Engine:
         return engine
 
     def _warmup(self) -> None:
-        # One real request through every stage (prefill, decode, sampling, detokenization) so
-        # the first user request does not pay for first-call costs; then the decode graphs.
-        # While the weights are still loading, its forward passes wait stage by stage.
-        n = min(8, self.max_model_len - 2)
-        handle = self.submit([0] * max(1, n), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-        while not handle.finished:
-            self.step()
-        for _ in handle:
-            pass
+        # One real request through every stage (prefill, sampling, detokenization; on CUDA a
+        # decode step too) so the first user request does not pay for first-call costs; then
+        # the decode graphs. While the weights are still loading, its forward passes wait
+        # stage by stage. A CPU has no kernels to compile and no graphs to capture, and a
+        # forward pass costs as much the first time as later, so there one prompt token is
+        # enough; the readers also need a core there for their system calls and checksum
+        # hashing, so while bytes are still arriving the warm-up computes on one thread fewer.
+        cpu = self.device.type == "cpu"
+        n = 1 if cpu else min(8, self.max_model_len - 2)
+        threads = torch.get_num_threads()
+        shared = [cpu and threads > 1 and not self.arena.done and self.model.wait_stage is not None]
+        self.warmup_threads_while_loading = threads - 1 if shared[0] else None
+        if shared[0]:
+            wait = self.model.wait_stage
+
+            def wait_then_restore(i: int) -> None:  # runs on the compute thread, between layers
+                wait(i)
+                if shared[0] and self.arena.done:
+                    torch.set_num_threads(threads)
+                    shared[0] = False
+
+            self.model.wait_stage = wait_then_restore
+            torch.set_num_threads(threads - 1)
+        try:
+            handle = self.submit([0] * max(1, n), SamplingParams(max_tokens=1 if cpu else 2, temperature=0, ignore_eos=True))
+            while not handle.finished:
+                self.step()
+            for _ in handle:
+                pass
+        finally:
+            if shared[0]:
+                torch.set_num_threads(threads)
         self.arena.wait()  # every byte in place before graphs capture the weights' addresses
         self.model.wait_stage = None
         self.runner.capture_all(max_len=self.runner.len_buckets[0])

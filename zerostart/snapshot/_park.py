@@ -8,14 +8,15 @@ kept), so every view of it (model parameters, captured CUDA graphs) stays valid.
 
 - CUDA: the allocation must be a :class:`VmmBuffer` (see :func:`vmm_allocator`). Parked bytes
   go to page-locked host memory, so waking is one host->device copy at PCIe speed.
-- CPU: the same interface. Parked bytes go to a shared-memory file (memfd); the pages behind
-  the allocation are returned to the kernel with MADV_DONTNEED (the address range stays mapped
-  and reads as zeros until woken).
+- CPU: the same interface. Parked bytes go to a shared-memory file (memfd) and the pages
+  behind the allocation are returned to the kernel with MADV_DONTNEED. Waking maps that file
+  over the allocation's own addresses (MAP_SHARED | MAP_FIXED) instead of copying it back, so
+  no byte moves and no new memory is touched: the wake costs the page-table fill. From then on
+  the allocation *is* the file, so parking it again copies nothing.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import time
@@ -28,7 +29,7 @@ class ParkStats:
     bytes: int = 0
     park_s: float = 0.0
     wake_s: float = 0.0  # the whole wake: memory back (CUDA: create and map) plus the copy
-    wake_copy_s: float = 0.0  # the bytes' copy alone (host -> device / shm -> RAM)
+    wake_copy_s: float = 0.0  # the bytes' return alone (CUDA: host -> device copy; CPU: mapping the parked file back)
 
     @property
     def wake_gbps(self) -> float:
@@ -54,7 +55,8 @@ class Parking:
         self.stats = ParkStats(self.nbytes)
         self._host = None  # CUDA: pinned host copy (a torch tensor over a registered Region)
         self._host_region = None
-        self._memfd: int | None = None
+        self._memfd: int | None = None  # CPU: the file holding the parked bytes of _span()
+        self._mapped = False  # CPU: the span is a shared mapping of _memfd (after a wake)
         self.threads = threads or min(16, os.cpu_count() or 1)
         if storage.device.type == "cuda" and vmm is None:
             raise ValueError("parking a CUDA allocation needs it to be a VmmBuffer (allocate it with vmm_allocator)")
@@ -111,32 +113,56 @@ class Parking:
         return start, max(0, end - start)
 
     def _park_cpu(self, keep: bool) -> None:
-        if keep:
-            fd = os.memfd_create("zerostart-parked", os.MFD_CLOEXEC)
-            os.ftruncate(fd, self.nbytes)
-            src = memoryview(self.storage.numpy()).cast("B")
-            self._parallel(lambda a, b: _pwrite_all(fd, src[a:b], a))
-            self._memfd = fd
+        from zerostart.weights import _io
+
         start, length = self._span()
-        if length:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            if libc.madvise(start, length, 4) != 0:  # MADV_DONTNEED
-                raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed while parking")
+        if not length:  # smaller than a page: nothing to give back; the bytes stay in place
+            return
+        if not keep and self._mapped:  # the file would keep the bytes: put fresh memory there
+            _io.map_anonymous_at(start, length)
+            self._close_memfd()
+            return
+        if keep and not self._mapped:
+            fd = os.memfd_create("zerostart-parked", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, length)
+                base = start - self.storage.data_ptr()
+                src = memoryview(self.storage.numpy()).cast("B")[base: base + length]
+                self._parallel(lambda a, b: _pwrite_all(fd, src[a:b], a), length)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._memfd = fd
+        # anonymous memory is freed; a shared mapping of the file only loses its page tables
+        _io.release_pages(start, length, "while parking")
 
     def _wake_cpu(self) -> None:
-        if self.kept and self._memfd is not None:
-            t0 = time.perf_counter()
-            dst = memoryview(self.storage.numpy()).cast("B")
-            fd = self._memfd
-            self._parallel(lambda a, b: _pread_all(fd, dst[a:b], a))
-            self.stats.wake_copy_s = time.perf_counter() - t0
-            os.close(fd)
-            self._memfd = None
+        from zerostart.weights import _io
 
-    def _parallel(self, fn) -> None:
+        start, length = self._span()
+        if not (self.kept and self._memfd is not None and length):
+            return
+        t0 = time.perf_counter()
+        if not self._mapped:
+            _io.map_shared_at(start, length, self._memfd)
+            self._mapped = True
+        self._parallel(lambda a, b: _io.populate_read(start + a, b - a), length)
+        self.stats.wake_copy_s = time.perf_counter() - t0
+
+    def _close_memfd(self) -> None:
+        if self._memfd is not None:
+            os.close(self._memfd)
+            self._memfd = None
+        self._mapped = False
+
+    def __del__(self) -> None:  # a mapping keeps the file's pages alive without the descriptor
+        fd, self._memfd = getattr(self, "_memfd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def _parallel(self, fn, nbytes: int) -> None:
         step = 64 << 20
-        spans = [(a, min(a + step, self.nbytes)) for a in range(0, self.nbytes, step)]
+        spans = [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
         with ThreadPoolExecutor(max(1, min(self.threads, len(spans)))) as ex:
             list(ex.map(lambda s: fn(*s), spans))
 
@@ -174,15 +200,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)
-
-
-def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            raise OSError("parked memory file ended early")
-        done += n
 
 
 class EngineParking:

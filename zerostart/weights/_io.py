@@ -22,7 +22,7 @@ HUGE = 2 << 20
 _PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 _MAP_NORESERVE, _MAP_POPULATE = 0x4000, 0x8000
-_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_WRITE = 3, 4, 14, 23
+_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 3, 4, 14, 22, 23
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -41,6 +41,7 @@ if _libc is not None:
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 _populate_write_ok = True
+_populate_read_ok = True
 
 
 def align_up(n: int, a: int) -> int:
@@ -217,6 +218,54 @@ class Region:
 
     def __del__(self) -> None:
         self.close()
+
+
+# Raw page-aligned ranges (parking works on addresses it does not own as a Region)
+
+
+def map_shared_at(addr: int, length: int, fd: int) -> None:
+    """Replace ``[addr, addr + length)`` with a shared, writable mapping of ``fd`` from offset 0."""
+    assert addr % PAGE == 0 and length % PAGE == 0
+    got = _check(_libc.mmap(addr, length, _PROT_READ | _PROT_WRITE, _MAP_SHARED | _MAP_FIXED, fd, 0), "mmap")
+    assert got == addr
+
+
+def map_anonymous_at(addr: int, length: int) -> None:
+    """Replace ``[addr, addr + length)`` with fresh zero-filled private memory."""
+    assert addr % PAGE == 0 and length % PAGE == 0
+    got = _check(_libc.mmap(addr, length, _PROT_READ | _PROT_WRITE,
+                            _MAP_PRIVATE | _MAP_FIXED | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0), "mmap")
+    assert got == addr
+
+
+def release_pages(addr: int, length: int, when: str) -> None:
+    """MADV_DONTNEED: anonymous pages are freed (and read as zeros after); a shared file
+    mapping only drops its page-table entries (the file keeps the bytes)."""
+    if _libc.madvise(addr, length, _MADV_DONTNEED) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(MADV_DONTNEED) {when}: {os.strerror(err)}")
+
+
+def populate_read(addr: int, length: int) -> None:
+    """Fill the page tables of a mapped range for reading (MADV_POPULATE_READ, Linux 5.14+;
+    else one read per page). Releases the GIL; threads may populate disjoint ranges."""
+    global _populate_read_ok
+    start = align_down(addr, PAGE)
+    span = align_up(addr + length, PAGE) - start
+    if span <= 0:
+        return
+    if _populate_read_ok:
+        if _libc.madvise(start, span, _MADV_POPULATE_READ) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, f"madvise(MADV_POPULATE_READ): {os.strerror(err)}")
+        _populate_read_ok = False
+    import numpy as np
+
+    pages = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(start))
+    int(pages[::PAGE].sum(dtype=np.uint64))
+
 
 
 # ---------------------------------------------------------------------------------------------
