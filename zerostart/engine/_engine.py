@@ -80,7 +80,6 @@ class Engine:
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.warmup_threads_while_loading: int | None = None  # compute threads while weights arrived
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -185,17 +184,18 @@ class Engine:
                 engine.fusion = plan
                 engine.source = source
                 engine.model_dir = local
-                engine._warmup()
+                threads_while_loading = engine._warmup()
                 ph.detail["graphs"] = len(engine.runner._graphs)
-                if engine.warmup_threads_while_loading is not None:
-                    ph.detail["threads_while_loading"] = engine.warmup_threads_while_loading
+                if threads_while_loading is not None:
+                    ph.detail["threads_while_loading"] = threads_while_loading
         except (weights.WeightsError, weights.SourceError) as e:  # surfaced while waiting on the load
             raise EngineError(str(e)) from None
         _record_load(timeline, arena.stats, t_load)
         log.info("loaded %s on %s (%s): %s", name, dev, dtype, "; ".join(plan.notes))
         return engine
 
-    def _warmup(self) -> None:
+    def _warmup(self) -> int | None:
+        """Returns the compute threads it used while weights were still arriving (None: all)."""
         # One real request through every stage (prefill, sampling, detokenization; on CUDA a
         # decode step too) so the first user request does not pay for first-call costs; then
         # the decode graphs. While the weights are still loading, its forward passes wait
@@ -206,16 +206,17 @@ class Engine:
         cpu = self.device.type == "cpu"
         n = 1 if cpu else min(8, self.max_model_len - 2)
         threads = torch.get_num_threads()
-        shared = [cpu and threads > 1 and not self.arena.done and self.model.wait_stage is not None]
-        self.warmup_threads_while_loading = threads - 1 if shared[0] else None
-        if shared[0]:
+        sharing = cpu and threads > 1 and not self.arena.done and self.model.wait_stage is not None
+        shared = threads - 1 if sharing else None
+        if sharing:
             wait = self.model.wait_stage
 
             def wait_then_restore(i: int) -> None:  # runs on the compute thread, between layers
+                nonlocal sharing
                 wait(i)
-                if shared[0] and self.arena.done:
+                if sharing and self.arena.done:
                     torch.set_num_threads(threads)
-                    shared[0] = False
+                    sharing = False
 
             self.model.wait_stage = wait_then_restore
             torch.set_num_threads(threads - 1)
@@ -226,13 +227,14 @@ class Engine:
             for _ in handle:
                 pass
         finally:
-            if shared[0]:
+            if sharing:
                 torch.set_num_threads(threads)
         self.arena.wait()  # every byte in place before graphs capture the weights' addresses
         self.model.wait_stage = None
         self.runner.capture_all(max_len=self.runner.len_buckets[0])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return shared
 
     # -- memory, as single allocations -------------------------------------------------------
 

@@ -129,7 +129,7 @@ class Parking:
                 base = start - self.storage.data_ptr()
                 src = memoryview(self.storage.numpy()).cast("B")[base: base + length]
                 self._parallel(lambda a, b: _pwrite_all(fd, src[a:b], a), length)
-            except BaseException:
+            except OSError:  # out of memory for the file: nothing was released, nothing is kept
                 os.close(fd)
                 raise
             self._memfd = fd
@@ -146,7 +146,7 @@ class Parking:
         if not self._mapped:
             _io.map_shared_at(start, length, self._memfd)
             self._mapped = True
-        self._parallel(lambda a, b: _io.populate_read(start + a, b - a), length)
+        self._parallel(lambda a, b: _io.touch_pages(start + a, b - a), length)
         self.stats.wake_copy_s = time.perf_counter() - t0
 
     def _close_memfd(self) -> None:

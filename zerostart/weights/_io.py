@@ -22,7 +22,7 @@ HUGE = 2 << 20
 _PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 _MAP_NORESERVE, _MAP_POPULATE = 0x4000, 0x8000
-_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 3, 4, 14, 22, 23
+_MADV_WILLNEED, _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_WRITE = 3, 4, 14, 23
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -41,7 +41,6 @@ if _libc is not None:
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 _populate_write_ok = True
-_populate_read_ok = True
 
 
 def align_up(n: int, a: int) -> int:
@@ -126,19 +125,9 @@ class Region:
     def populate(self, offset: int, length: int) -> None:
         """Fault in ``[offset, offset + length)`` readable, reading any page not yet cached.
 
-        Touches one byte per page: each read fault maps a whole batch of cached pages (the
-        kernel's fault-around), which measured faster than MADV_POPULATE_READ's page-by-page
-        walk. Copy-on-write is not broken (reads only). Releases the GIL (numpy), so several
-        threads can populate disjoint ranges in parallel.
+        Copy-on-write is not broken (reads only); see :func:`touch_pages`.
         """
-        import numpy as np
-
-        start = align_down(offset, PAGE)
-        span = align_up(offset + length, PAGE) - start
-        if span <= 0:
-            return
-        pages = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(self.addr + start))
-        int(pages[::PAGE].sum(dtype=np.uint64))
+        touch_pages(self.addr + offset, length)
 
     def prefault(self, offset: int, length: int) -> None:
         """Fault in ``[offset, offset + length)`` of anonymous memory, writable, so later writes
@@ -189,11 +178,9 @@ class Region:
         """Back ``[offset, offset + length)`` of a reservation with ordinary writable memory."""
         assert offset % PAGE == 0
         length = align_up(length, PAGE)
-        addr = _check(_libc.mmap(self.addr + offset, length, _PROT_READ | _PROT_WRITE,
-                                 _MAP_PRIVATE | _MAP_FIXED | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0), "mmap")
-        assert addr == self.addr + offset
+        map_anonymous_at(self.addr + offset, length)
         if huge:
-            _libc.madvise(addr, length, _MADV_HUGEPAGE)
+            _libc.madvise(self.addr + offset, length, _MADV_HUGEPAGE)
 
     def buffer(self, offset: int = 0, length: int | None = None) -> memoryview:
         """A writable memoryview of part of the region (valid while the region is open)."""
@@ -246,26 +233,20 @@ def release_pages(addr: int, length: int, when: str) -> None:
         raise OSError(err, f"madvise(MADV_DONTNEED) {when}: {os.strerror(err)}")
 
 
-def populate_read(addr: int, length: int) -> None:
-    """Fill the page tables of a mapped range for reading (MADV_POPULATE_READ, Linux 5.14+;
-    else one read per page). Releases the GIL; threads may populate disjoint ranges."""
-    global _populate_read_ok
+def touch_pages(addr: int, length: int) -> None:
+    """Fault in the mapped range ``[addr, addr + length)`` readable by reading one byte per
+    page: each read fault maps a whole batch of resident pages (the kernel's fault-around),
+    which measured faster than MADV_POPULATE_READ's page-by-page walk for the page cache and
+    as fast for a shared-memory file. Releases the GIL (numpy), so several threads can touch
+    disjoint ranges in parallel."""
+    import numpy as np
+
     start = align_down(addr, PAGE)
     span = align_up(addr + length, PAGE) - start
     if span <= 0:
         return
-    if _populate_read_ok:
-        if _libc.madvise(start, span, _MADV_POPULATE_READ) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS):
-            raise OSError(err, f"madvise(MADV_POPULATE_READ): {os.strerror(err)}")
-        _populate_read_ok = False
-    import numpy as np
-
     pages = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(start))
     int(pages[::PAGE].sum(dtype=np.uint64))
-
 
 
 # ---------------------------------------------------------------------------------------------
