@@ -19,7 +19,7 @@ def test_public_names():
     import zerostart.engine as eng
 
     assert sorted(eng.__all__) == ["Engine", "EngineConfig", "EngineError", "RequestHandle", "SamplingParams",
-                                   "TokenEvent", "Tokenizer"]
+                                   "TokenEvent", "Tokenizer", "device_for", "weights_dtype"]
     for name in eng.__all__:
         assert getattr(eng, name) is not None
 

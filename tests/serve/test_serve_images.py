@@ -77,3 +77,21 @@ def test_writing_from_a_host_copy_gives_the_same_image(engine, tmp_path) -> None
         assert h.data_ptr() - host_lo == t.data_ptr() - lo, name  # ... at the same relative offset
     copied = _images.write(engine, str(tmp_path / "copied"), fp, host_tensors=host)
     assert _blob(copied) == _blob(direct)
+
+
+def test_an_image_written_from_a_host_copy_carries_the_compile_caches(engine, tmp_path, monkeypatch) -> None:
+    """On CUDA the image is written from a host copy of the weights; an engine that compiled must
+    still have its torch.compile artifacts written into the image. (They were not: the host copy
+    went to the writer as a stand-in object whose compile setting the writer never read.)"""
+    import torch
+
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, compile=True))
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled kernels", None))
+    fp = snapshot.fingerprint(engine.model_dir, "cpu", str(engine.dtype))
+    holder = Holder(time.perf_counter(), time.time())
+    holder.engine = engine
+    for name, host in (("copied", holder._host_copy()), ("direct", None)):
+        out = _images.write(engine, str(tmp_path / name), fp, host_tensors=host)
+        assert snapshot.read_manifest(out)["compile_cache"] == "compile_cache.bin", name
+        with open(os.path.join(out, "compile_cache.bin"), "rb") as f:
+            assert f.read() == b"compiled kernels", name

@@ -166,9 +166,9 @@ def test_request_validation() -> None:
 
 
 def test_public_surface() -> None:
-    assert zerostart.serve.__all__ == ["ConfigError", "DeviceConfig", "Fleet", "ModelConfig", "PrewarmWindow",
-                                       "ServeConfig", "ServerConfig", "State", "TRANSITIONS", "create_app",
-                                       "load_config"]
+    assert zerostart.serve.__all__ == ["ConfigError", "DEMO_NAME", "DeviceConfig", "Fleet", "ModelConfig",
+                                       "PrewarmWindow", "ServeConfig", "ServerConfig", "State", "TRANSITIONS",
+                                       "create_app", "ensure_demo_model", "load_config"]
     for name in zerostart.serve.__all__:
         assert getattr(zerostart.serve, name) is not None
 

@@ -18,7 +18,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from zerostart.weights._io import Region, drop_page_cache, open_direct, pread_into
+from zerostart.weights import Region, drop_page_cache, open_direct, pread_into
 
 _BUF = 256 << 20  # readers cycle through this much faulted-in memory
 
@@ -96,7 +96,7 @@ def measure(files: list[str], device: str, cold: bool) -> dict[str, float]:
 _FRESH = """
 import os, sys, time, json
 from concurrent.futures import ThreadPoolExecutor
-from zerostart.weights._io import Region, open_direct, pread_into, align_up
+from zerostart.weights import Region, align_up, open_direct, pread_into
 files = json.loads(sys.argv[1]); chunk = 8 << 20
 t = time.perf_counter(); jobs = []; base = 0
 total = sum(os.path.getsize(f) for f in files)

@@ -6,20 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Callable
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", text.upper())
-    if not m:
-        raise ValueError(f"cannot read size {text!r}: use e.g. 512MB, 2GB or 1.5GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-
 
 def shapes(size: int) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
     """Tensor names and shapes of a Llama-style stack of about ``size`` bytes in bf16."""

@@ -61,11 +61,13 @@ def main() -> None:
     from zerostart.bench import _contestants
 
     # import the contestant's library before the clock starts
-    mod = {"zerostart": "zerostart.weights._load", "zerostart-reserved": "zerostart.weights._load",
+    mod = {"zerostart": "zerostart.weights", "zerostart-reserved": "zerostart.weights",
            "safetensors": "safetensors.torch", "safe_open": "safetensors",
            "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer",
-           "zerostart-nocache": "zerostart.weights._load", "download": "boto3"}[name]
+           "zerostart-nocache": "zerostart.weights", "download": "boto3"}[name]
     __import__(mod)
+    if mod == "zerostart.weights":
+        from zerostart.weights import load_arena  # noqa: F401  the loader itself (imported on first use)
     if name.startswith("zerostart") and str(args["path"]).startswith("s3://"):
         for m in ("botocore.session", "botocore.auth", "botocore.awsrequest"):  # its S3 signing library
             __import__(m)
@@ -79,7 +81,7 @@ def main() -> None:
     int(torch.zeros(2 * 4096, dtype=torch.uint8)[::4096].sum())
     rss_before = _status("VmRSS")
     if name == "zerostart-reserved":  # what a standby worker does while it waits: fault in the arena's memory
-        from zerostart.weights._reserve import arena_bytes, reserve_host  # (counted in the peak memory, not the time)
+        from zerostart.weights import arena_bytes, reserve_host  # (counted in the peak memory, not the time)
 
         reserve_host(arena_bytes(args["files"]))
 

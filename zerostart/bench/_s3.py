@@ -119,8 +119,7 @@ def raw_ceiling(url: str, env: dict[str, str], concurrency: int, part: int, fres
     code = (
         "import json,sys,time,threading\n"
         "from concurrent.futures import ThreadPoolExecutor\n"
-        "from zerostart.weights._io import Region\n"
-        "from zerostart.weights._remote import Transport, list_objects\n"
+        "from zerostart.weights import Region, Transport, list_objects\n"
         f"t=Transport(); objs=[o for o in list_objects({url!r}, t) if o.name.endswith('.safetensors')]\n"
         f"part={part}; loc=threading.local(); fresh={fresh!r}\n"
         "base={}; total=0\n"
@@ -152,9 +151,7 @@ def run(url: str, device: str, repeat: int, threads: int, env: dict[str, str], w
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        from zerostart.weights._remote import reset_credentials
-
-        reset_credentials()
+        weights.reset_credentials()
         opened = weights.open_source(url, use_cache=False)
         files = [h.path for h in opened.checkpoint.headers]
         model_bytes = opened.checkpoint.nbytes

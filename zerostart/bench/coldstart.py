@@ -230,7 +230,7 @@ def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
 def _run_standby(model: str, image: str | None, args, files: list[str], reserve: bool = False) -> dict:
     from zerostart.bench import _ceilings
 
-    from zerostart.weights._reserve import arena_bytes
+    from zerostart.weights import arena_bytes
 
     nbytes = arena_bytes(files) if reserve and args.device == "cpu" else 0  # covers the image's arena
     w = _Worker(None, args, standby=True, reserve=nbytes)
@@ -289,8 +289,11 @@ def _ensure_image(model: str, model_dir: str, args) -> str:
 
     import torch
 
-    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    fp = snapshot.fingerprint(model_dir, torch.device(args.device).type, str(getattr(torch, dtype)))
+    from zerostart.names import default_dtype, dtype_name
+
+    kind = torch.device(args.device).type
+    dtype = dtype_name(args.dtype) if args.dtype else default_dtype(kind)
+    fp = snapshot.fingerprint(model_dir, kind, str(getattr(torch, dtype)))
     out = snapshot.image_store(model, fp)
     if snapshot.is_image(out):
         try:

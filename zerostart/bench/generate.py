@@ -264,7 +264,7 @@ def _cold_child(args) -> int:
     t0 = args.t0
     spawn_end = _T_START
     if args.child == "zerostart":
-        from zerostart.engine import _engine  # torch and the engine
+        from zerostart.engine import Engine  # torch and the engine
         from zerostart.telemetry import Timeline
 
         import torch
@@ -275,7 +275,7 @@ def _cold_child(args) -> int:
         tl = Timeline(origin=t0)
         cfg = EngineConfig(max_model_len=args.prompt_tokens + 64, max_num_seqs=1,
                            cuda_graphs=args.cuda_graphs == "on", compile=args.compile)
-        engine = _engine.Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg,
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg,
                                                 timeline=tl)
         prompt = _prompts(engine.model_config.vocab_size, 1, args.prompt_tokens, engine.tokenizer.bos_token_id)[0]
         t = time.perf_counter()
@@ -294,8 +294,9 @@ def _cold_child(args) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         import_end = time.perf_counter()
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            args.dtype or "", torch.float32 if args.device == "cpu" else torch.bfloat16)
+        from zerostart.names import default_dtype, device_type, dtype_name
+
+        dtype = getattr(torch, dtype_name(args.dtype) if args.dtype else default_dtype(device_type(args.device)))
         if args.device.startswith("cuda"):
             torch.empty(1, device=args.device)
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()

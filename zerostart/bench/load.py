@@ -23,6 +23,7 @@ from typing import Any
 
 from zerostart.bench import _ceilings, _checkpoint
 from zerostart.bench._contestants import CONTESTANTS, LABELS, available, prepare
+from zerostart.units import parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         path = args.model
         desc = path
     else:
-        size = _checkpoint.parse_size(args.size)
+        size = parse_size(args.size)
         path = _checkpoint.ensure(work, size, log=_log)
         desc = f"generated Llama-shaped bf16 checkpoint, {_checkpoint.describe(path)}"
     ckpt = weights.resolve(path)
@@ -143,7 +144,7 @@ def _object_storage(args: argparse.Namespace, work: str) -> int:
         if args.s3_loopback:
             if args.model and weights.is_remote(args.model):
                 raise SystemExit("zerostart: error: --s3-loopback serves a local checkpoint; give --model a local path or --size")
-            local = args.model or _checkpoint.ensure(work, _checkpoint.parse_size(args.size), log=_log)
+            local = args.model or _checkpoint.ensure(work, parse_size(args.size), log=_log)
             server = _s3.LoopbackS3.start(work, _log)
             env.update(server.env())
             _log("  uploading the checkpoint ...")

@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     if args.model:
         path, name = os.path.abspath(args.model), None
     else:
-        from zerostart.serve._demo import DEMO_NAME, ensure_demo_model
+        from zerostart.serve import DEMO_NAME, ensure_demo_model
 
         path, name = ensure_demo_model(), DEMO_NAME
     with tempfile.TemporaryDirectory(prefix="zerostart-bench-") as tmp:

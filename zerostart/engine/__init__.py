@@ -15,9 +15,11 @@ from typing import Any
 from zerostart.engine._config import EngineConfig, EngineError
 from zerostart.engine._params import SamplingParams, TokenEvent
 
-_TORCH_NAMES = {"Engine": "_engine", "RequestHandle": "_sequence", "Tokenizer": "_tokenizer"}
+_TORCH_NAMES = {"Engine": "_engine", "RequestHandle": "_sequence", "Tokenizer": "_tokenizer", "device_for": "_load",
+                "weights_dtype": "_load"}
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "RequestHandle", "SamplingParams", "TokenEvent", "Tokenizer"]
+__all__ = ["Engine", "EngineConfig", "EngineError", "RequestHandle", "SamplingParams", "TokenEvent", "Tokenizer",
+           "device_for", "weights_dtype"]
 
 
 def __getattr__(name: str) -> Any:

@@ -102,7 +102,7 @@ class Engine:
         layer's tensors, so the warm-up's prefill overlaps the tail of the load.
         """
         from zerostart import weights
-        from zerostart.weights import _image
+        from zerostart.names import is_local
 
         source = os.fspath(path)
         config = config or EngineConfig()
@@ -112,7 +112,7 @@ class Engine:
             timeline = Timeline(origin=_IMPORT_START, label=f"engine {os.path.basename(source.rstrip('/'))}")
         if _IMPORT_END >= timeline.origin:  # the import belongs to this timeline's start
             timeline.add("import", max(_IMPORT_START, timeline.origin), _IMPORT_END)
-        if not weights.is_remote(source) and not source.startswith("hf://") and not os.path.isdir(source):
+        if is_local(source) and not os.path.isdir(source):
             raise EngineError(f"{source}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
         try:
             local = weights.localize(source)
@@ -123,7 +123,7 @@ class Engine:
         if not os.path.isfile(os.path.join(local, "config.json")):
             raise EngineError(f"{source}: no config.json here (a Hugging Face model directory needs one)")
         model_cfg = ModelConfig.from_file(os.path.join(local, "config.json"))
-        image = _image.read_manifest(local) if _image.is_image(local) else None
+        image = weights.read_manifest(local) if weights.is_image(local) else None
 
         with timeline.phase("device_init"):
             dev = _load.device_for(device)
@@ -132,8 +132,8 @@ class Engine:
         dtype = _load.resolve_dtype(dtype, dev, model_cfg)
         if image is not None:
             try:
-                _image.check_compatible(local, _image.fingerprint(local, dev.type, str(dtype)))
-            except _image.ImageError as e:
+                weights.check_compatible(local, weights.fingerprint(local, dev.type, str(dtype)))
+            except weights.ImageError as e:
                 raise EngineError(str(e)) from None
         tokenizer = Tokenizer(local)
         eos = _load.eos_ids(local, model_cfg, tokenizer)

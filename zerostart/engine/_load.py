@@ -6,13 +6,10 @@ import os
 
 import torch
 
+from zerostart.names import default_dtype, device_type, dtype_name
 from zerostart.engine._config import CPU_KV_CACHE_BYTES, EngineConfig, EngineError, ModelConfig, read_json_object
 from zerostart.engine._kv_cache import bytes_per_token
 from zerostart.engine._tokenizer import Tokenizer
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -20,17 +17,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
             raise EngineError(f"dtype {dtype} is not a floating dtype")
         return dtype
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise EngineError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
-        return _DTYPES[dtype]
+        try:
+            return getattr(torch, dtype_name(dtype))
+        except ValueError as e:
+            raise EngineError(str(e)) from None
     if dtype is not None:
         raise EngineError(f"dtype must be a torch.dtype, a name or None (got {dtype!r})")
-    if device.type == "cpu":
-        return torch.float32  # CPU matmuls in half precision are slow and less exact
-    return torch.float16 if cfg.torch_dtype == "float16" else torch.bfloat16
+    return getattr(torch, default_dtype(device.type, cfg.torch_dtype))
+
+
+def weights_dtype(model_dir: str, device: str | torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype ``Engine.from_pretrained(model_dir, device=device, dtype=dtype)`` holds the
+    weights in (a ready image's fingerprint names it)."""
+    cfg = ModelConfig.from_file(os.path.join(model_dir, "config.json"))
+    return resolve_dtype(dtype, torch.device(device), cfg)
 
 
 def device_for(device: str | torch.device) -> torch.device:
+    if not isinstance(device, torch.device):
+        try:
+            device_type(device)  # the names every package accepts (zerostart.names)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

@@ -1,5 +1,6 @@
 """When to move a model along the cold ladder (DESIGN.md §2). Pure: no I/O (but
-``CostModel.from_file``), no clocks, no imports of the rest of zerostart. The server's fleet
+``CostModel.from_file``), no clocks, no imports of the rest of zerostart but its torch-free leaf
+(``zerostart.units``: durations in policy specs, decimal GB). The server's fleet
 and the trace simulator call the same policy objects with the same observations.
 
     >>> from zerostart import policy

@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from zerostart.policy._base import LADDER, PolicyError, Rung
+from zerostart.units import GB, HOURS_PER_MONTH
 
-GB = 1e9
-HOURS_PER_MONTH = 730.0  # 8760 / 12, the convention cloud price lists use
 
 # coldstart telemetry rung names -> what they measure
 _TELEMETRY_RUNGS = {"parked": Rung.PARKED, "image": Rung.IMAGE, "source": Rung.ZERO, "zero": Rung.ZERO,

@@ -39,17 +39,7 @@ from zerostart.policy._costs import CostModel
 from zerostart.policy._hybrid import HybridHistogram
 from zerostart.policy._ladder import CostAwareLadder
 from zerostart.policy._ttl import AlwaysWarm, FixedTTL
-
-_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def _duration(text: str) -> float:
-    t = text.strip().lower()
-    for suffix in ("ms", "s", "m", "h", "d"):
-        if t.endswith(suffix) and t[: -len(suffix)].strip():
-            return float(t[: -len(suffix)]) * _UNITS[suffix]
-    return float(t)
-
+from zerostart.units import parse_duration
 
 def _down(text: str) -> Rung:
     rung = Rung.parse(text)
@@ -78,18 +68,18 @@ def _flag(text: str) -> bool:
 _Args = dict[str, tuple[Callable[[str], Any], str]]
 _SPECS: dict[str, tuple[str | None, _Args, Callable[..., Policy]]] = {
     "always": (None, {}, lambda costs, name, **kw: AlwaysWarm(name=name)),
-    "ttl": ("ttl", {"ttl": (_duration, "ttl_s"), "down": (_down, "down")},
+    "ttl": ("ttl", {"ttl": (parse_duration, "ttl_s"), "down": (_down, "down")},
             lambda costs, name, **kw: FixedTTL(name=name, **kw)),
     "hybrid": (None, {
-        "range": (_duration, "range_s"), "bin": (_duration, "bin_s"), "head": (float, "head"),
+        "range": (parse_duration, "range_s"), "bin": (parse_duration, "bin_s"), "head": (float, "head"),
         "tail": (float, "tail"), "margin": (float, "margin"), "cv": (float, "cv"),
         "min_samples": (int, "min_samples"), "oob": (float, "oob"), "ts_margin": (float, "ts_margin"),
-        "ts_window": (int, "ts_window"), "keepalive": (_duration, "keepalive_s"), "down": (_down, "down"),
+        "ts_window": (int, "ts_window"), "keepalive": (parse_duration, "keepalive_s"), "down": (_down, "down"),
     }, lambda costs, name, **kw: HybridHistogram(name=name, **kw)),
     "ladder": (None, {
-        "latency": (float, "latency_usd_per_s"), "p99": (_duration, "p99_target_s"),
+        "latency": (float, "latency_usd_per_s"), "p99": (parse_duration, "p99_target_s"),
         "rungs": (_rungs, "rungs"), "prewarm": (_flag, "prewarm"), "min_samples": (int, "min_samples"),
-        "window": (int, "window"), "horizon": (_duration, "horizon_s"), "prior": (float, "prior_weight"),
+        "window": (int, "window"), "horizon": (parse_duration, "horizon_s"), "prior": (float, "prior_weight"),
         "pool": (float, "pool_weight"),
     }, lambda costs, name, **kw: CostAwareLadder(costs, name=name, **kw)),
 }

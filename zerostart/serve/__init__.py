@@ -14,6 +14,8 @@ first use, so that a worker process starts without loading the gateway's modules
 from typing import Any
 
 _EXPORTS = {
+    "DEMO_NAME": "zerostart.serve._demo",
+    "ensure_demo_model": "zerostart.serve._demo",
     "ConfigError": "zerostart.serve._config",
     "DeviceConfig": "zerostart.serve._config",
     "ModelConfig": "zerostart.serve._config",

@@ -16,7 +16,7 @@ import socket
 import sys
 
 from zerostart.serve._config import ConfigError, ServeConfig, load_config
-from zerostart.serve._units import format_duration, parse_duration
+from zerostart.units import format_duration, parse_duration
 
 
 class ServeStartupError(RuntimeError):

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from zerostart.serve._units import parse_duration, parse_size
+from zerostart.names import DEFAULT_IMAGE_MODE, Dtype, ImageMode, Scheme, normalize_device, source_scheme
+from zerostart.units import parse_duration, parse_size
 
 
 class ConfigError(ValueError):
@@ -46,33 +46,15 @@ def _size_or_auto(v: object) -> int | str:
 
 BytesOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_size_or_auto)]
 
-_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
-DTYPES = ("float32", "bfloat16", "float16")
-REMOTE_SCHEMES = ("hf://", "s3://", "http://", "https://")
-
-
-def is_source_url(path: str) -> bool:
-    """A model source the weights package fetches (or finds in the Hugging Face cache), not a path."""
-    return path.startswith(REMOTE_SCHEMES)
-
-
 def default_name(path: str) -> str:
     """A model's name when the config gives none: its directory's (or file's, without
     ``.safetensors``) name; for a source URL its last path component (``hf://org/name@rev``:
     ``name``)."""
-    if is_source_url(path):
+    if "://" in path:
         base = path.split("://", 1)[1].rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
         return base.removesuffix(".safetensors") or path
     base = os.path.basename(os.path.normpath(path))
     return base[: -len(".safetensors")] if base.endswith(".safetensors") else base
-
-
-def normalize_device(device: str) -> str:
-    """``cpu``, ``mps``, ``cuda`` or ``cuda:N``; plain ``cuda`` means ``cuda:0``."""
-    d = str(device).strip().lower()
-    if not _DEVICE.match(d):
-        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)")
-    return "cuda:0" if d == "cuda" else d
 
 
 class _Section(BaseModel):
@@ -134,13 +116,13 @@ class ModelConfig(_Section):
     path: str  # a model directory, .safetensors file, ready image, hf://, s3:// or https:// source
     name: str | None = None  # the name clients ask for; None: the directory's (or file's) name
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the engine's choice for the device
+    dtype: Dtype | None = None  # None: the engine's choice for the device
     max_model_len: int | None = Field(None, ge=2)  # longest prompt + completion; None: the engine's default
     kv_cache_bytes: Bytes | None = None  # the engine's KV cache size; None: the engine's default
     idle_timeout: KeepAlive = 300.0  # scale to zero after this long idle; negative: never
     park_after: Seconds | None = Field(None, ge=0)  # park (weights to host RAM) after this long idle; None: never
     parkable: bool | None = None  # load so it can be parked (CUDA: VMM memory); None: if park_after or the policy parks
-    images: Literal["off", "use", "write"] = "write"  # ready images: restore a matching one; write one after a source load
+    images: ImageMode = DEFAULT_IMAGE_MODE  # ready images: restore a matching one; write one after a source load
     keep_alive_policy: str | None = None  # a zerostart.policy spec ("ttl:600", "hybrid"); None: idle_timeout
     min_replicas: int = Field(0, ge=0)  # replicas kept hot whatever the traffic
     max_replicas: int = Field(1, ge=1)  # more start when every replica is at max_concurrency
@@ -159,10 +141,7 @@ class ModelConfig(_Section):
     def _path(cls, path: str, info: ValidationInfo) -> str:
         if not path.strip():
             raise ValueError("must name a model directory or .safetensors file")
-        if "://" in path:
-            if not is_source_url(path):
-                raise ValueError(f"{path!r}: unknown source scheme (use a path, hf://org/name, s3://bucket/prefix "
-                                 "or https://...)")
+        if source_scheme(path) is not Scheme.LOCAL:  # raises for an unknown scheme
             return path
         path = os.path.expanduser(path)
         base = (info.context or {}).get("base_dir")

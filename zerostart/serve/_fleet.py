@@ -31,7 +31,7 @@ from zerostart.serve._model import Lease, Model, Waiter
 from zerostart.serve._replica import ParkRefused, Replica
 from zerostart.serve._standby import Standby
 from zerostart.serve._state import State
-from zerostart.serve._units import format_duration, format_size
+from zerostart.units import format_duration, format_size
 from zerostart.weights import WeightsError
 
 log = logging.getLogger("zerostart.serve")

@@ -30,6 +30,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from zerostart.names import ImageMode
 from zerostart.serve import _images
 from zerostart.serve._images import ImageReport
 from zerostart.telemetry import Timeline
@@ -57,7 +58,7 @@ class LoadSpec:
     name: str
     device: str = "cpu"
     dtype: str | None = None
-    images: str = "off"
+    images: ImageMode = "off"
     parkable: bool = False
     engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
 
@@ -163,7 +164,7 @@ class Holder:
 
     def _import(self) -> None:
         t0 = time.perf_counter()
-        import zerostart.engine._engine  # noqa: F401  torch and the engine: the fixed cost of a cold start
+        from zerostart.engine import Engine  # noqa: F401  torch and the engine: the fixed cost of a cold start
         import zerostart.serve._openai  # noqa: F401  the request path, so the first request pays for none of it
         import zerostart.snapshot  # noqa: F401  parking and ready images
         self.timeline.add("import", t0, time.perf_counter())
@@ -172,16 +173,15 @@ class Holder:
         try:
             self._import()
             self._set("starting", "device_init")
-            from zerostart.engine._load import device_for
+            from zerostart.engine import device_for
 
             t0 = time.perf_counter()
             dev = device_for(device)
             if dev.type == "cuda":
-                from zerostart.snapshot import VmmUnavailable
-                from zerostart.snapshot._vmm import _driver
+                from zerostart.snapshot import VmmUnavailable, require_vmm
 
                 try:  # the VMM driver bindings a parkable load will use
-                    _driver()
+                    require_vmm()
                 except VmmUnavailable:
                     pass  # reported by the load that needs them
             self.timeline.add("device_init", t0, time.perf_counter(), device=str(dev))
@@ -242,11 +242,10 @@ class Holder:
         device_type = torch.device(spec.device).type
         self.parkable = device_type != "cuda"  # CPU memory can always be parked
         if spec.parkable and device_type == "cuda":
-            from zerostart.snapshot import VmmUnavailable, vmm_allocator
-            from zerostart.snapshot._vmm import _driver
+            from zerostart.snapshot import VmmUnavailable, require_vmm, vmm_allocator
 
             try:
-                _driver()
+                require_vmm()
                 allocator, self.parkable = vmm_allocator, True
             except VmmUnavailable as e:
                 self.parkable_error = f"parking needs CUDA VMM memory, which is unavailable: {e}"

@@ -15,11 +15,16 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from zerostart.names import device_type, is_local
+
+if TYPE_CHECKING:
+    from zerostart.engine import Engine
+    from zerostart.weights import Fingerprint
 
 log = logging.getLogger("zerostart.serve.worker")
 
-MODES = ("off", "use", "write")
 _STALE_TEMP_S = 3600.0  # a writer's temporary directory untouched this long was abandoned (its process died)
 
 
@@ -53,39 +58,32 @@ class ImageReport:
 
 
 def is_image(source: str) -> bool:
-    from zerostart.weights import _image
+    from zerostart import snapshot  # (here: the worker imports it in its timed import phase)
 
-    return "://" not in source and os.path.isdir(source) and _image.is_image(source)
+    return is_local(source) and os.path.isdir(source) and snapshot.is_image(source)
 
 
-def locate(source: str, device: str, dtype: str | None) -> tuple[str, Any]:
+def locate(source: str, device: str, dtype: str | None) -> tuple[str, Fingerprint]:
     """The image-store directory for ``source`` loaded on ``device`` with ``dtype`` (None: the
     engine's default), and the fingerprint an image there must carry. Imports torch. Raises
     the engine's or the weights package's errors when the source's config cannot be read."""
-    import torch
-
-    from zerostart import weights
-    from zerostart.engine._config import ModelConfig
-    from zerostart.engine._load import resolve_dtype
-    from zerostart.weights import _image
+    from zerostart import engine, snapshot, weights
 
     model_dir = weights.localize(source)
-    cfg = ModelConfig.from_file(os.path.join(model_dir, "config.json"))
-    dev = torch.device(device)
-    fp = _image.fingerprint(model_dir, dev.type, str(resolve_dtype(dtype, dev, cfg)))
-    return _image.image_store(source, fp), fp
+    fp = snapshot.fingerprint(model_dir, device_type(device), str(engine.weights_dtype(model_dir, device, dtype)))
+    return snapshot.image_store(source, fp), fp
 
 
-def check(path: str, fp: Any) -> str | None:
+def check(path: str, fp: Fingerprint) -> str | None:
     """None if the image at ``path`` may be restored for ``fp``; else why not. (Checksums are
     verified while it loads: a corrupt file surfaces as a load error.)"""
-    from zerostart.weights import _image
+    from zerostart import snapshot
 
     if not os.path.exists(path):
         return "missing"
     try:
-        _image.check_compatible(path, fp)
-    except _image.ImageError as e:
+        snapshot.check_compatible(path, fp)
+    except snapshot.ImageError as e:
         return str(e)
     return None
 
@@ -123,22 +121,16 @@ def sweep_abandoned(path: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def write(engine: Any, path: str | None, fp: Any, host_tensors: dict[str, Any] | None = None) -> str:
+def write(engine: Engine, path: str | None, fp: Fingerprint | None, host_tensors: dict[str, Any] | None = None) -> str:
     """Write ``engine``'s prepared weights as the ready image of its source (atomically; a
-    concurrent writer of the same image wins or loses as a whole). ``host_tensors``: the same
-    weights already copied to host memory (same names, same relative offsets), written instead
-    of the engine's own. Returns the directory."""
-    from types import SimpleNamespace
-
-    from zerostart.snapshot._cli import write_engine_image
-    from zerostart.weights import _image
+    concurrent writer of the same image wins or loses as a whole), with its compile caches.
+    ``host_tensors``: the same weights already copied to host memory (same names, same relative
+    offsets), written instead of the engine's own. Returns the directory."""
+    from zerostart import snapshot
 
     if fp is None:
-        fp = _image.fingerprint(engine.model_dir, engine.device.type, str(engine.dtype))
+        fp = snapshot.fingerprint(engine.model_dir, engine.device.type, str(engine.dtype))
     if path is None:
-        path = _image.image_store(engine.source, fp)
+        path = snapshot.image_store(engine.source, fp)
     sweep_abandoned(path)
-    held = engine if host_tensors is None else SimpleNamespace(
-        arena=SimpleNamespace(tensors=host_tensors), fusion=getattr(engine, "fusion", None),
-        engine_config=getattr(engine, "config", None))
-    return write_engine_image(held, engine.model_dir, path, fp, source=engine.source)
+    return snapshot.write_engine_image(engine, engine.model_dir, path, fp, source=engine.source, tensors=host_tensors)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Generic, Iterable, TypeVar
 
 from zerostart import weights
+from zerostart.names import DTYPE_BYTES, Scheme, default_dtype, device_type, is_remote, source_scheme
 from zerostart.serve._config import ModelConfig
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # cast to the load dtype; others kept as stored
 
 K = TypeVar("K")
@@ -33,7 +33,7 @@ def estimate_bytes(model: ModelConfig) -> int | None:
         return None
     ckpt = weights.resolve(path)
     # Without a dtype the engine loads float32 on CPU and a 16-bit type on accelerators.
-    width = _DTYPE_BYTES[model.dtype or ("float32" if model.device == "cpu" else "bfloat16")]
+    width = DTYPE_BYTES[model.dtype or default_dtype(device_type(model.device))]
     weight_bytes = sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
                        for h in ckpt.headers for t in h.tensors.values())
     return weight_bytes + (model.kv_cache_bytes or 0)
@@ -43,15 +43,11 @@ def local_copy(path: str) -> str | None:
     """Where a model's checkpoint can be read on this machine: the path itself, the Hugging Face
     cache's snapshot of ``hf://org/name``, or the weights cache's complete copy of a remote
     source (None if it has none yet). Never touches the network."""
-    if path.startswith("hf://"):
-        from zerostart.weights._sources import hf_snapshot
-
-        return hf_snapshot(path)  # WeightsError when it is not in the Hugging Face cache
-    if not weights.is_remote(path):
+    if source_scheme(path) is Scheme.HF:
+        return weights.hf_snapshot(path)  # WeightsError when it is not in the Hugging Face cache
+    if not is_remote(path):
         return path
-    from zerostart.weights._cache import Cache
-
-    cache = Cache()
+    cache = weights.Cache()
     return cache.snapshot_dir(path) if cache.manifest(path) is not None else None
 
 

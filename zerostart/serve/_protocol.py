@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zerostart.serve._config import format_loc
 from zerostart.serve._errors import BadRequest
-from zerostart.serve._units import parse_duration
+from zerostart.units import parse_duration
 
 # Fields whose features this server lacks: refused when set to anything but their "off" value.
 _UNSUPPORTED = {

@@ -37,7 +37,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
-from typing import Any, AsyncIterator, Literal  # noqa: E402
+from typing import Any, AsyncIterator  # noqa: E402
 
 from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
@@ -47,8 +47,8 @@ from starlette.routing import Route  # noqa: E402
 from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
 from zerostart.serve._holder import Busy, Holder, LoadSpec, NotParkable  # noqa: E402
-from zerostart.serve._config import default_name, normalize_device  # noqa: E402
-from zerostart.serve._images import MODES  # noqa: E402
+from zerostart.names import DTYPES, IMAGE_MODES, Dtype, ImageMode, normalize_device  # noqa: E402
+from zerostart.serve._config import default_name  # noqa: E402
 
 log = logging.getLogger("zerostart.serve.worker")
 
@@ -70,8 +70,8 @@ class LoadRequest(BaseModel):
     model: str | None = None
     name: str | None = None
     device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    images: Literal["off", "use", "write"] | None = None
+    dtype: Dtype | None = None
+    images: ImageMode | None = None
     parkable: bool | None = None
     engine_options: dict[str, Any] = {}
 
@@ -270,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                         "weights are read straight into it (default 0: none)")
     p.add_argument("--name", help="served model name (default: the model directory's name)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--images", default="off", choices=MODES,
+    p.add_argument("--dtype", default=None, choices=DTYPES)
+    # The gateway always passes the model's setting (default: names.DEFAULT_IMAGE_MODE); a worker
+    # started by hand touches no image store unless asked.
+    p.add_argument("--images", default="off", choices=IMAGE_MODES,
                    help="ready images: off, use (restore a matching one), write (use, and write one after a "
                         "load from the source); default off")
     p.add_argument("--parkable", action="store_true", help="load so that the model can be parked (CUDA: VMM memory)")

@@ -1,15 +1,17 @@
 """Ready images, parking and waking, and suspending foreign GPU processes (DESIGN.md §2).
 
-- :func:`write_image` / :func:`check_compatible` / :func:`read_manifest`: a model exactly as
-  the engine holds it after prepare, restored by one sequential, checksummed read.
+- :func:`write_engine_image` (over :func:`write_image`) / :func:`check_compatible` /
+  :func:`read_manifest`: a model exactly as the engine holds it after prepare, restored by one
+  sequential, checksummed read.
 - :class:`Parking`: release an allocation (weights arena, KV cache) and bring it back at the
   same addresses; on CUDA through :class:`VmmBuffer` (allocate with :func:`vmm_allocator`).
 - :func:`suspend` / :func:`resume`: the CUDA driver's process checkpoint API for engines the
   fleet manages but did not write.
 """
 
+from zerostart.snapshot._engine_image import write_engine_image
 from zerostart.snapshot._foreign import CheckpointUnavailable, resume, state, suspend
-from zerostart.weights._image import (
+from zerostart.weights import (
     MANIFEST,
     Fingerprint,
     ImageError,
@@ -22,7 +24,7 @@ from zerostart.weights._image import (
     write_image,
 )
 from zerostart.snapshot._park import EngineParking, Parking, ParkStats
-from zerostart.snapshot._vmm import VmmBuffer, VmmUnavailable, buffer_of, vmm_allocator
+from zerostart.snapshot._vmm import VmmBuffer, VmmUnavailable, buffer_of, require_vmm, vmm_allocator
 
 __all__ = [
     "MANIFEST",
@@ -41,9 +43,11 @@ __all__ = [
     "image_store",
     "is_image",
     "read_manifest",
+    "require_vmm",
     "resume",
     "state",
     "suspend",
     "vmm_allocator",
+    "write_engine_image",
     "write_image",
 ]

@@ -25,26 +25,9 @@ def main(args: argparse.Namespace) -> int:
     fp = snapshot.fingerprint(model_dir, engine.device.type, str(engine.dtype))
     out = args.out or snapshot.image_store(args.model, fp)
     t1 = time.perf_counter()
-    path = write_engine_image(engine, model_dir, out, fp, source=args.model)
+    path = snapshot.write_engine_image(engine, model_dir, out, fp, source=args.model)
     m = snapshot.read_manifest(path)
     print(f"snapshot: wrote {m['weights']['bytes'] / 1e9:.2f} GB ({m['weights']['tensors']} tensors, {engine.dtype}, "
           f"{engine.device.type}) in {time.perf_counter() - t1:.1f} s (load and prepare {t1 - t0:.1f} s)", file=sys.stderr)
     print(path)
     return 0
-
-
-def write_engine_image(engine, model_dir: str, out: str, fp, source: str = "") -> str:
-    """Write ``engine``'s prepared weights (its arena, as held) as a ready image."""
-    from zerostart import snapshot
-
-    extra = {"fusion": list(getattr(getattr(engine, "fusion", None), "notes", []) or [])}
-    cache = None
-    if getattr(getattr(engine, "config", None), "compile", False):
-        import torch
-
-        try:
-            artifacts = torch.compiler.save_cache_artifacts()
-            cache = artifacts[0] if artifacts else None
-        except (AttributeError, RuntimeError):
-            cache = None
-    return snapshot.write_image(engine.arena.tensors, model_dir, out, fp, source=source, extra=extra, compile_cache=cache)

@@ -66,7 +66,7 @@ class Parking:
     def _park_cuda(self, keep: bool) -> None:
         import torch
 
-        from zerostart.weights._io import Region
+        from zerostart.weights import Region
 
         if keep:
             if self._host is None:
@@ -113,13 +113,13 @@ class Parking:
         return start, max(0, end - start)
 
     def _park_cpu(self, keep: bool) -> None:
-        from zerostart.weights import _io
+        from zerostart import weights
 
         start, length = self._span()
         if not length:  # smaller than a page: nothing to give back; the bytes stay in place
             return
         if not keep and self._mapped:  # the file would keep the bytes: put fresh memory there
-            _io.map_anonymous_at(start, length)
+            weights.map_anonymous_at(start, length)
             self._close_memfd()
             return
         if keep and not self._mapped:
@@ -134,19 +134,19 @@ class Parking:
                 raise
             self._memfd = fd
         # anonymous memory is freed; a shared mapping of the file only loses its page tables
-        _io.release_pages(start, length, "while parking")
+        weights.release_pages(start, length, "while parking")
 
     def _wake_cpu(self) -> None:
-        from zerostart.weights import _io
+        from zerostart import weights
 
         start, length = self._span()
         if not (self.kept and self._memfd is not None and length):
             return
         t0 = time.perf_counter()
         if not self._mapped:
-            _io.map_shared_at(start, length, self._memfd)
+            weights.map_shared_at(start, length, self._memfd)
             self._mapped = True
-        self._parallel(lambda a, b: _io.touch_pages(start + a, b - a), length)
+        self._parallel(lambda a, b: weights.touch_pages(start + a, b - a), length)
         self.stats.wake_copy_s = time.perf_counter() - t0
 
     def _close_memfd(self) -> None:

@@ -28,6 +28,12 @@ def _driver():
     return driver
 
 
+def require_vmm() -> None:
+    """Import the CUDA driver bindings that VMM memory needs (a parkable load on CUDA), so the
+    cost is paid ahead; raises :class:`VmmUnavailable` saying what is missing."""
+    _driver()
+
+
 def _check(result: Any, what: str) -> Any:
     err, *rest = result if isinstance(result, tuple) else (result,)
     d = _driver()

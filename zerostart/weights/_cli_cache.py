@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
         freed = cache.remove(args.source)
         print(f"removed {args.source} ({freed / 1e9:.2f} GB freed)")
         return 0
-    from zerostart.bench._checkpoint import parse_size
+    from zerostart.units import parse_size
 
     cap = parse_size(args.max_size) if args.max_size else None
     freed = cache.gc(cap)

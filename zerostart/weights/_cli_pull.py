@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from zerostart.bench._checkpoint import parse_size
+    from zerostart.units import parse_size
     from zerostart.weights._sources import pull
 
     bar = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from zerostart.names import dtype_name
 from zerostart.weights._format import WeightsError
 
 _NAMES = {
@@ -31,8 +32,10 @@ def parse_dtype(dtype: "str | torch.dtype | None") -> torch.dtype | None:
     s = str(dtype).removeprefix("torch.")
     if s in TORCH_DTYPES:
         return TORCH_DTYPES[s]
-    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
-    s = aliases.get(s.lower(), s)
+    try:
+        s = dtype_name(s)  # the engine's dtypes and their aliases (zerostart.names)
+    except ValueError:
+        pass  # any other torch dtype by its name ('float64', 'int8')
     dt = getattr(torch, s, None)
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r} (try float32, bfloat16 or float16)")

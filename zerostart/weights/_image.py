@@ -248,8 +248,9 @@ def _fsync_dir(path: str) -> None:
 
 def image_store(source: str, fp: Fingerprint, root: str | None = None) -> str:
     """Where the server keeps the image of ``source`` for this fingerprint."""
+    from zerostart.names import is_local
     from zerostart.weights import cache_dir
 
-    key = hashlib.sha256(json.dumps([os.path.abspath(source) if "://" not in source else source, fp.to_dict()],
+    key = hashlib.sha256(json.dumps([os.path.abspath(source) if is_local(source) else source, fp.to_dict()],
                                     sort_keys=True).encode()).hexdigest()[:24]
     return os.path.join(root or os.path.join(cache_dir(), "images"), key)

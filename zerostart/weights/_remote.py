@@ -59,10 +59,6 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
-def is_remote(spec: str) -> bool:
-    return spec.startswith(("s3://", "http://", "https://"))
-
-
 # ---------------------------------------------------------------------------------------------
 # Addressing and signing
 

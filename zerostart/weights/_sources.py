@@ -23,10 +23,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from zerostart.names import Scheme, is_remote, source_scheme
 from zerostart.weights._cache import BlobWriter, Cache, CacheFull
 from zerostart.weights._checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, resolve
 from zerostart.weights._format import Header, WeightsError, parse_header
-from zerostart.weights._remote import RemoteObject, SourceError, Transport, fetch, is_remote, list_objects
+from zerostart.weights._remote import RemoteObject, SourceError, Transport, fetch, list_objects
 
 
 def hf_snapshot(spec: str) -> str:
@@ -102,7 +103,7 @@ class Opened:
 def open_source(spec: str | os.PathLike[str], cache: Cache | None = None, transport: Transport | None = None,
                 use_cache: bool = True, log: Callable[[str], None] | None = None) -> Opened:
     spec = os.fspath(spec)
-    if spec.startswith("hf://"):
+    if source_scheme(spec) is Scheme.HF:
         spec = hf_snapshot(spec)
     if not is_remote(spec):
         ck = resolve(spec)
@@ -183,7 +184,7 @@ def localize(spec: str | os.PathLike[str], cache: Cache | None = None, transport
     the small files are fetched into the cache (weights stream separately at load time).
     """
     spec = os.fspath(spec)
-    if spec.startswith("hf://"):
+    if source_scheme(spec) is Scheme.HF:
         return hf_snapshot(spec)
     if not is_remote(spec):
         return _dir_of(spec)

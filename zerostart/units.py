@@ -1,4 +1,5 @@
-"""Durations and sizes as people write them in config files and request bodies.
+"""Durations and sizes as people write them in config files, request bodies, policy specs and
+command lines (part of the torch-free leaf, with ``names.py``: it imports nothing of zerostart).
 
 Durations: a number of seconds (``300``, ``0.5``) or a string of units (``"500ms"``, ``"30s"``,
 ``"5m"``, ``"1h30m"``). Keep-alive durations follow Ollama: negative means forever, ``0`` means
@@ -19,6 +20,10 @@ for _i, _p in enumerate("kmgtp", start=1):
     _SIZE_UNITS[f"{_p}ib"] = 1024**_i
 
 FOREVER = math.inf
+GB = 1e9  # prices, bandwidths and model sizes in the cost model are decimal
+HOURS_PER_MONTH = 730.0  # 8760 / 12, the convention cloud price lists use
+
+__all__ = ["FOREVER", "GB", "HOURS_PER_MONTH", "format_duration", "format_size", "parse_duration", "parse_size"]
 
 
 def parse_duration(value: object, *, forever_if_negative: bool = False) -> float:
