@@ -12,8 +12,9 @@ import time
 import pytest
 
 from zerostart import snapshot
-from zerostart.serve import _images
-from zerostart.serve._holder import Holder
+from zerostart.serve.worker import _images
+from zerostart.serve.worker._holder import Holder
+from zerostart.serve.worker._image_writer import host_copy
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_writing_from_a_host_copy_gives_the_same_image(engine, tmp_path) -> None
     direct = _images.write(engine, str(tmp_path / "direct"), fp)
     holder = Holder(time.perf_counter(), time.time())
     holder.engine = engine
-    host = holder._host_copy()
+    host = host_copy(holder)
     assert not holder.paused  # requests were held only during the copy
     lo = min(t.data_ptr() for t in engine.arena.tensors.values())
     host_lo = min(h.data_ptr() for h in host.values())
@@ -90,7 +91,7 @@ def test_an_image_written_from_a_host_copy_carries_the_compile_caches(engine, tm
     fp = snapshot.fingerprint(engine.model_dir, "cpu", str(engine.dtype))
     holder = Holder(time.perf_counter(), time.time())
     holder.engine = engine
-    for name, host in (("copied", holder._host_copy()), ("direct", None)):
+    for name, host in (("copied", host_copy(holder)), ("direct", None)):
         out = _images.write(engine, str(tmp_path / name), fp, host_tensors=host)
         assert snapshot.read_manifest(out)["compile_cache"] == "compile_cache.bin", name
         with open(os.path.join(out, "compile_cache.bin"), "rb") as f:

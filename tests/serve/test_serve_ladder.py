@@ -302,7 +302,7 @@ def test_standby_worker_takes_cold_starts(standby_gw: Gateway) -> None:
     (["--standby", "--reserve", "-1"], "--reserve must be >= 0"),
 ])
 def test_worker_reserve_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from zerostart.serve._worker import main
+    from zerostart.serve.worker import main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv + ["--port", "1"])
@@ -322,7 +322,7 @@ def test_worker_routes(tiny_model: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "zerostart.serve._worker", "--standby", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "zerostart.serve.worker", "--standby", "--port", str(port)],
                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=url, timeout=60)

@@ -16,10 +16,10 @@ import zerostart.serve
 from zerostart import weights
 from zerostart.serve._config import ModelConfig, PrewarmWindow
 from zerostart.serve._errors import BadRequest
-from zerostart.serve._memory import Budget, Candidate, choose_victim, estimate_bytes
-from zerostart.serve._prewarm import is_open, next_change
-from zerostart.serve._protocol import ChatCompletionRequest, CompletionRequest, parse_request
-from zerostart.serve._state import TRANSITIONS, State, TransitionError, check, model_state
+from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, parse_request
+from zerostart.serve.gateway._memory import Budget, Candidate, choose_victim, estimate_bytes
+from zerostart.serve.gateway._prewarm import is_open, next_change
+from zerostart.serve.gateway._state import TRANSITIONS, State, TransitionError, check, model_state
 
 from tests.serve._helpers import child_env
 
@@ -215,15 +215,16 @@ class _FixedPolicy:
 
 def _replica(cfg: ModelConfig, state: State, last_active: float):
     from zerostart.serve._config import ServerConfig
-    from zerostart.serve._replica import Replica
+    from zerostart.serve.backends import ZerostartWorker
+    from zerostart.serve.gateway._replica import Replica
 
-    r = Replica(cfg, ServerConfig(), "/tmp", on_exit=lambda r: None)
+    r = Replica(cfg, ZerostartWorker(cfg, ServerConfig(), "/tmp"))
     r.state, r.last_active = state, last_active
     return r
 
 
 def test_next_move_without_a_policy() -> None:
-    from zerostart.serve._model import Model
+    from zerostart.serve.gateway._model import Model
 
     m = Model(ModelConfig(path="/x", park_after=5, idle_timeout=60), 100, None)
     assert m.parkable and m.can_park
@@ -242,7 +243,7 @@ def test_next_move_without_a_policy() -> None:
 
 def test_a_policy_that_says_parked_parks() -> None:
     from zerostart.policy import LADDER, Decision, Rung
-    from zerostart.serve._model import Model
+    from zerostart.serve.gateway._model import Model
 
     parked = _FixedPolicy(Decision(Rung.PARKED, recheck_at=500.0), LADDER)
     m = Model(ModelConfig(path="/x"), 100, parked)
@@ -276,7 +277,7 @@ def test_eviction_parks_on_accelerators_and_stops_parked_cpu_replicas() -> None:
     """Who makes room: an idle parkable replica on a GPU is parked (its device memory freed, the
     worker kept); on CPU, where parked weights still take host RAM, a parked replica is stopped."""
     from zerostart.serve._config import load_config
-    from zerostart.serve._fleet import Fleet
+    from zerostart.serve.gateway import Fleet
 
     fleet = Fleet(load_config(data={"models": [
         {"path": "/x/a", "device": "cuda:0", "park_after": 30, "memory_estimate": 100},
@@ -284,22 +285,22 @@ def test_eviction_parks_on_accelerators_and_stops_parked_cpu_replicas() -> None:
         {"path": "/x/c", "memory_estimate": 100},
         {"path": "/x/d", "memory_estimate": 100},
     ]}))
-    models = fleet._models
+    models = fleet.models
     a, b, c, d = (models[n] for n in "abcd")
     a.replicas = [_replica(a.cfg, State.HOT, 5.0)]
     b.replicas = [_replica(b.cfg, State.HOT, 1.0)]  # idle longer, but not parkable: stopping it costs a full start
     a.last_ready_s = b.last_ready_s = 3.0
     a.last_wake_s = 0.1
-    victim = fleet._eviction_victim("cuda:0", exclude=c)
+    victim = fleet.memory.victim("cuda:0", exclude=c)
     assert victim is not None and victim[0] is a and victim[2] == "park"
 
     parked = _replica(c.cfg, State.PARKED, 2.0)
     parked.reserved_bytes = 100
     c.replicas = [parked]
-    victim = fleet._eviction_victim("cpu", exclude=d)
+    victim = fleet.memory.victim("cpu", exclude=d)
     assert victim is not None and victim[1] is parked and victim[2] == "stop"
     c.waiters.append(object())  # requests wait for it: it is about to wake, not to be evicted
-    assert fleet._eviction_victim("cpu", exclude=d) is None
+    assert fleet.memory.victim("cpu", exclude=d) is None
 
 
 @pytest.mark.parametrize("server, device, estimates, reserve", [
@@ -311,7 +312,7 @@ def test_eviction_parks_on_accelerators_and_stops_parked_cpu_replicas() -> None:
 ])
 def test_standby_reserve_resolves(server: dict, device: str, estimates: list[int], reserve: int) -> None:
     from zerostart.serve._config import ServerConfig
-    from zerostart.serve._standby import Standby
+    from zerostart.serve.gateway._standby import Standby
 
     s = Standby(ServerConfig(**server), device=device, timeout=1.0, estimates=estimates)
     assert s.reserve == reserve

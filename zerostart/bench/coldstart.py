@@ -119,7 +119,7 @@ class _Worker:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "zerostart.serve._worker", "--port", str(self.port), "--device", args.device]
+        cmd = [sys.executable, "-m", "zerostart.serve.worker", "--port", str(self.port), "--device", args.device]
         if standby:
             cmd.append("--standby")
             if reserve:

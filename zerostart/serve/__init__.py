@@ -7,6 +7,15 @@ or from Python::
     from zerostart.serve import load_config, create_app
     app = create_app(load_config("config.yaml"))   # an ASGI app; run it with uvicorn
 
+The tree is the two processes and what joins them::
+
+    gateway/    the gateway process: HTTP app, OpenAI routes, auth, status, metrics, and the
+                fleet (held requests, climbing/parking/stopping, memory, the idle ticker)
+    worker/     zerostart's own worker process: one model's engine + control routes
+    backends/   how a replica of each engine is started, probed, parked, woken, stopped
+    control.py  the typed gateway <-> worker protocol
+    _config.py, _errors.py, _openai_schema.py, _cli.py: shared by both sides
+
 The gateway never imports torch; each worker process holds one model. Names are imported on
 first use, so that a worker process starts without loading the gateway's modules.
 """
@@ -23,10 +32,10 @@ _EXPORTS = {
     "ServeConfig": "zerostart.serve._config",
     "ServerConfig": "zerostart.serve._config",
     "load_config": "zerostart.serve._config",
-    "State": "zerostart.serve._state",
-    "TRANSITIONS": "zerostart.serve._state",
-    "Fleet": "zerostart.serve._fleet",
-    "create_app": "zerostart.serve._app",
+    "State": "zerostart.serve.gateway",
+    "TRANSITIONS": "zerostart.serve.gateway",
+    "Fleet": "zerostart.serve.gateway",
+    "create_app": "zerostart.serve.gateway",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -70,7 +70,7 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from zerostart.serve._app import create_app
+    from zerostart.serve.gateway import create_app
 
     config, _ = build_config(args)
     server = config.server

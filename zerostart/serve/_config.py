@@ -115,6 +115,7 @@ class ModelConfig(_Section):
 
     path: str  # a model directory, .safetensors file, ready image, hf://, s3:// or https:// source
     name: str | None = None  # the name clients ask for; None: the directory's (or file's) name
+    backend: str = "zerostart"  # the engine its workers run (serve/backends: BACKENDS)
     device: str = "cpu"
     dtype: Dtype | None = None  # None: the engine's choice for the device
     max_model_len: int | None = Field(None, ge=2)  # longest prompt + completion; None: the engine's default
@@ -160,6 +161,15 @@ class ModelConfig(_Section):
     @classmethod
     def _device(cls, device: str) -> str:
         return normalize_device(device)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, backend: str) -> str:
+        from zerostart.serve.backends import BACKENDS  # (its modules import this one)
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (known: {', '.join(sorted(BACKENDS))})")
+        return backend
 
     @model_validator(mode="after")
     def _ranges(self) -> "ModelConfig":

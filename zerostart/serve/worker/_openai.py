@@ -10,14 +10,17 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from zerostart import __version__
 from zerostart.serve._errors import BadRequest, ServeError
-from zerostart.serve._protocol import ChatCompletionRequest, CompletionRequest, _Request, parse_request
+from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, _Request, parse_request
+
+if TYPE_CHECKING:
+    from zerostart.engine import Engine
 
 _FINGERPRINT = f"zerostart-{__version__}"
 
@@ -51,7 +54,7 @@ class _Choice:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Any, name: str) -> None:
+    def __init__(self, engine: Engine, name: str) -> None:
         from zerostart.engine import SamplingParams
 
         self.engine = engine

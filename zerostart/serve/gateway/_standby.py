@@ -15,8 +15,8 @@ Lifecycle of the spare::
                             after a failure, retried with back-off)
     preparing -> ready      the worker reports ``standby``
     preparing -> none       it did not come up (logged; retried after 5 s, doubling to 300 s)
-    ready    -> taken       a cold start of a model on the same device without extra ``env``
-                            (a running process cannot take a model's environment)
+    ready    -> taken       a cold start of a model of the zerostart backend on the same device
+                            without extra ``env`` (a running process cannot take a model's environment)
     ready    -> none        it exited unasked
 """
 
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from zerostart.serve._config import ModelConfig, ServerConfig
 from zerostart.serve._errors import StartFailed
-from zerostart.serve._replica import Replica
+from zerostart.serve.backends import ZerostartWorker
 
 log = logging.getLogger("zerostart.serve")
 
@@ -41,7 +41,7 @@ class Standby:
         self.device = device  # the device the spare initializes (the one most models use)
         self._timeout = timeout  # how long a spare may take to come up
         self._socket_dir: str | None = None
-        self._spare: Replica | None = None
+        self._spare: ZerostartWorker | None = None
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
         self._closing = False
@@ -82,8 +82,9 @@ class Standby:
         if self._failures:
             lo, hi = _BACKOFF_S
             await asyncio.sleep(min(lo * 2 ** (self._failures - 1), hi))
-        r = Replica(None, self._server, self._socket_dir, on_exit=self._on_exit, standby_device=self.device,
-                    standby_reserve=self.reserve)
+        r = ZerostartWorker(None, self._server, self._socket_dir, standby_device=self.device,
+                            standby_reserve=self.reserve)
+        r.on_exit = lambda: self._on_exit(r)
         try:
             async with asyncio.timeout(self._timeout):
                 await r.start_standby()
@@ -102,24 +103,25 @@ class Standby:
         self._spare, self._task = r, None
         log.info("standby worker pid %s is ready on %s", r.pid, self.device)
 
-    def take(self, model: ModelConfig, parkable: bool, on_exit: Callable[[Replica], None]) -> Replica | None:
-        """The ready spare, now assigned to ``model``; None if there is none or the model cannot
-        use it (another device, or extra ``env``). Call :meth:`ensure` once its load is over."""
+    def take(self, model: ModelConfig) -> ZerostartWorker | None:
+        """The ready spare, for ``model`` (its :meth:`ZerostartWorker.hand_over` loads it); None
+        if there is none or the model cannot use it (another backend, another device, or extra
+        ``env``). The caller sets its ``on_exit``. Call :meth:`ensure` once its load is over."""
         r = self._spare
-        if r is None or r.exited.is_set() or model.env or model.device != self.device:
+        if (r is None or r.exited.is_set() or model.backend != ZerostartWorker.name or model.env
+                or model.device != self.device):
             return None
         self._spare = None
-        r.assign(model, parkable)
-        r.on_exit = on_exit
+        r.assign(model)
         log.info("model %s: handing the model to standby worker pid %s", model.served_name, r.pid)
         return r
 
-    def _on_exit(self, r: Replica) -> None:
+    def _on_exit(self, r: ZerostartWorker) -> None:
         if self._spare is r:
             log.warning("the standby worker pid %s exited unasked; preparing another", r.pid)
             self._spare = None
             self._failures += 1
-            asyncio.get_running_loop().create_task(r.close())
+            asyncio.get_running_loop().create_task(r.process.close())
             self.ensure()
 
     async def close(self, timeout: float) -> None:

@@ -1,7 +1,6 @@
 """One served model as the fleet sees it: its replicas, the requests waiting for it, its
 keep-alive and history, and the decisions that concern it alone (how many replicas it keeps
-whatever the traffic, when an idle replica parks or stops). A request's hold on a replica is
-a :class:`Lease`.
+whatever the traffic, when an idle replica parks or stops).
 """
 
 from __future__ import annotations
@@ -9,34 +8,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections import deque
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from zerostart.serve import _prewarm
 from zerostart.serve._config import ModelConfig
-from zerostart.serve._metrics import Metrics
-from zerostart.serve._replica import Replica
-from zerostart.serve._state import ALIVE, WARM, State, model_state
+from zerostart.serve.gateway import _prewarm
+from zerostart.serve.gateway._queue import Waiter
+from zerostart.serve.gateway._replica import Replica
+from zerostart.serve.gateway._state import ALIVE, WARM, State, model_state
+
+if TYPE_CHECKING:
+    from zerostart.policy import Decision, Policy
 
 log = logging.getLogger("zerostart.serve")
-
-
-@dataclass
-class Waiter:
-    """A request held until a replica has room for it."""
-
-    future: asyncio.Future[Replica]
-    arrived: float  # monotonic
 
 
 class Model:
     """One served model: its config, replicas, queue and history. The fleet mutates it; the
     methods here only read it (except :meth:`floor`, which remembers a pre-warm it acted on)."""
 
-    def __init__(self, cfg: ModelConfig, estimate: int | None, policy: Any) -> None:
+    def __init__(self, cfg: ModelConfig, estimate: int | None, policy: Policy | None) -> None:
         self.cfg = cfg
         self.name = cfg.served_name
         self.estimate = estimate  # device bytes per replica; None: unknown until a worker reports its size
@@ -79,11 +71,10 @@ class Model:
     def parked_bytes(self, r: Replica) -> int:
         """Device bytes a parked replica still holds: none on an accelerator (its weights went
         to host RAM); on CPU, host RAM is the device, so its weights stay counted."""
+        if r.memory is not None:  # as measured by its backend
+            return min(r.memory.parked_bytes, r.reserved_bytes)
         if self.cfg.device != "cpu":
             return 0
-        weights = r.info.get("weights_bytes")
-        if isinstance(weights, int):
-            return min(weights, r.reserved_bytes)
         return max(0, r.reserved_bytes - (self.cfg.kv_cache_bytes or 0))
 
     def free_replica(self) -> Replica | None:
@@ -144,10 +135,11 @@ class Model:
             return now, "park" if self.can_park else "stop"
         return now, "stop"  # image or zero: the worker goes (its ready image stays on disk)
 
-    def decide(self, now: float) -> Any:
-        """The policy's decision for this model now."""
+    def decide(self, now: float) -> Decision:
+        """The policy's decision for this model now (only for a model with a policy)."""
         from zerostart.policy import ModelView, Rung
 
+        assert self.policy is not None
         rung = Rung.HOT if self.warm() else Rung.PARKED if any(
             r.state in (State.PARKING, State.PARKED) for r in self.replicas) else Rung.ZERO
         view = ModelView(name=self.name, rung=rung,
@@ -185,55 +177,14 @@ class Model:
             return None
         d = r.timeline.to_dict()
         d.pop("label", None)
-        out = {"rung": r.rung, "ready_s": round(self.last_cold_s or 0.0, 6), **d, "image": r.image}
+        image = r.image.to_json() if r.image is not None else None
+        out = {"rung": r.rung, "ready_s": round(self.last_cold_s or 0.0, 6), **d, "image": image}
         if r.rung.startswith("standby+") and r.standby_record is not None:
             out["standby"] = r.standby_record  # the spare's own start, paid before this cold start
         return out
 
 
-def _policy_parks(policy: Any) -> bool:
+def _policy_parks(policy: Policy) -> bool:
     from zerostart.policy import Rung
 
     return Rung.PARKED in tuple(getattr(policy, "rungs", ()))
-
-
-class Lease:
-    """A request's hold on one replica: while any lease is open the replica is not stopped.
-    Call :meth:`release` when the response is finished (extra calls are ignored)."""
-
-    def __init__(self, model: Model, replica: Replica, arrived: float, metrics: Metrics,
-                 release: Callable[[Model, Replica], None]) -> None:
-        self._model = model
-        self._metrics = metrics
-        self._release = release
-        self.replica = replica
-        self.arrived = arrived
-        self.dispatched = time.monotonic()
-        ready = replica.ready_at or self.dispatched
-        # Time this request spent waiting for a start, and then for room on the replica.
-        self.cold_start_ms = max(0.0, ready - arrived) * 1000.0
-        self.queue_ms = max(0.0, self.dispatched - max(ready, arrived)) * 1000.0
-        self._released = False
-        self._first_byte = False
-
-    def first_byte(self, *, streamed: bool) -> None:
-        """The worker's response started (a streamed request's first token). The first request
-        a new replica serves completes its cold-start timeline with the first_token phase."""
-        if self._first_byte:
-            return
-        self._first_byte = True
-        now = time.monotonic()
-        if streamed:
-            self._metrics.ttft.labels(self._model.name).observe(now - self.arrived)
-        r = self.replica
-        if r.ready_at is not None and not r.first_token_recorded:
-            r.first_token_recorded = True
-            began = max(r.ready_at, self.dispatched)
-            end = r.timeline.now()
-            r.timeline.add_relative("first_token", end - (now - began), end, streamed=streamed)
-            self._metrics.observe_first_token(self._model.name, r.rung, now - began)
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._release(self._model, self.replica)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from zerostart.serve._state import State
+from zerostart.serve.gateway._state import State
 from zerostart.telemetry import Timeline
 
 # Cold starts and their phases span milliseconds (a warm page cache) to minutes (remote fetch).

@@ -1,0 +1,32 @@
+"""How a replica of each engine is started, probed, parked, woken and stopped: one interface
+(:class:`WorkerBackend`, in ``_base.py``), one module per backend, one entry per backend in
+:data:`BACKENDS`. A model picks its backend in the config (``backend:``, default ``zerostart``).
+
+    from zerostart.serve.backends import backend_class
+    worker = backend_class(model.backend)(model, server, socket_dir)
+    cold = await worker.start(parkable=False)       # ColdStart: timeline, rung, image
+    upstream = worker.upstream                      # where the OpenAI requests go
+
+Torch-free: the gateway imports it.
+"""
+
+from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
+from zerostart.serve.backends._upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from zerostart.serve.backends._zerostart import ZerostartWorker
+
+# The config's `backend:` value -> its class. A new backend is one module in this package and
+# one entry here.
+BACKENDS: dict[str, type[WorkerBackend]] = {
+    ZerostartWorker.name: ZerostartWorker,
+}
+
+__all__ = ["BACKENDS", "ColdStart", "Memory", "UpstreamError", "UpstreamPool", "UpstreamResponse", "WorkerBackend",
+           "WorkerError", "ZerostartWorker", "backend_class"]
+
+
+def backend_class(name: str) -> type[WorkerBackend]:
+    """The backend registered as ``name``; ``KeyError`` naming the known ones otherwise."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise KeyError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})") from None

@@ -1,0 +1,273 @@
+"""The ``zerostart`` backend: zerostart's own worker process (``python -m zerostart.serve.worker``),
+driven through its control routes (``serve/control.py``).
+
+Everything the ladder has: ready images (``images``), parking (CUDA VMM / CPU memfd) and the
+standby worker: a worker made without a model imports and initializes its device, then waits;
+:meth:`ZerostartWorker.hand_over` makes it a replica of a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from pydantic import ValidationError
+
+from zerostart.serve._errors import StartFailed
+from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
+from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, Moment
+from zerostart.serve.control import (ErrorBody, LoadRequest, ParkResult, PhasesReport, ReadyReport,
+                                     Refusal, WakeResult, WorkerState)
+from zerostart.telemetry import Timeline
+
+if TYPE_CHECKING:
+    from zerostart.serve._config import ModelConfig, ServerConfig
+
+log = logging.getLogger("zerostart.serve")
+
+_READY_POLL_S = 30.0  # one long poll of the worker's ready route
+_WORKER = "zerostart.serve.worker"  # python -m ...
+
+
+class ZerostartWorker(WorkerBackend):
+    name = "zerostart"
+
+    def __init__(self, model: ModelConfig | None, server: ServerConfig, socket_dir: str, *,
+                 standby_device: str | None = None, standby_reserve: int = 0) -> None:
+        super().__init__(model, server, socket_dir)
+        self.standby_device = standby_device  # a standby worker: the device it initializes
+        self.standby_reserve = standby_reserve  # and the host memory it faults in for the arena (CPU)
+        self.standby_record: dict[str, Any] | None = None  # a standby worker's own start, before the hand-over
+        self._parkable = False
+        self._ready: ReadyReport | None = None  # the worker's last ready report
+        self._phase = "spawn"
+
+    def __repr__(self) -> str:
+        return f"<ZerostartWorker {self.process.label}#{self.id} pid={self.pid}>"
+
+    # -- climbing ---------------------------------------------------------------------------
+
+    async def start(self, *, parkable: bool) -> ColdStart:
+        self._parkable = parkable
+        spawned = await self._spawn()
+        await self._await_ready("while loading")
+        return await self._cold_start(spawned, spawned=True)
+
+    async def start_standby(self) -> None:
+        """Spawn a standby worker and return once it has imported and initialized its device."""
+        spawned = await self._spawn()
+        await self._await_ready("while preparing as a standby worker", want=WorkerState.STANDBY)
+        body = await self._phases()
+        shift = body.origin_unix - spawned.unix
+        tl = Timeline(label="standby worker")
+        phases = [p.to_json() for p in body.phases]
+        tl.add_relative("spawn", 0.0, max(0.0, shift + min((p.start_s for p in body.phases), default=0.0)))
+        tl.merge({"phases": phases}, shift=shift)
+        self.standby_record = {"pid": self.pid, "device": self.standby_device, "phases": tl.to_dict()["phases"]}
+
+    async def hand_over(self, model: ModelConfig, parkable: bool) -> ColdStart:
+        """Make this standby worker a replica of ``model``: it loads it with its imports and
+        device init already done. Raises :class:`StartFailed` like :meth:`start`."""
+        self.assign(model)
+        self._parkable = parkable
+        client = self.process.client
+        assert client is not None
+        if self.standby_record is not None:
+            self.standby_record["waited_s"] = round(time.monotonic() - self.process.spawned_at, 3)
+        begin = Moment.now()
+        options = {k: v for k, v in (("max_model_len", model.max_model_len), ("kv_cache_bytes", model.kv_cache_bytes))
+                   if v is not None}
+        body = LoadRequest(model=model.path, name=model.served_name, device=model.device, dtype=model.dtype,
+                           images=model.images, parkable=parkable, engine_options=options)
+        name = model.served_name
+        try:
+            r = await client.post("/zerostart/load", json=body.model_dump(mode="json"), timeout=CONNECT_TIMEOUT_S)
+        except httpx.HTTPError as e:
+            raise StartFailed(f"the standby worker (pid {self.pid}) did not take model {name!r}: {e!r}",
+                              cause="exit") from None
+        if r.status_code != 202:
+            raise StartFailed(f"the standby worker (pid {self.pid}) refused model {name!r}: HTTP {r.status_code} "
+                              f"{r.text[:300]}", cause="internal")
+        await self._await_ready("while loading")
+        cold = await self._cold_start(begin, spawned=False)
+        cold.standby = self.standby_record
+        return cold
+
+    def assign(self, model: ModelConfig) -> None:
+        """This standby worker now belongs to ``model`` (before :meth:`hand_over` loads it)."""
+        self.model, self.process.label = model, model.served_name
+
+    async def _spawn(self) -> Moment:
+        spawned = await self.process.spawn(self._command, self.child_env())
+        if self.model is None:
+            log.info("standby worker: starting pid %d on %s (%s)", self.pid, self.standby_device, self.address)
+        else:
+            log.info("model %s: starting worker pid %d (%s)", self.model.served_name, self.pid, self.address)
+        return spawned
+
+    def _command(self, fd: int) -> list[str]:
+        cmd = [sys.executable, "-m", _WORKER, "--fd", str(fd)]
+        m = self.model
+        if m is None:
+            cmd += ["--standby", "--device", self.standby_device or "cpu"]
+            if self.standby_reserve:
+                cmd += ["--reserve", str(self.standby_reserve)]
+            return cmd
+        cmd += ["--model", m.path, "--name", m.served_name, "--device", m.device, "--images", m.images]
+        if self._parkable:
+            cmd.append("--parkable")
+        if m.dtype:
+            cmd += ["--dtype", m.dtype]
+        if m.max_model_len:
+            cmd += ["--max-model-len", str(m.max_model_len)]
+        if m.kv_cache_bytes:
+            cmd += ["--kv-cache-bytes", str(m.kv_cache_bytes)]
+        return cmd
+
+    # -- readiness and phases ---------------------------------------------------------------
+
+    async def _await_ready(self, when: str, want: WorkerState = WorkerState.READY) -> None:
+        ready = asyncio.create_task(self._wait_ready(want))
+        exited = asyncio.create_task(self.exited.wait())
+        try:
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not ready.done():
+                ready.cancel()
+        if not ready.done() or ready.cancelled():
+            raise StartFailed(self.process.exit_message(when), cause="exit")
+        exc = ready.exception()
+        if isinstance(exc, StartFailed):
+            raise exc
+        if exc is not None:
+            raise StartFailed(f"the worker for model {self._label!r} answered its ready route unexpectedly: {exc!r}",
+                              cause="exit")
+
+    async def _wait_ready(self, want: WorkerState) -> None:
+        while True:
+            report = await self._poll_ready()
+            if report is None:
+                continue
+            status, body = report
+            self._phase = body.phase or self._phase
+            if status == 200 and body.state is want:
+                if want is WorkerState.READY:
+                    self._ready = body
+                return
+            if body.state is WorkerState.FAILED:
+                where = self.model.path if self.model is not None else f"a standby worker on {self.standby_device}"
+                raise StartFailed(f"model {self._label!r} failed to load from {where}: {body.error}")
+            if status == 200:
+                raise StartFailed(f"the worker for model {self._label!r} is {body.state.value!r}, expected "
+                                  f"{want.value!r}", cause="internal")
+
+    async def _poll_ready(self) -> tuple[int, ReadyReport] | None:
+        """One long poll of the ready route; None while the worker does not accept yet."""
+        client = self.process.client
+        assert client is not None
+        try:
+            r = await client.get("/zerostart/ready", params={"wait": _READY_POLL_S},
+                                 timeout=httpx.Timeout(_READY_POLL_S + 5.0, connect=CONNECT_TIMEOUT_S))
+        except httpx.TransportError:
+            if self.exited.is_set():
+                raise StartFailed(self.process.exit_message("while loading"), cause="exit") from None
+            await asyncio.sleep(0.05)
+            return None
+        return r.status_code, ReadyReport.model_validate_json(r.content)
+
+    async def _phases(self) -> PhasesReport:
+        client = self.process.client
+        assert client is not None
+        try:
+            r = await client.get("/zerostart/phases", timeout=CONNECT_TIMEOUT_S)
+            r.raise_for_status()
+            return PhasesReport.model_validate_json(r.content)
+        except (httpx.HTTPError, ValidationError) as e:
+            raise StartFailed(f"the worker for model {self._label!r} did not report its load phases ({e!r})",
+                              cause="exit") from None
+
+    async def _cold_start(self, begin: Moment, *, spawned: bool) -> ColdStart:
+        """This climb's phases from the worker, on a timeline that begins at ``begin`` (the
+        spawn, the hand-over to a standby worker, or the wake). The worker's phases are relative
+        to its own origin (the first line it ran); only those after the worker was asked for
+        this climb belong to it (a standby's imports happened before)."""
+        body = await self._phases()
+        shift = body.origin_unix - begin.unix
+        phases = [p.to_json() for p in body.phases if not body.requested_s or p.end_s > body.requested_s]
+        timeline = Timeline(origin=begin.perf, label=f"{self._label} cold start")
+        if spawned:
+            # Spawn ends where the worker's first phase begins (its HTTP server is up by then).
+            first = min((float(p["start_s"]) for p in phases), default=0.0)
+            timeline.add_relative("spawn", 0.0, max(0.0, shift + first))
+        timeline.merge({"phases": phases}, shift=shift)
+        rung = body.rung or (self._ready.rung if self._ready is not None else None) or "source"
+        return ColdStart(timeline=timeline, rung=rung, image=body.image)
+
+    async def current_phase(self) -> str:
+        client = self.process.client
+        if client is not None and not self.exited.is_set():
+            try:
+                r = await client.get("/zerostart/ready", params={"wait": 0}, timeout=1.0)
+                self._phase = ReadyReport.model_validate_json(r.content).phase or self._phase
+            except (httpx.HTTPError, ValidationError):
+                pass
+        return self._phase
+
+    async def measure_memory(self) -> Memory | None:
+        """From the worker's ready report: its weights arena and KV cache. Parked, a CPU worker
+        keeps its weights in host RAM (the CPU's device memory); an accelerator keeps nothing."""
+        r = self._ready
+        if r is None or r.weights_bytes is None or r.kv_bytes is None:
+            return None
+        on_cpu = (r.device or "cpu").startswith("cpu")
+        return Memory(held_bytes=r.weights_bytes + r.kv_bytes, parked_bytes=r.weights_bytes if on_cpu else 0)
+
+    # -- parking ----------------------------------------------------------------------------
+
+    async def park(self, timeout: float) -> ParkResult | Refusal:
+        r, body = await self._control("/zerostart/park", "parking", timeout)
+        if r.status_code == 409:
+            err = ErrorBody.model_validate(body).error
+            if err.code in ("busy", "not_ready", "not_parkable"):
+                return Refusal.model_validate({"code": err.code, "message": err.message})
+        if r.status_code != 200:
+            raise WorkerError(_error_message(body, r.status_code))
+        return ParkResult.model_validate(body)
+
+    async def wake(self, timeout: float) -> ColdStart:
+        begin = Moment.now()
+        r, body = await self._control("/zerostart/wake", "waking", timeout)
+        if r.status_code != 200:
+            raise WorkerError(_error_message(body, r.status_code))
+        WakeResult.model_validate(body)
+        try:
+            cold = await self._cold_start(begin, spawned=False)
+        except StartFailed as e:
+            raise WorkerError(e.message) from None
+        cold.rung = "parked"
+        return cold
+
+    async def _control(self, route: str, doing: str, timeout: float) -> tuple[httpx.Response, dict[str, Any]]:
+        client = self.process.client
+        assert client is not None
+        try:
+            r = await client.post(route, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S))
+            return r, r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise WorkerError(f"{doing} the worker for model {self._label!r} (pid {self.pid}) failed: {e!r}") from None
+
+    @property
+    def _label(self) -> str:
+        return self.process.label
+
+
+def _error_message(body: dict[str, Any], status: int) -> str:
+    try:
+        return ErrorBody.model_validate(body).error.message
+    except ValidationError:
+        return f"HTTP {status}"

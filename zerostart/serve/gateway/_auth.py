@@ -1,0 +1,54 @@
+"""Bearer-token auth (when ``server.api_keys`` are set; ``/health`` stays open) and the
+cold-start header on every response, as one ASGI middleware."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from zerostart.serve._errors import Unauthorized
+
+COLD_START_HEADER = "x-zerostart-cold-start-ms"
+
+
+class Headers:
+    """Bearer-token auth (when keys are configured; ``/health`` stays open) and the
+    cold-start header on every response."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = tuple(k.encode() for k in api_keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.keys and scope["path"] != "/health" and not self._authorized(scope):
+            err = Unauthorized("Missing or wrong API key: send 'Authorization: Bearer <key>' with one of the keys "
+                               "in server.api_keys")
+            response = JSONResponse(err.body(), status_code=401,
+                                    headers={COLD_START_HEADER: "0", "www-authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == COLD_START_HEADER.encode() for k, _ in headers):
+                    headers.append((COLD_START_HEADER.encode(), b"0"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+    def _authorized(self, scope: Scope) -> bool:
+        for k, v in scope.get("headers", []):
+            if k == b"authorization":
+                scheme, _, token = v.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    token = token.strip()
+                    return any(hmac.compare_digest(token, key) for key in self.keys)
+        return False
+

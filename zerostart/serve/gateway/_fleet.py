@@ -1,0 +1,229 @@
+"""The fleet: every model the gateway serves, and the request path into them (DESIGN.md §3).
+
+A request ``acquire``s a replica of its model and holds a :class:`Lease` while it is served::
+
+    Fleet.acquire(name)
+      a replica with room?             -> lease it now
+      queue full?                      -> 429 (and climb: _lifecycle.py)
+      else hold the request            (_queue.py), climb one replica (_lifecycle.py: wake a parked
+                                        one, else hand the model to the standby worker, else start a
+                                        worker, after admitting its memory: _memory.py), and lease
+                                        the replica it is handed when one has room
+
+and ``Lease.release`` gives the room back. The idle ticker (``_idle.py``) moves idle replicas
+down. Replica lifecycles follow ``_state.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any, Iterable
+
+from zerostart.serve._config import ConfigError, ModelConfig, ServeConfig
+from zerostart.serve._errors import QueueFull, ShuttingDown, StartFailed, UnknownModel
+from zerostart.serve.gateway import _queue
+from zerostart.serve.gateway._idle import Ticker
+from zerostart.serve.gateway._lifecycle import Lifecycle
+from zerostart.serve.gateway._memory import DeviceMemory, estimate_bytes
+from zerostart.serve.gateway._metrics import Metrics, ModelGauges
+from zerostart.serve.gateway._model import Model
+from zerostart.serve.gateway._queue import Lease
+from zerostart.serve.gateway._replica import Replica
+from zerostart.serve.gateway._standby import Standby
+from zerostart.serve.gateway._state import State
+from zerostart.units import format_size
+from zerostart.weights import WeightsError
+
+if TYPE_CHECKING:
+    from zerostart.policy import Policy
+
+log = logging.getLogger("zerostart.serve")
+
+
+class Fleet:
+    """All models of one gateway. Construct it anywhere; :meth:`start` and :meth:`close` run in
+    the event loop that serves requests."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.models: dict[str, Model] = {}
+        limits = {dev: d.memory_budget for dev, d in config.devices.items()}
+        for i, m in enumerate(config.models):
+            self.models[m.served_name] = _model(m, f"models[{i}] ({m.served_name})", limits.get(m.device))
+        self.memory = DeviceMemory(limits, self.models)
+        self.standby = _standby(config, self.models.values())
+        self.metrics = Metrics(self.models, self._model_gauges, self.memory.gauges, lambda: self.standby.ready)
+        self.lifecycle = Lifecycle(config.server, self.memory, self.metrics, self.standby, changed=self._poke)
+        self.ticker = Ticker(self.models.values(), self.lifecycle)
+        self._ticker_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._own_socket_dir = False
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def model_config(self, name: str) -> ModelConfig:
+        return self._model(name).cfg
+
+    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
+        """A replica of ``name`` with room for one more request; held while the model starts or
+        while its replicas are full. Raises :class:`ServeError` subclasses (404, 429, 503, 504)."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        m = self._model(name)
+        now = time.monotonic()
+        self._arrived(m, now, keep_alive)
+        if not m.live() and m.backoff_until > now:
+            raise StartFailed(f"{m.last_error} (the next start is in {m.backoff_until - now:.0f} s; starts back off "
+                              "after failures)", retry_after=m.backoff_until - now)
+        if not m.waiters and (r := m.free_replica()) is not None:
+            r.in_flight += 1
+            return Lease(m, r, now, self.metrics, self._release)
+        if len(m.waiters) >= m.cfg.max_queued:
+            self.lifecycle.climb(m)
+            raise QueueFull(f"model {name!r} already has {len(m.waiters)} requests waiting (max_queued "
+                            f"{m.cfg.max_queued}); retry after Retry-After seconds", retry_after=_queue.retry_after(m))
+        w = _queue.hold(m, now)
+        self.lifecycle.climb(m)
+        _queue.dispatch(m)
+        replica = await _queue.wait(m, w, self._release)
+        return Lease(m, replica, w.arrived, self.metrics, self._release)
+
+    def _model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(self.models) or "none"
+            raise UnknownModel(f"The model {name!r} does not exist on this server (served models: {known}). "
+                               "GET /v1/models lists them.", param="model") from None
+
+    def _arrived(self, m: Model, now: float, keep_alive: float | None) -> None:
+        m.last_active = now
+        m.keep_alive = m.cfg.idle_timeout if keep_alive is None else keep_alive
+        m.keep_alive_explicit = keep_alive is not None
+        if m.policy is not None:
+            m.policy.observe_arrival(m.name, now)
+        self._poke()
+
+    def _release(self, m: Model, r: Replica) -> None:
+        """A request is done with ``r``: its room goes to the next held request."""
+        now = time.monotonic()
+        r.in_flight -= 1
+        r.last_active = m.last_active = now
+        if m.policy is not None:
+            m.policy.observe_completion(m.name, now)
+        _queue.dispatch(m)
+        if r.in_flight == 0:
+            if r.replenish_standby:
+                r.replenish_standby = False
+                self.standby.ensure()
+            self.memory.notify()  # an idle replica is an eviction candidate
+            self._poke()
+
+    def _poke(self) -> None:
+        self.ticker.poke()
+
+    # -- the fleet's own lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        server = self.config.server
+        if server.worker_transport == "unix":
+            if server.socket_dir:
+                os.makedirs(server.socket_dir, exist_ok=True)
+                socket_dir = server.socket_dir
+            else:
+                socket_dir = tempfile.mkdtemp(prefix="zerostart-")
+                self._own_socket_dir = True
+        else:
+            socket_dir = ""
+        self.lifecycle.socket_dir = socket_dir
+        self._ticker_task = asyncio.create_task(self.ticker.run())
+        self.standby.start(socket_dir)
+
+    async def close(self) -> None:
+        """Answer held requests with 503, wait up to ``shutdown_timeout`` for requests in flight,
+        then stop every worker."""
+        self._closing = self.lifecycle.closing = True
+        if self._ticker_task is not None:
+            self._ticker_task.cancel()
+        for m in self.models.values():
+            _queue.fail(m, ShuttingDown("the server is shutting down"))
+            if m.start_task is not None:
+                m.start_task.cancel()
+        deadline = time.monotonic() + self.config.server.shutdown_timeout
+        while any(m.in_flight for m in self.models.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        starts = [m.start_task for m in self.models.values() if m.start_task is not None]
+        await asyncio.gather(*starts, self.lifecycle.drain(), return_exceptions=True)  # starts, wakes and parks end
+        for m in self.models.values():
+            for r in list(m.replicas):
+                if r.state in (State.HOT, State.PARKED):
+                    # past the shutdown grace, requests still in flight end with the server
+                    self.lifecycle.begin_stop(m, r, "shutdown", force=True)
+        await asyncio.gather(self.standby.close(self.config.server.shutdown_timeout), self.lifecycle.drain(),
+                             return_exceptions=True)
+        socket_dir = self.lifecycle.socket_dir
+        if self._own_socket_dir and socket_dir:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
+    # -- what is going on -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The JSON of ``GET /zerostart/status``."""
+        now = time.monotonic()
+        devices = [{"device": d.device, "budget_bytes": d.budget_bytes, "reserved_bytes": d.reserved_bytes}
+                   for d in self.memory.gauges()]
+        return {"models": [m.status(now) for m in self.models.values()], "devices": devices,
+                "standby": self.standby.status()}
+
+    def _model_gauges(self) -> list[ModelGauges]:
+        out = []
+        for m in self.models.values():
+            counts: dict[State, int] = {}
+            for r in m.replicas:
+                counts[r.state] = counts.get(r.state, 0) + 1
+            out.append(ModelGauges(m.name, m.state, counts, len(m.waiters), m.in_flight))
+        return out
+
+
+def _model(cfg: ModelConfig, where: str, limit: int | None) -> Model:
+    """One model of the config, with its memory estimate (checked against its device's budget)
+    and its policy; ``ConfigError`` naming ``where`` for what cannot be served."""
+    try:
+        est = estimate_bytes(cfg)
+    except (WeightsError, OSError) as e:  # OSError: a path that is neither file nor directory
+        raise ConfigError(f"{where}.path: {e}") from None
+    if est is None:
+        log.info("%s: %s is not in the local cache; its memory estimate comes from its first load "
+                 "(set memory_estimate to admit it against the budget before that)", where, cfg.path)
+    elif limit is not None and est > limit:
+        raise ConfigError(f"{where}: needs an estimated {format_size(est)} of {cfg.device} memory, more than "
+                          f"devices.{cfg.device}.memory_budget ({format_size(limit)}); raise the budget, or set "
+                          "memory_estimate if the estimate is wrong")
+    policy = _policy(cfg.keep_alive_policy, f"{where}.keep_alive_policy") if cfg.keep_alive_policy else None
+    return Model(cfg, est, policy)
+
+
+def _policy(spec: str, where: str) -> Policy:
+    from zerostart.policy import make  # (numpy: only for models that have a policy)
+
+    try:
+        return make(spec)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _standby(config: ServeConfig, models: Iterable[Model]) -> Standby:
+    """The standby worker, on the device most models use (sized for the largest of them)."""
+    devices = [m.device for m in config.models] or ["cpu"]
+    device = max(dict.fromkeys(devices), key=devices.count)
+    return Standby(config.server, device=device,
+                   timeout=max((m.start_timeout for m in config.models), default=300.0),
+                   estimates=[m.estimate for m in models if m.cfg.device == device and m.estimate])

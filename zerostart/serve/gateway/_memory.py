@@ -1,0 +1,228 @@
+"""Device memory: how much a replica will hold, the per-device budget, what each replica has
+reserved, and who goes first when a new model needs room (the fleet's lifecycle acts on it).
+
+Estimates come from the checkpoint's safetensors headers (no torch needed): the weights as
+the engine will hold them, plus ``kv_cache_bytes`` when the model sets it; or the model's
+``memory_estimate``, which should then include the KV cache and activations. A remote source
+(``s3://``, ``https://``) is read from its copy in the local cache; with none, the estimate is
+unknown (None) until the first worker reports the bytes it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, Iterable, Literal, TypeVar
+
+from zerostart import weights
+from zerostart.names import DTYPE_BYTES, Scheme, default_dtype, device_type, is_remote, source_scheme
+from zerostart.serve._config import ModelConfig
+from zerostart.serve._errors import StartFailed
+from zerostart.serve.gateway._metrics import DeviceGauges
+from zerostart.serve.gateway._state import State
+from zerostart.units import format_size
+
+if TYPE_CHECKING:
+    from zerostart.serve.gateway._model import Model
+    from zerostart.serve.gateway._replica import Replica
+
+log = logging.getLogger("zerostart.serve")
+
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # cast to the load dtype; others kept as stored
+
+K = TypeVar("K")
+
+
+def estimate_bytes(model: ModelConfig) -> int | None:
+    """Device bytes one replica of ``model`` holds: ``memory_estimate`` if set, else its weights
+    as loaded plus ``kv_cache_bytes`` (raises ``WeightsError`` for an unreadable checkpoint);
+    None for a remote source that is not in the local cache."""
+    if model.memory_estimate is not None:
+        return model.memory_estimate
+    path = local_copy(model.path)
+    if path is None:
+        return None
+    ckpt = weights.resolve(path)
+    # Without a dtype the engine loads float32 on CPU and a 16-bit type on accelerators.
+    width = DTYPE_BYTES[model.dtype or default_dtype(device_type(model.device))]
+    weight_bytes = sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
+                       for h in ckpt.headers for t in h.tensors.values())
+    return weight_bytes + (model.kv_cache_bytes or 0)
+
+
+def local_copy(path: str) -> str | None:
+    """Where a model's checkpoint can be read on this machine: the path itself, the Hugging Face
+    cache's snapshot of ``hf://org/name``, or the weights cache's complete copy of a remote
+    source (None if it has none yet). Never touches the network."""
+    if source_scheme(path) is Scheme.HF:
+        return weights.hf_snapshot(path)  # WeightsError when it is not in the Hugging Face cache
+    if not is_remote(path):
+        return path
+    cache = weights.Cache()
+    return cache.snapshot_dir(path) if cache.manifest(path) is not None else None
+
+
+class Budget:
+    """Bytes reserved per device against optional limits. Reservations are made before a worker
+    spawns and returned when its process has exited."""
+
+    def __init__(self, limits: dict[str, int | None]) -> None:
+        self._limits = dict(limits)
+        self._used: dict[str, int] = {}
+
+    def limit(self, device: str) -> int | None:
+        return self._limits.get(device)
+
+    def used(self, device: str) -> int:
+        return self._used.get(device, 0)
+
+    def fits(self, device: str, nbytes: int) -> bool:
+        limit = self.limit(device)
+        return limit is None or self.used(device) + nbytes <= limit
+
+    def reserve(self, device: str, nbytes: int) -> None:
+        self._used[device] = self.used(device) + nbytes
+
+    def release(self, device: str, nbytes: int) -> None:
+        left = self.used(device) - nbytes
+        if left < 0:
+            raise RuntimeError(f"device {device}: released {nbytes} bytes more than were reserved")
+        self._used[device] = left
+
+    def devices(self) -> list[str]:
+        return sorted(set(self._limits) | set(self._used))
+
+
+@dataclass(frozen=True)
+class Candidate(Generic[K]):
+    """An idle replica that could be stopped to make room."""
+
+    key: K
+    restart_cost_s: float  # what bringing it back would cost (its last measured cold start)
+    last_active: float  # for ties: the least recently used goes first
+
+
+def choose_victim(candidates: Iterable[Candidate[K]]) -> K | None:
+    """The idle replica cheapest to bring back; among equals, the least recently used."""
+    best = min(candidates, key=lambda c: (c.restart_cost_s, c.last_active), default=None)
+    return None if best is None else best.key
+
+
+Eviction = tuple["Model", "Replica", Literal["park", "stop"]]
+
+
+class DeviceMemory:
+    """The fleet's device memory: the budget, what each replica reserved, and whom to move down
+    to make room. It decides; the lifecycle acts (parks, stops, waits)."""
+
+    def __init__(self, limits: dict[str, int | None], models: dict[str, Model]) -> None:
+        self.budget = Budget(limits)
+        self._models = models
+        self._changed = asyncio.Event()
+
+    # -- waiting for room -------------------------------------------------------------------
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set at the next change (a replica idle, moved down, gone): wait on it for room."""
+        return self._changed
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def fits(self, m: Model, need: int) -> bool:
+        return self.budget.fits(m.cfg.device, need)
+
+    def no_room(self, m: Model, r: Replica, need: int) -> StartFailed | None:
+        """Why ``m`` can never get ``need`` bytes, when waiting cannot make room: nothing on its
+        device is busy, climbing or on its way down (None when something is)."""
+        dev = m.cfg.device
+        if self._may_free(dev, exclude=r):
+            return None
+        holders = ", ".join(sorted({x.name for x in self._models.values() for y in x.replicas
+                                    if y.reserved_bytes and x.cfg.device == dev})) or "nothing"
+        return StartFailed(f"model {m.name!r} needs an estimated {format_size(need)} of {dev} memory; the budget "
+                           f"is {format_size(self.budget.limit(dev) or 0)} and {format_size(self.budget.used(dev))} "
+                           f"is held by models kept hot by min_replicas or pre-warm windows ({holders})",
+                           cause="memory")
+
+    def _may_free(self, device: str, exclude: Replica) -> bool:
+        """Whether waiting can make room: some replica on the device is busy, climbing, or on
+        its way down."""
+        for m in self._models.values():
+            for r in m.replicas:
+                if r is exclude or m.cfg.device != device or not r.reserved_bytes:
+                    continue
+                if r.state in (State.STARTING, State.STOPPING, State.PARKING, State.WAKING) or r.in_flight > 0:
+                    return True
+        return False
+
+    def victim(self, device: str, exclude: Model) -> Eviction | None:
+        """The idle replica on ``device`` cheapest to bring back, and how it goes: parked where
+        that frees device memory (and keeps it close), else stopped. Replicas kept by a floor,
+        busy ones and parked ones requests wait for are never chosen."""
+        now = time.monotonic()
+        candidates: list[Candidate[Eviction]] = []
+        for m in self._models.values():
+            if m is exclude or m.cfg.device != device:
+                continue
+            spare = len(m.warm()) - m.floor(now)
+            idle = sorted((r for r in m.replicas if r.state is State.HOT and r.in_flight == 0), key=lambda r: r.last_active)
+            full_start = m.last_ready_s if m.last_ready_s is not None else math.inf
+            for r in idle[:max(0, spare)]:
+                if m.can_park and device != "cpu":  # parking frees its device memory and keeps it close
+                    cost = m.last_wake_s if m.last_wake_s is not None else 0.0
+                    candidates.append(Candidate((m, r, "park"), cost, r.last_active))
+                else:
+                    candidates.append(Candidate((m, r, "stop"), full_start, r.last_active))
+            if not m.waiters and m.start_task is None:
+                for r in m.parked():
+                    if r.reserved_bytes:  # on CPU a parked replica's weights still hold host RAM
+                        candidates.append(Candidate((m, r, "stop"), full_start, r.last_active))
+        return choose_victim(candidates)
+
+    # -- reservations -----------------------------------------------------------------------
+
+    def reserve(self, m: Model, r: Replica, need: int) -> None:
+        self.budget.reserve(m.cfg.device, need)
+        r.reserved_bytes += need
+
+    def release(self, m: Model, r: Replica) -> None:
+        """Return everything ``r`` reserved (its process is gone)."""
+        if r.reserved_bytes:
+            self.budget.release(m.cfg.device, r.reserved_bytes)
+            r.reserved_bytes = 0
+        self.notify()
+
+    def parked(self, m: Model, r: Replica) -> None:
+        """``r`` parked: return what it no longer holds on its device."""
+        keep = m.parked_bytes(r)
+        if r.reserved_bytes > keep:
+            self.budget.release(m.cfg.device, r.reserved_bytes - keep)
+            r.reserved_bytes = keep
+
+    def learn_size(self, m: Model, r: Replica) -> None:
+        """A model without an estimate (a remote source not in the cache, no memory_estimate)
+        takes the size its first worker measured, and its reservation grows to match."""
+        if m.estimate is not None or r.memory is None or r.memory.held_bytes <= 0:
+            return
+        size = r.memory.held_bytes
+        m.estimate = size
+        dev = m.cfg.device
+        self.budget.reserve(dev, size - r.reserved_bytes)
+        r.reserved_bytes = size
+        limit = self.budget.limit(dev)
+        log.info("model %s: holds %s on %s (measured; used as its memory estimate from now on)", m.name,
+                 format_size(size), dev)
+        if limit is not None and self.budget.used(dev) > limit:
+            log.warning("device %s: %s reserved, over its memory budget of %s since model %s reported its size; "
+                        "set memory_estimate for models loaded from remote sources", dev,
+                        format_size(self.budget.used(dev)), format_size(limit), m.name)
+
+    def gauges(self) -> list[DeviceGauges]:
+        devices = sorted(set(self.budget.devices()) | {m.cfg.device for m in self._models.values()})
+        return [DeviceGauges(d, self.budget.used(d), self.budget.limit(d)) for d in devices]

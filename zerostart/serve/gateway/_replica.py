@@ -1,0 +1,84 @@
+"""One replica as the fleet sees it: where it is on the lifecycle table (``_state.py``), the
+requests on it, the device memory reserved for it and what its last climb cost. The worker
+process behind it is its backend's business (``serve/backends``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from zerostart.serve.gateway._state import State, check
+from zerostart.telemetry import Timeline
+
+if TYPE_CHECKING:
+    from zerostart.serve._config import ModelConfig
+    from zerostart.serve.backends import ColdStart, Memory, UpstreamPool, WorkerBackend
+    from zerostart.serve.control import ImageReport
+
+log = logging.getLogger("zerostart.serve")
+
+
+class Replica:
+    """A worker for one model. ``state`` follows the table in ``_state.py``: the fleet drives
+    the transitions, the backend (``worker``) does the process work."""
+
+    def __init__(self, model: ModelConfig, worker: WorkerBackend) -> None:
+        self.model = model
+        self.name = model.served_name
+        self.worker = worker
+        self.state = State.ZERO
+        self.in_flight = 0
+        self.last_active = time.monotonic()
+        self.reserved_bytes = 0  # device bytes the budget holds for it
+        self.timeline = Timeline(label=f"{self.name} cold start")  # its latest climb (then its first token)
+        self.rung = "source"  # the rung it last climbed from (source, image, standby+..., parked)
+        self.image: ImageReport | None = None  # what the worker did with ready images
+        self.standby_record: dict[str, Any] | None = None  # a standby worker's own start, before the hand-over
+        self.memory: Memory | None = None  # what it holds, as measured once it was ready
+        self.replenish_standby = False  # taken from the standby: prepare the next spare once idle
+        self.ready_at: float | None = None  # monotonic
+        self.first_token_recorded = False
+
+    def __repr__(self) -> str:
+        return f"<Replica {self.name}#{self.worker.id} {self.state.value} pid={self.pid} in_flight={self.in_flight}>"
+
+    def transition(self, dst: State) -> None:
+        check(self.state, dst, f"{self.name} replica #{self.worker.id}")
+        log.debug("%s replica #%d: %s -> %s", self.name, self.worker.id, self.state.value, dst.value)
+        self.state = dst
+
+    def climbed(self, cold: ColdStart) -> None:
+        """It reached ready (a start, a hand-over or a wake) as ``cold`` describes."""
+        self.timeline, self.rung, self.image = cold.timeline, cold.rung, cold.image
+        if cold.standby is not None:
+            self.standby_record = cold.standby
+        self.ready_at = self.last_active = time.monotonic()
+        self.first_token_recorded = False
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.state is State.HOT and self.in_flight < self.model.max_concurrency
+
+    # -- the worker's process ---------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker.pid
+
+    @property
+    def address(self) -> str | None:
+        return self.worker.address
+
+    @property
+    def upstream(self) -> UpstreamPool | None:
+        return self.worker.upstream
+
+    @property
+    def exited(self) -> asyncio.Event:
+        return self.worker.exited
+
+    def crash_message(self) -> str:
+        return self.worker.crash_message()

@@ -1,0 +1,129 @@
+"""The worker process's command line. Started by the gateway (the ``zerostart`` backend) with
+a listening socket already bound (``--fd``)::
+
+    python -m zerostart.serve.worker --fd 5 --model SOURCE --name NAME [--device cpu] [--dtype bfloat16]
+                                     [--images off|use|write] [--parkable]
+    python -m zerostart.serve.worker --fd 5 --standby [--device cuda]
+
+or on its own, for a direct comparison, ``zerostart coldstart`` or debugging::
+
+    python -m zerostart.serve.worker --model SOURCE (--port 8001 [--host 127.0.0.1] | --uds /tmp/w.sock)
+
+It serves HTTP at once and loads the model in the background, so the gateway can ask how the
+load is going (``_app.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from zerostart.names import DTYPES, IMAGE_MODES
+from zerostart.serve._config import default_name
+from zerostart.serve.worker._app import SHUTDOWN_GRACE_S, build_app
+from zerostart.serve.worker._holder import Holder
+from zerostart.serve.worker._loading import LoadSpec
+
+_ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly before a hard exit
+
+
+def main(argv: list[str] | None = None, origin: tuple[float, float] | None = None) -> int:
+    """Run a worker until SIGTERM (or until the gateway that started it goes away). ``origin``:
+    ``(perf_counter, time)`` when the process began running our code (``__main__`` takes it
+    first thing); phases are measured from it."""
+    origin = origin or (time.perf_counter(), time.time())
+    args = _arguments(argv)
+    import uvicorn
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    options = {k: v for k, v in (("max_model_len", args.max_model_len), ("kv_cache_bytes", args.kv_cache_bytes))
+               if v is not None}
+    name = args.name or (default_name(args.model) if args.model else "")
+    spec = LoadSpec(model=args.model or "", name=name, device=args.device, dtype=args.dtype, images=args.images,
+                    parkable=args.parkable, engine_options=options)
+    holder = Holder(*origin)
+    if args.standby:
+        holder.start_standby(args.device, reserve=args.reserve)
+    else:
+        holder.start(spec)  # overlaps the load with the server's start
+    if args.fd is not None:
+        _watch_parent()
+    sock = _socket(args)
+    config = uvicorn.Config(build_app(holder, name or "standby", spec), log_level="warning", access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m zerostart.serve.worker", description="a zerostart worker (one model)")
+    p.add_argument("--model", help="model directory, .safetensors file, ready image, hf://org/name, s3://... or "
+                                   "https://... (with --standby: the default for /zerostart/load)")
+    p.add_argument("--standby", action="store_true",
+                   help="import and initialize the device, then wait for POST /zerostart/load")
+    p.add_argument("--reserve", type=int, default=0, metavar="BYTES",
+                   help="with --standby on cpu: fault in this much host memory while waiting; the model's "
+                        "weights are read straight into it (default 0: none)")
+    p.add_argument("--name", help="served model name (default: the model directory's name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=DTYPES)
+    # The gateway always passes the model's setting (its default is the config's); a worker
+    # started by hand touches no image store unless asked.
+    p.add_argument("--images", default="off", choices=IMAGE_MODES,
+                   help="ready images: off, use (restore a matching one), write (use, and write one after a "
+                        "load from the source); default off")
+    p.add_argument("--parkable", action="store_true", help="load so that the model can be parked (CUDA: VMM memory)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (tokens)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--fd", type=int, help="an inherited, listening socket (set by the gateway)")
+    where.add_argument("--uds", help="listen on this Unix socket path")
+    where.add_argument("--port", type=int, help="listen on this TCP port")
+    p.add_argument("--host", default="127.0.0.1", help="with --port")
+    args = p.parse_args(argv)
+    if not args.model and not args.standby:
+        p.error("--model is required (or --standby, to wait for POST /zerostart/load)")
+    if args.reserve < 0:
+        p.error(f"--reserve must be >= 0 bytes, got {args.reserve}")
+    if args.reserve and not args.standby:
+        p.error("--reserve applies to a standby worker (--standby): a worker that loads at once gains nothing from it")
+    return args
+
+
+def _watch_parent() -> None:
+    """The gateway holds our stdin open; end-of-file means it is gone, and so should we be."""
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(65536):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(_ORPHAN_GRACE_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="zerostart-parent-watch", daemon=True).start()
+
+
+def _socket(args: argparse.Namespace) -> socket.socket:
+    if args.fd is not None:
+        return socket.socket(fileno=args.fd)
+    if args.uds:
+        if os.path.exists(args.uds):
+            os.unlink(args.uds)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(args.uds)
+    else:
+        # IPPROTO_TCP, so asyncio turns Nagle off on each connection (else small writes wait 40 ms)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    sock.listen(1024)
+    return sock
