@@ -1,8 +1,10 @@
-"""Environment for benchmark child processes: the same zerostart as the parent."""
+"""Environment for benchmark child processes (the same zerostart as the parent), and the
+benchmarks' progress lines (stderr, so that the tables on stdout stay clean)."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import zerostart
 
@@ -13,3 +15,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra or {})
     return env
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

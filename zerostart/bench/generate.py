@@ -27,6 +27,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
+from zerostart.bench._env import log as _log  # noqa: E402
 
 COLD_COLUMNS = ("spawn", "import", "load", "warmup", "first_token")
 
@@ -81,10 +82,6 @@ def main(args: argparse.Namespace) -> int:
         os.replace(tmp, args.json)
         _log(f"wrote {args.json}")
     return 0
-
-
-def _log(msg: str) -> None:
-    print(f"zerostart bench generate: {msg}", file=sys.stderr, flush=True)
 
 
 def _demo(size: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 from zerostart.bench import _ceilings, _checkpoint
 from zerostart.bench._contestants import CONTESTANTS, LABELS, available, prepare
 from zerostart.units import parse_size
+from zerostart.bench._env import log as _log
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +47,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    names = _contestants(args)
+    from zerostart import weights
+
+    work = args.work_dir or os.path.join(weights.cache_dir(), "bench")
+    if (args.model and weights.is_remote(args.model)) or args.s3_loopback:
+        return _object_storage(args, work)
+    if args.model:
+        path = args.model
+        desc = path
+    else:
+        path = _checkpoint.ensure(work, parse_size(args.size), log=_log)
+        desc = f"generated Llama-shaped bf16 checkpoint, {_checkpoint.describe(path)}"
+    ckpt = weights.resolve(path)
+    files = [h.path for h in ckpt.headers]
+    model_bytes = ckpt.nbytes
+    _log(f"bench load: {desc}: {model_bytes / 1e9:.2f} GB in {len(files)} file(s), device {args.device}")
+    if args.sweep:
+        return _sweep(path, files, model_bytes, args)
+
+    runners, extras, skipped = _prepare(names, path, files, work, args.device)
+    modes = ["cold", "warm"] if args.cold else ["warm"]
+    can_drop = _ceilings.can_drop_caches()
+    if args.cold and not can_drop:
+        _log("  note: cannot drop the page cache here (needs root); 'cold' trials use POSIX_FADV_DONTNEED only")
+    trials, ceilings = _race(runners, extras, modes, path, files, args)
+
+    report = _summarize(trials, ceilings, runners, modes, model_bytes, args.device)
+    ref = report["reference_fingerprint"]
+    bad = sorted({t["contestant"] for t in trials if ref and t.get("fingerprint") not in (None, ref)})
+    report.update(model=path, model_description=desc, files=len(files), bytes=model_bytes, device=args.device,
+                  repeat=args.repeat, dropped_page_cache=can_drop if args.cold else None, skipped=skipped,
+                  mismatched=bad, environment=_environment(args.device), trials=trials)
+    print(_table(report))
+    if bad:
+        print(f"WARNING: contents differ from zerostart's for: {', '.join(LABELS[b] for b in bad)}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        _log(f"wrote {args.json}")
+    return 0
+
+
+def _contestants(args: argparse.Namespace) -> list[str]:
+    """The contestants asked for (``--only``), once the arguments are checked."""
     if args.repeat < 1:
         raise SystemExit("zerostart: error: --repeat must be at least 1")
     names = CONTESTANTS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
@@ -57,28 +103,13 @@ def main(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise SystemExit("zerostart: error: --device cuda but CUDA is not available here")
+    return names
 
-    from zerostart import weights
 
-    work = args.work_dir or os.path.join(weights.cache_dir(), "bench")
-    if (args.model and weights.is_remote(args.model)) or args.s3_loopback:
-        return _object_storage(args, work)
-    if args.model:
-        path = args.model
-        desc = path
-    else:
-        size = parse_size(args.size)
-        path = _checkpoint.ensure(work, size, log=_log)
-        desc = f"generated Llama-shaped bf16 checkpoint, {_checkpoint.describe(path)}"
-    ckpt = weights.resolve(path)
-    files = [h.path for h in ckpt.headers]
-    model_bytes = ckpt.nbytes
-    _log(f"bench load: {desc}: {model_bytes / 1e9:.2f} GB in {len(files)} file(s), device {args.device}")
-
-    if args.sweep:
-        return _sweep(path, files, model_bytes, args)
-
-    skipped = {n: why for n in names if (why := available(n, args.device))}
+def _prepare(names: list[str], path: str, files: list[str], work: str,
+             device: str) -> tuple[list[str], dict[str, dict], dict[str, str]]:
+    """(the contestants that run, what each prepared, why the others are skipped)."""
+    skipped = {n: why for n in names if (why := available(n, device))}
     runners = [n for n in names if n not in skipped]
     extras: dict[str, dict] = {}
     for n in runners:
@@ -89,15 +120,16 @@ def main(args: argparse.Namespace) -> int:
     runners = [n for n in runners if n not in skipped]
     for n, why in skipped.items():
         _log(f"  skipping {LABELS[n]}: {why}")
+    return runners, extras, skipped
 
-    modes = ["cold", "warm"] if args.cold else ["warm"]
-    can_drop = _ceilings.can_drop_caches()
-    if args.cold and not can_drop:
-        _log("  note: cannot drop the page cache here (needs root); 'cold' trials use POSIX_FADV_DONTNEED only")
+
+def _race(runners: list[str], extras: dict[str, dict], modes: list[str], path: str, files: list[str],
+          args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    """Every contestant, every mode, ``--repeat`` interleaved rounds (each round in another
+    order), with the ceilings measured again in every round."""
     trials: list[dict[str, Any]] = []
     ceilings: dict[str, list[float]] = {}
     all_files = files + [extras[n]["tensorizer_file"] for n in runners if "tensorizer_file" in extras.get(n, {})]
-
     for rnd in range(args.repeat):
         _log(f"round {rnd + 1}/{args.repeat}")
         for key, value in _ceilings.measure(files, args.device, cold=args.cold).items():
@@ -116,22 +148,7 @@ def main(args: argparse.Namespace) -> int:
                     _log(f"  {mode:4} {LABELS[n]:<26} FAILED: {r['error'].splitlines()[-1] if r['error'] else ''}")
                 else:
                     _log(f"  {mode:4} {LABELS[n]:<26} {r['bytes'] / r['seconds'] / 1e9:7.2f} GB/s  ({r['seconds']:.3f} s)")
-
-    report = _summarize(trials, ceilings, runners, modes, model_bytes, args.device)
-    ref = report["reference_fingerprint"]
-    bad = sorted({t["contestant"] for t in trials if ref and t.get("fingerprint") not in (None, ref)})
-    report.update(model=path, model_description=desc, files=len(files), bytes=model_bytes, device=args.device,
-                  repeat=args.repeat, dropped_page_cache=can_drop if args.cold else None, skipped=skipped,
-                  mismatched=bad, environment=_environment(args.device), trials=trials)
-    print(_table(report))
-    if bad:
-        print(f"WARNING: contents differ from zerostart's for: {', '.join(LABELS[b] for b in bad)}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        _log(f"wrote {args.json}")
-    return 0
+    return trials, ceilings
 
 
 def _object_storage(args: argparse.Namespace, work: str) -> int:
@@ -329,7 +346,3 @@ def _environment(device: str) -> dict[str, Any]:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     return env
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

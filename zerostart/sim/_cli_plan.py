@@ -143,24 +143,28 @@ def main(args: argparse.Namespace) -> int:
 
 def plan_lines(costs: CostModel, rate: float, pattern: str, p99: float | None) -> list[str]:
     """The whole printout, line by line."""
-    gb = costs.model_gb
-    size = 0  # the cost model's model_gb
-    hot = costs.hold_usd_per_s(Rung.HOT, size)
-    lam = costs.latency_usd_per_s
-    spawn = 0.0 if costs.standby else costs.spawn_s
-    L = [f"model: {gb:g} GB of weights" + (" (standby worker: no spawn/import/device init)" if costs.standby else "")]
-    L.append("")
-    L.append("holding cost per hour")
+    head = f"model: {costs.model_gb:g} GB of weights" + (
+        " (standby worker: no spawn/import/device init)" if costs.standby else "")
+    return [head, "", *_holding(costs), "", *_wakes(costs), "", *_break_even(costs), "",
+            *_traffic(costs, rate, pattern, p99)]
+
+
+def _holding(costs: CostModel) -> list[str]:
+    gb, size = costs.model_gb, 0  # size 0: the cost model's model_gb
     holding = [
         (Rung.HOT, f"{costs.device_usd_per_hour:g} $/device-h x {costs.device_share:g} device"),
         (Rung.PARKED, f"({gb:g} GB + {costs.worker_ram_gb:g} GB worker) x {costs.host_ram_usd_per_gb_hour:g} $/GB-h"),
         (Rung.IMAGE, f"{gb:g} GB x {costs.disk_usd_per_gb_month:g} $/GB-month / 730 h"),
         (Rung.ZERO, "nothing held"),
     ]
-    for rung, expr in holding:
-        L.append(f"  {rung.value:<7} {expr:<55} = {_usd(costs.hold_usd_per_s(rung, size) * 3600)}/h")
-    L.append("")
-    L.append("wake to hot")
+    return ["holding cost per hour"] + [
+        f"  {rung.value:<7} {expr:<55} = {_usd(costs.hold_usd_per_s(rung, size) * 3600)}/h" for rung, expr in holding]
+
+
+def _wakes(costs: CostModel) -> list[str]:
+    gb, size = costs.model_gb, 0
+    hot, lam = costs.hold_usd_per_s(Rung.HOT, size), costs.latency_usd_per_s
+    spawn = 0.0 if costs.standby else costs.spawn_s
     formulas = {
         Rung.PARKED: f"{costs.parked_fixed_s:g} s + {gb:g} GB / {costs.h2d_gbps:g} GB/s",
         Rung.IMAGE: f"{spawn:g} s spawn + {costs.image_warmup_s:g} s warm-up + {gb:g} GB / "
@@ -168,18 +172,22 @@ def plan_lines(costs: CostModel, rate: float, pattern: str, p99: float | None) -
         Rung.ZERO: f"{spawn:g} s spawn + {costs.source_warmup_s:g} s prepare/warm-up + {gb:g} GB / "
                    f"{min(costs.source_gbps, costs.h2d_gbps):g} GB/s",
     }
+    L = ["wake to hot"]
     for rung in LADDER[1:]:
-        src = costs.wake_source(rung, "*")
-        how = "measured (coldstart telemetry)" if src == "measured" else formulas[rung]
+        how = "measured (coldstart telemetry)" if costs.wake_source(rung, "*") == "measured" else formulas[rung]
         L.append(f"  {rung.value:<7} {how:<55} = {costs.wake_s(rung, size, '*'):.2f} s")
     L.append("")
     L.append(f"cost of one wake = seconds x ({lam:g} $/s a request waits + {hot:.6f} $/s device held while loading)")
     for rung in LADDER[1:]:
         expr = f"{costs.wake_s(rung, size, '*'):.2f} s x {lam + hot:.6f} $/s"
         L.append(f"  {rung.value:<7} {expr:<55} = {_usd(costs.wake_usd(rung, size, '*'))}")
-    L.append("")
-    L.append("break-even idle time (stay on the upper rung until its extra holding cost equals the lower rung's "
-             "extra wake cost; never worse than 2x the best choice made in hindsight)")
+    return L
+
+
+def _break_even(costs: CostModel) -> list[str]:
+    size = 0
+    L = ["break-even idle time (stay on the upper rung until its extra holding cost equals the lower rung's "
+         "extra wake cost; never worse than 2x the best choice made in hindsight)"]
     for upper, lower in ((Rung.HOT, Rung.PARKED), (Rung.PARKED, Rung.IMAGE), (Rung.IMAGE, Rung.ZERO),
                          (Rung.HOT, Rung.IMAGE), (Rung.HOT, Rung.ZERO)):
         dw = costs.wake_usd(lower, size, "*") - costs.wake_usd(upper, size, "*")
@@ -188,22 +196,22 @@ def plan_lines(costs: CostModel, rate: float, pattern: str, p99: float | None) -
         expr = f"{_usd(dw)} / {_usd(dc)}/h"
         L.append(f"  {upper.value + ' -> ' + lower.value:<16} {expr:<46} = "
                  f"{_dur(be) if math.isfinite(be) else 'never'}")
-    L.append("")
-    mu = 3600.0 / rate
-    L.append(f"traffic: {rate:g} requests/hour, {pattern}: mean idle gap 3600 / {rate:g} = {_dur(round(mu, 1))}"
-             + ("" if pattern == "periodic" else f"; P(gap > T) = exp(-T / {mu:.0f} s)"))
-    opts = options(costs, size, rate, pattern)
+    return L
+
+
+def _traffic(costs: CostModel, rate: float, pattern: str, p99: float | None) -> list[str]:
+    """The strategies priced at this traffic, and the verdict."""
+    lam, mu = costs.latency_usd_per_s, 3600.0 / rate
+    L = [f"traffic: {rate:g} requests/hour, {pattern}: mean idle gap 3600 / {rate:g} = {_dur(round(mu, 1))}"
+         + ("" if pattern == "periodic" else f"; P(gap > T) = exp(-T / {mu:.0f} s)")]
+    opts = options(costs, 0, rate, pattern)
     L.append(f"  {'strategy':<44} {'$/h':>9} {'+latency $/h':>13} {'cold':>7} {'wait':>7}")
     for o in opts:
         L.append(f"  {o.label:<44} {o.usd_per_hour:>9.4f} {o.latency_usd_per_hour:>13.4f} "
                  f"{o.cold_fraction:>7.1%} {o.wait_s:>6.2f}s")
     L.append("")
     always = opts[0]
-
-    def p99_ok(o: Option) -> bool:
-        return p99 is None or o.cold_fraction <= 0.01 or o.wait_s <= p99
-
-    eligible = [o for o in opts if p99_ok(o)]
+    eligible = [o for o in opts if p99 is None or o.cold_fraction <= 0.01 or o.wait_s <= p99]
     best = min(eligible, key=lambda o: o.usd_per_hour + o.latency_usd_per_hour)
     cheapest = min(eligible, key=lambda o: o.usd_per_hour)
     if p99 is not None:

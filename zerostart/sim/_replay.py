@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zerostart.policy import LADDER, CostModel, ModelView, Policy, Rung
-from zerostart.units import GB, HOURS_PER_MONTH
+from zerostart.units import HOURS_PER_MONTH
 from zerostart.sim._traces import Trace, TraceError
 
 _HOT, _PARKED, _IMAGE = 0, 1, 2
