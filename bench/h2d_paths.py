@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zerostart.weights._io import Region, pread_into  # noqa: E402
+from zerostart.weights import Region, pread_into  # noqa: E402
 
 
 def gbps(n: int, s: float) -> float:

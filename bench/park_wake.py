@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from zerostart import snapshot, weights  # noqa: E402
-from zerostart.bench._ceilings import _pinned_h2d  # noqa: E402
+from zerostart.bench import pinned_h2d  # noqa: E402
 from zerostart.engine import Engine, SamplingParams  # noqa: E402
 from zerostart.engine.demo import write_demo_model  # noqa: E402
 
@@ -38,7 +38,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     ref = [ev.token_id for ev in e.generate("the cold start", params) if ev.token_id is not None]
     parking = snapshot.EngineParking(e)
-    h2d = _pinned_h2d("cuda")
+    h2d = pinned_h2d("cuda")
     runs = []
     same = True
     for _ in range(a.repeat):

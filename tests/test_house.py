@@ -166,6 +166,7 @@ FACES = {
                                 "WORKER_TRANSITIONS", "WakeResult", "WorkerState", "check_worker"],
     "zerostart.policy": ["AlwaysWarm", "CostAwareLadder", "CostModel", "Decision", "FixedTTL", "HybridHistogram",
                          "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung", "describe", "make"],
+    "zerostart.bench": ["pinned_h2d"],
     "zerostart.sim": ["Capacity", "FORMATS", "Service", "Trace", "TraceError", "derive", "load_trace",
                       "parse_popularity", "replay"],
 }
@@ -181,4 +182,15 @@ def test_public_faces_are_pinned(module: str) -> None:
 
 def test_every_package_has_a_pinned_face() -> None:
     packages = {m for m, p, _ in MODULES if p.name == "__init__.py" and m != "zerostart"}
-    assert packages - set(FACES) == {"zerostart.bench"}  # the top floor: commands, no face
+    assert packages - set(FACES) == set()
+
+
+def test_benchmark_scripts_use_public_faces() -> None:
+    """The scripts in the repository's bench/ (the top floor, with zerostart.bench) import
+    zerostart's public faces only."""
+    offenders = []
+    for path in sorted((PACKAGE.parent / "bench").glob("*.py")):
+        for line, name in _imports("bench", ast.parse(path.read_text(), str(path))):
+            if any(part.startswith("_") and not part.startswith("__") for part in name.split(".")):
+                offenders.append(f"bench/{path.name}:{line} imports {name}")
+    assert offenders == []

@@ -88,7 +88,7 @@ def measure(files: list[str], device: str, cold: bool) -> dict[str, float]:
     out["warm_read"] = _read_all(files, os.cpu_count() or 1, 8 << 20, False, buf)
     out["memcpy"] = _memcpy()
     if device.startswith("cuda"):
-        out["pinned_h2d"] = _pinned_h2d(device)
+        out["pinned_h2d"] = pinned_h2d(device)
     buf.close()
     return out
 
@@ -141,7 +141,7 @@ def _memcpy(n: int = 1 << 30) -> float:
     return statistics.median(runs)
 
 
-def _pinned_h2d(device: str, n: int = 1 << 30) -> float:
+def pinned_h2d(device: str, n: int = 1 << 30) -> float:
     import torch
 
     a = torch.ones(n, dtype=torch.uint8, pin_memory=True)
