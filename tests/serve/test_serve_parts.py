@@ -320,3 +320,21 @@ def test_standby_reserve_resolves(server: dict, device: str, estimates: list[int
         assert s.status()["reserve_bytes"] == reserve
     else:
         assert s.status() is None
+
+
+def test_the_config_names_every_registered_backend() -> None:
+    """A model's ``backend:`` accepts exactly the backends that are registered, by their name."""
+    from typing import get_args
+
+    from zerostart.serve._config import Backend
+    from zerostart.serve.backends import BACKENDS, backend_class
+
+    assert sorted(get_args(Backend)) == sorted(BACKENDS) == ["zerostart"]
+    for name, cls in BACKENDS.items():
+        assert cls.name == name and backend_class(name) is cls
+    with pytest.raises(KeyError, match="unknown backend 'vllm'"):
+        backend_class("vllm")
+    with pytest.raises(ValueError, match="models\\[0\\].backend"):
+        from zerostart.serve._config import load_config
+
+        load_config(data={"models": [{"path": "/x", "backend": "vllm"}]})

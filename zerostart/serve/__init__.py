@@ -20,7 +20,7 @@ The gateway never imports torch; each worker process holds one model. Names are 
 first use, so that a worker process starts without loading the gateway's modules.
 """
 
-from typing import Any
+from zerostart.serve._lazy import lazy_face
 
 _EXPORTS = {
     "DEMO_NAME": "zerostart.serve._demo",
@@ -38,17 +38,4 @@ _EXPORTS = {
     "create_app": "zerostart.serve.gateway",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'zerostart.serve' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

@@ -46,6 +46,11 @@ def _size_or_auto(v: object) -> int | str:
 
 BytesOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_size_or_auto)]
 
+# The engines a model's workers can run: one module each in serve/backends, registered in its
+# BACKENDS under the same name.
+Backend = Literal["zerostart"]
+
+
 def default_name(path: str) -> str:
     """A model's name when the config gives none: its directory's (or file's, without
     ``.safetensors``) name; for a source URL its last path component (``hf://org/name@rev``:
@@ -115,7 +120,7 @@ class ModelConfig(_Section):
 
     path: str  # a model directory, .safetensors file, ready image, hf://, s3:// or https:// source
     name: str | None = None  # the name clients ask for; None: the directory's (or file's) name
-    backend: str = "zerostart"  # the engine its workers run (serve/backends: BACKENDS)
+    backend: Backend = "zerostart"  # the engine its workers run (serve/backends)
     device: str = "cpu"
     dtype: Dtype | None = None  # None: the engine's choice for the device
     max_model_len: int | None = Field(None, ge=2)  # longest prompt + completion; None: the engine's default
@@ -161,15 +166,6 @@ class ModelConfig(_Section):
     @classmethod
     def _device(cls, device: str) -> str:
         return normalize_device(device)
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, backend: str) -> str:
-        from zerostart.serve.backends import BACKENDS  # (its modules import this one)
-
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} (known: {', '.join(sorted(BACKENDS))})")
-        return backend
 
     @model_validator(mode="after")
     def _ranges(self) -> "ModelConfig":

@@ -9,12 +9,12 @@ import asyncio
 import logging
 import math
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from zerostart.serve._config import ModelConfig
 from zerostart.serve.gateway import _prewarm
-from zerostart.serve.gateway._queue import Waiter
 from zerostart.serve.gateway._replica import Replica
 from zerostart.serve.gateway._state import ALIVE, WARM, State, model_state
 
@@ -22,6 +22,14 @@ if TYPE_CHECKING:
     from zerostart.policy import Decision, Policy
 
 log = logging.getLogger("zerostart.serve")
+
+
+@dataclass
+class Waiter:
+    """A request held until a replica has room for it."""
+
+    future: asyncio.Future[Replica]
+    arrived: float  # monotonic
 
 
 class Model:

@@ -7,25 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from zerostart.serve._errors import ServeError
+from zerostart.serve.gateway._model import Model, Waiter
 
 if TYPE_CHECKING:
     from zerostart.serve.gateway._metrics import Metrics
-    from zerostart.serve.gateway._model import Model
     from zerostart.serve.gateway._replica import Replica
 
-Release = Callable[["Model", "Replica"], None]
-
-
-@dataclass
-class Waiter:
-    """A request held until a replica has room for it."""
-
-    future: asyncio.Future[Replica]
-    arrived: float  # monotonic
+Release = Callable[[Model, "Replica"], None]
 
 
 def hold(m: Model, now: float) -> Waiter:

@@ -8,7 +8,7 @@ imported on first use, so that ``python -m zerostart.serve.worker`` takes its or
 start of its first phase) before anything heavy is imported.
 """
 
-from typing import Any
+from zerostart.serve._lazy import lazy_face
 
 _EXPORTS = {
     "main": "zerostart.serve.worker._cli",
@@ -17,17 +17,4 @@ _EXPORTS = {
     "LoadSpec": "zerostart.serve.worker._loading",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'zerostart.serve.worker' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

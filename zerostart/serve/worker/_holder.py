@@ -132,6 +132,11 @@ class Holder:
         return [InFlight(id=rid, method=r.method, path=r.path, age_s=round(now - r.started, 3))
                 for rid, r in sorted(self.in_flight.items())]
 
+    @property
+    def name(self) -> str:
+        """The served name of the model it holds (``?`` before it has one)."""
+        return self.spec.name if self.spec else "?"
+
     def engine_busy(self) -> bool:
         s = self.engine.stats() if self.engine is not None else {}
         return bool(s.get("running", 0) + s.get("waiting", 0))

@@ -11,19 +11,37 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from zerostart.serve.control import WorkerState
+from zerostart.serve.control import ImageReport, WorkerState
 from zerostart.serve.worker import _images
 
 if TYPE_CHECKING:
-    from zerostart.serve.worker._holder import Holder
+    from zerostart.engine import Engine
     from zerostart.weights import Fingerprint
 
 log = logging.getLogger("zerostart.serve.worker")
 
 _ENGINE_DRAIN_S = 2.0  # the host copy waits this long for sequences the engine is still finishing
 _IDLE_POLL_S = 0.05  # how often the writer looks for an idle worker
+
+
+class Holder(Protocol):
+    """What the writer reads of the worker's holder (``_holder.py``)."""
+
+    state: WorkerState
+    engine: Engine | None
+    image: ImageReport
+    in_flight: dict[int, Any]
+    closing: bool
+    weights_lock: threading.Lock
+
+    @property
+    def name(self) -> str: ...
+
+    def engine_busy(self) -> bool: ...
+
+    def pause(self, paused: bool) -> None: ...
 
 
 class ImageWriter:
@@ -46,7 +64,7 @@ class ImageWriter:
         except (OSError, AttributeError):
             pass
         h = self._holder
-        name = h.spec.name if h.spec else "?"
+        name = h.name
         while True:
             if not self._wait_idle():
                 return

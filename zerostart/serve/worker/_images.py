@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zerostart.names import device_type, is_local
@@ -26,35 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("zerostart.serve.worker")
 
 _STALE_TEMP_S = 3600.0  # a writer's temporary directory untouched this long was abandoned (its process died)
-
-
-@dataclass
-class ImageReport:
-    """What a worker did with ready images, for ``/zerostart/ready`` and ``/zerostart/phases``.
-
-    ``status``: ``off``, ``is_source`` (the model path is an image), ``missing``, ``used``,
-    ``rejected`` (corrupt or incompatible: the source was loaded), ``unavailable`` (the store
-    could not be consulted; ``error`` says why), ``queued``, ``writing``, ``written``,
-    ``write_failed`` (``error``). ``rejected`` keeps why an image found at load time was not
-    used, also once a new one was written in its place.
-    """
-
-    mode: str = "off"
-    path: str | None = None
-    status: str = "off"
-    error: str | None = None
-    rejected: str | None = None
-    write_s: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"mode": self.mode, "path": self.path, "status": self.status}
-        if self.error is not None:
-            d["error"] = self.error
-        if self.rejected is not None:
-            d["rejected"] = self.rejected
-        if self.write_s is not None:
-            d["write_s"] = round(self.write_s, 4)
-        return d
 
 
 def is_image(source: str) -> bool:
