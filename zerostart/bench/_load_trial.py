@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from zerostart.names import Scheme, source_scheme
+
 
 def _status(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -68,7 +70,7 @@ def main() -> None:
     __import__(mod)
     if mod == "zerostart.weights":
         from zerostart.weights import load_arena  # noqa: F401  the loader itself (imported on first use)
-    if name.startswith("zerostart") and str(args["path"]).startswith("s3://"):
+    if name.startswith("zerostart") and source_scheme(str(args["path"])) is Scheme.S3:
         for m in ("botocore.session", "botocore.auth", "botocore.awsrequest"):  # its S3 signing library
             __import__(m)
     if device.startswith("cuda"):

@@ -21,7 +21,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from zerostart.names import DEFAULT_IMAGE_MODE, Dtype, ImageMode, Scheme, normalize_device, source_scheme
+from zerostart.names import DEFAULT_IMAGE_MODE, Dtype, ImageMode, Scheme, is_local, normalize_device, source_scheme
 from zerostart.units import parse_duration, parse_size
 
 
@@ -55,7 +55,7 @@ def default_name(path: str) -> str:
     """A model's name when the config gives none: its directory's (or file's, without
     ``.safetensors``) name; for a source URL its last path component (``hf://org/name@rev``:
     ``name``)."""
-    if "://" in path:
+    if not is_local(path):
         base = path.split("://", 1)[1].rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
         return base.removesuffix(".safetensors") or path
     base = os.path.basename(os.path.normpath(path))

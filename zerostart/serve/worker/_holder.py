@@ -12,7 +12,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Callable
 
 from zerostart.serve.control import (SETTLED, ImageReport, InFlight, LoadRecord, ParkResult, PhasesReport,
                                      ReadyReport, WakeResult, WorkerState, check_worker)
@@ -95,7 +95,7 @@ class Holder:
     async def wait_unpaused(self, timeout: float) -> None:
         await self._wait_until(lambda: not self.paused, timeout)
 
-    async def _wait_until(self, done: Any, timeout: float) -> None:
+    async def _wait_until(self, done: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + max(0.0, timeout)
         while not done():
             left = deadline - time.monotonic()
