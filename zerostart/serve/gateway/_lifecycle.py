@@ -46,27 +46,20 @@ class Lifecycle:
     # -- climbing ---------------------------------------------------------------------------
 
     def climb(self, m: Model) -> None:
-        """Climb a replica if the queue or the floor needs one (one climb at a time per model):
-        wake a parked replica if there is one, else start a new one."""
-        if m.start_task is not None or self.closing:
+        """Climb a replica if the queue or the floor needs one (one climb at a time per model;
+        the model decides: ``Model.next_climb``): wake its parked replica, else start one."""
+        if self.closing:
             return
         now = time.monotonic()
-        warm = m.warm()
-        needed = bool(m.waiters) and not any(r.has_capacity for r in warm)
-        if not needed and len(warm) >= m.floor(now):
+        how = m.next_climb(now)
+        if how is None:
             return
-        parked = m.parked()
-        if parked:
-            r = max(parked, key=lambda r: r.last_active)
-            m.start_began, m.climbing = now, "wake"
+        m.start_began, m.climbing = now, how
+        if how == "wake":
+            r = max(m.parked(), key=lambda r: r.last_active)
             m.start_task = asyncio.create_task(self._wake(m, r))
-            return
-        if any(r.state is State.PARKING for r in m.replicas):
-            return  # it wakes as soon as it is parked
-        if m.backoff_until > now or len(m.live()) >= m.cfg.max_replicas:
-            return
-        m.start_began, m.climbing = now, "start"
-        m.start_task = asyncio.create_task(self._start(m))
+        else:
+            m.start_task = asyncio.create_task(self._start(m))
 
     async def _start(self, m: Model) -> None:
         r, spare = self._new_replica(m)

@@ -11,7 +11,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from zerostart.serve._config import ModelConfig
 from zerostart.serve.gateway import _prewarm
@@ -47,7 +47,7 @@ class Model:
         self.replicas: list[Replica] = []
         self.waiters: deque[Waiter] = deque()
         self.start_task: asyncio.Task[None] | None = None  # the one climb (start or wake) in progress, if any
-        self.climbing = "start"  # what start_task does: "start" or "wake"
+        self.climbing: Literal["wake", "start"] = "start"  # what start_task does
         self.start_began = 0.0
         self.keep_alive = cfg.idle_timeout  # the latest request's keep_alive, else idle_timeout
         self.keep_alive_explicit = False  # the latest request set keep_alive: it wins over the policy
@@ -117,6 +117,25 @@ class Model:
             if floor:
                 log.info("model %s: pre-warming (policy %s: %s)", self.name, self.policy.name, d.reason or "hot")
         return floor
+
+    def next_climb(self, now: float) -> Literal["wake", "start"] | None:
+        """Whether a replica should climb now, and how: when requests wait and no warm replica
+        has room, or fewer replicas are warm than the floor. ``wake`` a parked replica if there
+        is one; else ``start`` one, but not while a replica parks (it wakes once parked), during
+        a back-off, or past max_replicas. None while a climb is under way (one at a time)."""
+        if self.start_task is not None:
+            return None
+        warm = self.warm()
+        needed = bool(self.waiters) and not any(r.has_capacity for r in warm)
+        if not needed and len(warm) >= self.floor(now):
+            return None
+        if self.parked():
+            return "wake"
+        if any(r.state is State.PARKING for r in self.replicas):
+            return None
+        if self.backoff_until > now or len(self.live()) >= self.cfg.max_replicas:
+            return None
+        return "start"
 
     def next_move(self, r: Replica, now: float) -> tuple[float, str]:
         """When an idle replica (hot or parked) should move down, and how: ``(time, "park")``,
