@@ -13,15 +13,15 @@ import time
 import urllib.error
 import urllib.request
 
+from zerostart.bench import _env
 from zerostart.bench._env import log as _log
+
 
 class _Worker:
     """A worker process on a loopback port, and its control routes."""
 
     def __init__(self, model: str | None, args: argparse.Namespace, images: str = "off", parkable: bool = False,
                  standby: bool = False, reserve: int = 0) -> None:
-        from zerostart.bench import _env
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -84,11 +84,7 @@ class _Worker:
         return body
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _env.stop(self.proc)
 
 
 def _timeline_from(w: _Worker, start: float, end: float, include_spawn: bool, since: float | None = None) -> dict:
@@ -136,7 +132,6 @@ def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
 
 def _run_standby(model: str, image: str | None, args, files: list[str], reserve: bool = False) -> dict:
     from zerostart.bench import _ceilings
-
     from zerostart.weights import arena_bytes
 
     nbytes = arena_bytes(files) if reserve and args.device == "cpu" else 0  # covers the image's arena
@@ -191,11 +186,9 @@ RUNNERS = {"source": _run_source, "image": _run_image, "standby": _run_standby, 
 
 def ensure_image(model: str, model_dir: str, args) -> str:
     """The model's ready image in the server's image store (written once, untimed)."""
-    from zerostart import snapshot
-    from zerostart.bench import _env
-
     import torch
 
+    from zerostart import snapshot
     from zerostart.names import default_dtype, dtype_name
 
     kind = torch.device(args.device).type

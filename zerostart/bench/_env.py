@@ -4,6 +4,7 @@ benchmarks' progress lines (stderr, so that the tables on stdout stay clean)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import zerostart
@@ -19,3 +20,12 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a benchmark's helper process; SIGKILL it if it is still there after ``grace`` s."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()

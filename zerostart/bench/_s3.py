@@ -20,6 +20,8 @@ import time
 import urllib.request
 from typing import Any, Callable
 
+from zerostart.bench import _env
+
 S3_CONTESTANTS = ["zerostart", "zerostart-nocache", "runai", "download"]
 S3_LABELS = {
     "zerostart": "zerostart (stream + cache)",
@@ -87,11 +89,7 @@ class LoopbackS3:
         return f"s3://{bucket}/{prefix}"
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _env.stop(self.proc)
         shutil.rmtree(self.data, ignore_errors=True)
 
 
@@ -136,8 +134,6 @@ def raw_ceiling(url: str, env: dict[str, str], concurrency: int, part: int, fres
         f"with ThreadPoolExecutor({concurrency}) as ex: list(ex.map(get,jobs))\n"
         "print(json.dumps({'gbps': sum(o.size for o in objs)/(time.perf_counter()-t0)/1e9})); t.close()\n"
     )
-    from zerostart.bench import _env
-
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env.child_env(env), timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"raw throughput probe failed: {r.stderr.strip()[-500:]}")
