@@ -1,13 +1,19 @@
 # One command to a running server, one to a passing test suite:
 #   make serve    set up .venv and serve the built-in demo model on http://127.0.0.1:8000
 #   make test     set up .venv (with test extras) and run the test suite
+#   make test-ray set up .venvs/ray (Ray Serve + zerostart) and run the `ray`-marked cluster tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 # The CPU build of torch unless a CUDA driver is present (a plain `torch` would pull a CUDA build).
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup serve test bench clean
+# Ray Serve is a heavy peer: its own environment, never the project's .venv.
+RAY_VENV ?= .venvs/ray
+RAY_BIN   = $(RAY_VENV)/bin
+RAY      ?= ray[serve]==2.60.0
+
+.PHONY: setup serve test bench clean ray-env test-ray
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +35,19 @@ test: setup
 bench: setup
 	$(BIN)/zerostart bench load --cold $(ARGS)
 
+$(RAY_BIN)/python:
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_BIN)/python -m pip install -q --upgrade pip
+
+$(RAY_VENV)/.installed: pyproject.toml | $(RAY_BIN)/python
+	$(RAY_BIN)/python -m pip install -q "$(TORCH)"
+	$(RAY_BIN)/python -m pip install -q "$(RAY)" -e '.[test]'
+	touch $@
+
+ray-env: $(RAY_VENV)/.installed
+
+test-ray: ray-env
+	$(RAY_BIN)/python -m pytest -m ray $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(RAY_VENV) .pytest_cache .hypothesis

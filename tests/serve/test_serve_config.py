@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from zerostart.serve._config import (ConfigError, DeviceConfig, ModelConfig, PrewarmWindow, ServeConfig,
+from zerostart.serve._config import (ClusterConfig, ConfigError, DeviceConfig, IngressConfig, PlacementConfig, PoolConfig, ModelConfig, PrewarmWindow, ServeConfig,
                                      ServerConfig, load_config)
 
 from tests.serve._helpers import ROOT
@@ -119,6 +119,18 @@ def test_example_config_documents_every_key_with_its_default() -> None:
         assert getattr(parsed, key) == default, key
     # models[1] shows a pre-warm window with every key of one
     assert set(raw["models"][1]["prewarm"][0]) == set(PrewarmWindow.model_fields)
+
+    # cluster: every key at its default, and one pool with every key (its placement at the defaults)
+    cluster = raw["cluster"]
+    assert set(cluster) == set(ClusterConfig.model_fields)
+    assert set(cluster["ingress"]) == set(IngressConfig.model_fields)
+    assert cfg.cluster.model_dump(exclude={"pools"}) == ClusterConfig().model_dump(exclude={"pools"})
+    pool = raw["cluster"]["pools"][0]
+    assert set(pool) == set(PoolConfig.model_fields)
+    assert set(pool["placement"]) == set(PlacementConfig.model_fields)
+    parsed_pool = cfg.cluster.pools[0]
+    for key, default in _defaults(PoolConfig).items():
+        assert getattr(parsed_pool, key) == default, key
 
 
 def test_defaults_live_in_one_place() -> None:

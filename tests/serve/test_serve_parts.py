@@ -166,9 +166,12 @@ def test_request_validation() -> None:
 
 
 def test_public_surface() -> None:
-    assert zerostart.serve.__all__ == ["ConfigError", "DEMO_NAME", "DeviceConfig", "Fleet", "ModelConfig",
-                                       "PrewarmWindow", "ServeConfig", "ServerConfig", "State", "TRANSITIONS",
-                                       "create_app", "ensure_demo_model", "load_config"]
+    assert zerostart.serve.__all__ == sorted([
+        "ConfigError", "DEMO_NAME", "DeviceConfig", "Fleet", "ModelConfig", "PrewarmWindow", "ServeConfig",
+        "ServerConfig", "State", "TRANSITIONS", "create_app", "ensure_demo_model", "load_config",
+        # what zerostart.cluster builds on: its config sections, the errors and request parsing of the API
+        "ClusterConfig", "IngressConfig", "PlacementConfig", "PoolConfig", "COLD_START_HEADER", "ServeError",
+        "BadRequest", "UnknownModel", "QueueFull", "WorkerFailed", "ROUTES", "parse_request"])
     for name in zerostart.serve.__all__:
         assert getattr(zerostart.serve, name) is not None
 

@@ -25,6 +25,10 @@ from zerostart.serve._lazy import lazy_face
 _EXPORTS = {
     "DEMO_NAME": "zerostart.serve._demo",
     "ensure_demo_model": "zerostart.serve._demo",
+    "ClusterConfig": "zerostart.serve._config",
+    "IngressConfig": "zerostart.serve._config",
+    "PlacementConfig": "zerostart.serve._config",
+    "PoolConfig": "zerostart.serve._config",
     "ConfigError": "zerostart.serve._config",
     "DeviceConfig": "zerostart.serve._config",
     "ModelConfig": "zerostart.serve._config",
@@ -36,6 +40,15 @@ _EXPORTS = {
     "TRANSITIONS": "zerostart.serve.gateway",
     "Fleet": "zerostart.serve.gateway",
     "create_app": "zerostart.serve.gateway",
+    # what zerostart.cluster builds on: the API's request schema, its errors, the cold-start header
+    "COLD_START_HEADER": "zerostart.serve.gateway",
+    "ServeError": "zerostart.serve._errors",
+    "BadRequest": "zerostart.serve._errors",
+    "UnknownModel": "zerostart.serve._errors",
+    "QueueFull": "zerostart.serve._errors",
+    "WorkerFailed": "zerostart.serve._errors",
+    "ROUTES": "zerostart.serve._openai_schema",
+    "parse_request": "zerostart.serve._openai_schema",
 }
 
 __all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

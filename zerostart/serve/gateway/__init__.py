@@ -11,8 +11,9 @@ stop) -> ``_memory.py`` (admission and victims) -> ``serve/backends`` (the worke
 """
 
 from zerostart.serve.gateway._app import create_app
+from zerostart.serve.gateway._auth import COLD_START_HEADER
 from zerostart.serve.gateway._fleet import Fleet
 from zerostart.serve.gateway._queue import Lease
 from zerostart.serve.gateway._state import TRANSITIONS, State
 
-__all__ = ["TRANSITIONS", "Fleet", "Lease", "State", "create_app"]
+__all__ = ["COLD_START_HEADER", "TRANSITIONS", "Fleet", "Lease", "State", "create_app"]
