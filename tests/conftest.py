@@ -9,7 +9,18 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _ray_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 def pytest_collection_modifyitems(config, items):
+    if not _ray_available():
+        skip_ray = pytest.mark.skip(reason="needs Ray Serve: `make test-ray` runs these in .venvs/ray")
+        for item in items:
+            if item.get_closest_marker("ray") is not None:
+                item.add_marker(skip_ray)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

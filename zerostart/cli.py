@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("simulate",): ("zerostart.sim._cli", "replay a request trace against keep-alive policies"),
     ("plan",): ("zerostart.sim._cli_plan", "break-even calculator: is scale-to-zero worth it?"),
     ("pull",): ("zerostart.weights._cli_pull", "prefetch a checkpoint into the local cache"),
+    ("prefetch",): ("zerostart.cluster._prefetch", "fetch every remote model of a config into this node's cache"),
     ("cache",): ("zerostart.weights._cli_cache", "list, remove and evict cached checkpoints"),
     ("bench", "load"): ("zerostart.bench.load", "benchmark weight loading against peers and the hardware limit"),
     ("bench", "generate"): ("zerostart.bench.generate", "benchmark generation against transformers"),

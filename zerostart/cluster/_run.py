@@ -36,7 +36,7 @@ def deploy(config: ServeConfig, *, address: str | None = None) -> str:
 
     connect(address or config.cluster.address)
     server = config.server
-    serve.start(http_options={"host": server.host, "port": server.port})
+    serve.start(http_options={"host": server.host, "port": server.port}, proxy_location=config.cluster.proxy_location)
     serve.run(build(config), name=config.cluster.app_name, route_prefix="/", blocking=False)
     host = server.host if ":" not in server.host else f"[{server.host}]"
     return f"http://{host}:{server.port}/v1"

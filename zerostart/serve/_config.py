@@ -239,6 +239,7 @@ class ClusterConfig(_Section):
     backend: Literal["ray"] | None = None  # ray: serve on a Ray cluster; None: this machine only (--cluster sets it)
     address: str = "auto"  # the Ray cluster: auto (RAY_ADDRESS, else a running one, else a new local one), or host:port
     app_name: str = "zerostart"  # the Ray Serve application
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"  # where Ray Serve's HTTP proxies run
     cache_dir: str | None = None  # node-local cache (ready images, fetched weights) on every node; None: each node's
     #                               $ZEROSTART_CACHE_DIR or ~/.cache/zerostart
     status_interval: Seconds = Field(1.0, gt=0)  # how often each replica reports its models' rungs for status/metrics

@@ -1,0 +1,135 @@
+"""The Kubernetes manifests (deploy/kubernetes) render with kustomize (``kubectl kustomize``) and
+validate offline: every built-in kind against the Kubernetes schemas shipped by the
+kubernetes-validate package (strict: unknown fields are errors), the RayService's pod templates
+as core PodTemplates, its serveConfigV2 against the application it names, and the zerostart
+config both modes mount against zerostart's own schema.
+
+KubeRay's RayService CRD schema itself is not available from PyPI, npm or Debian, so the
+RayService envelope is checked here field by field for what the KubeRay operator reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+import zerostart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
+KUBE = os.path.join(ROOT, "deploy", "kubernetes")
+K8S_VERSION = "1.32.0"  # the oldest Kubernetes these manifests are written for
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
+                                reason="kubectl (with its built-in kustomize) is not installed")
+
+
+def _render(overlay: str) -> list[dict[str, Any]]:
+    out = subprocess.run(["kubectl", "kustomize", os.path.join(KUBE, overlay)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _validate(doc: dict[str, Any]) -> None:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        raise AssertionError(f"{doc['kind']}/{doc['metadata'].get('name')}: {e.message} at "
+                             f"{'.'.join(str(p) for p in e.path)}") from None
+
+
+def _by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def _config_of(docs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("zerostart-config"))
+    return cm["metadata"]["name"], yaml.safe_load(cm["data"]["config.yaml"])
+
+
+def test_the_single_node_server_renders_and_validates() -> None:
+    docs = _render("single-node")
+    kinds = _by_kind(docs)
+    assert {"Deployment/zerostart", "Service/zerostart", "DaemonSet/zerostart-prefetch"} <= set(kinds)
+    for doc in docs:
+        _validate(doc)
+    cm_name, config = _config_of(docs)
+    deployment = kinds["Deployment/zerostart"]["spec"]["template"]["spec"]
+    prefetch = kinds["DaemonSet/zerostart-prefetch"]["spec"]["template"]["spec"]
+    for spec in (deployment, prefetch):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == cm_name  # the generated (hashed) name, not the base one
+        assert volumes["cache"]["hostPath"]["path"] == "/mnt/nvme/zerostart"  # the node-local cache
+        assert spec["nodeSelector"] == {"zerostart.io/nvme": "true"}
+    server = deployment["containers"][0]
+    assert server["image"] == "zerostart:0.1.0" and server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "ZEROSTART_CACHE_DIR", "value": "/var/cache/zerostart"} in server["env"]
+    assert prefetch["initContainers"][0]["args"] == ["prefetch", "--config", "/etc/zerostart/config.yaml"]
+    _check_zerostart_config(config)
+
+
+def test_the_rayservice_renders_and_its_parts_validate() -> None:
+    docs = _render("ray")
+    kinds = _by_kind(docs)
+    rs = kinds["RayService/zerostart"]
+    cm_name, config = _config_of(docs)
+    for doc in docs:
+        if doc["kind"] != "RayService":
+            _validate(doc)
+    # the envelope KubeRay reads (ray.io/v1)
+    assert rs["apiVersion"] == "ray.io/v1"
+    spec = rs["spec"]
+    assert set(spec) == {"serveConfigV2", "rayClusterConfig"}
+    cluster = spec["rayClusterConfig"]
+    assert cluster["rayVersion"] == "2.60.0" and cluster["enableInTreeAutoscaling"] is True
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for name, group in groups:
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), name  # KubeRay: strings only
+        # each pod template is a core PodTemplateSpec: validate it as one
+        _validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
+                   "template": group["template"]})
+        pod = group["template"]["spec"]
+        assert pod["containers"][0]["image"] == "zerostart:0.1.0-ray"
+        assert {v["name"]: v for v in pod["volumes"]}["config"]["configMap"]["name"] == cm_name
+    gpu = cluster["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 <= gpu["replicas"] <= gpu["maxReplicas"]
+    # serveConfigV2 names zerostart's application builder and the config every node mounts
+    serve = yaml.safe_load(spec["serveConfigV2"])
+    (app,) = serve["applications"]
+    assert app["import_path"] == "zerostart.cluster:app_from_args"
+    import zerostart.cluster
+
+    assert callable(zerostart.cluster.app_from_args)
+    assert app["args"]["config"] == "/etc/zerostart/config.yaml"
+    # the Ray node labels the config's placement asks for are the ones the groups start with
+    labels = {name: dict(kv.split("=", 1) for kv in g["rayStartParams"].get("labels", "").split(",") if kv)
+              for name, g in groups}
+    cfg = _check_zerostart_config(config)
+    assert cfg.cluster.ingress.node_labels.items() <= labels["head"].items()
+    for pool in cfg.cluster.pools:
+        assert pool.placement.node_labels.items() <= labels["gpu"].items(), pool.name
+        assert pool.placement.num_gpus <= gpu["template"]["spec"]["containers"][0]["resources"]["limits"][
+            "nvidia.com/gpu"]
+
+
+def _check_zerostart_config(config: dict[str, Any]) -> Any:
+    from zerostart.serve import load_config
+
+    cfg = load_config(data=config)  # zerostart's own schema: unknown keys and bad values are errors
+    assert cfg.server.host == "0.0.0.0" and cfg.server.port == 8000
+    assert cfg.cluster.cache_dir == "/var/cache/zerostart"
+    return cfg
+
+
+@pytest.mark.ray
+def test_serve_config_v2_validates_against_ray_serves_schema() -> None:
+    schema = pytest.importorskip("ray.serve.schema")
+    rs = _by_kind(_render("ray"))["RayService/zerostart"]
+    parsed = schema.ServeDeploySchema.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"]))
+    assert parsed.applications[0].import_path == "zerostart.cluster:app_from_args"
