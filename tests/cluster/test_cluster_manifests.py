@@ -25,11 +25,11 @@ KUBE = os.path.join(ROOT, "deploy", "kubernetes")
 K8S_VERSION = "1.32.0"  # the oldest Kubernetes these manifests are written for
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                reason="kubectl (with its built-in kustomize) is not installed")
 
 
 def _render(overlay: str) -> list[dict[str, Any]]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
     out = subprocess.run(["kubectl", "kustomize", os.path.join(KUBE, overlay)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
@@ -133,3 +133,21 @@ def test_serve_config_v2_validates_against_ray_serves_schema() -> None:
     rs = _by_kind(_render("ray"))["RayService/zerostart"]
     parsed = schema.ServeDeploySchema.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"]))
     assert parsed.applications[0].import_path == "zerostart.cluster:app_from_args"
+
+
+def test_the_dockerfile_is_multi_stage_with_a_slim_runtime_stage() -> None:
+    """No Docker engine runs here; what can be checked without one: two stages, the runtime on
+    CUDA's slim `base` flavour, and nothing that builds code installed into it."""
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        lines = [ln.strip() for ln in f.read().replace("\\\n", " ").splitlines() if ln.strip() and not ln.startswith("#")]
+    stages = [i for i, ln in enumerate(lines) if ln.upper().startswith("FROM ")]
+    assert len(stages) == 2
+    base = next(ln.split("=", 1)[1] for ln in lines if ln.startswith("ARG CUDA_BASE="))
+    assert base.startswith("nvidia/cuda:") and "-base-" in base  # not -runtime- / -devel-: the wheels bring CUDA
+    runtime = lines[stages[1]:]
+    assert runtime[0] == "FROM ${CUDA_BASE}"
+    installs = " ".join(ln for ln in runtime if "apt-get install" in ln or "pip install" in ln)
+    for tool in ("gcc", "g++", "make", "build-essential", "-dev", "-venv", "pip install", "cuda-toolkit", "nvcc"):
+        assert tool not in installs, tool
+    assert any(ln.startswith("COPY --from=build /opt/zerostart") for ln in runtime)
+    assert any(ln.startswith("USER ") and "root" not in ln for ln in runtime)
