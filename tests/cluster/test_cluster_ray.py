@@ -61,6 +61,7 @@ def test_100_concurrent_requests_at_zero_are_all_answered_by_one_replica_start(r
     assert len({r.headers["x-zerostart-replica"] for r in responses}) == 1
     # one replica started, and in it one worker start (a cold start from source) for all 100
     assert ray_cluster.replica_states("pool").get("RUNNING") == 1
+    wait_for(lambda: _cold_starts(ray_cluster.url, "a") >= 1, 30, "the replica's report")
     assert _cold_starts(ray_cluster.url, "a") == 1
     waited = sorted(int(r.headers["x-zerostart-cluster-wait-ms"]) for r in responses)
     assert waited[0] > 0  # each of them was held while the pool came up from zero
@@ -84,7 +85,9 @@ def test_two_models_share_a_replica_with_a_park_and_a_wake_between_them(ray_clus
     assert rung_of("a") == "parked"
     woken = _complete(url, "a")
     assert woken.status_code == 200 and woken.headers["x-zerostart-replica"] == replica
-    status = ray_cluster.status()
+    # the cluster's status follows each replica's reports (sent as each request ends)
+    status = wait_for(lambda: (s := ray_cluster.status())["models"]["a"][0]["state"] == "hot" and s, 30,
+                      "the replica's report of a, hot again")
     a = status["models"]["a"][0]
     assert a["replica"] == replica and a["last_cold_start"]["rung"] == "parked"  # a wake, not a new start
     assert [p["name"] for p in a["last_cold_start"]["phases"]][0] == "wake"
@@ -100,8 +103,8 @@ def test_requests_stick_to_the_replica_that_holds_their_model(ray_cluster: Local
     holders = {_complete(url, "a").headers["x-zerostart-replica"] for _ in range(8)}
     assert len(holders) == 1
     holder = holders.pop()
-    models = ray_cluster.status()["models"]
-    hot = [e for e in models["a"] if e["state"] == "hot"]
+    hot = wait_for(lambda: [e for e in ray_cluster.status()["models"]["a"] if e["state"] == "hot"], 30,
+                   "the reports of a hot")
     assert [e["replica"] for e in hot] == [holder]  # one worker of a, where every request went
     assert _cold_starts(ray_cluster.url, "a") == 1
 
@@ -129,7 +132,8 @@ def test_a_replica_killed_mid_stream_ends_the_stream_cleanly_and_the_pool_recove
 
     url = ray_cluster.deploy(_models(tiny_models), [{"name": "pool", "models": ["a", "b"]}])
     assert _complete(url, "a").status_code == 200
-    status = ray_cluster.status()
+    status = wait_for(lambda: (s := ray_cluster.status())["models"].get("a") and s["models"]["a"][0]["workers"] and s,
+                      30, "the report of a's worker")
     replica = status["replicas"][0]["replica"]
     worker_pid = status["models"]["a"][0]["workers"][0]["pid"]
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
@@ -165,7 +169,7 @@ def test_placement_gpus_tensor_parallel_and_node_labels(ray_cluster: LocalCluste
         "num_cpus": 1, "num_gpus": 1, "tensor_parallel": 2, "node_labels": GPU_LABELS}}])
     response = _complete(url, "a")
     assert response.status_code == 200
-    rep = ray_cluster.status()["replicas"][0]
+    rep = wait_for(lambda: ray_cluster.status()["replicas"], 30, "the replica's report")[0]
     assert rep["node"] == ray_cluster.gpu_node.node_id  # the only node with that label and 2 GPUs
     assert sorted(rep["cuda_visible_devices"].split(",")) == ["0", "1"]  # both ranks' GPUs, for its workers
 
@@ -174,7 +178,7 @@ def test_a_removed_node_is_replaced_by_the_other_for_new_requests(ray_cluster: L
     url = ray_cluster.deploy(_models(tiny_models), [{"name": "pool", "models": ["a", "b"], "min_replicas": 1}])
     first = _complete(url, "a")
     assert first.status_code == 200
-    node = ray_cluster.status()["replicas"][0]["node"]
+    node = wait_for(lambda: ray_cluster.status()["replicas"], 30, "the replica's report")[0]["node"]
     assert node in {n.node_id for n in ray_cluster.workers + [ray_cluster.gpu_node]}
     ray_cluster.cluster.remove_node(ray_cluster.node_of(node))
     served = wait_for(lambda: _served_elsewhere(url, node, ray_cluster), 180, "a request served on another node")

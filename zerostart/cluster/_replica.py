@@ -55,6 +55,7 @@ class EngineReplica:
         await self.fleet.start()
         self.init_s = time.monotonic() - began  # this replica's own start, after Ray placed its process
         self._interval = full.cluster.status_interval
+        self._changed = asyncio.Event()  # a request ended: report now rather than at the next interval
         self._reporter = asyncio.create_task(self._report_loop())
         log.info("replica %s of pool %s on node %s: models %s", self.replica_id, pool, self.node_id[:12],
                  ", ".join(self.fleet.names()))
@@ -74,12 +75,14 @@ class EngineReplica:
         model = serve.get_multiplexed_model_id()
         if model:
             await self._register(model)
-        async for part in call("POST", path, body, headers + [("x-zerostart-replica", self.replica_id)],
-                               app=self.app):
-            if isinstance(part, Head):
-                part = Head(part.status, part.headers + [("x-zerostart-replica", self.replica_id),
-                                                         ("x-zerostart-node", self.node_id[:12])])
-            yield part
+        try:
+            async for part in call("POST", path, body, headers, app=self.app):
+                if isinstance(part, Head):
+                    part = Head(part.status, part.headers + [("x-zerostart-replica", self.replica_id),
+                                                             ("x-zerostart-node", self.node_id[:12])])
+                yield part
+        finally:
+            self._changed.set()
 
     @serve.multiplexed(max_num_models_per_replica=-1)
     async def _register(self, model: str) -> str:
@@ -105,4 +108,8 @@ class EngineReplica:
                 await self.directory.report.remote(self.report())
             except Exception as e:  # the directory restarts with the app; keep serving meanwhile
                 log.warning("replica %s: status report failed (%s); retrying", self.replica_id, e)
-            await asyncio.sleep(self._interval)
+            try:
+                await asyncio.wait_for(self._changed.wait(), self._interval)
+            except TimeoutError:
+                pass
+            self._changed.clear()
