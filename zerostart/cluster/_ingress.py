@@ -115,7 +115,13 @@ class Ingress:
         out = dict(head.headers)
         out.pop("content-length", None)
         out[WAIT_HEADER] = str(round((time.monotonic() - arrived) * 1000.0))
-        return StreamingResponse(self._rest(parts, req.model), status_code=head.status, headers=out)
+        if req.stream:
+            return StreamingResponse(self._rest(parts, req.model), status_code=head.status, headers=out)
+        try:  # a whole response is small: read it here, so that a replica dying before its end is a 502
+            body = b"".join([chunk async for chunk in parts])
+        except RayActorError as e:
+            return self._error(self._failed(e, req.model, pool))
+        return Response(body, status_code=head.status, headers=out)
 
     async def _rest(self, parts: Any, model: str) -> AsyncIterator[bytes]:
         """The body after the head; a replica that dies mid-stream ends it with an SSE error event."""
