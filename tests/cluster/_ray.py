@@ -48,12 +48,13 @@ class LocalCluster:
         serve.start(http_options={"host": "127.0.0.1", "port": self.port}, proxy_location="HeadOnly")
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def deploy(self, models: list[dict[str, Any]], pools: list[dict[str, Any]], **cluster: Any) -> str:
+    def deploy(self, models: list[dict[str, Any]], pools: list[dict[str, Any]], server: dict[str, Any] | None = None,
+               **cluster: Any) -> str:
         """Deploy a zerostart config (replacing the previous application); its /v1 base URL."""
         if APP in serve.status().applications:
             serve.delete(APP)
         config = load_config(data={
-            "server": {"port": self.port},
+            "server": {"port": self.port, **(server or {})},
             "models": models,
             "cluster": {"ingress": {"node_labels": HEAD_LABELS}, "pools": pools, **cluster}})
         return deploy(config)

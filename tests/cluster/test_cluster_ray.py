@@ -67,6 +67,26 @@ def test_100_concurrent_requests_at_zero_are_all_answered_by_one_replica_start(r
     assert waited[0] > 0  # each of them was held while the pool came up from zero
 
 
+def test_holding_is_bounded_past_max_queued_requests_with_429_and_retry_after(ray_cluster: LocalCluster,
+                                                                               tiny_models) -> None:
+    url = ray_cluster.deploy(_models(tiny_models), [{"name": "pool", "models": ["a", "b"], "max_ongoing_requests": 1,
+                                                     "max_queued_requests": 2}])
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=180) as client:
+            return await asyncio.gather(*[client.post(url + "/completions", json={
+                "model": "a", "prompt": "hi", "max_tokens": 2}) for _ in range(12)])
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 429}, codes  # each request answered: served, or refused at once
+    assert 2 <= codes.count(200) < 12  # Ray held two while the pool started at zero; the rest were refused
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "queue_full" and "max_queued_requests" in r.json()["error"]["message"]
+
+
 def test_two_models_share_a_replica_with_a_park_and_a_wake_between_them(ray_cluster: LocalCluster,
                                                                          tiny_models) -> None:
     url = ray_cluster.deploy(_models(tiny_models, park_after=1, idle_timeout=120),
@@ -113,7 +133,8 @@ def test_an_idle_pool_goes_to_zero_when_the_zerostart_policy_says_so(ray_cluster
                                                                       tiny_models) -> None:
     ttl = 4.0
     url = ray_cluster.deploy(_models(tiny_models), [{"name": "pool", "models": ["a", "b"],
-                                                     "keep_alive_policy": f"ttl:{ttl:g}"}])
+                                                     "keep_alive_policy": f"ttl:{ttl:g}"}],
+                             server={"stream_keepalive": 0.2})
     assert _complete(url, "a").status_code == 200
     done = time.monotonic()
     assert ray_cluster.running("pool") == 1
@@ -122,8 +143,14 @@ def test_an_idle_pool_goes_to_zero_when_the_zerostart_policy_says_so(ray_cluster
     # kept through the policy's idle timeout, released soon after (Ray's delays are 0; its load
     # signal lags by look_back + metrics_interval, and stopping a replica takes a moment)
     assert ttl <= gone <= ttl + 15, gone
-    # and back from zero on the next request
-    assert _complete(url, "a").status_code == 200
+    # and back from zero on the next request, a streamed one: held with SSE comments, then its tokens
+    with httpx.stream("POST", url + "/completions", json={"model": "a", "prompt": "hi", "max_tokens": 3,
+                                                          "stream": True}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["x-zerostart-cold-start-ms"] == "pending"
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[0].startswith(": waiting for a replica of model a")
+    data = [ln for ln in lines if ln.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and json.loads(data[0][6:])["object"] == "text_completion"
 
 
 def test_a_replica_killed_mid_stream_ends_the_stream_cleanly_and_the_pool_recovers(ray_cluster: LocalCluster,
