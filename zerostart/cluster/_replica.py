@@ -32,15 +32,16 @@ class EngineReplica:
     """The deployment class (``serve.deployment`` is applied by ``_app.build``)."""
 
     async def __init__(self, config: dict[str, Any], pool: str, models: list[str], directory: Any) -> None:
+        self.started_at = time.time()  # wall clock: comparable with the ingress's and the client's
+        began = time.monotonic()
         full = load_config(data=config)
         # the fleet of this replica: the pool's models, with the server's settings
         data = full.model_dump()
         data["models"] = [m.model_dump() for m in full.models if m.served_name in models]
         data["cluster"] = {}
         self.config = load_config(data=data)
-        cache_dir = full.cluster.cache_dir
-        if cache_dir:  # the node-local cache every replica on this node shares (ready images, weights)
-            os.environ["ZEROSTART_CACHE_DIR"] = cache_dir
+        # cluster.cache_dir reaches this process (and its workers) as ZEROSTART_CACHE_DIR, through
+        # the deployment's runtime_env: every replica on a node shares its ready images and weights
         self.pool = pool
         self.directory = directory
         ctx = serve.get_replica_context()
@@ -48,12 +49,10 @@ class EngineReplica:
         runtime = ray.get_runtime_context()
         self.node_id = runtime.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self.started_at = time.time()  # wall clock: comparable with the ingress's and the client's
-        began = time.monotonic()
         self.fleet = Fleet(self.config)
         self.app = create_app(self.config, self.fleet)
         await self.fleet.start()
-        self.init_s = time.monotonic() - began  # this replica's own start, after Ray placed its process
+        self.init_s = time.monotonic() - began  # this replica's own start, once Ray started its process
         self._interval = full.cluster.status_interval
         self._changed = asyncio.Event()  # a request ended: report now rather than at the next interval
         self._reporter = asyncio.create_task(self._report_loop())
