@@ -39,6 +39,17 @@ _UNAVAILABLE_RETRY_S = 5.0  # Retry-After when a pool's deployment is unavailabl
 _PASS_HEADERS = ("authorization", "content-type", "user-agent")
 
 
+_RAY_FAILURES = (BackPressureError, DeploymentUnavailableError, RayActorError)
+
+
+def _cancel(parts: Any) -> None:
+    """Stop a request's stream on its replica (Ray cancels the replica's generator)."""
+    try:
+        parts.cancel()
+    except _RAY_FAILURES:  # Ray re-raises why the request never reached a replica: nothing to cancel
+        pass
+
+
 class ServiceUnavailable(ServeError):
     status = 503
     code = "pool_unavailable"
@@ -105,11 +116,11 @@ class Ingress:
                                          headers={COLD_START_HEADER: "pending", **_SSE_HEADERS})
         try:
             head = await first
-        except (BackPressureError, DeploymentUnavailableError, RayActorError) as e:
-            parts.cancel()
+        except _RAY_FAILURES as e:
+            _cancel(parts)
             return self._error(self._failed(e, req.model, pool))
         except asyncio.CancelledError:
-            parts.cancel()
+            _cancel(parts)
             raise
         assert isinstance(head, Head), head
         out = dict(head.headers)
@@ -131,7 +142,7 @@ class Ingress:
         except RayActorError as e:
             yield self._failed(e, model, self.pool_of[model]).sse_event()
         finally:
-            parts.cancel()  # a client that left stops the replica's stream, and the worker's generation
+            _cancel(parts)  # a client that left stops the replica's stream, and the worker's generation
 
     async def _held(self, parts: Any, first: asyncio.Future[Any], model: str, arrived: float) -> AsyncIterator[bytes]:
         try:
@@ -140,7 +151,7 @@ class Ingress:
                 await asyncio.wait({first}, timeout=self.keepalive)
             try:
                 head = first.result()
-            except (BackPressureError, DeploymentUnavailableError, RayActorError) as e:
+            except _RAY_FAILURES as e:
                 yield self._failed(e, model, self.pool_of[model]).sse_event()
                 return
             yield f": {WAIT_HEADER}={round((time.monotonic() - arrived) * 1000.0)}\n\n".encode()
@@ -154,7 +165,7 @@ class Ingress:
         finally:
             if not first.done():
                 first.cancel()
-            parts.cancel()
+            _cancel(parts)
 
     def _failed(self, e: Exception, model: str, pool: str) -> ServeError:
         if isinstance(e, BackPressureError):
