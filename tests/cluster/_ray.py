@@ -25,6 +25,7 @@ from zerostart.serve import load_config  # noqa: E402
 
 APP = "zerostart"
 HEAD_LABELS = {"zerostart-test/role": "head"}
+WORKER_LABELS = {"zerostart-test/role": "worker"}
 GPU_LABELS = {"zerostart-test/accel": "fake-gpu"}
 
 
@@ -41,8 +42,8 @@ class LocalCluster:
     def __init__(self, tmp_dir: str) -> None:
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "include_dashboard": False, "labels": HEAD_LABELS, "temp_dir": tmp_dir})
-        self.workers = [self.cluster.add_node(num_cpus=1), self.cluster.add_node(num_cpus=1)]
-        self.gpu_node = self.cluster.add_node(num_cpus=1, num_gpus=2, labels=GPU_LABELS)
+        self.workers = [self.cluster.add_node(num_cpus=1, labels=WORKER_LABELS) for _ in range(2)]
+        self.gpu_node = self.cluster.add_node(num_cpus=1, num_gpus=2, labels={**WORKER_LABELS, **GPU_LABELS})
         ray.init(address=self.cluster.address)
         self.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port}, proxy_location="HeadOnly")

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600),
 
 pytest.importorskip("ray")
 
-from tests.cluster._ray import GPU_LABELS, LocalCluster, ray, wait_for  # noqa: E402
+from tests.cluster._ray import GPU_LABELS, WORKER_LABELS, LocalCluster, ray, wait_for  # noqa: E402
 
 
 def _models(tiny_models: tuple[str, str], **keys: object) -> list[dict[str, object]]:
@@ -202,7 +202,8 @@ def test_placement_gpus_tensor_parallel_and_node_labels(ray_cluster: LocalCluste
 
 
 def test_a_removed_node_is_replaced_by_the_other_for_new_requests(ray_cluster: LocalCluster, tiny_models) -> None:
-    url = ray_cluster.deploy(_models(tiny_models), [{"name": "pool", "models": ["a", "b"], "min_replicas": 1}])
+    url = ray_cluster.deploy(_models(tiny_models), [{"name": "pool", "models": ["a", "b"], "min_replicas": 1,
+                                                     "placement": {"node_labels": WORKER_LABELS}}])
     first = _complete(url, "a")
     assert first.status_code == 200
     node = wait_for(lambda: ray_cluster.status()["replicas"], 30, "the replica's report")[0]["node"]
