@@ -113,6 +113,13 @@ def test_two_models_share_a_replica_with_a_park_and_a_wake_between_them(ray_clus
     assert [p["name"] for p in a["last_cold_start"]["phases"]][0] == "wake"
     assert status["models"]["b"][0]["replica"] == replica
     assert len(status["replicas"]) == 1
+    # the ingress answers what needs no replica itself, in OpenAI's shapes
+    base = ray_cluster.url
+    assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["a", "b"]
+    unknown = _complete(url, "nope")
+    assert unknown.status_code == 404 and "served models: a, b" in unknown.json()["error"]["message"]
+    bad = httpx.post(url + "/completions", content=b"{", timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_requests_stick_to_the_replica_that_holds_their_model(ray_cluster: LocalCluster, tiny_models) -> None:
