@@ -14,8 +14,8 @@ import sys
 
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("serve",): ("zerostart.cluster._cli", "run the OpenAI-compatible gateway (scale-to-zero replicas), "
-                                           "on this machine or a Ray cluster"),
+    ("serve",): ("zerostart.serve._cli", "run the OpenAI-compatible gateway (scale-to-zero replicas), "
+                                         "on this machine or a Ray cluster"),
     ("generate",): ("zerostart.engine._cli_generate", "generate text from a model on the command line"),
     ("demo-model",): ("zerostart.engine._cli_demo", "write a random-weights demo checkpoint (Hugging Face layout)"),
     ("snapshot",): ("zerostart.snapshot._cli", "write a ready image of a model"),

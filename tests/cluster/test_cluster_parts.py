@@ -222,13 +222,18 @@ def test_serve_takes_cluster_flags_and_stays_single_node_without_them() -> None:
     from zerostart.cli import _build_parser
 
     args = _build_parser(("serve",)).parse_args(["serve", "--cluster", "ray", "--address", "10.0.0.5:6379"])
-    assert (args.cluster, args.address, args._module) == ("ray", "10.0.0.5:6379", "zerostart.cluster._cli")
+    assert (args.cluster, args.address, args._module) == ("ray", "10.0.0.5:6379", "zerostart.serve._cli")
+    from zerostart.serve._cli import build_config
+
+    config, _ = build_config(_build_parser(("serve",)).parse_args(
+        ["serve", "--cluster", "ray", "--address", "10.0.0.5:6379", "--model", "/m/x"]))
+    assert (config.cluster.backend, config.cluster.address) == ("ray", "10.0.0.5:6379")
     args = _build_parser(("serve",)).parse_args(["serve"])
     assert args.cluster is None
 
 
 def test_importing_the_package_and_its_cli_imports_neither_ray_nor_torch() -> None:
-    code = ("import sys, zerostart.cluster, zerostart.cluster._cli, zerostart.cluster._autoscale; "
+    code = ("import sys, zerostart.cluster, zerostart.serve._cli, zerostart.cluster._autoscale; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

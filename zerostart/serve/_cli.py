@@ -4,6 +4,7 @@
     zerostart serve --model ~/models/llama-3.2-1b    # one checkpoint, named after its directory
     zerostart serve --model s3://bucket/qwen2.5-0.5b # a source: fetched (and cached) on its first start
     zerostart serve --config config.yaml             # everything else (see examples/config.yaml)
+    zerostart serve --cluster ray --config ...       # the same models on a Ray Serve cluster (docs/cluster.md)
 
 Command-line options override the config file.
 """
@@ -35,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scale every model to zero after this long idle ('300', '5m'; negative: never)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="gateway log level (debug also shows worker output and each request)")
+    parser.add_argument("--cluster", choices=["ray"], help="serve on a Ray Serve cluster instead of this machine "
+                                                            "(cluster.backend; docs/cluster.md)")
+    parser.add_argument("--address", help="the Ray cluster to join: auto ($RAY_ADDRESS, else a running local "
+                                          "cluster, else a new one) or host:port (cluster.address)")
 
 
 def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
@@ -48,6 +53,10 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
         server["port"] = args.port
     if args.log_level is not None:
         server["log_level"] = args.log_level
+    if getattr(args, "cluster", None) is not None:
+        data["cluster"]["backend"] = args.cluster
+    if getattr(args, "address", None) is not None:
+        data["cluster"]["address"] = args.address
     for path in args.model:
         data["models"].append({"path": path})
     demo = not data["models"]
@@ -73,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
     from zerostart.serve.gateway import create_app
 
     config, _ = build_config(args)
+    if config.cluster.backend is not None:
+        return _serve_on_cluster(config)
     server = config.server
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -90,6 +101,21 @@ def main(args: argparse.Namespace) -> int:
                         lifespan="on", timeout_graceful_shutdown=server.shutdown_timeout)
     uvicorn.Server(uv).run(sockets=[sock])
     return 0
+
+
+def _serve_on_cluster(config: ServeConfig) -> int:
+    # zerostart.cluster sits above serve (it runs this package's fleet inside Ray's replicas): it
+    # is imported by name when asked for, as the command line imports its commands, and Ray with it.
+    import importlib
+
+    logging.basicConfig(level=config.server.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cluster = importlib.import_module("zerostart.cluster")
+        return int(cluster.serve_forever(config))
+    except ImportError as e:
+        raise ServeStartupError(f"--cluster {config.cluster.backend} needs Ray Serve ({e}); install it with "
+                                "pip install 'ray[serve]' (or make ray-env)") from None
 
 
 def _listen(host: str, port: int) -> socket.socket:
