@@ -26,7 +26,8 @@ BELOW = {
     "policy": set(),
     "sim": {"policy"},
     "serve": {"weights", "engine", "snapshot", "policy"},
-    "bench": {"weights", "engine", "snapshot", "serve", "policy", "sim"},  # top floor: nothing imports it
+    "cluster": {"weights", "engine", "snapshot", "serve", "policy"},  # the fleet on Ray Serve
+    "bench": {"weights", "engine", "snapshot", "serve", "cluster", "policy", "sim"},  # top floor: nothing imports it
     "cli": set(),  # commands are imported by name (importlib), when they run
     "__main__": {"cli"},
 }
@@ -169,6 +170,8 @@ FACES = {
     "zerostart.policy": ["AlwaysWarm", "CostAwareLadder", "CostModel", "Decision", "FixedTTL", "HybridHistogram",
                          "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung", "describe", "make"],
     "zerostart.bench": ["pinned_h2d"],
+    "zerostart.cluster": ["ReplicaPolicy", "app_from_args", "build", "deploy", "engine_options", "merge_metrics",
+                          "pools", "replica_policy", "serve_forever"],
     "zerostart.sim": ["Capacity", "FORMATS", "Service", "Trace", "TraceError", "derive", "load_trace",
                       "parse_popularity", "replay"],
 }

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from zerostart.bench.serve import BenchError, _Gateway, _machine, _percentiles
+from zerostart.bench.serve import BenchError, Gateway, machine, percentiles
 from zerostart.telemetry import PHASES
 
 
@@ -47,19 +47,19 @@ def main(args: argparse.Namespace) -> int:
     if args.model:
         path, name = os.path.abspath(args.model), None
     else:
-        from zerostart.serve._demo import DEMO_NAME, ensure_demo_model
+        from zerostart.serve import DEMO_NAME, ensure_demo_model
 
         path, name = ensure_demo_model(), DEMO_NAME
     name = name or os.path.basename(path)
     model = {"path": path, "name": name, "idle_timeout": -1, "images": "off"}
     with tempfile.TemporaryDirectory(prefix="zerostart-bench-cluster-") as tmp:
-        with _Gateway({"models": [model]}, tmp) as gw, _RayCluster(model, tmp) as ray_app:
+        with Gateway({"models": [model]}, tmp) as gw, _RayCluster(model, tmp) as ray_app:
             cold = _cold_starts(gw, ray_app, name, args.cold_starts)
             _wait(lambda: ray_app.running() == 0, 120, "the Ray pool at zero")
             memory = ray_app.memory()  # the cluster idle: the pool at zero, the ingress and directory up
             ray_app.redeploy(keep="always")
             hot = _hot(gw, ray_app, name, args.requests)
-    result = {"model": name, "path": path, "machine": _machine(), "cold_start": cold, "hot": hot,
+    result = {"model": name, "path": path, "machine": machine(), "cold_start": cold, "hot": hot,
               "ray_idle_cluster": memory}
     print(_report(result))
     if args.json:
@@ -149,7 +149,7 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
     raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def _cold_starts(gw: _Gateway, rc: _RayCluster, name: str, n: int) -> dict[str, Any]:
+def _cold_starts(gw: Gateway, rc: _RayCluster, name: str, n: int) -> dict[str, Any]:
     body = {"model": name, "prompt": "Hello", "max_tokens": 1}
     runs: dict[str, list[dict[str, Any]]] = {"gateway": [], "ray": []}
     for i in range(n):
@@ -199,7 +199,7 @@ def _direct(address: str) -> httpx.Client:
     return httpx.Client(base_url=address, timeout=600)
 
 
-def _hot(gw: _Gateway, rc: _RayCluster, name: str, n: int) -> dict[str, Any]:
+def _hot(gw: Gateway, rc: _RayCluster, name: str, n: int) -> dict[str, Any]:
     body = {"model": name, "prompt": "The quick brown fox", "max_tokens": 1, "temperature": 0}
     gw.http.post("/v1/completions", json=body).raise_for_status()
     rc.http.post("/v1/completions", json=body).raise_for_status()
@@ -218,7 +218,7 @@ def _hot(gw: _Gateway, rc: _RayCluster, name: str, n: int) -> dict[str, Any]:
             samples[key].append(time.perf_counter() - t0)
     for key in ("gateway_direct", "ray_direct"):
         paths[key].close()
-    out: dict[str, Any] = {"requests": n, "p50_ms": {k: round(_percentiles(v)["p50"] * 1000, 3)
+    out: dict[str, Any] = {"requests": n, "p50_ms": {k: round(percentiles(v)["p50"] * 1000, 3)
                                                      for k, v in samples.items()}}
     out["added_paired_median_ms"] = {
         "gateway": round(statistics.median(b - a for a, b in zip(samples["gateway_direct"], samples["gateway"]))

@@ -60,11 +60,11 @@ def main(args: argparse.Namespace) -> int:
         model = {"path": path, "device": args.device, "idle_timeout": -1, "images": "off"}
         if name:
             model["name"] = name
-        with _Gateway({"models": [model]}, tmp) as gw:
+        with Gateway({"models": [model]}, tmp) as gw:
             name = gw.http.get("/v1/models").json()["data"][0]["id"]
             cold = _cold_starts(gw, name, args.cold_starts)
             hot = _hot_overhead(gw, name, args.requests, args.max_tokens)
-    result = {"model": name, "path": path, "device": args.device, "machine": _machine(), "cold_start": cold,
+    result = {"model": name, "path": path, "device": args.device, "machine": machine(), "cold_start": cold,
               "hot": hot}
     print(_report(result))
     if args.json:
@@ -80,7 +80,9 @@ class BenchError(RuntimeError):
 
 # -- the gateway under test --------------------------------------------------------------------
 
-class _Gateway:
+class Gateway:
+    """A ``zerostart serve`` process under test (bench cluster runs one too)."""
+
     def __init__(self, config: dict[str, Any], tmp: str) -> None:
         cfg_path = os.path.join(tmp, "config.yaml")
         with open(cfg_path, "w") as f:
@@ -121,7 +123,7 @@ class _Gateway:
                 raise BenchError(f"model {name} did not reach state {state} within {timeout:g} s")
             time.sleep(0.02)
 
-    def __enter__(self) -> "_Gateway":
+    def __enter__(self) -> "Gateway":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -138,7 +140,7 @@ class _Gateway:
 
 # -- measurements ------------------------------------------------------------------------------
 
-def _cold_starts(gw: _Gateway, name: str, n: int) -> dict[str, Any]:
+def _cold_starts(gw: Gateway, name: str, n: int) -> dict[str, Any]:
     runs = []
     for i in range(n):
         gw.wait_state(name, "zero")
@@ -160,7 +162,7 @@ def _cold_starts(gw: _Gateway, name: str, n: int) -> dict[str, Any]:
     }
 
 
-def _hot_overhead(gw: _Gateway, name: str, n: int, max_tokens: int) -> dict[str, Any]:
+def _hot_overhead(gw: Gateway, name: str, n: int, max_tokens: int) -> dict[str, Any]:
     gw.http.post("/v1/completions", json={"model": name, "prompt": "warm", "max_tokens": 1}).raise_for_status()
     worker = gw.model(name)["workers"][0]["address"]
     if worker.startswith("unix:"):
@@ -188,7 +190,7 @@ def _hot_overhead(gw: _Gateway, name: str, n: int, max_tokens: int) -> dict[str,
                 print(f"hot requests: {i + 1}/{n} per path", file=sys.stderr)
     out: dict[str, Any] = {"requests": n, "max_tokens": max_tokens}
     for kind, (d, g) in {"unary": ("direct", "gateway"), "stream_ttft": ("direct_ttft", "gateway_ttft")}.items():
-        dp, gp = _percentiles(samples[d]), _percentiles(samples[g])
+        dp, gp = percentiles(samples[d]), percentiles(samples[g])
         paired = statistics.median(b - a for a, b in zip(samples[d], samples[g]))
         out[kind] = {"direct": dp, "gateway": gp,
                      "added_ms": {q: round((gp[q] - dp[q]) * 1000, 3) for q in ("p50", "p99")},
@@ -210,7 +212,7 @@ def _ttft(client: httpx.Client, body: dict[str, Any]) -> float:
     return first
 
 
-def _percentiles(xs: list[float]) -> dict[str, float]:
+def percentiles(xs: list[float]) -> dict[str, float]:
     s = sorted(xs)
 
     def q(p: float) -> float:
@@ -219,7 +221,7 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
     return {"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "mean": statistics.fmean(s)}
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpus": os.cpu_count(), "loadavg_1m": load[0] if load else None, "python": sys.version.split()[0]}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Annotated, Any, Literal
 
 import yaml
