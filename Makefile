@@ -13,7 +13,13 @@ RAY_VENV ?= .venvs/ray
 RAY_BIN   = $(RAY_VENV)/bin
 RAY      ?= ray[serve]==2.60.0
 
-.PHONY: setup serve test bench clean ray-env test-ray
+# lm-evaluation-harness in its own environment (never .venv: it pulls datasets, evaluate and more):
+# `make test-lmeval` runs its `local-completions` model against a zerostart server and its `hf`
+# model on the same checkpoint, on the tasks in tests/lmeval. ~1.5 GB, a few minutes the first time.
+LMEVAL_VENV ?= .venvs/lmeval
+LMEVAL      ?= lm-eval==0.4.13
+
+.PHONY: setup serve test bench clean ray-env test-ray lmeval-env test-lmeval
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,5 +55,19 @@ ray-env: $(RAY_VENV)/.installed
 test-ray: ray-env
 	$(RAY_BIN)/python -m pytest -m ray $(ARGS)
 
+
+$(LMEVAL_VENV)/.installed:
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LMEVAL_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(LMEVAL_VENV)/bin/python -m pip install -q "$(LMEVAL)" "transformers>=4.45" accelerate
+	$(LMEVAL_VENV)/bin/lm_eval --help >/dev/null
+	touch $@
+
+lmeval-env: $(LMEVAL_VENV)/.installed
+
+test-lmeval: setup lmeval-env
+	ZEROSTART_LMEVAL=$(abspath $(LMEVAL_VENV))/bin/lm_eval $(BIN)/python -m pytest -m lmeval $(ARGS)
+
 clean:
-	rm -rf $(VENV) $(RAY_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venvs .pytest_cache .hypothesis

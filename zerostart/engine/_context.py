@@ -37,6 +37,8 @@ class StepContext:
     decode_slots: torch.Tensor | None = None  # [num_decode] int64 slots of gathered decode rows; None = dense
     prefills: list[Prefill] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # [N] rows whose logits are needed; None = every row
+    hidden_rows: torch.Tensor | None = None  # [M] rows whose final (normed) hidden states are needed
+    hidden_out: torch.Tensor | None = None  # [M, hidden], set by the model when hidden_rows is given
     # filled by the model once per step: decode masks [num_decode, 1, 1, decode_len], True = attend
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     prefill_masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)

@@ -15,8 +15,10 @@ from zerostart.engine._tokenizer import Tokenizer
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = (),
+                 skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
+        self._skip = skip_special_tokens
         self.ids: list[int] = []
         self._prefix = 0  # window start (token index)
         self._read = 0  # tokens already turned into text
@@ -31,23 +33,28 @@ class Detokenizer:
         """Everything emitted so far."""
         return self._text[: self._emitted]
 
-    def add(self, token_id: int) -> str:
-        """Append a token; return the new text that is safe to emit (may be empty)."""
+    def add(self, token_id: int, stop: bool = True) -> str:
+        """Append a token; return the new text that is safe to emit (may be empty). With ``stop``
+        False (min_tokens not reached) stop strings are not looked for in the text so far."""
         self.ids.append(token_id)
-        prefix_text = self._tok.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        new_text = self._tok.decode(self.ids[self._prefix :], skip_special_tokens=True)
+        prefix_text = self._tok.decode(self.ids[self._prefix : self._read], skip_special_tokens=self._skip)
+        new_text = self._tok.decode(self.ids[self._prefix :], skip_special_tokens=self._skip)
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self._text += new_text[len(prefix_text) :]
             self._prefix, self._read = self._read, len(self.ids)
+        if not stop:
+            out = self._text[self._emitted :]
+            self._emitted = len(self._text)
+            return out
         return self._release(final=False)
 
     def finish(self) -> str:
         """Flush at the end of the stream: the rest of the text, incomplete characters included."""
-        full = self._tok.decode(self.ids, skip_special_tokens=True)
+        full = self._tok.decode(self.ids, skip_special_tokens=self._skip)
         if full.startswith(self._text):
             self._text = full
         else:  # the windowed decode disagreed with the full one; keep what was emitted, add the tail
-            self._text += self._tok.decode(self.ids[self._read :], skip_special_tokens=True)
+            self._text += self._tok.decode(self.ids[self._read :], skip_special_tokens=self._skip)
         self._read = len(self.ids)
         return self._release(final=True)
 

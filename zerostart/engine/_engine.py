@@ -28,9 +28,10 @@ from zerostart.engine._config import MAX_MODEL_LEN_CAP, EngineConfig, EngineErro
 from zerostart.engine._detok import Detokenizer  # noqa: E402
 from zerostart.engine._kv_cache import KVCache, plan_slots  # noqa: E402
 from zerostart.engine._model import Transformer  # noqa: E402
-from zerostart.engine._params import SamplingParams, TokenEvent  # noqa: E402
+from zerostart.engine._logprobs import logprobs as _logprobs, row_logprobs  # noqa: E402
+from zerostart.engine._params import PoolingParams, SamplingParams, TokenEvent  # noqa: E402
 from zerostart.engine._rope import cos_sin_table  # noqa: E402
-from zerostart.engine._runner import ModelRunner  # noqa: E402
+from zerostart.engine._runner import ModelRunner, StepOutput  # noqa: E402
 from zerostart.engine._sampler import Sampler  # noqa: E402
 from zerostart.engine._scheduler import Scheduler  # noqa: E402
 from zerostart.engine._sequence import RequestHandle, Sequence  # noqa: E402
@@ -76,6 +77,7 @@ class Engine:
         self.scheduler = Scheduler(kv.num_slots, config.prefill_chunk)
         self.sampler = Sampler(model_config.vocab_size, device, config.seed)
         self._inbox: deque[Sequence] = deque()
+        self._grammar_lock = threading.Lock()
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -261,15 +263,25 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestHandle:
-        """Queue a request (thread-safe, returns at once). Iterate the handle for its events."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams | PoolingParams | None = None) -> RequestHandle:
+        """Queue a request (thread-safe, returns at once). Iterate the handle for its events.
+
+        With :class:`PoolingParams` the request is an embedding: the prompt is prefilled (batched
+        with everything else) and its one event carries ``embedding``. A ``constraint`` is
+        compiled here, so a grammar that cannot be used raises :class:`EngineError` at once."""
         params = params or SamplingParams()
+        pooling = params if isinstance(params, PoolingParams) else None
+        if pooling is not None:
+            params = SamplingParams(max_tokens=0)
         if not isinstance(params, SamplingParams):
-            raise EngineError(f"params must be SamplingParams (got {type(params).__name__})")
-        ids = self._check_prompt(prompt_ids)
+            raise EngineError(f"params must be SamplingParams or PoolingParams (got {type(params).__name__})")
+        ids = self._check_prompt(prompt_ids, generate=pooling is None and params.max_tokens > 0)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
-        seq = Sequence(ids, params, Detokenizer(self.tokenizer, params.stop), max_tokens, stop_ids)
+        seq = Sequence(ids, params, Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens),
+                       max_tokens, stop_ids, pooling)
+        if params.constraint is not None:
+            seq.matcher = self.grammar().matcher(params.constraint)
         seq.handle.on_cancel = self._notify
         with self._cv:
             if self._stopping:
@@ -278,7 +290,16 @@ class Engine:
             self._cv.notify_all()
         return seq.handle
 
-    def _check_prompt(self, prompt_ids: list[int]) -> list[int]:
+    def grammar(self):
+        """The grammar engine (llguidance over this tokenizer), made on first use."""
+        with self._grammar_lock:
+            if self.sampler.grammar is None:
+                from zerostart.engine._grammar import GrammarEngine
+
+                self.sampler.grammar = GrammarEngine(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+            return self.sampler.grammar
+
+    def _check_prompt(self, prompt_ids: list[int], generate: bool = True) -> list[int]:
         if isinstance(prompt_ids, str):
             raise EngineError("submit() takes token ids; use engine.tokenizer.encode(text) or generate(text)")
         try:
@@ -291,7 +312,7 @@ class Engine:
         bad = next((i for i in ids if not 0 <= i < vocab), None)
         if bad is not None:
             raise EngineError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
+        if len(ids) > self.max_model_len or (generate and len(ids) == self.max_model_len):
             raise EngineError(f"the prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
                               "(max_model_len), which must leave room for at least one generated token")
         return ids
@@ -396,6 +417,11 @@ class Engine:
         for seq in new:
             if seq.params.penalized:
                 seq.counts = torch.zeros(self.model_config.vocab_size, dtype=torch.float32, device=self.device)
+            if seq.params.repetition_penalty != 1:
+                seq.prompt_seen = torch.zeros(self.model_config.vocab_size, dtype=torch.bool, device=self.device)
+                seq.prompt_seen[torch.tensor(seq.prompt_ids, device=self.device)] = True
+            if seq.params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]
             if seq.params.seed is not None:
                 seq.generator = torch.Generator(device=self.device)
                 seq.generator.manual_seed(seq.params.seed)
@@ -409,37 +435,79 @@ class Engine:
         decode, prefills = self.scheduler.schedule()
         if not decode and not prefills:
             return False
-        logits, seqs = self.runner.step(decode, prefills)
+        out = self.runner.step(decode, prefills)
         for s in decode:
             s.num_cached += 1
         for s, n in prefills:
             s.num_cached += n
-        if not seqs:
+        self._prompt_outputs(out)
+        for seq, _ in prefills:  # prompts that end here without generating (scoring, embeddings)
+            if not seq.in_prefill and (seq.pooling is not None or seq.max_tokens == 0):
+                self._finish_prompt_only(seq)
+        if not out.seqs:
             return True
-        tokens = self.sampler(logits, seqs)
-        for seq, token in zip(seqs, tokens):
-            self._emit(seq, token)
+        tokens = self.sampler(out.logits, out.seqs)
+        lps = row_logprobs(out.logits, tokens, [s.params.logprobs for s in out.seqs])
+        for seq, token, lp in zip(out.seqs, tokens, lps):
+            self._emit(seq, token, lp)
         return True
 
-    def _emit(self, seq: Sequence, token: int) -> None:
+    def _prompt_outputs(self, out: StepOutput) -> None:
+        for seq, pos, logits in out.prompt:
+            k = seq.params.prompt_logprobs or 0
+            assert seq.prompt_logprobs is not None
+            seq.prompt_logprobs.extend(_logprobs(logits, seq.prompt_ids[pos + 1 : pos + 1 + logits.shape[0]], k))
+        for seq, hidden in out.hidden:
+            assert seq.pooling is not None
+            if seq.pooling.pooling == "mean":
+                part = hidden.sum(dim=0)
+                seq.pooled = part if seq.pooled is None else seq.pooled + part
+            else:
+                seq.pooled = hidden[-1]
+
+    def _finish_prompt_only(self, seq: Sequence) -> None:
+        embedding = None
+        if seq.pooling is not None:
+            v = seq.pooled / seq.prompt_len if seq.pooling.pooling == "mean" else seq.pooled
+            if seq.pooling.dimensions is not None:
+                v = v[: seq.pooling.dimensions]
+            if seq.pooling.normalize:
+                v = torch.nn.functional.normalize(v, dim=0)
+            embedding = v.tolist()
+        self.scheduler.remove(seq)
+        seq.handle._push(TokenEvent(None, "", "stop" if seq.pooling is not None else "length", seq.prompt_len, 0,
+                                    prompt_logprobs=seq.prompt_logprobs, embedding=embedding))
+
+    def _emit(self, seq: Sequence, token: int, lp=None) -> None:
         seq.output_ids.append(token)
         if seq.counts is not None:
             seq.counts[token] += 1
         n = len(seq.output_ids)
-        if token in seq.stop_ids:
-            self._finish(seq, token, seq.detok.finish(), "stop")
+        first = seq.prompt_logprobs if n == 1 else None
+        held = n <= seq.params.min_tokens  # min_tokens: nothing ends the stream before this token
+        if token in seq.stop_ids and not held:
+            self._finish(seq, token, seq.detok.finish(), "stop", lp, first)
             return
-        text = seq.detok.add(token)
+        if seq.matcher is not None:
+            try:
+                seq.matcher.accept(token)
+            except EngineError as e:
+                self.scheduler.remove(seq)
+                seq.handle._fail(e)
+                return
+        text = seq.detok.add(token, stop=not held)
         if seq.detok.stopped:
-            self._finish(seq, token, text, "stop")
+            self._finish(seq, token, text, "stop", lp, first)
         elif n >= seq.max_tokens:
-            self._finish(seq, token, text + seq.detok.finish(), "length")
+            self._finish(seq, token, text + seq.detok.finish(), "length", lp, first)
+        elif seq.matcher is not None and seq.matcher.done:
+            self._finish(seq, token, text + seq.detok.finish(), "stop", lp, first)
         else:
-            seq.handle._push(TokenEvent(token, text, None, seq.prompt_len, n))
+            seq.handle._push(TokenEvent(token, text, None, seq.prompt_len, n, lp, first))
 
-    def _finish(self, seq: Sequence, token: int | None, text: str, reason: str) -> None:
+    def _finish(self, seq: Sequence, token: int | None, text: str, reason: str, lp=None, prompt_lps=None) -> None:
         self.scheduler.remove(seq)
-        seq.handle._push(TokenEvent(token, text, reason, seq.prompt_len, len(seq.output_ids)))
+        seq.handle._push(TokenEvent(token, text, reason, seq.prompt_len, len(seq.output_ids), lp, prompt_lps))
 
     def _abort_all(self) -> None:
         self._admit()

@@ -159,7 +159,8 @@ class Transformer(nn.Module):
         self.wait_stage: Callable[[int], None] | None = None
 
     def forward(self, ctx: StepContext, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
-        """Logits [rows, vocab] (float32) for ``ctx.logits_rows`` (every row when None)."""
+        """Logits [rows, vocab] (float32) for ``ctx.logits_rows`` (every row when None); with
+        ``ctx.hidden_rows`` also the final normed hidden states of those rows, in ``ctx.hidden_out``."""
         self.build_masks(ctx)
         wait = self.wait_stage
         if wait is not None:
@@ -171,10 +172,13 @@ class Transformer(nn.Module):
             if wait is not None:
                 wait(i)
             h = layer(h, cos, sin, ctx, k_caches[i], v_caches[i])
+        pooled = h[ctx.hidden_rows] if ctx.hidden_rows is not None else None
         if ctx.logits_rows is not None:
             h = h[ctx.logits_rows]
         if wait is not None:
             wait(len(self.layers))
+        if pooled is not None:
+            ctx.hidden_out = self.norm(pooled).float()
         h = self.norm(h)
         return F.linear(h, self.embed if self.lm_head is None else self.lm_head).float()
 

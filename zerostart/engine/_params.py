@@ -1,4 +1,5 @@
-"""What a request asks for (:class:`SamplingParams`) and what comes back (:class:`TokenEvent`)."""
+"""What a request asks for (:class:`SamplingParams`, :class:`PoolingParams`, :class:`Constraint`)
+and what comes back (:class:`TokenEvent`, :class:`TokenLogprob`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,37 @@ from typing import Any
 from zerostart.engine._config import EngineError
 
 FINISH_REASONS = ("stop", "length", "abort")
+CONSTRAINT_KINDS = ("json_schema", "json_object", "lark", "regex")
+POOLING = ("last", "mean")
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Output that must match a grammar (grammar-constrained decoding).
+
+    ``kind`` "json_schema" (``spec``: the schema, a dict), "json_object" (any JSON object; no
+    spec), "lark" (``spec``: a Lark grammar in llguidance's dialect, which may embed JSON
+    schemas as ``%json{...}``) or "regex" (``spec``: a regular expression). The engine compiles
+    it on submit; a grammar it cannot compile is an :class:`EngineError` naming the problem.
+    """
+
+    kind: str
+    spec: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise EngineError(f"Constraint.kind must be one of {', '.join(CONSTRAINT_KINDS)} (got {self.kind!r})")
+        if self.kind == "json_schema" and not isinstance(self.spec, (dict, bool)):
+            raise EngineError(f"a json_schema constraint needs the schema as an object (got {type(self.spec).__name__})")
+        if self.kind in ("lark", "regex") and not (isinstance(self.spec, str) and self.spec):
+            raise EngineError(f"a {self.kind} constraint needs its grammar as a non-empty string")
+
+    def key(self) -> str:
+        """One string per distinct grammar (what compiled grammars are cached by)."""
+        import json
+
+        return self.kind + ":" + (json.dumps(self.spec, sort_keys=True) if self.kind == "json_schema" else str(self.spec))
 
 
 @dataclass
@@ -20,6 +52,19 @@ class SamplingParams:
     logits of tokens already generated: once for presence, per occurrence for frequency).
     ``stop`` strings end the stream and are not part of the text; so are ``stop_token_ids``
     and the model's end-of-sequence tokens (unless ``ignore_eos``).
+
+    ``min_tokens`` keeps end-of-sequence, stop tokens and stop strings from ending the stream
+    before that many tokens; ``repetition_penalty`` (> 0, 1 = off) divides the positive logits
+    and multiplies the negative ones of every token in the prompt or the output (as
+    transformers and vLLM do); ``min_p`` drops tokens whose probability is below ``min_p``
+    times the most likely one's. ``max_tokens`` 0 generates nothing (scoring a prompt).
+
+    ``logprobs`` (0..20) returns each generated token's log-probability and that many most
+    likely alternatives; ``prompt_logprobs`` does the same for every prompt token after the
+    first. Log-probabilities are the model's own distribution (log-softmax of the raw logits,
+    before penalties, temperature, filters and grammar masks), as vLLM reports them by default.
+    ``constraint`` restricts the output to a grammar; ``skip_special_tokens`` False keeps
+    special tokens (e.g. a ``[TOOL_CALLS]`` marker) in the text.
     """
 
     max_tokens: int = 16
@@ -32,6 +77,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    constraint: Constraint | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
@@ -46,8 +98,23 @@ class SamplingParams:
                 raise EngineError(f"SamplingParams.{name} must be an integer (got {v!r})")
             return v
 
-        if integer("max_tokens") < 1:
-            raise EngineError(f"SamplingParams.max_tokens must be at least 1 (got {self.max_tokens})")
+        if integer("max_tokens") < 0:
+            raise EngineError(f"SamplingParams.max_tokens must be >= 0 (got {self.max_tokens})")
+        if integer("min_tokens") < 0:
+            raise EngineError(f"SamplingParams.min_tokens must be >= 0 (got {self.min_tokens})")
+        if self.min_tokens > self.max_tokens:
+            raise EngineError(f"SamplingParams.min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if number("repetition_penalty") <= 0:
+            raise EngineError(f"SamplingParams.repetition_penalty must be > 0 (1 = off) (got {self.repetition_penalty})")
+        if not 0 <= number("min_p") <= 1:
+            raise EngineError(f"SamplingParams.min_p must be in [0, 1] (got {self.min_p})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= integer(name) <= MAX_LOGPROBS:
+                raise EngineError(f"SamplingParams.{name} must be in [0, {MAX_LOGPROBS}] (got {getattr(self, name)})")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise EngineError(f"SamplingParams.constraint must be a Constraint (got {type(self.constraint).__name__})")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise EngineError(f"SamplingParams.skip_special_tokens must be true or false (got {self.skip_special_tokens!r})")
         if number("temperature") < 0:
             raise EngineError(f"SamplingParams.temperature must be >= 0 (got {self.temperature})")
         if not 0 < number("top_p") <= 1:
@@ -77,7 +144,41 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass
+class PoolingParams:
+    """An embedding request: the final hidden states of the prompt pooled into one vector.
+
+    ``pooling`` "last" (the last token's state, as Qwen3-Embedding and other decoder
+    embedders use) or "mean" (the average over the prompt's tokens); ``normalize`` scales it
+    to unit L2 norm; ``dimensions`` keeps the first that many values (Matryoshka-style
+    truncation, before normalizing), None keeps all.
+    """
+
+    pooling: str = "last"
+    normalize: bool = True
+    dimensions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLING:
+            raise EngineError(f"PoolingParams.pooling must be one of {', '.join(POOLING)} (got {self.pooling!r})")
+        if not isinstance(self.normalize, bool):
+            raise EngineError(f"PoolingParams.normalize must be true or false (got {self.normalize!r})")
+        if self.dimensions is not None and (isinstance(self.dimensions, bool) or not isinstance(self.dimensions, int)
+                                            or self.dimensions < 1):
+            raise EngineError(f"PoolingParams.dimensions must be a positive integer (got {self.dimensions!r})")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the ``top`` most likely tokens at its position
+    ((token id, logprob) pairs, most likely first; empty unless asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +196,21 @@ class TokenEvent:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event; None for the first token
+    embedding: list[float] | None = None  # on the only event of a PoolingParams request
 
     def to_dict(self) -> dict[str, Any]:
-        return {"token_id": self.token_id, "text": self.text, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        out: dict[str, Any] = {"token_id": self.token_id, "text": self.text, "finish_reason": self.finish_reason,
+                               "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        if self.logprob is not None:
+            out["logprob"] = _logprob_dict(self.logprob)
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [None if p is None else _logprob_dict(p) for p in self.prompt_logprobs]
+        if self.embedding is not None:
+            out["embedding"] = self.embedding
+        return out
+
+
+def _logprob_dict(p: TokenLogprob) -> dict[str, Any]:
+    return {"token_id": p.token_id, "logprob": p.logprob, "top": [list(t) for t in p.top]}

@@ -31,6 +31,16 @@ def _buckets(limit: int, start: int) -> list[int]:
 
 
 @dataclass
+class StepOutput:
+    logits: torch.Tensor  # [N, vocab] float32: the rows to sample, one per sequence in `seqs`
+    seqs: list[Sequence]
+    # prompt logprobs: (sequence, first prompt position, logits [k, vocab] of positions p .. p + k - 1)
+    prompt: list[tuple[Sequence, int, torch.Tensor]]
+    # pooling: (sequence, final hidden states [k, hidden]: the chunk's rows for mean, the last for last)
+    hidden: list[tuple[Sequence, torch.Tensor]]
+
+
+@dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph | None"
     inputs: torch.Tensor  # [4, nb] int64: ids, positions, kv positions, key counts
@@ -60,11 +70,12 @@ class ModelRunner:
     # -- one step -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, decode: list[Sequence], prefills: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step. ``prefills`` are (sequence, tokens to prefill now). Returns the logits
-        [N, vocab] and the N sequences they belong to (decodes, then prefills that finish)."""
+    def step(self, decode: list[Sequence], prefills: list[tuple[Sequence, int]]) -> StepOutput:
+        """Run one step. ``prefills`` are (sequence, tokens to prefill now). Returns the logits to
+        sample (decodes, then prefills that finish and generate) and the extra rows that prompt
+        logprobs and pooling asked for."""
         if decode and not prefills and self.bucketed:
-            return self._decode_bucketed(decode), decode
+            return StepOutput(self._decode_bucketed(decode), decode, [], [])
         kv = self.kv
         rows: list[list[int]] = [[], [], [], []]  # ids, positions, slots, kv positions
         lens: list[int] = []
@@ -84,6 +95,10 @@ class ModelRunner:
             out_rows = []
         out_seqs = list(decode)
         plan: list[Prefill] = []
+        prompt_rows: list[int] = []  # logits rows for prompt logprobs, after the sampled ones
+        prompt: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, offset, count)
+        hidden_rows: list[int] = []
+        hidden: list[tuple[Sequence, int, int]] = []  # (seq, offset, count)
         for seq, n in prefills:
             start = seq.num_cached
             row = len(rows[0])
@@ -93,19 +108,34 @@ class ModelRunner:
             rows[3].extend(range(start, start + n))
             plan.append(Prefill(seq.slot, start, n, row))
             kv.ensure_zeroed(seq.slot, start + n)  # before the write, never after it
-            if start + n == seq.prompt_len:
+            last = start + n == seq.prompt_len
+            if seq.params.prompt_logprobs is not None:
+                k = min(start + n, seq.prompt_len - 1) - start  # positions whose next token is in the prompt
+                if k > 0:
+                    prompt.append((seq, start, len(prompt_rows), k))
+                    prompt_rows.extend(range(row, row + k))
+            if seq.pooling is not None:
+                first = row if seq.pooling.pooling == "mean" else row + n - 1
+                if seq.pooling.pooling == "mean" or last:
+                    hidden.append((seq, len(hidden_rows), row + n - first))
+                    hidden_rows.extend(range(first, row + n))
+            elif last and seq.max_tokens > 0:
                 out_rows.append(row + n - 1)
                 out_seqs.append(seq)
         decode_len = max(lens) if lens else 0
         for j in rows[2][:nd]:
             kv.ensure_zeroed(j, decode_len)
         packed = self._to_device(rows + [lens + [0] * (len(rows[0]) - nd)])
+        ns = len(out_rows)
         ctx = StepContext(input_ids=packed[0], positions=packed[1], kv_slots=packed[2], kv_pos=packed[3],
                           num_decode=nd, decode_len=decode_len, decode_lens=packed[4][:nd] if nd else None,
                           decode_slots=packed[2][:nd] if gathered else None,
-                          prefills=plan, logits_rows=self._to_device([out_rows])[0])
+                          prefills=plan, logits_rows=self._to_device([out_rows + prompt_rows])[0],
+                          hidden_rows=self._to_device([hidden_rows])[0] if hidden_rows else None)
         logits = self.model(ctx, kv.k, kv.v)
-        return logits, out_seqs
+        return StepOutput(logits[:ns], out_seqs,
+                          [(seq, pos, logits[ns + off : ns + off + k]) for seq, pos, off, k in prompt],
+                          [(seq, ctx.hidden_out[off : off + k]) for seq, off, k in hidden])
 
     @torch.inference_mode()
     def prefill_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:

@@ -16,10 +16,15 @@ import threading
 from collections import deque
 from typing import AsyncIterator, Iterator
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from zerostart.engine._detok import Detokenizer
-from zerostart.engine._params import SamplingParams, TokenEvent
+from zerostart.engine._params import PoolingParams, SamplingParams, TokenEvent, TokenLogprob
+
+if TYPE_CHECKING:
+    from zerostart.engine._grammar import Matcher
 
 _ids = itertools.count()
 
@@ -32,10 +37,11 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, detok: Detokenizer,
-                 max_tokens: int, stop_ids: frozenset[int]) -> None:
+                 max_tokens: int, stop_ids: frozenset[int], pooling: PoolingParams | None = None) -> None:
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.params = params
+        self.pooling = pooling  # an embedding request: prefill only, then the pooled hidden state
         self.detok = detok
         self.max_tokens = max_tokens  # clipped to the context left after the prompt
         self.stop_ids = stop_ids
@@ -44,8 +50,23 @@ class Sequence:
         self.slot = -1
         self.num_cached = 0  # tokens whose keys and values are in the cache
         self.counts: torch.Tensor | None = None  # per-token output counts, for penalties
+        self.prompt_seen: torch.Tensor | None = None  # [V] bool, tokens of the prompt (repetition_penalty)
         self.generator: torch.Generator | None = None
+        self.matcher: Matcher | None = None  # grammar state (SamplingParams.constraint)
+        # prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.pooled: Any = None  # [hidden] float32: the last state, or the running sum for mean pooling
         self.handle = RequestHandle(self)
+
+    @property
+    def wants_prompt_rows(self) -> bool:
+        """Every prompt row's output is needed (prompt logprobs, mean pooling), not only the last."""
+        return self.params.prompt_logprobs is not None or (self.pooling is not None and self.pooling.pooling == "mean")
+
+    @property
+    def holds_stop(self) -> bool:
+        """min_tokens not reached: stop tokens and stop strings do not end the stream yet."""
+        return len(self.output_ids) < self.params.min_tokens
 
     @property
     def prompt_len(self) -> int:

@@ -96,6 +96,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry of a token id (its raw form, e.g. ``Ġthe``), None if there is none."""
+        return self._tk.id_to_token(token_id)
+
+    def to_str(self) -> str:
+        """The tokenizer as ``tokenizer.json`` text (what grammar engines read)."""
+        return self._tk.to_str()
+
     # -- chat -----------------------------------------------------------------------------
 
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:

@@ -1,0 +1,102 @@
+"""Worker pieces that need no server: the grammar a chat request's tools and response_format
+ask for, embedding inputs and encodings, log-probability shapes."""
+
+import base64
+import struct
+
+import pytest
+
+from zerostart.engine import TokenLogprob, tool_parser
+from zerostart.serve._errors import BadRequest
+from zerostart.serve.worker._embeddings import body, encode, inputs
+from zerostart.serve.worker._logprobs import CompletionLogprobs, chat_logprobs
+from zerostart.serve.worker._structured import plan
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.fixture(scope="module")
+def parser(tiny_dir):
+    from zerostart.engine import Tokenizer
+
+    return tool_parser("hermes", Tokenizer(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from zerostart.engine.demo import write_demo_model
+
+    return write_demo_model(str(tmp_path_factory.mktemp("demo") / "tiny"), size="tiny", seed=0)
+
+
+def test_tool_choice_plans(parser):
+    assert plan(parser, TOOLS, "none", True, None).tools is None
+    auto = plan(parser, TOOLS, None, True, None)
+    assert auto.tools == TOOLS and auto.parser is parser and auto.constraint is None
+    forced = plan(parser, TOOLS, {"type": "function", "function": {"name": "f"}}, True, None)
+    assert forced.constraint.kind == "lark" and "<tool_call>" in forced.constraint.spec
+    fmt = plan(parser, None, None, True, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    assert fmt.constraint.kind == "json_schema" and fmt.tools is None
+    assert plan(parser, None, None, True, {"type": "json_object"}).constraint.kind == "json_object"
+
+
+@pytest.mark.parametrize("tools, choice, fmt, param", [
+    (TOOLS, "sometimes", None, "tool_choice"),
+    (None, "required", None, "tool_choice"),
+    (TOOLS, {"type": "function", "function": {"name": "g"}}, None, "tool_choice"),
+    (TOOLS, "required", {"type": "json_object"}, "response_format"),
+    (None, None, {"type": "json_schema"}, "response_format"),
+    (None, None, {"type": "yaml"}, "response_format"),
+])
+def test_bad_tool_requests_name_the_field(parser, tools, choice, fmt, param):
+    with pytest.raises(BadRequest) as e:
+        plan(parser, tools, choice, True, fmt)
+    assert e.value.param == param
+
+
+def test_embedding_inputs_and_base64():
+    assert inputs("a") == ["a"] and inputs(["a", "b"]) == ["a", "b"] and inputs([1, 2]) == [[1, 2]]
+    assert inputs([[1], [2, 3]]) == [[1], [2, 3]]
+    for bad in ([], [[]], ["a", 1], None, [True]):
+        with pytest.raises(BadRequest):
+            inputs(bad)
+    vec = [0.5, -1.25, 3.0]
+    assert list(struct.unpack("<3f", base64.b64decode(encode(vec, "base64")))) == vec
+    out = body("m", [vec], "float", 7)
+    assert out["data"][0] == {"object": "embedding", "index": 0, "embedding": vec} and out["usage"]["total_tokens"] == 7
+
+
+def test_logprob_shapes():
+    text_of = {1: ("A", b"A"), 2: ("b", b"b"), 3: ("cd", b"cd")}.__getitem__
+    chat = chat_logprobs(text_of, [TokenLogprob(2, -0.5, ((2, -0.5), (3, -1.0)))])
+    assert chat == {"content": [{"token": "b", "logprob": -0.5, "bytes": [98], "top_logprobs": [
+        {"token": "b", "logprob": -0.5, "bytes": [98]}, {"token": "cd", "logprob": -1.0, "bytes": [99, 100]}]}]}
+    c = CompletionLogprobs(text_of)
+    c.add_first(1)
+    c.add(TokenLogprob(3, -2.0, ((2, -0.1),)))
+    assert c.body() == {"tokens": ["A", "cd"], "token_logprobs": [None, -2.0],
+                        "top_logprobs": [None, {"b": -0.1, "cd": -2.0}], "text_offset": [0, 1]}
+    assert c.body(1)["tokens"] == ["cd"]
+
+
+def test_tokenize_detokenize_info(tiny_dir):
+    from zerostart.engine import Tokenizer
+    from zerostart.serve.worker._tokenize import detokenize, tokenize, tokenizer_info
+
+    tok = Tokenizer(tiny_dir)
+    out = tokenize(tok, 1024, {"prompt": "Hello world", "return_token_strs": True})
+    assert out["tokens"] == tok.encode("Hello world") and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == 1024 and len(out["token_strs"]) == out["count"]
+    assert tokenize(tok, 1024, {"prompt": "Hello", "add_special_tokens": False})["tokens"] == tok.encode(
+        "Hello", add_special_tokens=False)
+    chat = tokenize(tok, 1024, {"messages": [{"role": "user", "content": "hi"}]})
+    assert chat["tokens"] == tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}]),
+                                        add_special_tokens=False)
+    assert detokenize(tok, {"tokens": out["tokens"]})["prompt"] == tok.decode(out["tokens"])
+    for bad in ({"tokens": [-1]}, {"tokens": "x"}, {"tokens": [10**9]}):
+        with pytest.raises(BadRequest):
+            detokenize(tok, bad)
+    with pytest.raises(BadRequest):
+        tokenize(tok, 1024, {})
+    info = tokenizer_info(tok, 1024)
+    assert info["eos_token"] == "<|eot_id|>" and info["chat_template"] and info["model_max_length"] == 1024
