@@ -22,11 +22,12 @@ _T_START = time.perf_counter()  # the child's first statement (cold-start runs)
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
+from zerostart.bench._engine_run import bandwidth as _bandwidth, demo_model as _demo, machine as _machine  # noqa: E402
+from zerostart.bench._engine_run import sync as _sync  # noqa: E402
 from zerostart.bench._env import log as _log  # noqa: E402
 
 COLD_COLUMNS = ("spawn", "import", "load", "warmup", "first_token")
@@ -84,32 +85,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(size: str) -> str:
-    from zerostart.engine.demo import write_demo_model
-    from zerostart.weights import cache_dir
-
-    path = os.path.join(cache_dir(), "demo-models", size)
-    _log(f"demo model ({size}, random weights: its text is gibberish) in {path}")
-    return write_demo_model(path, size=size)
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "platform": platform.platform()}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 # -- throughput ------------------------------------------------------------------------------
 
 def _prompts(vocab: int, batch: int, n: int, bos: int | None) -> list[list[int]]:
@@ -121,31 +96,6 @@ def _prompts(vocab: int, batch: int, n: int, bos: int | None) -> list[list[int]]
             ids[0] = bos
         out.append(ids)
     return out
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _bandwidth(device: str) -> float:
-    """Copy bandwidth (GB/s, read + write counted once each) of a 256 MiB buffer on the device."""
-    import torch
-
-    n = 256 * 2**20
-    a = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    runs = []
-    for _ in range(5):
-        _sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        _sync(device)
-        runs.append(time.perf_counter() - t)
-    return 2 * n / min(runs) / 1e9
 
 
 def _throughput(args, model_path: str, batches: list[int]):

@@ -16,9 +16,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any
+
+from zerostart.bench._env import log
 
 # 64 required string items: no document shorter than a few hundred tokens exists
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "minLength": 8},
@@ -35,16 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
-def _log(msg: str) -> None:
-    print(f"zerostart bench structured: {msg}", file=sys.stderr, flush=True)
-
-
 def main(args: argparse.Namespace) -> int:
-    from zerostart.bench.generate import _bandwidth, _demo, _machine, _sync
+    from zerostart.bench._engine_run import bandwidth, demo_model, machine, sync
     from zerostart.engine import Constraint, Engine, EngineConfig, SamplingParams
 
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
-    model = args.model or _demo("small")
+    model = args.model or demo_model("small")
     engine = Engine.from_pretrained(model, device=args.device,
                                     config=EngineConfig(max_num_seqs=max(batches), max_model_len=1024))
     tok = engine.tokenizer
@@ -56,15 +53,15 @@ def main(args: argparse.Namespace) -> int:
     engine.grammar()
     grammar_setup_s = time.perf_counter() - t0
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    bw = _bandwidth(args.device)
+    bw = bandwidth(args.device)
 
     def run(params: list) -> tuple[float, list[list[int]], list[str]]:
-        _sync(args.device)
+        sync(args.device)
         t = time.perf_counter()
         handles = [engine.submit(prompt, p) for p in params]
         while any(not h.finished for h in handles):
             engine.step()
-        _sync(args.device)
+        sync(args.device)
         dt = time.perf_counter() - t
         evs = [list(h) for h in handles]
         return dt, [[e.token_id for e in ev] for ev in evs], ["".join(e.text for e in ev) for ev in evs]
@@ -96,8 +93,8 @@ def main(args: argparse.Namespace) -> int:
         if batch == 1:
             row["decode_limit_tokens_per_s"] = bw * 1e9 / weight_bytes
         rows.append(row)
-        _log(f"batch {batch}: " + ", ".join(f"{n} {row[n]['tokens_per_s']:.1f} tok/s" for n in times))
-    result = {"model": os.path.abspath(model), "device": args.device, "machine": _machine(),
+        log(f"batch {batch}: " + ", ".join(f"{n} {row[n]['tokens_per_s']:.1f} tok/s" for n in times))
+    result = {"model": os.path.abspath(model), "device": args.device, "machine": machine(),
               "max_tokens": args.max_tokens, "repeat": args.repeat, "grammar_engine": "llguidance",
               "grammar_setup_s": grammar_setup_s, "bandwidth_gbps": bw, "weight_bytes": weight_bytes,
               "uptime": open("/proc/loadavg").read().strip(), "rows": rows}
@@ -108,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
             json.dump(result, f, indent=2)
             f.write("\n")
         os.replace(tmp, args.json)
-        _log(f"wrote {args.json}")
+        log(f"wrote {args.json}")
     engine.stop()
     return 0
 

@@ -1,0 +1,62 @@
+"""What the engine benchmarks share: the demo model, the machine's description, device sync and
+the copy bandwidth that a decode step's memory-bandwidth limit is measured against."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+from zerostart.bench._env import log
+
+
+def demo_model(size: str) -> str:
+    from zerostart.engine.demo import write_demo_model
+    from zerostart.weights import cache_dir
+
+    path = os.path.join(cache_dir(), "demo-models", size)
+    log(f"demo model ({size}, random weights: its text is gibberish) in {path}")
+    return write_demo_model(path, size=size)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "platform": platform.platform()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bandwidth(device: str) -> float:
+    """Copy bandwidth (GB/s, read + write counted once each) of a 256 MiB buffer on the device."""
+    import torch
+
+    n = 256 * 2**20
+    a = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    runs = []
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        runs.append(time.perf_counter() - t)
+    return 2 * n / min(runs) / 1e9
