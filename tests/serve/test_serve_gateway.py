@@ -119,8 +119,8 @@ def test_request_errors(gw: Gateway) -> None:
         client.completions.create(model="api", prompt="x", temperature=5)
     assert "temperature" in str(e.value)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="api", messages=[{"role": "user", "content": "x"}], logprobs=True)
-    assert "logprobs" in str(e.value)
+        client.chat.completions.create(model="api", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    assert "top_logprobs" in str(e.value)  # without logprobs: true
     with pytest.raises(openai.BadRequestError) as e:  # from the worker: the context is 1024 tokens
         client.completions.create(model="api", prompt="x", max_tokens=5000)
     assert "maximum context length" in str(e.value)

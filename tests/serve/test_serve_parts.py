@@ -146,7 +146,12 @@ def test_request_validation() -> None:
     assert _bad(CompletionRequest, {"model": "m"}).message.startswith("prompt: this field is required")
     e = _bad(CompletionRequest, {"model": "m", "prompt": "x", "top_p": 0})
     assert e.param == "top_p" and e.model == "m"
-    assert "logprobs: not supported" in _bad(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 2}).message
+    assert "logprobs" in _bad(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 21}).message
+    assert "max_tokens: 0 needs echo" in _bad(CompletionRequest, {"model": "m", "prompt": "x", "max_tokens": 0}).message
+    c = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "max_tokens": 0, "echo": true, "logprobs": 1}')
+    assert isinstance(c, CompletionRequest) and (c.max_new_tokens, c.token_logprobs, c.prompt_logprobs) == (0, 1, 1)
+    assert "logit_bias: not supported" in _bad(CompletionRequest, {"model": "m", "prompt": "x",
+                                                                   "logit_bias": {"1": 2}}).message
     assert "tools" in _bad(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
                                                    "tools": [{"type": "function"}]}).message
     img = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}

@@ -2,7 +2,7 @@
 starts anything) and the workers (which generate from them).
 
 Unknown fields are ignored as OpenAI's SDKs send new ones over time, but fields for features
-this server does not have (logprobs, tools, ...) are refused with a 400 naming them rather
+this server does not have (logit_bias, tools, ...) are refused with a 400 naming them rather
 than silently dropped. ``null`` means "the default" for every field.
 """
 
@@ -19,8 +19,6 @@ from zerostart.units import parse_duration
 
 # Fields whose features this server lacks: refused when set to anything but their "off" value.
 _UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
@@ -36,6 +34,7 @@ _UNSUPPORTED = {
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
 
 
 class _Request(BaseModel):
@@ -55,6 +54,9 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stop_token_ids: list[int] = []  # extension
     ignore_eos: bool = False  # extension
+    min_tokens: int = Field(0, ge=0)  # extension (vLLM's)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # extension (vLLM's)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension (vLLM's)
     keep_alive: Union[str, float, int, None] = None  # Ollama's: how long the model stays hot after this request
     user: str | None = None
     best_of: int | None = None
@@ -105,6 +107,19 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    # what the engine is asked for: top alternatives per generated / prompt token (None = no logprobs)
+    @property
+    def token_logprobs(self) -> int | None:
+        return None
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return None
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -129,9 +144,17 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def token_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _texts(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs set to true")
         for i, m in enumerate(self.messages):
             try:
                 m.text()
@@ -151,6 +174,22 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
+
+    @model_validator(mode="after")
+    def _scoring(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 needs echo (scoring a prompt); otherwise at least 1")
+        return self
+
+    @property
+    def token_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt")
     @classmethod
@@ -167,7 +206,7 @@ class CompletionRequest(_Request):
 
     @property
     def max_new_tokens(self) -> int:
-        return self.max_tokens or 16  # OpenAI's default for completions
+        return 16 if self.max_tokens is None else self.max_tokens  # 16: OpenAI's default for completions
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""

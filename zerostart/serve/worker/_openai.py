@@ -17,7 +17,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from zerostart import __version__
 from zerostart.serve._errors import BadRequest, ServeError
+from zerostart.engine import TokenText
 from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, _Request, parse_request
+from zerostart.serve.worker._logprobs import CompletionLogprobs, chat_entry, chat_logprobs
 
 if TYPE_CHECKING:
     from zerostart.engine import Engine
@@ -44,9 +46,17 @@ class _Choice:
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.ids: list[int] = []  # the prompt's token ids
+        self.logprobs: list[Any] = []  # TokenLogprob per generated token (when asked for)
+        self.prompt_logprobs: list[Any] | None = None
+        self.sent: CompletionLogprobs | None = None  # a completion stream's logprobs so far
 
     def take(self, ev: Any) -> None:
         self.text.append(ev.text)
+        if ev.logprob is not None:
+            self.logprobs.append(ev.logprob)
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
         self.prompt_tokens = ev.prompt_tokens
         self.completion_tokens = ev.completion_tokens
         if ev.finish_reason is not None:
@@ -60,6 +70,7 @@ class OpenAIRoutes:
         self.engine = engine
         self.name = name
         self._SamplingParams = SamplingParams
+        self._text_of = TokenText(engine.tokenizer)
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -114,6 +125,7 @@ class OpenAIRoutes:
         try:
             for i, (ids, sp) in enumerate(params):
                 choices.append(_Choice(i, i // req.n, self.engine.submit(ids, sp)))
+                choices[-1].ids = ids
         except ValueError as e:  # the engine refuses what it cannot run (e.g. a token id past its vocabulary)
             _cancel(choices)
             raise BadRequest(str(e), param=param) from None
@@ -136,7 +148,9 @@ class OpenAIRoutes:
                     max_tokens=want, temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
                     seed=None if req.seed is None else req.seed + j, stop=req.stop_list,
                     stop_token_ids=list(req.stop_token_ids), presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos)))
+                    frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+                    repetition_penalty=req.repetition_penalty, min_p=req.min_p, logprobs=req.token_logprobs,
+                    prompt_logprobs=req.prompt_logprobs)))
         return params
 
     # -- responses --------------------------------------------------------------------------
@@ -154,35 +168,67 @@ class OpenAIRoutes:
             raise
         body: dict[str, Any] = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                                 "created": created, "model": self.name, "system_fingerprint": _FINGERPRINT}
+        wants = req.token_logprobs is not None
         if kind == "chat":
             body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                                "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
+                                "logprobs": chat_logprobs(self._text_of, c.logprobs) if wants else None,
+                                "finish_reason": c.finish_reason} for c in choices]
         else:
             body["choices"] = [{"index": c.index, "text": (echo[c.prompt] if echo else "") + "".join(c.text),
-                                "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
+                                "logprobs": self._completion_logprobs(c).body() if wants else None,
+                                "finish_reason": c.finish_reason} for c in choices]
         body["usage"] = _usage(choices)
         return JSONResponse(body)
+
+    def _completion_logprobs(self, c: _Choice, start: int = 0) -> CompletionLogprobs:
+        """A completion's logprobs: the echoed prompt's (when asked for), then the generated tokens' from ``start``."""
+        out = CompletionLogprobs(self._text_of)
+        if c.prompt_logprobs is not None and start == 0:
+            out.add_first(c.ids[0])
+            for lp in c.prompt_logprobs[1:]:
+                out.add(lp)
+        for lp in c.logprobs[start:]:
+            out.add(lp)
+        return out
 
     async def _stream(self, kind: str, req: _Request, rid: str, created: int, choices: list[_Choice],
                       echo: list[str] | None) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        usage_field = {"usage": None} if req.include_usage else {}
         started: set[int] = set()
+        wants = req.token_logprobs is not None
+        done_lps: dict[int, int] = {}  # choice -> generated logprobs already sent
+
+        def usage_field() -> dict[str, Any]:
+            if req.continuous_usage:
+                return {"usage": _usage(choices)}
+            return {"usage": None} if req.include_usage else {}
+
+        def logprobs(c: _Choice) -> dict[str, Any] | None:
+            if not wants:
+                return None
+            first = done_lps.get(c.index)
+            done_lps[c.index] = len(c.logprobs)
+            if kind == "chat":
+                return {"content": [chat_entry(self._text_of, lp) for lp in c.logprobs[first or 0 :]]}
+            if first is None:
+                return self._completion_logprobs(c).body()
+            return self._completion_logprobs(c, first).body()
 
         def chunk(c: _Choice, text: str | None, finish: str | None) -> bytes:
+            lps = logprobs(c) if finish is None else None
             if kind == "chat":
                 delta: dict[str, Any] = {} if text is None else {"content": text}
                 if c.index not in started:
                     delta = {"role": "assistant", "content": text or ""}
                     started.add(c.index)
-                choice: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
                 if c.index not in started:
                     started.add(c.index)
                     text = (echo[c.prompt] if echo else "") + (text or "")
-                choice = {"index": c.index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": c.index, "text": text or "", "logprobs": lps, "finish_reason": finish}
             return _sse({"id": rid, "object": obj, "created": created, "model": self.name,
-                         "system_fingerprint": _FINGERPRINT, "choices": [choice], **usage_field})
+                         "system_fingerprint": _FINGERPRINT, "choices": [choice], **usage_field()})
 
         queue: asyncio.Queue[tuple[_Choice, Any]] = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(c, queue)) for c in choices]
@@ -198,8 +244,8 @@ class OpenAIRoutes:
                     open_choices -= 1
                     continue
                 c.take(ev)
-                # a chat stream opens each choice with its role; text chunks are never empty
-                if ev.text or (c.index not in started and (kind == "chat" or echo)):
+                # a chat stream opens each choice with its role; text chunks are empty only to carry logprobs
+                if ev.text or (c.index not in started and (kind == "chat" or echo)) or (wants and ev.logprob is not None):
                     yield chunk(c, ev.text, None)
                 if ev.finish_reason is not None:
                     yield chunk(c, None, ev.finish_reason)
