@@ -17,7 +17,7 @@ RAY      ?= ray[serve]==2.60.0
 # `make test-lmeval` runs its `local-completions` model against a zerostart server and its `hf`
 # model on the same checkpoint, on the tasks in tests/lmeval. ~1.5 GB, a few minutes the first time.
 LMEVAL_VENV ?= .venvs/lmeval
-LMEVAL      ?= lm-eval==0.4.13
+LMEVAL      ?= lm-eval[api]==0.4.13
 
 .PHONY: setup serve test bench clean ray-env test-ray lmeval-env test-lmeval
 
