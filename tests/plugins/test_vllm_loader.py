@@ -40,10 +40,21 @@ def perturbed_copy(src: str, dst: str) -> str:
 
 
 def with_checksums(src: str, dst: str) -> str:
+    """``src`` with ``zerostart-checksums.json``: its data section moved to a 4096-byte boundary
+    (the header padded with spaces, as zerostart's own writers do), then every block hashed."""
+    import struct
+
     from zerostart.weights import _checksums, read_header
 
     shutil.copytree(src, dst)
     path = os.path.join(dst, "model.safetensors")
+    with open(os.path.join(src, "model.safetensors"), "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = f.read(n)
+        data = f.read()
+    header += b" " * (-(8 + len(header)) % 4096)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + data)
     _checksums.write(dst, [_checksums.compute(path, read_header(path).data_start)])
     return dst
 
