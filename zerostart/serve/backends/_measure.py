@@ -5,7 +5,8 @@ SGLang, any OpenAI server) is several processes whose sizes nobody told us.
   worker, resource tracker), from ``/proc``.
 - :func:`host_bytes`: their proportional set size summed (``/proc/PID/smaps_rollup``: pages
   shared between them, such as forked libraries, are counted once across the tree).
-- :func:`device_bytes`: CUDA memory of those processes on one GPU, from ``nvidia-smi`` (the
+- :func:`device_bytes`, :func:`device_total_bytes`, :func:`cuda_pids`: CUDA memory of those
+  processes on one GPU, the GPU's size, which of them hold a context, from ``nvidia-smi`` (the
   gateway imports no CUDA library); None where there is no ``nvidia-smi``.
 """
 
@@ -81,3 +82,32 @@ def device_bytes(pids: list[int], device: str) -> int | None:
         if pid in wanted:
             total += mib << 20
     return total
+
+
+def device_total_bytes(device: str) -> int | None:
+    """The memory of GPU ``device`` (``cuda:N``) per ``nvidia-smi``; None where it cannot tell."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None or not device.startswith("cuda"):
+        return None
+    index = device.partition(":")[2] or "0"
+    try:
+        r = subprocess.run([exe, "--id=" + index, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=10)
+        return int(r.stdout.strip().splitlines()[0]) << 20 if r.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def cuda_pids(pids: list[int], device: str) -> list[int]:
+    """Those of ``pids`` holding a CUDA context on ``device`` (the ones a checkpoint must lock)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    index = device.partition(":")[2] or "0"
+    try:
+        r = subprocess.run([exe, "--id=" + index, "--query-compute-apps=pid", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    on_gpu = {int(x) for x in r.stdout.split() if x.strip().isdigit()} if r.returncode == 0 else set()
+    return [p for p in pids if p in on_gpu]
