@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "load"): ("zerostart.bench.load", "benchmark weight loading against peers and the hardware limit"),
     ("bench", "generate"): ("zerostart.bench.generate", "benchmark generation against transformers"),
     ("bench", "serve"): ("zerostart.bench.serve", "benchmark gateway overhead and cold-start latency"),
+    ("bench", "engines"): ("zerostart.bench.engines", "cold starts and hot tokens/s: zerostart's rungs vs vLLM"),
 }
 
 

@@ -64,9 +64,13 @@ def memory_shares(models: Iterable[ModelConfig], limits: dict[str, int | None],
     if device_total is None:
         from zerostart.serve.backends import device_total_bytes as device_total
     models = list(models)
-    per_device: dict[str, int] = {}
+    fixed: dict[str, int] = {}  # per device: what memory_estimate already gives away
+    shared: dict[str, int] = {}  # per device: models that split the rest
     for m in models:
-        per_device[m.device] = per_device.get(m.device, 0) + 1
+        if m.memory_estimate is not None:
+            fixed[m.device] = fixed.get(m.device, 0) + m.memory_estimate
+        else:
+            shared[m.device] = shared.get(m.device, 0) + 1
     out: dict[str, int | None] = {}
     totals: dict[str, int | None] = {}
     for m in models:
@@ -78,7 +82,8 @@ def memory_shares(models: Iterable[ModelConfig], limits: dict[str, int | None],
             if m.device not in totals:
                 totals[m.device] = device_total(m.device)
             whole = totals[m.device]
-        out[m.served_name] = whole // per_device[m.device] if whole else None
+        rest = (whole or 0) - fixed.get(m.device, 0)
+        out[m.served_name] = rest // shared[m.device] if whole and rest > 0 else None
     return out
 
 
