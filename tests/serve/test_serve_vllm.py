@@ -28,8 +28,16 @@ def chat(n: int, gw: Gateway) -> list:
     return asyncio.run(_chat(n, gw))
 
 
+def client_for(gw: Gateway, connections: int = 100):
+    """An async OpenAI client that waits as long as vLLM's cold start takes here (minutes)."""
+    import openai
+
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=connections), timeout=900)
+    return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0, http_client=http)
+
+
 async def _chat(n: int, gw: Gateway) -> list:
-    client = gw.async_openai(connections=n)
+    client = client_for(gw, n)
     try:
         return await asyncio.gather(*(client.chat.completions.with_raw_response.create(
             model="smol", messages=QUESTION, max_tokens=16, temperature=0) for _ in range(n)), return_exceptions=True)
@@ -90,7 +98,7 @@ def test_vllm_behind_the_gateway(vllm_python, smollm2, tmp_path):
         tree = _measure.process_tree(pid)
 
         async def crash():
-            client = gw.async_openai()
+            client = client_for(gw)
             try:
                 long = asyncio.create_task(client.chat.completions.with_raw_response.create(
                     model="smol", messages=QUESTION, max_tokens=4000, extra_body={"ignore_eos": True}))

@@ -235,4 +235,5 @@ def _standby(config: ServeConfig, models: Iterable[Model]) -> Standby:
     device = max(dict.fromkeys(devices), key=devices.count)
     return Standby(config.server, device=device,
                    timeout=max((m.start_timeout for m in config.models), default=300.0),
-                   estimates=[m.estimate for m in models if m.cfg.device == device and m.estimate])
+                   estimates=[m.estimate for m in models
+                              if m.cfg.device == device and m.estimate and m.cfg.backend == "zerostart"])
