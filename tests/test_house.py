@@ -27,6 +27,7 @@ BELOW = {
     "sim": {"policy"},
     "serve": {"weights", "engine", "snapshot", "policy"},
     "bench": {"weights", "engine", "snapshot", "serve", "policy", "sim"},  # top floor: nothing imports it
+    "plugins": {"weights"},  # zerostart inside other engines: loaded by them (entry points), imported by nobody
     "cli": set(),  # commands are imported by name (importlib), when they run
     "__main__": {"cli"},
 }
@@ -158,14 +159,18 @@ FACES = {
                         "load_config"],
     "zerostart.serve.gateway": ["Fleet", "Lease", "State", "TRANSITIONS", "create_app"],
     "zerostart.serve.worker": ["Holder", "LoadSpec", "build_app", "main"],
-    "zerostart.serve.backends": ["BACKENDS", "ColdStart", "Memory", "UpstreamError", "UpstreamPool",
-                                 "UpstreamResponse", "WorkerBackend", "WorkerError", "ZerostartWorker",
-                                 "backend_class"],
+    "zerostart.serve.backends": ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LogPhases", "Memory",
+                                 "SglangWorker", "UpstreamError", "UpstreamPool", "UpstreamResponse", "VllmWorker",
+                                 "WorkerBackend", "WorkerError", "ZerostartWorker", "backend_class",
+                                 "device_total_bytes"],
+    "zerostart.plugins": [],
+    "zerostart.plugins.vllm": ["LOAD_FORMAT", "LoaderOptions", "register"],
     "zerostart.serve.control": ["ErrorBody", "ErrorDetail", "ImageReport", "InFlight", "LoadAccepted", "LoadRecord",
                                 "LoadRequest", "ParkResult", "PhasesReport", "ReadyReport", "Refusal", "SETTLED",
                                 "WORKER_TRANSITIONS", "WakeResult", "WorkerState", "check_worker"],
     "zerostart.policy": ["AlwaysWarm", "CostAwareLadder", "CostModel", "Decision", "FixedTTL", "HybridHistogram",
-                         "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung", "describe", "make"],
+                         "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung", "describe", "make",
+                         "usable"],
     "zerostart.bench": ["pinned_h2d"],
     "zerostart.sim": ["Capacity", "FORMATS", "Service", "Trace", "TraceError", "derive", "load_trace",
                       "parse_popularity", "replay"],

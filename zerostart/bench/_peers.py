@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from zerostart.bench import _env
-from zerostart.serve.backends._log_phases import VLLM_DETAILS, VLLM_LAST, VLLM_MARKERS, LogPhases
+from zerostart.serve.backends import LogPhases, VllmWorker
 
 VLLM_MODES = ("eager", "compiled")
 
@@ -65,7 +65,7 @@ class VllmServer:
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(argv, env=_env.child_env({"PYTHONUNBUFFERED": "1"}), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.log = LogPhases(VLLM_MARKERS, VLLM_LAST, origin=self.t0, details=VLLM_DETAILS)
+        self.log = LogPhases(VllmWorker.markers, VllmWorker.last_phase, origin=self.t0, details=VllmWorker.details)
         self.tail: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

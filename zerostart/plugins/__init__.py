@@ -6,3 +6,5 @@
 Nothing here is imported by zerostart itself: each plugin is loaded by its host engine, in the
 host's environment, and imports that engine.
 """
+
+__all__: list[str] = []

@@ -15,6 +15,7 @@ from zerostart.serve.backends._upstream import UpstreamError, UpstreamPool, Upst
 from zerostart.serve.backends._command import CommandWorker
 from zerostart.serve.backends._measure import device_total_bytes
 from zerostart.serve.backends._foreign import ForeignWorker
+from zerostart.serve.backends._log_phases import LogPhases
 from zerostart.serve.backends._sglang import SglangWorker
 from zerostart.serve.backends._vllm import VllmWorker
 from zerostart.serve.backends._zerostart import ZerostartWorker
@@ -28,7 +29,7 @@ BACKENDS: dict[str, type[WorkerBackend]] = {
     CommandWorker.name: CommandWorker,
 }
 
-__all__ = ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "Memory", "SglangWorker", "UpstreamError",
+__all__ = ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LogPhases", "Memory", "SglangWorker", "UpstreamError",
            "UpstreamPool", "UpstreamResponse", "VllmWorker", "WorkerBackend", "WorkerError", "ZerostartWorker",
            "backend_class", "device_total_bytes"]
 
