@@ -29,9 +29,9 @@ BACKENDS: dict[str, type[WorkerBackend]] = {
     CommandWorker.name: CommandWorker,
 }
 
-__all__ = ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LogPhases", "Memory", "SglangWorker", "UpstreamError",
-           "UpstreamPool", "UpstreamResponse", "VllmWorker", "WorkerBackend", "WorkerError", "ZerostartWorker",
-           "backend_class", "device_total_bytes"]
+__all__ = ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LogPhases", "Memory", "SglangWorker",
+           "UpstreamError", "UpstreamPool", "UpstreamResponse", "VllmWorker", "WorkerBackend", "WorkerError",
+           "ZerostartWorker", "backend_class", "device_total_bytes"]
 
 
 def backend_class(name: str) -> type[WorkerBackend]:
