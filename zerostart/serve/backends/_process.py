@@ -30,6 +30,7 @@ worker_log = logging.getLogger("zerostart.serve.worker")
 CONNECT_TIMEOUT_S = 10.0  # loopback / unix connects to a live worker are immediate
 _LOG_TAIL_LINES = 40  # worker output kept for error messages
 _UNIX_PATH_MAX = 107
+_EXIT_POLL_S = 0.05  # how often a worker's exit is looked for
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,12 @@ class WorkerProcess:
 
     async def _watch_exit(self) -> None:
         assert self._proc is not None
-        self.exit_code = await self._proc.wait()
+        # Not Process.wait(): it returns once every pipe is closed as well, and an engine's
+        # children (vLLM's engine core and worker) keep its output pipe open after it died.
+        # The return code is there as soon as the process is reaped.
+        while self._proc.returncode is None:
+            await asyncio.sleep(_EXIT_POLL_S)
+        self.exit_code = self._proc.returncode
         self._signal(signal.SIGKILL)  # what it left behind in its group (an engine's children), crash or not
         # let the output reader drain the last lines (a traceback) before anyone reports them
         await asyncio.wait({self._tasks[0]}, timeout=1.0)
