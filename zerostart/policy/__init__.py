@@ -10,7 +10,7 @@ and the trace simulator call the same policy objects with the same observations.
     <Rung.HOT: 'hot'>
 """
 
-from zerostart.policy._base import LADDER, Decision, ModelView, Policy, PolicyError, Rung
+from zerostart.policy._base import LADDER, Decision, ModelView, Policy, PolicyError, Rung, usable
 from zerostart.policy._costs import CostModel
 from zerostart.policy._hybrid import HybridHistogram
 from zerostart.policy._ladder import CostAwareLadder
@@ -32,4 +32,5 @@ __all__ = [
     "Rung",
     "describe",
     "make",
+    "usable",
 ]

@@ -77,6 +77,9 @@ class ModelView:
     busy: bool  # a request in flight or a load in progress: never move down
     last_active: float  # time of the last arrival or completion (or the start of time)
     size_bytes: int = 0  # 0: unknown, the cost model's default size applies
+    # the rungs this model can rest on (its engine's: vLLM on CPU cannot park, foreign engines
+    # keep no ready image); policies choose among these only. HOT and ZERO are always there.
+    rungs: tuple[Rung, ...] = (Rung.HOT, Rung.PARKED, Rung.IMAGE, Rung.ZERO)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,15 @@ class Decision:
     prewarm_at: float | None = None  # when to start climbing to HOT ahead of predicted traffic
     recheck_at: float | None = None  # when the decision may change without new observations
     reason: str = ""
+
+
+def usable(rung: Rung, view: ModelView) -> Rung:
+    """``rung`` if the model can rest there, else the next lower rung it can rest on (ZERO at
+    the bottom is always possible: nothing alive)."""
+    for r in LADDER[rung.level:]:
+        if r in view.rungs or r is Rung.ZERO:
+            return r
+    return Rung.ZERO
 
 
 class Policy(Protocol):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from zerostart.policy._base import Decision, ModelView, PolicyError, Rung
+from zerostart.policy._base import Decision, ModelView, PolicyError, Rung, usable
 from zerostart.policy._idle import IdleBook
 
 _BUSY = Decision(Rung.HOT, reason="busy")
@@ -154,9 +154,10 @@ class HybridHistogram:
             return _BUSY
         branch, prewarm, until = self.windows(view.name)
         t0 = view.last_active
+        down = usable(self.down, view)  # the next rung below when this model's engine lacks ``down``
         if prewarm > 0.0 and now < t0 + prewarm:
-            return Decision(self.down, prewarm_at=t0 + prewarm, recheck_at=t0 + prewarm,
+            return Decision(down, prewarm_at=t0 + prewarm, recheck_at=t0 + prewarm,
                             reason=f"{branch}: down until the pre-warm")
         if now < t0 + until:
             return Decision(Rung.HOT, recheck_at=t0 + until, reason=f"{branch}: keep alive")
-        return Decision(self.down, reason=f"{branch}: past the keep-alive window")
+        return Decision(down, reason=f"{branch}: past the keep-alive window")

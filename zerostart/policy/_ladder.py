@@ -200,7 +200,7 @@ class CostAwareLadder:
     def decide(self, view: ModelView, now: float) -> Decision:
         if view.busy:
             return _BUSY
-        plan = self.plan(view.name, view.size_bytes)
+        plan = self.plan(view.name, view.size_bytes, view.rungs)
         t0 = view.last_active - self._shift.get(view.name, 0.0)  # on the delay-free clock
         # A recheck scheduled at t0 + grid[j] may compute now - t0 a hair below grid[j]: the
         # tolerance keeps that from answering "stay until now" forever.
@@ -220,9 +220,11 @@ class CostAwareLadder:
             return Decision(LADDER[level], prewarm_at=start, recheck_at=start, reason=f"{plan.kind}: pre-warm later")
         return Decision(LADDER[level], recheck_at=at, reason=f"{plan.kind}: rest until the next step")
 
-    def plan(self, model: str, size_bytes: int = 0) -> _Plan:
-        """The schedule for ``model`` as of the observations so far (solved lazily, cached)."""
-        key = (size_bytes, self._level)
+    def plan(self, model: str, size_bytes: int = 0, rungs: tuple[Rung, ...] = LADDER) -> _Plan:
+        """The schedule for ``model`` as of the observations so far (solved lazily, cached),
+        over this policy's rungs that the model's engine also has (``rungs``)."""
+        allowed = tuple(a and (r in rungs or r is Rung.ZERO) for a, r in zip(self._allowed, LADDER))
+        key = (size_bytes, self._level, allowed)
         plans = self._plans.get(model)
         if plans is None:
             plans = self._plans[model] = {}
@@ -231,7 +233,7 @@ class CostAwareLadder:
         if plan is not None and log.count < plan.refresh_at:
             self._current[model] = plan
             return plan
-        plan = self._solve(model, log, size_bytes, key)
+        plan = self._solve(model, log, size_bytes, key, allowed)
         # The penalty level moves up and down within a few steps: keep the latest few plans.
         plans.pop(key, None)
         if len(plans) >= _PLANS_KEPT:
@@ -254,27 +256,27 @@ class CostAwareLadder:
         climb_usd = [s * hot for s in wake_s]  # device time a pre-warm holds, nobody waiting
         return hold, wake_s, wake_usd, climb_usd
 
-    def _solve(self, model: str, log: IdleLog, size_bytes: int, key) -> _Plan:
+    def _solve(self, model: str, log: IdleLog, size_bytes: int, key, allowed: tuple[bool, ...]) -> _Plan:
         hold, wake_s, wake_usd, climb_usd = self._prices(model, size_bytes)
         n = log.count
         if n < self.min_samples:
-            plan = self._break_even(hold, wake_s, wake_usd, key)
+            plan = self._break_even(hold, wake_s, wake_usd, key, allowed)
             plan.refresh_at = self.min_samples  # it does not depend on the samples before then
         else:
-            plan = self._learned(log.recent, hold, wake_s, wake_usd, climb_usd, key)
+            plan = self._learned(log.recent, hold, wake_s, wake_usd, climb_usd, key, allowed)
             # Re-solve after a quarter more samples (geometric: a few dozen solves per model
             # to fill the window), then every half window.
             plan.refresh_at = n + max(1, min(n // 4, self.window // 2))
         return plan
 
-    def _break_even(self, hold, wake_s, wake_usd, key) -> _Plan:
+    def _break_even(self, hold, wake_s, wake_usd, key, allowed) -> _Plan:
         # Lower envelope of cost_r(x) = wake_r + hold_r * x over the allowed rungs, from HOT.
         steps = [(0.0, 0)]
         cur, x = 0, 0.0
         while True:
             best = None
             for r in range(cur + 1, 4):
-                if not self._allowed[r] or hold[r] >= hold[cur]:
+                if not allowed[r] or hold[r] >= hold[cur]:
                     continue
                 cross = max(x, (wake_usd[r] - wake_usd[cur]) / (hold[cur] - hold[r]))
                 if best is None or cross < best[0] or (cross == best[0] and hold[r] < hold[best[1]]):
@@ -291,10 +293,9 @@ class CostAwareLadder:
         choice = [[max(e, r_in) for r_in in range(4)] for e in env]
         return _Plan(grid, choice, _next_changes(choice), env, wake_s, "break-even", key)
 
-    def _learned(self, recent, hold, wake_s, wake_usd, climb_usd, key) -> _Plan:
+    def _learned(self, recent, hold, wake_s, wake_usd, climb_usd, key, allowed) -> _Plan:
         grid, mass, time_in, surv = self._distribution(recent)
         n_pts = len(grid)
-        allowed = self._allowed
         prewarm = self.prewarm
         inf = math.inf
         h0, h1, h2, h3 = hold

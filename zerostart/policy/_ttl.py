@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from zerostart.policy._base import Decision, ModelView, PolicyError, Rung
+from zerostart.policy._base import Decision, ModelView, PolicyError, Rung, usable
 
 _HOT = Decision(Rung.HOT, reason="always warm")
 _BUSY = Decision(Rung.HOT, reason="busy")
@@ -57,4 +57,8 @@ class FixedTTL:
         until = view.last_active + self.ttl_s
         if now < until:
             return Decision(Rung.HOT, recheck_at=until, reason="idle within the timeout")
+        down = usable(self.down, view)
+        if down is not self.down:  # this model's engine cannot rest on ``down``: the next rung below
+            return Decision(down, reason=f"idle past the {self.ttl_s:g} s timeout ({self.down.value} is not "
+                                         f"available to this model)")
         return self._down

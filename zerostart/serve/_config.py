@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -49,7 +50,7 @@ BytesOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_size_or_auto)]
 
 # The engines a model's workers can run: one module each in serve/backends, registered in its
 # BACKENDS under the same name.
-Backend = Literal["zerostart"]
+Backend = Literal["zerostart", "vllm", "sglang", "command"]
 
 
 def default_name(path: str) -> str:
@@ -116,6 +117,59 @@ class PrewarmWindow(_Section):
         return expr
 
 
+class VllmOptions(_Section):
+    """``backend: vllm``: vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``)."""
+
+    python: str | None = None  # the Python of vLLM's environment; None: the gateway's own
+    args: list[str] = []  # more vLLM arguments, as on its command line (e.g. ["--enforce-eager"])
+    # auto: zerostart's loader (--load-format zerostart) where zerostart is installed in vLLM's
+    # environment, else vLLM's default; or any vLLM --load-format value
+    load_format: str = "auto"
+    sleep_level: Literal[1, 2] = 1  # CUDA parking: 1 weights to host RAM; 2 weights dropped (reloaded on wake)
+    # CPU: host memory vLLM's processes hold besides weights and KV cache (subtracted from the
+    # replica's memory share to size --kv-cache-memory-bytes; measured ~2.4 GB for vLLM 0.32)
+    runtime_bytes: Bytes = 2_400_000_000
+
+
+class SglangOptions(_Section):
+    """``backend: sglang``: SGLang's server (``python -m sglang.launch_server``)."""
+
+    python: str | None = None  # the Python of SGLang's environment; None: the gateway's own
+    module: str = "sglang.launch_server"  # what ``python -m`` runs
+    args: list[str] = []  # more SGLang arguments (e.g. ["--attention-backend", "torch_native"])
+
+
+class CommandOptions(_Section):
+    """``backend: command``: any OpenAI-compatible server, started from a command template."""
+
+    # the command line; {model} {name} {host} {port} {device} {memory_bytes} are filled in
+    run: list[str] | str
+    ready_path: str = "/health"  # answers 200 once it serves (llama.cpp /health, TGI /health, vLLM /health)
+    checkpoint: bool = True  # CUDA: park it with the CUDA checkpoint API (driver R550+)
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, run: list[str] | str) -> list[str]:
+        argv = shlex.split(run) if isinstance(run, str) else list(run)
+        if not argv:
+            raise ValueError("needs the server's command line, e.g. llama-server -m {model} --host {host} --port {port}")
+        if not any("{port}" in a for a in argv):
+            raise ValueError("the command must take the port zerostart chooses: put {port} in it")
+        try:
+            [a.format(model="", name="", host="", port=0, device="", memory_bytes=0) for a in argv]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"unknown placeholder {e} (known: {{model}} {{name}} {{host}} {{port}} {{device}} "
+                             "{memory_bytes}; write {{ and }} for literal braces)") from None
+        return argv
+
+    @field_validator("ready_path")
+    @classmethod
+    def _ready_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"must be a path on the server, starting with '/', got {path!r}")
+        return path
+
+
 class ModelConfig(_Section):
     """One model the gateway serves, with its lifecycle settings."""
 
@@ -142,6 +196,9 @@ class ModelConfig(_Section):
     memory_estimate: Bytes | None = None  # device bytes a replica holds; None: weights + kv_cache_bytes
     prewarm: list[PrewarmWindow] = []  # windows when the model is kept hot ahead of traffic
     env: dict[str, str] = {}  # extra environment for this model's workers
+    vllm: VllmOptions | None = None  # backend: vllm's options
+    sglang: SglangOptions | None = None  # backend: sglang's options
+    command: CommandOptions | None = None  # backend: command's options (run is required)
 
     @field_validator("path")
     @classmethod
@@ -176,6 +233,16 @@ class ModelConfig(_Section):
             raise ValueError(f"start_backoff ({self.start_backoff:g} s) is above start_backoff_max ({self.start_backoff_max:g} s)")
         if self.park_after is not None and self.parkable is False:
             raise ValueError("park_after is set but parkable is false; remove one of them")
+        for key in ("vllm", "sglang", "command"):
+            if getattr(self, key) is not None and self.backend != key:
+                raise ValueError(f"{key}: these are options of backend: {key}, and this model's backend is "
+                                 f"{self.backend}")
+        if self.backend == "command" and self.command is None:
+            raise ValueError("backend: command needs command: {run: [...]} (the server's command line)")
+        if self.backend == "vllm" and self.vllm is None:
+            self.vllm = VllmOptions()
+        if self.backend == "sglang" and self.sglang is None:
+            self.sglang = SglangOptions()
         return self
 
     @property

@@ -12,16 +12,26 @@ Torch-free: the gateway imports it.
 
 from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
 from zerostart.serve.backends._upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from zerostart.serve.backends._command import CommandWorker
+from zerostart.serve.backends._measure import device_total_bytes
+from zerostart.serve.backends._foreign import ForeignWorker
+from zerostart.serve.backends._log_phases import LogPhases
+from zerostart.serve.backends._sglang import SglangWorker
+from zerostart.serve.backends._vllm import VllmWorker
 from zerostart.serve.backends._zerostart import ZerostartWorker
 
 # The config's `backend:` value -> its class. A new backend is one module in this package and
 # one entry here.
 BACKENDS: dict[str, type[WorkerBackend]] = {
     ZerostartWorker.name: ZerostartWorker,
+    VllmWorker.name: VllmWorker,
+    SglangWorker.name: SglangWorker,
+    CommandWorker.name: CommandWorker,
 }
 
-__all__ = ["BACKENDS", "ColdStart", "Memory", "UpstreamError", "UpstreamPool", "UpstreamResponse", "WorkerBackend",
-           "WorkerError", "ZerostartWorker", "backend_class"]
+__all__ = ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LogPhases", "Memory", "SglangWorker",
+           "UpstreamError", "UpstreamPool", "UpstreamResponse", "VllmWorker", "WorkerBackend", "WorkerError",
+           "ZerostartWorker", "backend_class", "device_total_bytes"]
 
 
 def backend_class(name: str) -> type[WorkerBackend]:

@@ -67,6 +67,7 @@ class WorkerBackend(ABC):
         self.model = model
         self.id = next(_ids)
         self.on_exit: Callable[[], None] = lambda: None  # the fleet's: the process exited unasked
+        self.memory_share: int | None = None  # device bytes this replica may hold (the fleet sets it)
         label = model.served_name if model is not None else "standby"
         backlog = model.max_concurrency * 2 if model is not None else 0
         self.process = WorkerProcess(label, server, socket_dir, lambda: self.on_exit(), id=self.id, backlog=backlog)
@@ -96,6 +97,13 @@ class WorkerBackend(ABC):
         """Whether replicas of ``model`` can be parked at all, known before one runs: None if
         they can (a worker may still refuse at park time), else why not."""
         return None
+
+    @classmethod
+    def missing_rungs(cls, model: ModelConfig) -> dict[str, str]:
+        """The rungs of the cold ladder (``parked``, ``image``) this backend cannot rest
+        replicas of ``model`` on, with why: the policies skip them, the status shows them."""
+        refusal = cls.parking(model)
+        return {"parked": refusal.message} if refusal is not None else {}
 
     # -- climbing ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ worker_log = logging.getLogger("zerostart.serve.worker")
 CONNECT_TIMEOUT_S = 10.0  # loopback / unix connects to a live worker are immediate
 _LOG_TAIL_LINES = 40  # worker output kept for error messages
 _UNIX_PATH_MAX = 107
+_EXIT_POLL_S = 0.05  # how often a worker's exit is looked for
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class WorkerProcess:
         self._tcp_address: tuple[str, int] = ("", 0)
         self._tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
         self._tasks: list[asyncio.Task[Any]] = []
+        self.on_line: Callable[[str, float], None] | None = None  # each output line, with perf_counter at arrival
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -111,6 +113,35 @@ class WorkerProcess:
         else:
             host, port = self._tcp_address
             self.upstream = UpstreamPool(host=host, port=port, connect_timeout=CONNECT_TIMEOUT_S)
+        return spawned
+
+    async def launch(self, argv: Callable[[str, int], list[str]], env: dict[str, str]) -> Moment:
+        """Start a server that binds its own listening socket (a foreign engine: vLLM, SGLang,
+        llama.cpp ...) on ``server.worker_host`` and a free port: ``argv(host, port)`` is its
+        command line. Returns when it was spawned; raises :class:`StartFailed` (cause ``spawn``)."""
+        host = self._server.worker_host
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                s.bind((host, 0))  # a free port now; the engine binds it a moment later
+                port = s.getsockname()[1]
+        except OSError as e:
+            raise StartFailed(f"could not find a free port on {host} for model {self.label!r}'s worker ({e}); "
+                              "check server.worker_host", cause="spawn") from None
+        self._tcp_address = (host, port)
+        self.address = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        command = argv(host, port)
+        spawned = Moment.now()
+        self.spawned_at = time.monotonic()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+        except OSError as e:
+            raise StartFailed(f"could not start {command[0]!r} for model {self.label!r}: {e}", cause="spawn") from None
+        self.pid = self._proc.pid
+        self._tasks = [asyncio.create_task(self._read_output()), asyncio.create_task(self._watch_exit())]
+        self.client = self._make_client()
+        self.upstream = UpstreamPool(host=host, port=port, connect_timeout=CONNECT_TIMEOUT_S)
         return spawned
 
     def _listen(self) -> socket.socket:
@@ -182,11 +213,18 @@ class WorkerProcess:
         self._unlink_socket()
 
     def _signal(self, sig: signal.Signals) -> None:
+        """To the worker's whole process group (its own session): an engine's children (vLLM's
+        engine core and workers) go with it, also when it died first and left them behind."""
+        assert self._proc is not None
         try:
-            assert self._proc is not None
-            self._proc.send_signal(sig)
-        except ProcessLookupError:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:  # the group is empty
             pass
+        except PermissionError:  # not our group after all: the process alone
+            try:
+                self._proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -202,10 +240,18 @@ class WorkerProcess:
             text = line.decode("utf-8", "replace").rstrip()
             self._tail.append(text)
             worker_log.debug("[%s pid %s] %s", self.label, self.pid, text)
+            if self.on_line is not None:
+                self.on_line(text, time.perf_counter())
 
     async def _watch_exit(self) -> None:
         assert self._proc is not None
-        self.exit_code = await self._proc.wait()
+        # Not Process.wait(): it returns once every pipe is closed as well, and an engine's
+        # children (vLLM's engine core and worker) keep its output pipe open after it died.
+        # The return code is there as soon as the process is reaped.
+        while self._proc.returncode is None:
+            await asyncio.sleep(_EXIT_POLL_S)
+        self.exit_code = self._proc.returncode
+        self._signal(signal.SIGKILL)  # what it left behind in its group (an engine's children), crash or not
         # let the output reader drain the last lines (a traceback) before anyone reports them
         await asyncio.wait({self._tasks[0]}, timeout=1.0)
         self.exited.set()

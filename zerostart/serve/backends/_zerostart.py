@@ -45,6 +45,17 @@ class ZerostartWorker(WorkerBackend):
         self._parkable = False
         self._ready: ReadyReport | None = None  # the worker's last ready report
         self._phase = "spawn"
+        self.weights_bytes: int | None = None  # the model's weights as held (the fleet's estimate), to size the KV cache
+
+    def _kv_cache_bytes(self, model: ModelConfig) -> int | None:
+        """``kv_cache_bytes``, else on a GPU what the replica's memory share leaves after its
+        weights (the engine's own default takes 90 % of the free memory: a second model on the
+        same GPU would find none)."""
+        if model.kv_cache_bytes is not None or model.device == "cpu":
+            return model.kv_cache_bytes
+        if self.memory_share is None or self.weights_bytes is None or self.memory_share <= self.weights_bytes:
+            return None
+        return self.memory_share - self.weights_bytes
 
     def __repr__(self) -> str:
         return f"<ZerostartWorker {self.process.label}#{self.id} pid={self.pid}>"
@@ -79,8 +90,8 @@ class ZerostartWorker(WorkerBackend):
         if self.standby_record is not None:
             self.standby_record["waited_s"] = round(time.monotonic() - self.process.spawned_at, 3)
         begin = Moment.now()
-        options = {k: v for k, v in (("max_model_len", model.max_model_len), ("kv_cache_bytes", model.kv_cache_bytes))
-                   if v is not None}
+        options = {k: v for k, v in (("max_model_len", model.max_model_len),
+                                     ("kv_cache_bytes", self._kv_cache_bytes(model))) if v is not None}
         body = LoadRequest(model=model.path, name=model.served_name, device=model.device, dtype=model.dtype,
                            images=model.images, parkable=parkable, engine_options=options)
         name = model.served_name
@@ -124,8 +135,9 @@ class ZerostartWorker(WorkerBackend):
             cmd += ["--dtype", m.dtype]
         if m.max_model_len:
             cmd += ["--max-model-len", str(m.max_model_len)]
-        if m.kv_cache_bytes:
-            cmd += ["--kv-cache-bytes", str(m.kv_cache_bytes)]
+        kv = self._kv_cache_bytes(m)
+        if kv:
+            cmd += ["--kv-cache-bytes", str(kv)]
         return cmd
 
     # -- readiness and phases ---------------------------------------------------------------

@@ -29,7 +29,7 @@ from zerostart.serve._errors import QueueFull, ShuttingDown, StartFailed, Unknow
 from zerostart.serve.gateway import _queue
 from zerostart.serve.gateway._idle import Ticker
 from zerostart.serve.gateway._lifecycle import Lifecycle
-from zerostart.serve.gateway._memory import DeviceMemory, estimate_bytes
+from zerostart.serve.gateway._memory import DeviceMemory, estimate_bytes, memory_shares
 from zerostart.serve.gateway._metrics import Metrics, ModelGauges
 from zerostart.serve.gateway._model import Model
 from zerostart.serve.gateway._queue import Lease
@@ -53,8 +53,10 @@ class Fleet:
         self.config = config
         self.models: dict[str, Model] = {}
         limits = {dev: d.memory_budget for dev, d in config.devices.items()}
+        shares = memory_shares(config.models, limits)
         for i, m in enumerate(config.models):
-            self.models[m.served_name] = _model(m, f"models[{i}] ({m.served_name})", limits.get(m.device))
+            self.models[m.served_name] = _model(m, f"models[{i}] ({m.served_name})", limits.get(m.device),
+                                                shares[m.served_name])
         self.memory = DeviceMemory(limits, self.models)
         self.standby = _standby(config, self.models.values())
         self.metrics = Metrics(self.models, self._model_gauges, self.memory.gauges, lambda: self.standby.ready)
@@ -193,22 +195,29 @@ class Fleet:
         return out
 
 
-def _model(cfg: ModelConfig, where: str, limit: int | None) -> Model:
-    """One model of the config, with its memory estimate (checked against its device's budget)
-    and its policy; ``ConfigError`` naming ``where`` for what cannot be served."""
-    try:
-        est = estimate_bytes(cfg)
-    except (WeightsError, OSError) as e:  # OSError: a path that is neither file nor directory
-        raise ConfigError(f"{where}.path: {e}") from None
+def _model(cfg: ModelConfig, where: str, limit: int | None, share: int | None = None) -> Model:
+    """One model of the config, with its memory estimate (checked against its device's budget),
+    its share of the device and its policy; ``ConfigError`` naming ``where`` for what cannot be
+    served."""
+    if cfg.backend == "zerostart":
+        try:
+            est = estimate_bytes(cfg)
+        except (WeightsError, OSError) as e:  # OSError: a path that is neither file nor directory
+            raise ConfigError(f"{where}.path: {e}") from None
+    else:
+        # A foreign engine holds far more than its weights (vLLM on CPU: three processes): its
+        # memory_estimate, else its share, until its first replica is measured.
+        est = cfg.memory_estimate if cfg.memory_estimate is not None else share
     if est is None:
-        log.info("%s: %s is not in the local cache; its memory estimate comes from its first load "
-                 "(set memory_estimate to admit it against the budget before that)", where, cfg.path)
+        log.info("%s: no memory estimate yet (%s); it comes from its first replica, measured "
+                 "(set memory_estimate to admit it against the budget before that)", where,
+                 "a remote source not in the local cache" if cfg.backend == "zerostart" else f"backend {cfg.backend}")
     elif limit is not None and est > limit:
         raise ConfigError(f"{where}: needs an estimated {format_size(est)} of {cfg.device} memory, more than "
                           f"devices.{cfg.device}.memory_budget ({format_size(limit)}); raise the budget, or set "
                           "memory_estimate if the estimate is wrong")
     policy = _policy(cfg.keep_alive_policy, f"{where}.keep_alive_policy") if cfg.keep_alive_policy else None
-    return Model(cfg, est, policy)
+    return Model(cfg, est, policy, share=share)
 
 
 def _policy(spec: str, where: str) -> Policy:
@@ -226,4 +235,5 @@ def _standby(config: ServeConfig, models: Iterable[Model]) -> Standby:
     device = max(dict.fromkeys(devices), key=devices.count)
     return Standby(config.server, device=device,
                    timeout=max((m.start_timeout for m in config.models), default=300.0),
-                   estimates=[m.estimate for m in models if m.cfg.device == device and m.estimate])
+                   estimates=[m.estimate for m in models
+                              if m.cfg.device == device and m.estimate and m.cfg.backend == "zerostart"])

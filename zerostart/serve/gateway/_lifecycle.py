@@ -94,6 +94,9 @@ class Lifecycle:
         assert self.socket_dir is not None, "Fleet.start() was not called"
         spare = self._standby.take(m.cfg)
         worker: WorkerBackend = spare or backend_class(m.cfg.backend)(m.cfg, self._server, self.socket_dir)
+        worker.memory_share = m.share
+        if isinstance(worker, ZerostartWorker) and m.cfg.kv_cache_bytes is None and m.estimate_source == "headers":
+            worker.weights_bytes = m.estimate  # the KV cache on a GPU is the share's rest
         r = Replica(m.cfg, worker)
         worker.on_exit = lambda: self._worker_exited(m, r)
         r.transition(State.STARTING)

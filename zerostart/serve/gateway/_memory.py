@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Iterable, Literal, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Iterable, Literal, TypeVar
 
 from zerostart import weights
 from zerostart.names import DTYPE_BYTES, Scheme, default_dtype, device_type, is_remote, source_scheme
@@ -51,6 +51,40 @@ def estimate_bytes(model: ModelConfig) -> int | None:
     weight_bytes = sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
                        for h in ckpt.headers for t in h.tensors.values())
     return weight_bytes + (model.kv_cache_bytes or 0)
+
+
+def memory_shares(models: Iterable[ModelConfig], limits: dict[str, int | None],
+                  device_total: Callable[[str], int | None] | None = None) -> dict[str, int | None]:
+    """Each model's share of its device: the device bytes one replica may hold, whatever its
+    engine. ``memory_estimate`` when set; else the device's ``memory_budget``, or for a GPU
+    without one its whole memory, split equally among the models on it; None on a CPU without a
+    budget (the engines' own defaults). Engines are sized from it (zerostart's KV cache on a GPU,
+    vLLM's --gpu-memory-utilization or CPU KV cache, SGLang's --mem-fraction-static), so that
+    several models fit one GPU out of the box."""
+    if device_total is None:
+        from zerostart.serve.backends import device_total_bytes as device_total
+    models = list(models)
+    fixed: dict[str, int] = {}  # per device: what memory_estimate already gives away
+    shared: dict[str, int] = {}  # per device: models that split the rest
+    for m in models:
+        if m.memory_estimate is not None:
+            fixed[m.device] = fixed.get(m.device, 0) + m.memory_estimate
+        else:
+            shared[m.device] = shared.get(m.device, 0) + 1
+    out: dict[str, int | None] = {}
+    totals: dict[str, int | None] = {}
+    for m in models:
+        if m.memory_estimate is not None:
+            out[m.served_name] = m.memory_estimate
+            continue
+        whole = limits.get(m.device)
+        if whole is None and m.device.startswith("cuda"):
+            if m.device not in totals:
+                totals[m.device] = device_total(m.device)
+            whole = totals[m.device]
+        rest = (whole or 0) - fixed.get(m.device, 0)
+        out[m.served_name] = rest // shared[m.device] if whole and rest > 0 else None
+    return out
 
 
 def local_copy(path: str) -> str | None:
@@ -206,21 +240,28 @@ class DeviceMemory:
             r.reserved_bytes = keep
 
     def learn_size(self, m: Model, r: Replica) -> None:
-        """A model without an estimate (a remote source not in the cache, no memory_estimate)
-        takes the size its first worker measured, and its reservation grows to match."""
-        if m.estimate is not None or r.memory is None or r.memory.held_bytes <= 0:
+        """A replica measured what it holds: a model without an estimate (a remote source not in
+        the cache) takes that size, and so does every foreign engine's (its share or nothing
+        was a guess) unless memory_estimate says otherwise. Its reservation follows."""
+        if r.memory is None or r.memory.held_bytes <= 0:
+            return
+        measured_wins = m.cfg.backend != "zerostart" and m.cfg.memory_estimate is None
+        if m.estimate is not None and not measured_wins:
             return
         size = r.memory.held_bytes
-        m.estimate = size
+        m.estimate, m.estimate_source = size, "measured"
         dev = m.cfg.device
-        self.budget.reserve(dev, size - r.reserved_bytes)
+        if size > r.reserved_bytes:
+            self.budget.reserve(dev, size - r.reserved_bytes)
+        else:
+            self.budget.release(dev, r.reserved_bytes - size)
         r.reserved_bytes = size
         limit = self.budget.limit(dev)
         log.info("model %s: holds %s on %s (measured; used as its memory estimate from now on)", m.name,
                  format_size(size), dev)
         if limit is not None and self.budget.used(dev) > limit:
             log.warning("device %s: %s reserved, over its memory budget of %s since model %s reported its size; "
-                        "set memory_estimate for models loaded from remote sources", dev,
+                        "set memory_estimate for models loaded from remote sources or run by other engines", dev,
                         format_size(self.budget.used(dev)), format_size(limit), m.name)
 
     def gauges(self) -> list[DeviceGauges]:

@@ -36,14 +36,24 @@ class Model:
     """One served model: its config, replicas, queue and history. The fleet mutates it; the
     methods here only read it (except :meth:`floor`, which remembers a pre-warm it acted on)."""
 
-    def __init__(self, cfg: ModelConfig, estimate: int | None, policy: Policy | None) -> None:
+    def __init__(self, cfg: ModelConfig, estimate: int | None, policy: Policy | None, *,
+                 share: int | None = None) -> None:
+        from zerostart.serve.backends import backend_class
+
         self.cfg = cfg
         self.name = cfg.served_name
         self.estimate = estimate  # device bytes per replica; None: unknown until a worker reports its size
+        # where the estimate came from: memory_estimate (config), the checkpoint's headers, the
+        # device share, or a replica's measurement (measured)
+        self.estimate_source: str | None = ("config" if cfg.memory_estimate is not None else None if estimate is None
+                                            else "headers" if cfg.backend == "zerostart" else "share")
+        self.share = share  # device bytes one replica may hold (engines are sized from it); None: engine default
+        # rungs this model's engine cannot rest on, and why (policies skip them; status shows them)
+        self.missing_rungs: dict[str, str] = backend_class(cfg.backend).missing_rungs(cfg)
         self.policy = policy  # a zerostart.policy Policy, or None: idle_timeout (and park_after) decide
         self.parkable = cfg.parkable if cfg.parkable is not None else (
             cfg.park_after is not None or (policy is not None and _policy_parks(policy)))
-        self.park_refused: str | None = None  # a worker said it cannot park: idle replicas stop instead
+        self.park_refused: str | None = self.missing_rungs.get("parked")  # cannot park: idle replicas stop instead
         self.replicas: list[Replica] = []
         self.waiters: deque[Waiter] = deque()
         self.start_task: asyncio.Task[None] | None = None  # the one climb (start or wake) in progress, if any
@@ -169,9 +179,11 @@ class Model:
         assert self.policy is not None
         rung = Rung.HOT if self.warm() else Rung.PARKED if any(
             r.state in (State.PARKING, State.PARKED) for r in self.replicas) else Rung.ZERO
+        rungs = tuple(r for r in (Rung.HOT, Rung.PARKED, Rung.IMAGE, Rung.ZERO)
+                      if r.value not in self.missing_rungs and (r is not Rung.PARKED or self.can_park))
         view = ModelView(name=self.name, rung=rung,
                          busy=bool(self.in_flight or self.waiters or self.start_task is not None),
-                         last_active=self.last_active, size_bytes=self.estimate or 0)
+                         last_active=self.last_active, size_bytes=self.estimate or 0, rungs=rungs)
         return self.policy.decide(view, now)
 
     # -- what is going on -------------------------------------------------------------------
@@ -185,7 +197,11 @@ class Model:
             "queued": len(self.waiters),
             "in_flight": self.in_flight,
             "device": self.cfg.device,
+            "backend": self.cfg.backend,
             "memory_estimate_bytes": self.estimate,
+            "memory_estimate_source": self.estimate_source,
+            "memory_share_bytes": self.share,
+            "unavailable_rungs": self.unavailable_rungs(),
             "keep_alive_s": None if math.isinf(self.keep_alive) else self.keep_alive,
             "park_after_s": self.cfg.park_after, "parkable": self.can_park, "images": self.cfg.images,
             "last_cold_start": self._cold_start_json(),
@@ -197,6 +213,17 @@ class Model:
                          and not r.in_flight else 0.0}
                         for r in self.replicas],
         }
+
+    def unavailable_rungs(self) -> dict[str, str]:
+        """The rungs this model cannot rest on, and why: its engine's, and parking refused by a
+        worker (or not asked for: ``parkable`` false)."""
+        out = dict(self.missing_rungs)
+        if "parked" not in out:
+            if self.park_refused is not None:
+                out["parked"] = self.park_refused
+            elif not self.parkable:
+                out["parked"] = "not parkable: set park_after, parkable: true, or a policy that parks"
+        return out
 
     def _cold_start_json(self) -> dict[str, Any] | None:
         r = self.last_cold_start
