@@ -104,7 +104,9 @@ def test_sglang_protocol_start_phases_park_and_wake(tiny_model, tmp_path):
         names = [p["name"] for p in m["last_cold_start"]["phases"]]
         assert names[:6] == ["import", "device_init", "read", "prepare", "warmup", "server_init"], names
         read = next(p for p in m["last_cold_start"]["phases"] if p["name"] == "read")
-        assert read["detail"]["load_s"] == 0.5 and read["seconds"] >= 0.4
+        # Lines are timestamped as they reach the gateway, whose loop may take the first marker
+        # late on a loaded machine; the 0.5 s load still dwarfs every other stand-in phase.
+        assert read["detail"]["load_s"] == 0.5 and read["seconds"] >= 0.25, read
         gw.wait_for("parking after park_after", lambda: gw.model("sg-cuda")["state"] == "parked", timeout=30)
         assert gw.metric("zerostart_parks_total", model="sg-cuda", reason="idle") == 1
         r = gw.openai().chat.completions.create(model="sg-cuda", messages=[{"role": "user", "content": "hi"}],
