@@ -153,7 +153,7 @@ class Gateway:
                     stat = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if (b"zerostart.serve.worker" in args and name.encode() in args and stat[0] != "Z"
+            if (b"zerostart.serve.worker" in args and f"--name={name}".encode() in args and stat[0] != "Z"
                     and int(stat[1]) == self.proc.pid):
                 pids.append(int(entry))
         return pids

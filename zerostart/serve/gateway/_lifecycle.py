@@ -27,6 +27,9 @@ from zerostart.units import format_size
 
 log = logging.getLogger("zerostart.serve")
 
+_WRITING = frozenset({"queued", "writing"})  # a worker's image report while a write is under way
+_IMAGE_POLL_S = (0.5, 5.0)  # how often a write under way is looked at: first, and at most (doubling)
+
 
 class Lifecycle:
     """Starts, wakes, parks and stops the replicas of every model. ``changed`` is called after
@@ -41,7 +44,8 @@ class Lifecycle:
         self._changed = changed
         self.socket_dir: str | None = None  # set by Fleet.start()
         self.closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # parks and stops under way
+        self._followers: set[asyncio.Task[None]] = set()  # image writes followed (_watch_image)
 
     # -- climbing ---------------------------------------------------------------------------
 
@@ -116,7 +120,10 @@ class Lifecycle:
             log.warning("model %s: its ready image %s was not used (%s); it was loaded from %s", m.name,
                         r.image.path, r.image.rejected, m.cfg.path)
         m.start_task = None
+        if not m.waiters:  # climbed for a floor, not for requests: kept for idle_timeout like one
+            r.hold(r.ready_at, None)
         _queue.dispatch(m)
+        self._watch_image(m, r)
         if standby:
             # the next spare's imports would compete with the requests that waited for this
             # start: prepare it once they are served (at once if none waited)
@@ -195,6 +202,8 @@ class Lifecycle:
         self._metrics.observe_cold_start(m.name, "parked", r.timeline, m.last_wake_s)
         log.info("model %s: hot after %.3f s from parked (worker pid %s)", m.name, m.last_wake_s, r.pid)
         m.start_task = None
+        if not m.waiters:
+            r.hold(r.ready_at, None)
         _queue.dispatch(m)
         self._after_move(m)
 
@@ -273,8 +282,18 @@ class Lifecycle:
         r.transition(State.STOPPING)
         self._spawn(self._stop(m, r, reason))
 
-    async def _stop(self, m: Model, r: Replica, reason: str, *, rescale: bool = True) -> None:
-        await r.worker.stop(m.cfg.stop_timeout)
+    def replace(self, m: Model, r: Replica, why: str) -> None:
+        """Kill a worker the gateway cannot trust (hung, or in a state the gateway did not
+        cause): its requests in flight get 502 naming ``why``, held ones a new worker."""
+        if r.state not in (State.HOT, State.PARKED):
+            return
+        log.error("model %s: killing worker pid %s: %s", m.name, r.pid, why)
+        r.failure = why
+        r.transition(State.STOPPING)
+        self._spawn(self._stop(m, r, "replaced", kill=True))
+
+    async def _stop(self, m: Model, r: Replica, reason: str, *, rescale: bool = True, kill: bool = False) -> None:
+        await (r.worker.kill() if kill else r.worker.stop(m.cfg.stop_timeout))
         r.transition(State.ZERO)
         self._free(m, r)
         self._metrics.stops.labels(m.name, reason).inc()
@@ -307,6 +326,33 @@ class Lifecycle:
         self.climb(m)  # requests held for this model get a new worker
         self._changed()
 
+    # -- ready images written in the background ----------------------------------------------
+
+    def _watch_image(self, m: Model, r: Replica) -> None:
+        """A replica whose worker is writing a ready image after its start: follow the write
+        until it ends, so status shows how it ended (a failed write is logged and counted)."""
+        if r.image is not None and r.image.status in _WRITING:
+            task = asyncio.create_task(self._follow_image(m, r))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
+
+    async def _follow_image(self, m: Model, r: Replica) -> None:
+        delay = _IMAGE_POLL_S[0]
+        while r.state in (State.HOT, State.PARKING, State.PARKED, State.WAKING):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _IMAGE_POLL_S[1])
+            image = await r.worker.image_report()
+            if image is None:
+                continue
+            r.image = image
+            if image.status in _WRITING:
+                continue
+            self._metrics.image_writes.labels(m.name, image.status).inc()
+            if image.status == "write_failed":
+                log.error("model %s: writing its ready image %s failed: %s; the next start loads the source again",
+                          m.name, image.path, image.error)
+            return
+
     # -- background moves -------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -315,5 +361,7 @@ class Lifecycle:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
-        """Wait for the parks and stops under way."""
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for the parks and stops under way (image writes are no longer followed)."""
+        for task in list(self._followers):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), *list(self._followers), return_exceptions=True)
