@@ -19,16 +19,15 @@ from zerostart.serve.gateway._state import State
 
 log = logging.getLogger("zerostart.serve")
 
-PROBE_EVERY_S = 5.0  # between two probes of one worker
+PROBE_EVERY_S = 5.0  # between two probes of one worker (at most; twice per timeout for short ones)
 
 
 class Watchdog:
-    def __init__(self, models: Iterable[Model], lifecycle: Lifecycle, timeout: float,
-                 every: float = PROBE_EVERY_S) -> None:
+    def __init__(self, models: Iterable[Model], lifecycle: Lifecycle, timeout: float) -> None:
         self._models = list(models)
         self._lifecycle = lifecycle
         self._timeout = timeout
-        self._every = every
+        self._every = min(PROBE_EVERY_S, timeout / 2)
         self._probing: dict[Replica, asyncio.Task[None]] = {}
 
     async def run(self) -> None:

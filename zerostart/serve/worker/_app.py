@@ -119,8 +119,14 @@ class _Routes:
         return JSONResponse(self.holder.phases_report().to_json())
 
     async def health(self, request: Request) -> Response:
-        state = self.holder.state
-        return JSONResponse({"status": state.value}, status_code=500 if state is WorkerState.FAILED else 200)
+        """Its state, the OpenAI requests it serves and the engine's sequences: a request the
+        gateway still counts but the worker does not (or sequences with no request) is a leak."""
+        h = self.holder
+        body: dict[str, object] = {"status": h.state.value, "in_flight": len(h.in_flight)}
+        if h.engine is not None:
+            stats = h.engine.stats()
+            body.update(running=stats["running"], waiting=stats["waiting"])
+        return JSONResponse(body, status_code=500 if h.state is WorkerState.FAILED else 200)
 
     # -- control ----------------------------------------------------------------------------
 
