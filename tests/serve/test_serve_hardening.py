@@ -5,7 +5,6 @@ workers."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil

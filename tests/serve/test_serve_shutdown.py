@@ -10,7 +10,6 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from tests.serve._helpers import Gateway, pid_alive
 

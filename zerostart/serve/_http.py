@@ -127,7 +127,7 @@ class Guard:
     ``drain``: when set, requests in flight are ended with 503 ``shutting_down``.
     ``observe(scope, status, seconds)`` is called once per guarded request when it is over:
     ``status`` is the HTTP status sent (or ``scope[STATUS]`` when the route set one),
-    ``499`` when the client left before an answer began."""
+    ``499`` when the client left before its answer ended."""
 
     def __init__(self, app: ASGIApp, bounds: Bounds, drain: asyncio.Event | None = None,
                  observe: Callable[[Scope, str, float], None] | None = None) -> None:
@@ -173,6 +173,8 @@ class Guard:
             return
         scope[ABORT] = reason
         if reason == "disconnect":
+            if not response.finished:
+                scope[STATUS] = "499"  # the client left before its answer ended
             return
         err = ShuttingDown("the server is shutting down; this request ran past server.shutdown_timeout; retry it") \
             if reason == "drain" else RequestTimeout(

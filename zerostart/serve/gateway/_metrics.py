@@ -45,8 +45,9 @@ class Metrics:
                  devices_now: Callable[[], list[DeviceGauges]], standby_now: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("zerostart_requests", "Requests answered, by model and HTTP status "
-                                "(stream_error: a stream cut short by its worker)", ["model", "status"], registry=r)
+        self.requests = Counter("zerostart_requests", "Requests, each counted once when it is over, by model and HTTP "
+                                "status (stream_error: a stream begun with 200 that ended in an error event; 499: "
+                                "the client left before its answer ended)", ["model", "status"], registry=r)
         self.cold_starts = Counter("zerostart_cold_starts", "Cold starts that reached ready, by the rung climbed from "
                                    "(source, image, standby+source, standby+image, parked)", ["model", "rung"], registry=r)
         self.parks = Counter("zerostart_parks", "Replicas parked (weights moved to host RAM), by reason (idle, evicted)",

@@ -153,15 +153,15 @@ class Proxy:
 
     async def _held(self, scope: Scope, acquire: asyncio.Task[Lease], model: str, path: str, raw: bytes,
                     arrived: float) -> AsyncIterator[bytes]:
-        """A streamed request whose headers went out while it waited for a replica: every
-        error is an SSE event from here on."""
+        """A streamed request whose headers (200) went out while it waited for a replica: every
+        error is an SSE event from here on, and counted as ``stream_error``."""
         while not acquire.done():
             yield f": waiting for a replica of model {model}\n\n".encode()
             await asyncio.wait({acquire}, timeout=self.stream_keepalive)
         try:
             lease = acquire.result()
         except ServeError as e:
-            scope[STATUS] = str(e.status)
+            scope[STATUS] = "stream_error"
             yield f": {COLD_START_HEADER}={round(_waited_ms(e, arrived))}\n\n".encode()
             yield e.sse_ending()
             return
@@ -170,7 +170,7 @@ class Proxy:
             try:
                 upstream = await _send(lease, path, raw)
             except UpstreamError as exc:
-                scope[STATUS] = "502"
+                scope[STATUS] = "stream_error"
                 yield (await _worker_failed(lease, exc)).sse_ending()
                 return
             if upstream.status_code != 200:
@@ -180,7 +180,7 @@ class Proxy:
                     body = json.dumps((await _worker_failed(lease, exc)).body()).encode()
                 finally:
                     await upstream.aclose()
-                scope[STATUS] = str(upstream.status_code)
+                scope[STATUS] = "stream_error"
                 refused = self._distrust(lease, upstream.status_code, body)
                 yield refused.sse_ending() if refused is not None else b"data: " + body.strip() + b"\n\ndata: [DONE]\n\n"
                 return
