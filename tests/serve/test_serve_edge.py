@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from zerostart.serve._connections import bounded_protocol
 from zerostart.serve._errors import BadRequest
-from zerostart.serve._http import App, Bounds, ClosingStream, Guard
+from zerostart.serve._http import App, Bounds, ClosingStream, Guard, pause_deadline, restart_deadline
 from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, _Request, parse_request
 from zerostart.serve.backends import UpstreamError, UpstreamPool
 from zerostart.serve.gateway._sockets import LOCK, SocketDir, SocketDirInUse, sweep
@@ -144,6 +144,15 @@ class _Routes:
             raise
         return JSONResponse({})
 
+    async def paused(self, request: Request) -> Response:
+        """As the gateway does: the deadline waits while the request waits for a replica."""
+        body = json.loads(await request.body())
+        pause_deadline(request.scope)
+        await asyncio.sleep(1.3)  # past the 1 s request_timeout, paused
+        restart_deadline(request.scope)
+        await asyncio.sleep(body["then"])
+        return JSONResponse({"ok": True})
+
     async def stream(self, request: Request) -> Response:
         async def tokens():
             try:
@@ -160,7 +169,8 @@ def edge():
     r = _Routes()
     app = App(routes=[Route("/boom", r.boom), Route("/bad", r.bad), Route("/ok", r.ok),
                       Route("/v1/ok", r.ok, methods=["POST"]), Route("/v1/boom", r.boom, methods=["POST"]),
-                      Route("/v1/slow", r.slow, methods=["POST"]), Route("/v1/stream", r.stream, methods=["POST"])])
+                      Route("/v1/slow", r.slow, methods=["POST"]), Route("/v1/stream", r.stream, methods=["POST"]),
+                      Route("/v1/paused", r.paused, methods=["POST"])])
     app.add_middleware(Guard, bounds=Bounds(max_body_bytes=1000, body_timeout=0.5, request_timeout=1.0))
     server = ServerThread(app)
     yield server, r
@@ -214,6 +224,14 @@ def test_a_request_past_its_deadline_is_ended_and_its_route_cancelled(edge) -> N
     assert events[0] == 'data: {"x": 1}' and events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "request_timeout"
     assert "stream" in routes.cancelled
+
+
+def test_a_paused_deadline_counts_from_its_restart(edge) -> None:
+    server, _ = edge
+    assert httpx.post(server.url + "/v1/paused", json={"then": 0.5}, timeout=10).status_code == 200
+    t0 = time.monotonic()
+    late = httpx.post(server.url + "/v1/paused", json={"then": 5}, timeout=10)
+    assert late.status_code == 504 and 2.0 < time.monotonic() - t0 < 4.0  # 1.3 s paused, then 1 s
 
 
 def test_a_client_that_leaves_cancels_its_route(edge) -> None:
@@ -272,6 +290,15 @@ def test_a_request_head_must_arrive_in_time(guarded) -> None:
         assert _exchange(sock, _get("/ok"))[0] == 200
         sock.sendall(b"GET /ok HT")
         assert (_closed_within(sock, 3) or b"").startswith(b"HTTP/1.1 408")
+
+
+def test_malformed_http_gets_a_json_400(guarded) -> None:
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(b"GET /ok HTTP/1.1\r\nno colon here\r\n\r\n")
+        said = _closed_within(sock, 3) or b""
+    head, _, body = said.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
+    assert json.loads(body)["error"]["code"] == "bad_http"
 
 
 def test_past_the_cap_the_oldest_waiting_connection_makes_room(guarded) -> None:

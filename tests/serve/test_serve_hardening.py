@@ -36,7 +36,7 @@ def gw(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
     blocked.mkdir()
     (blocked / "images").write_text("a file where the image store's directory would go")
     config = {
-        "server": {"worker_transport": "tcp", "stream_keepalive": 0.25, "request_timeout": 8,
+        "server": {"worker_transport": "tcp", "stream_keepalive": 0.25, "request_timeout": 120,
                    "worker_probe_timeout": 2, "header_timeout": 1, "body_timeout": 2, "max_body_bytes": "2MiB",
                    "max_sequences": 64},
         "models": [
@@ -111,40 +111,48 @@ def test_prompts_times_n_past_max_sequences_is_a_400_naming_n(gw: Gateway) -> No
     assert e.value.body["param"] == "n" and "max_sequences" in e.value.message and "68" in e.value.message
 
 
-def test_tokenizing_a_large_prompt_does_not_stop_other_requests(gw: Gateway) -> None:
-    """A prompt of ~1.9 MB takes seconds to tokenize here; it is tokenized off the worker's
-    event loop, so a small request sent meanwhile is answered first."""
+def test_a_large_prompt_is_answered_and_its_worker_keeps_serving(gw: Gateway) -> None:
+    """A prompt of ~1.9 MB takes seconds to tokenize. Its worker's event loop once stood still
+    meanwhile: the watchdog (2 s here) found it hung and killed it. Now the others are served
+    and the big one gets its 400 (test_serve_worker.py measures the event loop itself)."""
     _warm(gw, "m")
-    done: dict[str, float] = {}
+    pid = gw.model("m")["workers"][0]["pid"]
+    errors: list[BaseException] = []
 
     def big() -> None:
-        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        try:
             gw.openai().completions.create(model="m", prompt="hello world, tokens " * 95_000, max_tokens=1)
-        done["big"] = time.monotonic()
+        except BaseException as e:  # noqa: BLE001 - looked at below
+            errors.append(e)
 
     t = threading.Thread(target=big)
     t.start()
-    time.sleep(0.8)  # the big one is being tokenized
-    gw.openai().completions.create(model="m", prompt="small", max_tokens=1)
-    done["small"] = time.monotonic()
-    t.join(60)
-    assert done["small"] < done["big"], done
+    served = 0
+    while t.is_alive():
+        assert gw.openai().completions.create(model="m", prompt="small", max_tokens=1).choices
+        served += 1
+    t.join()
+    assert len(errors) == 1 and isinstance(errors[0], openai.BadRequestError), errors
+    assert "maximum context length" in errors[0].message and served >= 1
+    assert gw.model("m")["workers"][0]["pid"] == pid  # not taken for hung
     _settled(gw, "m")
 
 
 def test_a_wide_request_does_not_starve_a_later_one(gw: Gateway) -> None:
-    """64 sequences fill the worker's 32 slots twice over; a request sent after them gets the
-    first slot that frees instead of waiting for all 64 (fair admission between requests)."""
+    """64 sequences of one request fill the worker's 32 slots twice over. A request sent while
+    the first 32 run gets a slot with the second wave (it has none running; the wide one has),
+    instead of after all 64: it is done while the wide one still has a wave to go."""
     _warm(gw, "m")
     done: dict[str, float] = {}
 
     def wide() -> None:
-        gw.openai().completions.create(model="m", prompt="a", n=64, max_tokens=60, extra_body={"ignore_eos": True})
+        gw.openai().completions.create(model="m", prompt="a", n=64, max_tokens=150, extra_body={"ignore_eos": True})
         done["wide"] = time.monotonic()
 
     t = threading.Thread(target=wide)
     t.start()
-    time.sleep(1.0)
+    with _worker(gw, "m") as w:
+        gw.wait_for("the first wave to run", lambda: w.get("/health").json().get("waiting") == 32)
     gw.openai().completions.create(model="m", prompt="b", max_tokens=1)
     done["late"] = time.monotonic()
     t.join(120)
@@ -165,7 +173,7 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_its_slot(gw: Gateway)
         gw.wait_for("the request to be generating", lambda: _running(gw, "m") == 32, timeout=10)
     t0 = time.monotonic()  # the client is gone
     _settled(gw, "m", timeout=5)
-    assert time.monotonic() - t0 < 3  # long before its 32 x 1000 tokens (or the 8 s request_timeout)
+    assert time.monotonic() - t0 < 3  # long before its 32 x 1000 tokens
     assert gw.metric("zerostart_requests_total", model="m", status="499") >= 1
 
 
@@ -277,26 +285,6 @@ def test_a_failed_background_image_write_shows_in_status_and_metrics(gw: Gateway
 # -- 10: timeouts everywhere -------------------------------------------------------------------------
 
 
-def test_a_request_past_request_timeout_is_ended_and_the_worker_stops(gw: Gateway) -> None:
-    _warm(gw, "m")
-    client = gw.openai()
-    t0 = time.monotonic()
-    with pytest.raises(openai.APIStatusError) as e:
-        client.completions.create(model="m", **LONG)
-    assert e.value.status_code == 504 and e.value.body["code"] == "request_timeout"
-    assert 7 < time.monotonic() - t0 < 12
-    _settled(gw, "m", timeout=5)
-    # a stream: its tokens so far, then an error event (the openai client raises it) and [DONE]
-    raw = gw.http.post("/v1/completions", json={"model": "m", "stream": True, **LONG["extra_body"],
-                                                **{k: v for k, v in LONG.items() if k != "extra_body"}}, timeout=30)
-    events = [e for e in raw.text.split("\n\n") if e.startswith("data: ")]
-    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
-    assert len(events) > 3  # tokens came first
-    _settled(gw, "m", timeout=5)
-    assert gw.metric("zerostart_requests_total", model="m", status="504") == 1
-    assert gw.metric("zerostart_requests_total", model="m", status="stream_error") >= 1
-
-
 def test_a_hung_worker_is_killed_and_its_request_answered(gw: Gateway) -> None:
     _warm(gw, "hang")
     pid = gw.model("hang")["workers"][0]["pid"]
@@ -305,8 +293,8 @@ def test_a_hung_worker_is_killed_and_its_request_answered(gw: Gateway) -> None:
     with pytest.raises(openai.APIStatusError) as e:
         gw.openai().completions.create(model="hang", prompt="x", max_tokens=1)
     assert e.value.status_code == 502 and "health probe within 2 s" in e.value.message
-    assert time.monotonic() - t0 < 7  # probe timeout 2 s, probed every 1 s (not the 8 s request_timeout)
-    assert not pid_alive(pid)
+    assert time.monotonic() - t0 < 7  # probe timeout 2 s, probed every 1 s
+    gw.wait_for("the hung worker to be gone", lambda: not pid_alive(pid), timeout=5)
     assert gw.openai().completions.create(model="hang", prompt="x", max_tokens=1).choices  # a new worker
     assert gw.metric("zerostart_replica_stops_total", model="hang", reason="replaced") == 1
 

@@ -88,7 +88,7 @@ class ServerConfig(_Section):
     max_connections: int = Field(1024, ge=1)  # open client connections; past it the oldest still sending its head goes
     header_timeout: Seconds = Field(10.0, gt=0)  # a request line and headers must arrive within this, else the connection closes
     body_timeout: Seconds = Field(60.0, gt=0)  # a request body must arrive within this, else 408
-    request_timeout: Seconds = Field(600.0, gt=0)  # arrival to last byte; past it: 504, or an SSE error event and [DONE]
+    request_timeout: Seconds = Field(600.0, gt=0)  # a worker taking a request to its last byte; past it: 504 / SSE error + [DONE]
     worker_probe_timeout: Seconds = Field(30.0, gt=0)  # a worker that leaves its health probe unanswered this long is killed
     standby_workers: int = Field(0, ge=0, le=1)  # 1: keep a spare worker with imports and device init done
     # host memory a CPU standby worker faults in while it waits; the weights it is handed are read

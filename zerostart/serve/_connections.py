@@ -4,7 +4,8 @@ of the previous response ending (else a 408 and the connection closes), and at m
 ``max_connections`` are open: one more first closes the oldest connection still waiting for a
 request head (a slow or idle client), else it is answered 503 and closed. So a slowloris that
 opens connections and trickles their heads holds none of them long, and cannot crowd out
-clients that send whole requests. Bodies are bounded by ``_http.Guard``.
+clients that send whole requests. Bodies are bounded by ``_http.Guard``. Malformed HTTP gets its
+400 in OpenAI's JSON shape too.
 
     uvicorn.Config(app, http=bounded_protocol(max_connections=1024, header_timeout=10.0))
 
@@ -71,6 +72,16 @@ class _Bounded(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """Malformed HTTP (uvicorn answers it in text/plain): the same answer in OpenAI's shape."""
+        body = json.dumps({"error": {"message": f"{msg} (not HTTP/1.1 this server can read)",
+                                     "type": "invalid_request_error", "param": None, "code": "bad_http"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _waiting_for_head(self) -> bool:
         return self.conn.their_state is h11.IDLE and not self.transport.is_closing()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -35,6 +36,7 @@ from zerostart.serve._errors import (BodyTimeout, BodyTooLarge, InternalError, R
 log = logging.getLogger("zerostart.serve.http")
 
 ABORT = "zerostart.abort"  # scope key: why a guarded request was ended early (disconnect, timeout, drain)
+DEADLINE = "zerostart.deadline"  # scope key: the request's Deadline (a route may restart it)
 STATUS = "zerostart.status"  # scope key: a route's own status label for the count (e.g. stream_error)
 _CLOSING_WRITE_S = 1.0  # how long the last words of an ended stream may wait for a client that does not read
 
@@ -118,7 +120,38 @@ class Bounds:
 
     max_body_bytes: int | None = None
     body_timeout: float | None = None
-    request_timeout: float | None = None  # arrival to the last byte
+    request_timeout: float | None = None  # arrival (or the route's restart) to the last byte
+
+
+class Deadline:
+    """When a guarded request must be over (``scope[DEADLINE]``). A route may :meth:`pause` it
+    and :meth:`restart` it: the gateway pauses it while a request waits for a replica (a cold
+    start is bounded by its own start_timeout) and restarts it once a worker takes the request."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.moved = asyncio.Event()
+
+    def pause(self) -> None:
+        self.at = math.inf
+        self.moved.set()
+
+    def restart(self) -> None:
+        self.at = time.monotonic() + self.seconds
+        self.moved.set()
+
+
+def pause_deadline(scope: Scope) -> None:
+    """Pause the request's deadline, if it has one (see :class:`Deadline`)."""
+    if (deadline := scope.get(DEADLINE)) is not None:
+        deadline.pause()
+
+
+def restart_deadline(scope: Scope) -> None:
+    """Restart the request's deadline, if it has one (see :class:`Deadline`)."""
+    if (deadline := scope.get(DEADLINE)) is not None:
+        deadline.restart()
 
 
 class Guard:
@@ -141,15 +174,17 @@ class Guard:
             await self.app(scope, receive, send)
             return
         arrived = time.monotonic()
+        if self.bounds.request_timeout is not None:
+            scope[DEADLINE] = Deadline(self.bounds.request_timeout)
         response = _Tracked(send)
         try:
-            await self._run(scope, receive, response, arrived)
+            await self._run(scope, receive, response)
         finally:
             if self.observe is not None:
                 status = scope.get(STATUS) or (str(response.status) if response.status else "499")
                 self.observe(scope, status, time.monotonic() - arrived)
 
-    async def _run(self, scope: Scope, receive: Receive, response: _Tracked, arrived: float) -> None:
+    async def _run(self, scope: Scope, receive: Receive, response: _Tracked) -> None:
         try:
             body = await _read_body(scope, receive, self.bounds)
         except (BodyTooLarge, BodyTimeout) as e:
@@ -162,7 +197,7 @@ class Guard:
         watcher = asyncio.create_task(_watch_disconnect(receive, gone))
         task = asyncio.create_task(self.app(scope, _replay(body, gone), response.send))
         try:
-            reason = await self._until_over(task, gone, arrived)
+            reason = await self._until_over(task, gone, scope.get(DEADLINE))
         finally:
             watcher.cancel()
             if not task.done():
@@ -182,22 +217,31 @@ class Guard:
                 "ask for fewer tokens or raise the timeout")
         await response.end_with(err, scope, receive)
 
-    async def _until_over(self, task: asyncio.Task[None], gone: asyncio.Event, arrived: float) -> str | None:
+    async def _until_over(self, task: asyncio.Task[None], gone: asyncio.Event,
+                          deadline: Deadline | None) -> str | None:
         """None once the route is done; else why it has to end now."""
         waits: dict[asyncio.Future[Any], str] = {asyncio.ensure_future(gone.wait()): "disconnect"}
         if self.drain is not None:
             waits[asyncio.ensure_future(self.drain.wait())] = "drain"
-        timeout = None
-        if self.bounds.request_timeout is not None:
-            timeout = max(0.0, arrived + self.bounds.request_timeout - time.monotonic())
         try:
-            done, _ = await asyncio.wait({task, *waits}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                moved = asyncio.ensure_future(deadline.moved.wait()) if deadline is not None else None
+                timeout = None if deadline is None or math.isinf(deadline.at) else max(0.0, deadline.at - time.monotonic())
+                done, _ = await asyncio.wait({task, *waits, *([moved] if moved else [])}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if moved is not None:
+                    moved.cancel()
+                if task in done:
+                    return None
+                if hit := [waits[w] for w in done if w in waits]:
+                    return hit[0]
+                if deadline is not None and deadline.moved.is_set():
+                    deadline.moved.clear()  # restarted: wait for the new deadline
+                    continue
+                return "timeout"
         finally:
             for w in waits:
                 w.cancel()
-        if task in done:
-            return None
-        return next((waits[w] for w in done if w in waits), "timeout")
 
 
 class _ClientGone(Exception):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import httpx
 
 import zerostart
-from zerostart.serve.backends._process import WorkerProcess
+from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, WorkerProcess
 from zerostart.serve.control import TOKEN_ENV, ImageReport, ParkResult, Refusal
 from zerostart.telemetry import Timeline
 
@@ -127,7 +127,7 @@ class WorkerBackend(ABC):
         if client is None:
             return "it has no address"
         try:
-            r = await client.get("/health")
+            r = await client.get("/health", timeout=CONNECT_TIMEOUT_S)
         except httpx.HTTPError as e:
             return f"its health route could not be reached ({type(e).__name__}: {e})"
         return None if r.status_code == 200 else f"its health route answered HTTP {r.status_code}"

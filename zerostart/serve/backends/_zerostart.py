@@ -242,7 +242,7 @@ class ZerostartWorker(WorkerBackend):
         if client is None or self.exited.is_set():
             return "it is not running"
         try:
-            r = await client.get("/zerostart/ready", params={"wait": 0})
+            r = await client.get("/zerostart/ready", params={"wait": 0}, timeout=CONNECT_TIMEOUT_S)
             return ReadyReport.model_validate_json(r.content)
         except httpx.HTTPError as e:
             return f"its ready route could not be reached ({type(e).__name__}: {e})"

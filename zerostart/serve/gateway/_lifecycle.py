@@ -15,7 +15,7 @@ from typing import Any, Callable, Coroutine
 from zerostart.serve._config import ServerConfig
 from zerostart.serve._errors import ServeError, StartFailed, StartTimeout
 from zerostart.serve.backends import ColdStart, WorkerBackend, ZerostartWorker, backend_class
-from zerostart.serve.control import Refusal
+from zerostart.serve.control import ImageReport, Refusal
 from zerostart.serve.gateway import _queue
 from zerostart.serve.gateway._memory import DeviceMemory
 from zerostart.serve.gateway._metrics import Metrics
@@ -28,6 +28,7 @@ from zerostart.units import format_size
 log = logging.getLogger("zerostart.serve")
 
 _WRITING = frozenset({"queued", "writing"})  # a worker's image report while a write is under way
+_WRITTEN = frozenset({"written", "write_failed"})  # ... and once it ended
 _IMAGE_POLL_S = (0.5, 5.0)  # how often a write under way is looked at: first, and at most (doubling)
 
 
@@ -329,12 +330,16 @@ class Lifecycle:
     # -- ready images written in the background ----------------------------------------------
 
     def _watch_image(self, m: Model, r: Replica) -> None:
-        """A replica whose worker is writing a ready image after its start: follow the write
-        until it ends, so status shows how it ended (a failed write is logged and counted)."""
-        if r.image is not None and r.image.status in _WRITING:
+        """A replica whose worker writes a ready image after its start: follow the write until
+        it ends, so status shows how it ended (a failed write is logged and counted)."""
+        if r.image is None:
+            return
+        if r.image.status in _WRITING:
             task = asyncio.create_task(self._follow_image(m, r))
             self._followers.add(task)
             task.add_done_callback(self._followers.discard)
+        elif r.image.status in _WRITTEN:  # it ended before the start was reported
+            self._image_written(m, r.image)
 
     async def _follow_image(self, m: Model, r: Replica) -> None:
         delay = _IMAGE_POLL_S[0]
@@ -345,13 +350,15 @@ class Lifecycle:
             if image is None:
                 continue
             r.image = image
-            if image.status in _WRITING:
-                continue
-            self._metrics.image_writes.labels(m.name, image.status).inc()
-            if image.status == "write_failed":
-                log.error("model %s: writing its ready image %s failed: %s; the next start loads the source again",
-                          m.name, image.path, image.error)
-            return
+            if image.status not in _WRITING:
+                self._image_written(m, image)
+                return
+
+    def _image_written(self, m: Model, image: ImageReport) -> None:
+        self._metrics.image_writes.labels(m.name, image.status).inc()
+        if image.status == "write_failed":
+            log.error("model %s: writing its ready image %s failed: %s; the next start loads the source again",
+                      m.name, image.path, image.error)
 
     # -- background moves -------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from starlette.types import Scope
 
 from zerostart.serve._config import ServerConfig
 from zerostart.serve._errors import BadRequest, ServeError, StartFailed, StartTimeout, WorkerFailed, WorkerReplaced
-from zerostart.serve._http import STATUS, ClosingStream, error_response
+from zerostart.serve._http import STATUS, ClosingStream, error_response, pause_deadline, restart_deadline
 from zerostart.serve._openai_schema import ROUTES, _Request, parse_body
 from zerostart.serve.backends import UpstreamError, UpstreamResponse
 from zerostart.serve.gateway._auth import COLD_START_HEADER
@@ -69,12 +69,14 @@ class Proxy:
                 f"this request asks for {req.sequences} sequences (its prompts times n), more than this server takes "
                 f"in one request (server.max_sequences: {self.max_sequences}); send it as several requests",
                 param="n"), {COLD_START_HEADER: "0"})
+        pause_deadline(request.scope)  # request_timeout counts once a worker takes it (a start has start_timeout)
         if req.stream:
             return await self._streamed(request.scope, req, path, raw, arrived)
         try:
             lease = await self.fleet.acquire(req.model, req.keep_alive_seconds)
         except ServeError as e:
             return self.error(e, cold_start_ms=_waited_ms(e, arrived))
+        restart_deadline(request.scope)
         try:
             return await self._whole(lease, path, raw)
         finally:
@@ -115,6 +117,7 @@ class Proxy:
             lease = acquire.result()
         except ServeError as e:
             return self.error(e, cold_start_ms=_waited_ms(e, arrived))
+        restart_deadline(scope)
         try:
             upstream = await _send(lease, path, raw)
         except UpstreamError as e:
@@ -165,6 +168,7 @@ class Proxy:
             yield f": {COLD_START_HEADER}={round(_waited_ms(e, arrived))}\n\n".encode()
             yield e.sse_ending()
             return
+        restart_deadline(scope)
         try:
             yield f": {COLD_START_HEADER}={round(lease.cold_start_ms)}\n\n".encode()
             try:
