@@ -57,7 +57,7 @@ def test_a_request_whose_output_fails_ends_alone(tiny_dir, monkeypatch: pytest.M
     h_bad = e.submit([1, 2, 3], GREEDY)
     h_good = e.submit([1, 2, 3], GREEDY)
 
-    def detok_fails(token: int) -> str:
+    def detok_fails(token: int, **kw: object) -> str:
         raise RuntimeError("no text for this token")
 
     monkeypatch.setattr(h_bad._seq.detok, "add", detok_fails)
@@ -103,7 +103,8 @@ def _seq(group: object, n: int = 4) -> Sequence:
         def decode(self, ids, skip_special_tokens=False):  # pragma: no cover - never called
             return ""
 
-    return Sequence(list(range(1, n + 1)), GREEDY, Detokenizer(_NoTokenizer(), ()), 6, frozenset(), group)  # type: ignore[arg-type]
+    return Sequence(list(range(1, n + 1)), GREEDY, Detokenizer(_NoTokenizer(), ()), 6, frozenset(),  # type: ignore[arg-type]
+                    group=group)
 
 
 def test_free_slots_go_to_the_request_with_the_fewest_running() -> None:
