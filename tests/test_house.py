@@ -171,7 +171,7 @@ FACES = {
     "zerostart.plugins.vllm": ["LOAD_FORMAT", "LoaderOptions", "register"],
     "zerostart.serve.control": ["ErrorBody", "ErrorDetail", "ImageReport", "InFlight", "LoadAccepted", "LoadRecord",
                                 "LoadRequest", "ParkResult", "PhasesReport", "ReadyReport", "Refusal", "SETTLED",
-                                "WORKER_TRANSITIONS", "WakeResult", "WorkerState", "check_worker"],
+                                "TOKEN_ENV", "WORKER_TRANSITIONS", "WakeResult", "WorkerState", "check_worker"],
     "zerostart.policy": ["AlwaysWarm", "CostAwareLadder", "CostModel", "Decision", "FixedTTL", "HybridHistogram",
                          "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung", "describe", "make",
                          "usable"],

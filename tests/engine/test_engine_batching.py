@@ -165,9 +165,9 @@ def test_lone_sequence_in_a_high_slot(tiny_dir):
     assert [ev.token_id for ev in h] == ref
 
 
-def test_failed_step_ends_every_stream_with_the_error(tiny_dir, monkeypatch):
+def test_failed_step_ends_the_streams_of_its_batch_with_the_error(tiny_dir, monkeypatch):
     e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=2))
-    handles = [e.submit([1, 2, 3], GREEDY) for _ in range(3)]
+    handles = [e.submit([1, 2, 3], GREEDY) for _ in range(3)]  # two take the slots, one waits
 
     def broken(*a, **k):
         raise RuntimeError("device fell over")
@@ -175,11 +175,15 @@ def test_failed_step_ends_every_stream_with_the_error(tiny_dir, monkeypatch):
     monkeypatch.setattr(e.runner, "step", broken)
     with pytest.raises(RuntimeError, match="fell over"):
         e.step()
-    for h in handles:
+    for h in handles[:2]:
         with pytest.raises(EngineError, match="fell over"):
             list(h)
     monkeypatch.undo()
+    while not handles[2].finished:  # the one that was waiting is served
+        e.step()
+    assert len([ev.token_id for ev in handles[2]]) == 12
     assert len(_solo(e, [1, 2, 3])) == 12  # the engine still works
+    assert e.stats()["running"] == e.stats()["waiting"] == 0
 
 
 def test_bucketed_decode_matches_exact_shapes(tiny_dir):

@@ -33,7 +33,7 @@ class Gateway:
     """A ``zerostart serve`` process on a free loopback port."""
 
     def __init__(self, config: dict[str, Any], tmp_dir: str, api_key: str | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.config_path = os.path.join(tmp_dir, "config.yaml")
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
@@ -41,7 +41,7 @@ class Gateway:
         self.log: list[str] = []
         self._clients: list[Any] = []
         cmd = [sys.executable, "-m", "zerostart", "serve", "--config", self.config_path, "--port", "0"]
-        self.proc = subprocess.Popen(cmd + (extra_args or []), env=child_env(), stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd + (extra_args or []), env={**child_env(), **(env or {})}, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.url = self._wait_for_url()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -153,7 +153,7 @@ class Gateway:
                     stat = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if (b"zerostart.serve.worker" in args and name.encode() in args and stat[0] != "Z"
+            if (b"zerostart.serve.worker" in args and f"--name={name}".encode() in args and stat[0] != "Z"
                     and int(stat[1]) == self.proc.pid):
                 pids.append(int(entry))
         return pids
@@ -190,3 +190,50 @@ def pid_alive(pid: int) -> bool:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1)
+
+
+# -- workers, reached directly (as anyone else on the host would) ------------------------------
+
+
+def worker_token(pid: int) -> str:
+    """A worker's token, from its environment as the kernel shows it to processes of the same user."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        for entry in f.read().split(b"\0"):
+            if entry.startswith(b"ZEROSTART_WORKER_TOKEN="):
+                return entry.split(b"=", 1)[1].decode()
+    raise KeyError(f"pid {pid} has no worker token")
+
+
+def worker_client(address: str, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
+    """An HTTP client for a worker at ``unix:/path`` or ``http://host:port``."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    if address.startswith("unix:"):
+        return httpx.Client(transport=httpx.HTTPTransport(uds=address[len("unix:"):]), base_url="http://worker",
+                            headers=headers, timeout=timeout)
+    return httpx.Client(base_url=address, headers=headers, timeout=timeout)
+
+
+class ServerThread:
+    """A uvicorn server for an ASGI app, in a thread of this process, on a free loopback port."""
+
+    def __init__(self, app: Any, **config: Any) -> None:
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **config))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

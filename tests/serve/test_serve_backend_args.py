@@ -27,7 +27,13 @@ def argv(worker) -> list[str]:
 
 
 def flag(cmd: list[str], name: str) -> str | None:
-    return cmd[cmd.index(name) + 1] if name in cmd else None
+    """The value of ``name`` in ``cmd``, written ``--name value`` or ``--name=value``."""
+    for i, arg in enumerate(cmd):
+        if arg == name:
+            return cmd[i + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1:]
+    return None
 
 
 @pytest.fixture
@@ -114,3 +120,14 @@ def test_memory_shares_split_a_device():
     shares = memory_shares(models, {"cuda:1": 8 * GiB}, device_total=lambda d: 90 * GiB if d == "cuda:0" else None)
     assert shares == {"a": 40 * GiB, "b": 40 * GiB, "c": 10 * GiB, "d": None, "e": 8 * GiB}
     assert memory_shares([model(name="x")], {"cpu": 6 * GiB}, device_total=lambda d: None) == {"x": 6 * GiB}
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: VllmWorker(model(path=p, name="-m", backend="vllm", vllm={"python": "/venv/bin/python"}), ServerConfig(), "/tmp"),
+    lambda p: SglangWorker(model(path=p, name="-m", backend="sglang", sglang={"python": "/venv/bin/python"}), ServerConfig(), "/tmp"),
+])
+def test_a_name_starting_with_a_dash_stays_a_value(make, tiny_model, no_plugin):
+    # argparse reads "--served-model-name -m" as a missing value; "--served-model-name=-m" is "-m"
+    # (paths reach the engine absolute, so only names can start with "-")
+    cmd = argv(make(tiny_model))
+    assert "--served-model-name=-m" in cmd and "-m" not in cmd[3:], cmd

@@ -87,6 +87,17 @@ def test_model_flag_names_the_model_after_its_directory(tiny_model: str, tmp_pat
         gw.stop()
 
 
+def test_a_non_loopback_address_without_api_keys_is_refused(tiny_model: str, tmp_path) -> None:
+    r = _serve("--model", tiny_model, "--host", "0.0.0.0", "--port", "0")
+    assert r.returncode == 1 and "reachable from other machines" in r.stderr and "--allow-unauthenticated" in r.stderr
+    gw = Gateway({}, str(tmp_path), extra_args=["--model", tiny_model, "--host", "0.0.0.0",
+                                                "--allow-unauthenticated"])
+    try:
+        assert gw.url.startswith("http://0.0.0.0:") and gw.http.get("/health").status_code == 200
+    finally:
+        gw.stop()
+
+
 def test_help() -> None:
     r = _serve("--help")
     assert r.returncode == 0 and "--idle-timeout" in r.stdout and "--config" in r.stdout

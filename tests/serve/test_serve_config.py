@@ -86,6 +86,31 @@ def test_file_errors(tmp_path) -> None:
         load_config(listy)
 
 
+def test_yaml_booleans_are_only_true_and_false(tmp_path) -> None:
+    """YAML 1.1 reads off/no/on/yes as booleans: an unquoted ``images: off`` arrived as False
+    and was refused with a message about booleans (issue 15, item 9)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  - path: x\n    name: no\n    images: off\n    parkable: true\n"
+                    "  - path: y\n    images: use\n    parkable: FALSE\n")
+    cfg = load_config(path)
+    assert cfg.models[0].images == "off" and cfg.models[0].served_name == "no" and cfg.models[0].parkable is True
+    assert cfg.models[1].parkable is False
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "example.invalid"])
+def test_listening_beyond_loopback_needs_api_keys(host: str) -> None:
+    msg = _error({"server": {"host": host}})
+    assert f"host {host!r} is reachable from other machines" in msg and "api_keys" in msg
+    assert "allow_unauthenticated" in msg
+    assert load_config(data={"server": {"host": host, "api_keys": ["k"]}}).server.host == host
+    assert load_config(data={"server": {"host": host, "allow_unauthenticated": True}}).server.host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
+def test_loopback_needs_nothing(host: str) -> None:
+    assert load_config(data={"server": {"host": host}}).server.host == host
+
+
 def test_devices_normalize() -> None:
     cfg = load_config(data={"devices": {"cuda": {"memory_budget": "70GiB"}}, "models": [{"path": "x", "device": "CUDA"}]})
     assert cfg.devices["cuda:0"].memory_budget == 70 * 2**30 and cfg.models[0].device == "cuda:0"

@@ -166,11 +166,14 @@ def test_cold_hot_scale_to_zero_and_cold_again(gw: Gateway) -> None:
 
 def test_keep_alive_per_request(gw: Gateway) -> None:
     client = gw.openai()
-    client.completions.create(model="keepalive", prompt="x", max_tokens=1)
-    time.sleep(0.5)
-    assert gw.model("keepalive")["state"] == "hot"  # idle_timeout is 120 s
     client.completions.create(model="keepalive", prompt="x", max_tokens=1, extra_body={"keep_alive": 0})
     gw.wait_for("keep_alive 0 to unload at once", lambda: gw.model("keepalive")["state"] == "zero", timeout=5)
+    # the longest keep-alive asked for wins until it runs out: a later 0 does not unload it
+    client.completions.create(model="keepalive", prompt="x", max_tokens=1, extra_body={"keep_alive": "1h"})
+    client.completions.create(model="keepalive", prompt="x", max_tokens=1, extra_body={"keep_alive": 0})
+    time.sleep(0.5)
+    m = gw.model("keepalive")
+    assert m["state"] == "hot" and m["workers"][0]["kept_for_s"] > 3500, m
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="keepalive", prompt="x", extra_body={"keep_alive": "soon"})
     assert "keep_alive" in str(e.value)

@@ -221,13 +221,15 @@ class _FixedPolicy:
         return self.decision
 
 
-def _replica(cfg: ModelConfig, state: State, last_active: float):
+def _replica(cfg: ModelConfig, state: State, last_active: float, keep_alive: float | None = None):
+    """A replica whose last request (asking for ``keep_alive``; None: idle_timeout) ended at ``last_active``."""
     from zerostart.serve._config import ServerConfig
     from zerostart.serve.backends import ZerostartWorker
     from zerostart.serve.gateway._replica import Replica
 
     r = Replica(cfg, ZerostartWorker(cfg, ServerConfig(), "/tmp"))
     r.state, r.last_active = state, last_active
+    r.hold(last_active, keep_alive)
     return r
 
 
@@ -238,8 +240,8 @@ def test_next_move_without_a_policy() -> None:
     assert m.parkable and m.can_park
     assert m.next_move(_replica(m.cfg, State.HOT, 10.0), 11.0) == (15.0, "park")
     assert m.next_move(_replica(m.cfg, State.PARKED, 10.0), 16.0) == (70.0, "stop")  # idle_timeout from the last request
-    m.keep_alive = 3.0  # a request's keep_alive shorter than park_after: it stops instead
-    assert m.next_move(_replica(m.cfg, State.HOT, 10.0), 11.0) == (13.0, "stop")
+    # the requests asked for a keep_alive shorter than park_after: it stops instead
+    assert m.next_move(_replica(m.cfg, State.HOT, 10.0, keep_alive=3.0), 11.0) == (13.0, "stop")
     never = Model(ModelConfig(path="/x", idle_timeout=60), 100, None)
     assert not never.parkable and never.next_move(_replica(never.cfg, State.HOT, 0.0), 1.0) == (60.0, "stop")
     m2 = Model(ModelConfig(path="/x", park_after=5, idle_timeout=60), 100, None)
@@ -247,6 +249,24 @@ def test_next_move_without_a_policy() -> None:
     assert m2.next_move(_replica(m2.cfg, State.HOT, 0.0), 1.0) == (60.0, "stop")
     with pytest.raises(ValueError, match="park_after is set but parkable is false"):
         ModelConfig(path="/x", park_after=5, parkable=False)
+
+
+def test_the_longest_keep_alive_wins_until_it_expires() -> None:
+    """One client's keep_alive does not shorten another's: each request holds its replica for
+    its own keep_alive (or idle_timeout) from its end, and the replica stays until the last of
+    these runs out (issue 15, item 9)."""
+    from zerostart.serve.gateway._model import Model
+
+    m = Model(ModelConfig(path="/x", idle_timeout=60), 100, None)
+    r = _replica(m.cfg, State.HOT, 10.0, keep_alive=3600.0)  # a client asked for an hour
+    r.hold(20.0, 0.0)  # another then asked for 0 ("unload when done")
+    r.hold(30.0, None)  # and a third for nothing (idle_timeout)
+    assert m.next_move(r, 31.0) == (3610.0, "stop")  # the hour wins until it expires
+    alone = _replica(m.cfg, State.HOT, 10.0, keep_alive=0.0)  # keep_alive 0 alone unloads at once
+    assert m.next_move(alone, 10.0) == (10.0, "stop")
+    forever = _replica(m.cfg, State.HOT, 10.0, keep_alive=float("inf"))  # negative keep_alive: forever
+    forever.hold(11.0, 0.0)
+    assert m.next_move(forever, 12.0)[0] == float("inf")
 
 
 def test_a_policy_that_says_parked_parks() -> None:

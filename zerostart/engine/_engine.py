@@ -34,12 +34,16 @@ from zerostart.engine._rope import cos_sin_table  # noqa: E402
 from zerostart.engine._runner import ModelRunner, StepOutput  # noqa: E402
 from zerostart.engine._sampler import Sampler  # noqa: E402
 from zerostart.engine._scheduler import Scheduler  # noqa: E402
-from zerostart.engine._sequence import RequestHandle, Sequence  # noqa: E402
+from zerostart.engine._sequence import RequestHandle, Sequence, Status  # noqa: E402
 from zerostart.engine._tokenizer import Tokenizer  # noqa: E402
 from zerostart.telemetry import Timeline  # noqa: E402
 
 _IMPORT_END = time.perf_counter()
 log = logging.getLogger("zerostart.engine")
+
+
+class _BatchFailed(Exception):
+    """A step's batch failed and its requests were answered; ``__cause__`` is the error."""
 
 
 def _record_load(timeline: Timeline, stats, t_load: float) -> None:
@@ -263,12 +267,17 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams | PoolingParams | None = None) -> RequestHandle:
+    def submit(self, prompt_ids: list[int], params: SamplingParams | PoolingParams | None = None, *,
+               group: object = None) -> RequestHandle:
         """Queue a request (thread-safe, returns at once). Iterate the handle for its events.
 
         With :class:`PoolingParams` the request is an embedding: the prompt is prefilled (batched
         with everything else) and its one event carries ``embedding``. A ``constraint`` is
-        compiled here, so a grammar that cannot be used raises :class:`EngineError` at once."""
+        compiled here, so a grammar that cannot be used raises :class:`EngineError` at once.
+
+        ``group``: sequences of one client request (its prompts and ``n`` choices) share a
+        group; free KV slots go to the group with the fewest running sequences first, so one
+        request of many sequences cannot hold every slot while others wait (None: its own group)."""
         params = params or SamplingParams()
         pooling = params if isinstance(params, PoolingParams) else None
         if pooling is not None:
@@ -279,7 +288,7 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         seq = Sequence(ids, params, Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens),
-                       max_tokens, stop_ids, pooling)
+                       max_tokens, stop_ids, pooling, group)
         if params.constraint is not None:
             seq.matcher = self.grammar().matcher(params.constraint)
         seq.handle.on_cancel = self._notify
@@ -399,11 +408,15 @@ class Engine:
     def step(self) -> bool:
         """Run one step (admit, schedule, forward, sample, emit). False if there was nothing to do.
 
-        If the step fails, every request in flight ends with the error (raised from its
-        handle's iterator) and the exception propagates; the engine stays usable."""
+        Nothing is lost when something fails: a request whose own setup or output fails ends
+        with that error alone; a failed forward pass or sampling ends the requests of that batch
+        (raised from their handles' iterators) and the exception propagates; anything else
+        ends every request in flight. The engine stays usable."""
         with self._step_lock:
             try:
                 return self._step()
+            except _BatchFailed as e:
+                raise e.__cause__ from None
             except Exception as e:
                 self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
                 raise
@@ -415,16 +428,21 @@ class Engine:
             new = list(self._inbox)
             self._inbox.clear()
         for seq in new:
-            if seq.params.penalized:
-                seq.counts = torch.zeros(self.model_config.vocab_size, dtype=torch.float32, device=self.device)
-            if seq.params.repetition_penalty != 1:
-                seq.prompt_seen = torch.zeros(self.model_config.vocab_size, dtype=torch.bool, device=self.device)
-                seq.prompt_seen[torch.tensor(seq.prompt_ids, device=self.device)] = True
-            if seq.params.prompt_logprobs is not None:
-                seq.prompt_logprobs = [None]
-            if seq.params.seed is not None:
-                seq.generator = torch.Generator(device=self.device)
-                seq.generator.manual_seed(seq.params.seed)
+            try:
+                if seq.params.penalized:
+                    seq.counts = torch.zeros(self.model_config.vocab_size, dtype=torch.float32, device=self.device)
+                if seq.params.repetition_penalty != 1:
+                    seq.prompt_seen = torch.zeros(self.model_config.vocab_size, dtype=torch.bool, device=self.device)
+                    seq.prompt_seen[torch.tensor(seq.prompt_ids, device=self.device)] = True
+                if seq.params.prompt_logprobs is not None:
+                    seq.prompt_logprobs = [None]
+                if seq.params.seed is not None:
+                    seq.generator = torch.Generator(device=self.device)
+                    seq.generator.manual_seed(seq.params.seed)
+            except Exception as e:  # noqa: BLE001 - this request cannot start; the others can
+                seq.status = Status.FINISHED  # never scheduled: it holds no slot
+                seq.handle._fail(EngineError(f"request {seq.id} could not start: {type(e).__name__}: {e}"))
+                continue
             self.scheduler.add(seq)
 
     def _step(self) -> bool:
@@ -435,29 +453,53 @@ class Engine:
         decode, prefills = self.scheduler.schedule()
         if not decode and not prefills:
             return False
-        out = self.runner.step(decode, prefills)
-        for s in decode:
-            s.num_cached += 1
-        for s, n in prefills:
-            s.num_cached += n
-        self._prompt_outputs(out)
+        batch = [*decode, *(s for s, _ in prefills)]
+        try:
+            out = self.runner.step(decode, prefills)
+            for s in decode:
+                s.num_cached += 1
+            for s, n in prefills:
+                s.num_cached += n
+        except Exception as e:
+            self._fail(batch, EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+            raise _BatchFailed() from e
+        for seq in batch:  # a prompt's own outputs (its logprobs, an embedding) fail it alone
+            try:
+                self._prompt_outputs(out, seq)
+            except Exception as e:  # noqa: BLE001
+                self._fail([seq], EngineError(f"request {seq.id} failed: {type(e).__name__}: {e}"))
         for seq, _ in prefills:  # prompts that end here without generating (scoring, embeddings)
+            if seq.handle.finished:
+                continue
             if not seq.in_prefill and (seq.pooling is not None or seq.max_tokens == 0):
                 self._finish_prompt_only(seq)
-        if not out.seqs:
+        live = [(i, seq) for i, seq in enumerate(out.seqs) if not seq.handle.finished]
+        if not live:
             return True
-        tokens = self.sampler(out.logits, out.seqs)
-        lps = row_logprobs(out.logits, tokens, [s.params.logprobs for s in out.seqs])
-        for seq, token, lp in zip(out.seqs, tokens, lps):
-            self._emit(seq, token, lp)
+        try:
+            tokens = self.sampler(out.logits, out.seqs)
+            lps = row_logprobs(out.logits, tokens, [s.params.logprobs for s in out.seqs])
+        except Exception as e:
+            self._fail([seq for _, seq in live], EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+            raise _BatchFailed() from e
+        for i, seq in live:
+            try:
+                self._emit(seq, tokens[i], lps[i])
+            except Exception as e:  # noqa: BLE001 - e.g. a detokenizer error: this request alone ends
+                self._fail([seq], EngineError(f"request {seq.id} failed: {type(e).__name__}: {e}"))
         return True
 
-    def _prompt_outputs(self, out: StepOutput) -> None:
-        for seq, pos, logits in out.prompt:
+    def _prompt_outputs(self, out: StepOutput, seq: Sequence) -> None:
+        """``seq``'s part of a step's prompt outputs: its prompt logprobs, an embedding's pooling."""
+        for s, pos, logits in out.prompt:
+            if s is not seq:
+                continue
             k = seq.params.prompt_logprobs or 0
             assert seq.prompt_logprobs is not None
             seq.prompt_logprobs.extend(_logprobs(logits, seq.prompt_ids[pos + 1 : pos + 1 + logits.shape[0]], k))
-        for seq, hidden in out.hidden:
+        for s, hidden in out.hidden:
+            if s is not seq:
+                continue
             assert seq.pooling is not None
             if seq.pooling.pooling == "mean":
                 part = hidden.sum(dim=0)
@@ -514,13 +556,16 @@ class Engine:
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             self._finish(seq, None, "", "abort")
 
+    def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
+        for seq in seqs:
+            self.scheduler.remove(seq)
+            seq.handle._fail(error)
+
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
             while self._inbox:
                 self.scheduler.add(self._inbox.popleft())
-        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
-            self.scheduler.remove(seq)
-            seq.handle._fail(error)
+        self._fail([*self.scheduler.waiting, *self.scheduler.running], error)
 
     def __enter__(self) -> "Engine":
         return self

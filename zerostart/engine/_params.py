@@ -10,6 +10,8 @@ from typing import Any
 from zerostart.engine._config import EngineError
 
 FINISH_REASONS = ("stop", "length", "abort")
+# Seeds torch's generators take: 64 bits, signed or not (a negative seed is its two's complement).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 CONSTRAINT_KINDS = ("json_schema", "json_object", "lark", "regex")
 POOLING = ("last", "mean")
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
@@ -121,8 +123,8 @@ class SamplingParams:
             raise EngineError(f"SamplingParams.top_p must be in (0, 1] (got {self.top_p})")
         if integer("top_k") < 0:
             raise EngineError(f"SamplingParams.top_k must be >= 0 (0 = off) (got {self.top_k})")
-        if self.seed is not None:
-            integer("seed")
+        if self.seed is not None and not SEED_MIN <= integer("seed") <= SEED_MAX:
+            raise EngineError(f"SamplingParams.seed must be in [{SEED_MIN}, {SEED_MAX}] (a 64-bit seed; got {self.seed})")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= number(name) <= 2.0:
                 raise EngineError(f"SamplingParams.{name} must be in [-2, 2] (got {getattr(self, name)})")

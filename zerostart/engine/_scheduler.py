@@ -4,12 +4,17 @@ Every step: waiting sequences take free KV slots (lowest slot first, so a batch'
 dense), every sequence past its prompt decodes one token, and sequences still in their prompt
 share a budget of ``prefill_chunk`` prompt tokens, oldest first. Sequences join and leave
 between any two steps; a long prompt takes several steps while decodes keep flowing.
+
+Admission is fair between client requests (a sequence's ``group``): a free slot goes to the
+oldest waiting sequence of the group with the fewest running sequences, so a request of 128
+sequences shares the slots with one that arrives after it instead of holding them all until
+its last sequence is done.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import Counter, deque
 
 from zerostart.engine._sequence import Sequence, Status
 
@@ -31,8 +36,7 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
         """(sequences decoding one token, (sequence, prompt tokens to prefill now))."""
-        while self.waiting and self._free:
-            seq = self.waiting.popleft()
+        for seq in self._admissions(len(self._free)):
             seq.slot = heapq.heappop(self._free)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -47,6 +51,31 @@ class Scheduler:
                 prefills.append((s, n))
                 budget -= n
         return decode, prefills
+
+    def _admissions(self, free: int) -> list[Sequence]:
+        """Up to ``free`` waiting sequences, taken out of ``waiting``: each the oldest of the
+        group with the fewest running sequences (then the group waiting longest)."""
+        if not free or not self.waiting:
+            return []
+        if len(self.waiting) <= free:
+            out = list(self.waiting)
+            self.waiting.clear()
+            return out
+        groups: dict[object, deque[Sequence]] = {}
+        for seq in self.waiting:  # arrival order, per group
+            groups.setdefault(seq.group, deque()).append(seq)
+        running = Counter(s.group for s in self.running)
+        heap = [(running[g], order, g) for order, g in enumerate(groups)]  # order: the group's oldest arrival
+        heapq.heapify(heap)
+        out: list[Sequence] = []
+        while len(out) < free:
+            n, order, g = heapq.heappop(heap)
+            out.append(groups[g].popleft())
+            if groups[g]:
+                heapq.heappush(heap, (n + 1, order, g))
+        taken = set(map(id, out))
+        self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+        return out
 
     def take_slot(self) -> int | None:
         """A free slot for work outside the queue (scoring a prompt), or None."""

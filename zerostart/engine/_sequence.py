@@ -37,8 +37,10 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, detok: Detokenizer,
-                 max_tokens: int, stop_ids: frozenset[int], pooling: PoolingParams | None = None) -> None:
+                 max_tokens: int, stop_ids: frozenset[int], pooling: PoolingParams | None = None,
+                 group: object = None) -> None:
         self.id = next(_ids)
+        self.group = self.id if group is None else group  # the client request it belongs to (fair admission)
         self.prompt_ids = prompt_ids
         self.params = params
         self.pooling = pooling  # an embedding request: prefill only, then the pooled hidden state

@@ -54,6 +54,8 @@ class Tokenizer:
             if text is not None and (key in SPECIAL_TOKEN_KEYS or key.endswith("_token")):
                 self.special_tokens[key] = text
         self.chat_templates = self._read_templates(model_dir, config)
+        # the same ids as encode(); without offsets where the library can skip them
+        self._encode_batch = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)
         vocab = self._tk.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.special_ids = frozenset(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special)
@@ -89,9 +91,12 @@ class Tokenizer:
         return None if token is None else self._tk.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``. Encoded through the library's batch path, which lets go of
+        the GIL while it works (its single-text ``encode`` holds it: a prompt of megabytes then
+        stops every other thread, a server's event loop included, for seconds)."""
         if not isinstance(text, str):
             raise EngineError(f"encode() takes a str (got {type(text).__name__})")
-        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

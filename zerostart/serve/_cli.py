@@ -15,6 +15,7 @@ import argparse
 import logging
 import socket
 import sys
+from typing import Any
 
 from zerostart.serve._config import ConfigError, ServeConfig, load_config
 from zerostart.units import format_duration, parse_duration
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "config's models. Without any model: the built-in demo model")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
+    parser.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                        help="listen on an address other machines can reach without server.api_keys "
+                             "(refused otherwise: anyone who reaches it could use every model)")
     parser.add_argument("--idle-timeout", metavar="SECONDS",
                         help="scale every model to zero after this long idle ('300', '5m'; negative: never)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
@@ -51,6 +55,8 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
         server["host"] = args.host
     if args.port is not None:
         server["port"] = args.port
+    if args.allow_unauthenticated:
+        server["allow_unauthenticated"] = True
     if args.log_level is not None:
         server["log_level"] = args.log_level
     if getattr(args, "cluster", None) is not None:
@@ -79,6 +85,7 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from zerostart.serve._connections import bounded_protocol
     from zerostart.serve.gateway import create_app
 
     config, _ = build_config(args)
@@ -97,9 +104,13 @@ def main(args: argparse.Namespace) -> int:
     print(f"zerostart: serving on {url}/v1 — models: {names}", file=sys.stderr, flush=True)
     if server.api_keys:
         print("zerostart: API keys required (Authorization: Bearer <key>)", file=sys.stderr, flush=True)
+    protocol = bounded_protocol(max_connections=server.max_connections, header_timeout=server.header_timeout)
+    # uvicorn's own grace outlasts the fleet's: requests still running at shutdown_timeout are
+    # ended by the fleet (a 503, or an SSE error event and [DONE]) and get this long to be sent
     uv = uvicorn.Config(app, log_config=None, log_level=server.log_level, access_log=server.log_level == "debug",
-                        lifespan="on", timeout_graceful_shutdown=server.shutdown_timeout)
-    uvicorn.Server(uv).run(sockets=[sock])
+                        lifespan="on", timeout_graceful_shutdown=server.shutdown_timeout + _CLOSING_GRACE_S,
+                        http=protocol)
+    _server(uv, app.state.fleet).run(sockets=[sock])
     return 0
 
 
@@ -116,6 +127,23 @@ def _serve_on_cluster(config: ServeConfig) -> int:
     except ImportError as e:
         raise ServeStartupError(f"--cluster {config.cluster.backend} needs Ray Serve ({e}); install it with "
                                 "pip install 'ray[serve]' (or make ray-env)") from None
+
+
+_CLOSING_GRACE_S = 2.0
+
+
+def _server(config: Any, fleet: Any) -> Any:
+    """uvicorn's server, telling the fleet when a shutdown begins (SIGTERM, ^C) before uvicorn
+    waits for the connections: the fleet then refuses new requests and ends those in flight on
+    time (``Fleet.begin_shutdown``)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            fleet.begin_shutdown()
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -14,9 +14,11 @@ The smallest useful file::
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import shlex
+import socket
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -80,6 +82,15 @@ class ServerConfig(_Section):
     stream_keepalive: Seconds = Field(10.0, gt=0)  # SSE comment interval while a stream waits
     shutdown_timeout: Seconds = 10.0  # how long shutdown waits for open requests to finish
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # -- limits: what one client can ask of the server (docs/serve.md, "Limits") -------------
+    allow_unauthenticated: bool = False  # listen beyond loopback without api_keys (anyone who can reach it may use it)
+    max_body_bytes: Bytes = Field(16 * 1024 * 1024, ge=1)  # a request body past this: 413
+    max_sequences: int = Field(256, ge=1)  # prompts x n of one request past this: 400
+    max_connections: int = Field(1024, ge=1)  # open client connections; past it the oldest still sending its head goes
+    header_timeout: Seconds = Field(10.0, gt=0)  # a request line and headers must arrive within this, else the connection closes
+    body_timeout: Seconds = Field(60.0, gt=0)  # a request body must arrive within this, else 408
+    request_timeout: Seconds = Field(600.0, gt=0)  # a worker taking a request to its last byte; past it: 504 / SSE error + [DONE]
+    worker_probe_timeout: Seconds = Field(30.0, gt=0)  # a worker that leaves its health probe unanswered this long is killed
     standby_workers: int = Field(0, ge=0, le=1)  # 1: keep a spare worker with imports and device init done
     # host memory a CPU standby worker faults in while it waits; the weights it is handed are read
     # straight into it (at the disk's speed where first-touch faults are slower). Held outside
@@ -93,6 +104,29 @@ class ServerConfig(_Section):
             if not k or k != k.strip() or any(c.isspace() for c in k):
                 raise ValueError("API keys must be non-empty and contain no whitespace")
         return keys
+
+    @model_validator(mode="after")
+    def _exposed(self) -> "ServerConfig":
+        if not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is reachable from other machines and no api_keys are set: anyone who "
+                             "can reach it could use every model. Set server.api_keys (clients send 'Authorization: "
+                             "Bearer <key>'), or server.allow_unauthenticated: true (--allow-unauthenticated) if "
+                             "something in front of it authenticates")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) only reaches this machine: every address it
+    resolves to is a loopback one. A name that does not resolve counts as reachable."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%", 1)[0]).is_loopback for i in infos)
 
 
 class DeviceConfig(_Section):
@@ -377,7 +411,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, data: dict[str, A
             return ServeConfig()
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
+                data = yaml.load(f, Loader=_Loader)
         except FileNotFoundError:
             raise ConfigError(f"{where}: no such config file") from None
         except yaml.YAMLError as e:
@@ -391,6 +425,19 @@ def load_config(path: str | os.PathLike[str] | None = None, *, data: dict[str, A
         return ServeConfig.model_validate(data, context={"base_dir": base})
     except ValidationError as e:
         raise ConfigError(f"{where}: {describe_errors(e, ServeConfig)}") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true and false. PyYAML follows YAML 1.1, where
+    ``off``, ``no``, ``on`` and ``yes`` are booleans too, so ``images: off`` or a model named
+    ``no`` would arrive as ``False``."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 
 
 def describe_errors(error: ValidationError, schema: type[BaseModel]) -> str:

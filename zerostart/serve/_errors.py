@@ -39,11 +39,29 @@ class ServeError(Exception):
         openai client raises ``APIError`` with this message)."""
         return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
 
+    def sse_ending(self) -> bytes:
+        """The last words of a stream that ends in this error: its event, then ``[DONE]``."""
+        return self.sse_event() + b"data: [DONE]\n\n"
+
 
 class BadRequest(ServeError):
     status = 400
     type = "invalid_request_error"
     model: str | None = None  # the model the request named, when it named one
+
+
+class BodyTimeout(ServeError):
+    """The request body did not arrive within ``server.body_timeout``."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "body_timeout"
+
+
+class BodyTooLarge(ServeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "body_too_large"
 
 
 class Unauthorized(ServeError):
@@ -71,6 +89,14 @@ class WorkerFailed(ServeError):
     code = "worker_exited"
 
 
+class WorkerReplaced(ServeError):
+    """The worker was not in the state its gateway put it in (moved by someone else, or failed):
+    it is being replaced; the request can be retried."""
+
+    status = 503
+    code = "worker_replaced"
+
+
 class StartFailed(ServeError):
     """The model could not be started (bad checkpoint, worker crash at load, no memory)."""
 
@@ -90,3 +116,17 @@ class StartTimeout(ServeError):
 class ShuttingDown(ServeError):
     status = 503
     code = "shutting_down"
+
+
+class RequestTimeout(ServeError):
+    """The request ran past ``server.request_timeout``; the worker stops generating."""
+
+    status = 504
+    code = "request_timeout"
+
+
+class InternalError(ServeError):
+    """A bug: something failed that nothing expected (the traceback is in the log)."""
+
+    status = 500
+    code = "internal_error"

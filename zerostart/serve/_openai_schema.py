@@ -1,13 +1,17 @@
 """Typed request bodies of the OpenAI routes, shared by the gateway (which validates before it
 starts anything) and the workers (which generate from them).
 
-Unknown fields are ignored as OpenAI's SDKs send new ones over time, but fields for features
-this server does not have (logit_bias, tools, ...) are refused with a 400 naming them rather
-than silently dropped. ``null`` means "the default" for every field.
+Every body is an :class:`OpenAIBody`: types are strict, as OpenAI's are (``"3"`` is not a
+number, ``2.0`` is not an integer, ``1`` is not a boolean), and :func:`parse_request` is the one
+place a body becomes a request or a :class:`BadRequest` naming the field. Unknown fields are
+ignored as OpenAI's SDKs send new ones over time, but fields for features this server does not
+have (logit_bias, tools, ...) are refused with a 400 naming them rather than silently dropped.
+``null`` means "the default" for every field.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Literal, Union
 
@@ -31,14 +35,24 @@ _UNSUPPORTED = {
 }
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's range for seed (a signed 64-bit integer)
+MAX_STOP = 16  # stop strings per request (OpenAI takes 4): each is looked for after every token
+_THREAD_PARSE_BYTES = 256 * 1024  # bodies larger than this are parsed off the event loop
+
+
+class OpenAIBody(BaseModel):
+    """The base of every request body and its parts: strict types, unknown fields kept (and
+    ignored unless a subclass refuses them)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(OpenAIBody):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Request(OpenAIBody):
 
     model: str = Field(min_length=1)
     stream: bool = False
@@ -49,7 +63,7 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=-1)  # extension (vLLM's): 0 or -1 is off
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stop_token_ids: list[int] = []  # extension
@@ -83,6 +97,8 @@ class _Request(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stop)}")
         for s in [stop] if isinstance(stop, str) else stop or []:
             if not s:
                 raise ValueError("stop strings must be non-empty")
@@ -120,9 +136,13 @@ class _Request(BaseModel):
     def prompt_logprobs(self) -> int | None:
         return None
 
+    @property
+    def sequences(self) -> int:
+        """Sequences this request makes the engine generate: its prompts times ``n``."""
+        return self.n
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+
+class ChatMessage(OpenAIBody):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -208,6 +228,10 @@ class CompletionRequest(_Request):
     def max_new_tokens(self) -> int:
         return 16 if self.max_tokens is None else self.max_tokens  # 16: OpenAI's default for completions
 
+    @property
+    def sequences(self) -> int:
+        return len(self.prompts()) * self.n
+
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
         p = self.prompt
@@ -224,11 +248,17 @@ ROUTES: dict[str, type[_Request]] = {
 }
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def parse_request(schema: type[_Request], raw: bytes) -> _Request:
     """Validate a request body; a :class:`BadRequest` naming the bad field otherwise."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise BadRequest("The request body is not valid JSON here: it is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers of more than 4300 digits, NaN
         raise BadRequest(f"The request body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object")
@@ -246,3 +276,12 @@ def parse_request(schema: type[_Request], raw: bytes) -> _Request:
         bad = BadRequest(text + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""), param=param)
         bad.model = data.get("model") if isinstance(data.get("model"), str) else None
         raise bad from None
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply") from None
+
+
+async def parse_body(schema: type[_Request], raw: bytes) -> _Request:
+    """:func:`parse_request`, on a thread for a large body so the event loop keeps serving."""
+    if len(raw) <= _THREAD_PARSE_BYTES:
+        return parse_request(schema, raw)
+    return await asyncio.to_thread(parse_request, schema, raw)

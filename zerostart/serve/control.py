@@ -11,7 +11,9 @@ Routes (docs/serve.md has the JSON)::
     POST /zerostart/wake           -> WakeResult    200; 409 not_ready; 500 wake_failed
 
 Errors are OpenAI-shaped (:class:`ErrorBody`). Reports are dumped with ``exclude_none``: a
-field a state does not have is absent, not null.
+field a state does not have is absent, not null. Every request carries
+``Authorization: Bearer <token>``, the token the gateway gave the worker in the environment
+variable :data:`TOKEN_ENV`; anything else gets 401.
 
 A worker's states (the gateway's replica states are in ``serve/gateway/_state.py``)::
 
@@ -41,6 +43,7 @@ from zerostart.names import Dtype, ImageMode
 
 __all__ = [
     "SETTLED",
+    "TOKEN_ENV",
     "WORKER_TRANSITIONS",
     "ErrorBody",
     "ErrorDetail",
@@ -57,6 +60,9 @@ __all__ = [
     "WorkerState",
     "check_worker",
 ]
+
+
+TOKEN_ENV = "ZEROSTART_WORKER_TOKEN"  # the worker's secret, from its gateway
 
 
 class WorkerState(str, enum.Enum):

@@ -6,6 +6,7 @@ The fleet owns the replica's lifecycle (``serve/gateway/_state.py``) and calls, 
 
     start(parkable=...)         -> ColdStart   spawn, wait until it serves requests (StartFailed otherwise)
     measure_memory()            -> Memory      device bytes it holds, for the memory budget
+    probe(parked=...)           -> str | None  alive, and in the state the gateway put it? (the watchdog)
     park(timeout)               -> ParkResult | Refusal      (Refusal: nothing changed, and why)
     wake(timeout)               -> ColdStart   the wake's phases (WorkerError: stop it)
     stop(timeout) / kill()                     SIGTERM then SIGKILL / SIGKILL at once
@@ -24,9 +25,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import httpx
+
 import zerostart
-from zerostart.serve.backends._process import WorkerProcess
-from zerostart.serve.control import ImageReport, ParkResult, Refusal
+from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, WorkerProcess
+from zerostart.serve.control import TOKEN_ENV, ImageReport, ParkResult, Refusal
 from zerostart.telemetry import Timeline
 
 if TYPE_CHECKING:
@@ -122,6 +125,26 @@ class WorkerBackend(ABC):
     async def measure_memory(self) -> Memory | None:
         """Device bytes it holds now that it is ready; None when it cannot tell."""
 
+    # -- watching a running worker ----------------------------------------------------------
+
+    async def probe(self, *, parked: bool) -> str | None:
+        """Whether the worker is alive and where the gateway put it (``parked`` or serving):
+        None if so, else what is wrong. The caller bounds the time it may take (a worker that
+        does not answer is hung). This default asks ``GET /health`` for a 200."""
+        client = self.process.client
+        if client is None:
+            return "it has no address"
+        try:
+            r = await client.get("/health", timeout=CONNECT_TIMEOUT_S)
+        except httpx.HTTPError as e:
+            return f"its health route could not be reached ({type(e).__name__}: {e})"
+        return None if r.status_code == 200 else f"its health route answered HTTP {r.status_code}"
+
+    async def image_report(self) -> ImageReport | None:
+        """What the worker did with ready images now (a write in the background moves on after
+        the start); None for a backend without images."""
+        return None
+
     # -- parking ----------------------------------------------------------------------------
 
     @abstractmethod
@@ -151,11 +174,12 @@ class WorkerBackend(ABC):
     # -- for subclasses ---------------------------------------------------------------------
 
     def child_env(self) -> dict[str, str]:
-        """The environment of the worker process: the gateway's, the model's ``env``, and this
-        checkout of zerostart first on the path."""
+        """The environment of the worker process: the gateway's, the model's ``env``, this
+        checkout of zerostart first on the path, and the worker's token (``TOKEN_ENV``)."""
         env = dict(os.environ)
         if self.model is not None:
             env.update(self.model.env)
+        env[TOKEN_ENV] = self.process.token
         root = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"

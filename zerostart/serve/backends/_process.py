@@ -3,6 +3,11 @@ Unix socket, or a free loopback port) and hands the descriptor to the child, so 
 known before the process runs and requests can be sent as soon as it accepts. Its stdin is a
 pipe the gateway never writes: when the gateway goes away, a worker that watches stdin sees
 end-of-file and exits. Its output is kept (the last lines) for error messages.
+
+Each worker gets a secret of its own (:attr:`WorkerProcess.token`), sent with every request the
+gateway makes to it; a backend hands it to its engine (the zerostart worker reads
+``control.TOKEN_ENV``), which answers nobody else: anyone else on the host who can reach
+the socket or port gets 401.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import time
@@ -22,7 +28,7 @@ import httpx
 
 from zerostart.serve._config import ServerConfig
 from zerostart.serve._errors import StartFailed
-from zerostart.serve.backends._upstream import UpstreamPool
+from zerostart.serve.backends._upstream import IDLE_S, UpstreamPool
 
 log = logging.getLogger("zerostart.serve")
 worker_log = logging.getLogger("zerostart.serve.worker")
@@ -70,6 +76,7 @@ class WorkerProcess:
         self._backlog = backlog
         self._on_exit = on_exit
         self.pid: int | None = None
+        self.token = secrets.token_urlsafe(32)  # the worker answers requests that carry it, no others
         self.address: str | None = None  # "unix:/path" or "http://host:port"
         self.client: httpx.AsyncClient | None = None  # control routes
         self.upstream: UpstreamPool | None = None  # the proxied OpenAI requests
@@ -109,10 +116,10 @@ class WorkerProcess:
         self._tasks = [asyncio.create_task(self._read_output()), asyncio.create_task(self._watch_exit())]
         self.client = self._make_client()
         if self._socket_path is not None:
-            self.upstream = UpstreamPool(uds=self._socket_path, connect_timeout=CONNECT_TIMEOUT_S)
+            self.upstream = UpstreamPool(uds=self._socket_path, connect_timeout=CONNECT_TIMEOUT_S, token=self.token)
         else:
             host, port = self._tcp_address
-            self.upstream = UpstreamPool(host=host, port=port, connect_timeout=CONNECT_TIMEOUT_S)
+            self.upstream = UpstreamPool(host=host, port=port, connect_timeout=CONNECT_TIMEOUT_S, token=self.token)
         return spawned
 
     async def launch(self, argv: Callable[[str, int], list[str]], env: dict[str, str]) -> Moment:
@@ -170,14 +177,16 @@ class WorkerProcess:
         return sock
 
     def _make_client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-        timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)  # generations may take long
+        # idle connections expire before the worker's server closes them (see _upstream.IDLE_S)
+        limits = httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=IDLE_S)
+        timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)  # each call sets its own read timeout
+        headers = {"authorization": f"Bearer {self.token}"}
         if self._socket_path is not None:
             transport = httpx.AsyncHTTPTransport(uds=self._socket_path, limits=limits)
-            return httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=timeout)
+            return httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=timeout, headers=headers)
         assert self.address is not None
         return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(limits=limits), base_url=self.address,
-                                 timeout=timeout)
+                                 timeout=timeout, headers=headers)
 
     # -- stopping ---------------------------------------------------------------------------
 

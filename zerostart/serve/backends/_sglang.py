@@ -85,12 +85,13 @@ class SglangWorker(ForeignWorker):
         m = self.model
         assert m is not None and self._launch is not None
         path, memory = self._launch
-        cmd = [self.python, "-m", self.options.module, "--model-path", path, "--served-model-name", m.served_name,
-               "--host", host, "--port", str(port), "--device", m.device.partition(":")[0], "--enable-metrics"]
+        # --opt=value throughout: a path or name that starts with "-" stays a value
+        cmd = [self.python, "-m", self.options.module, f"--model-path={path}", f"--served-model-name={m.served_name}",
+               f"--host={host}", f"--port={port}", f"--device={m.device.partition(':')[0]}", "--enable-metrics"]
         if m.dtype:
-            cmd += ["--dtype", m.dtype]
+            cmd.append(f"--dtype={m.dtype}")
         if m.max_model_len:
-            cmd += ["--context-length", str(m.max_model_len)]
+            cmd.append(f"--context-length={m.max_model_len}")
         cmd += memory
         if self.parkable and m.device.startswith("cuda"):
             cmd.append("--enable-memory-saver")

@@ -123,14 +123,15 @@ class VllmWorker(ForeignWorker):
         m = self.model
         assert m is not None and self._launch is not None
         fmt, model_dir, extra, memory = self._launch
-        cmd = [self.python, "-m", MODULE, "--model", model_dir, "--served-model-name", m.served_name,
-               "--host", host, "--port", str(port), "--load-format", fmt, "--disable-uvicorn-access-log"]
+        # --opt=value throughout: a path or name that starts with "-" stays a value
+        cmd = [self.python, "-m", MODULE, f"--model={model_dir}", f"--served-model-name={m.served_name}",
+               f"--host={host}", f"--port={port}", f"--load-format={fmt}", "--disable-uvicorn-access-log"]
         if extra:
-            cmd += ["--model-loader-extra-config", json.dumps(extra)]
+            cmd.append(f"--model-loader-extra-config={json.dumps(extra)}")
         if m.dtype:
-            cmd += ["--dtype", m.dtype]
+            cmd.append(f"--dtype={m.dtype}")
         if m.max_model_len:
-            cmd += ["--max-model-len", str(m.max_model_len)]
+            cmd.append(f"--max-model-len={m.max_model_len}")
         cmd += memory
         if self.parkable and m.device.startswith("cuda"):
             cmd.append("--enable-sleep-mode")

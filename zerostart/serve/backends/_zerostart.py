@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from zerostart.serve._errors import StartFailed
 from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
 from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, Moment
-from zerostart.serve.control import (ErrorBody, LoadRequest, ParkResult, PhasesReport, ReadyReport,
+from zerostart.serve.control import (ErrorBody, ImageReport, LoadRequest, ParkResult, PhasesReport, ReadyReport,
                                      Refusal, WakeResult, WorkerState)
 from zerostart.telemetry import Timeline
 
@@ -121,23 +121,25 @@ class ZerostartWorker(WorkerBackend):
         return spawned
 
     def _command(self, fd: int) -> list[str]:
-        cmd = [sys.executable, "-m", _WORKER, "--fd", str(fd)]
+        # every value as --key=value: a value that begins with "-" (a model named "-x") would
+        # otherwise be read as an option
+        cmd = [sys.executable, "-m", _WORKER, f"--fd={fd}"]
         m = self.model
         if m is None:
-            cmd += ["--standby", "--device", self.standby_device or "cpu"]
+            cmd += ["--standby", f"--device={self.standby_device or 'cpu'}"]
             if self.standby_reserve:
-                cmd += ["--reserve", str(self.standby_reserve)]
+                cmd.append(f"--reserve={self.standby_reserve}")
             return cmd
-        cmd += ["--model", m.path, "--name", m.served_name, "--device", m.device, "--images", m.images]
+        cmd += [f"--model={m.path}", f"--name={m.served_name}", f"--device={m.device}", f"--images={m.images}"]
         if self._parkable:
             cmd.append("--parkable")
         if m.dtype:
-            cmd += ["--dtype", m.dtype]
+            cmd.append(f"--dtype={m.dtype}")
         if m.max_model_len:
-            cmd += ["--max-model-len", str(m.max_model_len)]
+            cmd.append(f"--max-model-len={m.max_model_len}")
         kv = self._kv_cache_bytes(m)
         if kv:
-            cmd += ["--kv-cache-bytes", str(kv)]
+            cmd.append(f"--kv-cache-bytes={kv}")
         return cmd
 
     # -- readiness and phases ---------------------------------------------------------------
@@ -229,6 +231,35 @@ class ZerostartWorker(WorkerBackend):
             except (httpx.HTTPError, ValidationError):
                 pass
         return self._phase
+
+    async def probe(self, *, parked: bool) -> str | None:
+        """Its ready report must say ``ready`` (``parked`` for a parked replica): a worker in
+        another state was moved by someone other than its gateway, or has failed."""
+        report = await self._report()
+        if isinstance(report, str):
+            return report
+        want = WorkerState.PARKED if parked else WorkerState.READY
+        if report.state is not want:
+            what = f": {report.error}" if report.error else ""
+            return f"it reports it is {report.state.value}{what}, where the gateway has it {want.value}"
+        return None
+
+    async def image_report(self) -> ImageReport | None:
+        report = await self._report()
+        return None if isinstance(report, str) else report.image
+
+    async def _report(self) -> ReadyReport | str:
+        """Its ready report now, or what went wrong asking for it."""
+        client = self.process.client
+        if client is None or self.exited.is_set():
+            return "it is not running"
+        try:
+            r = await client.get("/zerostart/ready", params={"wait": 0}, timeout=CONNECT_TIMEOUT_S)
+            return ReadyReport.model_validate_json(r.content)
+        except httpx.HTTPError as e:
+            return f"its ready route could not be reached ({type(e).__name__}: {e})"
+        except ValidationError:
+            return f"its ready route answered HTTP {r.status_code} with an unexpected body"
 
     async def measure_memory(self) -> Memory | None:
         """From the worker's ready report: its weights arena and KV cache. Parked, a CPU worker

@@ -13,12 +13,12 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from zerostart.serve._config import ServeConfig
+from zerostart.serve._http import App, Bounds, Guard
 from zerostart.serve.gateway._auth import Headers
 from zerostart.serve.gateway._fleet import Fleet
 from zerostart.serve.gateway._metrics import CONTENT_TYPE
@@ -26,9 +26,10 @@ from zerostart.serve.gateway._proxy import Proxy
 
 
 def create_app(config: ServeConfig, fleet: Fleet | None = None) -> Starlette:
-    """The gateway as an ASGI app; run it with uvicorn (``zerostart serve`` does)."""
+    """The gateway as an ASGI app; run it with uvicorn (``zerostart serve`` does, bounding its
+    connections with ``serve._connections`` and ending requests at shutdown on time)."""
     fleet = fleet or Fleet(config)
-    proxy = Proxy(fleet, config.server.stream_keepalive)
+    proxy = Proxy(fleet, config.server)
     gw = _Gateway(fleet, proxy)
     routes = [
         Route("/health", gw.health),
@@ -39,18 +40,13 @@ def create_app(config: ServeConfig, fleet: Fleet | None = None) -> Starlette:
         Route("/v1/chat/completions", proxy.generate, methods=["POST"]),
         Route("/v1/completions", proxy.generate, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_exception})
+    app = App(routes=routes, lifespan=gw.lifespan)
     app.state.fleet = gw.fleet
-    app.add_middleware(Headers, api_keys=tuple(config.server.api_keys))
+    s = config.server
+    app.add_middleware(Guard, bounds=Bounds(s.max_body_bytes, s.body_timeout, s.request_timeout), drain=fleet.drained,
+                       observe=proxy.observe)
+    app.add_middleware(Headers, api_keys=tuple(s.api_keys))
     return app
-
-
-async def _http_exception(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    message = {404: f"No route {request.method} {request.url.path}; the API is under /v1",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    return JSONResponse(body, status_code=exc.status_code)
 
 
 class _Gateway:
@@ -87,5 +83,5 @@ class _Gateway:
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name not in self.fleet.names():
-            return self.proxy.error(self.proxy.unknown(name), "unknown")
+            return self.proxy.error(self.proxy.unknown(name))
         return JSONResponse(self._model_card(name))

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -34,8 +31,10 @@ from zerostart.serve.gateway._metrics import Metrics, ModelGauges
 from zerostart.serve.gateway._model import Model
 from zerostart.serve.gateway._queue import Lease
 from zerostart.serve.gateway._replica import Replica
+from zerostart.serve.gateway._sockets import SocketDir, SocketDirInUse
 from zerostart.serve.gateway._standby import Standby
 from zerostart.serve.gateway._state import State
+from zerostart.serve.gateway._watchdog import Watchdog
 from zerostart.units import format_size
 from zerostart.weights import WeightsError
 
@@ -62,9 +61,11 @@ class Fleet:
         self.metrics = Metrics(self.models, self._model_gauges, self.memory.gauges, lambda: self.standby.ready)
         self.lifecycle = Lifecycle(config.server, self.memory, self.metrics, self.standby, changed=self._poke)
         self.ticker = Ticker(self.models.values(), self.lifecycle)
-        self._ticker_task: asyncio.Task[None] | None = None
+        self.watchdog = Watchdog(self.models.values(), self.lifecycle, config.server.worker_probe_timeout)
+        self.drained = asyncio.Event()  # set shutdown_timeout after the shutdown began: requests in flight end
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sockets: SocketDir | None = None
         self._closing = False
-        self._own_socket_dir = False
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -76,18 +77,19 @@ class Fleet:
 
     async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
         """A replica of ``name`` with room for one more request; held while the model starts or
-        while its replicas are full. Raises :class:`ServeError` subclasses (404, 429, 503, 504)."""
+        while its replicas are full. ``keep_alive``: the request's (None: the model's
+        idle_timeout; the longest asked for wins). Raises :class:`ServeError` subclasses (404,
+        429, 503, 504). Cancelling it while held gives everything back."""
         if self._closing:
-            raise ShuttingDown("the server is shutting down")
+            raise ShuttingDown("the server is shutting down; retry on another server or once it is back")
         m = self._model(name)
         now = time.monotonic()
-        self._arrived(m, now, keep_alive)
+        self._arrived(m, now)
         if not m.live() and m.backoff_until > now:
             raise StartFailed(f"{m.last_error} (the next start is in {m.backoff_until - now:.0f} s; starts back off "
                               "after failures)", retry_after=m.backoff_until - now)
         if not m.waiters and (r := m.free_replica()) is not None:
-            r.in_flight += 1
-            return Lease(m, r, now, self.metrics, self._release)
+            return Lease(m, r, r.begin(now), now, keep_alive, self.metrics, self._release)
         if len(m.waiters) >= m.cfg.max_queued:
             self.lifecycle.climb(m)
             raise QueueFull(f"model {name!r} already has {len(m.waiters)} requests waiting (max_queued "
@@ -95,8 +97,8 @@ class Fleet:
         w = _queue.hold(m, now)
         self.lifecycle.climb(m)
         _queue.dispatch(m)
-        replica = await _queue.wait(m, w, self._release)
-        return Lease(m, replica, w.arrived, self.metrics, self._release)
+        replica, ticket = await _queue.wait(m, w, self._release)
+        return Lease(m, replica, ticket, w.arrived, keep_alive, self.metrics, self._release)
 
     def _model(self, name: str) -> Model:
         try:
@@ -106,18 +108,17 @@ class Fleet:
             raise UnknownModel(f"The model {name!r} does not exist on this server (served models: {known}). "
                                "GET /v1/models lists them.", param="model") from None
 
-    def _arrived(self, m: Model, now: float, keep_alive: float | None) -> None:
+    def _arrived(self, m: Model, now: float) -> None:
         m.last_active = now
-        m.keep_alive = m.cfg.idle_timeout if keep_alive is None else keep_alive
-        m.keep_alive_explicit = keep_alive is not None
         if m.policy is not None:
             m.policy.observe_arrival(m.name, now)
         self._poke()
 
-    def _release(self, m: Model, r: Replica) -> None:
+    def _release(self, m: Model, r: Replica, ticket: int, keep_alive: float | None) -> None:
         """A request is done with ``r``: its room goes to the next held request."""
         now = time.monotonic()
-        r.in_flight -= 1
+        r.end(ticket)
+        r.hold(now, keep_alive)
         r.last_active = m.last_active = now
         if m.policy is not None:
             m.policy.observe_completion(m.name, now)
@@ -137,33 +138,40 @@ class Fleet:
     async def start(self) -> None:
         server = self.config.server
         if server.worker_transport == "unix":
-            if server.socket_dir:
-                os.makedirs(server.socket_dir, exist_ok=True)
-                socket_dir = server.socket_dir
-            else:
-                socket_dir = tempfile.mkdtemp(prefix="zerostart-")
-                self._own_socket_dir = True
+            try:
+                self._sockets = SocketDir.claim(server.socket_dir)
+            except SocketDirInUse as e:
+                raise ConfigError(f"server.socket_dir: {e}") from None
+            socket_dir = self._sockets.path
         else:
             socket_dir = ""
         self.lifecycle.socket_dir = socket_dir
-        self._ticker_task = asyncio.create_task(self.ticker.run())
+        self._tasks = [asyncio.create_task(self.ticker.run()), asyncio.create_task(self.watchdog.run())]
         self.standby.start(socket_dir)
 
-    async def close(self) -> None:
-        """Answer held requests with 503, wait up to ``shutdown_timeout`` for requests in flight,
-        then stop every worker."""
+    def begin_shutdown(self) -> None:
+        """The server is going down (SIGTERM): new requests get 503, held ones at once; those
+        in flight have ``shutdown_timeout`` to finish, then ``drained`` is set and they are
+        ended (a 503, or an SSE error event and ``[DONE]``: ``_http.Guard``)."""
+        if self._closing:
+            return
         self._closing = self.lifecycle.closing = True
-        if self._ticker_task is not None:
-            self._ticker_task.cancel()
         for m in self.models.values():
-            _queue.fail(m, ShuttingDown("the server is shutting down"))
+            _queue.fail(m, ShuttingDown("the server is shutting down; retry on another server or once it is back"))
             if m.start_task is not None:
                 m.start_task.cancel()
-        deadline = time.monotonic() + self.config.server.shutdown_timeout
-        while any(m.in_flight for m in self.models.values()) and time.monotonic() < deadline:
+        asyncio.get_running_loop().call_later(self.config.server.shutdown_timeout, self.drained.set)
+
+    async def close(self) -> None:
+        """Shut down (:meth:`begin_shutdown`, if the server did not already), wait until no
+        request is in flight (at most until ``drained``), then stop every worker."""
+        self.begin_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        while any(m.in_flight for m in self.models.values()) and not self.drained.is_set():
             await asyncio.sleep(0.05)
         starts = [m.start_task for m in self.models.values() if m.start_task is not None]
-        await asyncio.gather(*starts, self.lifecycle.drain(), return_exceptions=True)  # starts, wakes and parks end
+        await asyncio.gather(*starts, *self._tasks, self.lifecycle.drain(), return_exceptions=True)
         for m in self.models.values():
             for r in list(m.replicas):
                 if r.state in (State.HOT, State.PARKED):
@@ -171,9 +179,8 @@ class Fleet:
                     self.lifecycle.begin_stop(m, r, "shutdown", force=True)
         await asyncio.gather(self.standby.close(self.config.server.shutdown_timeout), self.lifecycle.drain(),
                              return_exceptions=True)
-        socket_dir = self.lifecycle.socket_dir
-        if self._own_socket_dir and socket_dir:
-            shutil.rmtree(socket_dir, ignore_errors=True)
+        if self._sockets is not None:
+            self._sockets.close()
 
     # -- what is going on -------------------------------------------------------------------
 
@@ -187,11 +194,14 @@ class Fleet:
 
     def _model_gauges(self) -> list[ModelGauges]:
         out = []
+        now = time.monotonic()
         for m in self.models.values():
             counts: dict[State, int] = {}
             for r in m.replicas:
                 counts[r.state] = counts.get(r.state, 0) + 1
-            out.append(ModelGauges(m.name, m.state, counts, len(m.waiters), m.in_flight))
+            by_replica = {str(r.pid): r.in_flight for r in m.replicas if r.pid is not None}
+            oldest = max((r.oldest_request_s(now) for r in m.replicas), default=0.0)
+            out.append(ModelGauges(m.name, m.state, counts, len(m.waiters), m.in_flight, by_replica, oldest))
         return out
 
 

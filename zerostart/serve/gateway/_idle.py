@@ -16,6 +16,7 @@ from typing import Iterable
 from zerostart.serve.gateway import _prewarm
 from zerostart.serve.gateway._lifecycle import Lifecycle
 from zerostart.serve.gateway._model import Model
+from zerostart.serve.gateway._replica import Replica
 from zerostart.serve.gateway._state import State
 from zerostart.units import format_duration
 
@@ -83,7 +84,7 @@ class Ticker:
                 next_at = min(next_at, due)
                 continue
             log.info("model %s: idle for %.1f s (keep-alive %s%s): %s worker pid %s", m.name,
-                     now - r.last_active, format_duration(m.keep_alive),
+                     now - r.last_active, _kept(r),
                      "" if m.cfg.park_after is None else f", park after {format_duration(m.cfg.park_after)}",
                      "parking" if action == "park" else "stopping", r.pid)
             if action == "park":
@@ -103,8 +104,13 @@ class Ticker:
             due, action = m.next_move(r, now)
             if action == "stop" and due <= now:
                 log.info("model %s: idle for %.1f s (keep-alive %s): stopping parked worker pid %s", m.name,
-                         now - r.last_active, format_duration(m.keep_alive), r.pid)
+                         now - r.last_active, _kept(r), r.pid)
                 self._lifecycle.begin_stop(m, r, "idle")
             else:
                 next_at = min(next_at, due)
         return next_at
+
+
+def _kept(r: Replica) -> str:
+    """Its keep-alive, as the longest a request asked for (from the last request)."""
+    return "forever" if math.isinf(r.hold_until) else f"until {format_duration(max(0.0, r.hold_until - r.last_active))} after its last request"

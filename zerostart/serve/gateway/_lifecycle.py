@@ -15,7 +15,7 @@ from typing import Any, Callable, Coroutine
 from zerostart.serve._config import ServerConfig
 from zerostart.serve._errors import ServeError, StartFailed, StartTimeout
 from zerostart.serve.backends import ColdStart, WorkerBackend, ZerostartWorker, backend_class
-from zerostart.serve.control import Refusal
+from zerostart.serve.control import ImageReport, Refusal
 from zerostart.serve.gateway import _queue
 from zerostart.serve.gateway._memory import DeviceMemory
 from zerostart.serve.gateway._metrics import Metrics
@@ -26,6 +26,10 @@ from zerostart.serve.gateway._state import State
 from zerostart.units import format_size
 
 log = logging.getLogger("zerostart.serve")
+
+_WRITING = frozenset({"queued", "writing"})  # a worker's image report while a write is under way
+_WRITTEN = frozenset({"written", "write_failed"})  # ... and once it ended
+_IMAGE_POLL_S = (0.5, 5.0)  # how often a write under way is looked at: first, and at most (doubling)
 
 
 class Lifecycle:
@@ -41,7 +45,8 @@ class Lifecycle:
         self._changed = changed
         self.socket_dir: str | None = None  # set by Fleet.start()
         self.closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # parks and stops under way
+        self._followers: set[asyncio.Task[None]] = set()  # image writes followed (_watch_image)
 
     # -- climbing ---------------------------------------------------------------------------
 
@@ -119,7 +124,10 @@ class Lifecycle:
             log.warning("model %s: its ready image %s was not used (%s); it was loaded from %s", m.name,
                         r.image.path, r.image.rejected, m.cfg.path)
         m.start_task = None
+        if not m.waiters:  # climbed for a floor, not for requests: kept for idle_timeout like one
+            r.hold(r.ready_at, None)
         _queue.dispatch(m)
+        self._watch_image(m, r)
         if standby:
             # the next spare's imports would compete with the requests that waited for this
             # start: prepare it once they are served (at once if none waited)
@@ -198,6 +206,8 @@ class Lifecycle:
         self._metrics.observe_cold_start(m.name, "parked", r.timeline, m.last_wake_s)
         log.info("model %s: hot after %.3f s from parked (worker pid %s)", m.name, m.last_wake_s, r.pid)
         m.start_task = None
+        if not m.waiters:
+            r.hold(r.ready_at, None)
         _queue.dispatch(m)
         self._after_move(m)
 
@@ -276,8 +286,18 @@ class Lifecycle:
         r.transition(State.STOPPING)
         self._spawn(self._stop(m, r, reason))
 
-    async def _stop(self, m: Model, r: Replica, reason: str, *, rescale: bool = True) -> None:
-        await r.worker.stop(m.cfg.stop_timeout)
+    def replace(self, m: Model, r: Replica, why: str) -> None:
+        """Kill a worker the gateway cannot trust (hung, or in a state the gateway did not
+        cause): its requests in flight get 502 naming ``why``, held ones a new worker."""
+        if r.state not in (State.HOT, State.PARKED):
+            return
+        log.error("model %s: killing worker pid %s: %s", m.name, r.pid, why)
+        r.failure = why
+        r.transition(State.STOPPING)
+        self._spawn(self._stop(m, r, "replaced", kill=True))
+
+    async def _stop(self, m: Model, r: Replica, reason: str, *, rescale: bool = True, kill: bool = False) -> None:
+        await (r.worker.kill() if kill else r.worker.stop(m.cfg.stop_timeout))
         r.transition(State.ZERO)
         self._free(m, r)
         self._metrics.stops.labels(m.name, reason).inc()
@@ -310,6 +330,39 @@ class Lifecycle:
         self.climb(m)  # requests held for this model get a new worker
         self._changed()
 
+    # -- ready images written in the background ----------------------------------------------
+
+    def _watch_image(self, m: Model, r: Replica) -> None:
+        """A replica whose worker writes a ready image after its start: follow the write until
+        it ends, so status shows how it ended (a failed write is logged and counted)."""
+        if r.image is None:
+            return
+        if r.image.status in _WRITING:
+            task = asyncio.create_task(self._follow_image(m, r))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
+        elif r.image.status in _WRITTEN:  # it ended before the start was reported
+            self._image_written(m, r.image)
+
+    async def _follow_image(self, m: Model, r: Replica) -> None:
+        delay = _IMAGE_POLL_S[0]
+        while r.state in (State.HOT, State.PARKING, State.PARKED, State.WAKING):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _IMAGE_POLL_S[1])
+            image = await r.worker.image_report()
+            if image is None:
+                continue
+            r.image = image
+            if image.status not in _WRITING:
+                self._image_written(m, image)
+                return
+
+    def _image_written(self, m: Model, image: ImageReport) -> None:
+        self._metrics.image_writes.labels(m.name, image.status).inc()
+        if image.status == "write_failed":
+            log.error("model %s: writing its ready image %s failed: %s; the next start loads the source again",
+                      m.name, image.path, image.error)
+
     # -- background moves -------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -318,5 +371,7 @@ class Lifecycle:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
-        """Wait for the parks and stops under way."""
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for the parks and stops under way (image writes are no longer followed)."""
+        for task in list(self._followers):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), *list(self._followers), return_exceptions=True)

@@ -29,6 +29,8 @@ class ModelGauges:
     replicas: dict[State, int]
     queued: int
     in_flight: int
+    in_flight_by_replica: dict[str, int]  # the worker's pid -> requests it serves
+    oldest_in_flight_s: float  # how long the oldest request in flight has been served (0: none)
 
 
 @dataclass(frozen=True)
@@ -43,17 +45,20 @@ class Metrics:
                  devices_now: Callable[[], list[DeviceGauges]], standby_now: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("zerostart_requests", "Requests answered, by model and HTTP status "
-                                "(stream_error: a stream cut short by its worker)", ["model", "status"], registry=r)
+        self.requests = Counter("zerostart_requests", "Requests, each counted once when it is over, by model and HTTP "
+                                "status (stream_error: a stream begun with 200 that ended in an error event; 499: "
+                                "the client left before its answer ended)", ["model", "status"], registry=r)
         self.cold_starts = Counter("zerostart_cold_starts", "Cold starts that reached ready, by the rung climbed from "
                                    "(source, image, standby+source, standby+image, parked)", ["model", "rung"], registry=r)
         self.parks = Counter("zerostart_parks", "Replicas parked (weights moved to host RAM), by reason (idle, evicted)",
                              ["model", "reason"], registry=r)
         self.start_failures = Counter("zerostart_start_failures", "Starts that failed, by cause",
                                       ["model", "cause"], registry=r)
+        self.image_writes = Counter("zerostart_image_writes", "Ready images written in the background after a start, "
+                                    "by how the write ended (written, write_failed)", ["model", "status"], registry=r)
         self.worker_crashes = Counter("zerostart_worker_crashes", "Hot workers that exited unasked", ["model"], registry=r)
         self.stops = Counter("zerostart_replica_stops", "Replicas stopped, by reason (idle, evicted, shutdown, "
-                             "park_failed, wake_failed)",
+                             "park_failed, wake_failed, replaced: killed as hung or in a state the gateway did not cause)",
                              ["model", "reason"], registry=r)
         self.cold_start_seconds = Histogram("zerostart_cold_start_seconds", "Cold start from spawn to ready",
                                             ["model", "rung"], buckets=_SECONDS_BUCKETS, registry=r)
@@ -90,11 +95,18 @@ class _FleetCollector(Collector):
     def collect(self):
         queue = GaugeMetricFamily("zerostart_queue_length", "Requests held waiting for a replica", labels=["model"])
         in_flight = GaugeMetricFamily("zerostart_in_flight", "Requests being served by workers", labels=["model"])
+        per_replica = GaugeMetricFamily("zerostart_replica_in_flight", "Requests being served, per worker (its pid)",
+                                        labels=["model", "pid"])
+        oldest = GaugeMetricFamily("zerostart_oldest_in_flight_seconds", "How long the oldest request in flight has "
+                                   "been served (a request that never ends shows here)", labels=["model"])
         replicas = GaugeMetricFamily("zerostart_replicas", "Replicas by state", labels=["model", "state"])
         state = GaugeMetricFamily("zerostart_model_state", "1 for the state each model is in", labels=["model", "state"])
         for m in self._models_now():
             queue.add_metric([m.name], m.queued)
             in_flight.add_metric([m.name], m.in_flight)
+            for pid, n in m.in_flight_by_replica.items():
+                per_replica.add_metric([m.name, pid], n)
+            oldest.add_metric([m.name], m.oldest_in_flight_s)
             for s in State:
                 if s is not State.ZERO:
                     replicas.add_metric([m.name, s.value], m.replicas.get(s, 0))
@@ -108,4 +120,4 @@ class _FleetCollector(Collector):
                 budget.add_metric([d.device], d.budget_bytes)
         standby = GaugeMetricFamily("zerostart_standby_workers_ready", "Standby workers ready to take a model")
         standby.add_metric([], self._standby_now())
-        yield from (queue, in_flight, replicas, state, reserved, budget, standby)
+        yield from (queue, in_flight, per_replica, oldest, replicas, state, reserved, budget, standby)

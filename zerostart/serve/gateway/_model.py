@@ -59,8 +59,6 @@ class Model:
         self.start_task: asyncio.Task[None] | None = None  # the one climb (start or wake) in progress, if any
         self.climbing: Literal["wake", "start"] = "start"  # what start_task does
         self.start_began = 0.0
-        self.keep_alive = cfg.idle_timeout  # the latest request's keep_alive, else idle_timeout
-        self.keep_alive_explicit = False  # the latest request set keep_alive: it wins over the policy
         self.last_active = -math.inf  # last arrival or completion (monotonic)
         self.failures = 0  # consecutive failed starts
         self.backoff_until = 0.0
@@ -115,7 +113,7 @@ class Model:
         floor = self.cfg.min_replicas
         if floor == 0 and self.cfg.prewarm and _prewarm.is_open(self.cfg.prewarm, wall or datetime.now().astimezone()):
             floor = 1
-        if floor == 0 and self.policy is not None and not self.keep_alive_explicit and not self.warm():
+        if floor == 0 and self.policy is not None and not self.held(now) and not self.warm():
             from zerostart.policy import Rung
 
             d = self.decide(now)
@@ -147,19 +145,26 @@ class Model:
             return None
         return "start"
 
+    def held(self, now: float) -> bool:
+        """Whether a request's explicit keep_alive still holds a replica (the policy waits)."""
+        return any(r.explicit_until > now for r in self.replicas)
+
     def next_move(self, r: Replica, now: float) -> tuple[float, str]:
         """When an idle replica (hot or parked) should move down, and how: ``(time, "park")``,
         ``(time, "stop")``, or ``(time, "stay")`` (look again then; inf: only an event can
-        change it). Without a policy (or when the latest request set keep_alive): park
-        ``park_after`` after the last request, stop ``keep_alive`` after it (idle_timeout, or
-        the request's keep_alive), whichever comes first for a hot replica."""
-        if self.policy is None or self.keep_alive_explicit:
-            stop_at = r.last_active + self.keep_alive
+        change it). Without a policy: park ``park_after`` after the last request, stop when
+        the longest keep-alive its requests asked for runs out (``Replica.hold_until``; each
+        request's keep_alive, else idle_timeout), whichever comes first for a hot replica.
+        With one, a request's explicit keep_alive holds it the same way until it runs out,
+        then the policy decides."""
+        explicit = r.explicit_until > now
+        if self.policy is None or explicit:
+            stop_at = r.hold_until if self.policy is None else r.explicit_until
             if r.state is State.HOT and self.can_park and self.cfg.park_after is not None:
                 park_at = r.last_active + self.cfg.park_after
                 if park_at < stop_at:
                     return park_at, "park"
-            return stop_at, "stop"
+            return (stop_at, "stop") if self.policy is None else (stop_at, "stay")
         from zerostart.policy import Rung
 
         d = self.decide(now)
@@ -202,15 +207,17 @@ class Model:
             "memory_estimate_source": self.estimate_source,
             "memory_share_bytes": self.share,
             "unavailable_rungs": self.unavailable_rungs(),
-            "keep_alive_s": None if math.isinf(self.keep_alive) else self.keep_alive,
+            "keep_alive_s": None if math.isinf(self.cfg.idle_timeout) else self.cfg.idle_timeout,
             "park_after_s": self.cfg.park_after, "parkable": self.can_park, "images": self.cfg.images,
             "last_cold_start": self._cold_start_json(),
             "last_error": self.last_error,
             "backoff_s": round(max(0.0, self.backoff_until - now), 3),
+            "oldest_in_flight_s": round(max((r.oldest_request_s(now) for r in self.replicas), default=0.0), 3),
             "workers": [{"pid": r.pid, "state": r.state.value, "rung": r.rung, "address": r.address,
-                         "in_flight": r.in_flight,
+                         "in_flight": r.in_flight, "oldest_in_flight_s": round(r.oldest_request_s(now), 3),
                          "idle_s": round(now - r.last_active, 3) if r.state in (State.HOT, State.PARKED)
-                         and not r.in_flight else 0.0}
+                         and not r.in_flight else 0.0,
+                         "kept_for_s": None if math.isinf(r.hold_until) else round(max(0.0, r.hold_until - now), 3)}
                         for r in self.replicas],
         }
 

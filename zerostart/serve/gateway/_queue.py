@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from zerostart.serve.gateway._metrics import Metrics
     from zerostart.serve.gateway._replica import Replica
 
-Release = Callable[[Model, "Replica"], None]
+# (model, replica, ticket, keep_alive): a request gives its room on the replica back
+Release = Callable[[Model, "Replica", int, "float | None"], None]
 
 
 def hold(m: Model, now: float) -> Waiter:
@@ -26,16 +27,17 @@ def hold(m: Model, now: float) -> Waiter:
     return w
 
 
-async def wait(m: Model, w: Waiter, release: Release) -> Replica:
-    """The replica ``w`` was handed. A request that goes away while held leaves the queue (or,
-    handed a replica just as it left, gives it back)."""
+async def wait(m: Model, w: Waiter, release: Release) -> tuple[Replica, int]:
+    """The replica ``w`` was handed, and its ticket there. A request that goes away while held
+    leaves the queue (or, handed a replica just as it left, gives its room back)."""
     try:
         return await w.future
     except asyncio.CancelledError:
         if w in m.waiters:
             m.waiters.remove(w)
         elif w.future.done() and not w.future.cancelled() and w.future.exception() is None:
-            release(m, w.future.result())  # assigned just as the client went away
+            r, ticket = w.future.result()  # assigned just as the client went away
+            release(m, r, ticket, None)
         raise
 
 
@@ -48,8 +50,7 @@ def dispatch(m: Model) -> None:
         w = m.waiters.popleft()
         if w.future.done():
             continue
-        r.in_flight += 1
-        w.future.set_result(r)
+        w.future.set_result((r, r.begin(time.monotonic())))
 
 
 def fail(m: Model, err: ServeError) -> None:
@@ -70,15 +71,21 @@ def retry_after(m: Model) -> float:
 
 class Lease:
     """A request's hold on one replica: while any lease is open the replica is not stopped.
-    Call :meth:`release` when the response is finished (extra calls are ignored)."""
+    Call :meth:`release` when the response is finished (extra calls are ignored).
+    ``keep_alive``: the request's own (None: the model's idle_timeout), held from now and
+    from its release."""
 
-    def __init__(self, model: Model, replica: Replica, arrived: float, metrics: Metrics, release: Release) -> None:
-        self._model = model
+    def __init__(self, model: Model, replica: Replica, ticket: int, arrived: float, keep_alive: float | None,
+                 metrics: Metrics, release: Release) -> None:
+        self.model = model
         self._metrics = metrics
         self._release = release
         self.replica = replica
+        self.ticket = ticket
         self.arrived = arrived
+        self.keep_alive = keep_alive
         self.dispatched = time.monotonic()
+        replica.hold(self.dispatched, keep_alive)
         ready = replica.ready_at or self.dispatched
         # Time this request spent waiting for a start, and then for room on the replica.
         self.cold_start_ms = max(0.0, ready - arrived) * 1000.0
@@ -94,16 +101,16 @@ class Lease:
         self._first_byte = True
         now = time.monotonic()
         if streamed:
-            self._metrics.ttft.labels(self._model.name).observe(now - self.arrived)
+            self._metrics.ttft.labels(self.model.name).observe(now - self.arrived)
         r = self.replica
         if r.ready_at is not None and not r.first_token_recorded:
             r.first_token_recorded = True
             began = max(r.ready_at, self.dispatched)
             end = r.timeline.now()
             r.timeline.add_relative("first_token", end - (now - began), end, streamed=streamed)
-            self._metrics.observe_first_token(self._model.name, r.rung, now - began)
+            self._metrics.observe_first_token(self.model.name, r.rung, now - began)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._release(self._model, self.replica)
+            self._release(self.model, self.replica, self.ticket, self.keep_alive)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +31,16 @@ class Replica:
         self.name = model.served_name
         self.worker = worker
         self.state = State.ZERO
-        self.in_flight = 0
+        self._requests: dict[int, float] = {}  # the requests it serves: ticket -> when it took them (monotonic)
+        self._tickets = 0
         self.last_active = time.monotonic()
+        # Keep-alive (docs/serve.md, Idleness): the longest any request asked for wins until it
+        # expires. hold_until: every request's (its keep_alive, else idle_timeout) from its
+        # start and its end; explicit_until: only those that set keep_alive (they hold it
+        # against a policy too).
+        self.hold_until = -math.inf
+        self.explicit_until = -math.inf
+        self.failure: str | None = None  # why the gateway killed it (hung, or in a state the gateway did not cause)
         self.reserved_bytes = 0  # device bytes the budget holds for it
         self.timeline = Timeline(label=f"{self.name} cold start")  # its latest climb (then its first token)
         self.rung = "source"  # the rung it last climbed from (source, image, standby+..., parked)
@@ -62,6 +71,33 @@ class Replica:
     def has_capacity(self) -> bool:
         return self.state is State.HOT and self.in_flight < self.model.max_concurrency
 
+    # -- requests in flight -------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    def begin(self, now: float) -> int:
+        """A request takes room on it; the ticket gives the room back (:meth:`end`)."""
+        self._tickets += 1
+        self._requests[self._tickets] = now
+        return self._tickets
+
+    def end(self, ticket: int) -> None:
+        self._requests.pop(ticket, None)
+
+    def oldest_request_s(self, now: float) -> float:
+        """How long its oldest request in flight has been served (0 with none): a request
+        that never ends (a leaked slot) shows here."""
+        return now - min(self._requests.values()) if self._requests else 0.0
+
+    def hold(self, now: float, keep_alive: float | None) -> None:
+        """A request (or a climb, with None) keeps it for ``keep_alive`` seconds from ``now``
+        (None: the model's idle_timeout), unless something holds it longer."""
+        self.hold_until = max(self.hold_until, now + (self.model.idle_timeout if keep_alive is None else keep_alive))
+        if keep_alive is not None:
+            self.explicit_until = max(self.explicit_until, now + keep_alive)
+
     # -- the worker's process ---------------------------------------------------------------
 
     @property
@@ -81,4 +117,7 @@ class Replica:
         return self.worker.exited
 
     def crash_message(self) -> str:
+        if self.failure is not None:
+            return (f"the worker for model {self.name!r} (pid {self.pid}) was killed by the gateway: {self.failure}. "
+                    "Retry: the next request starts a new worker.")
         return self.worker.crash_message()

@@ -8,12 +8,16 @@ drives it with (their bodies are typed in ``serve/control.py``; docs/serve.md ha
 - ``POST /zerostart/load``: a standby worker becomes a worker of the model named in the body.
 - ``POST /zerostart/park``, ``POST /zerostart/wake``: weights to host RAM and back.
 - ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /health``.
+
+Started by a gateway (``ZEROSTART_WORKER_TOKEN`` set), every route answers only requests that
+carry that token (``Authorization: Bearer <token>``): 401 for anyone else on the host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -28,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zerostart.names import normalize_device
 from zerostart.serve._config import default_name
+from zerostart.serve._http import App, Bounds, Guard
 from zerostart.serve.control import (ErrorBody, ErrorDetail, InFlight, LoadAccepted, LoadRequest, ParkResult,
                                      WakeResult, WorkerState)
 from zerostart.serve.worker._holder import Busy, Holder, NotParkable
@@ -40,11 +45,12 @@ _GENERATE = frozenset({"/v1/chat/completions", "/v1/completions"})
 _READY_STATUS = {WorkerState.STANDBY: 200, WorkerState.READY: 200, WorkerState.PARKED: 200, WorkerState.FAILED: 500}
 
 
-def build_app(holder: Holder, name: str, defaults: LoadSpec) -> Starlette:
+def build_app(holder: Holder, name: str, defaults: LoadSpec, token: str | None = None) -> Starlette:
     """The worker's ASGI app over ``holder``; ``defaults``: the command line's load spec (a
-    standby's load request fills its nulls from it)."""
+    standby's load request fills its nulls from it); ``token``: the bearer token every request
+    must carry (None: none needed, for a worker started by hand)."""
     r = _Routes(holder, name, defaults)
-    app = Starlette(lifespan=r.lifespan, routes=[
+    app = App(lifespan=r.lifespan, routes=[
         Route("/zerostart/ready", r.ready),
         Route("/zerostart/phases", r.phases),
         Route("/zerostart/load", r.load, methods=["POST"]),
@@ -56,7 +62,26 @@ def build_app(holder: Holder, name: str, defaults: LoadSpec) -> Starlette:
         Route("/v1/completions", r.served("completions"), methods=["POST"]),
     ])
     app.add_middleware(_Tracker, holder=holder)
+    app.add_middleware(Guard, bounds=Bounds())  # a generation whose client left is cancelled
+    if token:
+        app.add_middleware(_OnlyGateway, token=token)
     return app
+
+
+class _OnlyGateway:
+    """Every route answers only requests carrying this worker's token (its gateway's)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _error(401, "this worker answers only the gateway that started it", "invalid_worker_token")(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _error(status: int, message: str, code: str, in_flight: list[InFlight] | None = None) -> JSONResponse:
@@ -94,8 +119,14 @@ class _Routes:
         return JSONResponse(self.holder.phases_report().to_json())
 
     async def health(self, request: Request) -> Response:
-        state = self.holder.state
-        return JSONResponse({"status": state.value}, status_code=500 if state is WorkerState.FAILED else 200)
+        """Its state, the OpenAI requests it serves and the engine's sequences: a request the
+        gateway still counts but the worker does not (or sequences with no request) is a leak."""
+        h = self.holder
+        body: dict[str, object] = {"status": h.state.value, "in_flight": len(h.in_flight)}
+        if h.engine is not None:
+            stats = h.engine.stats()
+            body.update(running=stats["running"], waiting=stats["waiting"])
+        return JSONResponse(body, status_code=500 if h.state is WorkerState.FAILED else 200)
 
     # -- control ----------------------------------------------------------------------------
 

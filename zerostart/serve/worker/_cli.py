@@ -26,11 +26,17 @@ import time
 
 from zerostart.names import DTYPES, IMAGE_MODES
 from zerostart.serve._config import default_name
+from zerostart.serve._connections import bounded_protocol
+from zerostart.serve.control import TOKEN_ENV
 from zerostart.serve.worker._app import SHUTDOWN_GRACE_S, build_app
 from zerostart.serve.worker._holder import Holder
 from zerostart.serve.worker._loading import LoadSpec
 
 _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly before a hard exit
+# Its gateway opens at most max_concurrency connections (plus a few for control): these bound
+# anyone else who reaches the socket before the token check.
+_MAX_CONNECTIONS = 4096
+_HEADER_TIMEOUT_S = 10.0
 
 
 def main(argv: list[str] | None = None, origin: tuple[float, float] | None = None) -> int:
@@ -55,8 +61,11 @@ def main(argv: list[str] | None = None, origin: tuple[float, float] | None = Non
     if args.fd is not None:
         _watch_parent()
     sock = _socket(args)
-    config = uvicorn.Config(build_app(holder, name or "standby", spec), log_level="warning", access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    token = os.environ.pop(TOKEN_ENV, None)  # not passed on to anything this process starts
+    protocol = bounded_protocol(max_connections=_MAX_CONNECTIONS, header_timeout=_HEADER_TIMEOUT_S)
+    config = uvicorn.Config(build_app(holder, name or "standby", spec, token), log_level="warning",
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                            http=protocol)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

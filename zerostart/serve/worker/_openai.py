@@ -13,12 +13,13 @@ import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from zerostart import __version__
 from zerostart.serve._errors import BadRequest, ServeError
 from zerostart.engine import TokenText
-from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, _Request, parse_request
+from zerostart.serve._http import ClosingStream
+from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, _Request, parse_body
 from zerostart.serve.worker._logprobs import CompletionLogprobs, chat_entry, chat_logprobs
 
 if TYPE_CHECKING:
@@ -79,11 +80,14 @@ class OpenAIRoutes:
                 "max_model_len": self.engine.max_model_len}
         return JSONResponse({"object": "list", "data": [card]})
 
+    # Parsing a large body, chat templates and tokenization run on a thread: the event loop
+    # keeps serving the other requests (and streaming their tokens) meanwhile.
+
     async def chat(self, request: Request) -> Response:
         try:
-            req = parse_request(ChatCompletionRequest, await request.body())
+            req = await parse_body(ChatCompletionRequest, await request.body())
             assert isinstance(req, ChatCompletionRequest)
-            prompt = self._chat_prompt(req)
+            prompt = await asyncio.to_thread(self._chat_prompt, req)
             choices = self._submit(req, [prompt], req.max_new_tokens, param="messages")
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
@@ -91,15 +95,20 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         try:
-            req = parse_request(CompletionRequest, await request.body())
+            req = await parse_body(CompletionRequest, await request.body())
             assert isinstance(req, CompletionRequest)
             given = req.prompts()
-            prompts = [self._encode(p) for p in given]
+            prompts = await asyncio.to_thread(lambda: [self._encode(p) for p in given])
             choices = self._submit(req, prompts, req.max_new_tokens, param="prompt")
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        # echo gives back the prompt as it was sent (token prompts as their text)
-        echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in given] if req.echo else None
+        try:
+            # echo gives back the prompt as it was sent (token prompts as their text)
+            echo = await asyncio.to_thread(
+                lambda: [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in given]) if req.echo else None
+        except BaseException:
+            _cancel(choices)
+            raise
         return await self._respond("text", req, choices, echo)
 
     # -- prompts and sampling ---------------------------------------------------------------
@@ -122,9 +131,10 @@ class OpenAIRoutes:
         except ValueError as e:  # the engine's own checks of the sampling parameters
             raise BadRequest(str(e)) from None
         choices: list[_Choice] = []
+        group = object()  # this request's sequences share the engine's slots fairly with other requests'
         try:
             for i, (ids, sp) in enumerate(params):
-                choices.append(_Choice(i, i // req.n, self.engine.submit(ids, sp)))
+                choices.append(_Choice(i, i // req.n, self.engine.submit(ids, sp, group=group)))
                 choices[-1].ids = ids
         except ValueError as e:  # the engine refuses what it cannot run (e.g. a token id past its vocabulary)
             _cancel(choices)
@@ -146,7 +156,7 @@ class OpenAIRoutes:
             for j in range(req.n):
                 params.append((ids, self._SamplingParams(
                     max_tokens=want, temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
-                    seed=None if req.seed is None else req.seed + j, stop=req.stop_list,
+                    seed=None if req.seed is None else (req.seed + j) % 2**64, stop=req.stop_list,
                     stop_token_ids=list(req.stop_token_ids), presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                     repetition_penalty=req.repetition_penalty, min_p=req.min_p, logprobs=req.token_logprobs,
@@ -159,8 +169,8 @@ class OpenAIRoutes:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if req.stream:
-            return StreamingResponse(self._stream(kind, req, rid, created, choices, echo),
-                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
+            return ClosingStream(self._stream(kind, req, rid, created, choices, echo),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
         try:
             await asyncio.gather(*(_drain(c) for c in choices))
         except BaseException:
@@ -238,7 +248,7 @@ class OpenAIRoutes:
                 c, ev = await queue.get()
                 if isinstance(ev, BaseException):
                     err = ServeError(f"generation failed: {type(ev).__name__}: {ev}")
-                    yield err.sse_event()
+                    yield err.sse_ending()
                     return
                 if ev is None:
                     open_choices -= 1
