@@ -53,7 +53,7 @@ def _config_of(docs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return cm["metadata"]["name"], yaml.safe_load(cm["data"]["config.yaml"])
 
 
-def test_the_single_node_server_renders_and_validates() -> None:
+def test_the_single_node_server_renders_and_validates(monkeypatch) -> None:
     docs = _render("single-node")
     kinds = _by_kind(docs)
     assert {"Deployment/zerostart", "Service/zerostart", "DaemonSet/zerostart-prefetch"} <= set(kinds)
@@ -71,10 +71,10 @@ def test_the_single_node_server_renders_and_validates() -> None:
     assert server["image"] == "zerostart:0.1.0" and server["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "ZEROSTART_CACHE_DIR", "value": "/var/cache/zerostart"} in server["env"]
     assert prefetch["initContainers"][0]["args"] == ["prefetch", "--config", "/etc/zerostart/config.yaml"]
-    _check_zerostart_config(config)
+    _check_zerostart_config(config, [server], monkeypatch)
 
 
-def test_the_rayservice_renders_and_its_parts_validate() -> None:
+def test_the_rayservice_renders_and_its_parts_validate(monkeypatch) -> None:
     docs = _render("ray")
     kinds = _by_kind(docs)
     rs = kinds["RayService/zerostart"]
@@ -110,7 +110,7 @@ def test_the_rayservice_renders_and_its_parts_validate() -> None:
     # the Ray node labels the config's placement asks for are the ones the groups start with
     labels = {name: dict(kv.split("=", 1) for kv in g["rayStartParams"].get("labels", "").split(",") if kv)
               for name, g in groups}
-    cfg = _check_zerostart_config(config)
+    cfg = _check_zerostart_config(config, [g["template"]["spec"]["containers"][0] for _, g in groups], monkeypatch)
     assert cfg.cluster.ingress.node_labels.items() <= labels["head"].items()
     for pool in cfg.cluster.pools:
         assert pool.placement.node_labels.items() <= labels["gpu"].items(), pool.name
@@ -118,10 +118,18 @@ def test_the_rayservice_renders_and_its_parts_validate() -> None:
             "nvidia.com/gpu"]
 
 
-def _check_zerostart_config(config: dict[str, Any]) -> Any:
-    from zerostart.serve import load_config
+def _check_zerostart_config(config: dict[str, Any], servers: list[dict[str, Any]], monkeypatch) -> Any:
+    from zerostart.serve import ConfigError, load_config
 
+    # 0.0.0.0 without keys is refused: every container that serves gets them from a required Secret
+    monkeypatch.delenv("ZEROSTART_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="no api_keys are set"):
+        load_config(data=config)
+    for c in servers:
+        assert {"secretRef": {"name": "zerostart-api-keys"}} in c["envFrom"], c["name"]
+    monkeypatch.setenv("ZEROSTART_API_KEYS", "k1,k2")
     cfg = load_config(data=config)  # zerostart's own schema: unknown keys and bad values are errors
+    assert cfg.server.api_keys == ["k1", "k2"]
     assert cfg.server.host == "0.0.0.0" and cfg.server.port == 8000
     assert cfg.cluster.cache_dir == "/var/cache/zerostart"
     return cfg

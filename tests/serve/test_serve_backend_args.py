@@ -131,3 +131,8 @@ def test_a_name_starting_with_a_dash_stays_a_value(make, tiny_model, no_plugin):
     # (paths reach the engine absolute, so only names can start with "-")
     cmd = argv(make(tiny_model))
     assert "--served-model-name=-m" in cmd and "-m" not in cmd[3:], cmd
+
+
+def test_vllm_answers_only_its_gateway(tiny_model, no_plugin):
+    w = VllmWorker(model(path=tiny_model, backend="vllm", vllm={"python": "/venv/bin/python"}), ServerConfig(), "/tmp")
+    assert w.engine_env()["VLLM_API_KEY"] == w.process.token and len(w.process.token) >= 32

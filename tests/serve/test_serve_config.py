@@ -106,6 +106,15 @@ def test_listening_beyond_loopback_needs_api_keys(host: str) -> None:
     assert load_config(data={"server": {"host": host, "allow_unauthenticated": True}}).server.host == host
 
 
+def test_api_keys_from_the_environment_join_the_files(monkeypatch) -> None:
+    monkeypatch.setenv("ZEROSTART_API_KEYS", " k2, ,k3 ")
+    assert load_config(data={"server": {"api_keys": ["k1"]}}).server.api_keys == ["k1", "k2", "k3"]
+    assert load_config(data={"server": {"host": "0.0.0.0"}}).server.api_keys == ["k2", "k3"]  # not refused
+    assert load_config().server.api_keys == ["k2", "k3"]
+    monkeypatch.setenv("ZEROSTART_API_KEYS", "a b")
+    assert "API keys must be non-empty and contain no whitespace" in _error({})
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
 def test_loopback_needs_nothing(host: str) -> None:
     assert load_config(data={"server": {"host": host}}).server.host == host

@@ -74,14 +74,19 @@ def small_image(tmp_path_factory, env):
 
 
 def test_execute_while_load_overlaps_warmup_with_the_read(small_image, monkeypatch):
+    import threading
     import time
 
     from zerostart.weights import _io, _pipeline
 
     real_read, real_populate = _pipeline.FileHandle.read_into, _io.Region.populate
+    half = os.path.getsize(os.path.join(small_image, "model.safetensors")) // 2
+    warming = threading.Event()  # set when the warm-up gives a core to the readers
 
     def slow_read(self, buf, offset):  # a slow disk: 30 ms per read
         time.sleep(0.03)
+        if offset >= half:  # and the second half arrives only once the warm-up runs (however
+            warming.wait(20)  # loaded the machine): the overlap this test is about, made certain
         return real_read(self, buf, offset)
 
     def slow_populate(self, offset, length):
@@ -95,7 +100,14 @@ def test_execute_while_load_overlaps_warmup_with_the_read(small_image, monkeypat
     threads, real_set = torch.get_num_threads(), torch.set_num_threads
     real_set(2)
     calls: list[int] = []
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real_set(n))[1])
+
+    def set_num_threads(n: int) -> None:
+        calls.append(n)
+        real_set(n)
+        if n == 1:
+            warming.set()
+
+    monkeypatch.setattr(torch, "set_num_threads", set_num_threads)
     try:
         _io.drop_page_cache([os.path.join(small_image, "model.safetensors")])
         e = Engine.from_pretrained(small_image, config=EngineConfig(overlap_load=True))

@@ -29,6 +29,9 @@ from zerostart.names import DEFAULT_IMAGE_MODE, Dtype, ImageMode, Scheme, is_loc
 from zerostart.units import parse_duration, parse_size
 
 
+API_KEYS_ENV = "ZEROSTART_API_KEYS"  # more server.api_keys, comma-separated, from the environment
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the file and the key."""
 
@@ -406,9 +409,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, data: dict[str, A
     """Read and validate a YAML config file (or an already parsed mapping). Relative model paths
     are relative to the file's directory."""
     where = os.fspath(path) if path is not None else "config"
-    if data is None:
-        if path is None:
-            return ServeConfig()
+    if data is None and path is not None:
         try:
             with open(path, encoding="utf-8") as f:
                 data = yaml.load(f, Loader=_Loader)
@@ -416,15 +417,30 @@ def load_config(path: str | os.PathLike[str] | None = None, *, data: dict[str, A
             raise ConfigError(f"{where}: no such config file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: not valid YAML ({e})") from None
-        if data is None:
-            data = {}
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping with keys server, devices, models")
     base = os.path.dirname(os.path.abspath(where)) if path is not None else os.getcwd()
+    data = _with_env_api_keys(data)
     try:
         return ServeConfig.model_validate(data, context={"base_dir": base})
     except ValidationError as e:
         raise ConfigError(f"{where}: {describe_errors(e, ServeConfig)}") from None
+
+
+def _with_env_api_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of :data:`API_KEYS_ENV` (comma-separated) added to
+    ``server.api_keys``: keys kept out of the config file (a Kubernetes Secret, a vault)."""
+    keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    server = data.get("server")
+    if not keys or (server is not None and not isinstance(server, dict)):
+        return data  # (a server section that is not a mapping gets the schema's error)
+    server = dict(server or {})
+    listed = server.get("api_keys") or []
+    if isinstance(listed, list):  # (anything else gets the schema's error)
+        server["api_keys"] = [*listed, *keys]
+    return {**data, "server": server}
 
 
 class _Loader(yaml.SafeLoader):

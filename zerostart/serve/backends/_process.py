@@ -148,7 +148,9 @@ class WorkerProcess:
         self.pid = self._proc.pid
         self._tasks = [asyncio.create_task(self._read_output()), asyncio.create_task(self._watch_exit())]
         self.client = self._make_client()
-        self.upstream = UpstreamPool(host=host, port=port, connect_timeout=CONNECT_TIMEOUT_S)
+        # the token goes with every request: an engine that checks it (a zerostart worker, vLLM
+        # with it as VLLM_API_KEY) answers only this gateway; one that does not ignores it
+        self.upstream = UpstreamPool(host=host, port=port, connect_timeout=CONNECT_TIMEOUT_S, token=self.token)
         return spawned
 
     def _listen(self) -> socket.socket:

@@ -166,6 +166,7 @@ class VllmWorker(ForeignWorker):
         env = dict(os.environ)
         env.update(self.model.env if self.model is not None else {})
         env["PYTHONUNBUFFERED"] = "1"
+        env["VLLM_API_KEY"] = self.process.token  # its /v1 routes answer only this gateway
         if self.parkable and self.model is not None and self.model.device.startswith("cuda"):
             env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves /sleep and /wake_up only in dev mode
         return env
