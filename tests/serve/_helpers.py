@@ -195,13 +195,14 @@ def dump(obj: Any) -> str:
 # -- workers, reached directly (as anyone else on the host would) ------------------------------
 
 
-def worker_token(pid: int) -> str:
-    """A worker's token, from its environment as the kernel shows it to processes of the same user."""
+def worker_token(pid: int, variable: str = "ZEROSTART_WORKER_TOKEN") -> str:
+    """A worker's token (``variable``: where its engine reads it), from its environment as the
+    kernel shows it to processes of the same user."""
     with open(f"/proc/{pid}/environ", "rb") as f:
         for entry in f.read().split(b"\0"):
-            if entry.startswith(b"ZEROSTART_WORKER_TOKEN="):
+            if entry.startswith(variable.encode() + b"="):
                 return entry.split(b"=", 1)[1].decode()
-    raise KeyError(f"pid {pid} has no worker token")
+    raise KeyError(f"pid {pid} has no {variable}")
 
 
 def worker_client(address: str, token: str | None = None, timeout: float = 30.0) -> httpx.Client:

@@ -13,7 +13,7 @@ import signal
 import httpx
 import pytest
 
-from tests.serve._helpers import Gateway, dump, pid_alive
+from tests.serve._helpers import Gateway, dump, pid_alive, worker_token
 from zerostart.serve.backends import _measure
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -75,10 +75,13 @@ def test_vllm_behind_the_gateway(vllm_python, smollm2, tmp_path):
         for phase in ("import", "read", "warmup", "first_token"):
             assert gw.phase_count("smol", phase) == 1
 
-        # straight to vLLM: the same answer as through the gateway
+        # straight to vLLM: it answers only with the gateway's secret, and the same answer
         address = m["workers"][0]["address"]
-        direct = httpx.post(address + "/v1/chat/completions", timeout=120,
-                            json={"model": "smol", "messages": QUESTION, "max_tokens": 16, "temperature": 0})
+        body = {"model": "smol", "messages": QUESTION, "max_tokens": 16, "temperature": 0}
+        assert httpx.post(address + "/v1/chat/completions", timeout=120, json=body).status_code == 401
+        token = worker_token(m["workers"][0]["pid"], "VLLM_API_KEY")
+        direct = httpx.post(address + "/v1/chat/completions", timeout=120, json=body,
+                            headers={"authorization": f"Bearer {token}"})
         assert direct.json()["choices"][0]["message"]["content"] == DEFAULT_LOADER_ANSWER
 
         # idle: it cannot park on CPU (park_after is skipped), so it stops at idle_timeout
