@@ -20,6 +20,7 @@ from zerostart.serve.gateway._state import State
 log = logging.getLogger("zerostart.serve")
 
 PROBE_EVERY_S = 5.0  # between two probes of one worker (at most; twice per timeout for short ones)
+_EXIT_GRACE_S = 3.0  # a worker that fails its probe and exits within this crashed (it did not hang)
 
 
 class Watchdog:
@@ -52,5 +53,12 @@ class Watchdog:
         except TimeoutError:
             why = f"it did not answer its health probe within {self._timeout:g} s (server.worker_probe_timeout)"
         if why is None or r.state is not state:  # fine, or moved meanwhile (by the gateway): look again later
+            return
+        try:  # a dead worker is not a hung one: its exit is reported as a crash, with its last words
+            await asyncio.wait_for(r.exited.wait(), _EXIT_GRACE_S)
+            return
+        except TimeoutError:
+            pass
+        if r.state is not state:
             return
         self._lifecycle.replace(m, r, why)
