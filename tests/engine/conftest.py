@@ -27,7 +27,7 @@ def tiny_dir(tmp_path_factory):
 def tiny_engine(tiny_dir):
     from zerostart.engine import Engine, EngineConfig
 
-    engine = Engine.from_pretrained(tiny_dir, device="cpu", config=EngineConfig(max_num_seqs=4, seed=1234))
+    engine = Engine.from_pretrained(tiny_dir, device="cpu", dtype="float32", config=EngineConfig(max_num_seqs=4, seed=1234))
     yield engine
     engine.stop()
 

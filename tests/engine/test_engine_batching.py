@@ -16,7 +16,7 @@ def _solo(engine, ids, params=GREEDY):
 
 
 def test_long_prompt_prefills_in_chunks_while_decodes_flow(tiny_dir):
-    e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=2, prefill_chunk=16))
+    e = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_num_seqs=2, prefill_chunk=16))
     short = e.tokenizer.encode("Hello world")
     long = [(i * 7) % 500 + 5 for i in range(200)]
     ref_short = _solo(e, short, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
@@ -46,7 +46,7 @@ def test_long_prompt_prefills_in_chunks_while_decodes_flow(tiny_dir):
 
 
 def test_sequences_join_and_leave_between_steps(tiny_dir):
-    e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=3, prefill_chunk=64))
+    e = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_num_seqs=3, prefill_chunk=64))
     prompts = [e.tokenizer.encode(t) for t in ("one", "two three", "four five six", "seven", "eight nine")]
     lengths = [3, 9, 5, 7, 4]
     refs = [_solo(e, p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(prompts, lengths)]
@@ -67,13 +67,13 @@ def test_sequences_join_and_leave_between_steps(tiny_dir):
 def test_kv_cache_is_one_allocation_within_the_budget(tiny_dir):
     cfg = ModelConfig.from_file(f"{tiny_dir}/config.json")
     per_slot = bytes_per_token(cfg, torch.float32) * (128 + 1)
-    e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_model_len=128, max_num_seqs=8,
+    e = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_model_len=128, max_num_seqs=8,
                                                              kv_cache_bytes=3 * per_slot + 100))
     assert e.num_slots == 3
     assert e.kv_storage.numel() * e.kv_storage.element_size() <= 3 * per_slot + 100
     assert e.kv_storage.is_contiguous()
     with pytest.raises(EngineError, match="kv_cache_bytes"):
-        Engine.from_pretrained(tiny_dir, config=EngineConfig(max_model_len=128, kv_cache_bytes=per_slot - 1))
+        Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_model_len=128, kv_cache_bytes=per_slot - 1))
 
 
 def _arena(cfg, order, dtype=torch.float32):
@@ -140,8 +140,8 @@ def test_fusion_regroups_in_place_when_allowed():
 
 def test_fused_and_unfused_models_agree(tiny_dir):
     ids = [5, 9, 200, 17, 33, 2, 480]
-    never = Engine.from_pretrained(tiny_dir, config=EngineConfig(fuse="never", max_num_seqs=1))
-    always = Engine.from_pretrained(tiny_dir, config=EngineConfig(fuse="auto", max_num_seqs=1))
+    never = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(fuse="never", max_num_seqs=1))
+    always = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(fuse="auto", max_num_seqs=1))
     assert never.fusion.qkv == [False, False] and always.fusion.qkv == [True, True]  # the demo's layout fuses free
     assert always.fusion.gate_up == [True, True] and always.fusion.regrouped_bytes == 0
     sd = always.model.state_dict()
@@ -152,7 +152,7 @@ def test_fused_and_unfused_models_agree(tiny_dir):
 
 def test_lone_sequence_in_a_high_slot(tiny_dir):
     # when the others finish, the last sequence decodes from slot 7 alone: its keys are gathered
-    e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=8))
+    e = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_num_seqs=8))
     long = e.tokenizer.encode("the last one")
     ref = _solo(e, long, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     shorts = [e.submit([5 + i, 9], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)) for i in range(7)]
@@ -166,7 +166,7 @@ def test_lone_sequence_in_a_high_slot(tiny_dir):
 
 
 def test_failed_step_ends_the_streams_of_its_batch_with_the_error(tiny_dir, monkeypatch):
-    e = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=2))
+    e = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_num_seqs=2))
     handles = [e.submit([1, 2, 3], GREEDY) for _ in range(3)]  # two take the slots, one waits
 
     def broken(*a, **k):
@@ -189,8 +189,8 @@ def test_failed_step_ends_the_streams_of_its_batch_with_the_error(tiny_dir, monk
 def test_bucketed_decode_matches_exact_shapes(tiny_dir):
     # the path CUDA graphs and torch.compile take (padded batch and context buckets, static
     # input buffers), run eagerly on CPU: the same tokens as exact-shape steps
-    plain = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=5, max_model_len=300))
-    bucketed = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=5, max_model_len=300))
+    plain = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_num_seqs=5, max_model_len=300))
+    bucketed = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_num_seqs=5, max_model_len=300))
     bucketed.runner.bucketed = True
     assert bucketed.runner.batch_buckets == [1, 2, 4, 5] and bucketed.runner.len_buckets == [256, 300]
     prompts = [[5 + i] * (3 + 55 * i) for i in range(5)]

@@ -9,19 +9,25 @@ def test_bench_generate_writes_json(tiny_dir, tmp_path, child_env):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "zerostart", "bench", "generate", "--model", tiny_dir,
                         "--batch", "1,3", "--repeat", "1", "--cold-repeat", "1", "--max-tokens", "6",
-                        "--prompt-tokens", "5", "--threads", "1", "--json", str(out)],
+                        "--prompt-tokens", "5", "--prefill-tokens", "16", "--threads", "1", "--dtype", "float32,bf16",
+                        "--json", str(out)],
                        capture_output=True, text=True, env=child_env, timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert [row["batch"] for row in data["throughput"]] == [1, 3]
+    assert [(row["dtype"], row["batch"]) for row in data["throughput"]] == [
+        ("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]
     for row in data["throughput"]:
         assert row["zerostart"]["tokens_per_s"] > 0 and row["transformers"]["tokens_per_s"] > 0
         assert row["ratio"] > 0
-        assert row["same_tokens"] == f"{row['batch']}/{row['batch']}"  # float32 greedy: same tokens
-    assert 0 < data["throughput"][0]["fraction_of_limit"] < 1.5
+        assert 0 < row["fraction_of_limit"] < 1.5
+        if row["dtype"] == "float32":
+            assert row["same_tokens"] == f"{row['batch']}/{row['batch']}"  # float32 greedy: same tokens
+    assert data["weight_bytes"]["bfloat16"] * 2 == data["weight_bytes"]["float32"]
+    assert [p["dtype"] for p in data["prefill"]] == ["float32", "bfloat16"]
+    assert all(p["tokens"] == 16 and p["zerostart"]["tokens_per_s"] > 0 for p in data["prefill"])
     for name in ("zerostart", "transformers"):
         med = data["cold_start"][name]["median"]
         assert med["import"] > 0 and med["load"] > 0 and med["first_token"] > 0
         parts = sum(med[k] for k in ("spawn", "import", "load", "warmup", "first_token"))
         assert parts <= med["total"] + 1e-6
-    assert "ratio" in r.stdout and "cold start" in r.stdout and "first_token" in r.stdout
+    assert "ratio" in r.stdout and "cold start" in r.stdout and "first_token" in r.stdout and "prefill" in r.stdout

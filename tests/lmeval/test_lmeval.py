@@ -34,7 +34,8 @@ def _run(model: str, model_args: str, out: str, tmp: str) -> dict:
 def test_local_completions_equal_transformers(smollm2_dir: str, tmp_path) -> None:
     if not LM_EVAL or not os.path.exists(LM_EVAL):
         pytest.skip("lm-eval's environment is missing: make test-lmeval")
-    g = Gateway({"models": [{"path": smollm2_dir, "name": "smollm2", "idle_timeout": 3600}]}, str(tmp_path))
+    model = {"path": smollm2_dir, "name": "smollm2", "dtype": "float32", "idle_timeout": 3600}  # as the hf side
+    g = Gateway({"models": [model]}, str(tmp_path))
     try:
         ours = _run("local-completions", f"model=smollm2,base_url={g.url}/v1/completions,tokenizer_backend=huggingface,"
                     f"tokenizer={smollm2_dir},num_concurrent=1,max_retries=1,tokenized_requests=True,max_length=2048",

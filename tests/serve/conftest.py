@@ -17,12 +17,3 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     subprocess.run([sys.executable, "-m", "zerostart", "demo-model", "--out", out, "--size", "tiny"],
                    check=True, env=child_env(), capture_output=True)
     return out
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Ready images and remote-source copies written by the gateways under test go to a
-    directory of this session, not the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ZEROSTART_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield

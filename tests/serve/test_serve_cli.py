@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from zerostart.serve._demo import demo_model_dir, ensure_demo_model
 
 from tests.serve._helpers import Gateway, child_env
@@ -19,7 +21,7 @@ def test_demo_model_is_created_once(tmp_path, monkeypatch) -> None:
     out = io.StringIO()
     path = ensure_demo_model(out, size="tiny")
     assert path == os.path.join(str(tmp_path), "demo", "tiny") == demo_model_dir("tiny")
-    assert os.path.isfile(os.path.join(path, "config.json")) and "creating the demo model" in out.getvalue()
+    assert os.path.isfile(os.path.join(path, "config.json")) and "creating the tiny demo model" in out.getvalue()
     assert [p for p in os.listdir(tmp_path / "demo") if ".tmp-" in p] == []  # written aside, then renamed
     again = io.StringIO()
     assert ensure_demo_model(again, size="tiny") == path and again.getvalue() == ""
@@ -27,12 +29,12 @@ def test_demo_model_is_created_once(tmp_path, monkeypatch) -> None:
 
 def test_serve_without_a_model_serves_the_demo(tiny_model: str, tmp_path, monkeypatch) -> None:
     cache = tmp_path / "cache"
-    shutil.copytree(tiny_model, cache / "demo" / "small")  # as if created on an earlier run
+    shutil.copytree(tiny_model, cache / "demo" / "smollm2")  # stands in for SmolLM2 converted on an earlier run
     monkeypatch.setenv("ZEROSTART_CACHE_DIR", str(cache))
     gw = Gateway({}, str(tmp_path), extra_args=["--idle-timeout", "30s"])
     try:
         banner = "".join(gw.log)
-        assert "built-in demo model 'demo'" in banner and "gibberish" in banner
+        assert "built-in demo model 'demo' (SmolLM2-135M-Instruct)" in banner
         assert [m.id for m in gw.openai().models.list().data] == ["demo"]
         c = gw.openai().completions.create(model="demo", prompt="hi", max_tokens=2)
         assert c.model == "demo" and c.usage.completion_tokens >= 1
@@ -101,3 +103,21 @@ def test_a_non_loopback_address_without_api_keys_is_refused(tiny_model: str, tmp
 def test_help() -> None:
     r = _serve("--help")
     assert r.returncode == 0 and "--idle-timeout" in r.stdout and "--config" in r.stdout
+
+
+@pytest.mark.slow
+def test_the_demo_answers_sensibly(smollm2_dir: str, tmp_path, monkeypatch) -> None:
+    """`zerostart serve` with no model, then the README's first request: SmolLM2 answers it."""
+    cache = tmp_path / "cache"
+    shutil.copytree(smollm2_dir, cache / "demo" / "smollm2")  # converted once per test session
+    monkeypatch.setenv("ZEROSTART_CACHE_DIR", str(cache))
+    gw = Gateway({}, str(tmp_path))
+    try:
+        r = gw.http.post("/v1/chat/completions", json={
+            "model": "demo", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 32, "temperature": 0}, timeout=300)
+        assert r.status_code == 200, r.text
+        answer = r.json()["choices"][0]["message"]["content"]
+        assert "Paris" in answer, answer
+    finally:
+        gw.stop()

@@ -32,15 +32,17 @@ def _blob(path: str) -> bytes:
 def test_locate_check_discard(engine, tiny_model: str, tmp_path) -> None:
     source = str(tmp_path / "source")
     shutil.copytree(tiny_model, source)  # a source of its own: no image of it exists yet
-    path, fp = _images.locate(source, "cpu", None)
-    assert fp == snapshot.fingerprint(engine.model_dir, "cpu", str(engine.dtype))  # float32 on CPU
+    path, fp, identity = _images.locate(source, "cpu", None)
+    assert fp == snapshot.fingerprint(engine.model_dir, "cpu", str(engine.dtype))  # the engine's default dtype
     assert path == snapshot.image_store(source, fp) != snapshot.image_store(tiny_model, fp)
-    assert _images.locate(source, "cpu", "bfloat16")[0] != path  # another dtype, another image
-    assert _images.check(path, fp) == "missing"
+    other = "float32" if fp.dtype == "bfloat16" else "bfloat16"
+    assert _images.locate(source, "cpu", other)[0] != path  # another dtype, another image
+    assert _images.check(path, fp, identity) == "missing"
 
-    out = _images.write(engine, str(tmp_path / "images" / "img"), fp)
-    assert _images.check(out, fp) is None and _images.is_image(out) and not _images.is_image(source)
-    other = dataclasses.replace(fp, dtype="bfloat16")
+    out = _images.write(engine, str(tmp_path / "images" / "img"), fp, identity=identity)
+    assert _images.check(out, fp, identity) is None and _images.is_image(out) and not _images.is_image(source)
+    assert "the source changed since" in _images.check(out, fp, "another identity")
+    other = dataclasses.replace(fp, dtype=other)
     assert "does not match this runtime" in _images.check(out, other) and "dtype" in _images.check(out, other)
 
     _images.discard(out)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from zerostart import weights
+from zerostart.names import DTYPE_BYTES, default_dtype
 
 from tests.serve._helpers import Gateway, pid_alive
 from tests.weights._servers import RangeServer
@@ -32,9 +33,10 @@ def _rss(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def _weights_bytes_f32(path: str) -> int:
-    """The checkpoint's weights as a CPU worker holds them (float32)."""
-    return sum(t.numel * 4 for h in weights.resolve(path).headers for t in h.tensors.values())
+def _weights_bytes(path: str) -> int:
+    """The (bfloat16) checkpoint's weights as a CPU worker holds them, in the engine's default dtype."""
+    width = DTYPE_BYTES[default_dtype("cpu", "bfloat16")]
+    return sum(t.numel * width for h in weights.resolve(path).headers for t in h.tensors.values())
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +44,43 @@ def copies(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     """Private copies of the tiny checkpoint: each source has its own ready image."""
     root = tmp_path_factory.mktemp("sources")
     out = {}
-    for name in ("imagey", "standby"):
+    for name in ("imagey", "standby", "stale"):
         out[name] = str(root / name)
         shutil.copytree(tiny_model, out[name])
+    out["staleg"] = _write_gguf(tiny_model, str(root / "staleg.gguf"))
     return out
+
+
+def _perturbed(tensors: dict) -> dict:
+    """Other weights of the same shapes: the matrices with noise of their own size added."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    return {n: t + torch.randn(t.shape, generator=g).to(t.dtype) * t.float().std().to(t.dtype) if t.dim() == 2 else t
+            for n, t in tensors.items()}
+
+
+def _write_gguf(model_dir: str, path: str, perturb: bool = False) -> str:
+    """The tiny checkpoint as an F32 GGUF file (its weights perturbed, if asked)."""
+    import json
+
+    from tests.weights._gguf_files import write_gguf
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    tensors = {n: t.float() for n, t in weights.load(model_dir).items()}
+    return write_gguf(path, cfg, _perturbed(tensors) if perturb else tensors, model_dir)
+
+
+def _rewrite_in_place(path: str, new: str) -> None:
+    """``new``'s bytes written over ``path`` (same size, same inode), its old mtime put back."""
+    st = os.stat(path)
+    with open(new, "rb") as f:
+        data = f.read()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +101,8 @@ def gw(tiny_model: str, copies: dict[str, str], http_source: RangeServer, tmp_pa
         {"path": f"{http_source.url}/remote", "idle_timeout": 0.5},
         {"path": tiny_model, "name": "wakefail", "park_after": 0.3, "idle_timeout": 60, "images": "off",
          "stop_timeout": 2},
+        {"path": copies["stale"], "name": "stale", "idle_timeout": 0.5},
+        {"path": copies["staleg"], "name": "staleg", "idle_timeout": 0.5},
     ]}
     g = Gateway(config, str(tmp_path_factory.mktemp("ladder")))
     yield g
@@ -95,7 +132,7 @@ def test_hot_parked_woken_parked_zero(gw: Gateway, tiny_model: str) -> None:
     assert m["workers"][0]["pid"] == pid and m["workers"][0]["state"] == "parked" and pid_alive(pid)
     assert gw.metric("zerostart_parks_total", model="parky", reason="idle") == 1
     assert gw.metric("zerostart_model_state", model="parky", state="parked") == 1
-    assert _rss(pid) < hot_rss - _weights_bytes_f32(tiny_model)  # weights out of the process, KV cache dropped
+    assert _rss(pid) < hot_rss - _weights_bytes(tiny_model)  # weights out of the process, KV cache dropped
 
     # requests wake it, with one wake however many arrive: the same worker, the same greedy
     # output, one cold start of rung parked
@@ -111,7 +148,7 @@ def test_hot_parked_woken_parked_zero(gw: Gateway, tiny_model: str) -> None:
     names = [p["name"] for p in cold["phases"]]
     assert names == ["wake", "first_token"], names  # no spawn, import or load: the worker was kept
     wake = cold["phases"][0]
-    assert wake["bytes"] >= _weights_bytes_f32(tiny_model) and wake["gbps"] > 0  # the arena: weights (+ alignment)
+    assert wake["bytes"] >= _weights_bytes(tiny_model) and wake["gbps"] > 0  # the arena: weights (+ alignment)
     assert gw.phase_count("parky", "wake") == 1
 
     # idle again: parked after park_after, then zero once idle_timeout (3 s) has passed since the request
@@ -216,6 +253,60 @@ def test_ready_images_written_restored_and_rejected(gw: Gateway, copies: dict[st
     assert gw.cold_starts("imagey", "source") == 3 and gw.cold_starts("imagey", "image") == 1
 
 
+@pytest.mark.parametrize("name", ["stale", "staleg"])
+def test_weights_replaced_in_place_are_served(gw: Gateway, copies: dict[str, str], tmp_path, name: str) -> None:
+    """The source's bytes change under the same path and config (rewritten in place, even with
+    the old mtime put back): its ready image is stale, the new weights are served, and the
+    image is rewritten from them. For a safetensors directory and for a GGUF file."""
+    from zerostart.engine import Engine, SamplingParams
+
+    client = gw.openai()
+
+    def cold_start() -> tuple[str, dict]:
+        gw.wait_for(f"{name} at zero", lambda: gw.model(name)["state"] == "zero", timeout=15)
+        out = client.completions.create(model=name, **GREEDY)
+        return out.choices[0].text, gw.model(name)["last_cold_start"]
+
+    def built_from() -> str | None:
+        try:
+            return weights.read_manifest(cold["image"]["path"])["source_identity"]
+        except weights.ImageError:
+            return None
+
+    old, cold = cold_start()
+    gw.wait_for("the ready image", lambda: built_from() is not None, timeout=10)
+    first = built_from()
+    assert first == weights.identity(copies[name])
+    assert cold_start()[1]["rung"] == "image"
+
+    source = copies[name]
+    if name == "stale":
+        new_dir = str(tmp_path / "new")
+        shutil.copytree(source, new_dir)
+        new = _perturbed(weights.load(source))  # in the file's order
+        weights.save_file(new, os.path.join(new_dir, "model.safetensors"), metadata={"format": "pt"}, keep_order=True)
+        _rewrite_in_place(os.path.join(source, "model.safetensors"), os.path.join(new_dir, "model.safetensors"))
+        expected_from = new_dir
+    else:
+        expected_from = _write_gguf(copies["stale"], str(tmp_path / "new.gguf"), perturb=True)
+        _rewrite_in_place(source, expected_from)
+    engine = Engine.from_pretrained(expected_from)
+    try:
+        params = SamplingParams(max_tokens=GREEDY["max_tokens"], temperature=0, ignore_eos=True)
+        expected = "".join(ev.text for ev in engine.generate(GREEDY["prompt"], params))
+    finally:
+        engine.stop()
+    assert expected != old
+
+    new, cold = cold_start()
+    assert cold["rung"] == "source" and "the source changed since" in cold["image"]["rejected"], cold["image"]
+    assert new == expected
+    gw.wait_for("the image rewritten", lambda: built_from() not in (None, first), timeout=10)
+    assert built_from() == weights.identity(copies[name])
+    again, cold = cold_start()
+    assert cold["rung"] == "image" and again == expected
+
+
 def test_a_remote_source(gw: Gateway, http_source: RangeServer, tiny_model: str) -> None:
     client = gw.openai()
     m = gw.model("remote")  # named after the URL's last component
@@ -226,7 +317,7 @@ def test_a_remote_source(gw: Gateway, http_source: RangeServer, tiny_model: str)
     assert m["last_cold_start"]["rung"] == "source"
     fetched = http_source.bytes_sent
     assert fetched >= weights.resolve(tiny_model).nbytes  # the weights came over HTTP
-    assert m["memory_estimate_bytes"] > _weights_bytes_f32(tiny_model)  # measured: weights + KV cache
+    assert m["memory_estimate_bytes"] > _weights_bytes(tiny_model)  # measured: weights + KV cache
 
     # its ready image (keyed by the URL) serves the next cold start without fetching the weights again
     manifest = os.path.join(m["last_cold_start"]["image"]["path"], "zerostart-image.json")
@@ -373,7 +464,7 @@ def test_worker_routes(tiny_model: str) -> None:
             time.sleep(0.05)
         body = parked.json()
         assert parked.status_code == 200 and body["state"] == "parked" and body["changed"] is True, body
-        assert body["bytes"] >= _weights_bytes_f32(tiny_model) and body["kv_bytes"] > 0 and body["park_s"] > 0
+        assert body["bytes"] >= _weights_bytes(tiny_model) and body["kv_bytes"] > 0 and body["park_s"] > 0
         assert http.post("/zerostart/park").json() == {"state": "parked", "changed": False}
         assert http.get("/zerostart/ready").json()["state"] == "parked"
         refused = http.post("/v1/completions", json={"model": "tiny", "prompt": "x"})

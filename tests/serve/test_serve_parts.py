@@ -204,6 +204,35 @@ print(heavy)
     assert out.stdout.strip() == "[]"
 
 
+def test_the_gateway_sizes_gguf_and_hub_models_without_torch(tmp_path) -> None:
+    """A GGUF file's memory estimate comes from its tensor table, an hf:// model's from the hub
+    cache (none yet here: known after its first load); neither imports torch nor asks a network."""
+    from tests.weights._gguf_files import write_gguf
+
+    tiny = tmp_path / "tiny"
+    subprocess.run([sys.executable, "-m", "zerostart", "demo-model", "--out", str(tiny), "--size", "tiny"],
+                   check=True, env=child_env(), capture_output=True)
+    cfg = json.loads((tiny / "config.json").read_text())
+    gguf = write_gguf(str(tmp_path / "tiny.gguf"), cfg, {n: t.float() for n, t in weights.load(str(tiny)).items()},
+                      str(tiny), qtype="Q8_0")
+    numel = sum(t.numel for t in weights.open_gguf(gguf).tensors)
+    env = {**child_env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    code = f"""
+import sys
+from starlette.testclient import TestClient
+from zerostart.serve import create_app, load_config
+app = create_app(load_config(data={{"models": [{{"path": {gguf!r}, "dtype": "float32"}}, {{"path": "hf://org/m"}}]}}))
+with TestClient(app) as client:
+    models = {{m["name"]: m for m in client.get("/zerostart/status").json()["models"]}}
+    print(models["tiny"]["memory_estimate_bytes"], models["m"]["memory_estimate_bytes"])
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    sizes, heavy = out.stdout.strip().splitlines()
+    assert sizes == f"{numel * 4} None" and heavy == "[]"
+
+
 # -- moving idle replicas down: park_after, idle_timeout, and a policy's rungs -----------------
 
 
@@ -297,8 +326,28 @@ def test_model_sources_in_the_config() -> None:
                                             "https://host/m/phi.safetensors"]
     assert [m.served_name for m in cfg.models] == ["Llama-3.2-1B", "qwen", "phi"]
     assert default_name("/a/b/model.safetensors") == "model"
+    assert default_name("/a/b/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
     with pytest.raises(ValueError, match="unknown source scheme"):
         load_config(data={"models": [{"path": "ftp://x/y"}]})
+
+
+def test_worker_threads_share_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU worker's threads: the model's own setting, else the CPUs available less one shared by
+    the CPU workers that may run at once; workers on accelerators are left alone."""
+    from zerostart.serve._config import ConfigError, load_config
+    from zerostart.serve.gateway import _lifecycle
+
+    monkeypatch.setattr(_lifecycle, "available_cpus", lambda: 9)
+    cfg = load_config(data={"models": [
+        {"path": "/x/a", "max_replicas": 2, "memory_estimate": 1}, {"path": "/x/b", "memory_estimate": 1},
+        {"path": "/x/c", "threads": 3, "memory_estimate": 1}, {"path": "/x/g", "device": "cuda:0", "memory_estimate": 1}]})
+    assert _lifecycle.cpu_threads(cfg) == {"a": 2, "b": 2, "c": 3, "g": None}  # (9 - 1) CPUs / (2 + 1 + 1) workers
+    monkeypatch.setattr(_lifecycle, "available_cpus", lambda: 2)
+    assert _lifecycle.cpu_threads(cfg)["a"] == 1  # never below one
+    fleet = zerostart.serve.Fleet(cfg)
+    assert fleet.lifecycle._threads == {"a": 1, "b": 1, "c": 3, "g": None}
+    with pytest.raises(ConfigError, match=r"models\[0\].threads"):
+        load_config(data={"models": [{"path": "/x/a", "threads": 0}]})
 
 
 def test_eviction_parks_on_accelerators_and_stops_parked_cpu_replicas() -> None:

@@ -36,7 +36,7 @@ def tokens(engine, prompt="hello world"):
 @pytest.fixture(scope="module")
 def image(tiny, tmp_path_factory, env):
     out = str(tmp_path_factory.mktemp("images") / "tiny-image")
-    r = subprocess.run([sys.executable, "-m", "zerostart", "snapshot", "--model", tiny, "--out", out],
+    r = subprocess.run([sys.executable, "-m", "zerostart", "snapshot", "--model", tiny, "--out", out, "--dtype", "float32"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == out

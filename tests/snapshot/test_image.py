@@ -77,6 +77,21 @@ def test_image_is_in_layer_order_and_keeps_fused_groups_adjacent(tmp_path, model
     assert all(s % 4096 == 0 for s in starts)
 
 
+def test_groups_apart_in_the_arena_are_back_to_back_in_the_image(tmp_path, model_dir):
+    """An arena that could not fuse (a group split across mapped shards) still gives an image
+    that fuses for free: each group's members back to back, in order."""
+    t = arena_tensors(layers=2)
+    t = {n: t[n] for n in ["model.layers.1.self_attn.v_proj.weight", "model.layers.1.input_layernorm.weight",
+                           "model.layers.1.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                           "model.layers.1.self_attn.q_proj.weight"]}
+    out = snapshot.write_image(t, str(model_dir), str(tmp_path / "img"), fp(model_dir))
+    h = weights.read_header(os.path.join(out, "model.safetensors"))
+    q, k, v = (h.tensors[f"model.layers.1.self_attn.{x}_proj.weight"] for x in "qkv")
+    assert q.end == k.start and k.end == v.start
+    arena = weights.load_arena(out)
+    assert all(torch.equal(arena.tensors[n], x) for n, x in t.items())
+
+
 def test_incompatible_fingerprint_is_refused(tmp_path, model_dir):
     out = snapshot.write_image(arena_tensors(), str(model_dir), str(tmp_path / "img"), fp(model_dir))
     with pytest.raises(ImageIncompatible, match="device_type: image 'cpu', wanted 'cuda'"):

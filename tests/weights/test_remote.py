@@ -13,7 +13,8 @@ from zerostart import weights
 from zerostart.weights import LoadConfig, ObjectChanged, SourceError, WeightsError
 from zerostart.weights._cache import Cache
 from zerostart.weights import _remote
-from zerostart.weights._remote import RetryPolicy, Transport, reset_credentials
+from zerostart.weights._remote import RetryPolicy, Transport
+from zerostart.weights._store_s3 import reset_credentials
 
 
 def make_model(d, n_shards=2, seed=0):
@@ -247,18 +248,21 @@ def test_http_errors_are_clear(served, cache_dir):
 
 
 def test_hf_cache_resolution(tmp_path, monkeypatch):
+    """A snapshot whole in the hub cache is used without the network (HF_HUB_OFFLINE makes any
+    attempt to reach it an error)."""
     hub = tmp_path / "hub"
     snap = hub / "models--org--tiny" / "snapshots" / "abc123"
     ref = make_model(snap, n_shards=1)
     (hub / "models--org--tiny" / "refs").mkdir(parents=True)
     (hub / "models--org--tiny" / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     same(weights.load("hf://org/tiny"), ref)
     same(weights.load("hf://org/tiny@abc123"), ref)
     assert weights.localize("hf://org/tiny") == str(snap)
-    with pytest.raises(WeightsError, match="revision 'v2' is not in the Hugging Face cache"):
+    with pytest.raises(WeightsError, match="revision 'v2' of org/tiny is not in the Hugging Face cache .* HF_HUB_OFFLINE"):
         weights.load("hf://org/tiny@v2")
-    with pytest.raises(WeightsError, match="not in the Hugging Face cache"):
+    with pytest.raises(WeightsError, match="org/other is not in the Hugging Face cache"):
         weights.load("hf://org/other")
 
 
@@ -324,7 +328,7 @@ def test_transport_times_out_cleanly(served):
     srv, _ = served
     t = Transport(RetryPolicy(attempts=2, backoff_s=0.01, timeout_s=0.2))
     srv.faults.delay_per_mb = 50.0
-    from zerostart.weights._remote import head
+    from zerostart.weights._store_http import head
 
     obj = head(f"{srv.url}/m/model-00001-of-00002.safetensors", t)
     buf = bytearray(1 << 20)

@@ -185,22 +185,23 @@ RUNNERS = {"source": _run_source, "image": _run_image, "standby": _run_standby, 
 
 
 def ensure_image(model: str, model_dir: str, args) -> str:
-    """The model's ready image in the server's image store (written once, untimed)."""
-    import torch
+    """The model's ready image in the server's image store (written once, untimed; written again
+    when its source's bytes changed)."""
+    import shutil
 
-    from zerostart import snapshot
-    from zerostart.names import default_dtype, dtype_name
+    from zerostart import engine, snapshot, weights
+    from zerostart.names import device_type
 
-    kind = torch.device(args.device).type
-    dtype = dtype_name(args.dtype) if args.dtype else default_dtype(kind)
-    fp = snapshot.fingerprint(model_dir, kind, str(getattr(torch, dtype)))
+    dtype = engine.weights_dtype(model_dir, args.device, args.dtype)
+    fp = snapshot.fingerprint(model_dir, device_type(args.device), str(dtype))
     out = snapshot.image_store(model, fp)
     if snapshot.is_image(out):
         try:
-            snapshot.check_compatible(out, fp)
+            snapshot.check_compatible(out, fp, weights.identity(model))
             return out
-        except snapshot.ImageError:
-            pass
+        except snapshot.ImageError as e:
+            _log(f"  replacing the ready image: {e}")
+            shutil.rmtree(out)
     _log(f"  writing the ready image (untimed) to {out}")
     cmd = [sys.executable, "-m", "zerostart", "snapshot", "--model", model, "--out", out, "--device", args.device]
     if args.dtype:

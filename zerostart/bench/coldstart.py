@@ -61,8 +61,10 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("zerostart: error: --repeat must be at least 1")
     model = args.model
     ck = weights.open_source(model)  # resolves (and for remote sources, lists) without loading
-    files = [h.path for h in ck.checkpoint.headers]
-    model_bytes = ck.checkpoint.nbytes
+    if ck.gguf is not None:  # the stored (quantized) bytes are what a load from the source reads
+        files, model_bytes = [ck.gguf.path], ck.gguf.nbytes
+    else:
+        files, model_bytes = [h.path for h in ck.checkpoint.headers], ck.checkpoint.nbytes
     ck.finish(False)
     model_dir = weights.localize(model)
     _log(f"coldstart: {model}: {model_bytes / 1e9:.2f} GB, device {args.device}, rungs {', '.join(rungs)}")

@@ -1,16 +1,21 @@
 """``zerostart bench generate``: generation speed and cold start against transformers, in one run.
 
 Throughput: greedy generation of ``--max-tokens`` tokens after a ``--prompt-tokens`` prompt, at
-each batch size, zerostart (continuous batching engine) and transformers' ``generate`` on the
-same model, device and dtype; runs interleaved, medians over ``--repeat``. tokens/s counts
+each batch size and dtype, zerostart (continuous batching engine) and transformers' ``generate``
+on the same model and device; every contestant of every dtype interleaved round by round (a
+busy neighbour slows them all alike), medians over ``--repeat``. tokens/s counts
 generated tokens over the whole wall time (prefill included). Every run must produce exactly
 the requested tokens per sequence (end-of-sequence is ignored by both), so nobody wins by
-stopping early. The table also gives batch-1 decode speed as a fraction of its memory-bandwidth
-limit (weights read once per token, at the copy bandwidth measured in the same run).
+stopping early. Each row also gives the fraction of the memory-bandwidth limit: a decode step
+reads every weight once, so ``batch × copy bandwidth / weight bytes`` tokens/s is the most any
+engine can decode (KV cache reads, small at these lengths, are not counted against it).
+Prefill: one ``--prefill-tokens`` prompt through the model (its logits), tokens/s.
 
-Cold start: fresh processes from spawn to the first generated token, split into spawn (the
-interpreter starting), import, load (device init, read, prepare), warm-up and first token.
-Timestamps are CLOCK_MONOTONIC (``time.perf_counter`` on Linux), shared by parent and child.
+Cold start: fresh processes from spawn to the first generated token (``_generate_cold.py``).
+
+    zerostart bench generate                                   # SmolLM2-135M-Instruct, the default dtype
+    zerostart bench generate --dtype float32,bfloat16 --json bench/results/cpu-generate.json
+    zerostart bench generate --size 1b --device cuda           # a random 1B model
 """
 
 from __future__ import annotations
@@ -23,24 +28,24 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 from zerostart.bench._engine_run import bandwidth as _bandwidth, demo_model as _demo, machine as _machine  # noqa: E402
-from zerostart.bench._engine_run import sync as _sync  # noqa: E402
+from zerostart.bench._engine_run import sync  # noqa: E402
 from zerostart.bench._env import log as _log  # noqa: E402
-
-COLD_COLUMNS = ("spawn", "import", "load", "warmup", "first_token")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="PATH", help="Hugging Face model directory (default: a demo model)")
-    parser.add_argument("--size", default="small", choices=("tiny", "small", "1b"),
-                        help="demo model size when --model is not given (default: small)")
+    parser.add_argument("--model", metavar="PATH", help="model directory, GGUF file or source (default: a demo model)")
+    parser.add_argument("--size", default="smollm2", choices=("smollm2", "tiny", "small", "1b"),
+                        help="demo model when --model is not given: smollm2 (SmolLM2-135M-Instruct, bfloat16), or "
+                             "a random-weights model of that size (default: smollm2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated dtypes to measure, e.g. float32,bfloat16 (default: the engine's default)")
     parser.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default: 1,16)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default: 32)")
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill run (default: 512)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per sequence (default: 128)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per contestant and batch (default: 5)")
     parser.add_argument("--cold-repeat", type=int, default=3, help="cold-start processes per contestant (default: 3)")
@@ -54,8 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from zerostart.bench import _generate_cold
+
     if args.child:
-        return _cold_child(args)
+        return _generate_cold.child(args, _T_START)
     if args.repeat < 1 or args.cold_repeat < 0 or args.max_tokens < 2 or args.prompt_tokens < 1:
         raise SystemExit("zerostart: error: --repeat >= 1, --cold-repeat >= 0, --max-tokens >= 2, --prompt-tokens >= 1")
     try:
@@ -67,13 +74,21 @@ def main(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     model = args.model or _demo(args.size)
-    result: dict[str, Any] = {"model": os.path.abspath(model), "device": args.device, "machine": _machine(),
-                              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-                              "repeat": args.repeat}
-    _log(f"model {model} on {args.device}")
-    result["throughput"], result["bandwidth_gbps"], result["dtype"], result["weight_bytes"] = _throughput(
-        args, model, batches)
-    result["cold_start"] = _cold(args, model)
+    dtypes = _dtypes(args, model)
+    result: dict[str, Any] = {"model": os.path.abspath(model) if os.path.exists(model) else model, "device": args.device,
+                              "machine": _machine(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                              "prefill_tokens": args.prefill_tokens, "repeat": args.repeat, "dtypes": dtypes}
+    _log(f"model {model} on {args.device}, dtypes {', '.join(dtypes)}")
+    result["bandwidth_gbps"] = _bandwidth(args.device)
+    setups = _setups(args, model, dtypes, max(batches))
+    result["weight_bytes"] = {s.dtype: s.weight_bytes for s in setups}
+    result["throughput"] = _throughput(args, setups, batches, result["bandwidth_gbps"])
+    result["prefill"] = _prefill(args, setups)
+    for s in setups:
+        s.engine.stop()
+    setups.clear()
+    result["cold_start"] = _generate_cold.run(args, model, dtypes[0]) if args.cold_repeat else {}
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
     print(_table(result))
     if args.json:
         tmp = args.json + ".tmp"
@@ -85,10 +100,19 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dtypes(args, model: str) -> list[str]:
+    from zerostart import engine, weights
+    from zerostart.names import dtype_name
+
+    if args.dtype:
+        return [dtype_name(d) for d in args.dtype.split(",") if d.strip()]
+    return [str(engine.weights_dtype(weights.localize(model), args.device)).removeprefix("torch.")]
+
+
 # -- throughput ------------------------------------------------------------------------------
 
-def _prompts(vocab: int, batch: int, n: int, bos: int | None) -> list[list[int]]:
-    # distinct prompts of the same length, ordinary tokens only
+def prompts(vocab: int, batch: int, n: int, bos: int | None) -> list[list[int]]:
+    """Distinct prompts of the same length, ordinary tokens only."""
     out = []
     for b in range(batch):
         ids = [((b * 7919 + i * 104729) % (vocab - 300)) + 300 for i in range(n)]
@@ -98,198 +122,199 @@ def _prompts(vocab: int, batch: int, n: int, bos: int | None) -> list[list[int]]
     return out
 
 
-def _throughput(args, model_path: str, batches: list[int]):
-    import torch
+def _transformers(model_path: str, dtype, device: str):
+    import transformers
 
-    from zerostart.engine import Engine, EngineConfig, SamplingParams
+    from zerostart import weights
 
-    max_len = args.prompt_tokens + args.max_tokens + 8
-    cfg = EngineConfig(max_model_len=max_len, max_num_seqs=max(batches), cuda_graphs=args.cuda_graphs == "on",
+    gguf = weights.gguf_file(model_path) if os.path.exists(model_path) else None
+    if gguf is not None:  # transformers dequantizes GGUF files itself
+        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                               dtype=dtype)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(weights.localize(model_path), dtype=dtype)
+    hf = hf.to(device).eval()
+    hf.generation_config.eos_token_id = None  # run every sequence to max_tokens, like ignore_eos
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+@dataclass
+class _Setup:
+    """One dtype's contestants: zerostart's engine and transformers' model of the same weights."""
+
+    dtype: str
+    engine: Any
+    hf: Any
+    weight_bytes: int
+
+
+def _setups(args, model_path: str, dtypes: list[str], max_seqs: int) -> list[_Setup]:
+    from zerostart.engine import Engine, EngineConfig
+
+    max_len = max(args.prompt_tokens + args.max_tokens, args.prefill_tokens) + 8
+    cfg = EngineConfig(max_model_len=max_len, max_num_seqs=max_seqs, cuda_graphs=args.cuda_graphs == "on",
                        compile=args.compile)
-    engine = Engine.from_pretrained(model_path, device=args.device, dtype=args.dtype, config=cfg)
-    dtype = engine.dtype
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    bw = _bandwidth(args.device)
-    hf = None
-    if not args.no_transformers:
-        import transformers
-
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(args.device).eval()
-        hf.generation_config.eos_token_id = None  # run every sequence to max_tokens, like ignore_eos
-        hf.generation_config.pad_token_id = 0
-    vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    rows = []
-    for batch in batches:
-        prompts = _prompts(vocab, batch, args.prompt_tokens, engine.tokenizer.bos_token_id)
-
-        def run_zs() -> tuple[float, list[list[int]]]:
-            _sync(args.device)
-            t = time.perf_counter()
-            handles = [engine.submit(p, params) for p in prompts]
-            while any(not h.finished for h in handles):
-                engine.step()
-            _sync(args.device)
-            dt = time.perf_counter() - t
-            return dt, [[ev.token_id for ev in h] for h in handles]
-
-        def run_hf() -> tuple[float, list[list[int]]]:
-            ids = torch.tensor(prompts, device=args.device)
-            _sync(args.device)
-            t = time.perf_counter()
-            with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens,
-                                  do_sample=False)
-            _sync(args.device)
-            dt = time.perf_counter() - t
-            return dt, out[:, ids.shape[1]:].tolist()
-
-        contestants = [("zerostart", run_zs)] + ([("transformers", run_hf)] if hf is not None else [])
-        times: dict[str, list[float]] = {name: [] for name, _ in contestants}
-        outputs: dict[str, list[list[int]]] = {}
-        for name, fn in contestants:  # warm-up run each
-            _, outputs[name] = fn()
-        for _ in range(args.repeat):
-            for name, fn in contestants:  # interleaved
-                dt, toks = fn()
-                if any(len(t) != args.max_tokens for t in toks):
-                    raise RuntimeError(f"{name} generated {[len(t) for t in toks]} tokens, not {args.max_tokens} each")
-                times[name].append(dt)
-        row: dict[str, Any] = {"batch": batch}
-        for name in times:
-            med = statistics.median(times[name])
-            row[name] = {"seconds": times[name], "median_s": med, "tokens_per_s": batch * args.max_tokens / med}
-        if hf is not None:
-            row["ratio"] = row["zerostart"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
-            same = sum(a == b for a, b in zip(outputs["zerostart"], outputs["transformers"]))
-            row["same_tokens"] = f"{same}/{batch}"
-        if batch == 1:
-            row["decode_limit_tokens_per_s"] = bw * 1e9 / weight_bytes
-            row["fraction_of_limit"] = row["zerostart"]["tokens_per_s"] / row["decode_limit_tokens_per_s"]
-        rows.append(row)
-        _log(f"batch {batch}: " + ", ".join(f"{n} {row[n]['tokens_per_s']:.1f} tok/s" for n in times))
-    del engine, hf
-    return rows, bw, str(dtype).replace("torch.", ""), weight_bytes
-
-
-# -- cold start ------------------------------------------------------------------------------
-
-def _cold(args, model_path: str) -> dict[str, Any]:
-    import zerostart
-
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    contestants = ["zerostart"] + ([] if args.no_transformers else ["transformers"])
-    runs: dict[str, list[dict[str, float]]] = {c: [] for c in contestants}
-    for _ in range(args.cold_repeat):
-        for c in contestants:  # interleaved
-            cmd = [sys.executable, "-m", "zerostart", "bench", "generate", "--child", c, "--model", model_path,
-                   "--device", args.device, "--prompt-tokens", str(args.prompt_tokens)]
-            if args.dtype:
-                cmd += ["--dtype", args.dtype]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            if args.cuda_graphs == "off":
-                cmd += ["--cuda-graphs", "off"]
-            if args.compile:
-                cmd += ["--compile"]
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True, env=env, timeout=1800)
-            if r.returncode != 0:
-                raise RuntimeError(f"cold-start child ({c}) failed:\n{r.stderr[-2000:]}")
-            runs[c].append(json.loads(r.stdout.strip().splitlines()[-1]))
-    out: dict[str, Any] = {}
-    for c, rs in runs.items():
-        if rs:
-            out[c] = {"runs": rs, "median": {k: statistics.median(r[k] for r in rs) for k in rs[0]}}
+    out = []
+    for dtype in dtypes:
+        engine = Engine.from_pretrained(model_path, device=args.device, dtype=dtype, config=cfg)
+        weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        hf = None if args.no_transformers else _transformers(model_path, engine.dtype, args.device)
+        out.append(_Setup(dtype, engine, hf, weight_bytes))
     return out
 
 
-def _cold_child(args) -> int:
-    # One cold start, from the parent's spawn to the first token; prints one JSON line.
-    t0 = args.t0
-    spawn_end = _T_START
-    if args.child == "zerostart":
-        from zerostart.engine import Engine  # torch and the engine
-        from zerostart.telemetry import Timeline
+def _throughput(args, setups: list[_Setup], batches: list[int], bw: float) -> list[dict[str, Any]]:
+    """A row per dtype and batch size; every contestant of every dtype interleaved in each round,
+    so that a busy neighbour slows them all alike."""
+    rows = []
+    for batch in batches:
+        contestants = []
+        for s in setups:
+            ps = prompts(s.engine.model_config.vocab_size, batch, args.prompt_tokens, s.engine.tokenizer.bos_token_id)
+            contestants.append((("zerostart", s.dtype), _zs_run(args, s.engine, ps)))
+            if s.hf is not None:
+                contestants.append((("transformers", s.dtype), _hf_run(args, s.hf, ps)))
+        times, outputs = _interleaved(args, contestants)
+        for s in setups:
+            row: dict[str, Any] = {"dtype": s.dtype, "batch": batch}
+            for (name, dtype), ts in times.items():
+                if dtype == s.dtype:
+                    med = statistics.median(ts)
+                    row[name] = {"seconds": ts, "median_s": med, "tokens_per_s": batch * args.max_tokens / med}
+            if s.hf is not None:
+                row["ratio"] = row["zerostart"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+                same = sum(a == b for a, b in zip(outputs[("zerostart", s.dtype)], outputs[("transformers", s.dtype)]))
+                row["same_tokens"] = f"{same}/{batch}"
+            row["limit_tokens_per_s"] = batch * bw * 1e9 / s.weight_bytes
+            row["fraction_of_limit"] = row["zerostart"]["tokens_per_s"] / row["limit_tokens_per_s"]
+            rows.append(row)
+            _log(f"{s.dtype} batch {batch}: zerostart {row['zerostart']['tokens_per_s']:.1f} tok/s"
+                 + (f", transformers {row['transformers']['tokens_per_s']:.1f} tok/s" if s.hf is not None else ""))
+    order = [s.dtype for s in setups]
+    return sorted(rows, key=lambda r: (order.index(r["dtype"]), r["batch"]))
 
-        import torch
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        from zerostart.engine import EngineConfig, SamplingParams
 
-        tl = Timeline(origin=t0)
-        cfg = EngineConfig(max_model_len=args.prompt_tokens + 64, max_num_seqs=1,
-                           cuda_graphs=args.cuda_graphs == "on", compile=args.compile)
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg,
-                                                timeline=tl)
-        prompt = _prompts(engine.model_config.vocab_size, 1, args.prompt_tokens, engine.tokenizer.bos_token_id)[0]
+def _zs_run(args, engine, ps: list[list[int]]):
+    from zerostart.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+
+    def run() -> tuple[float, list[list[int]]]:
+        sync(args.device)
         t = time.perf_counter()
-        next(iter(engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0))))
-        first = time.perf_counter()
-        phases = {p.name: p for p in tl.phases}
-        import_end = phases["import"].end + t0 if "import" in phases else spawn_end
-        load_end = phases["prepare"].end + t0
-        warm_end = phases["warmup"].end + t0
-        out = {"spawn": spawn_end - t0, "import": import_end - spawn_end, "load": load_end - import_end,
-               "warmup": warm_end - load_end, "first_token": first - t}
-    else:
-        import torch
-        import transformers
+        handles = [engine.submit(p, params) for p in ps]
+        while any(not h.finished for h in handles):
+            engine.step()
+        sync(args.device)
+        dt = time.perf_counter() - t
+        return dt, [[ev.token_id for ev in h] for h in handles]
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        import_end = time.perf_counter()
-        from zerostart.names import default_dtype, device_type, dtype_name
+    return run
 
-        dtype = getattr(torch, dtype_name(args.dtype) if args.dtype else default_dtype(device_type(args.device)))
-        if args.device.startswith("cuda"):
-            torch.empty(1, device=args.device)
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-        tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        _sync(args.device)
-        load_end = time.perf_counter()
-        prompt = _prompts(model.config.vocab_size, 1, args.prompt_tokens, tok.bos_token_id)[0]
-        ids = torch.tensor([prompt], device=args.device)
+
+def _hf_run(args, hf, ps: list[list[int]]):
+    import torch
+
+    def run() -> tuple[float, list[list[int]]]:
+        ids = torch.tensor(ps, device=args.device)
+        sync(args.device)
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                           pad_token_id=0)
-        _sync(args.device)
-        first = time.perf_counter()
-        out = {"spawn": spawn_end - t0, "import": import_end - spawn_end, "load": load_end - import_end,
-               "warmup": 0.0, "first_token": first - t}
-    out["total"] = first - t0
-    print(json.dumps(out))
-    return 0
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens, do_sample=False)
+        sync(args.device)
+        return time.perf_counter() - t, out[:, ids.shape[1]:].tolist()
+
+    return run
+
+
+def _interleaved(args, contestants) -> tuple[dict[Any, list[float]], dict[Any, list[list[int]]]]:
+    """A warm-up run each, then ``--repeat`` rounds of one run each; every run must produce
+    exactly ``--max-tokens`` tokens per sequence."""
+    times: dict[Any, list[float]] = {key: [] for key, _ in contestants}
+    outputs: dict[Any, list[list[int]]] = {}
+    for key, fn in contestants:
+        _, outputs[key] = fn()
+    for _ in range(args.repeat):
+        for key, fn in contestants:
+            dt, toks = fn()
+            if any(len(t) != args.max_tokens for t in toks):
+                raise RuntimeError(f"{key} generated {[len(t) for t in toks]} tokens, not {args.max_tokens} each")
+            times[key].append(dt)
+    return times, outputs
+
+
+def _prefill(args, setups: list[_Setup]) -> list[dict[str, Any]]:
+    """One long prompt through each model (every position's logits), tokens/s, all interleaved."""
+    import torch
+
+    runs = []
+    for s in setups:
+        ids = prompts(s.engine.model_config.vocab_size, 1, args.prefill_tokens, s.engine.tokenizer.bos_token_id)[0]
+        runs.append((("zerostart", s.dtype), lambda e=s.engine, x=ids: e.logits(x, chunk=len(x))))
+        if s.hf is not None:
+            runs.append((("transformers", s.dtype), lambda m=s.hf, x=ids: m(torch.tensor([x], device=args.device))))
+
+    def timed(fn) -> float:
+        sync(args.device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            fn()
+        sync(args.device)
+        return time.perf_counter() - t
+
+    for _, fn in runs:
+        timed(fn)
+    times: dict[Any, list[float]] = {key: [] for key, _ in runs}
+    for _ in range(args.repeat):
+        for key, fn in runs:
+            times[key].append(timed(fn))
+    out = []
+    for s in setups:
+        row: dict[str, Any] = {"dtype": s.dtype, "tokens": args.prefill_tokens}
+        for (name, dtype), ts in times.items():
+            if dtype == s.dtype:
+                med = statistics.median(ts)
+                row[name] = {"seconds": ts, "median_s": med, "tokens_per_s": args.prefill_tokens / med}
+        if s.hf is not None:
+            row["ratio"] = row["zerostart"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+        _log(f"{s.dtype} prefill {args.prefill_tokens}: zerostart {row['zerostart']['tokens_per_s']:.0f} tok/s")
+        out.append(row)
+    return out
 
 
 # -- report ----------------------------------------------------------------------------------
 
 def _table(r: dict[str, Any]) -> str:
+    from zerostart.bench._generate_cold import COLD_COLUMNS
+
     m = r["machine"]
-    lines = [f"zerostart bench generate: {os.path.basename(r['model'])} on {r['device']} ({r['dtype']}), "
-             f"torch {m['torch']}, transformers {m.get('transformers', '-')}, {m['cpu_count']} CPUs, "
-             f"{m['torch_threads']} torch threads" + (f", {m['gpu']}" if "gpu" in m else ""),
+    lines = [f"zerostart bench generate: {os.path.basename(r['model'].rstrip('/'))} on {r['device']}, torch {m['torch']}, "
+             f"transformers {m.get('transformers', '-')}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
+             f"load average {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}" + (f", {m['gpu']}" if "gpu" in m else ""),
              f"throughput: greedy, prompt {r['prompt_tokens']} tokens, {r['max_tokens']} new tokens per sequence, "
              f"median of {r['repeat']} runs (tokens/s over the whole call, prefill included)",
-             f"{'batch':>5}  {'zerostart':>10}  {'transformers':>12}  {'ratio':>6}  {'same tokens':>11}  "
-             f"{'of bw limit':>11}"]
+             f"{'dtype':>9} {'batch':>5}  {'zerostart':>10}  {'transformers':>12}  {'ratio':>6}  {'same tokens':>11}  "
+             f"{'bw limit':>9}  {'of limit':>8}"]
     for row in r["throughput"]:
         hf = row.get("transformers", {}).get("tokens_per_s")
-        frac = row.get("fraction_of_limit")
         hf_s = f"{hf:.1f}" if hf else "-"
         ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
-        frac_s = f"{frac:.0%}" if frac is not None else ""
-        lines.append(f"{row['batch']:>5}  {row['zerostart']['tokens_per_s']:>10.1f}  {hf_s:>12}  {ratio:>6}  "
-                     f"{row.get('same_tokens', '-'):>11}  {frac_s:>11}")
-    lines.append(f"(bandwidth limit: {r['weight_bytes'] / 1e6:.0f} MB of weights per token at "
-                 f"{r['bandwidth_gbps']:.1f} GB/s copy bandwidth measured in this run)")
+        lines.append(f"{row['dtype']:>9} {row['batch']:>5}  {row['zerostart']['tokens_per_s']:>10.1f}  "
+                     f"{hf_s:>12}  {ratio:>6}  {row.get('same_tokens', '-'):>11}  "
+                     f"{row['limit_tokens_per_s']:>9.0f}  {row['fraction_of_limit']:>8.0%}")
+    lines.append(f"(bandwidth limit: batch x {r['bandwidth_gbps']:.1f} GB/s copy bandwidth measured in this run / the "
+                 "weight bytes: " + ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in r["weight_bytes"].items()) + ")")
+    lines.append(f"prefill: one {r['prefill_tokens']}-token prompt, tokens/s, median of {r['repeat']}")
+    for p in r["prefill"]:
+        hf = p.get("transformers", {}).get("tokens_per_s")
+        hf_s = f"{hf:.0f}" if hf else "-"
+        ratio = f"{p['ratio']:.2f}x" if "ratio" in p else "-"
+        lines.append(f"{p['dtype']:>9}        {p['zerostart']['tokens_per_s']:>10.0f}  {hf_s:>12}  {ratio:>6}")
     cold = r.get("cold_start") or {}
     if cold:
         n = len(next(iter(cold.values()))["runs"])
-        lines.append(f"cold start: process spawn to first token, seconds, median of {n}")
+        lines.append(f"cold start ({r['dtypes'][0]}): process spawn to first token, seconds, median of {n}")
         lines.append(f"{'':<13}" + "".join(f"{c:>12}" for c in COLD_COLUMNS + ("total",)))
         for name, d in cold.items():
             med = d["median"]

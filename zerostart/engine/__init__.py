@@ -14,7 +14,7 @@ need no torch; the names that do are imported on first use.
 from typing import Any
 
 from zerostart.engine._chat import render_chat
-from zerostart.engine._config import EngineConfig, EngineError
+from zerostart.engine._config import EngineConfig, EngineError, available_cpus
 from zerostart.engine._params import Constraint, PoolingParams, SamplingParams, TokenEvent, TokenLogprob
 from zerostart.engine._token_text import TokenText
 from zerostart.engine._toolcalls import PARSERS as TOOL_PARSERS, ToolCall, ToolParser, tool_parser
@@ -23,8 +23,8 @@ _TORCH_NAMES = {"Engine": "_engine", "RequestHandle": "_sequence", "Tokenizer": 
                 "weights_dtype": "_load"}
 
 __all__ = ["Constraint", "Engine", "EngineConfig", "EngineError", "PoolingParams", "RequestHandle", "SamplingParams",
-           "TOOL_PARSERS", "TokenEvent", "TokenLogprob", "TokenText", "Tokenizer", "ToolCall", "ToolParser", "device_for",
-           "render_chat", "tool_parser", "weights_dtype"]
+           "TOOL_PARSERS", "TokenEvent", "TokenLogprob", "TokenText", "Tokenizer", "ToolCall", "ToolParser",
+           "available_cpus", "device_for", "render_chat", "tool_parser", "weights_dtype"]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="PATH", help="Hugging Face model directory")
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="Hugging Face model directory, GGUF file, ready image, or hf://, s3://, https:// source")
     parser.add_argument("--prompt", required=True, help="prompt text ('-' reads it from stdin)")
     parser.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
@@ -19,21 +19,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, "
-                                                      "the checkpoint's half type on CUDA)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the engine's for the "
+                                                      "device, zerostart.names.default_dtype)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 8192)")
     parser.add_argument("--timings", action="store_true", help="print load phases and generation speed on stderr")
 
 
 def main(args: argparse.Namespace) -> int:
     from zerostart.engine import Engine, EngineConfig, SamplingParams
-    from zerostart.engine.demo import GIBBERISH_NOTE, MARKER
+    from zerostart.engine.demo import GIBBERISH_NOTE, is_random_demo
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
     config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1)
-    if os.path.isfile(os.path.join(args.model, MARKER)):
+    if is_random_demo(args.model):
         print(f"zerostart: note: {args.model} is a demo model with {GIBBERISH_NOTE}", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=config)
     if args.chat:

@@ -252,6 +252,9 @@ class EngineConfig:
     - ``seed``: seed of the generator for requests without their own seed (None = nondeterministic).
     - ``overlap_load``: assemble and warm up the model while the weights are still arriving
       (each layer waits for its own tensors); off, the whole load finishes first.
+    - ``threads``: on CPU, torch's intra-op threads for this process (``torch.set_num_threads``);
+      None leaves torch's setting alone. A server's workers get theirs from the cores available
+      and the workers sharing them (``models[].threads`` in the server config).
     """
 
     max_model_len: int | None = None
@@ -264,6 +267,7 @@ class EngineConfig:
     fuse: str = "auto"
     seed: int | None = None
     overlap_load: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         def pos_int(name: str, v: Any, allow_none: bool = False) -> None:
@@ -276,6 +280,7 @@ class EngineConfig:
         pos_int("max_num_seqs", self.max_num_seqs)
         pos_int("kv_cache_bytes", self.kv_cache_bytes, allow_none=True)
         pos_int("prefill_chunk", self.prefill_chunk)
+        pos_int("threads", self.threads, allow_none=True)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             raise EngineError(f"EngineConfig.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization!r})")
         if self.fuse not in ("auto", "always", "never"):
@@ -289,6 +294,22 @@ class EngineConfig:
 
 MAX_MODEL_LEN_CAP = 8192  # default cap on max_model_len (see EngineConfig)
 CPU_KV_CACHE_BYTES = 2 << 30  # default KV budget on CPU (see EngineConfig)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, bounded by a cgroup CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 def find_file(model_dir: str, name: str, required: bool = True) -> str | None:

@@ -24,18 +24,18 @@ from typing import Iterator  # noqa: E402
 import torch  # noqa: E402
 
 from zerostart.engine import _load, _weights  # noqa: E402
-from zerostart.engine._config import MAX_MODEL_LEN_CAP, EngineConfig, EngineError, ModelConfig  # noqa: E402
+from zerostart.engine._config import EngineConfig, EngineError, ModelConfig  # noqa: E402
 from zerostart.engine._detok import Detokenizer  # noqa: E402
 from zerostart.engine._kv_cache import KVCache, plan_slots  # noqa: E402
 from zerostart.engine._model import Transformer  # noqa: E402
 from zerostart.engine._logprobs import logprobs as _logprobs, row_logprobs  # noqa: E402
 from zerostart.engine._params import PoolingParams, SamplingParams, TokenEvent  # noqa: E402
-from zerostart.engine._rope import cos_sin_table  # noqa: E402
 from zerostart.engine._runner import ModelRunner, StepOutput  # noqa: E402
 from zerostart.engine._sampler import Sampler  # noqa: E402
 from zerostart.engine._scheduler import Scheduler  # noqa: E402
 from zerostart.engine._sequence import RequestHandle, Sequence, Status  # noqa: E402
 from zerostart.engine._tokenizer import Tokenizer  # noqa: E402
+from zerostart.engine._weights import FusePlan  # noqa: E402
 from zerostart.telemetry import Timeline  # noqa: E402
 
 _IMPORT_END = time.perf_counter()
@@ -46,25 +46,13 @@ class _BatchFailed(Exception):
     """A step's batch failed and its requests were answered; ``__cause__`` is the error."""
 
 
-def _record_load(timeline: Timeline, stats, t_load: float) -> None:
-    """The load's own read and copy phases (they may overlap prepare and warm-up)."""
-    if stats.read_until > stats.read_from > 0:
-        timeline.add("read", stats.read_from, stats.read_until, bytes=stats.bytes, strategy=dict(stats.strategy),
-                     setup_s=round(stats.setup_s, 4), verified_bytes=stats.verified_bytes, verify_s=round(stats.verify_s, 4),
-                     prefaulted_bytes=stats.prefaulted_bytes)
-    elif stats.total_s:
-        timeline.add("read", t_load, t_load + stats.total_s, bytes=stats.bytes, strategy=dict(stats.strategy),
-                     prefaulted_bytes=stats.prefaulted_bytes)
-    if stats.copy_until > stats.copy_from > 0:
-        timeline.add("copy", stats.copy_from, stats.copy_until, bytes=stats.bytes)
-
-
 class Engine:
     """A loaded model with its tokenizer, KV cache and step loop. Build with :meth:`from_pretrained`."""
 
     def __init__(self, *, model: Transformer, model_config: ModelConfig, tokenizer: Tokenizer, arena,
                  kv: KVCache, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int, eos_ids: frozenset[int], model_name: str, timeline: Timeline) -> None:
+                 max_model_len: int, eos_ids: frozenset[int], model_name: str, timeline: Timeline,
+                 fusion: FusePlan | None = None, source: str = "", model_dir: str = "") -> None:
         self.model = model
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -77,6 +65,9 @@ class Engine:
         self.eos_token_ids = eos_ids
         self.model_name = model_name
         self.timeline = timeline
+        self.fusion = fusion  # how q/k/v and gate/up were fused (a ready image records it)
+        self.source = source  # what the model was loaded from, as named
+        self.model_dir = model_dir  # the local directory with its config and tokenizer files
         self.runner = ModelRunner(model, kv, device, config)
         self.scheduler = Scheduler(kv.num_slots, config.prefill_chunk)
         self.sampler = Sampler(model_config.vocab_size, device, config.seed)
@@ -94,12 +85,12 @@ class Engine:
                         dtype: str | torch.dtype | None = None, config: EngineConfig | None = None,
                         timeline: Timeline | None = None, allocator=None) -> "Engine":
         """Load a model: a Hugging Face model directory (config.json, safetensors,
-        tokenizer.json), a ready image written by ``zerostart snapshot``, or a source the
-        weights package resolves (``hf://org/name``, ``s3://bucket/prefix``, ``https://...``).
+        tokenizer.json), a GGUF file, a ready image written by ``zerostart snapshot``, or a
+        source the weights package resolves (``hf://org/name``, ``s3://bucket/prefix``, ``https://...``).
 
-        ``dtype`` None picks float32 on CPU and the checkpoint's half type (else bfloat16) on
-        CUDA; an image brings its own. The load is recorded in ``engine.timeline`` (import,
-        device_init, read, copy, prepare, warmup); pass ``timeline`` to record into your own.
+        ``dtype`` None picks the device's default (``zerostart.names.default_dtype``); an image
+        brings its own. The load is recorded in ``engine.timeline`` (import, device_init, read,
+        copy, prepare, warmup); pass ``timeline`` to record into your own.
         ``allocator(nbytes, device)`` provides the weights arena and the KV cache on CUDA (e.g.
         memory that parking can release and restore at the same addresses).
 
@@ -108,96 +99,44 @@ class Engine:
         layer's tensors, so the warm-up's prefill overlaps the tail of the load.
         """
         from zerostart import weights
-        from zerostart.names import is_local
 
         source = os.fspath(path)
         config = config or EngineConfig()
         if not isinstance(config, EngineConfig):
             raise EngineError(f"config must be an EngineConfig (got {type(config).__name__})")
-        if timeline is None:  # measured from the start of the engine's import
-            timeline = Timeline(origin=_IMPORT_START, label=f"engine {os.path.basename(source.rstrip('/'))}")
-        if _IMPORT_END >= timeline.origin:  # the import belongs to this timeline's start
-            timeline.add("import", max(_IMPORT_START, timeline.origin), _IMPORT_END)
-        if is_local(source) and not os.path.isdir(source):
-            raise EngineError(f"{source}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
-        try:
-            local = weights.localize(source)
-        except weights.WeightsError as e:
-            raise EngineError(str(e)) from None
-        if not os.path.isdir(local):
-            raise EngineError(f"{source}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise EngineError(f"{source}: no config.json here (a Hugging Face model directory needs one)")
-        model_cfg = ModelConfig.from_file(os.path.join(local, "config.json"))
-        image = weights.read_manifest(local) if weights.is_image(local) else None
-
+        timeline = _load.timeline_for(timeline, source, _IMPORT_START, _IMPORT_END)
+        files = _load.model_files(source)
         with timeline.phase("device_init"):
             dev = _load.device_for(device)
-        if image is not None and dtype is None:
-            dtype = image["fingerprint"]["dtype"]
-        dtype = _load.resolve_dtype(dtype, dev, model_cfg)
-        if image is not None:
-            try:
-                weights.check_compatible(local, weights.fingerprint(local, dev.type, str(dtype)))
-            except weights.ImageError as e:
-                raise EngineError(str(e)) from None
-        tokenizer = Tokenizer(local)
-        eos = _load.eos_ids(local, model_cfg, tokenizer)
-        name = os.path.basename(os.path.normpath(image["source"] if image and image.get("source") else source).rstrip("/"))
-
+            _load.set_threads(config, dev)
+        dtype = _load.model_dtype(dtype, dev, files)
+        tokenizer = Tokenizer(files.dir)
         t_load = time.perf_counter()
         try:
-            arena = weights.load_arena(local if image is not None or not weights.is_remote(source) else source, str(dev),
-                                       dtype=dtype, background=config.overlap_load,
+            arena = weights.load_arena(files.weights, str(dev), dtype=dtype, background=config.overlap_load,
                                        allocator=allocator if dev.type == "cuda" else None)
-        except (weights.WeightsError, weights.SourceError) as e:
-            raise EngineError(str(e)) from None
-
-        try:
             with timeline.phase("prepare") as ph:
-                tensors = arena.tensors
-                _weights.check(model_cfg, tensors, source)
-                overlap = config.overlap_load and not arena.done and _weights.fusion_is_free(model_cfg, tensors)
-                if not overlap:
-                    arena.wait()  # fusion may move bytes, which must have arrived
-                writable = bool(getattr(arena, "writable", False))  # a private arena (not a file mapping)
-                plan = _weights.plan_fusion(model_cfg, tensors, config.fuse, writable)
-                sd = _weights.state_dict(model_cfg, tensors, plan)
-                with torch.device("meta"):
-                    model = Transformer(model_cfg, plan.qkv, plan.gate_up)
-                model.load_state_dict(sd, strict=True, assign=True)
-                for p in model.parameters():
-                    p.requires_grad_(False)
-                max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
-                model.cos, model.sin = cos_sin_table(model_cfg.rope, model_cfg.head_dim, max_len + 1, dtype, dev)
-                model.eval()
-                if overlap:
-                    stages = _weights.layer_names(model_cfg, tensors)
-                    model.wait_stage = lambda i: arena.wait(stages[i + 1])
-                ph.bytes = plan.regrouped_bytes
-                ph.detail["fusion"] = "; ".join(plan.notes)
-                ph.detail["overlap_load"] = overlap
-
+                built = _weights.assemble(files.config, arena, config, dtype, dev, source)
+                ph.bytes = built.plan.regrouped_bytes
+                ph.detail.update(fusion="; ".join(built.plan.notes), overlap_load=built.overlap)
             with timeline.phase("warmup") as ph:
-                budget = _load.kv_budget(config, dev, model_cfg, dtype, max_len)
-                slots = plan_slots(model_cfg, dtype, max_len, config.max_num_seqs, budget)
-                kv = KVCache(model_cfg, slots, max_len, dtype, dev, allocator=allocator if dev.type == "cuda" else None)
+                budget = _load.kv_budget(config, dev, files.config, dtype, built.max_len)
+                slots = plan_slots(files.config, dtype, built.max_len, config.max_num_seqs, budget)
+                kv = KVCache(files.config, slots, built.max_len, dtype, dev, allocator=allocator if dev.type == "cuda" else None)
+                engine = cls(model=built.model, model_config=files.config, tokenizer=tokenizer, arena=arena, kv=kv,
+                             config=config, device=dev, dtype=dtype, max_model_len=built.max_len,
+                             eos_ids=_load.eos_ids(files.dir, files.config, tokenizer), model_name=files.name,
+                             timeline=timeline, fusion=built.plan, source=source, model_dir=files.dir)
+                shared = engine._warmup()
                 ph.bytes = kv.nbytes
-                ph.detail.update(kv_slots=slots, max_model_len=max_len)
-                engine = cls(model=model, model_config=model_cfg, tokenizer=tokenizer, arena=arena, kv=kv,
-                             config=config, device=dev, dtype=dtype, max_model_len=max_len, eos_ids=eos,
-                             model_name=name, timeline=timeline)
-                engine.fusion = plan
-                engine.source = source
-                engine.model_dir = local
-                threads_while_loading = engine._warmup()
-                ph.detail["graphs"] = len(engine.runner._graphs)
-                if threads_while_loading is not None:
-                    ph.detail["threads_while_loading"] = threads_while_loading
-        except (weights.WeightsError, weights.SourceError) as e:  # surfaced while waiting on the load
+                ph.detail.update(kv_slots=slots, max_model_len=built.max_len, graphs=len(engine.runner._graphs),
+                                 threads=torch.get_num_threads())
+                if shared is not None:
+                    ph.detail["threads_while_loading"] = shared
+        except (weights.WeightsError, weights.SourceError) as e:  # also those surfaced while waiting on the load
             raise EngineError(str(e)) from None
-        _record_load(timeline, arena.stats, t_load)
-        log.info("loaded %s on %s (%s): %s", name, dev, dtype, "; ".join(plan.notes))
+        _load.record_load(timeline, arena.stats, t_load)
+        log.info("loaded %s on %s (%s): %s", files.name, dev, dtype, "; ".join(built.plan.notes))
         return engine
 
     def _warmup(self) -> int | None:

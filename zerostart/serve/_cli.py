@@ -69,8 +69,8 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
     if demo:
         from zerostart.serve._demo import DEMO_NAME, ensure_demo_model
 
-        print(f"zerostart: no model given: serving the built-in demo model {DEMO_NAME!r}. Its weights are random, so "
-              "its output is gibberish; pass --model PATH or --config FILE to serve a real model.", file=sys.stderr)
+        print(f"zerostart: no model given: serving the built-in demo model {DEMO_NAME!r} (SmolLM2-135M-Instruct); "
+              "pass --model PATH or --config FILE to serve your own.", file=sys.stderr)
         data["models"].append({"path": ensure_demo_model(), "name": DEMO_NAME})
     if args.idle_timeout is not None:
         try:

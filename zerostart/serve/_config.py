@@ -60,13 +60,13 @@ Backend = Literal["zerostart", "vllm", "sglang", "command"]
 
 def default_name(path: str) -> str:
     """A model's name when the config gives none: its directory's (or file's, without
-    ``.safetensors``) name; for a source URL its last path component (``hf://org/name@rev``:
-    ``name``)."""
+    ``.safetensors`` or ``.gguf``) name; for a source URL its last path component
+    (``hf://org/name@rev``: ``name``)."""
     if not is_local(path):
         base = path.split("://", 1)[1].rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
-        return base.removesuffix(".safetensors") or path
+        return base.removesuffix(".safetensors").removesuffix(".gguf") or path
     base = os.path.basename(os.path.normpath(path))
-    return base[: -len(".safetensors")] if base.endswith(".safetensors") else base
+    return base.removesuffix(".safetensors").removesuffix(".gguf") or base
 
 
 class _Section(BaseModel):
@@ -210,13 +210,16 @@ class CommandOptions(_Section):
 class ModelConfig(_Section):
     """One model the gateway serves, with its lifecycle settings."""
 
-    path: str  # a model directory, .safetensors file, ready image, hf://, s3:// or https:// source
+    path: str  # a model directory, .safetensors or .gguf file, ready image, hf://, s3:// or https:// source
     name: str | None = None  # the name clients ask for; None: the directory's (or file's) name
     backend: Backend = "zerostart"  # the engine its workers run (serve/backends)
     device: str = "cpu"
     dtype: Dtype | None = None  # None: the engine's choice for the device
     max_model_len: int | None = Field(None, ge=2)  # longest prompt + completion; None: the engine's default
     kv_cache_bytes: Bytes | None = None  # the engine's KV cache size; None: the engine's default
+    # CPU compute threads of each worker; None: the CPUs available less one / the CPU workers that
+    # may run at once (the sum of max_replicas of the models on cpu), at least 1
+    threads: int | None = Field(None, ge=1)
     idle_timeout: KeepAlive = 300.0  # scale to zero after this long idle; negative: never
     park_after: Seconds | None = Field(None, ge=0)  # park (weights to host RAM) after this long idle; None: never
     parkable: bool | None = None  # load so it can be parked (CUDA: VMM memory); None: if park_after or the policy parks

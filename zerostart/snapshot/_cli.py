@@ -20,12 +20,13 @@ def main(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     print(f"snapshot: loading {args.model} on {args.device} ...", file=sys.stderr)
+    identity = None if snapshot.is_image(args.model) else weights.identity(args.model)  # before the bytes are read
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     model_dir = weights.localize(args.model) if not snapshot.is_image(args.model) else args.model
     fp = snapshot.fingerprint(model_dir, engine.device.type, str(engine.dtype))
     out = args.out or snapshot.image_store(args.model, fp)
     t1 = time.perf_counter()
-    path = snapshot.write_engine_image(engine, model_dir, out, fp, source=args.model)
+    path = snapshot.write_engine_image(engine, model_dir, out, fp, source=args.model, source_identity=identity)
     m = snapshot.read_manifest(path)
     print(f"snapshot: wrote {m['weights']['bytes'] / 1e9:.2f} GB ({m['weights']['tensors']} tensors, {engine.dtype}, "
           f"{engine.device.type}) in {time.perf_counter() - t1:.1f} s (load and prepare {t1 - t0:.1f} s)", file=sys.stderr)

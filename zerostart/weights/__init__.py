@@ -1,30 +1,43 @@
-"""Bytes -> tensors: safetensors checkpoints into one arena per load, at the storage limit.
+"""Bytes -> tensors: safetensors and GGUF checkpoints into one arena per load, at the storage limit.
 
     from zerostart import weights
     tensors = weights.load("path/to/model", device="cuda")
 
 ``load`` returns a ``dict[str, torch.Tensor]`` whose tensors are views into one allocation on
 the target device (:func:`load_arena` returns the :class:`Arena` itself, with the load's
-statistics). The header parser and checkpoint resolution need no torch; the names that do are
-imported on first use, so ``from zerostart.weights import read_header`` stays light.
+statistics). Sources (local paths, ``hf://``, ``s3://``, ``https://``) are read through one
+:class:`Store` interface per scheme (``open_store``); ``identity(source)`` names the bytes a
+model is made of. The header parsers, stores and checkpoint resolution need no torch; the
+names that do are imported on first use, so ``from zerostart.weights import read_header``
+stays light.
 """
 
 from typing import Any
 
+from zerostart.names import is_remote
 from zerostart.weights._cache import Cache
 from zerostart.weights._checkpoint import Checkpoint, resolve
 from zerostart.weights._format import Header, TensorInfo, WeightsError, parse_header, read_header
+from zerostart.weights._gguf import GgufModel, GgufTensor, is_gguf, open_gguf
 from zerostart.weights._image import (MANIFEST, Fingerprint, ImageError, ImageIncompatible, check_compatible, fingerprint,
                                       image_store, is_image, read_manifest, write_image)
 from zerostart.weights._io import (Region, align_up, drop_page_cache, map_anonymous_at, map_shared_at, open_direct,
                                    pread_into, release_pages, touch_pages)
 from zerostart.weights._paths import cache_dir
-from zerostart.names import is_remote
-from zerostart.weights._remote import ObjectChanged, SourceError, Transport, list_objects, reset_credentials
+from zerostart.weights._remote import ObjectChanged, SourceError, Transport
 from zerostart.weights._reserve import arena_bytes, release_host, reserve_host, reserved_host
+from zerostart.weights._store import ObjectInfo, Store, open_store
+from zerostart.weights._store_s3 import reset_credentials
 
-_TORCH_NAMES = {"Arena", "LoadConfig", "LoadStats", "load", "load_arena", "save_file"}
-_SOURCE_NAMES = {"hf_snapshot", "localize", "pull", "open_source"}
+# names imported on first use: module -> names
+_LAZY = {
+    "_load": ("Arena", "LoadConfig", "LoadStats", "load", "load_arena"),  # torch
+    "_save": ("save_file",),  # torch
+    "_gguf_load": ("convert_gguf",),  # torch
+    "_sources": ("gguf_file", "identity", "local_copy", "localize", "open_source"),
+    "_pull": ("pull",),
+}
+_MODULE = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
     # loading
@@ -41,17 +54,27 @@ __all__ = [
     "read_header",
     "resolve",
     "save_file",
-    # sources and the local cache
+    # GGUF files
+    "GgufModel",
+    "GgufTensor",
+    "convert_gguf",
+    "gguf_file",
+    "is_gguf",
+    "open_gguf",
+    # sources, their stores and the local cache
     "Cache",
     "ObjectChanged",
+    "ObjectInfo",
     "SourceError",
+    "Store",
     "Transport",
     "cache_dir",
-    "hf_snapshot",
+    "identity",
     "is_remote",
-    "list_objects",
+    "local_copy",
     "localize",
     "open_source",
+    "open_store",
     "pull",
     "reset_credentials",
     # ready images: the format (written by zerostart.snapshot, read by load_arena)
@@ -83,16 +106,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SOURCE_NAMES:
-        from zerostart.weights import _sources
+    module = _MODULE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zerostart.weights' has no attribute {name!r}")
+    import importlib
 
-        return getattr(_sources, name)
-    if name in _TORCH_NAMES:
-        if name == "save_file":
-            from zerostart.weights._save import save_file
-
-            return save_file
-        from zerostart.weights import _load
-
-        return getattr(_load, name)
-    raise AttributeError(f"module 'zerostart.weights' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"zerostart.weights.{module}"), name)

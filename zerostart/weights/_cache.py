@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from zerostart.weights._paths import cache_dir
-from zerostart.weights._remote import RemoteObject
+from zerostart.weights._store import ObjectInfo
 
 DEFAULT_MAX_BYTES = 100 * 10**9  # ZEROSTART_CACHE_MAX_BYTES (or the server config) overrides
 
@@ -36,7 +36,7 @@ class CacheFull(OSError):
     """The cache's disk or size cap cannot hold an object; the load goes on without caching."""
 
 
-def _key(obj: RemoteObject) -> str:
+def _key(obj: ObjectInfo) -> str:
     return hashlib.sha256(f"{obj.url}\n{obj.etag or obj.last_modified or ''}\n{obj.size}".encode()).hexdigest()
 
 
@@ -67,7 +67,7 @@ class Cache:
     def snapshot_dir(self, source: str) -> str:
         return os.path.join(self.snapshots, _source_id(source))
 
-    def blob_path(self, obj: RemoteObject) -> str:
+    def blob_path(self, obj: ObjectInfo) -> str:
         return os.path.join(self.blobs, _key(obj))
 
     def manifest(self, source: str) -> dict | None:
@@ -100,7 +100,7 @@ class Cache:
 
     # --- writing --------------------------------------------------------------------------------
 
-    def open_writer(self, obj: RemoteObject, wait: bool = True) -> "BlobWriter | None":
+    def open_writer(self, obj: ObjectInfo, wait: bool = True) -> "BlobWriter | None":
         """A writer for ``obj``'s blob, or None if the blob already exists. Blocks while another
         process or thread writes the same blob (so concurrent loads share one transfer), then
         returns None if that one finished it. Raises CacheFull if the bytes cannot fit."""
@@ -127,7 +127,7 @@ class Cache:
                 lock.close()
             raise
 
-    def link(self, source: str, objects: Iterable[RemoteObject], complete: bool = True) -> str:
+    def link(self, source: str, objects: Iterable[ObjectInfo], complete: bool = True) -> str:
         """Record a snapshot of ``source`` whose blobs all exist; mark it complete last.
         Concurrent callers (threads or processes) are serialized on the snapshot's lock."""
         d = self.snapshot_dir(source)
@@ -140,7 +140,7 @@ class Cache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return d
 
-    def _link(self, d: str, source: str, objects: list[RemoteObject], complete: bool) -> None:
+    def _link(self, d: str, source: str, objects: list[ObjectInfo], complete: bool) -> None:
         marker = os.path.join(d, ".complete")
         old = None
         try:
@@ -298,7 +298,7 @@ class BlobWriter:
     blob only when every byte arrived. A failed write (disk full) abandons the blob quietly:
     the load that feeds it goes on."""
 
-    def __init__(self, obj: RemoteObject, path: str, lock) -> None:
+    def __init__(self, obj: ObjectInfo, path: str, lock) -> None:
         self.obj = obj
         self.path = path
         self.partial = path + ".partial"

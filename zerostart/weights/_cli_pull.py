@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="s3://bucket/prefix or https://host/path of a Hugging Face style model")
+    p.add_argument("source", help="hf://org/name[@revision], s3://bucket/prefix or https://host/path of a Hugging Face style model")
     p.add_argument("--concurrency", type=int, default=16, help="parallel ranged requests (default 16)")
     p.add_argument("--part-size", default="16MB", help="bytes per ranged request (default 16MB)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -17,7 +17,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from zerostart.units import parse_size
-    from zerostart.weights._sources import pull
+    from zerostart.weights._pull import pull
 
     bar = None
 

@@ -4,12 +4,13 @@ through :func:`zerostart.weights.load_arena`, which verifies the checksums.)
 
 An image is a directory:
 
-    model.safetensors         the prepared weights (dtype cast, projections fused) in layer
-                              order: embeddings, layer 0, layer 1, ..., final norm, LM head.
-                              Within a layer, tensors keep their relative offsets from the
-                              engine's arena (so fused groups stay back to back); the data
-                              section and every layer start on a 4096-byte boundary. Gaps are
-                              filled by ``__zerostart_pad__.N`` tensors (loaded, never returned).
+    model.safetensors         the prepared weights (dtype cast) in layer order: embeddings,
+                              layer 0, layer 1, ..., final norm, LM head. Within a layer, the
+                              members of each fused group (q/k/v, gate/up, their biases) are
+                              back to back in order, so a restored image fuses without moving a
+                              byte; the data section and every layer start on a 4096-byte
+                              boundary. Gaps are ``__zerostart_pad__.N`` tensors (loaded, never
+                              returned).
     zerostart-checksums.json  xxh3 of every 4 MiB block, verified while the image loads
     zerostart-image.json      the manifest: format version, fingerprint, source, layer spans
     config.json, tokenizer*.json, generation_config.json, chat templates   (copied)
@@ -101,9 +102,15 @@ def read_manifest(path: str) -> dict[str, Any]:
     return m
 
 
-def check_compatible(path: str, wanted: Fingerprint) -> dict[str, Any]:
-    """The manifest, if the image at ``path`` matches ``wanted``; else ImageIncompatible."""
+def check_compatible(path: str, wanted: Fingerprint, source_identity: str | None = None) -> dict[str, Any]:
+    """The manifest, if the image at ``path`` matches ``wanted`` (and, when given, was built from
+    the bytes ``source_identity`` names: :func:`zerostart.weights.identity` of its source);
+    else ImageIncompatible."""
     m = read_manifest(path)
+    if source_identity is not None and m.get("source_identity") != source_identity:
+        raise ImageIncompatible(f"{path}: the image was built from other bytes of {m.get('source') or 'its source'} "
+                                f"(source identity {m.get('source_identity')} then, {source_identity} now): the "
+                                "source changed since")
     try:
         have = Fingerprint(**m["fingerprint"])
     except TypeError as e:
@@ -126,73 +133,24 @@ def _layer_key(name: str) -> tuple[int, int]:
 
 
 def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerprint, source: str = "",
-                extra: dict[str, Any] | None = None, compile_cache: bytes | None = None) -> str:
+                extra: dict[str, Any] | None = None, compile_cache: bytes | None = None,
+                source_identity: str | None = None) -> str:
     """Write ``tensors`` (views into one arena, as the engine holds them) as a ready image.
+    ``source_identity``: ``zerostart.weights.identity`` of the source they were loaded from.
 
     Returns ``out``. If ``out`` appears meanwhile (another writer won), this copy is discarded.
     """
-    import torch
-
     from zerostart.weights import _checksums
 
-    groups: dict[tuple[int, int], list[tuple[str, Any]]] = {}
-    for name, t in tensors.items():
-        groups.setdefault(_layer_key(name), []).append((name, t))
-    # layout: per group, tensors in arena order with their relative offsets kept
-    entries: list[tuple[str, Any | None, int, int]] = []  # (name, tensor or None for a pad, start, nbytes)
-    offset = 0
-    spans: dict[str, list[int]] = {}
-    for key in sorted(groups):
-        members = sorted(groups[key], key=lambda nt: nt[1].data_ptr())
-        offset = _pad_to(entries, offset, (offset + _ALIGN - 1) // _ALIGN * _ALIGN)
-        base_ptr = members[0][1].data_ptr()
-        group_start = offset
-        for name, t in members:
-            want = group_start + (t.data_ptr() - base_ptr)  # same relative place as in the arena
-            if want < offset or want % t.element_size():  # (overlapping or odd views: pack instead)
-                want = (offset + 255) // 256 * 256
-            offset = _pad_to(entries, offset, want)
-            n = t.numel() * t.element_size()
-            entries.append((name, t if t.is_contiguous() else t.contiguous(), offset, n))
-            offset += n
-        label = f"layer.{key[1]}" if key[0] == 1 else {0: "embed", 2: "final", 3: "head"}[key[0]]
-        spans[label] = [group_start, offset]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "zerostart": "ready-image"}}
-    from zerostart.weights._dtypes import SAFETENSORS_NAMES
-
-    for name, t, start, n in entries:
-        if t is None:
-            header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [start, start + n]}
-        else:
-            header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [start, start + n]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    data_start = (8 + len(raw) + _ALIGN - 1) // _ALIGN * _ALIGN
-    raw += b" " * (data_start - 8 - len(raw))
-
+    entries, spans = _layout(tensors)
+    raw, data_start = _header(entries)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
         wpath = os.path.join(tmp, "model.safetensors")
-        with open(wpath, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            pos = 0
-            zeros = bytes(_ALIGN)
-            for name, t, start, n in entries:
-                if t is None:
-                    left = n
-                    while left:
-                        f.write(zeros[: min(left, len(zeros))])
-                        left -= min(left, len(zeros))
-                elif n:
-                    flat = t.detach().reshape(-1).view(torch.uint8)
-                    for i in range(0, n, 64 << 20):
-                        f.write(memoryview(flat[i : i + (64 << 20)].to("cpu").numpy()))
-                pos = start + n
-            f.flush()
-            os.fsync(f.fileno())
-        assert os.path.getsize(wpath) == data_start + pos
+        nbytes = _write_weights(wpath, raw, entries)
+        assert os.path.getsize(wpath) == data_start + nbytes
         _checksums.write(tmp, [_checksums.compute(wpath, data_start)])
         for name in _COPY:
             src = os.path.join(model_dir, name)
@@ -203,8 +161,8 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
                 f.write(compile_cache)
         manifest = {
             "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source": source, "fingerprint": fp.to_dict(),
-            "weights": {"file": "model.safetensors", "bytes": pos, "data_start": data_start,
+            "source": source, "source_identity": source_identity, "fingerprint": fp.to_dict(),
+            "weights": {"file": "model.safetensors", "bytes": nbytes, "data_start": data_start,
                         "tensors": sum(1 for e in entries if e[1] is not None), "pad_tensors": sum(1 for e in entries if e[1] is None),
                         "spans": spans},
             "compile_cache": "compile_cache.bin" if compile_cache else None,
@@ -214,22 +172,110 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         _fsync_dir(tmp)
-        try:
-            os.rename(tmp, out)  # atomic; fails if another writer already put an image there
-        except OSError:
-            if is_image(out):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            if os.path.isdir(out) and not os.listdir(out):
-                os.rmdir(out)
-                os.rename(tmp, out)
-            else:
-                raise ImageError(f"{out}: exists and is not a ready image; choose another --out") from None
-        _fsync_dir(parent)
-        return out
+        return _publish(tmp, out, parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+Entry = tuple[str, Any, int, int]  # (name, tensor or None for a pad, start, nbytes)
+
+
+# the groups the engine fuses into one matmul (q/k/v, gate/up, their biases): rank, place in the group
+_FUSED = {f"{part}.{kind}": (rank + (kind == "bias"), i)
+          for rank, parts in ((1, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              (3, ("mlp.gate_proj", "mlp.up_proj")))
+          for i, part in enumerate(parts) for kind in ("weight", "bias")}
+
+
+def _layout(tensors: dict[str, Any]) -> tuple[list[Entry], dict[str, list[int]]]:
+    """Layer groups in layer order, each on a 4096-byte boundary; within one, the other tensors
+    in arena order and then each fused group's members back to back, in order (whether or not
+    they were so in the arena: an image is always fusable for free). Tensors start 256-aligned,
+    a group's later members right after the one before. Gaps are pad entries. Also each layer
+    group's [start, end)."""
+    groups: dict[tuple[int, int], list[tuple[str, Any]]] = {}
+    for name, t in tensors.items():
+        groups.setdefault(_layer_key(name), []).append((name, t))
+    entries: list[Entry] = []
+    offset = 0
+    spans: dict[str, list[int]] = {}
+    for key in sorted(groups):
+        offset = _pad_to(entries, offset, (offset + _ALIGN - 1) // _ALIGN * _ALIGN)
+        group_start = offset
+        previous: tuple[int, int] | None = None
+        for name, t in sorted(groups[key], key=lambda nt: (*_fused_key(nt[0]), nt[1].data_ptr())):
+            rank, index = _fused_key(name)
+            follows = rank and previous == (rank, index - 1) and offset % t.element_size() == 0
+            offset = _pad_to(entries, offset, offset if follows else (offset + 255) // 256 * 256)
+            n = t.numel() * t.element_size()
+            entries.append((name, t if t.is_contiguous() else t.contiguous(), offset, n))
+            offset += n
+            previous = (rank, index)
+        label = f"layer.{key[1]}" if key[0] == 1 else {0: "embed", 2: "final", 3: "head"}[key[0]]
+        spans[label] = [group_start, offset]
+    return entries, spans
+
+
+def _fused_key(name: str) -> tuple[int, int]:
+    """(rank of its fused group, place in it); (0, 0) for a tensor of no group."""
+    m = re.search(r"(?:^|\.)layers\.\d+\.(.+)$", name)
+    return _FUSED.get(m.group(1), (0, 0)) if m else (0, 0)
+
+
+def _header(entries: list[Entry]) -> tuple[bytes, int]:
+    """The safetensors header (padded so the data section starts 4096-aligned) and that start."""
+    from zerostart.weights._dtypes import SAFETENSORS_NAMES
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "zerostart": "ready-image"}}
+    for name, t, start, n in entries:
+        dtype, shape = ("U8", [n]) if t is None else (SAFETENSORS_NAMES[t.dtype], list(t.shape))
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + n]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    data_start = (8 + len(raw) + _ALIGN - 1) // _ALIGN * _ALIGN
+    return raw + b" " * (data_start - 8 - len(raw)), data_start
+
+
+def _write_weights(path: str, raw: bytes, entries: list[Entry]) -> int:
+    """Write the file (fsynced); returns the bytes of its data section."""
+    import torch
+
+    pos = 0
+    zeros = bytes(_ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t, start, n in entries:
+            if t is None:
+                left = n
+                while left:
+                    f.write(zeros[: min(left, len(zeros))])
+                    left -= min(left, len(zeros))
+            elif n:
+                flat = t.detach().reshape(-1).view(torch.uint8)
+                for i in range(0, n, 64 << 20):
+                    f.write(memoryview(flat[i : i + (64 << 20)].to("cpu").numpy()))
+            pos = start + n
+        f.flush()
+        os.fsync(f.fileno())
+    return pos
+
+
+def _publish(tmp: str, out: str, parent: str) -> str:
+    """Rename the finished image into place (atomic); another writer's image there wins."""
+    try:
+        os.rename(tmp, out)  # fails if another writer already put an image there
+    except OSError:
+        if is_image(out):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return out
+        if os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+            os.rename(tmp, out)
+        else:
+            raise ImageError(f"{out}: exists and is not a ready image; choose another --out") from None
+    _fsync_dir(parent)
+    return out
 
 
 def _pad_to(entries: list, offset: int, want: int) -> int:

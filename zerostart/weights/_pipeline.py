@@ -33,7 +33,7 @@ class FileHandle:
     size: int
     fd: int  # -1 for a remote object
     direct: bool  # fd was opened with O_DIRECT (reads are block-aligned)
-    remote: Any = None  # RemoteObject: read by ranged requests instead of the fd
+    remote: Any = None  # ObjectInfo: read by ranged requests instead of the fd
     transport: Any = None
     tee: Any = None  # BlobWriter: every byte read is also written to the local cache
     sums: Any = None  # FileSums: verify blocks as they arrive

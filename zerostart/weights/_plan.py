@@ -40,7 +40,7 @@ class Slot:
     offset: int  # arena byte offset
     dtype: torch.dtype  # dtype in the arena
     shape: tuple[int, ...]
-    src: TensorInfo
+    src: TensorInfo | None  # where it is in its safetensors file (None: not from one)
     file: int  # index of the file holding it
     relocate_from: int | None = None  # mirror layout: unaligned offset to copy from after the load
 

@@ -1,4 +1,4 @@
-"""Remote checkpoints: S3 (any S3-compatible endpoint) and HTTP(S) with range requests.
+"""Ranged HTTP reads with retries: the machinery under the S3 and HTTP stores.
 
 Reads are positional ranges fetched over keep-alive connections (one per reader thread) and
 read straight into the caller's buffer. Transient failures (connection resets, timeouts, 5xx,
@@ -7,15 +7,13 @@ keeps failing raises :class:`SourceError` naming the object and the range. Every
 the first is conditional on the object's ETag (or Last-Modified), so an object replaced in the
 middle of a load fails the load instead of mixing two versions.
 
-S3 credentials come from the standard AWS chain (environment, shared files, config) through
-botocore, requests are signed with SigV4; the endpoint comes from ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL`` (path-style addressing) or defaults to AWS (virtual-hosted).
+A store that signs its requests (S3) gives the transport a ``target``: a function from an
+object's URL to the HTTP URL to ask and the headers to send (``_store_s3.py``).
 """
 
 from __future__ import annotations
 
 import http.client
-import os
 import random
 import ssl
 import threading
@@ -25,7 +23,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Callable
 
-from zerostart.weights._format import WeightsError
+from zerostart.weights._store import ObjectInfo
+
+Target = Callable[[str, str, dict[str, str], str], tuple[str, dict[str, str]]]
 
 
 class SourceError(OSError):
@@ -34,18 +34,6 @@ class SourceError(OSError):
 
 class ObjectChanged(SourceError):
     """The object's ETag / Last-Modified changed between two reads of one load."""
-
-
-@dataclass(frozen=True)
-class RemoteObject:
-    url: str  # canonical: s3://bucket/key or http(s)://host/path
-    size: int
-    etag: str | None = None
-    last_modified: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.url.rstrip("/").rsplit("/", 1)[-1]
 
 
 @dataclass
@@ -60,89 +48,15 @@ DEFAULT_RETRY = RetryPolicy()
 
 
 # ---------------------------------------------------------------------------------------------
-# Addressing and signing
-
-
-class _S3:
-    """Turns s3://bucket/key into a request URL and signed headers."""
-
-    def __init__(self) -> None:
-        try:
-            import botocore.session
-            from botocore.auth import S3SigV4Auth
-            from botocore.awsrequest import AWSRequest
-        except ImportError:
-            raise SourceError("s3:// sources need botocore: pip install 'zerostart[s3]'") from None
-        self._auth_cls, self._request_cls = S3SigV4Auth, AWSRequest
-        session = botocore.session.get_session()
-        self.region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or session.get_config_variable("region") or "us-east-1"
-        self.endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "").rstrip("/")
-        creds = session.get_credentials()
-        self.credentials = creds.get_frozen_credentials() if creds is not None else None
-        self._lock = threading.Lock()
-
-    def http_url(self, bucket: str, key: str, query: str = "") -> str:
-        quoted = urllib.parse.quote(key, safe="/~")
-        if self.endpoint:
-            url = f"{self.endpoint}/{bucket}/{quoted}"
-        else:
-            url = f"https://{bucket}.s3.{self.region}.amazonaws.com/{quoted}"
-        return url + (f"?{query}" if query else "")
-
-    def sign(self, method: str, url: str, headers: dict[str, str]) -> dict[str, str]:
-        if self.credentials is None:
-            return headers  # anonymous access (public buckets)
-        req = self._request_cls(method=method, url=url, headers=dict(headers))
-        self._auth_cls(self.credentials, "s3", self.region).add_auth(req)
-        return dict(req.headers.items())
-
-
-_s3_singleton: _S3 | None = None
-_s3_lock = threading.Lock()
-
-
-def _s3() -> _S3:
-    global _s3_singleton
-    with _s3_lock:
-        if _s3_singleton is None:
-            _s3_singleton = _S3()
-        return _s3_singleton
-
-
-def reset_credentials() -> None:
-    """Forget cached S3 endpoint and credentials (re-read from the environment next time)."""
-    global _s3_singleton
-    with _s3_lock:
-        _s3_singleton = None
-
-
-def _split_s3(url: str) -> tuple[str, str]:
-    rest = url[len("s3://"):]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise WeightsError(f"{url}: no bucket in this s3:// URL (expected s3://bucket/prefix)")
-    return bucket, key
-
-
-def _request_target(url: str, method: str = "GET", headers: dict[str, str] | None = None, query: str = "") -> tuple[str, dict[str, str]]:
-    headers = dict(headers or {})
-    if url.startswith("s3://"):
-        bucket, key = _split_s3(url)
-        s3 = _s3()
-        http_url = s3.http_url(bucket, key, query)
-        return http_url, s3.sign(method, http_url, headers)
-    return url + (f"?{query}" if query else ""), headers
-
-
-# ---------------------------------------------------------------------------------------------
 # Transport
 
 
 class Transport:
     """Keep-alive HTTP connections, one set per thread, and ranged reads with retries."""
 
-    def __init__(self, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, retry: RetryPolicy | None = None, target: Target | None = None) -> None:
         self.retry = retry or DEFAULT_RETRY
+        self._target = target or plain_target
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._all_lock = threading.Lock()
@@ -180,7 +94,7 @@ class Transport:
         """A small request (HEAD, listing, a small file), retried on transient failures."""
         last: BaseException | None = None
         for attempt in range(self.retry.attempts):
-            http_url, hdrs = _request_target(url, method, headers, query)
+            http_url, hdrs = self._target(url, method, dict(headers or {}), query)
             parsed = urllib.parse.urlsplit(http_url)
             try:
                 conn = self._conn(parsed)
@@ -200,7 +114,7 @@ class Transport:
             return status, rh, body
         raise SourceError(f"{url}: {method} failed after {self.retry.attempts} attempts: {last}")
 
-    def read_range(self, obj: RemoteObject, offset: int, buf: memoryview) -> None:
+    def read_range(self, obj: ObjectInfo, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the object's bytes at ``offset`` (up to the end of the object)."""
         want = min(len(buf), obj.size - offset)
         done = 0
@@ -213,7 +127,7 @@ class Transport:
                 headers["If-Match"] = obj.etag
             elif obj.last_modified:
                 headers["If-Unmodified-Since"] = obj.last_modified
-            http_url, hdrs = _request_target(obj.url, "GET", headers)
+            http_url, hdrs = self._target(obj.url, "GET", headers, "")
             parsed = urllib.parse.urlsplit(http_url)
             try:
                 conn = self._conn(parsed)
@@ -234,14 +148,14 @@ class Transport:
                 if resp.status in (412,):
                     raise ObjectChanged(f"{obj.url}: the object changed during the load (ETag {obj.etag} no longer matches); retry the load")
                 if resp.status in (401, 403):
-                    raise SourceError(f"{obj.url}: access denied (HTTP {resp.status}: {_s3_message(body)}); check the credentials "
-                                      f"(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the endpoint")
+                    raise SourceError(f"{obj.url}: access denied (HTTP {resp.status}: {error_message(body)}); check the "
+                                      "credentials and the endpoint")
                 if resp.status == 404:
                     raise SourceError(f"{obj.url}: not found (HTTP 404)")
                 if resp.status == 416:
                     raise ObjectChanged(f"{obj.url}: range {start}..{offset + want} is beyond the object (it shrank during the load?)")
                 if resp.status not in (429, 500, 502, 503, 504):
-                    raise SourceError(f"{obj.url}: unexpected HTTP {resp.status} for bytes {start}..{offset + want}: {_s3_message(body)}")
+                    raise SourceError(f"{obj.url}: unexpected HTTP {resp.status} for bytes {start}..{offset + want}: {error_message(body)}")
                 last = SourceError(f"HTTP {resp.status}")
                 retry_after = resp.getheader("retry-after")
             except (OSError, http.client.HTTPException) as e:
@@ -265,6 +179,11 @@ class Transport:
         time.sleep(delay)
 
 
+def plain_target(url: str, method: str, headers: dict[str, str], query: str) -> tuple[str, dict[str, str]]:
+    """An http(s) URL is asked as it is, unsigned."""
+    return url + (f"?{query}" if query else ""), headers
+
+
 def _path(parsed: urllib.parse.SplitResult) -> str:
     return (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
 
@@ -279,7 +198,7 @@ def _readinto(resp: http.client.HTTPResponse, buf: memoryview) -> int:
     return done
 
 
-def _check_content_range(obj: RemoteObject, resp: http.client.HTTPResponse, start: int) -> None:
+def _check_content_range(obj: ObjectInfo, resp: http.client.HTTPResponse, start: int) -> None:
     cr = resp.getheader("content-range")
     if resp.status == 206 and cr:
         try:
@@ -296,7 +215,8 @@ def _check_content_range(obj: RemoteObject, resp: http.client.HTTPResponse, star
         raise ObjectChanged(f"{obj.url}: the object changed during the load (ETag {obj.etag} -> {etag}); retry the load")
 
 
-def _s3_message(body: bytes) -> str:
+def error_message(body: bytes) -> str:
+    """The message of an error response: an S3 XML error's code and message, else its text."""
     try:
         root = ET.fromstring(body)
         code = root.findtext("Code") or ""
@@ -306,94 +226,7 @@ def _s3_message(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace").strip()
 
 
-# ---------------------------------------------------------------------------------------------
-# Discovery
-
-def head(url: str, transport: Transport) -> RemoteObject:
-    t = transport
-    status, h, _ = t.request(url, "HEAD")
-    if status == 404:
-        raise SourceError(f"{url}: not found (HTTP 404)")
-    if status in (401, 403):
-        raise SourceError(f"{url}: access denied (HTTP {status}); check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and the endpoint")
-    if status >= 400:
-        raise SourceError(f"{url}: HEAD answered HTTP {status}")
-    try:
-        size = int(h["content-length"])
-    except (KeyError, ValueError):
-        raise SourceError(f"{url}: the server gives no Content-Length, so it cannot be read by ranges") from None
-    return RemoteObject(url, size, h.get("etag"), h.get("last-modified"))
-
-
-def fetch(obj: RemoteObject, transport: Transport) -> bytes:
-    buf = bytearray(obj.size)
-    if obj.size:
-        transport.read_range(obj, 0, memoryview(buf))
-    return bytes(buf)
-
-
-def list_objects(url: str, transport: Transport) -> list[RemoteObject]:
-    """The objects of a remote model: every object under an s3:// prefix; for HTTP (which
-    cannot list), the Hugging Face file names that exist under the URL."""
-    t = transport
-    base = url.rstrip("/")
-    if url.startswith("s3://"):
-        bucket, prefix = _split_s3(base)
-        prefix = prefix + "/" if prefix else ""
-        out: list[RemoteObject] = []
-        token = None
-        while True:
-            q = {"list-type": "2", "prefix": prefix}
-            if token:
-                q["continuation-token"] = token
-            status, _, body = t.request(f"s3://{bucket}/", "GET", query=urllib.parse.urlencode(sorted(q.items()), quote_via=urllib.parse.quote))
-            if status in (401, 403):
-                raise SourceError(f"{url}: access denied listing the bucket (HTTP {status}: {_s3_message(body)}); check the credentials")
-            if status == 404:
-                raise SourceError(f"{url}: no such bucket ({_s3_message(body)})")
-            if status != 200:
-                raise SourceError(f"{url}: listing failed with HTTP {status}: {_s3_message(body)}")
-            root = ET.fromstring(body)
-            ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
-            for c in root.iter(f"{ns}Contents"):
-                key = c.findtext(f"{ns}Key") or ""
-                rel = key[len(prefix):]
-                if not rel or "/" in rel:
-                    continue  # the model's own files only, not sub-folders
-                out.append(RemoteObject(f"s3://{bucket}/{key}", int(c.findtext(f"{ns}Size") or 0), c.findtext(f"{ns}ETag"),
-                                        c.findtext(f"{ns}LastModified")))
-            if (root.findtext(f"{ns}IsTruncated") or "false").lower() != "true":
-                break
-            token = root.findtext(f"{ns}NextContinuationToken")
-        if not out:
-            raise SourceError(f"{url}: no objects under this prefix")
-        return out
-    if base.endswith(".safetensors"):
-        return [head(base, t)]
-    found = []
-    for name in _HF_FILES:
-        try:
-            found.append(head(f"{base}/{name}", t))
-        except SourceError as e:
-            if "404" not in str(e):
-                raise
-    names = {o.name for o in found}
-    if "model.safetensors.index.json" in names:
-        import json
-
-        index = json.loads(fetch(next(o for o in found if o.name == "model.safetensors.index.json"), t))
-        for shard in sorted(set(index.get("weight_map", {}).values())):
-            found.append(head(f"{base}/{shard}", t))
-    if not any(o.name.endswith(".safetensors") for o in found):
-        raise SourceError(f"{url}: neither model.safetensors nor model.safetensors.index.json is there")
-    return found
-
-
-_HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "model.safetensors", "model.safetensors.index.json", "zerostart-image.json")
-
-
-def raw_throughput(obj: RemoteObject, concurrency: int, part: int, transport: Transport | None = None,
+def raw_throughput(obj: ObjectInfo, concurrency: int, part: int, transport: Transport | None = None,
                    progress: Callable[[int], None] | None = None) -> float:
     """GB/s of plain concurrent ranged GETs of one object into reused buffers (a ceiling)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -19,11 +19,14 @@ _RANK = {n: i for i, n in enumerate(
      "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"])}
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
+def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None,
+              *, keep_order: bool = False) -> None:
     """Write ``tensors`` to ``path`` in the safetensors format.
 
     Tensors are laid out as the reference writer lays them out (by dtype, widest first, then
-    name: every tensor aligned to its element size); the header is padded to 8 bytes.
+    name: every tensor aligned to its element size), or with ``keep_order`` in the mapping's
+    order (layer order keeps a layer's tensors together, and q/k/v back to back for a fused
+    matmul); the header is padded to 8 bytes.
     """
     path = os.fspath(path)
     for name, t in tensors.items():
@@ -33,7 +36,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no safetensors name")
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("safetensors metadata must map strings to strings")
-    order = sorted(tensors, key=lambda n: (-_RANK[SAFETENSORS_NAMES[tensors[n].dtype]], n))
+    order = list(tensors) if keep_order else sorted(tensors, key=lambda n: (-_RANK[SAFETENSORS_NAMES[tensors[n].dtype]], n))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)

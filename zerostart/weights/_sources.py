@@ -1,16 +1,16 @@
-"""Where a checkpoint comes from: a local path, the Hugging Face cache, S3 or HTTP.
+"""Opening a source for a load: its files through its :class:`~._store.Store`, the cache tier
+for what is streamed, and the model's identity.
 
-    /path/to/model            a local file or directory
-    hf://org/name[@revision]  a model already in the Hugging Face hub cache (offline; honours
-                              HF_HUB_CACHE and HF_HOME)
+    /path/to/model            a local directory, .safetensors file or index, or .gguf file
+    hf://org/name[@revision]  the Hugging Face hub cache, downloaded into first if needed
     s3://bucket/prefix        an S3(-compatible) prefix holding the model's files
                               (ZEROSTART_OFFLINE=1: use a complete cached copy without asking)
     https://host/path         a URL under which the Hugging Face file names can be fetched
 
-Remote sources stream: headers first, then concurrent ranged reads into the load's arena (or
-staging), with every byte also written to the local cache tier (:mod:`._cache`) so the next
-cold start reads from disk. A source already complete in the cache (and unchanged remotely)
-is read from the cache.
+Stores with a local directory (local paths, the hub cache) are loaded from it. The others
+stream: headers first, then concurrent ranged reads into the load's arena (or staging), with
+every byte also written to the local cache tier (:mod:`._cache`) so the next cold start reads
+from disk. A source already complete in the cache (and unchanged remotely) is read from there.
 """
 
 from __future__ import annotations
@@ -23,50 +23,29 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from zerostart.names import Scheme, is_remote, source_scheme
+from zerostart.names import Scheme, source_scheme
 from zerostart.weights._cache import BlobWriter, Cache, CacheFull
 from zerostart.weights._checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, resolve
-from zerostart.weights._format import Header, WeightsError, parse_header
-from zerostart.weights._remote import RemoteObject, SourceError, Transport, fetch, list_objects
-
-
-def hf_snapshot(spec: str) -> str:
-    """The local snapshot directory of ``hf://org/name[@revision]`` in the Hugging Face cache."""
-    rest = spec[len("hf://"):]
-    repo, _, rev = rest.partition("@")
-    if repo.count("/") != 1:
-        raise WeightsError(f"{spec}: expected hf://org/name[@revision]")
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
-    root = os.path.join(hub, "models--" + repo.replace("/", "--"))
-    if not os.path.isdir(root):
-        raise WeightsError(f"{spec}: not in the Hugging Face cache ({root} does not exist); download it there first "
-                           f"(hub downloads are not made by zerostart)")
-    rev = rev or "main"
-    ref = os.path.join(root, "refs", rev)
-    commit = rev
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            commit = f.read().strip()
-    snap = os.path.join(root, "snapshots", commit)
-    if not os.path.isdir(snap):
-        have = ", ".join(sorted(os.listdir(os.path.join(root, "snapshots")))) if os.path.isdir(os.path.join(root, "snapshots")) else "none"
-        raise WeightsError(f"{spec}: revision {rev!r} is not in the Hugging Face cache (snapshots: {have})")
-    return snap
+from zerostart.weights._format import Header, WeightsError, parse_header, read_header
+from zerostart.weights._gguf import GgufModel, is_gguf, open_gguf
+from zerostart.weights._remote import SourceError
+from zerostart.weights._store import ObjectInfo, Store, digest, fetch, open_store
 
 
 @dataclass
 class Opened:
     """A checkpoint ready to load, with, per file, where its bytes come from."""
 
-    checkpoint: Checkpoint
-    remote: list[RemoteObject | None] = field(default_factory=list)  # per header: None = local file
+    checkpoint: Checkpoint | None  # safetensors files (None for a GGUF file)
+    remote: list[ObjectInfo | None] = field(default_factory=list)  # per header: None = local file
     writers: list[BlobWriter | None] = field(default_factory=list)  # per header: cache tee
     source: str = ""
-    objects: list[RemoteObject] = field(default_factory=list)
+    objects: list[ObjectInfo] = field(default_factory=list)
     cache: Cache | None = None
     local_dir: str | None = None  # where the model's other files (config, tokenizer) are
-    transport: Transport | None = None  # the load's own connections (closed by finish)
+    store: Store | None = None  # the load's own connections (closed by finish)
+    gguf: GgufModel | None = None
+    committed: threading.Thread | None = None  # the background cache commit, once started
 
     def finish(self, ok: bool) -> None:
         """After the load: publish complete cache blobs and the snapshot, or abandon them.
@@ -74,8 +53,8 @@ class Opened:
         The tensors are in place already; flushing the cache copy to disk (fsync, rename,
         link) goes on in a background thread so the load does not wait for the disk. The
         thread is not a daemon: the process finishes the cache copy before it exits."""
-        if self.transport is not None:
-            self.transport.close()
+        if self.store is not None:
+            self.store.close()
         if not any(self.writers):
             return
         if not ok:
@@ -95,37 +74,55 @@ class Opened:
 
     def wait_cached(self) -> None:
         """Block until the background cache commit (if any) is done."""
-        t = getattr(self, "committed", None)
-        if t is not None:
-            t.join()
+        if self.committed is not None:
+            self.committed.join()
 
 
-def open_source(spec: str | os.PathLike[str], cache: Cache | None = None, transport: Transport | None = None,
-                use_cache: bool = True, log: Callable[[str], None] | None = None) -> Opened:
+def open_source(spec: str | os.PathLike[str], cache: Cache | None = None, use_cache: bool = True,
+                log: Callable[[str], None] | None = None) -> Opened:
     spec = os.fspath(spec)
-    if source_scheme(spec) is Scheme.HF:
-        spec = hf_snapshot(spec)
-    if not is_remote(spec):
-        ck = resolve(spec)
-        return Opened(ck, [None] * len(ck.headers), [None] * len(ck.headers), local_dir=_dir_of(spec))
-    t = transport or Transport()
+    store = open_store(spec)
+    local = store.local_dir()
+    if local is not None:
+        store.close()
+        return _open_local(spec if source_scheme(spec) is Scheme.LOCAL else local)
     cache = cache or (Cache() if use_cache else None)
-    say = log or _warn
     try:
-        opened = _open_remote(spec, cache, t, say)
+        opened = _open_remote(spec, store, cache, log or _warn)
     except BaseException:
-        t.close()
+        store.close()
         raise
-    if opened.transport is None:  # served from the cache: no more requests
-        t.close()
+    if opened.store is None:  # served from the cache: no more requests
+        store.close()
     return opened
 
 
-def _open_remote(spec: str, cache: Cache | None, t: Transport, say: Callable[[str], None]) -> Opened:
+def _open_local(path: str) -> Opened:
+    g = gguf_file(path)
+    if g is not None:
+        model = open_gguf(g)
+        return Opened(None, source=path, local_dir=model.dir, gguf=model)
+    ck = resolve(path)
+    return Opened(ck, [None] * len(ck.headers), [None] * len(ck.headers), source=path, local_dir=_dir_of(path))
+
+
+def gguf_file(path: str) -> str | None:
+    """The GGUF file ``path`` names: itself, or the one .gguf of a directory without safetensors."""
+    if os.path.isfile(path):
+        return path if is_gguf(path) else None
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        ggufs = [n for n in names if n.endswith(".gguf")]
+        if len(ggufs) == 1 and not any(n.endswith(".safetensors") for n in names):
+            return os.path.join(path, ggufs[0])
+    return None
+
+
+def _open_remote(spec: str, store: Store, cache: Cache | None, say: Callable[[str], None]) -> Opened:
     if os.environ.get("ZEROSTART_OFFLINE") == "1" and cache is not None and cache.manifest(spec) is not None:
         return _local(cache, spec)  # told not to ask the network: the complete cached copy
     try:
-        objects = list_objects(spec, t)
+        objects = store.list()
     except SourceError as e:
         m = cache.manifest(spec) if cache else None
         if m is None or "access denied" in str(e) or "not found" in str(e):
@@ -137,15 +134,26 @@ def _open_remote(spec: str, cache: Cache | None, t: Transport, say: Callable[[st
         if m is not None and _same(m, objects):
             cache.touch(spec)
             return _local(cache, spec)
-    weights = _weight_objects(spec, objects, t)
+    weights = weight_objects(spec, objects, store)
     small = [o for o in objects if not o.name.endswith(".safetensors")]
-    local_dir = fetch_small(spec, small, cache, t) if cache is not None else None
+    local_dir = fetch_small(spec, small, cache, store) if cache is not None else None
+    headers, remote, writers = _remote_headers(weights, store, cache, say)
+    index = next((o for o in objects if o.name == INDEX_NAME), None)
+    if index is not None:
+        _check_index(spec, json.loads(fetch(store, index)), weights, headers)
+    return Opened(Checkpoint(spec, tuple(headers)), remote, writers, spec,
+                  [o for o in objects if o.name.endswith(".safetensors")] + small, cache, local_dir, store)
+
+
+def _remote_headers(weights: list[ObjectInfo], store: Store, cache: Cache | None, say: Callable[[str], None]):
+    """Per weight file: its header, where its bytes come from (None: the cache has it now) and
+    the cache writer its bytes are teed into."""
     headers: list[Header] = []
     writers: list[BlobWriter | None] = []
-    remote: list[RemoteObject | None] = []
+    remote: list[ObjectInfo | None] = []
     try:
         for obj in weights:
-            raw = _header_bytes(obj, t)
+            raw = _header_bytes(obj, store)
             headers.append(parse_header(raw, file_size=obj.size, path=obj.url))
             w = None
             if cache is not None:
@@ -153,10 +161,7 @@ def _open_remote(spec: str, cache: Cache | None, t: Transport, say: Callable[[st
                     w = cache.open_writer(obj)  # waits while another load downloads this object
                 except CacheFull as e:
                     say(f"zerostart: not caching {obj.url}: {e}")
-                if w is None and os.path.exists(cache.blob_path(obj)):
-                    # someone else downloaded it meanwhile: read the local copy
-                    from zerostart.weights._format import read_header
-
+                if w is None and os.path.exists(cache.blob_path(obj)):  # downloaded by someone else meanwhile
                     headers[-1] = read_header(cache.blob_path(obj))
                     remote.append(None)
                     writers.append(None)
@@ -170,49 +175,86 @@ def _open_remote(spec: str, cache: Cache | None, t: Transport, say: Callable[[st
             if w is not None:
                 w.abort()
         raise
-    index = next((o for o in objects if o.name == INDEX_NAME), None)
-    ck = Checkpoint(spec, tuple(headers))
-    if index is not None:
-        _check_index(spec, json.loads(fetch(index, t)), weights, headers)
-    return Opened(ck, remote, writers, spec, [o for o in objects if o.name.endswith(".safetensors")] + small, cache, local_dir, t)
+    return headers, remote, writers
 
 
-def localize(spec: str | os.PathLike[str], cache: Cache | None = None, transport: Transport | None = None) -> str:
+def localize(spec: str | os.PathLike[str], cache: Cache | None = None) -> str:
     """A local directory holding the model's configuration and tokenizer files.
 
-    Local paths and Hugging Face cache entries are returned as they are; for remote sources
-    the small files are fetched into the cache (weights stream separately at load time).
+    Local paths are returned as they are; a GGUF file gives its Hugging Face layout in the
+    cache; ``hf://`` the hub cache's snapshot (downloaded first if needed); for streamed
+    sources the small files are fetched into the cache (weights stream separately at load time).
     """
     spec = os.fspath(spec)
-    if source_scheme(spec) is Scheme.HF:
-        return hf_snapshot(spec)
-    if not is_remote(spec):
-        return _dir_of(spec)
-    cache = cache or Cache()
-    m = cache.manifest(spec)
-    if m is not None and os.environ.get("ZEROSTART_OFFLINE") == "1":
-        return cache.snapshot_dir(spec)
-    if m is not None:
-        return cache.snapshot_dir(spec)
-    t = transport or Transport()
+    store = open_store(spec)
     try:
-        objects = list_objects(spec, t)
-        return fetch_small(spec, [o for o in objects if not o.name.endswith(".safetensors")], cache, t)
-    except SourceError:
-        if os.path.isdir(cache.snapshot_dir(spec)):
+        local = store.local_dir()
+        if local is not None:
+            path = spec if source_scheme(spec) is Scheme.LOCAL else local
+            g = gguf_file(path)
+            return open_gguf(g).dir if g is not None else _dir_of(path)
+        cache = cache or Cache()
+        if cache.manifest(spec) is not None:
             return cache.snapshot_dir(spec)
-        raise
+        try:
+            return fetch_small(spec, [o for o in store.list() if not o.name.endswith(".safetensors")], cache, store)
+        except SourceError:
+            if os.path.isdir(cache.snapshot_dir(spec)):
+                return cache.snapshot_dir(spec)
+            raise
     finally:
-        if transport is None:
-            t.close()
+        store.close()
 
 
-def fetch_small(spec: str, objects: list[RemoteObject], cache: Cache, t: Transport) -> str:
+def local_copy(spec: str, cache: Cache | None = None) -> str | None:
+    """Where a source's checkpoint can be read on this machine without the network: a local
+    path itself, the hub cache's whole snapshot of ``hf://``, the cache's complete copy of a
+    streamed source; None when there is none yet."""
+    scheme = source_scheme(spec)
+    if scheme is Scheme.LOCAL:
+        return spec
+    if scheme is Scheme.HF:
+        from zerostart.weights._store_hf import HfStore
+
+        return HfStore(spec).cached()
+    cache = cache or Cache()
+    return cache.snapshot_dir(spec) if cache.manifest(spec) is not None else None
+
+
+def identity(spec: str | os.PathLike[str], cache: Cache | None = None) -> str:
+    """What the source's model files are, as a digest that changes when any byte of them may
+    have (sizes, times and inodes locally, content hashes and ETags elsewhere). Offline, or
+    with the source unreachable, a remote source's cached copy stands for it."""
+    spec = os.fspath(spec)
+    store = open_store(spec)
+    try:
+        if store.local_dir() is not None:
+            return store.identity()
+        cache = cache or Cache()
+        m = cache.manifest(spec)
+        if m is not None and os.environ.get("ZEROSTART_OFFLINE") == "1":
+            return _manifest_identity(spec, m)
+        try:
+            return store.identity()
+        except SourceError:
+            if m is None:
+                raise
+            return _manifest_identity(spec, m)
+    finally:
+        store.close()
+
+
+def _manifest_identity(spec: str, manifest: dict) -> str:
+    objs = [ObjectInfo(o["url"], o["size"], o.get("etag"), o.get("last_modified")) for o in manifest["objects"].values()]
+    return digest(objs, spec.rstrip("/"))
+
+
+def fetch_small(spec: str, objects: list[ObjectInfo], cache: Cache, store: Store) -> str:
     """Download a source's small files (config, tokenizer, index) into its cache snapshot."""
     for obj in objects:
         w = cache.open_writer(obj)
         if w is not None:
-            w.write(0, memoryview(fetch(obj, t)))
+            w.write(0, memoryview(fetch(store, obj)))
             if not w.commit():
                 raise SourceError(f"{obj.url}: could not be written to the cache at {cache.root}")
     d = cache.snapshot_dir(spec)
@@ -225,10 +267,10 @@ def fetch_small(spec: str, objects: list[RemoteObject], cache: Cache, t: Transpo
 def _local(cache: Cache, spec: str) -> Opened:
     d = cache.snapshot_dir(spec)
     ck = resolve(d)
-    return Opened(ck, [None] * len(ck.headers), [None] * len(ck.headers), local_dir=d)
+    return Opened(ck, [None] * len(ck.headers), [None] * len(ck.headers), source=spec, local_dir=d)
 
 
-def _same(manifest: dict, objects: list[RemoteObject]) -> bool:
+def _same(manifest: dict, objects: list[ObjectInfo]) -> bool:
     have = manifest.get("objects", {})
     for o in objects:
         m = have.get(o.name)
@@ -237,10 +279,11 @@ def _same(manifest: dict, objects: list[RemoteObject]) -> bool:
     return True
 
 
-def _weight_objects(spec: str, objects: list[RemoteObject], t: Transport) -> list[RemoteObject]:
+def weight_objects(spec: str, objects: list[ObjectInfo], store: Store) -> list[ObjectInfo]:
+    """The safetensors files of a listed source, in load order (its index's shards, or the one file)."""
     by_name = {o.name: o for o in objects}
     if INDEX_NAME in by_name:
-        index = json.loads(fetch(by_name[INDEX_NAME], t))
+        index = json.loads(fetch(store, by_name[INDEX_NAME]))
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict):
             raise WeightsError(f"{spec}/{INDEX_NAME}: missing or malformed 'weight_map'")
@@ -258,25 +301,26 @@ def _weight_objects(spec: str, objects: list[RemoteObject], t: Transport) -> lis
     raise WeightsError(f"{spec}: no {SINGLE_NAME} or {INDEX_NAME} there (found: {', '.join(sorted(by_name)) or 'nothing'})")
 
 
-def _check_index(spec: str, index: dict, objs: list[RemoteObject], headers: list[Header]) -> None:
+
+def _check_index(spec: str, index: dict, objs: list[ObjectInfo], headers: list[Header]) -> None:
     by_shard = {o.name: h for o, h in zip(objs, headers)}
     for name, shard in index["weight_map"].items():
         if name not in by_shard[shard].tensors:
             raise WeightsError(f"{spec}/{INDEX_NAME}: tensor {name!r} is absent from the shard it names ({shard})")
 
 
-def _header_bytes(obj: RemoteObject, t: Transport) -> bytes:
+def _header_bytes(obj: ObjectInfo, store: Store) -> bytes:
     if obj.size < 8:
         raise WeightsError(f"{obj.url}: truncated file ({obj.size} bytes; a safetensors file starts with an 8-byte header length)")
     first = min(obj.size, 1 << 16)
     buf = bytearray(first)
-    t.read_range(obj, 0, memoryview(buf))
+    store.read_range(obj, 0, memoryview(buf))
     (n,) = struct.unpack("<Q", buf[:8])
     if 8 + n > obj.size:
         parse_header(bytes(buf), file_size=obj.size, path=obj.url)  # raises the precise error
     if 8 + n > first:
         rest = bytearray(8 + n - first)
-        t.read_range(obj, first, memoryview(rest))
+        store.read_range(obj, first, memoryview(rest))
         buf += rest
     return bytes(buf[: 8 + n])
 
@@ -287,70 +331,3 @@ def _dir_of(spec: str) -> str:
 
 def _warn(msg: str) -> None:
     print(msg, file=sys.stderr)
-
-
-def pull(spec: str, cache: Cache | None = None, transport: Transport | None = None, concurrency: int = 16,
-         part_bytes: int = 16 << 20, progress: Callable[[int, int], None] | None = None) -> str:
-    """Download every file of a remote source into the cache (ranged, concurrent, resumable by
-    object) and return its snapshot directory. Objects already cached are not fetched again."""
-    from concurrent.futures import ThreadPoolExecutor
-    import threading
-
-    if not is_remote(spec):
-        raise WeightsError(f"{spec}: only s3:// and http(s):// sources are pulled into the cache")
-    cache = cache or Cache()
-    t = transport or Transport()
-    try:
-        return _pull(spec, cache, t, concurrency, part_bytes, progress)
-    finally:
-        if transport is None:
-            t.close()
-
-
-def _pull(spec: str, cache: Cache, t: Transport, concurrency: int, part_bytes: int,
-          progress: Callable[[int, int], None] | None) -> str:
-    from concurrent.futures import ThreadPoolExecutor
-    import threading
-
-    objects = list_objects(spec, t)
-    _weight_objects(spec, objects, t)  # fail early on a source that is no checkpoint
-    total = sum(o.size for o in objects)
-    done = 0
-    lock = threading.Lock()
-    local = threading.local()
-
-    def tick(n: int) -> None:
-        nonlocal done
-        with lock:
-            done += n
-            if progress is not None:
-                progress(done, total)
-
-    for obj in objects:
-        w = cache.open_writer(obj)
-        if w is None:
-            tick(obj.size)
-            continue
-        def part(off: int, obj: RemoteObject = obj, w: BlobWriter = w) -> None:
-            buf = getattr(local, "buf", None)
-            if buf is None or len(buf) < part_bytes:
-                buf = local.buf = bytearray(part_bytes)
-            n = min(part_bytes, obj.size - off)
-            mv = memoryview(buf)[:n]
-            t.read_range(obj, off, mv)
-            w.write(off, mv)
-            if w.error is not None:
-                raise CacheFull(w.error.errno or 0, f"writing {obj.url} to the cache failed: {w.error}")
-            tick(n)
-
-        try:
-            with ThreadPoolExecutor(max(1, concurrency)) as ex:
-                list(ex.map(part, range(0, obj.size, part_bytes)))
-            if obj.size == 0:
-                w.write(0, memoryview(b""))
-        except BaseException:
-            w.abort()
-            raise
-        if not w.commit():
-            raise SourceError(f"{obj.url}: downloaded bytes did not add up to {obj.size}; nothing was cached")
-    return cache.link(spec, objects)

@@ -71,6 +71,7 @@ class WorkerBackend(ABC):
         self.id = next(_ids)
         self.on_exit: Callable[[], None] = lambda: None  # the fleet's: the process exited unasked
         self.memory_share: int | None = None  # device bytes this replica may hold (the fleet sets it)
+        self.threads: int | None = None  # the CPU compute threads the fleet gives it (None: its engine's choice)
         label = model.served_name if model is not None else "standby"
         backlog = model.max_concurrency * 2 if model is not None else 0
         self.process = WorkerProcess(label, server, socket_dir, lambda: self.on_exit(), id=self.id, backlog=backlog)

@@ -91,7 +91,8 @@ class ZerostartWorker(WorkerBackend):
             self.standby_record["waited_s"] = round(time.monotonic() - self.process.spawned_at, 3)
         begin = Moment.now()
         options = {k: v for k, v in (("max_model_len", model.max_model_len),
-                                     ("kv_cache_bytes", self._kv_cache_bytes(model))) if v is not None}
+                                     ("kv_cache_bytes", self._kv_cache_bytes(model)),
+                                     ("threads", self.threads)) if v is not None}
         body = LoadRequest(model=model.path, name=model.served_name, device=model.device, dtype=model.dtype,
                            images=model.images, parkable=parkable, engine_options=options)
         name = model.served_name
@@ -140,6 +141,8 @@ class ZerostartWorker(WorkerBackend):
         kv = self._kv_cache_bytes(m)
         if kv:
             cmd.append(f"--kv-cache-bytes={kv}")
+        if self.threads:
+            cmd.append(f"--threads={self.threads}")
         return cmd
 
     # -- readiness and phases ---------------------------------------------------------------

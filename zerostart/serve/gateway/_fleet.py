@@ -25,7 +25,7 @@ from zerostart.serve._config import ConfigError, ModelConfig, ServeConfig
 from zerostart.serve._errors import QueueFull, ShuttingDown, StartFailed, UnknownModel
 from zerostart.serve.gateway import _queue
 from zerostart.serve.gateway._idle import Ticker
-from zerostart.serve.gateway._lifecycle import Lifecycle
+from zerostart.serve.gateway._lifecycle import Lifecycle, cpu_threads
 from zerostart.serve.gateway._memory import DeviceMemory, estimate_bytes, memory_shares
 from zerostart.serve.gateway._metrics import Metrics, ModelGauges
 from zerostart.serve.gateway._model import Model
@@ -59,7 +59,8 @@ class Fleet:
         self.memory = DeviceMemory(limits, self.models)
         self.standby = _standby(config, self.models.values())
         self.metrics = Metrics(self.models, self._model_gauges, self.memory.gauges, lambda: self.standby.ready)
-        self.lifecycle = Lifecycle(config.server, self.memory, self.metrics, self.standby, changed=self._poke)
+        self.lifecycle = Lifecycle(config.server, self.memory, self.metrics, self.standby, changed=self._poke,
+                                   threads=cpu_threads(config))
         self.ticker = Ticker(self.models.values(), self.lifecycle)
         self.watchdog = Watchdog(self.models.values(), self.lifecycle, config.server.worker_probe_timeout)
         self.drained = asyncio.Event()  # set shutdown_timeout after the shutdown began: requests in flight end

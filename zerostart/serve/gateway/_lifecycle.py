@@ -12,7 +12,9 @@ import logging
 import time
 from typing import Any, Callable, Coroutine
 
-from zerostart.serve._config import ServerConfig
+from zerostart.engine import available_cpus
+from zerostart.names import device_type
+from zerostart.serve._config import ServeConfig, ServerConfig
 from zerostart.serve._errors import ServeError, StartFailed, StartTimeout
 from zerostart.serve.backends import ColdStart, WorkerBackend, ZerostartWorker, backend_class
 from zerostart.serve.control import ImageReport, Refusal
@@ -32,13 +34,27 @@ _WRITTEN = frozenset({"written", "write_failed"})  # ... and once it ended
 _IMAGE_POLL_S = (0.5, 5.0)  # how often a write under way is looked at: first, and at most (doubling)
 
 
+def cpu_threads(config: ServeConfig) -> dict[str, int | None]:
+    """Each model's workers' CPU compute threads: the model's ``threads``; on CPU else the CPUs
+    available less one (for the gateway and the workers' own request handling) shared evenly by
+    the CPU workers that may run at once (each model's max_replicas), at least one; None on an
+    accelerator. CPU inference threads wait for each other at every matmul, so one that loses
+    its core stalls them all: oversubscribed, decode collapses to a fraction of its speed
+    (docs/engine.md, "Threads")."""
+    on_cpu = [m for m in config.models if device_type(m.device) == "cpu"]
+    share = max(1, (available_cpus() - 1) // max(1, sum(m.max_replicas for m in on_cpu)))
+    return {m.served_name: m.threads if m.threads is not None else share if m in on_cpu else None
+            for m in config.models}
+
+
 class Lifecycle:
     """Starts, wakes, parks and stops the replicas of every model. ``changed`` is called after
     every move (the idle ticker then looks again)."""
 
     def __init__(self, server: ServerConfig, memory: DeviceMemory, metrics: Metrics, standby: Standby,
-                 changed: Callable[[], None]) -> None:
+                 changed: Callable[[], None], threads: dict[str, int | None] | None = None) -> None:
         self._server = server
+        self._threads = threads or {}  # each model's workers' CPU compute threads (cpu_threads)
         self.memory = memory
         self._metrics = metrics
         self._standby = standby
@@ -102,6 +118,7 @@ class Lifecycle:
         worker.memory_share = m.share
         if isinstance(worker, ZerostartWorker) and m.cfg.kv_cache_bytes is None and m.estimate_source == "headers":
             worker.weights_bytes = m.estimate  # the KV cache on a GPU is the share's rest
+        worker.threads = self._threads.get(m.name)
         r = Replica(m.cfg, worker)
         worker.on_exit = lambda: self._worker_exited(m, r)
         r.transition(State.STARTING)

@@ -1,24 +1,26 @@
 """Device memory: how much a replica will hold, the per-device budget, what each replica has
 reserved, and who goes first when a new model needs room (the fleet's lifecycle acts on it).
 
-Estimates come from the checkpoint's safetensors headers (no torch needed): the weights as
-the engine will hold them, plus ``kv_cache_bytes`` when the model sets it; or the model's
-``memory_estimate``, which should then include the KV cache and activations. A remote source
-(``s3://``, ``https://``) is read from its copy in the local cache; with none, the estimate is
-unknown (None) until the first worker reports the bytes it holds.
+Estimates come from the checkpoint's safetensors headers or GGUF tensor table (no torch
+needed): the weights as the engine will hold them, plus ``kv_cache_bytes`` when the model sets
+it; or the model's ``memory_estimate``, which should then include the KV cache and activations.
+A source not on this machine yet (``hf://`` not in the hub cache, ``s3://`` or ``https://`` not
+in the local cache) has no estimate (None) until the first worker reports the bytes it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Generic, Iterable, Literal, TypeVar
 
 from zerostart import weights
-from zerostart.names import DTYPE_BYTES, Scheme, default_dtype, device_type, is_remote, source_scheme
+from zerostart.names import DTYPE_BYTES, default_dtype, device_type
 from zerostart.serve._config import ModelConfig
 from zerostart.serve._errors import StartFailed
 from zerostart.serve.gateway._metrics import DeviceGauges
@@ -39,15 +41,19 @@ K = TypeVar("K")
 def estimate_bytes(model: ModelConfig) -> int | None:
     """Device bytes one replica of ``model`` holds: ``memory_estimate`` if set, else its weights
     as loaded plus ``kv_cache_bytes`` (raises ``WeightsError`` for an unreadable checkpoint);
-    None for a remote source that is not in the local cache."""
+    None for a source with no copy on this machine yet."""
     if model.memory_estimate is not None:
         return model.memory_estimate
-    path = local_copy(model.path)
+    path = weights.local_copy(model.path)
     if path is None:
         return None
+    gguf = weights.gguf_file(path)
+    if gguf is not None:  # every tensor is dequantized to the load dtype
+        table = weights.open_gguf(gguf)
+        width = DTYPE_BYTES[model.dtype or default_dtype(device_type(model.device), _config_dtype(table.dir))]
+        return sum(t.numel for t in table.tensors) * width + (model.kv_cache_bytes or 0)
     ckpt = weights.resolve(path)
-    # Without a dtype the engine loads float32 on CPU and a 16-bit type on accelerators.
-    width = DTYPE_BYTES[model.dtype or default_dtype(device_type(model.device))]
+    width = DTYPE_BYTES[model.dtype or default_dtype(device_type(model.device), _config_dtype(_dir(path)))]
     weight_bytes = sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
                        for h in ckpt.headers for t in h.tensors.values())
     return weight_bytes + (model.kv_cache_bytes or 0)
@@ -87,16 +93,19 @@ def memory_shares(models: Iterable[ModelConfig], limits: dict[str, int | None],
     return out
 
 
-def local_copy(path: str) -> str | None:
-    """Where a model's checkpoint can be read on this machine: the path itself, the Hugging Face
-    cache's snapshot of ``hf://org/name``, or the weights cache's complete copy of a remote
-    source (None if it has none yet). Never touches the network."""
-    if source_scheme(path) is Scheme.HF:
-        return weights.hf_snapshot(path)  # WeightsError when it is not in the Hugging Face cache
-    if not is_remote(path):
-        return path
-    cache = weights.Cache()
-    return cache.snapshot_dir(path) if cache.manifest(path) is not None else None
+def _dir(path: str) -> str:
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def _config_dtype(model_dir: str) -> str | None:
+    """The checkpoint's dtype as its config.json states it (what the engine's default follows)."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") if isinstance(cfg, dict) else None
+    return dtype if isinstance(dtype, str) else None
 
 
 class Budget:

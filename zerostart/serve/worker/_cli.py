@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None, origin: tuple[float, float] | None = Non
     import uvicorn
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    options = {k: v for k, v in (("max_model_len", args.max_model_len), ("kv_cache_bytes", args.kv_cache_bytes))
-               if v is not None}
+    options = {k: v for k, v in (("max_model_len", args.max_model_len), ("kv_cache_bytes", args.kv_cache_bytes),
+                                 ("threads", args.threads)) if v is not None}
     name = args.name or (default_name(args.model) if args.model else "")
     spec = LoadSpec(model=args.model or "", name=name, device=args.device, dtype=args.dtype, images=args.images,
                     parkable=args.parkable, engine_options=options)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None, origin: tuple[float, float] | None = Non
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m zerostart.serve.worker", description="a zerostart worker (one model)")
-    p.add_argument("--model", help="model directory, .safetensors file, ready image, hf://org/name, s3://... or "
+    p.add_argument("--model", help="model directory, .safetensors or .gguf file, ready image, hf://org/name, s3://... or "
                                    "https://... (with --standby: the default for /zerostart/load)")
     p.add_argument("--standby", action="store_true",
                    help="import and initialize the device, then wait for POST /zerostart/load")
@@ -90,6 +90,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parkable", action="store_true", help="load so that the model can be parked (CUDA: VMM memory)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (tokens)")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU compute threads (torch intra-op; default: torch's, one per core)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--fd", type=int, help="an inherited, listening socket (set by the gateway)")
     where.add_argument("--uds", help="listen on this Unix socket path")

@@ -216,7 +216,7 @@ class Holder:
             self.rung = ("standby+" if standby else "") + loaded.rung
             if spec.images == "write" and loaded.rung == "source":
                 self.image.status = "queued"
-                self._writer = ImageWriter(self, loaded.fingerprint)
+                self._writer = ImageWriter(self, loaded.fingerprint, loaded.identity)
             self._set(WorkerState.READY)
             if self._writer is not None:
                 self._writer.start()

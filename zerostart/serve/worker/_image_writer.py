@@ -47,8 +47,8 @@ class Holder(Protocol):
 class ImageWriter:
     """One background write of ``holder``'s engine as its ready image."""
 
-    def __init__(self, holder: Holder, fp: Fingerprint | None) -> None:
-        self._holder, self._fp = holder, fp
+    def __init__(self, holder: Holder, fp: Fingerprint | None, identity: str | None = None) -> None:
+        self._holder, self._fp, self._identity = holder, fp, identity  # identity: the source's bytes it was loaded from
         self._thread = threading.Thread(target=self._run, name="zerostart-image-writer", daemon=True)
 
     def start(self) -> None:
@@ -104,9 +104,9 @@ class ImageWriter:
             if h.engine.device.type == "cuda":
                 host = host_copy(h)
             else:
-                h.image.path = _images.write(h.engine, h.image.path, self._fp)
+                h.image.path = _images.write(h.engine, h.image.path, self._fp, identity=self._identity)
         if host is not None:
-            h.image.path = _images.write(h.engine, h.image.path, self._fp, host_tensors=host)
+            h.image.path = _images.write(h.engine, h.image.path, self._fp, host_tensors=host, identity=self._identity)
         return True
 
 

@@ -33,26 +33,29 @@ def is_image(source: str) -> bool:
     return is_local(source) and os.path.isdir(source) and snapshot.is_image(source)
 
 
-def locate(source: str, device: str, dtype: str | None) -> tuple[str, Fingerprint]:
+def locate(source: str, device: str, dtype: str | None) -> tuple[str, Fingerprint, str]:
     """The image-store directory for ``source`` loaded on ``device`` with ``dtype`` (None: the
-    engine's default), and the fingerprint an image there must carry. Imports torch. Raises
-    the engine's or the weights package's errors when the source's config cannot be read."""
+    engine's default), the fingerprint an image there must carry, and the identity of the
+    source's bytes now (an image built from other bytes is stale). Imports torch. Raises the
+    engine's or the weights package's errors when the source's config cannot be read."""
     from zerostart import engine, snapshot, weights
 
+    identity = weights.identity(source)
     model_dir = weights.localize(source)
     fp = snapshot.fingerprint(model_dir, device_type(device), str(engine.weights_dtype(model_dir, device, dtype)))
-    return snapshot.image_store(source, fp), fp
+    return snapshot.image_store(source, fp), fp, identity
 
 
-def check(path: str, fp: Fingerprint) -> str | None:
-    """None if the image at ``path`` may be restored for ``fp``; else why not. (Checksums are
-    verified while it loads: a corrupt file surfaces as a load error.)"""
+def check(path: str, fp: Fingerprint, identity: str | None = None) -> str | None:
+    """None if the image at ``path`` may be restored for ``fp`` and was built from the source's
+    bytes as ``identity`` names them now; else why not. (Checksums are verified while it loads:
+    a corrupt file surfaces as a load error.)"""
     from zerostart import snapshot
 
     if not os.path.exists(path):
         return "missing"
     try:
-        snapshot.check_compatible(path, fp)
+        snapshot.check_compatible(path, fp, identity)
     except snapshot.ImageError as e:
         return str(e)
     return None
@@ -91,7 +94,8 @@ def sweep_abandoned(path: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def write(engine: Engine, path: str | None, fp: Fingerprint | None, host_tensors: dict[str, Any] | None = None) -> str:
+def write(engine: Engine, path: str | None, fp: Fingerprint | None, host_tensors: dict[str, Any] | None = None,
+          identity: str | None = None) -> str:
     """Write ``engine``'s prepared weights as the ready image of its source (atomically; a
     concurrent writer of the same image wins or loses as a whole), with its compile caches.
     ``host_tensors``: the same weights already copied to host memory (same names, same relative
@@ -103,4 +107,5 @@ def write(engine: Engine, path: str | None, fp: Fingerprint | None, host_tensors
     if path is None:
         path = snapshot.image_store(engine.source, fp)
     sweep_abandoned(path)
-    return snapshot.write_engine_image(engine, engine.model_dir, path, fp, source=engine.source, tensors=host_tensors)
+    return snapshot.write_engine_image(engine, engine.model_dir, path, fp, source=engine.source, tensors=host_tensors,
+                                       source_identity=identity)

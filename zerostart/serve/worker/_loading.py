@@ -45,6 +45,7 @@ class Loaded:
     rung: str  # "image" or "source"
     image: ImageReport
     fingerprint: Fingerprint | None  # the image an engine from the source would write (None: not looked up)
+    identity: str | None  # the source's bytes when they were looked up (an image built from others is stale)
     parkable: bool  # its memory can be parked
     parkable_error: str | None  # why not, when parking was asked for
 
@@ -61,7 +62,7 @@ def load(spec: LoadSpec, timeline: Timeline, standby_device: str | None) -> Load
     allocator, parkable, parkable_error = _memory(spec)
     loader = _Loader(spec, config, allocator, timeline, standby_device)
     engine, rung = loader.run()
-    return Loaded(engine, rung, loader.image, loader.fp, parkable, parkable_error)
+    return Loaded(engine, rung, loader.image, loader.fp, loader.identity, parkable, parkable_error)
 
 
 def _memory(spec: LoadSpec) -> tuple[Allocator | None, bool, str | None]:
@@ -88,6 +89,7 @@ class _Loader:
         self.timeline, self.standby_device = timeline, standby_device
         self.image = ImageReport(mode=spec.images, status="off")
         self.fp: Fingerprint | None = None
+        self.identity: str | None = None
 
     def run(self) -> tuple[Engine, str]:
         spec = self.spec
@@ -108,13 +110,13 @@ class _Loader:
 
         spec = self.spec
         try:
-            path, self.fp = _images.locate(spec.model, spec.device, spec.dtype)
+            path, self.fp, self.identity = _images.locate(spec.model, spec.device, spec.dtype)
         except (EngineError, weights.WeightsError, weights.SourceError, OSError, ValueError) as e:
             self.image.status, self.image.error = "unavailable", str(e)
             log.warning("model %s: the image store could not be consulted (%s); loading the source", spec.name, e)
             return None
         self.image.path = path
-        why = _images.check(path, self.fp)
+        why = _images.check(path, self.fp, self.identity)
         if why is not None:
             if why == "missing":
                 self.image.status = "missing"

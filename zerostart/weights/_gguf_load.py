@@ -1,0 +1,177 @@
+"""A GGUF file's tensors dequantized into one arena, layer by layer.
+
+Each tensor is read from the file's memory map, dequantized by ``gguf.quants`` into float32
+(F16/BF16/F32 tensors are only viewed), its Q/K rows put back in Hugging Face order, cast to
+the load's dtype and copied into its slot: at most one tensor's float32 copy per thread is
+alive at a time. Tensors are marked ready one by one in layer order, so the engine can start
+on the first layers while later ones are still being dequantized. Dequantization costs CPU
+time on every load; a ready image of the result (``zerostart snapshot``, or a server model's
+``images: write``) pays it once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+from zerostart.weights._arena import Arena, LoadStats, views
+from zerostart.weights._format import WeightsError
+from zerostart.weights._gguf import GgufModel, GgufTensor
+from zerostart.weights._io import DIRECT_ALIGN, Region, align_up
+from zerostart.weights._plan import TENSOR_ALIGN, Layout, Slot
+
+# stored types whose values a torch dtype holds exactly (no dequantization)
+_PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def load_gguf(model: GgufModel, dev: torch.device, target: torch.dtype | None, *, threads: int = 0,
+              progress: Callable[[int, int], None] | None = None, background: bool = False,
+              allocator: Callable[[int, torch.device], torch.Tensor] | None = None, t_start: float = 0.0) -> Arena:
+    """The model's tensors, under Hugging Face names, in one arena on ``dev`` (``target`` dtype;
+    None: float32, or the stored dtype of F16/BF16 tensors)."""
+    t_start = t_start or time.perf_counter()
+    slots, size = _layout(model, target)
+    region, storage = _allocate(size, dev, allocator)
+    stats = LoadStats(path=model.path, device=str(dev), bytes=model.nbytes, arena_bytes=size, files=1,
+                      tensors=len(slots), strategy={"gguf": 1}, layout="gguf", residency=0.0)
+    stats.threads = threads or max(1, min(4, os.cpu_count() or 1))
+    arena = Arena(storage, views(storage, slots), Layout("gguf", size, slots, [], []), stats, region)
+    stats.setup_s = time.perf_counter() - t_start
+    job = _Dequantize(model, arena, stats.threads, progress, t_start)
+    if background:
+        threading.Thread(target=job.run, name="zerostart-gguf-load", daemon=True).start()
+    else:
+        job.run()
+        arena.wait()
+    return arena
+
+
+def _layout(model: GgufModel, target: torch.dtype | None) -> tuple[dict[str, Slot], int]:
+    slots: dict[str, Slot] = {}
+    cursor = 0
+    for t in model.tensors:
+        dtype = target or _PLAIN.get(t.qtype, torch.float32)
+        slots[t.name] = Slot(t.name, cursor, dtype, t.shape, None, 0)
+        cursor = align_up(cursor + t.numel * dtype.itemsize, TENSOR_ALIGN)
+    return slots, cursor
+
+
+def _allocate(size: int, dev: torch.device, allocator) -> tuple[Region | None, torch.Tensor]:
+    if dev.type == "cuda":
+        n = align_up(max(size, 1), DIRECT_ALIGN)
+        return None, (allocator(n, dev) if allocator is not None else torch.empty(n, dtype=torch.uint8, device=dev))
+    region = Region.anonymous(max(size, 1))
+    return region, region.tensor()
+
+
+class _Dequantize:
+    """The load's work: tensors in layer order over a few threads, each marked when in place."""
+
+    def __init__(self, model: GgufModel, arena: Arena, threads: int, progress, t_start: float) -> None:
+        self.model, self.arena, self.threads, self.progress, self.t_start = model, arena, threads, progress, t_start
+        self.done = 0
+        self.failed = False
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        stats = self.arena.stats
+        error: BaseException | None = None
+        stats.read_from = time.perf_counter()
+        try:
+            _check_unchanged(self.model)
+            data = np.memmap(self.model.path, dtype=np.uint8, mode="r")
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="zerostart-dequant") as ex:
+                list(ex.map(lambda t: self.one(data, t), self.model.tensors))
+            if self.arena.device.type == "cuda":
+                torch.cuda.synchronize(self.arena.device)
+        except BaseException as e:  # noqa: BLE001 - handed to the arena's waiters
+            error = e
+        stats.read_until = stats.copy_until = time.perf_counter()
+        stats.copy_from, stats.started_at = stats.read_from, self.t_start
+        stats.read_s = stats.copy_s = stats.read_until - stats.read_from
+        stats.total_s = time.perf_counter() - self.t_start
+        self.arena.finish(error)
+
+    def one(self, data: np.memmap, t: GgufTensor) -> None:
+        if self.failed:
+            return  # another tensor failed: the load is over
+        dst = self.arena.tensors[t.name]
+        try:
+            src = dequantize(data, t)
+        except (ValueError, NotImplementedError) as e:
+            self.failed = True
+            raise WeightsError(f"{self.model.path}: tensor {t.gguf_name!r} ({t.qtype}) could not be dequantized: {e}") from None
+        dst.copy_(src.to(dst.dtype), non_blocking=False)
+        self.arena.mark([t.name])
+        with self.lock:
+            self.done += t.nbytes
+            if self.progress is not None:
+                self.progress(self.done, self.model.nbytes)
+
+
+def dequantize(data: np.memmap, t: GgufTensor) -> torch.Tensor:
+    """One tensor in Hugging Face layout: float32, or its stored dtype for F16/BF16 tensors."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    raw = data[t.offset : t.offset + t.nbytes]
+    if t.qtype in _PLAIN:
+        out = torch.from_numpy(np.array(raw)).view(_PLAIN[t.qtype]).reshape(t.shape)
+    else:
+        rows = t.numel // t.shape[-1]
+        values = gguf_dequantize(np.asarray(raw).reshape(rows, -1), GGMLQuantizationType[t.qtype])
+        out = torch.from_numpy(values).reshape(t.shape)
+    if t.heads:
+        # llama.cpp stores each head's rotary pairs as [first halves..., second halves...]
+        # interleaved; Hugging Face keeps the halves apart: [heads, 2, d/2] <- [heads, d/2, 2]
+        rows = out.shape[0]
+        out = out.reshape(t.heads, rows // t.heads // 2, 2, *out.shape[1:]).transpose(1, 2).reshape(out.shape)
+    return out
+
+
+def _check_unchanged(model: GgufModel) -> None:
+    from zerostart.weights._store_local import file_identity
+
+    now = file_identity(os.stat(model.path))
+    if now != model.identity:
+        raise WeightsError(f"{model.path}: the file changed since its tensor table was read ({model.identity} -> {now}); "
+                           "load it again")
+
+
+def convert_gguf(path: str, out: str, dtype: str | torch.dtype = "bfloat16") -> str:
+    """Write the model in a GGUF file as a Hugging Face checkpoint (``model.safetensors`` in
+    ``dtype``, in layer order, config and tokenizer files) into the directory ``out``, which
+    appears whole or not at all. Returns ``out``."""
+    import shutil
+    import tempfile
+
+    from zerostart.weights._dtypes import parse_dtype
+    from zerostart.weights._gguf import TABLE, open_gguf
+    from zerostart.weights._save import save_file
+
+    model = open_gguf(path)
+    arena = load_gguf(model, torch.device("cpu"), parse_dtype(dtype))
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        save_file(arena.tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"}, keep_order=True)
+        for name in os.listdir(model.dir):
+            if name != TABLE:
+                shutil.copyfile(os.path.join(model.dir, name), os.path.join(tmp, name))
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, out)  # atomic; an empty directory is replaced, anything else refused
+        except OSError:
+            raise WeightsError(f"{out}: exists and is not empty; choose another directory") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
