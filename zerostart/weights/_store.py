@@ -111,12 +111,3 @@ def fetch(store: Store, obj: ObjectInfo) -> bytes:
     if obj.size:
         store.read_range(obj, 0, memoryview(buf))
     return bytes(buf)
-
-
-def identity(spec: str) -> str:
-    """The content identity of a source's model files (see :meth:`Store.identity`)."""
-    store = open_store(spec)
-    try:
-        return store.identity()
-    finally:
-        store.close()
