@@ -264,3 +264,33 @@ def test_fuzz_truncated_and_mutated_files(tmp_path, small_file, cut, edits):
 @given(st.binary(max_size=300))
 def test_fuzz_random_bytes_after_the_magic(tmp_path, blob):
     _open_or_reject(tmp_path, b"GGUF" + blob)
+
+
+@pytest.mark.slow
+def test_the_commands_take_a_gguf_file(tmp_path, tiny):
+    """`zerostart generate` and `zerostart snapshot` on a GGUF file: the same text as the
+    checkpoint it was written from (an F32 GGUF of bf16 weights holds the same values), and the
+    ready image of it generates that text too."""
+    import subprocess
+    import sys
+
+    from tests.serve._helpers import child_env
+
+    with open(os.path.join(tiny, "config.json")) as f:
+        cfg = json.load(f)
+    path = write_gguf(str(tmp_path / "tiny.gguf"), cfg, {n: t.float() for n, t in weights.load(tiny).items()}, tiny)
+    env = {**child_env(), "ZEROSTART_CACHE_DIR": str(tmp_path / "cache")}
+
+    def generate(model: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "zerostart", "generate", "--model", model, "--prompt", "hello world",
+                            "--max-tokens", "8"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    text = generate(tiny)
+    assert generate(path) == text and text
+    r = subprocess.run([sys.executable, "-m", "zerostart", "snapshot", "--model", path, "--out", str(tmp_path / "img")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert weights.read_manifest(str(tmp_path / "img"))["source_identity"] == weights.identity(path)
+    assert generate(str(tmp_path / "img")) == text
