@@ -25,8 +25,9 @@ def test_bench_generate_writes_json(tiny_dir, tmp_path, child_env):
     assert data["weight_bytes"]["bfloat16"] * 2 == data["weight_bytes"]["float32"]
     assert [p["dtype"] for p in data["prefill"]] == ["float32", "bfloat16"]
     assert all(p["tokens"] == 16 and p["zerostart"]["tokens_per_s"] > 0 for p in data["prefill"])
-    for name in ("zerostart", "transformers"):
-        med = data["cold_start"][name]["median"]
+    assert sorted(data["cold_start"]) == ["bfloat16", "float32"]
+    for name, dtype in [(n, d) for n in ("zerostart", "transformers") for d in ("float32", "bfloat16")]:
+        med = data["cold_start"][dtype][name]["median"]
         assert med["import"] > 0 and med["load"] > 0 and med["first_token"] > 0
         parts = sum(med[k] for k in ("spawn", "import", "load", "warmup", "first_token"))
         assert parts <= med["total"] + 1e-6

@@ -26,7 +26,7 @@ def _run(engine, prompts, params):
 
 @pytest.mark.parametrize("graphs", [False, True])
 def test_constrained_and_free_rows_on_cuda(tiny_dir, graphs):
-    cpu = Engine.from_pretrained(tiny_dir, device="cpu", config=EngineConfig(max_num_seqs=4))
+    cpu = Engine.from_pretrained(tiny_dir, device="cpu", dtype="float32", config=EngineConfig(max_num_seqs=4))
     gpu = Engine.from_pretrained(tiny_dir, device="cuda", dtype="float32",
                                  config=EngineConfig(max_num_seqs=4, cuda_graphs=graphs))
     params = [SamplingParams(max_tokens=60, temperature=0, constraint=Constraint("json_schema", SCHEMA)),
@@ -44,7 +44,7 @@ def test_constrained_and_free_rows_on_cuda(tiny_dir, graphs):
 
 
 def test_prompt_logprobs_and_embeddings_on_cuda(tiny_dir):
-    cpu = Engine.from_pretrained(tiny_dir, device="cpu", config=EngineConfig(max_num_seqs=2, prefill_chunk=5))
+    cpu = Engine.from_pretrained(tiny_dir, device="cpu", dtype="float32", config=EngineConfig(max_num_seqs=2, prefill_chunk=5))
     gpu = Engine.from_pretrained(tiny_dir, device="cuda", dtype="float32",
                                  config=EngineConfig(max_num_seqs=2, prefill_chunk=5))
     ids = cpu.tokenizer.encode("one two three four five six seven eight nine ten")

@@ -21,7 +21,7 @@ def hidden(tiny_dir):
 
 @pytest.fixture(scope="module")
 def chunked_engine(tiny_dir):
-    engine = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=4, prefill_chunk=4))
+    engine = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_num_seqs=4, prefill_chunk=4))
     yield engine
     engine.stop()
 

@@ -12,7 +12,7 @@ TOL = 1e-4  # float32 on both sides; the issue asks for 1e-3
 
 @pytest.fixture(scope="module")
 def chunked_engine(tiny_dir):
-    engine = Engine.from_pretrained(tiny_dir, config=EngineConfig(max_num_seqs=4, prefill_chunk=5))
+    engine = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_num_seqs=4, prefill_chunk=5))
     yield engine
     engine.stop()
 

@@ -18,20 +18,20 @@ from zerostart.bench.generate import prompts, sync
 COLD_COLUMNS = ("spawn", "import", "load", "warmup", "first_token")
 
 
-def run(args, model_path: str, dtype: str) -> dict[str, Any]:
-    """Cold starts of both contestants, interleaved, ``--cold-repeat`` each; medians per phase."""
+def run(args, model_path: str, dtypes: list[str]) -> dict[str, Any]:
+    """Cold starts of both contestants in every dtype, interleaved, ``--cold-repeat`` each;
+    medians per phase: ``{dtype: {contestant: {"runs", "median"}}}``."""
     import zerostart
 
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    contestants = ["zerostart"] + ([] if args.no_transformers else ["transformers"])
-    runs: dict[str, list[dict[str, float]]] = {c: [] for c in contestants}
+    contestants = [(c, d) for d in dtypes for c in ["zerostart"] + ([] if args.no_transformers else ["transformers"])]
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in contestants}
     for _ in range(args.cold_repeat):
-        for c in contestants:  # interleaved
+        for c, dtype in contestants:  # interleaved
             cmd = [sys.executable, "-m", "zerostart", "bench", "generate", "--child", c, "--model", model_path,
-                   "--device", args.device, "--prompt-tokens", str(args.prompt_tokens)]
-            cmd += ["--dtype", dtype]
+                   "--device", args.device, "--prompt-tokens", str(args.prompt_tokens), "--dtype", dtype]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             if args.cuda_graphs == "off":
@@ -41,12 +41,12 @@ def run(args, model_path: str, dtype: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             r = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True, env=env, timeout=1800)
             if r.returncode != 0:
-                raise RuntimeError(f"cold-start child ({c}) failed:\n{r.stderr[-2000:]}")
-            runs[c].append(json.loads(r.stdout.strip().splitlines()[-1]))
+                raise RuntimeError(f"cold-start child ({c}, {dtype}) failed:\n{r.stderr[-2000:]}")
+            runs[(c, dtype)].append(json.loads(r.stdout.strip().splitlines()[-1]))
     out: dict[str, Any] = {}
-    for c, rs in runs.items():
+    for (c, dtype), rs in runs.items():
         if rs:
-            out[c] = {"runs": rs, "median": {k: statistics.median(r[k] for r in rs) for k in rs[0]}}
+            out.setdefault(dtype, {})[c] = {"runs": rs, "median": {k: statistics.median(r[k] for r in rs) for k in rs[0]}}
     return out
 
 

@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     for s in setups:
         s.engine.stop()
     setups.clear()
-    result["cold_start"] = _generate_cold.run(args, model, dtypes[0]) if args.cold_repeat else {}
+    result["cold_start"] = _generate_cold.run(args, model, dtypes) if args.cold_repeat else {}
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     print(_table(result))
     if args.json:
@@ -313,10 +313,11 @@ def _table(r: dict[str, Any]) -> str:
         lines.append(f"{p['dtype']:>9}        {p['zerostart']['tokens_per_s']:>10.0f}  {hf_s:>12}  {ratio:>6}")
     cold = r.get("cold_start") or {}
     if cold:
-        n = len(next(iter(cold.values()))["runs"])
-        lines.append(f"cold start ({r['dtypes'][0]}): process spawn to first token, seconds, median of {n}")
-        lines.append(f"{'':<13}" + "".join(f"{c:>12}" for c in COLD_COLUMNS + ("total",)))
-        for name, d in cold.items():
-            med = d["median"]
-            lines.append(f"{name:<13}" + "".join(f"{med[c]:>12.3f}" for c in COLD_COLUMNS + ("total",)))
+        n = len(next(iter(next(iter(cold.values())).values()))["runs"])
+        lines.append(f"cold start: process spawn to first token, seconds, median of {n}")
+        lines.append(f"{'':<22}" + "".join(f"{c:>12}" for c in COLD_COLUMNS + ("total",)))
+        for dtype, by_name in cold.items():
+            for name, d in by_name.items():
+                med = d["median"]
+                lines.append(f"{name + ' ' + dtype:<22}" + "".join(f"{med[c]:>12.3f}" for c in COLD_COLUMNS + ("total",)))
     return "\n".join(lines)
