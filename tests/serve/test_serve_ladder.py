@@ -96,7 +96,10 @@ def http_source(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def gw(tiny_model: str, copies: dict[str, str], http_source: RangeServer, tmp_path_factory: pytest.TempPathFactory):
     config = {"models": [
-        {"path": tiny_model, "name": "parky", "park_after": 0.5, "idle_timeout": 3, "images": "off"},
+        # float32: parking must free at least the default (bfloat16) weights' bytes, and RSS moves
+        # by more than that tiny model's 279 KB on its own
+        {"path": tiny_model, "name": "parky", "park_after": 0.5, "idle_timeout": 3, "images": "off",
+         "dtype": "float32"},
         {"path": copies["imagey"], "name": "imagey", "idle_timeout": 0.5},  # images: write (the default)
         {"path": f"{http_source.url}/remote", "idle_timeout": 0.5},
         {"path": tiny_model, "name": "wakefail", "park_after": 0.3, "idle_timeout": 60, "images": "off",

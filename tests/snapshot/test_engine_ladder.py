@@ -89,8 +89,10 @@ def test_execute_while_load_overlaps_warmup_with_the_read(small_image, monkeypat
             warming.wait(20)  # loaded the machine): the overlap this test is about, made certain
         return real_read(self, buf, offset)
 
-    def slow_populate(self, offset, length):
+    def slow_populate(self, offset, length):  # the same disk under a mapped file
         time.sleep(0.03 * max(1, length >> 23))
+        if offset >= half:
+            warming.wait(20)
         return real_populate(self, offset, length)
 
     monkeypatch.setattr(_pipeline.FileHandle, "read_into", slow_read)
