@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("snapshot",): ("zerostart.snapshot._cli", "write a ready image of a model"),
     ("coldstart",): ("zerostart.bench.coldstart", "run real cold starts and print their phases"),
     ("simulate",): ("zerostart.sim._cli", "replay a request trace against keep-alive policies"),
+    ("replay",): ("zerostart.sim._cli_replay", "drive a live server with a trace; set the simulator's prediction beside it"),
     ("plan",): ("zerostart.sim._cli_plan", "break-even calculator: is scale-to-zero worth it?"),
     ("pull",): ("zerostart.weights._cli_pull", "prefetch a checkpoint into the local cache"),
     ("prefetch",): ("zerostart.cluster._prefetch", "fetch every remote model of a config into this node's cache"),

@@ -6,9 +6,9 @@ from zerostart.policy import (AlwaysWarm, CostAwareLadder, CostModel, FixedTTL, 
 
 
 def test_public_surface_is_pinned():
-    assert policy.__all__ == ["LADDER", "POLICY_NAMES", "AlwaysWarm", "CostAwareLadder", "CostModel", "Decision",
-                              "FixedTTL", "HybridHistogram", "ModelView", "Policy", "PolicyError", "Rung",
-                              "describe", "make", "usable"]
+    assert policy.__all__ == ["LADDER", "POLICY_NAMES", "AlwaysWarm", "Candidate", "CostAwareLadder", "CostModel",
+                              "Decision", "FixedTTL", "HybridHistogram", "ModelView", "Policy", "PolicyError", "Rung",
+                              "choose_victim", "describe", "make", "usable"]
     assert policy.POLICY_NAMES == ("always", "hybrid", "ladder", "ttl")
 
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zerostart.policy import CostModel, Decision, Rung, make
-from zerostart.sim import Capacity, Service, Trace, TraceError, replay
+from zerostart.sim import Capacity, Service, Start, Trace, TraceError, replay
 
 COSTS = CostModel()
 W = {r: COSTS.wake_s(r) for r in Rung}  # parked 0.69 s, image 6.67 s, zero 30.8 s
@@ -157,7 +157,9 @@ def test_capacity_parsing():
     assert Capacity.parse("hot=8,parked=32") == Capacity(8, 32)
     assert Capacity.parse(" unlimited ") == Capacity() and Capacity.parse("parked=0") == Capacity(None, 0)
     assert Capacity(8, None).describe() == "hot 8, parked unlimited"
-    for bad in ("hot=0", "gpus=4", "hot=many"):
+    assert Capacity.parse("memory_gb=1.5,kv_gb=0.25") == Capacity(memory_gb=1.5, kv_gb=0.25)
+    assert "memory 1.5 GB shared by hot and parked models" in Capacity(memory_gb=1.5).describe()
+    for bad in ("hot=0", "gpus=4", "hot=many", "memory_gb=0", "kv_gb=-1", "memory_gb=lots"):
         with pytest.raises(TraceError, match="--capacity"):
             Capacity.parse(bad)
 
@@ -195,3 +197,46 @@ def test_empty_trace_is_refused():
     tr.models = tr.models[:0]
     with pytest.raises(TraceError, match="empty"):
         replay(make("always"), tr, COSTS, service=svc)
+
+
+def test_a_shared_memory_budget_counts_parked_weights_and_stops_the_least_recently_used():
+    # 16 GB models; 40 GB shared, as on a CPU server: HOT holds 16 + 4 GB of KV cache, PARKED 16
+    cap = Capacity(memory_gb=40, kv_gb=4)
+    tr, svc = trace([(0, "a"), (0.5, "b"), (0.7, "c"), (10, "a"), (20, "c")], service_s=1.0)
+    r = replay(make("ttl:0,down=parked"), tr, COSTS, capacity=cap, service=svc)
+    p, i = W[Rung.PARKED], W[Rung.IMAGE]
+    # a and b start PARKED (32 GB), c on IMAGE (no room for a third). a wakes (36 GB), b wakes
+    # (40 GB); c finds both busy and waits until a is done at p + 1, which stops a (IMAGE)
+    # b parks at 0.5 + p + 1, c at ... + i + 1; a at 10 stops the least recently used parked
+    # model (b), and c at 20 wakes from PARKED
+    assert r["queued_requests"] == 1 and r["evictions"] == 2
+    assert r["cold_starts_by_rung"] == {"parked": 3, "image": 2, "zero": 0}
+    assert r["max_added_latency_s"] == pytest.approx(p + 1 - 0.7 + i)
+
+
+def test_a_budget_evicts_the_model_idle_longest():
+    cap = Capacity(memory_gb=32)  # two 16 GB models HOT, nothing for a third
+    tr, svc = trace([(0, "a"), (1, "b"), (5, "a"), (20, "c"), (40, "b")], service_s=1.0)
+    r = replay(make("always"), tr, COSTS, capacity=cap, service=svc)
+    # c at 20 stops b (idle since 2; a since 6); b at 40 stops a (idle since 6; c since 20 + climb + 1)
+    assert r["evictions"] == 2 and r["cold_starts_by_rung"] == {"parked": 0, "image": 2, "zero": 0}
+    assert r["rung_hours"]["hot"] * 3600 <= 2 * r["hours"] * 3600 + 1e-9
+
+
+def test_a_fresh_server_loads_each_model_from_source_once_and_then_from_its_image():
+    tr, svc = trace([(0, "m"), (100, "m"), (200, "m")])
+    r = replay(make("ttl:10,down=zero"), tr, COSTS, service=svc, start=Start(fresh=True, keep_images=True))
+    assert r["cold_starts_by_rung"] == {"parked": 0, "image": 2, "zero": 1}
+    assert r["max_added_latency_s"] == pytest.approx(W[Rung.ZERO])
+    # without images kept, every climb after ttl is from zero; at rest, the first is warm
+    r = replay(make("ttl:10,down=zero"), tr, COSTS, service=svc, start=Start(fresh=True))
+    assert r["cold_starts_by_rung"] == {"parked": 0, "image": 0, "zero": 3}
+    r = replay(make("ttl:10,down=zero"), tr, COSTS, service=svc)
+    assert r["cold_starts_by_rung"] == {"parked": 0, "image": 0, "zero": 2} and r["p50_added_latency_s"] > 0
+
+
+def test_a_fresh_model_goes_up_only_by_climbing():
+    # ttl:10 rests on IMAGE; a fresh model on ZERO is not moved up to IMAGE for free
+    tr, svc = trace([(0, "m")])
+    r = replay(make("ttl:10"), tr, COSTS, service=svc, start=Start(fresh=True, keep_images=True))
+    assert r["cold_starts_by_rung"]["zero"] == 1

@@ -148,3 +148,21 @@ def test_mooncake_reader_handles_blank_lines(tmp_path):
     p.write_text("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n")
     t = load_trace(p)
     assert t.times.tolist() == [0.0, 1.5, 3.0] and t.format == "mooncake"
+
+
+def test_a_window_of_the_trace_at_a_speed_with_bounded_tokens():
+    base = service_trace()
+    span = base.duration_s
+    # the second quarter of the trace, compressed 4x: a window of span/4 trace seconds is
+    # duration = span/16 seconds of the derived workload
+    d = derive(base, start=span / 4, duration=span / 16, stretch=0.25, max_input_tokens=64, max_output_tokens=5)
+    inside = (base.times >= span / 4) & (base.times < span / 2)
+    assert len(d) == int(inside.sum()) and d.times[0] >= 0 and d.times[-1] < span / 16
+    assert np.allclose(d.times, (base.times[inside] - span / 4) * 0.25)
+    assert d.input_tokens.max() == 64 and d.output_tokens.max() == 5
+    text = "\n".join(d.derivation)
+    assert "window" in text and "prompt tokens capped at 64" in text and "output tokens capped at 5" in text
+    with pytest.raises(TraceError, match="no requests between"):
+        derive(base, start=span * 2)
+    with pytest.raises(TraceError, match="--max-output-tokens must be at least 1"):
+        derive(base, max_output_tokens=0)

@@ -111,7 +111,8 @@ def _run_fresh(rung: str, path: str, args, files: list[str]) -> dict:
     """A cold start in a new worker process loading ``path`` (the source or the ready image)."""
     from zerostart.bench import _ceilings
 
-    _ceilings.drop(files)
+    if args.page_cache == "cold":
+        _ceilings.drop(files)
     w = _Worker(path, args, images="off")
     try:
         w.wait_ready()
@@ -138,7 +139,8 @@ def _run_standby(model: str, image: str | None, args, files: list[str], reserve:
     w = _Worker(None, args, standby=True, reserve=nbytes)
     try:
         w.wait_ready(want="standby")
-        _ceilings.drop(files)
+        if args.page_cache == "cold":
+            _ceilings.drop(files)
         start = time.perf_counter()
         status, body = w.call("POST", "/zerostart/load", {"model": image, "device": args.device, "dtype": args.dtype,
                                                           "images": "off"})

@@ -1,7 +1,7 @@
 """``zerostart coldstart``: real cold starts of a model from each rung of the cold ladder.
 
     zerostart coldstart --model PATH [--from source|image|standby|reserve|parked ...] [--repeat N]
-                        [--device cpu|cuda] [--json FILE] [--chart FILE.png]
+                        [--device cpu|cuda] [--page-cache cold|warm] [--json FILE] [--chart FILE.png]
 
 Each start is a real worker process (the one the server runs) answering a real completion:
 
@@ -13,7 +13,10 @@ Each start is a real worker process (the one the server runs) answering a real c
            waited (CPU; ``server.standby_reserve``), so the image is read into memory in place
 - parked   wake a worker whose weights were parked in host RAM
 
-and the clock stops at the first token of a completion request. Phases come from the worker's
+and the clock stops at the first token of a completion request. ``--page-cache warm`` leaves
+the page cache alone instead of dropping it before each start: the files (and torch's
+libraries) stay cached, as on a server that has been running, whose wake times a trace
+replay predicts with (``zerostart replay --coldstart``). Phases come from the worker's
 own timeline (spawn, import, device_init, read, copy, prepare, warmup, wake) plus the
 gateway-side first token, on one clock. The table prints, for the phases that move bytes,
 GB/s and the fraction of the ceiling measured in the same run (direct-I/O cold reads of the
@@ -45,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, help="cold starts per rung (default 3; medians reported)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", help="weights dtype (default: the engine's default for the device)")
+    p.add_argument("--page-cache", choices=["cold", "warm"], default="cold",
+                   help="cold: drop the page cache before each start (default); warm: leave it, as on a running server")
     p.add_argument("--prompt-tokens", type=int, default=16, help="length of the first request's prompt (default 16)")
     p.add_argument("--json", metavar="FILE", help="write every run and the medians (the format `simulate --coldstart` reads)")
     p.add_argument("--chart", metavar="FILE.png", help="draw a phase timeline per rung")
@@ -79,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
     local_files = [f for f in files if os.path.exists(f)]
     for rnd in range(args.repeat):
         _log(f"round {rnd + 1}/{args.repeat}")
-        for k, v in _ceilings.measure(local_files or image_files, args.device, cold=bool(local_files or image_files)).items():
+        cold = args.page_cache == "cold" and bool(local_files or image_files)
+        for k, v in _ceilings.measure(local_files or image_files, args.device, cold=cold).items():
             ceilings.setdefault(k, []).append(v)
         for rung in rungs:
             try:
@@ -94,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
                 _log(f"  {LABELS[rung]:<16} first token after {run['total_s']:.3f} s")
 
     report = _summarize(model, model_bytes, args.device, runs, ceilings, image)
+    report["page_cache"] = args.page_cache
     print(_table(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -143,15 +150,18 @@ def _ceiling_for(phase: str, rung: str, device: str, c: dict) -> float | None:
         return c.get("pinned_h2d") if device.startswith("cuda") else None
     if phase == "copy":
         return c.get("pinned_h2d")
-    return c.get("cold_read")
+    return c.get("cold_read") or c.get("warm_read")  # a --page-cache warm run measures no cold read
 
 
 def _table(rep: dict) -> str:
     c = rep["ceilings_gbps"]
-    lines = [f"zerostart coldstart: {rep['model']} ({rep['bytes'] / 1e9:.2f} GB), device {rep['device']}, medians"]
+    lines = [f"zerostart coldstart: {rep['model']} ({rep['bytes'] / 1e9:.2f} GB), device {rep['device']}, "
+             f"page cache {rep.get('page_cache', 'cold')}, medians"]
     parts = []
     if "cold_read" in c:
         parts.append(f"cold read {c['cold_read']:.2f} GB/s (into fresh memory {c.get('cold_fresh', 0):.2f})")
+    elif "warm_read" in c:
+        parts.append(f"warm read {c['warm_read']:.2f} GB/s (page cache)")
     if "memcpy" in c:
         parts.append(f"memcpy {c['memcpy']:.2f} GB/s")
     if "pinned_h2d" in c:

@@ -16,11 +16,13 @@ from zerostart.policy._hybrid import HybridHistogram
 from zerostart.policy._ladder import CostAwareLadder
 from zerostart.policy._spec import POLICY_NAMES, describe, make
 from zerostart.policy._ttl import AlwaysWarm, FixedTTL
+from zerostart.policy._victims import Candidate, choose_victim
 
 __all__ = [
     "LADDER",
     "POLICY_NAMES",
     "AlwaysWarm",
+    "Candidate",
     "CostAwareLadder",
     "CostModel",
     "Decision",
@@ -30,6 +32,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "Rung",
+    "choose_victim",
     "describe",
     "make",
     "usable",

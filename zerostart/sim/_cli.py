@@ -14,15 +14,14 @@ from zerostart.policy import CostModel, PolicyError, describe, make
 from zerostart.sim._derive import derive
 from zerostart.sim._replay import Capacity, Service, replay
 from zerostart.sim._report import plot, table, write_json
-from zerostart.sim._traces import FORMATS, load_trace
+from zerostart.sim._traces import FORMATS, Trace, TraceError, load_trace
 
 DEFAULT_POLICIES = ("always", "ttl:30", "ttl:300", "hybrid", "ladder")
 DEFAULT_MODELS = 50  # models a single-service trace is split into when --models is not given
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "policies (--policy NAME[:ARG,...]):\n" + describe()
+def add_workload_arguments(parser: argparse.ArgumentParser, *, live: bool = False) -> None:
+    """The trace and how a workload is derived from it (shared with ``zerostart replay``)."""
     w = parser.add_argument_group("workload")
     w.add_argument("--trace", required=True, metavar="FILE", help="request trace to replay")
     w.add_argument("--format", choices=FORMATS, help="trace format (default: guessed from the file)")
@@ -30,10 +29,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"split a single-service trace across N models (default {DEFAULT_MODELS})")
     w.add_argument("--popularity", default="zipf:1.0", metavar="LAW",
                    help="how requests spread over the models: zipf:S or uniform (default zipf:1.0)")
-    w.add_argument("--stretch", type=float, default=1.0, metavar="X", help="multiply timestamps by X (default 1)")
+    w.add_argument("--start", type=float, default=0.0, metavar="S",
+                   help="begin S seconds into the trace (default 0)")
+    w.add_argument("--duration", type=float, metavar="S",
+                   help="seconds of the workload to replay, after --stretch / --speed (default: to the end)")
+    if not live:
+        w.add_argument("--stretch", type=float, default=1.0, metavar="X", help="multiply timestamps by X (default 1)")
+    w.add_argument("--speed", type=float, default=1.0, metavar="X",
+                   help="compress time X-fold: a live replay's clock (the same as --stretch 1/X; default 1)")
     w.add_argument("--thin", type=float, default=1.0, metavar="F", help="keep each request with probability F")
-    w.add_argument("--repeat", type=int, default=1, metavar="K", help="replay the trace K times back to back")
+    if not live:
+        w.add_argument("--repeat", type=int, default=1, metavar="K", help="replay the trace K times back to back")
     w.add_argument("--seed", type=int, default=0, help="seed of every random step (default 0)")
+    w.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="cap each request's prompt tokens at N" + (" (default 64)" if live else ""),
+                   default=64 if live else None)
+    w.add_argument("--max-output-tokens", type=int, metavar="N",
+                   help="cap each request's output tokens at N" + (" (default 16)" if live else ""),
+                   default=16 if live else None)
+
+
+def derive_workload(args: argparse.Namespace) -> tuple[Trace, Trace]:
+    """The trace as read, and the workload derived from it by the workload arguments."""
+    if not args.speed > 0:
+        raise TraceError(f"--speed must be positive, got {args.speed}")
+    raw = load_trace(args.trace, args.format)
+    models = args.models
+    if models is None and raw.single_service:
+        models = DEFAULT_MODELS
+    trace = derive(raw, models=models, popularity=args.popularity, stretch=getattr(args, "stretch", 1.0) / args.speed,
+                   thin=args.thin, repeat=getattr(args, "repeat", 1), seed=args.seed, start=args.start,
+                   duration=args.duration, max_input_tokens=args.max_prompt_tokens,
+                   max_output_tokens=args.max_output_tokens)
+    return raw, trace
+
+
+def describe_workload(raw: Trace, trace: Trace) -> list[str]:
+    lines = [f"trace: {raw.source} ({raw.format}), {len(raw):,} requests over {raw.duration_s / 3600:.2f} h"]
+    if trace.derivation:
+        lines.append("derived workload (the same flags and seed give the same workload):")
+        lines += [f"  - {step}" for step in trace.derivation]
+    lines.append(f"workload: {len(trace):,} requests for {len(trace.model_names)} models over "
+                 f"{trace.duration_s / 3600:.2f} h")
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "policies (--policy NAME[:ARG,...]):\n" + describe()
+    add_workload_arguments(parser)
+    w = parser.add_argument_group("service time")
     w.add_argument("--prefill-tps", type=float, default=Service.prefill_tps, metavar="T",
                    help=f"prompt tokens per second a request is busy for (default {Service.prefill_tps:g})")
     w.add_argument("--decode-tps", type=float, default=Service.decode_tps, metavar="T",
@@ -49,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model-gb", type=float, metavar="GB", help="size of every model (default: the cost model's, "
                    "or the coldstart file's bytes)")
     p.add_argument("--capacity", default="unlimited", metavar="hot=N,parked=M",
-                   help="models that fit HOT / PARKED at once (default unlimited)")
+                   help="models that fit HOT / PARKED at once, or memory_gb=G,kv_gb=K: one memory budget that "
+                   "hot and parked models share, as on a CPU server (default unlimited)")
     o = parser.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write one JSON object per policy to FILE (a list)")
     o.add_argument("--plot", metavar="FILE.png", help="plot total cost against p99 added latency")
@@ -82,19 +128,8 @@ def main(args: argparse.Namespace) -> int:
     specs = args.policy or list(DEFAULT_POLICIES)
     policies = [make(spec, costs) for spec in specs]  # fail on a bad spec before any work
 
-    raw = load_trace(args.trace, args.format)
-    models = args.models
-    if models is None and raw.single_service:
-        models = DEFAULT_MODELS
-    trace = derive(raw, models=models, popularity=args.popularity, stretch=args.stretch, thin=args.thin,
-                   repeat=args.repeat, seed=args.seed)
-
-    print(f"trace: {raw.source} ({raw.format}), {len(raw):,} requests over {raw.duration_s / 3600:.2f} h")
-    if trace.derivation:
-        print("derived workload (the same flags and seed give the same workload):")
-        for step in trace.derivation:
-            print(f"  - {step}")
-    print(f"workload: {len(trace):,} requests for {len(trace.model_names)} models over {trace.duration_s / 3600:.2f} h")
+    raw, trace = derive_workload(args)
+    print("\n".join(describe_workload(raw, trace)))
     for line in costs.describe(size_bytes):
         print(line if line.startswith("  ") else f"costs: {line}")
     print(f"capacity: {capacity.describe()}; {service.describe()}")

@@ -1,90 +1,94 @@
-"""Replay a trace against one policy: a discrete-event simulation of a fleet on the ladder.
+"""Replay a trace against one policy: a discrete-event simulation of the server's fleet
+(``_fleet.py`` says what it models), and the metrics of the run.
 
-The simulated fleet follows the caller contract in ``zerostart.policy._base`` exactly:
-
-* A request for a model below HOT climbs it (a cold start from that rung); requests arriving
-  during a climb join it. The added latency of a request is the time from its arrival until
-  its model is HOT (climb, plus any wait for a free device); the service time is not added.
-* A model is busy while requests are in flight or a climb is under way; it never moves down
-  while busy. When it goes idle the policy decides; rechecks and pre-warms are scheduled events.
-* Capacity: at most ``hot`` models HOT (climbing counts) and ``parked`` PARKED at once. A climb
-  that finds no free device evicts the least recently used idle HOT model (to the policy's first
-  rung below HOT, PARKED if it has none); if every HOT model is busy, requests wait in arrival
-  order. PARKED over capacity evicts the least recently parked model to IMAGE. A pre-warm never
-  evicts a model for itself beyond an idle one and never jumps the queue: it is skipped.
-* Costs: HOT time (climbs included: the device is held while loading) x device price x share;
-  PARKED time x (model + worker RAM) x RAM price; a model's ready image is charged on disk for
-  the whole run once the policy has rested it on IMAGE.
-* Start: every model is idle at the first request's time, placed at no cost on the rung the
-  policy picks for a model that has just gone idle there (HOT, except for a zero timeout).
+Start: every model is idle at the first request's time, placed at no cost on the rung the
+policy picks for a model that has just gone idle there (HOT, except for a zero timeout); or,
+``Start(fresh=True)``, on ZERO like the models of a server that has just started.
+Costs: HOT time (climbs included: the device is held while loading) x device price x share;
+PARKED time x (model + worker RAM) x RAM price; a model's ready image is charged on disk for
+the whole run once the policy has rested it on IMAGE.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from zerostart.policy import LADDER, CostModel, ModelView, Policy, Rung
-from zerostart.units import HOURS_PER_MONTH
+from zerostart.policy import LADDER, CostModel, Policy, Rung
+from zerostart.sim._fleet import HOT, IMAGE, PARKED, ZERO, Room, SimFleet
+from zerostart.units import GB, HOURS_PER_MONTH
 from zerostart.sim._traces import Trace, TraceError
-
-_HOT, _PARKED, _IMAGE = 0, 1, 2
-_COMPLETE, _CLIMBED, _PREWARM, _DECIDE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class Capacity:
-    """How many models fit HOT and PARKED at once (None: unlimited)."""
+    """What fits on the simulated node (None: unlimited). ``hot``/``parked``: models HOT / PARKED
+    at once (a GPU node: its devices, and the host RAM parked weights go to). ``memory_gb``: one
+    memory budget HOT and PARKED models share, as on a CPU server whose parked weights stay in
+    the host RAM that is its device memory; a HOT model holds its weights and ``kv_gb`` of KV
+    cache, a PARKED one its weights."""
 
     hot: int | None = None
     parked: int | None = None
+    memory_gb: float | None = None
+    kv_gb: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> "Capacity":
-        """``hot=8,parked=32`` (either may be left out: unlimited) or ``unlimited``."""
+        """``hot=8,parked=32``, ``memory_gb=1.2,kv_gb=0.04`` (any may be left out) or ``unlimited``."""
         t = "".join(text.split()).lower()
         if t in ("", "unlimited"):
             return cls()
-        values: dict[str, int] = {}
+        values: dict[str, float] = {}
         for part in t.split(","):
             key, eq, value = part.partition("=")
-            if not eq or key not in ("hot", "parked"):
-                raise TraceError(f"bad --capacity {text!r}: expected hot=N,parked=M (either optional)")
+            if not eq or key not in ("hot", "parked", "memory_gb", "kv_gb"):
+                raise TraceError(f"bad --capacity {text!r}: expected hot=N,parked=M or memory_gb=G,kv_gb=G "
+                                 "(each optional)")
             try:
-                n = int(value)
+                n = int(value) if key in ("hot", "parked") else float(value)
             except ValueError:
-                raise TraceError(f"bad --capacity {text!r}: {key} must be an integer, got {value!r}") from None
-            if n < (1 if key == "hot" else 0):
-                raise TraceError(f"bad --capacity {text!r}: need hot >= 1 and parked >= 0")
+                kind = "an integer" if key in ("hot", "parked") else "a number of GB"
+                raise TraceError(f"bad --capacity {text!r}: {key} must be {kind}, got {value!r}") from None
+            if not math.isfinite(n) or (n <= 0 if key == "memory_gb" else n < (1 if key == "hot" else 0)):
+                raise TraceError(f"bad --capacity {text!r}: need hot >= 1, parked >= 0, memory_gb > 0, kv_gb >= 0")
             values[key] = n
-        return cls(**values)
+        return cls(**values)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         def one(n: int | None) -> str:
             return "unlimited" if n is None else str(n)
 
-        return f"hot {one(self.hot)}, parked {one(self.parked)}"
+        text = f"hot {one(self.hot)}, parked {one(self.parked)}"
+        if self.memory_gb is not None:
+            text += f", memory {self.memory_gb:g} GB shared by hot and parked models (KV cache {self.kv_gb:g} GB)"
+        return text
+
+    def room(self, costs: CostModel, size_bytes: int) -> Room:
+        """The simulated fleet's room for models of ``size_bytes`` (0: the cost model's size)."""
+        weights = int(costs.size_gb(size_bytes) * GB)
+        budget = None if self.memory_gb is None else int(self.memory_gb * GB)
+        return Room(self.hot, self.parked, budget, weights + int(self.kv_gb * GB), weights)
 
 
 @dataclass(frozen=True)
 class Service:
-    """How long a request keeps its model busy: prompt / prefill rate + output / decode rate,
-    or ``fixed_s`` for a trace without token counts."""
+    """How long a request keeps its model busy: ``overhead_s`` + prompt / prefill rate + output
+    / decode rate, or ``fixed_s`` for a trace without token counts."""
 
     prefill_tps: float = 10_000.0
     decode_tps: float = 50.0
     fixed_s: float = 1.0
+    overhead_s: float = 0.0  # per request besides its tokens (HTTP, scheduling, the first step)
 
     def durations(self, trace: Trace) -> np.ndarray:
         n = len(trace)
         if trace.input_tokens is None and trace.output_tokens is None:
             return np.full(n, self.fixed_s)
-        d = np.zeros(n)
+        d = np.full(n, self.overhead_s)
         if trace.input_tokens is not None:
             d += trace.input_tokens / self.prefill_tps
         if trace.output_tokens is not None:
@@ -92,268 +96,51 @@ class Service:
         return d
 
     def describe(self) -> str:
-        return (f"service time = prompt/{self.prefill_tps:g} + output/{self.decode_tps:g} tokens/s "
+        overhead = f"{self.overhead_s:.3g} s + " if self.overhead_s else ""
+        return (f"service time = {overhead}prompt/{self.prefill_tps:.4g} + output/{self.decode_tps:.4g} tokens/s "
                 f"(or {self.fixed_s:g} s without token counts)")
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where the models are when the replay begins. ``fresh``: every model on ZERO, as on a
+    server that has just started (else each rests where the policy puts a model that has just
+    gone idle). ``keep_images``: a model once loaded keeps its ready image on disk, so it never
+    rests below IMAGE (the server with ``images: write``)."""
+
+    fresh: bool = False
+    keep_images: bool = False
+
+
 def replay(policy: Policy, trace: Trace, costs: CostModel, *, capacity: Capacity = Capacity(),
-           service: Service = Service(), size_bytes: int = 0) -> dict:
+           service: Service = Service(), size_bytes: int = 0, start: Start = Start()) -> dict:
     """Replay ``trace`` against ``policy``; return the metrics as a dict (see ``_result``)."""
-    n_req = len(trace)
-    if n_req == 0:
+    if len(trace) == 0:
         raise TraceError("cannot replay an empty trace")
     wall0 = time.perf_counter()
-    names = trace.model_names
-    n_models = len(names)
     times = trace.times.tolist()
-    mids = trace.models.tolist()
-    dur = service.durations(trace).tolist()
-    wake = [[costs.wake_s(r, size_bytes, name) for r in LADDER] for name in names]
-    cap_hot = capacity.hot if capacity.hot is not None else n_models + 1
-    cap_parked = capacity.parked if capacity.parked is not None else n_models + 1
-    lower = [r.level for r in getattr(policy, "rungs", LADDER) if r is not Rung.HOT]
-    evict_level = lower[0] if lower else _PARKED
-    t0 = times[0]
-
-    rung = [3] * n_models
-    ready = [-math.inf] * n_models  # when the current climb completes
-    inflight = [0] * n_models
-    last = [t0] * n_models
-    since = [t0] * n_models
-    gen = [0] * n_models  # bumps invalidate scheduled decide/pre-warm events
-    prewarmed = [False] * n_models
-    used_image = [False] * n_models
-    hold = [0.0, 0.0, 0.0, 0.0]  # model-seconds on each rung
-    idle_hot: OrderedDict[int, None] = OrderedDict()  # HOT, idle, not climbing: LRU first
-    parked_lru: OrderedDict[int, None] = OrderedDict()
-    waiting: deque[int] = deque()
-    waiting_set: set[int] = set()
-    pending: list[list[int]] = [[] for _ in range(n_models)]
-    lat = [0.0] * n_req
-    cold = [0, 0, 0, 0]
-    stats = {"prewarms": 0, "prewarm_hits": 0, "prewarms_skipped": 0, "evictions": 0, "queued": 0}
-    counts = [0, 0]  # models HOT (climbing included), models PARKED
-    heap: list[tuple] = []
-    seq = 0
-    t_end = times[-1]
-    decide = policy.decide
-    observe_arrival = policy.observe_arrival
-    observe_completion = policy.observe_completion
-    heappush, heappop = heapq.heappush, heapq.heappop
-
-    def set_rung(m: int, new: int, now: float) -> None:
-        old = rung[m]
-        if old == new:
-            return
-        hold[old] += now - since[m]
-        since[m] = now
-        if old == _HOT:
-            counts[0] -= 1
-            idle_hot.pop(m, None)
-            prewarmed[m] = False
-        elif old == _PARKED:
-            counts[1] -= 1
-            parked_lru.pop(m, None)
-        if new == _HOT:
-            counts[0] += 1
-        elif new == _PARKED:
-            counts[1] += 1
-            parked_lru[m] = None
-        elif new == _IMAGE:
-            used_image[m] = True
-        rung[m] = new
-
-    def move_down(m: int, target: int, now: float) -> None:
-        """Lower ``m`` to ``target``; PARKED over capacity evicts the least recently parked."""
-        if target == _PARKED and counts[1] >= cap_parked:
-            if parked_lru:
-                victim = next(iter(parked_lru))
-                gen[victim] += 1
-                set_rung(victim, _IMAGE, now)
-                stats["evictions"] += 1
-            else:  # no parking at all
-                target = _IMAGE
-        set_rung(m, target, now)
-
-    def free_slot(now: float) -> bool:
-        """Make room for one more HOT model by evicting the least recently used idle one."""
-        if counts[0] < cap_hot:
-            return True
-        if not idle_hot:
-            return False
-        victim = next(iter(idle_hot))
-        gen[victim] += 1
-        stats["evictions"] += 1
-        move_down(victim, evict_level, now)
-        return True
-
-    def climb(m: int, now: float) -> float:
-        w = wake[m][rung[m]]
-        set_rung(m, _HOT, now)
-        ready[m] = now + w
-        return w
-
-    def serve_waiting(now: float) -> None:
-        nonlocal seq, t_end
-        while waiting and free_slot(now):
-            m = waiting.popleft()
-            waiting_set.discard(m)
-            cold[rung[m]] += 1
-            start = now + climb(m, now)
-            for i in pending[m]:
-                lat[i] = start - times[i]
-                done = start + dur[i]
-                if done > t_end:
-                    t_end = done
-                seq += 1
-                heappush(heap, (done, seq, _COMPLETE, m, i))
-            pending[m] = []
-
-    def prewarm(m: int, now: float) -> bool:
-        nonlocal seq
-        if waiting or not free_slot(now):
-            stats["prewarms_skipped"] += 1
-            return False
-        w = climb(m, now)
-        stats["prewarms"] += 1
-        prewarmed[m] = True
-        gen[m] += 1
-        seq += 1
-        heappush(heap, (now + w, seq, _CLIMBED, m, gen[m]))  # decide again once HOT
-        return True
-
-    def apply_decision(m: int, now: float) -> None:
-        nonlocal seq
-        busy = inflight[m] > 0 or ready[m] > now
-        d = decide(ModelView(names[m], LADDER[rung[m]], busy, last[m], size_bytes), now)
-        gen[m] += 1
-        target = d.rung.level
-        cur = rung[m]
-        pa, ra = d.prewarm_at, d.recheck_at
-        if not busy:
-            if target > cur:
-                move_down(m, target, now)
-                if cur == _HOT and waiting:
-                    serve_waiting(now)
-            elif target == _HOT and cur != _HOT:
-                prewarm(m, now)
-                return
-            elif target < cur:  # up to PARKED/IMAGE ahead of traffic: no one waits on it
-                set_rung(m, target, now)
-            if pa is not None and pa <= now and rung[m] != _HOT:
-                prewarm(m, now)
-                return
-        g = gen[m]
-        if pa is not None and pa > now:
-            seq += 1
-            heappush(heap, (pa, seq, _PREWARM, m, g))
-        if ra is not None and ra > now and ra != pa:
-            seq += 1
-            heappush(heap, (ra, seq, _DECIDE, m, g))
-
-    def handle(ev: tuple) -> None:
-        t, _, kind, m, aux = ev
-        if kind == _COMPLETE:
-            inflight[m] -= 1
-            observe_completion(names[m], t)
-            if inflight[m] == 0:
-                last[m] = t
-                if waiting:  # a device is wanted: this model is the idle one to give up
-                    gen[m] += 1
-                    stats["evictions"] += 1
-                    move_down(m, evict_level, t)
-                    serve_waiting(t)
-                else:
-                    idle_hot[m] = None
-                    apply_decision(m, t)
-            return
-        if aux != gen[m]:
-            return  # superseded
-        if kind == _CLIMBED:
-            if inflight[m] == 0:
-                idle_hot[m] = None
-                apply_decision(m, t)
-        elif kind == _PREWARM:
-            if rung[m] != _HOT:
-                prewarm(m, t)
-            else:
-                apply_decision(m, t)
-        else:
-            apply_decision(m, t)
-
-    # Start: every model idle at t0 on the policy's choice for a model just gone idle.
-    for m in range(n_models):
-        d = decide(ModelView(names[m], Rung.HOT, False, t0, size_bytes), t0)
-        level = d.rung.level
-        if level == _HOT and counts[0] >= cap_hot:
-            level = evict_level
-        if level == _PARKED and counts[1] >= cap_parked:
-            level = _IMAGE
-        set_rung(m, level, t0)
-        if level == _HOT:
-            idle_hot[m] = None
-        gen[m] += 1
-        if d.prewarm_at is not None and d.prewarm_at > t0:
-            seq += 1
-            heappush(heap, (d.prewarm_at, seq, _PREWARM, m, gen[m]))
-        if d.recheck_at is not None and d.recheck_at > t0 and d.recheck_at != d.prewarm_at:
-            seq += 1
-            heappush(heap, (d.recheck_at, seq, _DECIDE, m, gen[m]))
-
-    for i in range(n_req):
-        t = times[i]
-        while heap and heap[0][0] <= t:
-            handle(heappop(heap))
-        m = mids[i]
-        observe_arrival(names[m], t)
-        gen[m] += 1
-        if m in waiting_set:
-            inflight[m] += 1
-            pending[m].append(i)
-            continue
-        if inflight[m] == 0:
-            idle_hot.pop(m, None)
-        level = rung[m]
-        if level == _HOT:
-            r = ready[m]
-            start = r if r > t else t
-            if prewarmed[m]:
-                stats["prewarm_hits"] += 1
-                prewarmed[m] = False
-        elif not waiting and free_slot(t):
-            cold[level] += 1
-            start = t + climb(m, t)
-        else:
-            stats["queued"] += 1
-            waiting.append(m)
-            waiting_set.add(m)
-            inflight[m] += 1
-            pending[m].append(i)
-            continue
-        inflight[m] += 1
-        lat[i] = start - t
-        done = start + dur[i]
-        if done > t_end:
-            t_end = done
-        seq += 1
-        heappush(heap, (done, seq, _COMPLETE, m, i))
-    while heap and heap[0][0] <= t_end:
-        handle(heappop(heap))
-    if waiting:  # cannot happen: every HOT model goes idle eventually and gives way
-        raise RuntimeError(f"replay ended with {len(waiting)} models still waiting for a device")
-    for m in range(n_models):
-        hold[rung[m]] += t_end - since[m]
-    wall = time.perf_counter() - wall0
-    return _result(policy, trace, costs, size_bytes, lat, cold, stats, hold, used_image, t0, t_end, wall)
+    models = trace.models.tolist()
+    durations = service.durations(trace).tolist()
+    wake = [[costs.wake_s(r, size_bytes, name) for r in LADDER] for name in trace.model_names]
+    fleet = SimFleet(policy, trace.model_names, wake, capacity.room(costs, size_bytes), size_bytes, times, times[0],
+                     keep_images=start.keep_images)
+    fleet.open(times[0], fresh=start.fresh)
+    for i, t in enumerate(times):
+        fleet.run_until(t)  # what happens before this request: completions, rechecks, pre-warms
+        fleet.arrive(i, models[i], t, durations[i])
+    fleet.finish()
+    return _result(policy, trace, costs, size_bytes, fleet, times[0], time.perf_counter() - wall0)
 
 
-def _result(policy, trace, costs, size_bytes, lat, cold, stats, hold, used_image, t0, t_end, wall) -> dict:
+def _result(policy: Policy, trace: Trace, costs: CostModel, size_bytes: int, fleet: SimFleet, t0: float,
+            wall: float) -> dict:
     n_models = len(trace.model_names)
+    hold, cold, stats, lat = fleet.hold, fleet.cold, fleet.stats, fleet.latency
     gb = costs.size_gb(size_bytes)
-    span = t_end - t0
-    gpu_hours = hold[_HOT] * costs.device_share / 3600.0
-    ram_gb_hours = hold[_PARKED] * (gb + costs.worker_ram_gb) / 3600.0
-    disk_gb_months = sum(used_image) * gb * span / (HOURS_PER_MONTH * 3600.0)
+    span = fleet.t_end - t0
+    gpu_hours = hold[HOT] * costs.device_share / 3600.0
+    ram_gb_hours = hold[PARKED] * (gb + costs.worker_ram_gb) / 3600.0
+    disk_gb_months = sum(fleet.used_image) * gb * span / (HOURS_PER_MONTH * 3600.0)
     gpu_usd = gpu_hours * costs.device_usd_per_hour
     ram_usd = ram_gb_hours * costs.host_ram_usd_per_gb_hour
     disk_usd = disk_gb_months * costs.disk_usd_per_gb_month
@@ -367,8 +154,8 @@ def _result(policy, trace, costs, size_bytes, lat, cold, stats, hold, used_image
         "requests": n,
         "models": n_models,
         "hours": span / 3600.0,
-        "cold_starts": int(cold[1] + cold[2] + cold[3]),
-        "cold_starts_by_rung": {"parked": cold[1], "image": cold[2], "zero": cold[3]},
+        "cold_starts": int(cold[PARKED] + cold[IMAGE] + cold[ZERO]),
+        "cold_starts_by_rung": {"parked": cold[PARKED], "image": cold[IMAGE], "zero": cold[ZERO]},
         "delayed_requests": int((a > 0).sum()),
         "prewarms": stats["prewarms"],
         "prewarm_hits": stats["prewarm_hits"],

@@ -66,7 +66,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def write_json(path: str | Path, results: list[dict]) -> None:
+def write_json(path: str | Path, results: object) -> None:
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
