@@ -23,7 +23,7 @@ from typing import Any
 
 from zerostart.policy import CostModel, PolicyError, make
 from zerostart.sim._cli import add_workload_arguments, derive_workload, describe_workload, load_costs
-from zerostart.sim._compare import fit_service, measured, side_by_side, summary
+from zerostart.sim._compare import fit_service, live_wake_costs, measured, side_by_side, summary
 from zerostart.sim._live import LiveRun, drive, served_models
 from zerostart.sim._local import LocalServer
 from zerostart.sim._replay import Capacity, Service, Start, replay
@@ -77,10 +77,10 @@ def main(args: argparse.Namespace) -> int:
                 runs.append(_run_one(server.url, spec, trace, costs, args))
         else:
             runs.append(_run_one(args.url, spec, trace, costs, args))
-        print(side_by_side(runs[-1]["simulated"], runs[-1]["measured"]))
+        print(side_by_side(runs[-1]["simulated"], runs[-1]["measured"], runs[-1]["simulated_live_wakes"]))
 
     print("\nsimulated against measured (cold starts, p99 added latency, total cost):")
-    print(summary([(r["simulated"], r["measured"]) for r in runs]))
+    print(summary(runs))
     if args.json:
         write_json(args.json, {"workload": {"trace": raw.source, "format": raw.format,
                                             "derivation": list(trace.derivation), "models": len(trace.model_names),
@@ -100,15 +100,16 @@ def _run_one(url: str, spec: str, trace: Trace, costs: CostModel, args: argparse
     live = measured(run, costs, setup["size_bytes"], spec)
     fit = fit_service(run)
     service = Service(overhead_s=fit[0], prefill_tps=fit[1], decode_tps=fit[2]) if fit else Service()
-    sim = replay(make(spec), trace, costs, capacity=setup["capacity"], service=service,
-                 size_bytes=setup["size_bytes"], start=setup["start"])
+    sim, calibrated = (replay(make(spec), trace, c, capacity=setup["capacity"], service=service,
+                              size_bytes=setup["size_bytes"], start=setup["start"])
+                       for c in (costs, live_wake_costs(costs, run)))
     print(f"  {live['answered']:,} of {live['requests']:,} answered (errors {live['errors'] or 'none'}); "
           f"driver lateness {run.lateness_s * 1000:.0f} ms; load {load_before} -> {load_after}")
     print(f"  simulated with {setup['capacity'].describe()}; {service.describe()}; "
           f"{'fresh start' if setup['start'].fresh else 'models at rest'}")
     return {"policy": spec, "url": url, "served": served, "load_before": load_before, "load_after": load_after,
             "service": service.describe(), "capacity": setup["capacity"].describe(),
-            "measured": live, "simulated": sim, "requests": [vars(r) for r in run.requests],
+            "measured": live, "simulated": sim, "simulated_live_wakes": calibrated, "requests": [vars(r) for r in run.requests],
             "samples": [vars(s) for s in run.samples], "status_after": run.status_after}
 
 

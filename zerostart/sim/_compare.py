@@ -18,6 +18,7 @@ Measured, like the simulator counts them:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -108,6 +109,23 @@ def _reserved_gb_s(run: LiveRun, t0: float, t1: float) -> float:
     return total
 
 
+def live_wake_costs(costs: CostModel, run: LiveRun) -> CostModel:
+    """``costs`` with the wake time of each rung the live run climbed from replaced by the mean
+    the server measured for it (``zerostart_cold_start_seconds``): the simulator calibrated on
+    the run it predicts, which separates a wrong wake time from a wrong model of the fleet."""
+    sums: dict[str, list[float]] = {}
+    for label, v in run.cold_start_seconds.items():
+        if v["count"]:
+            acc = sums.setdefault(_RUNG_OF_LABEL.get(label, "zero"), [0.0, 0.0])
+            acc[0] += v["sum"]
+            acc[1] += v["count"]
+    if not sums:
+        return costs
+    table = dict(costs.measured.get("*", {}))
+    table.update({rung: total / n for rung, (total, n) in sums.items()})
+    return dataclasses.replace(costs, measured={**costs.measured, "*": table})
+
+
 def fit_service(run: LiveRun) -> tuple[float, float, float] | None:
     """(overhead s, prefill tokens/s, decode tokens/s) fitted by least squares to the requests
     that waited for nothing (a term that fits negative is dropped); None with too few."""
@@ -132,14 +150,17 @@ def fit_service(run: LiveRun) -> tuple[float, float, float] | None:
     return overhead, prefill, decode
 
 
-def side_by_side(sim: dict[str, Any], live: dict[str, Any]) -> str:
-    """One policy: simulated, measured and their ratio, one line per quantity."""
+def side_by_side(sim: dict[str, Any], live: dict[str, Any], calibrated: dict[str, Any] | None = None) -> str:
+    """One policy: simulated (and simulated with the live run's wake times), measured, and the
+    ratio measured / simulated, one line per quantity."""
+    columns = [("simulated", sim)] + ([("sim, live wakes", calibrated)] if calibrated else []) + [("measured", live)]
+
     def counts(r: dict[str, Any]) -> str:
         c = r["cold_starts_by_rung"]
         return f"{c['parked']}/{c['image']}/{c['zero']}"
 
-    rows = [("", "simulated", "measured", "measured/sim"),
-            ("cold starts parked/image/zero", counts(sim), counts(live), "")]
+    rows = [("", *(name for name, _ in columns), "measured/sim"),
+            ("cold starts parked/image/zero", *(counts(r) for _, r in columns), "")]
     for label, key, fmt in (("cold starts", "cold_starts", "{:.0f}"),
                             ("delayed requests", "delayed_requests", "{:.0f}"),
                             ("p50 added s", "p50_added_latency_s", "{:.2f}"),
@@ -147,29 +168,35 @@ def side_by_side(sim: dict[str, Any], live: dict[str, Any]) -> str:
                             ("p99 added s", "p99_added_latency_s", "{:.2f}"),
                             ("max added s", "max_added_latency_s", "{:.2f}"),
                             ("device hours", "gpu_hours", "{:.3f}"),
-                            ("parked GB-hours", "host_ram_gb_hours", "{:.3f}"),
+                            ("parked GB-hours", "host_ram_gb_hours", "{:.4f}"),
                             ("total $", "total_cost_usd", "{:.4f}")):
-        a, b = sim[key], live[key]
-        rows.append((label, fmt.format(a), fmt.format(b), ratio(b, a)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
-                     for r in rows)
+        rows.append((label, *(fmt.format(r[key]) for _, r in columns), ratio(live[key], sim[key])))
+    return _grid(rows, header=False)
 
 
-def summary(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
-    """Every policy on one line: cold starts, p99 and cost, simulated / measured / ratio."""
-    head = ("policy", "cold sim", "cold live", "ratio", "p99 sim", "p99 live", "ratio", "$ sim", "$ live", "ratio")
+def summary(runs: list[dict[str, Any]]) -> str:
+    """Every policy on one line: cold starts, p99 and cost, simulated / measured / ratio (and the
+    p99 simulated with the live run's wake times, where a run has it)."""
+    head = ("policy", "cold sim", "cold live", "ratio", "p99 sim", "p99 sim*", "p99 live", "ratio",
+            "$ sim", "$ live", "ratio")
     rows = [head]
-    for sim, live in pairs:
+    for run in runs:
+        sim, live = run["simulated"], run["measured"]
+        cal = run.get("simulated_live_wakes")
         rows.append((sim["policy"], str(sim["cold_starts"]), str(live["cold_starts"]),
                      ratio(live["cold_starts"], sim["cold_starts"]),
-                     f"{sim['p99_added_latency_s']:.2f}", f"{live['p99_added_latency_s']:.2f}",
-                     ratio(live["p99_added_latency_s"], sim["p99_added_latency_s"]),
+                     f"{sim['p99_added_latency_s']:.2f}", f"{cal['p99_added_latency_s']:.2f}" if cal else "-",
+                     f"{live['p99_added_latency_s']:.2f}", ratio(live["p99_added_latency_s"], sim["p99_added_latency_s"]),
                      f"{sim['total_cost_usd']:.4f}", f"{live['total_cost_usd']:.4f}",
                      ratio(live["total_cost_usd"], sim["total_cost_usd"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return _grid(rows, header=True) + "\n(p99 sim*: simulated with the wake times the server measured in the run)"
+
+
+def _grid(rows: list[tuple[str, ...]], header: bool) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    if header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 

@@ -169,7 +169,10 @@ def _header_s(value: str | None) -> float | None:
 async def _sample(client: httpx.AsyncClient, t0: float, every: float, out: list[Sample], done: asyncio.Event) -> None:
     while not done.is_set():
         began = time.monotonic()
-        out.append(await _sample_once(client, t0))
+        try:
+            out.append(await _sample_once(client, t0))
+        except httpx.HTTPError:
+            pass  # a scrape that failed leaves a longer interval; the next one resumes the series
         try:
             await asyncio.wait_for(done.wait(), max(0.0, every - (time.monotonic() - began)))
         except TimeoutError:
