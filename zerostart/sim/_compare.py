@@ -77,7 +77,7 @@ def measured(run: LiveRun, costs: CostModel, size_bytes: int, policy: str) -> di
         "rung_hours": {"hot": device_s / 3600.0, "parked": parked_s / 3600.0},
         "gpu_hours": gpu_hours,
         "host_ram_gb_hours": ram_gb_hours,
-        "reserved_gb_hours": _reserved_gb_s(run, t0, t1) / 3600.0,
+        "memory_gb_hours": _reserved_gb_s(run, t0, t1) / 3600.0,
         "gpu_usd": gpu_usd,
         "host_ram_usd": ram_usd,
         "total_cost_usd": gpu_usd + ram_usd,
@@ -169,6 +169,7 @@ def side_by_side(sim: dict[str, Any], live: dict[str, Any], calibrated: dict[str
                             ("max added s", "max_added_latency_s", "{:.2f}"),
                             ("device hours", "gpu_hours", "{:.3f}"),
                             ("parked GB-hours", "host_ram_gb_hours", "{:.4f}"),
+                            ("memory GB-hours", "memory_gb_hours", "{:.4f}"),
                             ("total $", "total_cost_usd", "{:.4f}")):
         rows.append((label, *(fmt.format(r[key]) for _, r in columns), ratio(live[key], sim[key])))
     return _grid(rows, header=False)

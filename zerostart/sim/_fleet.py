@@ -151,6 +151,13 @@ class SimFleet:
         for m in self.models:
             self.hold[m.rung] += self.t_end - m.since
 
+    def memory_gb_hours(self) -> float:
+        """Memory held over the run as the server's budget counts it: HOT models their weights
+        and KV cache, PARKED ones their weights where parking keeps them on the device (a shared
+        budget), in GB-hours."""
+        parked = self.room.parked_bytes if self.room.budget is not None else 0
+        return (self.hold[HOT] * self.room.hot_bytes + self.hold[PARKED] * parked) / 1e9 / 3600.0
+
     # -- requests ---------------------------------------------------------------------------
 
     def arrive(self, i: int, index: int, t: float, service_s: float) -> None:

@@ -170,6 +170,7 @@ def _result(policy: Policy, trace: Trace, costs: CostModel, size_bytes: int, fle
         "rung_hours": {r.value: hold[r.level] / 3600.0 for r in LADDER},
         "gpu_hours": gpu_hours,
         "host_ram_gb_hours": ram_gb_hours,
+        "memory_gb_hours": fleet.memory_gb_hours(),
         "disk_gb_months": disk_gb_months,
         "gpu_usd": gpu_usd,
         "host_ram_usd": ram_usd,
