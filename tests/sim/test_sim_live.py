@@ -53,7 +53,8 @@ def test_a_tiny_replay_measures_the_live_server_and_simulates_the_same_slice(fle
     text = capsys.readouterr().out
     assert rc == 0, text
     run = json.loads(out.read_text())["runs"][0]
-    sent = run["requests"]
+    fields = run["requests"]["fields"]
+    sent = [dict(zip(fields, row)) for row in run["requests"]["rows"]]
     assert [r["status"] for r in sent] == [200] * 4 and [r["model"] for r in sent] == ["a", "b", "a", "a"]
     assert [r["usage"]["completion_tokens"] for r in sent] == [4, 6, 3, 2]  # bounded, ignore_eos
     first_a, first_b, join_a, late_a = sent

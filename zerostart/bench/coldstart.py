@@ -234,7 +234,7 @@ def _environment(device: str) -> dict:
     import platform
 
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg": os.getloadavg()}
     try:
         import torch
 

@@ -82,11 +82,12 @@ def main(args: argparse.Namespace) -> int:
     print("\nsimulated against measured (cold starts, p99 added latency, total cost):")
     print(summary(runs))
     if args.json:
-        write_json(args.json, {"workload": {"trace": raw.source, "format": raw.format,
-                                            "derivation": list(trace.derivation), "models": len(trace.model_names),
-                                            "requests": len(trace), "speed": args.speed, "seed": args.seed,
-                                            "coldstart": args.coldstart, "costs": args.costs},
-                               "host": socket.gethostname(), "cpus": os.cpu_count(), "runs": runs})
+        report = {"workload": {"trace": raw.source, "format": raw.format, "derivation": list(trace.derivation),
+                               "models": len(trace.model_names), "requests": len(trace), "speed": args.speed,
+                               "seed": args.seed, "coldstart": args.coldstart, "costs": args.costs,
+                               "wake_s": dict(costs.measured.get("*", {}))},
+                  "host": socket.gethostname(), "cpus": os.cpu_count(), "runs": runs}
+        write_json(args.json, report, indent=None)
         print(f"wrote {args.json}")
     return 0
 
@@ -109,8 +110,8 @@ def _run_one(url: str, spec: str, trace: Trace, costs: CostModel, args: argparse
           f"{'fresh start' if setup['start'].fresh else 'models at rest'}")
     return {"policy": spec, "url": url, "served": served, "load_before": load_before, "load_after": load_after,
             "service": service.describe(), "capacity": setup["capacity"].describe(),
-            "measured": live, "simulated": sim, "simulated_live_wakes": calibrated, "requests": [vars(r) for r in run.requests],
-            "samples": [vars(s) for s in run.samples], "status_after": run.status_after}
+            "measured": live, "simulated": sim, "simulated_live_wakes": calibrated,
+            "requests": _columns([vars(r) for r in run.requests]), "samples": _samples(run)}
 
 
 def _server_setup(run: LiveRun, served: list[str]) -> dict[str, Any]:
@@ -128,6 +129,21 @@ def _server_setup(run: LiveRun, served: list[str]) -> dict[str, Any]:
     fresh = all(models[n]["state"] == "zero" for n in served)
     keep_images = all(models[n].get("images", "off") != "off" for n in served)
     return {"size_bytes": size, "capacity": capacity, "start": Start(fresh=fresh, keep_images=keep_images)}
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Records as ``{"fields": [...], "rows": [[...], ...]}``, times in milliseconds: a run has
+    thousands of them."""
+    fields = list(rows[0]) if rows else []
+    return {"fields": fields, "rows": [[round(v, 3) if isinstance(v, float) else v for v in r.values()] for r in rows]}
+
+
+def _samples(run: LiveRun) -> dict[str, Any]:
+    """The metrics scrapes as columns: time, replicas per state, bytes reserved, queued, in flight."""
+    states = sorted({s for x in run.samples for s in x.replicas})
+    rows = [{"t": x.t, **{s: x.replicas.get(s, 0.0) for s in states}, "reserved_bytes": sum(x.reserved.values()),
+             "queued": x.queued, "in_flight": x.in_flight} for x in run.samples]
+    return _columns(rows)
 
 
 def _loadavg() -> str:

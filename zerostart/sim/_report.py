@@ -66,7 +66,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def write_json(path: str | Path, results: object) -> None:
+def write_json(path: str | Path, results: object, *, indent: int | None = 2) -> None:
+    """``results`` as JSON, written atomically; non-finite floats become null."""
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -76,7 +77,7 @@ def write_json(path: str | Path, results: object) -> None:
             return [clean(v) for v in x]
         return x
 
-    _atomic_write(Path(path), (json.dumps(clean(results), indent=2) + "\n").encode())
+    _atomic_write(Path(path), (json.dumps(clean(results), indent=indent) + "\n").encode())
 
 
 _FAMILY_COLORS = {"always": "#7f7f7f", "ttl": "#1f77b4", "hybrid": "#ff7f0e", "ladder": "#2ca02c"}
