@@ -101,15 +101,18 @@ def _run_one(url: str, spec: str, trace: Trace, costs: CostModel, args: argparse
     live = measured(run, costs, setup["size_bytes"], spec)
     fit = fit_service(run)
     service = Service(overhead_s=fit[0], prefill_tps=fit[1], decode_tps=fit[2]) if fit else Service()
+    live_costs = live_wake_costs(costs, run)
     sim, calibrated = (replay(make(spec), trace, c, capacity=setup["capacity"], service=service,
                               size_bytes=setup["size_bytes"], start=setup["start"])
-                       for c in (costs, live_wake_costs(costs, run)))
+                       for c in (costs, live_costs))
     print(f"  {live['answered']:,} of {live['requests']:,} answered (errors {live['errors'] or 'none'}); "
           f"driver lateness {run.lateness_s * 1000:.0f} ms; load {load_before} -> {load_after}")
+    live_wakes = {k: round(v, 3) for k, v in live_costs.measured.get("*", {}).items()}
     print(f"  simulated with {setup['capacity'].describe()}; {service.describe()}; "
           f"{'fresh start' if setup['start'].fresh else 'models at rest'}")
+    print(f"  wake times of the third column (measured in this run where it climbed; a costs file's wake_s): {live_wakes}")
     return {"policy": spec, "url": url, "served": served, "load_before": load_before, "load_after": load_after,
-            "service": service.describe(), "capacity": setup["capacity"].describe(),
+            "service": service.describe(), "capacity": setup["capacity"].describe(), "live_wake_s": live_wakes,
             "measured": live, "simulated": sim, "simulated_live_wakes": calibrated,
             "requests": _columns([vars(r) for r in run.requests]), "samples": _samples(run)}
 
