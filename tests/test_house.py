@@ -174,13 +174,13 @@ FACES = {
     "zerostart.serve.control": ["ErrorBody", "ErrorDetail", "ImageReport", "InFlight", "LoadAccepted", "LoadRecord",
                                 "LoadRequest", "ParkResult", "PhasesReport", "ReadyReport", "Refusal", "SETTLED",
                                 "TOKEN_ENV", "WORKER_TRANSITIONS", "WakeResult", "WorkerState", "check_worker"],
-    "zerostart.policy": ["AlwaysWarm", "CostAwareLadder", "CostModel", "Decision", "FixedTTL", "HybridHistogram",
-                         "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung", "describe", "make",
-                         "usable"],
+    "zerostart.policy": ["AlwaysWarm", "Candidate", "CostAwareLadder", "CostModel", "Decision", "FixedTTL",
+                         "HybridHistogram", "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung",
+                         "choose_victim", "describe", "make", "usable"],
     "zerostart.bench": ["pinned_h2d"],
     "zerostart.cluster": ["ReplicaPolicy", "app_from_args", "build", "deploy", "engine_options", "merge_metrics",
                           "pools", "replica_policy", "serve_forever"],
-    "zerostart.sim": ["Capacity", "FORMATS", "Service", "Trace", "TraceError", "derive", "load_trace",
+    "zerostart.sim": ["Capacity", "FORMATS", "Service", "Start", "Trace", "TraceError", "derive", "load_trace",
                       "parse_popularity", "replay"],
 }
 
