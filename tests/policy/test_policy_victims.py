@@ -7,6 +7,13 @@ def test_the_cheapest_to_bring_back_goes_first():
     assert choose_victim(cands) == "park-new"
 
 
+def test_the_idle_model_cheapest_to_bring_back_goes_first_and_of_equals_the_least_recently_used():
+    cands = [Candidate("slow", restart_s=9.0, last_active=1.0), Candidate("fast", 2.0, 5.0),
+             Candidate("fast-older", 2.0, 3.0)]
+    assert choose_victim(cands) == "fast-older"
+    assert choose_victim([]) is None
+
+
 def test_like_costs_leave_it_to_recency():
     # 2.05 s and 2.11 s are one kind of start measured twice: the least recently used goes
     cands = [Candidate("a", 2.11, last_active=5.0), Candidate("b", 2.05, last_active=7.0),

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -141,3 +142,69 @@ def test_busy_model_is_never_evicted(budget: Gateway) -> None:
     assert done["m1"] > closed
     assert budget.model("m1")["state"] == "hot" and budget.model("m2")["state"] == "zero"
     assert m2_pid not in budget.worker_pids("m2")
+
+
+@pytest.fixture(scope="module")
+def evicting(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
+    # two models under a policy that wants them hot for a minute after each request, on a
+    # device where only one fits
+    config = {
+        "devices": {"cpu": {"memory_budget": 1000}},
+        "models": [{"path": tiny_model, "name": n, "memory_estimate": 600, "keep_alive_policy": "ttl:60"}
+                   for n in ("p1", "p2")],
+    }
+    g = Gateway(config, str(tmp_path_factory.mktemp("evicting")))
+    yield g
+    g.stop()
+
+
+def test_an_evicted_model_waits_for_a_request_to_come_back(evicting: Gateway) -> None:
+    # the fleet moved p1 down for room: its policy (still within its minute) does not climb it
+    # straight back, which would evict p2 in turn, and so on
+    client = evicting.openai()
+    client.completions.create(model="p1", prompt="x", max_tokens=1)
+    client.completions.create(model="p2", prompt="x", max_tokens=1)
+    time.sleep(3.0)
+    assert evicting.model("p1")["state"] == "zero" and evicting.model("p2")["state"] == "hot"
+    assert evicting.cold_starts("p1") == 1 and evicting.cold_starts("p2") == 1
+    assert evicting.metric("zerostart_replica_stops_total", model="p1", reason="evicted") == 1
+    assert evicting.metric("zerostart_replica_stops_total", model="p2", reason="evicted") == 0
+    # a request brings it back (and p2, idle, makes room)
+    client.completions.create(model="p1", prompt="x", max_tokens=1)
+    assert evicting.cold_starts("p1") == 2 and evicting.model("p2")["state"] == "zero"
+
+
+@pytest.fixture(scope="module")
+def three(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
+    # three models, two fit; a stop may take up to 5 s before the worker is killed
+    config = {
+        "devices": {"cpu": {"memory_budget": 1000}},
+        "models": [{"path": tiny_model, "name": n, "memory_estimate": 400, "idle_timeout": 60, "stop_timeout": 5}
+                   for n in ("q1", "q2", "q3")],
+    }
+    g = Gateway(config, str(tmp_path_factory.mktemp("three")))
+    yield g
+    g.stop()
+
+
+def test_a_start_waits_for_the_memory_already_on_its_way_instead_of_evicting_more(three: Gateway) -> None:
+    client = three.openai()
+    first = client.completions.with_raw_response.create(model="q1", prompt="x", max_tokens=1)
+    assert first.headers["x-zerostart-cold-start-rung"] in ("source", "image")  # image: one written earlier
+    client.completions.create(model="q2", prompt="x", max_tokens=1)
+    q1_pid = three.model("q1")["workers"][0]["pid"]
+    os.kill(q1_pid, signal.SIGSTOP)  # q1 (the least recently used) will take its stop_timeout to go
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(r=client.completions.with_raw_response.create(
+        model="q3", prompt="x", max_tokens=1)))
+    t.start()
+    three.wait_for("q1 to be stopped for q3", lambda: three.model("q1")["state"] == "stopping")
+    # q2 serves while q1 stops; going idle again, it is a candidate, but the room q3 needs is
+    # already on its way: q3 waits for it rather than stopping q2 as well
+    hot = client.completions.with_raw_response.create(model="q2", prompt="x", max_tokens=1)
+    assert "x-zerostart-cold-start-rung" not in hot.headers and hot.headers["x-zerostart-cold-start-ms"] == "0"
+    t.join(60)
+    assert done["r"].headers["x-zerostart-cold-start-rung"] in ("source", "image")
+    assert three.model("q3")["state"] == "hot" and three.model("q2")["state"] == "hot"
+    assert three.metric("zerostart_replica_stops_total", model="q1", reason="evicted") == 1
+    assert three.metric("zerostart_replica_stops_total", model="q2", reason="evicted") == 0

@@ -17,7 +17,7 @@ from zerostart import weights
 from zerostart.serve._config import ModelConfig, PrewarmWindow
 from zerostart.serve._errors import BadRequest
 from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, parse_request
-from zerostart.serve.gateway._memory import Budget, Candidate, choose_victim, estimate_bytes
+from zerostart.serve.gateway._memory import Budget, estimate_bytes
 from zerostart.serve.gateway._prewarm import is_open, next_change
 from zerostart.serve.gateway._state import TRANSITIONS, State, TransitionError, check, model_state
 
@@ -90,13 +90,6 @@ def test_budget_accounting() -> None:
     b.release("cpu", 60)
     with pytest.raises(RuntimeError):
         b.release("cpu", 1)
-
-
-def test_the_idle_model_cheapest_to_bring_back_goes_first() -> None:
-    cands = [Candidate("slow", restart_cost_s=9.0, last_active=1.0), Candidate("fast", 2.0, 5.0),
-             Candidate("fast-older", 2.0, 3.0)]
-    assert choose_victim(cands) == "fast-older"  # cheapest; of equals, the least recently used
-    assert choose_victim([]) is None
 
 
 # -- pre-warm windows -------------------------------------------------------------------------

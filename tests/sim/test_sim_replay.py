@@ -240,3 +240,21 @@ def test_a_fresh_model_goes_up_only_by_climbing():
     tr, svc = trace([(0, "m")])
     r = replay(make("ttl:10"), tr, COSTS, service=svc, start=Start(fresh=True, keep_images=True))
     assert r["cold_starts_by_rung"]["zero"] == 1
+
+
+def test_an_evicted_model_is_not_climbed_back_by_its_policy_but_still_moved_down():
+    # HOT for 20 s after the last request, then IMAGE; one device (evictions go to PARKED)
+    def fn(view, now):
+        if view.busy or now < view.last_active + 20:
+            return Decision(Rung.HOT, recheck_at=view.last_active + 20)
+        return Decision(Rung.IMAGE)
+
+    p = Scripted(fn)
+    tr, svc = trace([(0, "a"), (5, "b"), (100, "a")])
+    r = replay(p, tr, COSTS, capacity=Capacity(hot=1), service=svc)
+    # b starts PARKED (one device, a has it); b at 5 evicts idle a to PARKED; a's policy still
+    # wants it HOT (until 21) but may not climb it back (that would evict b); at 21 it moves a
+    # down to IMAGE. b goes to IMAGE on its own at 5 + wake + 1 + 20; a at 100 climbs from IMAGE.
+    assert r["prewarms"] == 0 and r["evictions"] == 1
+    assert r["cold_starts_by_rung"] == {"parked": 1, "image": 1, "zero": 0}
+    assert r["rung_hours"]["parked"] * 3600 == pytest.approx(5 + (21 - 5))

@@ -52,7 +52,7 @@ class _Model:
     """One model of the simulated fleet."""
 
     __slots__ = ("index", "name", "wake", "rung", "ready_at", "in_flight", "idle", "last_active", "idle_since",
-                 "since", "gen", "prewarmed", "queued", "pending", "loaded")
+                 "since", "gen", "prewarmed", "queued", "pending", "loaded", "evicted")
 
     def __init__(self, index: int, name: str, wake: list[float], t0: float) -> None:
         self.index = index
@@ -70,6 +70,7 @@ class _Model:
         self.queued = False  # waiting for room to climb
         self.pending: list[tuple[int, float]] = []  # (request, service seconds) waiting for that climb
         self.loaded = False  # climbed to HOT at least once (so it has a ready image, when images are kept)
+        self.evicted = False  # moved down to make room since its last request: the policy may not climb it
 
 
 class SimFleet:
@@ -166,7 +167,7 @@ class SimFleet:
         self.policy.observe_arrival(m.name, t)
         m.gen += 1
         m.in_flight += 1
-        m.idle = False
+        m.idle = m.evicted = False
         if m.queued:
             m.pending.append((i, service_s))
         elif m.rung == HOT:
@@ -268,9 +269,13 @@ class SimFleet:
         return True
 
     def _evict(self, m: _Model, level: int, now: float) -> None:
+        """Move ``m`` down to make room. Its policy still moves it further down on schedule,
+        but climbs it only after its next request (as the server does: climbing it back would
+        only move another model down)."""
         self.stats["evictions"] += 1
-        m.gen += 1
+        m.evicted = True
         self._move_down(m, level, now)
+        self._decide(m, now)
 
     def _move_down(self, m: _Model, level: int, now: float) -> None:
         """Lower ``m`` to ``level``; PARKED without room pushes a parked model to IMAGE first
@@ -315,14 +320,15 @@ class SimFleet:
                 if current == HOT and self._waiting:
                     self._serve_waiting(now)
             elif target == HOT and current != HOT:
-                self._prewarm(m, now)
-                return
+                if not m.evicted:
+                    self._prewarm(m, now)
+                    return
             # a rung above the current one but below HOT (IMAGE for a model on ZERO) stays a
             # wish: as in the server, a model goes up only by climbing to HOT
-            if d.prewarm_at is not None and d.prewarm_at <= now and m.rung != HOT:
+            if d.prewarm_at is not None and d.prewarm_at <= now and m.rung != HOT and not m.evicted:
                 self._prewarm(m, now)
                 return
-        self._schedule(m, d.prewarm_at, d.recheck_at, now)
+        self._schedule(m, None if m.evicted else d.prewarm_at, d.recheck_at, now)
 
     def _schedule(self, m: _Model, prewarm_at: float | None, recheck_at: float | None, now: float) -> None:
         if prewarm_at is not None and prewarm_at > now:

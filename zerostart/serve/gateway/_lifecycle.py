@@ -32,6 +32,7 @@ log = logging.getLogger("zerostart.serve")
 _WRITING = frozenset({"queued", "writing"})  # a worker's image report while a write is under way
 _WRITTEN = frozenset({"written", "write_failed"})  # ... and once it ended
 _IMAGE_POLL_S = (0.5, 5.0)  # how often a write under way is looked at: first, and at most (doubling)
+_IMAGE_KEPT = frozenset({"used", "is_source", "queued", "writing", "written"})  # a ready image is (or will be) on disk
 
 
 def cpu_threads(config: ServeConfig) -> dict[str, int | None]:
@@ -76,6 +77,8 @@ class Lifecycle:
         if how is None:
             return
         m.start_began, m.climbing = now, how
+        if not m.waiters:
+            log.info("model %s: climbing ahead of requests (%s)", m.name, m.floor_reason)
         if how == "wake":
             r = max(m.parked(), key=lambda r: r.last_active)
             m.start_task = asyncio.create_task(self._wake(m, r))
@@ -88,6 +91,7 @@ class Lifecycle:
         try:
             async with asyncio.timeout(m.cfg.start_timeout):
                 await self._admit(m, r)
+                t0 = time.monotonic()  # the start itself, without the wait for memory
                 cold = await spare.hand_over(m.cfg, m.parkable) if spare else await r.worker.start(parkable=m.parkable)
                 r.memory = await r.worker.measure_memory()
         except TimeoutError:
@@ -133,6 +137,9 @@ class Lifecycle:
         m.failures, m.backoff_until, m.last_error = 0, 0.0, None
         m.last_cold_start, m.last_ready_s = r, ready_s
         m.last_cold_s = m.last_ready_s
+        m.starts_s.append(ready_s)
+        if r.image is not None and r.image.status in _IMAGE_KEPT:
+            m.has_image = True
         self.memory.learn_size(m, r)
         self._metrics.observe_cold_start(m.name, r.rung, r.timeline, ready_s)
         log.info("model %s: hot after %.2f s from %s (%s)", m.name, ready_s, r.rung,
@@ -176,16 +183,18 @@ class Lifecycle:
         need = (m.estimate or 0) if need is None else need
         while not self.memory.fits(m, need):
             changed = self.memory.changed
-            victim = self.memory.victim(m.cfg.device, exclude=m)
+            soon = self.memory.fits_once_freed(m, need)  # what is on its way down is room enough: wait for it
+            victim = None if soon else self.memory.victim(m.cfg.device, exclude=m)
             if victim is not None:
                 vm, vr, action = victim
                 log.info("model %s: %s idle model %s on %s to make room", m.name,
                          "parking" if action == "park" else "stopping", vm.name, m.cfg.device)
+                vm.evicted_at = time.monotonic()  # its policy does not climb it back before a request
                 if action == "park":
                     self.begin_park(vm, vr, "evicted")
                 else:
                     self.begin_stop(vm, vr, "evicted")
-            elif (err := self.memory.no_room(m, r, need)) is not None:
+            elif not soon and (err := self.memory.no_room(m, r, need)) is not None:
                 raise err
             await changed.wait()
         self.memory.reserve(m, r, need)
@@ -199,6 +208,7 @@ class Lifecycle:
         try:
             async with asyncio.timeout(m.cfg.start_timeout):
                 await self._admit(m, r, max(0, (m.estimate or 0) - r.reserved_bytes))
+                t0 = time.monotonic()  # the wake itself, without the wait for memory
                 r.transition(State.WAKING)
                 log.info("model %s: waking worker pid %s", m.name, r.pid)
                 cold = await r.worker.wake(m.cfg.start_timeout)

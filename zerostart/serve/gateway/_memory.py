@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Generic, Iterable, Literal, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 from zerostart import weights
 from zerostart.names import DTYPE_BYTES, default_dtype, device_type
@@ -28,14 +26,13 @@ from zerostart.serve.gateway._state import State
 from zerostart.units import format_size
 
 if TYPE_CHECKING:
+    from zerostart.policy import Candidate
     from zerostart.serve.gateway._model import Model
     from zerostart.serve.gateway._replica import Replica
 
 log = logging.getLogger("zerostart.serve")
 
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # cast to the load dtype; others kept as stored
-
-K = TypeVar("K")
 
 
 def estimate_bytes(model: ModelConfig) -> int | None:
@@ -139,21 +136,6 @@ class Budget:
         return sorted(set(self._limits) | set(self._used))
 
 
-@dataclass(frozen=True)
-class Candidate(Generic[K]):
-    """An idle replica that could be stopped to make room."""
-
-    key: K
-    restart_cost_s: float  # what bringing it back would cost (its last measured cold start)
-    last_active: float  # for ties: the least recently used goes first
-
-
-def choose_victim(candidates: Iterable[Candidate[K]]) -> K | None:
-    """The idle replica cheapest to bring back; among equals, the least recently used."""
-    best = min(candidates, key=lambda c: (c.restart_cost_s, c.last_active), default=None)
-    return None if best is None else best.key
-
-
 Eviction = tuple["Model", "Replica", Literal["park", "stop"]]
 
 
@@ -180,6 +162,26 @@ class DeviceMemory:
     def fits(self, m: Model, need: int) -> bool:
         return self.budget.fits(m.cfg.device, need)
 
+    def fits_once_freed(self, m: Model, need: int) -> bool:
+        """Whether ``need`` bytes fit once the replicas already on their way down (stopping, or
+        parking where that frees device memory) have let go: then waiting makes the room, and
+        moving one more model down would be one too many."""
+        dev = m.cfg.device
+        limit = self.budget.limit(dev)
+        return limit is None or self.budget.used(dev) - self._freeing(dev) + need <= limit
+
+    def _freeing(self, device: str) -> int:
+        freeing = 0
+        for m in self._models.values():
+            if m.cfg.device != device:
+                continue
+            for r in m.replicas:
+                if r.state is State.STOPPING:
+                    freeing += r.reserved_bytes
+                elif r.state is State.PARKING:
+                    freeing += max(0, r.reserved_bytes - m.parked_bytes(r))
+        return freeing
+
     def no_room(self, m: Model, r: Replica, need: int) -> StartFailed | None:
         """Why ``m`` can never get ``need`` bytes, when waiting cannot make room: nothing on its
         device is busy, climbing or on its way down (None when something is)."""
@@ -205,9 +207,13 @@ class DeviceMemory:
         return False
 
     def victim(self, device: str, exclude: Model) -> Eviction | None:
-        """The idle replica on ``device`` cheapest to bring back, and how it goes: parked where
-        that frees device memory (and keeps it close), else stopped. Replicas kept by a floor,
-        busy ones and parked ones requests wait for are never chosen."""
+        """The idle replica on ``device`` to move down, by ``policy.choose_victim`` (the rule
+        the simulator follows too: the cheapest to bring back, then the least recently used),
+        and how it goes: parked where that frees device memory (and keeps it close), else
+        stopped. Replicas kept by a floor, busy ones and parked ones requests wait for are
+        never chosen."""
+        from zerostart.policy import Candidate, choose_victim  # here: the policy package brings numpy
+
         now = time.monotonic()
         candidates: list[Candidate[Eviction]] = []
         for m in self._models.values():
@@ -215,17 +221,17 @@ class DeviceMemory:
                 continue
             spare = len(m.warm()) - m.floor(now)
             idle = sorted((r for r in m.replicas if r.state is State.HOT and r.in_flight == 0), key=lambda r: r.last_active)
-            full_start = m.last_ready_s if m.last_ready_s is not None else math.inf
+            restart = m.restart_s()
             for r in idle[:max(0, spare)]:
                 if m.can_park and device != "cpu":  # parking frees its device memory and keeps it close
                     cost = m.last_wake_s if m.last_wake_s is not None else 0.0
                     candidates.append(Candidate((m, r, "park"), cost, r.last_active))
                 else:
-                    candidates.append(Candidate((m, r, "stop"), full_start, r.last_active))
+                    candidates.append(Candidate((m, r, "stop"), restart, r.last_active))
             if not m.waiters and m.start_task is None:
                 for r in m.parked():
                     if r.reserved_bytes:  # on CPU a parked replica's weights still hold host RAM
-                        candidates.append(Candidate((m, r, "stop"), full_start, r.last_active))
+                        candidates.append(Candidate((m, r, "stop"), restart, r.last_active))
         return choose_victim(candidates)
 
     # -- reservations -----------------------------------------------------------------------

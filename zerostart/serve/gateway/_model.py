@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,7 +68,11 @@ class Model:
         self.last_cold_s: float | None = None  # the latest cold start (any rung), until ready
         self.last_ready_s: float | None = None  # spawn -> ready of the last start from source or image
         self.last_wake_s: float | None = None  # the last wake from parked, until ready
+        self.starts_s: deque[float] = deque(maxlen=8)  # spawn -> ready of its recent starts (source or image)
+        self.has_image = False  # a start used or queued a ready image: the next one restores it
         self.prewarmed_for: float | None = None  # the policy prewarm_at already acted on
+        self.evicted_at: float | None = None  # when the fleet last moved it down to make room for another
+        self.floor_reason = ""  # why the floor asks for a replica (logged when that starts a climb)
 
     def live(self) -> list[Replica]:
         """Replicas with a worker that is, or will be, usable (counted against max_replicas)."""
@@ -109,11 +114,16 @@ class Model:
 
     def floor(self, now: float, wall: datetime | None = None) -> int:
         """Replicas kept whatever the traffic: min_replicas; one while a pre-warm window is
-        open; one when the policy wants the model hot or asks to pre-warm it."""
+        open; one when the policy wants the idle model hot or asks to pre-warm it. Not the
+        policy's wish for a model the fleet moved down to make room since its last request:
+        climbing it back would only move another down (the simulator does the same)."""
         floor = self.cfg.min_replicas
+        self.floor_reason = "min_replicas"
         if floor == 0 and self.cfg.prewarm and _prewarm.is_open(self.cfg.prewarm, wall or datetime.now().astimezone()):
-            floor = 1
-        if floor == 0 and self.policy is not None and not self.held(now) and not self.warm():
+            floor, self.floor_reason = 1, "a pre-warm window is open"
+        busy = self.in_flight or self.waiters or self.start_task is not None  # requests climb it anyway
+        if (floor == 0 and self.policy is not None and not self.held(now) and not self.warm() and not busy
+                and (self.evicted_at is None or self.evicted_at < self.last_active)):
             from zerostart.policy import Rung
 
             d = self.decide(now)
@@ -123,8 +133,13 @@ class Model:
                 self.prewarmed_for = d.prewarm_at  # one climb per predicted arrival
                 floor = 1
             if floor:
-                log.info("model %s: pre-warming (policy %s: %s)", self.name, self.policy.name, d.reason or "hot")
+                self.floor_reason = f"policy {self.policy.name}: {d.reason or 'hot'}"
         return floor
+
+    def restart_s(self) -> float:
+        """What starting it again costs: the median of its recent starts (one start on a busy
+        machine can take several times another), inf before the first."""
+        return statistics.median(self.starts_s) if self.starts_s else math.inf
 
     def next_climb(self, now: float) -> Literal["wake", "start"] | None:
         """Whether a replica should climb now, and how: when requests wait and no warm replica
@@ -183,7 +198,7 @@ class Model:
 
         assert self.policy is not None
         rung = Rung.HOT if self.warm() else Rung.PARKED if any(
-            r.state in (State.PARKING, State.PARKED) for r in self.replicas) else Rung.ZERO
+            r.state in (State.PARKING, State.PARKED) for r in self.replicas) else Rung.IMAGE if self.has_image else Rung.ZERO
         rungs = tuple(r for r in (Rung.HOT, Rung.PARKED, Rung.IMAGE, Rung.ZERO)
                       if r.value not in self.missing_rungs and (r is not Rung.PARKED or self.can_park))
         view = ModelView(name=self.name, rung=rung,

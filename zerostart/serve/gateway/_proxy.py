@@ -32,6 +32,7 @@ from zerostart.serve.gateway._queue import Lease
 
 QUEUE_HEADER = "x-zerostart-queue-ms"
 MODEL = "zerostart.model"  # scope key: the model a request named (for the count)
+RUNG_HEADER = "x-zerostart-cold-start-rung"  # the rung the request's cold start climbed from, when it waited for one
 _EXIT_WAIT_S = 1.0  # how long a failed proxy waits for the worker's exit status, to name it
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # What a worker answers when it is not where the gateway put it (parked or loading behind its back).
@@ -217,7 +218,10 @@ class Proxy:
 
 
 def _lease_headers(lease: Lease) -> dict[str, str]:
-    return {COLD_START_HEADER: str(round(lease.cold_start_ms)), QUEUE_HEADER: str(round(lease.queue_ms))}
+    headers = {COLD_START_HEADER: str(round(lease.cold_start_ms)), QUEUE_HEADER: str(round(lease.queue_ms))}
+    if lease.cold_start_ms > 0:
+        headers[RUNG_HEADER] = lease.replica.rung
+    return headers
 
 
 async def _send(lease: Lease, path: str, raw: bytes) -> UpstreamResponse:
