@@ -63,6 +63,9 @@ def test_a_tiny_replay_measures_the_live_server_and_simulates_the_same_slice(fle
     assert first_a["cold_start_s"] > 0.6 and first_b["cold_start_s"] > 0
     assert join_a["cold_start_s"] == pytest.approx(first_a["cold_start_s"] - 0.6, abs=0.3)
     live, sim = run["measured"], run["simulated"]
+    # the rung each waiting request's climb came from (the server's header)
+    assert first_a["rung"] == first_b["rung"] == join_a["rung"] == "source"
+    assert late_a["rung"] == ("image" if late_a["cold_start_s"] > 0 else None)
     # the server's counters agree with its headers: a and b from source once each, and a once
     # more (from its image) if the last request found it gone
     later = 1 if late_a["cold_start_s"] > 0 else 0

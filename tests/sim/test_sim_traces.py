@@ -166,3 +166,9 @@ def test_a_window_of_the_trace_at_a_speed_with_bounded_tokens():
         derive(base, start=span * 2)
     with pytest.raises(TraceError, match="--max-output-tokens must be at least 1"):
         derive(base, max_output_tokens=0)
+
+
+def test_token_counts_survive_a_derivation_without_bounds():
+    base = service_trace(100)
+    d = derive(base, models=3, stretch=2.0)
+    assert np.array_equal(d.input_tokens, base.input_tokens) and np.array_equal(d.output_tokens, base.output_tokens)

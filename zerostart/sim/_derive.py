@@ -110,8 +110,10 @@ def derive(trace: Trace, *, models: int | None = None, popularity: str = "zipf:1
         if bound is not None and tokens is not None:
             capped = int((tokens > bound).sum())
             steps.append(f"{name} tokens capped at {bound} ({capped:,} of {len(tokens):,} requests had more)")
-    tin = None if tin is None or max_input_tokens is None else np.minimum(tin, max_input_tokens)
-    tout = None if tout is None or max_output_tokens is None else np.minimum(tout, max_output_tokens)
+    if tin is not None and max_input_tokens is not None:
+        tin = np.minimum(tin, max_input_tokens)
+    if tout is not None and max_output_tokens is not None:
+        tout = np.minimum(tout, max_output_tokens)
 
     return Trace(times=times, models=mids, model_names=list(names), input_tokens=tin, output_tokens=tout,
                  source=trace.source, format=trace.format, derivation=steps)
