@@ -1,12 +1,13 @@
 """A ``zerostart serve`` started for one replay: a subprocess on a free loopback port, from the
 user's config file with every model's ``keep_alive_policy`` set to the policy under test, and
 its own cache directory (so that every run starts with no ready images: the same cold start
-for each policy). Talked to over HTTP like any other server; nothing of it is imported.
+for each policy), removed when the server stops. Talked to over HTTP like any other server; nothing of it is imported.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ class LocalServer:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.log_path = self.workdir / "server.log"
         self.fresh_cache = fresh_cache
+        self._cache: str | None = None  # the private cache directory, removed with the server
         self.url = ""
         self._proc: subprocess.Popen[str] | None = None
         self._log: Any = None
@@ -43,7 +45,7 @@ class LocalServer:
     def __enter__(self) -> "LocalServer":
         env = dict(os.environ)
         if self.fresh_cache:
-            env["ZEROSTART_CACHE_DIR"] = tempfile.mkdtemp(prefix="cache-", dir=self.workdir)
+            self._cache = env["ZEROSTART_CACHE_DIR"] = tempfile.mkdtemp(prefix="cache-", dir=self.workdir)
         cmd = [sys.executable, "-m", "zerostart", "serve", "--config", str(self.config_path), "--port", "0",
                "--host", "127.0.0.1"]
         self._log = self.log_path.open("w")
@@ -88,6 +90,8 @@ class LocalServer:
             proc.stderr.close()
         if self._log is not None:
             self._log.close()
+        if self._cache is not None:
+            shutil.rmtree(self._cache, ignore_errors=True)  # its ready images: gigabytes for large models
 
 
 def _rewrite(path: Path, policy: str | None) -> dict[str, Any]:
