@@ -121,9 +121,11 @@ class Gateway:
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
-    def cold_starts(self, model: str, rung: str | None = None) -> float:
-        """Cold starts of ``model`` that reached ready, from ``rung`` (None: any rung)."""
-        return sum(v for (name, labels), v in self.metrics().items() if name == "zerostart_cold_starts_total"
+    def cold_starts(self, model: str, rung: str | None = None, *, ahead: bool = False) -> float:
+        """Cold starts of ``model`` that reached ready, from ``rung`` (None: any rung); ``ahead``:
+        only those begun with no request waiting."""
+        metric = "zerostart_climbs_ahead_total" if ahead else "zerostart_cold_starts_total"
+        return sum(v for (name, labels), v in self.metrics().items() if name == metric
                    and dict(labels)["model"] == model and rung in (None, dict(labels)["rung"]))
 
     def phase_count(self, model: str, phase: str) -> float:

@@ -39,6 +39,7 @@ def test_floors_keep_models_hot_without_traffic(floors: Gateway) -> None:
         m = floors.model(name)
         assert m["state"] == "hot" and m["replicas"] == 1, m
         assert floors.cold_starts(name) == 1
+        assert floors.cold_starts(name, ahead=True) == 1  # nobody waited for it: counted apart
     assert floors.model("plain")["state"] == "zero"  # nothing asked for it
     assert floors.model("ttl")["state"] == "zero"  # ttl has no history: it does not pre-warm
 
@@ -61,6 +62,7 @@ def test_keep_alive_policy_replaces_the_idle_timeout(floors: Gateway) -> None:
     floors.wait_for("ttl:1 to scale to zero", lambda: floors.model("ttl")["state"] == "zero", timeout=12)
     assert 1.5 <= time.monotonic() - t0 < 10
     assert floors.cold_starts("ttl") == 1
+    assert floors.cold_starts("ttl", ahead=True) == 0  # the first request waited for it
 
 
 def test_a_second_replica_starts_when_the_first_is_full(floors: Gateway) -> None:

@@ -25,7 +25,8 @@ def run() -> LiveRun:
                Sample(8.0, {"hot": 0, "parked": 1}, {"cpu": 100e6}, 0, 0),
                Sample(12.0, {"hot": 0}, {"cpu": 0.0}, 0, 0)]
     return LiveRun(url="http://x", started_unix=0.0, requests=sent, samples=samples,
-                   cold_starts={"source": 1.0, "standby+image": 2.0, "parked": 1.0},
+                   cold_starts={"source": 1.0, "standby+image": 2.0, "parked": 3.0},
+                   climbs_ahead={"parked": 2.0},  # two of the wakes were pre-warms: nobody waited
                    cold_start_seconds={"source": {"sum": 2.0, "count": 1.0}, "parked": {"sum": 0.2, "count": 2.0},
                                        "image": {"sum": 0.0, "count": 0.0}},
                    status_before={}, status_after={}, lateness_s=0.01)
@@ -35,7 +36,9 @@ def test_measured_columns():
     m = measured(run(), COSTS, 1_000_000_000, "ttl:30")
     assert m["requests"] == 4 and m["answered"] == 3  # the one without an answer is left out
     assert m["errors"] == {"429": 1, "no answer": 1}
+    # a climb begun with no request waiting is a pre-warm, as the simulator counts it, not a cold start
     assert m["cold_starts_by_rung"] == {"parked": 1, "image": 2, "zero": 1} and m["cold_starts"] == 4
+    assert m["prewarms"] == 2 and m["cold_starts_by_label"]["parked"] == 3
     assert m["max_added_latency_s"] == 2.0 and m["delayed_requests"] == 1
     assert m["hours"] * 3600 == pytest.approx(10.0)  # first arrival to last answer
     # starting [0, 2) + hot [2, 6) + stopping [6, 8): 8 replica-seconds hold the device;

@@ -5,9 +5,10 @@ trace slice with the server's measured wake times, and the tables that put them 
 Measured, like the simulator counts them:
 
 * cold starts by rung: the server's ``zerostart_cold_starts_total`` increase (one per climb; the
-  requests that join a climb are delayed but start nothing), its rung labels mapped to the
-  ladder (``parked``; ``image`` and ``standby+image``: IMAGE; ``source`` and ``standby+source``:
-  ZERO);
+  requests that join a climb are delayed but start nothing) less its ``zerostart_climbs_ahead_total``
+  (climbs begun with no request waiting: pre-warms, which the simulator counts apart), its rung
+  labels mapped to the ladder (``parked``; ``image`` and ``standby+image``: IMAGE; ``source`` and
+  ``standby+source``: ZERO);
 * added latency: each answered request's ``x-zerostart-cold-start-ms`` (arrival at the gateway
   until its replica was ready), requests without an answer left out and counted;
 * rung-hours: replicas per state from ``/metrics``, integrated from the first arrival to the
@@ -46,7 +47,7 @@ def measured(run: LiveRun, costs: CostModel, size_bytes: int, policy: str) -> di
     ram_gb_hours = parked_s * (gb + costs.worker_ram_gb) / 3600.0
     by_rung = {"parked": 0, "image": 0, "zero": 0}
     for label, n in run.cold_starts.items():
-        by_rung[_RUNG_OF_LABEL.get(label, "zero")] += int(round(n))
+        by_rung[_RUNG_OF_LABEL.get(label, "zero")] += int(round(n - run.climbs_ahead.get(label, 0.0)))
     p50, p95, p99 = (float(x) for x in np.percentile(lat, [50, 95, 99]))
     gpu_usd = gpu_hours * costs.device_usd_per_hour
     ram_usd = ram_gb_hours * costs.host_ram_usd_per_gb_hour
@@ -66,6 +67,7 @@ def measured(run: LiveRun, costs: CostModel, size_bytes: int, policy: str) -> di
         "cold_starts": sum(by_rung.values()),
         "cold_starts_by_rung": by_rung,
         "cold_starts_by_label": {k: int(round(v)) for k, v in run.cold_starts.items()},
+        "prewarms": int(round(sum(run.climbs_ahead.values()))),
         "cold_start_s_by_label": {k: v["sum"] / v["count"] for k, v in run.cold_start_seconds.items() if v["count"]},
         "delayed_requests": int((lat > 0).sum()),
         "p50_added_latency_s": p50,

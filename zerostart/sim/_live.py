@@ -67,6 +67,7 @@ class LiveRun:
     requests: list[Sent]
     samples: list[Sample]
     cold_starts: dict[str, float]  # counter increase during the run, by the server's rung label
+    climbs_ahead: dict[str, float]  # those of them begun with no request waiting (pre-warms), by rung label
     cold_start_seconds: dict[str, dict[str, float]]  # by rung label: {"sum": s, "count": n} increase
     status_before: dict[str, Any]
     status_after: dict[str, Any]
@@ -116,7 +117,7 @@ async def drive(url: str, trace: Trace, served: list[str], *, api_key: str | Non
         after = _counters(await _scrape(client))
         status_after = (await client.get("/zerostart/status")).json()
     return LiveRun(url=url, started_unix=started_unix, requests=requests, samples=samples,
-                   cold_starts=_diff(before[0], after[0]),
+                   cold_starts=_diff(before[0], after[0]), climbs_ahead=_diff(before[3], after[3]),
                    cold_start_seconds={k: {"sum": after[1].get(k, 0.0) - before[1].get(k, 0.0),
                                            "count": after[2].get(k, 0.0) - before[2].get(k, 0.0)}
                                        for k in after[2]},
@@ -204,16 +205,18 @@ async def _scrape(client: httpx.AsyncClient) -> list[tuple[str, dict[str, str], 
 
 
 def _counters(samples: list[tuple[str, dict[str, str], float]]) -> tuple[dict[str, float], ...]:
-    """Cold starts, and the cold-start histogram's sum and count, by rung label."""
+    """Cold starts, the cold-start histogram's sum and count, and the climbs begun ahead of
+    requests, by rung label."""
     starts: dict[str, float] = {}
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
+    ahead: dict[str, float] = {}
     for name, labels, value in samples:
         target = {"zerostart_cold_starts_total": starts, "zerostart_cold_start_seconds_sum": sums,
-                  "zerostart_cold_start_seconds_count": counts}.get(name)
+                  "zerostart_cold_start_seconds_count": counts, "zerostart_climbs_ahead_total": ahead}.get(name)
         if target is not None:
             target[labels["rung"]] = target.get(labels["rung"], 0.0) + value
-    return starts, sums, counts
+    return starts, sums, counts, ahead
 
 
 def _diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -77,7 +77,8 @@ class Lifecycle:
         if how is None:
             return
         m.start_began, m.climbing = now, how
-        if not m.waiters:
+        m.climb_ahead = not m.waiters
+        if m.climb_ahead:
             log.info("model %s: climbing ahead of requests (%s)", m.name, m.floor_reason)
         if how == "wake":
             r = max(m.parked(), key=lambda r: r.last_active)
@@ -141,7 +142,7 @@ class Lifecycle:
         if r.image is not None and r.image.status in _IMAGE_KEPT:
             m.has_image = True
         self.memory.learn_size(m, r)
-        self._metrics.observe_cold_start(m.name, r.rung, r.timeline, ready_s)
+        self._metrics.observe_cold_start(m.name, r.rung, r.timeline, ready_s, ahead=m.climb_ahead)
         log.info("model %s: hot after %.2f s from %s (%s)", m.name, ready_s, r.rung,
                  ", ".join(f"{p.name} {p.seconds:.2f}" for p in r.timeline.phases))
         if r.image is not None and r.image.rejected:
@@ -230,7 +231,7 @@ class Lifecycle:
         assert r.ready_at is not None
         m.last_cold_start, m.last_wake_s = r, r.ready_at - t0
         m.last_cold_s = m.last_wake_s
-        self._metrics.observe_cold_start(m.name, "parked", r.timeline, m.last_wake_s)
+        self._metrics.observe_cold_start(m.name, "parked", r.timeline, m.last_wake_s, ahead=m.climb_ahead)
         log.info("model %s: hot after %.3f s from parked (worker pid %s)", m.name, m.last_wake_s, r.pid)
         m.start_task = None
         if not m.waiters:

@@ -50,6 +50,9 @@ class Metrics:
                                 "the client left before its answer ended)", ["model", "status"], registry=r)
         self.cold_starts = Counter("zerostart_cold_starts", "Cold starts that reached ready, by the rung climbed from "
                                    "(source, image, standby+source, standby+image, parked)", ["model", "rung"], registry=r)
+        self.climbs_ahead = Counter("zerostart_climbs_ahead", "Cold starts begun with no request waiting (a "
+                                    "policy's pre-warm, a floor), also counted in zerostart_cold_starts",
+                                    ["model", "rung"], registry=r)
         self.parks = Counter("zerostart_parks", "Replicas parked (weights moved to host RAM), by reason (idle, evicted)",
                              ["model", "reason"], registry=r)
         self.start_failures = Counter("zerostart_start_failures", "Starts that failed, by cause",
@@ -72,8 +75,10 @@ class Metrics:
             self.cold_starts.labels(name, "source")
         r.register(_FleetCollector(models_now, devices_now, standby_now))
 
-    def observe_cold_start(self, model: str, rung: str, timeline: Timeline, ready_s: float) -> None:
+    def observe_cold_start(self, model: str, rung: str, timeline: Timeline, ready_s: float, *, ahead: bool) -> None:
         self.cold_starts.labels(model, rung).inc()
+        if ahead:
+            self.climbs_ahead.labels(model, rung).inc()
         self.cold_start_seconds.labels(model, rung).observe(ready_s)
         for p in timeline.phases:
             self.cold_start_phase.labels(model, rung, p.name).observe(p.seconds)

@@ -73,6 +73,7 @@ class Model:
         self.prewarmed_for: float | None = None  # the policy prewarm_at already acted on
         self.evicted_at: float | None = None  # when the fleet last moved it down to make room for another
         self.floor_reason = ""  # why the floor asks for a replica (logged when that starts a climb)
+        self.climb_ahead = False  # the current (or last) climb began with no request waiting for it
 
     def live(self) -> list[Replica]:
         """Replicas with a worker that is, or will be, usable (counted against max_replicas)."""
