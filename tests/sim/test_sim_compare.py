@@ -64,4 +64,5 @@ def test_service_fit_needs_enough_waitless_requests_and_the_tables_print():
     m = measured(run(), COSTS, 1_000_000_000, "ttl:30")
     text = side_by_side(m, m)
     assert "cold starts parked/image/zero" in text and "1/2/1" in text and "1.00" in text
+    assert any(line.split()[:2] == ["pre-warms", "2"] for line in text.splitlines())
     assert "ttl:30" in summary([{"simulated": m, "measured": m}])

@@ -164,6 +164,7 @@ def side_by_side(sim: dict[str, Any], live: dict[str, Any], calibrated: dict[str
     rows = [("", *(name for name, _ in columns), "measured/sim"),
             ("cold starts parked/image/zero", *(counts(r) for _, r in columns), "")]
     for label, key, fmt in (("cold starts", "cold_starts", "{:.0f}"),
+                            ("pre-warms", "prewarms", "{:.0f}"),
                             ("delayed requests", "delayed_requests", "{:.0f}"),
                             ("p50 added s", "p50_added_latency_s", "{:.2f}"),
                             ("p95 added s", "p95_added_latency_s", "{:.2f}"),
