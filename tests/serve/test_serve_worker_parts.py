@@ -2,13 +2,15 @@
 ask for, embedding inputs and encodings, log-probability shapes."""
 
 import base64
+import json
 import struct
 
 import pytest
 
 from zerostart.engine import TokenLogprob, tool_parser
 from zerostart.serve._errors import BadRequest
-from zerostart.serve.worker._embeddings import body, encode, inputs
+from zerostart.serve._openai_schema import DetokenizeRequest, EmbeddingRequest, TokenizeRequest, parse_request
+from zerostart.serve.worker._embeddings import body, encode
 from zerostart.serve.worker._logprobs import CompletionLogprobs, chat_logprobs
 from zerostart.serve.worker._structured import plan
 
@@ -54,12 +56,21 @@ def test_bad_tool_requests_name_the_field(parser, tools, choice, fmt, param):
     assert e.value.param == param
 
 
+def _parse(schema, **body):
+    return parse_request(schema, json.dumps({"model": "m", **body}).encode())
+
+
 def test_embedding_inputs_and_base64():
+    def inputs(value):
+        return _parse(EmbeddingRequest, input=value).inputs()
+
     assert inputs("a") == ["a"] and inputs(["a", "b"]) == ["a", "b"] and inputs([1, 2]) == [[1, 2]]
     assert inputs([[1], [2, 3]]) == [[1], [2, 3]]
-    for bad in ([], [[]], ["a", 1], None, [True]):
-        with pytest.raises(BadRequest):
+    for bad in ([], [[]], ["a", 1], [-1], "", {"a": 1}):
+        with pytest.raises(BadRequest, match="input"):
             inputs(bad)
+    with pytest.raises(BadRequest, match="encoding_format"):
+        _parse(EmbeddingRequest, input="a", encoding_format="int8")
     vec = [0.5, -1.25, 3.0]
     assert list(struct.unpack("<3f", base64.b64decode(encode(vec, "base64")))) == vec
     out = body("m", [vec], "float", 7)
@@ -84,19 +95,20 @@ def test_tokenize_detokenize_info(tiny_dir):
     from zerostart.serve.worker._tokenize import detokenize, tokenize, tokenizer_info
 
     tok = Tokenizer(tiny_dir)
-    out = tokenize(tok, 1024, {"prompt": "Hello world", "return_token_strs": True})
+    out = tokenize(tok, 1024, _parse(TokenizeRequest, prompt="Hello world", return_token_strs=True))
     assert out["tokens"] == tok.encode("Hello world") and out["count"] == len(out["tokens"])
     assert out["max_model_len"] == 1024 and len(out["token_strs"]) == out["count"]
-    assert tokenize(tok, 1024, {"prompt": "Hello", "add_special_tokens": False})["tokens"] == tok.encode(
-        "Hello", add_special_tokens=False)
-    chat = tokenize(tok, 1024, {"messages": [{"role": "user", "content": "hi"}]})
+    assert tokenize(tok, 1024, _parse(TokenizeRequest, prompt="Hello", add_special_tokens=False))["tokens"] == \
+        tok.encode("Hello", add_special_tokens=False)
+    chat = tokenize(tok, 1024, _parse(TokenizeRequest, messages=[{"role": "user", "content": "hi"}]))
     assert chat["tokens"] == tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}]),
                                         add_special_tokens=False)
-    assert detokenize(tok, {"tokens": out["tokens"]})["prompt"] == tok.decode(out["tokens"])
-    for bad in ({"tokens": [-1]}, {"tokens": "x"}, {"tokens": [10**9]}):
-        with pytest.raises(BadRequest):
-            detokenize(tok, bad)
-    with pytest.raises(BadRequest):
-        tokenize(tok, 1024, {})
+    assert detokenize(tok, _parse(DetokenizeRequest, tokens=out["tokens"]))["prompt"] == tok.decode(out["tokens"])
+    for bad in ([-1], "x", [10**9]):
+        with pytest.raises(BadRequest, match="tokens"):
+            detokenize(tok, _parse(DetokenizeRequest, tokens=bad))
+    for bad in ({}, {"prompt": "a", "messages": [{"role": "user", "content": "hi"}]}):
+        with pytest.raises(BadRequest, match="prompt"):
+            _parse(TokenizeRequest, **bad)
     info = tokenizer_info(tok, 1024)
     assert info["eos_token"] == "<|eot_id|>" and info["chat_template"] and info["model_max_length"] == 1024

@@ -4,6 +4,7 @@ and what comes back (:class:`TokenEvent`, :class:`TokenLogprob`)."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,6 +202,7 @@ class TokenEvent:
     logprob: TokenLogprob | None = None  # with SamplingParams.logprobs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event; None for the first token
     embedding: list[float] | None = None  # on the only event of a PoolingParams request
+    at: float = field(default_factory=time.monotonic)  # when the engine made it (time.monotonic)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"token_id": self.token_id, "text": self.text, "finish_reason": self.finish_reason,

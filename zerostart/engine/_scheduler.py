@@ -14,6 +14,7 @@ its last sequence is done.
 from __future__ import annotations
 
 import heapq
+import time
 from collections import Counter, deque
 
 from zerostart.engine._sequence import Sequence, Status
@@ -39,6 +40,7 @@ class Scheduler:
         for seq in self._admissions(len(self._free)):
             seq.slot = heapq.heappop(self._free)
             seq.status = Status.RUNNING
+            seq.scheduled_at = time.monotonic()
             self.running.append(seq)
         decode = [s for s in self.running if not s.in_prefill]
         prefills: list[tuple[Sequence, int]] = []

@@ -13,6 +13,7 @@ import asyncio
 import enum
 import itertools
 import threading
+import time
 from collections import deque
 from typing import AsyncIterator, Iterator
 
@@ -58,6 +59,8 @@ class Sequence:
         # prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it)
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.pooled: Any = None  # [hidden] float32: the last state, or the running sum for mean pooling
+        self.submitted_at = time.monotonic()
+        self.scheduled_at: float | None = None  # when it took a KV cache slot (WAITING -> RUNNING)
         self.handle = RequestHandle(self)
 
     @property
@@ -109,6 +112,16 @@ class RequestHandle:
     @property
     def finished(self) -> bool:
         return self._done
+
+    @property
+    def queued_s(self) -> float | None:
+        """Seconds it waited for a KV cache slot (None while it still waits, or if it never got one)."""
+        seq = self._seq
+        return None if seq.scheduled_at is None else seq.scheduled_at - seq.submitted_at
+
+    @property
+    def submitted_at(self) -> float:
+        return self._seq.submitted_at
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed at the next step and the stream ends with "abort"."""

@@ -73,6 +73,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class CorsConfig(_Section):
+    """Cross-origin requests from browsers (starlette's CORSMiddleware). Off unless origins are listed."""
+
+    allow_origins: list[str] = []  # e.g. ["https://app.example.com"], or ["*"]; empty: no CORS headers at all
+    allow_methods: list[str] = ["GET", "POST", "DELETE", "OPTIONS"]
+    allow_headers: list[str] = ["authorization", "content-type"]
+    allow_credentials: bool = False
+    max_age: int = Field(600, ge=0)  # seconds a browser may cache a preflight answer
+
+
+class ResponsesStoreConfig(_Section):
+    """The gateway's memory of /v1/responses answers, for ``previous_response_id`` and
+    ``GET /v1/responses/{id}``: in memory, oldest out first, gone on restart."""
+
+    max_items: int = Field(1000, ge=0)  # responses kept; 0: none (previous_response_id is then always unknown)
+    ttl: Seconds = Field(3600.0, gt=0)  # a response is forgotten this long after it was made
+
+
 class ServerConfig(_Section):
     """The gateway process: where it listens, who may call it, how it talks to its workers."""
 
@@ -99,6 +117,9 @@ class ServerConfig(_Section):
     # straight into it (at the disk's speed where first-touch faults are slower). Held outside
     # the device budgets. 0: none; auto: the largest memory estimate of the models on its device
     standby_reserve: BytesOrAuto = 0
+    metrics_auth: bool = True  # false: GET /metrics answers without an API key (as vLLM guards only /v1)
+    cors: CorsConfig = CorsConfig()
+    responses_store: ResponsesStoreConfig = ResponsesStoreConfig()
 
     @field_validator("api_keys")
     @classmethod
@@ -207,6 +228,15 @@ class CommandOptions(_Section):
         return path
 
 
+class EmbeddingConfig(_Section):
+    """A model served as an embedding model (``/v1/embeddings``; not chat or completions): the
+    final hidden states of the input pooled into one vector, as decoder embedders such as
+    Qwen3-Embedding use them."""
+
+    pooling: Literal["last", "mean"] = "last"  # the last token's state, or the mean over the input's tokens
+    normalize: bool = True  # scale to unit length (cosine similarity is then a dot product)
+
+
 class ModelConfig(_Section):
     """One model the gateway serves, with its lifecycle settings."""
 
@@ -220,6 +250,7 @@ class ModelConfig(_Section):
     # CPU compute threads of each worker; None: the CPUs available less one / the CPU workers that
     # may run at once (the sum of max_replicas of the models on cpu), at least 1
     threads: int | None = Field(None, ge=1)
+    embedding: EmbeddingConfig | None = None  # set: an embedding model (/v1/embeddings only); None: generates text
     idle_timeout: KeepAlive = 300.0  # scale to zero after this long idle; negative: never
     park_after: Seconds | None = Field(None, ge=0)  # park (weights to host RAM) after this long idle; None: never
     parkable: bool | None = None  # load so it can be parked (CUDA: VMM memory); None: if park_after or the policy parks

@@ -76,6 +76,14 @@ class UnknownModel(ServeError):
     code = "model_not_found"
 
 
+class NotServed(ServeError):
+    """A route the backend serving a model does not have (e.g. /tokenize on some engines)."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "route_not_supported"
+
+
 class QueueFull(ServeError):
     status = 429
     type = "rate_limit_error"

@@ -154,8 +154,12 @@ def restart_deadline(scope: Scope) -> None:
         deadline.restart()
 
 
+def _guarded(path: str) -> bool:
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")  # vLLM's routes outside /v1 too
+
+
 class Guard:
-    """ASGI middleware for ``POST /v1/...`` requests (see the module's docstring).
+    """ASGI middleware for ``POST /v1/...`` (and ``/tokenize``, ``/detokenize``) requests (see the module's docstring).
 
     ``drain``: when set, requests in flight are ended with 503 ``shutting_down``.
     ``observe(scope, status, seconds)`` is called once per guarded request when it is over:
@@ -170,7 +174,7 @@ class Guard:
         self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or scope["method"] != "POST" or not _guarded(scope["path"]):
             await self.app(scope, receive, send)
             return
         arrived = time.monotonic()

@@ -5,15 +5,19 @@ Every body is an :class:`OpenAIBody`: types are strict, as OpenAI's are (``"3"``
 number, ``2.0`` is not an integer, ``1`` is not a boolean), and :func:`parse_request` is the one
 place a body becomes a request or a :class:`BadRequest` naming the field. Unknown fields are
 ignored as OpenAI's SDKs send new ones over time, but fields for features this server does not
-have (logit_bias, tools, ...) are refused with a 400 naming them rather than silently dropped.
+have (logit_bias, functions, ...) are refused with a 400 naming them rather than silently dropped.
 ``null`` means "the default" for every field.
+
+The shape checks of ``tools``, ``tool_choice`` and ``response_format`` are here (the gateway
+refuses a bad one before it starts a model); what they ask of the engine (grammars, the tool
+parser) is the worker's (``serve/worker/_structured.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -24,9 +28,7 @@ from zerostart.units import parse_duration
 # Fields whose features this server lacks: refused when set to anything but their "off" value.
 _UNSUPPORTED = {
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "functions": (None, []),
+    "functions": (None, []),  # the deprecated forms of tools and tool_choice
     "function_call": (None, "none", "auto"),
     "suffix": (None, ""),
     "audio": (None,),
@@ -52,10 +54,59 @@ class StreamOptions(OpenAIBody):
     continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
 
 
-class _Request(OpenAIBody):
+class _Body(OpenAIBody):
+    """What every routed body has: the model it is for, and Ollama's keep_alive."""
 
     model: str = Field(min_length=1)
     stream: bool = False
+    keep_alive: Union[str, float, int, None] = None  # Ollama's: how long the model stays hot after this request
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> Any:
+        if v is not None:
+            parse_duration(v, forever_if_negative=True)
+        return v
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        return None if self.keep_alive is None else parse_duration(self.keep_alive, forever_if_negative=True)
+
+
+class JsonSchemaFormat(OpenAIBody):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field("response", min_length=1)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the grammar always holds the output to the schema
+
+
+class ResponseFormat(OpenAIBody):
+    """``{"type": "text" | "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required with type json_schema ({\"name\": ..., \"schema\": {...}})")
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        return self.type != "text"
+
+
+class _Request(_Body):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -71,17 +122,9 @@ class _Request(OpenAIBody):
     min_tokens: int = Field(0, ge=0)  # extension (vLLM's)
     repetition_penalty: float = Field(1.0, gt=0.0)  # extension (vLLM's)
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension (vLLM's)
-    keep_alive: Union[str, float, int, None] = None  # Ollama's: how long the model stays hot after this request
     user: str | None = None
     best_of: int | None = None
-    response_format: dict[str, Any] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> "_Request":
@@ -90,8 +133,6 @@ class _Request(OpenAIBody):
                 raise ValueError(f"{key}: not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: not supported by this server (leave it unset or equal to n)")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format: type {self.response_format.get('type')!r} is not supported (only 'text')")
         return self
 
     @field_validator("stop")
@@ -104,20 +145,9 @@ class _Request(OpenAIBody):
                 raise ValueError("stop strings must be non-empty")
         return stop
 
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive(cls, v: Any) -> Any:
-        if v is not None:
-            parse_duration(v, forever_if_negative=True)
-        return v
-
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-    @property
-    def keep_alive_seconds(self) -> float | None:
-        return None if self.keep_alive is None else parse_duration(self.keep_alive, forever_if_negative=True)
 
     @property
     def include_usage(self) -> bool:
@@ -141,12 +171,26 @@ class _Request(OpenAIBody):
         """Sequences this request makes the engine generate: its prompts times ``n``."""
         return self.n
 
+class FunctionCall(OpenAIBody):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    arguments: str = "{}"  # JSON text of an object, as OpenAI sends it
+
+
+class MessageToolCall(OpenAIBody):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
 
 class ChatMessage(OpenAIBody):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -155,10 +199,46 @@ class ChatMessage(OpenAIBody):
             return self.content
         out = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") not in ("text", "refusal") or not isinstance(part.get(part["type"]), str):
                 raise ValueError(f"content part of type {part.get('type')!r} is not supported (text only)")
-            out.append(part["text"])
+            out.append(part[part["type"]])
         return "".join(out)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it (``engine.render_chat`` makes the tool parts fit)."""
+        # chat templates know system/user/assistant/tool; OpenAI's newer "developer" is a system turn
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+class FunctionDef(OpenAIBody):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # calls always match their schema here
+
+
+class Tool(OpenAIBody):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(OpenAIBody):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(OpenAIBody):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Request):
@@ -166,6 +246,9 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto
+    parallel_tool_calls: bool = True
 
     @property
     def token_logprobs(self) -> int | None:
@@ -182,13 +265,38 @@ class ChatCompletionRequest(_Request):
                 raise ValueError(f"messages[{i}].content: {e}") from None
         return self
 
+    @model_validator(mode="after")
+    def _tools(self) -> "ChatCompletionRequest":
+        choice = self.forced_tool
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if choice is not None and not names:
+            raise ValueError(f"tool_choice: {choice!r} needs tools")
+        if choice not in (None, "required") and choice not in names:
+            raise ValueError(f"tool_choice: function {choice!r} is not among the tools ({', '.join(names)})")
+        if choice is not None and self.response_format is not None and self.response_format.constrained:
+            raise ValueError("response_format: cannot be combined with a forced tool_choice (one grammar per request)")
+        return self
+
+    @property
+    def forced_tool(self) -> str | None:
+        """"required", a function's name, or None (tool_choice auto or none)."""
+        c = self.tool_choice
+        if isinstance(c, NamedToolChoice):
+            return c.function.name
+        return "required" if c == "required" else None
+
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
-        # chat templates know system/user/assistant; OpenAI's newer "developer" is a system turn
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools as OpenAI sends them (what chat templates and the tool parser take)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
 class CompletionRequest(_Request):
@@ -242,17 +350,84 @@ class CompletionRequest(_Request):
         return list(p)  # type: ignore[arg-type]
 
 
-ROUTES: dict[str, type[_Request]] = {
+class EmbeddingRequest(_Body):
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)  # the first that many values, renormalized
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "EmbeddingRequest":
+        if self.stream:
+            raise ValueError("stream: embeddings are not streamed")
+        p = self.input
+        if isinstance(p, list) and (not p or any(isinstance(x, (list, str)) and not x for x in p)):
+            raise ValueError("input: must not be empty (nor any of its items)")
+        if isinstance(p, str) and not p:
+            raise ValueError("input: must not be empty")
+        if isinstance(p, list) and any(isinstance(x, int) and x < 0 or isinstance(x, list) and any(t < 0 for t in x)
+                                       for x in p):
+            raise ValueError("input: token ids must be non-negative")
+        return self
+
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per input: text, or token ids."""
+        p = self.input
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(_Body):
+    """vLLM's ``/tokenize``: a ``prompt`` (text) or ``messages`` (a chat, rendered with its template)."""
+
+    model: str | None = None  # type: ignore[assignment]  # None: the server's only model
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # None: true for a prompt, false for messages (as vLLM)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    tools: list[Tool] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: send either prompt (text) or messages (a chat)")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None  # type: ignore[assignment]
+    tokens: list[int]
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids(cls, ids: list[int]) -> list[int]:
+        if any(i < 0 for i in ids):
+            raise ValueError("token ids must be non-negative")
+        return ids
+
+
+B = TypeVar("B", bound=BaseModel)
+
+ROUTES: dict[str, type[_Body]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
 }
+EMBEDDING_ROUTES = frozenset({"/v1/embeddings"})  # served by embedding models only; the others by generating ones
+GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value")
 
 
-def parse_request(schema: type[_Request], raw: bytes) -> _Request:
+def parse_request(schema: type[B], raw: bytes) -> B:
     """Validate a request body; a :class:`BadRequest` naming the bad field otherwise."""
     try:
         data = json.loads(raw, parse_constant=_not_json)
@@ -280,7 +455,7 @@ def parse_request(schema: type[_Request], raw: bytes) -> _Request:
         raise BadRequest("The request body is nested too deeply") from None
 
 
-async def parse_body(schema: type[_Request], raw: bytes) -> _Request:
+async def parse_body(schema: type[B], raw: bytes) -> B:
     """:func:`parse_request`, on a thread for a large body so the event loop keeps serving."""
     if len(raw) <= _THREAD_PARSE_BYTES:
         return parse_request(schema, raw)

@@ -10,6 +10,11 @@ Routes (docs/serve.md has the JSON)::
     POST /zerostart/park           -> ParkResult    200; 409 Refusal (busy, not_ready, not_parkable)
     POST /zerostart/wake           -> WakeResult    200; 409 not_ready; 500 wake_failed
 
+Every OpenAI answer of a worker ends with its :class:`RequestStats` (what the request cost the
+engine: tokens, finish reasons, time waiting for a slot, inter-token gaps), for the gateway's
+metrics: a ``x-zerostart-stats`` header on a whole response, an SSE comment
+(``: x-zerostart-stats {...}``) before ``data: [DONE]`` on a stream.
+
 Errors are OpenAI-shaped (:class:`ErrorBody`). Reports are dumped with ``exclude_none``: a
 field a state does not have is absent, not null. Every request carries
 ``Authorization: Bearer <token>``, the token the gateway gave the worker in the environment
@@ -40,6 +45,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_serializer
 
 from zerostart.names import Dtype, ImageMode
+from zerostart.serve._config import EmbeddingConfig
 
 __all__ = [
     "SETTLED",
@@ -54,8 +60,11 @@ __all__ = [
     "LoadRequest",
     "ParkResult",
     "PhasesReport",
+    "ITL_BUCKETS",
     "ReadyReport",
     "Refusal",
+    "RequestStats",
+    "STATS_HEADER",
     "WakeResult",
     "WorkerState",
     "check_worker",
@@ -104,6 +113,29 @@ class _Body(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+# -- what one OpenAI request cost --------------------------------------------------------------
+
+STATS_HEADER = "x-zerostart-stats"
+# vLLM's buckets for vllm:inter_token_latency_seconds (so its dashboards' quantiles carry over)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+
+
+class RequestStats(_Body):
+    """What one OpenAI request cost the engine (all its sequences: prompts times ``n``)."""
+
+    prompt_tokens: int = 0  # each prompt once
+    generation_tokens: int = 0
+    finished: dict[str, int] = {}  # the engine's finish reason (stop, length, abort) -> sequences
+    queue_s: float = 0.0  # the longest any of its sequences waited for a KV cache slot
+    first_token_s: float | None = None  # submit to the first generated token; None: nothing generated
+    itl_counts: list[int] = []  # gaps between consecutive tokens of a sequence, per ITL_BUCKETS (+Inf last)
+    itl_sum: float = 0.0
+
+    def to_header(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
 # -- requests ---------------------------------------------------------------------------------
 
 
@@ -119,6 +151,7 @@ class LoadRequest(BaseModel):
     images: ImageMode | None = None
     parkable: bool | None = None
     engine_options: dict[str, Any] = {}  # EngineConfig fields (max_model_len, kv_cache_bytes, ...)
+    embedding: EmbeddingConfig | None = None  # an embedding model: how it pools (None: it generates text)
 
 
 class LoadAccepted(_Body):

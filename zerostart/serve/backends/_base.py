@@ -51,6 +51,7 @@ class ColdStart:
     rung: str  # what it climbed from: source, image, standby+source, standby+image, parked
     image: ImageReport | None = None  # what the worker did with ready images (None: no images)
     standby: dict[str, Any] | None = None  # a spare's own start, paid before this climb
+    max_model_len: int | None = None  # the context the replica serves, when its engine says
 
 
 @dataclass(frozen=True)

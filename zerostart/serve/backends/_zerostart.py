@@ -94,7 +94,7 @@ class ZerostartWorker(WorkerBackend):
                                      ("kv_cache_bytes", self._kv_cache_bytes(model)),
                                      ("threads", self.threads)) if v is not None}
         body = LoadRequest(model=model.path, name=model.served_name, device=model.device, dtype=model.dtype,
-                           images=model.images, parkable=parkable, engine_options=options)
+                           images=model.images, parkable=parkable, engine_options=options, embedding=model.embedding)
         name = model.served_name
         try:
             r = await client.post("/zerostart/load", json=body.model_dump(mode="json"), timeout=CONNECT_TIMEOUT_S)
@@ -143,6 +143,8 @@ class ZerostartWorker(WorkerBackend):
             cmd.append(f"--kv-cache-bytes={kv}")
         if self.threads:
             cmd.append(f"--threads={self.threads}")
+        if m.embedding is not None:
+            cmd += [f"--pooling={m.embedding.pooling}"] + ([] if m.embedding.normalize else ["--no-normalize"])
         return cmd
 
     # -- readiness and phases ---------------------------------------------------------------
@@ -223,7 +225,8 @@ class ZerostartWorker(WorkerBackend):
             timeline.add_relative("spawn", 0.0, max(0.0, shift + first))
         timeline.merge({"phases": phases}, shift=shift)
         rung = body.rung or (self._ready.rung if self._ready is not None else None) or "source"
-        return ColdStart(timeline=timeline, rung=rung, image=body.image)
+        return ColdStart(timeline=timeline, rung=rung, image=body.image,
+                         max_model_len=self._ready.max_model_len if self._ready is not None else None)
 
     async def current_phase(self) -> str:
         client = self.process.client

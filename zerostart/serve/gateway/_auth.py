@@ -1,5 +1,6 @@
-"""Bearer-token auth (when ``server.api_keys`` are set; ``/health`` stays open) and the
-cold-start header on every response, as one ASGI middleware."""
+"""Bearer-token auth (when ``server.api_keys`` are set; ``/health`` and ``/ping`` stay open, and
+``/metrics`` with ``server.metrics_auth: false``) and the cold-start header on every response,
+as one ASGI middleware."""
 
 from __future__ import annotations
 
@@ -17,15 +18,16 @@ class Headers:
     """Bearer-token auth (when keys are configured; ``/health`` stays open) and the
     cold-start header on every response."""
 
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], open_paths: frozenset[str] = frozenset({"/health"})) -> None:
         self.app = app
         self.keys = tuple(k.encode() for k in api_keys)
+        self.open_paths = open_paths  # answered without a key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.keys and scope["path"] != "/health" and not self._authorized(scope):
+        if self.keys and scope["path"] not in self.open_paths and not self._authorized(scope):
             err = Unauthorized("Missing or wrong API key: send 'Authorization: Bearer <key>' with one of the keys "
                                "in server.api_keys")
             response = JSONResponse(err.body(), status_code=401,

@@ -76,6 +76,10 @@ class Fleet:
     def model_config(self, name: str) -> ModelConfig:
         return self._model(name).cfg
 
+    def max_model_len(self, name: str) -> int | None:
+        """The context a model serves: configured, else what its latest replica reported (None before)."""
+        return self._model(name).max_model_len
+
     async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
         """A replica of ``name`` with room for one more request; held while the model starts or
         while its replicas are full. ``keep_alive``: the request's (None: the model's

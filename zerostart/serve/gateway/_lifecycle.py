@@ -141,6 +141,7 @@ class Lifecycle:
         m.starts_s.append(ready_s)
         if r.image is not None and r.image.status in _IMAGE_KEPT:
             m.has_image = True
+        m.max_model_len = cold.max_model_len or m.max_model_len
         self.memory.learn_size(m, r)
         self._metrics.observe_cold_start(m.name, r.rung, r.timeline, ready_s, ahead=m.climb_ahead)
         log.info("model %s: hot after %.2f s from %s (%s)", m.name, ready_s, r.rung,

@@ -1,7 +1,11 @@
 """Prometheus metrics of one gateway (text format at ``GET /metrics``).
 
 Counters and histograms are updated as things happen; gauges (queue length, replica states,
-memory) are read from the fleet at scrape time, so they are never stale.
+memory) are read from the fleet at scrape time, so they are never stale. Beside zerostart's own
+(cold starts, the ladder), the serving metrics have vLLM's names, labels and buckets
+(``vllm:prompt_tokens_total{model_name}``, ...), so vLLM's dashboards and autoscaling rules
+read a zerostart gateway as they read vLLM; they come from each worker's
+``control.RequestStats`` and live in the gateway, so scaling to zero loses none of them.
 """
 
 from __future__ import annotations
@@ -9,15 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from zerostart.serve.control import ITL_BUCKETS, RequestStats
 from zerostart.serve.gateway._state import State
 from zerostart.telemetry import Timeline
 
 # Cold starts and their phases span milliseconds (a warm page cache) to minutes (remote fetch).
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+# vLLM's buckets for time to first token, and for end-to-end and queue times
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0, 640.0, 2560.0)
+_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                    480.0, 960.0, 1920.0, 7680.0)
+_VLLM = ["model_name"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -71,9 +83,41 @@ class Metrics:
                               "to the first token, cold starts included", ["model"], buckets=_SECONDS_BUCKETS, registry=r)
         self.request_seconds = Histogram("zerostart_request_duration_seconds", "Arrival to the last byte sent",
                                          ["model"], buckets=_SECONDS_BUCKETS, registry=r)
+        # vLLM's serving metrics (docs/serve.md says which concept each one measures here)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", _VLLM, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", _VLLM, registry=r)
+        self.request_success = Counter("vllm:request_success", "Sequences finished, by the engine's finish reason "
+                                       "(stop, length, abort)", _VLLM + ["finished_reason"], registry=r)
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival at the gateway to the first generated "
+                                   "token (waiting for a replica included)", _VLLM, buckets=_TTFT_BUCKETS, registry=r)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Arrival to the first prefill: the wait for a "
+                                    "replica (cold start included) and for a KV cache slot", _VLLM,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival at the gateway to the last byte sent",
+                             _VLLM, buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = _Buckets("vllm:inter_token_latency_seconds", "Time between consecutive tokens of a sequence",
+                            ITL_BUCKETS)
+        r.register(self.itl)
         for name in models:  # counters that tests and dashboards read exist from the start, at 0
             self.cold_starts.labels(name, "source")
+            self.prompt_tokens.labels(name)
+            self.generation_tokens.labels(name)
         r.register(_FleetCollector(models_now, devices_now, standby_now))
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux)
+
+    def observe_request(self, model: str, stats: RequestStats, waited_s: float, e2e_s: float) -> None:
+        """A request a replica answered, with what it cost the engine; ``waited_s``: its wait
+        at the gateway for a replica (a cold start, room on a busy one); ``e2e_s``: arrival to
+        the last byte."""
+        self.e2e.labels(model).observe(e2e_s)
+        self.prompt_tokens.labels(model).inc(stats.prompt_tokens)
+        self.generation_tokens.labels(model).inc(stats.generation_tokens)
+        for reason, n in stats.finished.items():
+            self.request_success.labels(model, reason).inc(n)
+        self.queue_time.labels(model).observe(waited_s + stats.queue_s)
+        if stats.first_token_s is not None:
+            self.vllm_ttft.labels(model).observe(waited_s + stats.first_token_s)
+        self.itl.add(model, stats.itl_counts, stats.itl_sum)
 
     def observe_cold_start(self, model: str, rung: str, timeline: Timeline, ready_s: float, *, ahead: bool) -> None:
         self.cold_starts.labels(model, rung).inc()
@@ -88,6 +132,34 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Buckets(Collector):
+    """A histogram per model whose observations arrive already bucketed (a worker's
+    ``itl_counts``: one count per bucket, +Inf last), rendered as Prometheus's cumulative buckets."""
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.doc, self.bounds = name, doc, bounds
+        self._counts: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+
+    def add(self, model: str, counts: list[int], total: float) -> None:
+        if len(counts) != len(self.bounds) + 1:
+            return  # a worker of another version, with other buckets: not comparable
+        mine = self._counts.setdefault(model, [0] * len(counts))
+        for i, n in enumerate(counts):
+            mine[i] += n
+        self._sums[model] = self._sums.get(model, 0.0) + total
+
+    def collect(self):
+        fam = HistogramMetricFamily(self.name, self.doc, labels=_VLLM)
+        for model, counts in self._counts.items():
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(str, self.bounds), "+Inf"], counts):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            fam.add_metric([model], buckets, self._sums[model])
+        yield fam
 
 
 class _FleetCollector(Collector):
@@ -106,7 +178,8 @@ class _FleetCollector(Collector):
                                    "been served (a request that never ends shows here)", labels=["model"])
         replicas = GaugeMetricFamily("zerostart_replicas", "Replicas by state", labels=["model", "state"])
         state = GaugeMetricFamily("zerostart_model_state", "1 for the state each model is in", labels=["model", "state"])
-        for m in self._models_now():
+        models = self._models_now()
+        for m in models:
             queue.add_metric([m.name], m.queued)
             in_flight.add_metric([m.name], m.in_flight)
             for pid, n in m.in_flight_by_replica.items():
@@ -126,3 +199,11 @@ class _FleetCollector(Collector):
         standby = GaugeMetricFamily("zerostart_standby_workers_ready", "Standby workers ready to take a model")
         standby.add_metric([], self._standby_now())
         yield from (queue, in_flight, per_replica, oldest, replicas, state, reserved, budget, standby)
+        # vLLM's names for the same two numbers (KEDA/HPA rules scale on num_requests_waiting)
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests being served by replicas", labels=_VLLM)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for a replica (cold or busy)",
+                                    labels=_VLLM)
+        for m in models:
+            running.add_metric([m.name], m.in_flight)
+            waiting.add_metric([m.name], m.queued)
+        yield from (running, waiting)

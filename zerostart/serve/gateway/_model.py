@@ -61,6 +61,7 @@ class Model:
         self.climbing: Literal["wake", "start"] = "start"  # what start_task does
         self.start_began = 0.0
         self.last_active = -math.inf  # last arrival or completion (monotonic)
+        self.max_model_len = cfg.max_model_len  # the context it serves: configured, else what a replica reported
         self.failures = 0  # consecutive failed starts
         self.backoff_until = 0.0
         self.last_error: str | None = None

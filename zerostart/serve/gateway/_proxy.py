@@ -1,4 +1,4 @@
-"""The generation routes, from the HTTP side: validate the body, acquire a replica (held while
+"""The model routes, from the HTTP side: validate the body, acquire a replica (held while
 the model is cold; a streamed request gets its headers and SSE comments meanwhile), and pass
 the worker's response through byte for byte. Every response says what the request paid for a
 cold start (``x-zerostart-cold-start-ms``) and for room on the replica (``x-zerostart-queue-ms``).
@@ -8,6 +8,11 @@ shutdown's drain), which ends it by cancelling it: so every lease is given back 
 ``finally`` (or by the streamed response that owns it), and an upstream response is closed
 with it (the worker then stops generating). ``Guard`` also counts every request once
 (:meth:`Proxy.observe`).
+
+The routes are ``_openai_schema.ROUTES``: chat and completions (generating models),
+embeddings (embedding models), ``/tokenize`` and ``/detokenize`` (either; the model may be left
+out when the server has only one). A route the model's backend lacks answers 501 naming both.
+What each request cost the engine (the worker's ``control.RequestStats``) goes to the metrics.
 """
 
 from __future__ import annotations
@@ -17,14 +22,18 @@ import json
 import time
 from typing import Any, AsyncIterator
 
+from pydantic import ValidationError
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
 from zerostart.serve._config import ServerConfig
-from zerostart.serve._errors import BadRequest, ServeError, StartFailed, StartTimeout, WorkerFailed, WorkerReplaced
+from zerostart.serve._errors import (BadRequest, NotServed, ServeError, StartFailed, StartTimeout, WorkerFailed,
+                                    WorkerReplaced)
 from zerostart.serve._http import STATUS, ClosingStream, error_response, pause_deadline, restart_deadline
-from zerostart.serve._openai_schema import ROUTES, _Request, parse_body
+from zerostart.serve._openai_schema import EMBEDDING_ROUTES, GENERATION_ROUTES, ROUTES, _Body, parse_body
+from zerostart.serve.control import STATS_HEADER, RequestStats
 from zerostart.serve.backends import UpstreamError, UpstreamResponse
 from zerostart.serve.gateway._auth import COLD_START_HEADER
 from zerostart.serve.gateway._fleet import Fleet
@@ -59,22 +68,24 @@ class Proxy:
         raw = await request.body()
         try:
             req = await parse_body(ROUTES[path], raw)
+            model = self.route_model(path, req)
         except BadRequest as e:
             request.scope[MODEL] = e.model if e.model in self.fleet.names() else None
             return error_response(e, {COLD_START_HEADER: "0"})
-        if req.model not in self.fleet.names():
-            return error_response(self.unknown(req.model), {COLD_START_HEADER: "0"})
-        request.scope[MODEL] = req.model
-        if req.sequences > self.max_sequences:
+        except ServeError as e:
+            return error_response(e, {COLD_START_HEADER: "0"})
+        request.scope[MODEL] = model
+        sequences = getattr(req, "sequences", 1)  # embeddings and tokenize: one engine request per input
+        if sequences > self.max_sequences:
             return error_response(BadRequest(
-                f"this request asks for {req.sequences} sequences (its prompts times n), more than this server takes "
+                f"this request asks for {sequences} sequences (its prompts times n), more than this server takes "
                 f"in one request (server.max_sequences: {self.max_sequences}); send it as several requests",
                 param="n"), {COLD_START_HEADER: "0"})
         pause_deadline(request.scope)  # request_timeout counts once a worker takes it (a start has start_timeout)
         if req.stream:
-            return await self._streamed(request.scope, req, path, raw, arrived)
+            return await self._streamed(request.scope, req, model, path, raw, arrived)
         try:
-            lease = await self.fleet.acquire(req.model, req.keep_alive_seconds)
+            lease = await self.fleet.acquire(model, req.keep_alive_seconds)
         except ServeError as e:
             return self.error(e, cold_start_ms=_waited_ms(e, arrived))
         restart_deadline(request.scope)
@@ -96,13 +107,16 @@ class Proxy:
             return self.error(await _worker_failed(lease, e), extra=headers)
         if upstream.status_code == 200:
             lease.first_byte(streamed=False)
+            self.observe_stats(lease, stats_of(upstream.headers.get(STATS_HEADER)))
         elif (refused := self._distrust(lease, upstream.status_code, body)) is not None:
             return self.error(refused, extra=headers)
+        elif missing_route(upstream.status_code, body):
+            return self.error(self.not_served(lease, path), extra=headers)
         return Response(body, status_code=upstream.status_code, headers=headers,
                         media_type=upstream.headers.get("content-type", "application/json"))
 
-    async def _streamed(self, scope: Scope, req: _Request, path: str, raw: bytes, arrived: float) -> Response:
-        acquire = asyncio.create_task(self.fleet.acquire(req.model, req.keep_alive_seconds))
+    async def _streamed(self, scope: Scope, req: _Body, model: str, path: str, raw: bytes, arrived: float) -> Response:
+        acquire = asyncio.create_task(self.fleet.acquire(model, req.keep_alive_seconds))
         try:
             await asyncio.wait({acquire}, timeout=self.stream_keepalive)
         except BaseException:
@@ -111,7 +125,7 @@ class Proxy:
         if not acquire.done():
             # Headers go out now, so that proxies between us and the client keep the
             # connection; SSE comments follow until a replica is ready.
-            return ClosingStream(self._held(scope, acquire, req.model, path, raw, arrived),
+            return ClosingStream(self._held(scope, acquire, model, path, raw, arrived),
                                  on_close=lambda: _abandon(acquire), media_type="text/event-stream",
                                  headers={COLD_START_HEADER: "pending", **_SSE_HEADERS})
         try:
@@ -136,6 +150,8 @@ class Proxy:
                 await upstream.aclose()
                 lease.release()
             refused = self._distrust(lease, upstream.status_code, body)
+            if refused is None and missing_route(upstream.status_code, body):
+                refused = self.not_served(lease, path)
             if refused is not None:
                 return self.error(refused, extra=_lease_headers(lease))
             return Response(body, status_code=upstream.status_code, headers=_lease_headers(lease),
@@ -143,11 +159,47 @@ class Proxy:
         return ClosingStream(self._relay(scope, lease, upstream), on_close=lambda: _give_back(lease, upstream),
                              media_type="text/event-stream", headers={**_lease_headers(lease), **_SSE_HEADERS})
 
+    def route_model(self, path: str, req: _Body) -> str:
+        """The served model a request is for (:class:`UnknownModel`), if it serves ``path``
+        (:class:`BadRequest` naming the route a model of its kind takes)."""
+        names = self.fleet.names()
+        model = req.model
+        if model is None:  # /tokenize and /detokenize may leave it out, as vLLM serves one model
+            if len(names) != 1:
+                raise BadRequest(f"model: required; this server serves {', '.join(names)}", param="model")
+            model = names[0]
+        if model not in names:
+            raise self.unknown(model)
+        embeds = self.fleet.model_config(model).embedding is not None
+        wrong = None
+        if embeds and path in GENERATION_ROUTES:
+            wrong = BadRequest(f"model {model!r} is an embedding model; use /v1/embeddings", param="model")
+        if not embeds and path in EMBEDDING_ROUTES:
+            wrong = BadRequest(f"model {model!r} generates text; it is not served as an embedding model (set "
+                               "`embedding:` in its config)", param="model")
+        if wrong is not None:
+            wrong.model = model
+            raise wrong
+        return model
+
+    def observe_stats(self, lease: Lease, stats: RequestStats | None) -> None:
+        """What a replica reported the request cost its engine, into the vLLM-named metrics."""
+        if stats is not None:
+            self.metrics.observe_request(lease.model.name, stats, lease.dispatched - lease.arrived,
+                                         time.monotonic() - lease.arrived)
+
+    def not_served(self, lease: Lease, path: str) -> NotServed:
+        backend = self.fleet.model_config(lease.replica.name).backend
+        return NotServed(f"model {lease.replica.name!r} runs on the {backend} backend, which does not serve "
+                         f"POST {path}", param="model")
+
     async def _relay(self, scope: Scope, lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
         """Pass the worker's SSE bytes through as they come. Owns the lease."""
+        tap = StatsTap()
         try:
             async for chunk in upstream.aiter_raw():
                 lease.first_byte(streamed=True)
+                self.observe_stats(lease, tap.feed(chunk))  # before the last bytes go out
                 yield chunk
         except UpstreamError as e:
             scope[STATUS] = "stream_error"
@@ -206,6 +258,17 @@ class Proxy:
         return WorkerReplaced(f"the worker for model {r.name!r} (pid {r.pid}) was not in the state the gateway put it "
                               "in; it is being replaced. Retry the request", retry_after=1.0)
 
+    async def upstream(self, lease: Lease, path: str, raw: bytes) -> UpstreamResponse:
+        """POST ``raw`` to the leased replica (:class:`WorkerFailed` naming why it could not)."""
+        try:
+            return await _send(lease, path, raw)
+        except UpstreamError as e:
+            raise await _worker_failed(lease, e) from None
+
+    async def failed(self, lease: Lease, exc: Exception) -> WorkerFailed:
+        """What to tell a client whose replica's connection failed with ``exc``."""
+        return await _worker_failed(lease, exc)
+
     def unknown(self, name: str) -> ServeError:
         try:
             self.fleet.model_config(name)
@@ -222,6 +285,54 @@ def _lease_headers(lease: Lease) -> dict[str, str]:
     if lease.cold_start_ms > 0:
         headers[RUNG_HEADER] = lease.replica.rung
     return headers
+
+
+_STATS_COMMENT = f": {STATS_HEADER} ".encode()
+_TAIL_BYTES = 4096  # a stream's stats comment comes last (before [DONE]) and is far shorter than this
+
+
+class StatsTap:
+    """Finds the stats comment a zerostart worker writes at the end of a stream (before
+    ``[DONE]``), in the stream's last bytes (it may arrive split across chunks)."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.done = False
+
+    def feed(self, chunk: bytes) -> RequestStats | None:
+        """The stats, once, when the chunk that completes them has arrived."""
+        if self.done:
+            return None
+        self._tail = (self._tail + chunk)[-_TAIL_BYTES:]
+        i = self._tail.rfind(_STATS_COMMENT)
+        if i < 0:
+            return None  # not yet, or a backend that does not report them
+        line, newline, _ = self._tail[i + len(_STATS_COMMENT) :].partition(b"\n")
+        if not newline:
+            return None
+        self.done = True
+        return stats_of(line.decode("utf-8", "replace"))
+
+
+def stats_of(text: str | None) -> RequestStats | None:
+    if not text:
+        return None
+    try:
+        return RequestStats.model_validate_json(text)
+    except ValidationError:
+        return None  # not ours to fail a request over
+
+
+def missing_route(status: int, body: bytes) -> bool:
+    """A backend's "no such route" (404/405 without an OpenAI error object: starlette's and
+    FastAPI's defaults), as opposed to its own answer about the request."""
+    if status not in (404, 405):
+        return False
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return True
+    return not (isinstance(data, dict) and isinstance(data.get("error"), dict))
 
 
 async def _send(lease: Lease, path: str, raw: bytes) -> UpstreamResponse:

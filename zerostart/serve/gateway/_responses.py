@@ -362,3 +362,10 @@ class EventStream:
                 self._event("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
                             part=part),
                 self._event("response.output_item.done", output_index=idx, item=item)]
+
+    def fail(self, message: str, code: str = "server_error") -> list[bytes]:
+        """The stream ends in an error (the replica failed mid-answer): ``error``, then ``response.failed``."""
+        body = response_object(self.req, self.rid, self.created, "failed", self.output, self.usage)
+        body["error"] = {"code": code, "message": message}
+        return [self._event("error", code=code, message=message, param=None),
+                self._event("response.failed", response=body)]

@@ -7,7 +7,8 @@ drives it with (their bodies are typed in ``serve/control.py``; docs/serve.md ha
   relative to ``origin_unix`` (the moment this process began running Python code of ours).
 - ``POST /zerostart/load``: a standby worker becomes a worker of the model named in the body.
 - ``POST /zerostart/park``, ``POST /zerostart/wake``: weights to host RAM and back.
-- ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /health``.
+- ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
+  ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``, ``GET /health``.
 
 Started by a gateway (``ZEROSTART_WORKER_TOKEN`` set), every route answers only requests that
 carry that token (``Authorization: Bearer <token>``): 401 for anyone else on the host.
@@ -41,7 +42,7 @@ from zerostart.serve.worker._loading import LoadSpec
 log = logging.getLogger("zerostart.serve.worker")
 
 SHUTDOWN_GRACE_S = 5  # on SIGTERM: how long open requests (and an image being written) may take to finish
-_GENERATE = frozenset({"/v1/chat/completions", "/v1/completions"})
+_GENERATE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})  # the routes that run the engine
 _READY_STATUS = {WorkerState.STANDBY: 200, WorkerState.READY: 200, WorkerState.PARKED: 200, WorkerState.FAILED: 500}
 
 
@@ -60,6 +61,10 @@ def build_app(holder: Holder, name: str, defaults: LoadSpec, token: str | None =
         Route("/v1/models", r.served("models")),
         Route("/v1/chat/completions", r.served("chat"), methods=["POST"]),
         Route("/v1/completions", r.served("completions"), methods=["POST"]),
+        Route("/v1/embeddings", r.served("embeddings"), methods=["POST"]),
+        Route("/tokenize", r.served("tokenize"), methods=["POST"]),
+        Route("/detokenize", r.served("detokenize"), methods=["POST"]),
+        Route("/tokenizer_info", r.served("tokenizer_info")),
     ])
     app.add_middleware(_Tracker, holder=holder)
     app.add_middleware(Guard, bounds=Bounds())  # a generation whose client left is cancelled
@@ -171,7 +176,8 @@ class _Routes:
         return LoadSpec(model=model, name=req.name or (d.name if model == d.model and d.name else default_name(model)),
                         device=device, dtype=req.dtype if req.dtype is not None else d.dtype,
                         images=req.images or d.images, parkable=d.parkable if req.parkable is None else req.parkable,
-                        engine_options={**d.engine_options, **req.engine_options})
+                        engine_options={**d.engine_options, **req.engine_options},
+                        embedding=req.embedding if req.embedding is not None else d.embedding)
 
     async def park(self, request: Request) -> Response:
         holder = self.holder

@@ -2,7 +2,7 @@
 a listening socket already bound (``--fd``)::
 
     python -m zerostart.serve.worker --fd 5 --model SOURCE --name NAME [--device cpu] [--dtype bfloat16]
-                                     [--images off|use|write] [--parkable]
+                                     [--images off|use|write] [--parkable] [--pooling last|mean [--no-normalize]]
     python -m zerostart.serve.worker --fd 5 --standby [--device cuda]
 
 or on its own, for a direct comparison, ``zerostart coldstart`` or debugging::
@@ -25,7 +25,7 @@ import threading
 import time
 
 from zerostart.names import DTYPES, IMAGE_MODES
-from zerostart.serve._config import default_name
+from zerostart.serve._config import EmbeddingConfig, default_name
 from zerostart.serve._connections import bounded_protocol
 from zerostart.serve.control import TOKEN_ENV
 from zerostart.serve.worker._app import SHUTDOWN_GRACE_S, build_app
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None, origin: tuple[float, float] | None = Non
     options = {k: v for k, v in (("max_model_len", args.max_model_len), ("kv_cache_bytes", args.kv_cache_bytes),
                                  ("threads", args.threads)) if v is not None}
     name = args.name or (default_name(args.model) if args.model else "")
+    embedding = EmbeddingConfig(pooling=args.pooling, normalize=not args.no_normalize) if args.pooling else None
     spec = LoadSpec(model=args.model or "", name=name, device=args.device, dtype=args.dtype, images=args.images,
-                    parkable=args.parkable, engine_options=options)
+                    parkable=args.parkable, engine_options=options, embedding=embedding)
     holder = Holder(*origin)
     if args.standby:
         holder.start_standby(args.device, reserve=args.reserve)
@@ -92,6 +93,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU compute threads (torch intra-op; default: torch's, one per core)")
+    p.add_argument("--pooling", choices=("last", "mean"), default=None,
+                   help="serve the model as an embedding model (/v1/embeddings only), pooling the last token's "
+                        "hidden state or the mean over the input")
+    p.add_argument("--no-normalize", action="store_true", help="with --pooling: do not scale embeddings to unit length")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--fd", type=int, help="an inherited, listening socket (set by the gateway)")
     where.add_argument("--uds", help="listen on this Unix socket path")
@@ -102,6 +107,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         p.error("--model is required (or --standby, to wait for POST /zerostart/load)")
     if args.reserve < 0:
         p.error(f"--reserve must be >= 0 bytes, got {args.reserve}")
+    if args.no_normalize and not args.pooling:
+        p.error("--no-normalize applies to an embedding model (--pooling last|mean)")
     if args.reserve and not args.standby:
         p.error("--reserve applies to a standby worker (--standby): a worker that loads at once gains nothing from it")
     return args

@@ -4,31 +4,79 @@
     encoding_format  "float" (lists of numbers) or "base64" (little-endian float32 bytes, as
                      OpenAI encodes them and its SDK decodes them)
     dimensions       the first that many values, renormalized (PoolingParams.dimensions)
+
+Each input is one engine request (:class:`zerostart.engine.PoolingParams`), batched with
+whatever else the engine runs; the model's config says how it pools (``embedding:``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from zerostart.serve._errors import BadRequest
+from zerostart.serve._config import EmbeddingConfig
+from zerostart.serve._errors import BadRequest, ServeError
+from zerostart.serve._openai_schema import EmbeddingRequest
+from zerostart.serve.control import RequestStats
+from zerostart.serve.worker._stats import Timing, request_stats
+
+if TYPE_CHECKING:
+    from zerostart.engine import Engine
 
 
-def inputs(value: Any) -> list[str | list[int]]:
-    """One entry per input: text or token ids (BadRequest naming ``input`` otherwise)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value:
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-            return [list(value)]
-        if all(isinstance(x, str) for x in value):
-            return list(value)
-        if all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-               for x in value):
-            return [list(x) for x in value]
-    raise BadRequest("input must be a string, a list of strings, a list of token ids or a list of token-id lists "
-                     "(none empty)", param="input")
+class Run:
+    """One embeddings request, submitted: ``await result()`` for its body and stats."""
+
+    def __init__(self, engine: Engine, req: EmbeddingRequest, config: EmbeddingConfig, prompts: list[list[int]]) -> None:
+        from zerostart.engine import PoolingParams
+
+        self.req = req
+        hidden = engine.model_config.hidden_size
+        if req.dimensions is not None and req.dimensions > hidden:
+            raise BadRequest(f"dimensions: {req.dimensions} is more than this model's {hidden}", param="dimensions")
+        limit = engine.max_model_len
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise BadRequest(f"input[{i}] is empty after tokenization", param="input")
+            if len(ids) > limit:
+                raise BadRequest(f"input[{i}] has {len(ids)} tokens; this model's maximum context length is {limit}",
+                                 param="input")
+        params = PoolingParams(pooling=config.pooling, normalize=config.normalize, dimensions=req.dimensions)
+        self.handles: list[Any] = []
+        try:
+            for ids in prompts:
+                self.handles.append(engine.submit(ids, params))
+        except ValueError as e:  # the engine refuses what it cannot run (a token id past its vocabulary)
+            self.cancel()
+            raise BadRequest(str(e), param="input") from None
+        self.timings = [Timing(h) for h in self.handles]
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+    async def result(self, model: str) -> tuple[dict[str, Any], RequestStats]:
+        try:
+            events = await asyncio.gather(*(_last(h, t) for h, t in zip(self.handles, self.timings)))
+        except BaseException:
+            self.cancel()
+            raise
+        tokens = sum(ev.prompt_tokens for ev in events)
+        vectors = [ev.embedding for ev in events]
+        if any(v is None for v in vectors):  # aborted (the engine is stopping)
+            raise ServeError("the engine stopped before these embeddings were made; retry the request")
+        usage = {"prompt_tokens": tokens, "completion_tokens": 0}
+        return body(model, vectors, self.req.encoding_format, tokens), request_stats(usage, self.timings)
+
+
+async def _last(handle: Any, timing: Timing) -> Any:
+    last = None
+    async for ev in handle.aiter():
+        timing.take(ev)
+        last = ev
+    return last
 
 
 def encode(vector: list[float], fmt: str) -> list[float] | str:

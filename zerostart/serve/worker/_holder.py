@@ -211,7 +211,7 @@ class Holder:
             loaded.engine.start()
             from zerostart.serve.worker._openai import OpenAIRoutes
 
-            self.routes = OpenAIRoutes(loaded.engine, spec.name)
+            self.routes = OpenAIRoutes(loaded.engine, spec.name, spec.model, spec.embedding)
             self.engine = loaded.engine
             self.rung = ("standby+" if standby else "") + loaded.rung
             if spec.images == "write" and loaded.rung == "source":

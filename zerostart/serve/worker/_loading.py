@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from zerostart.names import ImageMode, device_type
+from zerostart.serve._config import EmbeddingConfig
 from zerostart.serve.control import ImageReport
 from zerostart.serve.worker import _images
 from zerostart.telemetry import Timeline
@@ -35,6 +36,7 @@ class LoadSpec:
     dtype: str | None = None
     parkable: bool = False
     engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    embedding: EmbeddingConfig | None = None  # an embedding model: how it pools (None: it generates text)
 
 
 @dataclass

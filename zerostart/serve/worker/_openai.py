@@ -1,7 +1,11 @@
 """The OpenAI routes of a worker, over a loaded :class:`zerostart.engine.Engine`.
 
 Chat and text completions, streamed (SSE) and not, with ``n`` choices and several prompts per
-request; ``usage`` counts each prompt once and every choice's tokens.
+request; ``usage`` counts each prompt once and every choice's tokens. Chat requests may carry
+``tools`` (calls parsed from the output, forced by a grammar for ``tool_choice`` "required" or a
+named function) and ``response_format`` (a grammar); completions ``response_format`` too.
+Embeddings (for a model served as one), ``/tokenize`` and ``/detokenize`` are ``_embeddings.py``'s
+and ``_tokenize.py``'s. Every answer ends with what it cost the engine (``control.RequestStats``).
 """
 
 from __future__ import annotations
@@ -16,14 +20,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from zerostart import __version__
+from zerostart.engine import EngineError, TokenText, render_chat, tool_parser
+from zerostart.serve._config import EmbeddingConfig
 from zerostart.serve._errors import BadRequest, ServeError
-from zerostart.engine import TokenText
 from zerostart.serve._http import ClosingStream
-from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, _Request, parse_body
+from zerostart.serve._openai_schema import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                            EmbeddingRequest, TokenizeRequest, _Request, parse_body)
+from zerostart.serve.control import STATS_HEADER
+from zerostart.serve.worker import _embeddings, _tokenize
 from zerostart.serve.worker._logprobs import CompletionLogprobs, chat_entry, chat_logprobs
+from zerostart.serve.worker._stats import Timing, request_stats
+from zerostart.serve.worker._structured import Plan, call_json, chat_plan, format_constraint
 
 if TYPE_CHECKING:
-    from zerostart.engine import Engine
+    from zerostart.engine import Engine, ToolParser, ToolStream
 
 _FINGERPRINT = f"zerostart-{__version__}"
 
@@ -39,21 +49,24 @@ def _sse(obj: Any) -> bytes:
 class _Choice:
     """One sequence being generated: which prompt it continues and what it has produced."""
 
-    def __init__(self, index: int, prompt: int, handle: Any) -> None:
+    def __init__(self, index: int, prompt: int, handle: Any, ids: list[int]) -> None:
         self.index = index
         self.prompt = prompt  # index into the request's prompts
         self.handle = handle
+        self.ids = ids  # the prompt's token ids
         self.text: list[str] = []
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # the engine's: stop, length, abort
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.ids: list[int] = []  # the prompt's token ids
         self.logprobs: list[Any] = []  # TokenLogprob per generated token (when asked for)
         self.prompt_logprobs: list[Any] | None = None
-        self.sent: CompletionLogprobs | None = None  # a completion stream's logprobs so far
+        self.timing = Timing(handle)
+        self.tools: ToolStream | None = None  # a chat stream's tool-call parser
+        self.calls = 0  # tool calls found so far
 
     def take(self, ev: Any) -> None:
         self.text.append(ev.text)
+        self.timing.take(ev)
         if ev.logprob is not None:
             self.logprobs.append(ev.logprob)
         if ev.prompt_logprobs is not None:
@@ -65,19 +78,35 @@ class _Choice:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine, name: str) -> None:
+    def __init__(self, engine: Engine, name: str, root: str = "", embedding: EmbeddingConfig | None = None) -> None:
         from zerostart.engine import SamplingParams
 
         self.engine = engine
         self.name = name
+        self.root = root or name  # the model's source, as vLLM's /v1/models "root"
+        self.embedding = embedding
+        self.created = int(time.time())
         self._SamplingParams = SamplingParams
         self._text_of = TokenText(engine.tokenizer)
+        self._parser: ToolParser | None = None
+
+    @property
+    def parser(self) -> ToolParser:
+        """The tool-call format of this model's chat template (Hermes when it has none of its own)."""
+        if self._parser is None:
+            tok = self.engine.tokenizer
+            try:
+                template = tok.get_chat_template()
+            except EngineError:
+                template = ""
+            self._parser = tool_parser(None, tok, template)
+        return self._parser
 
     # -- routes -----------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        card = {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "zerostart",
-                "max_model_len": self.engine.max_model_len}
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "zerostart",
+                "root": self.root, "parent": None, "max_model_len": self.engine.max_model_len}
         return JSONResponse({"object": "list", "data": [card]})
 
     # Parsing a large body, chat templates and tokenization run on a thread: the event loop
@@ -87,19 +116,23 @@ class OpenAIRoutes:
         try:
             req = await parse_body(ChatCompletionRequest, await request.body())
             assert isinstance(req, ChatCompletionRequest)
-            prompt = await asyncio.to_thread(self._chat_prompt, req)
-            choices = self._submit(req, [prompt], req.max_new_tokens, param="messages")
+            self._generating()
+            plan = chat_plan(self.parser, req)
+            prompt = await asyncio.to_thread(self._chat_prompt, req, plan)
+            choices = self._submit(req, [prompt], req.max_new_tokens, param="messages", plan=plan)
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return await self._respond("chat", req, choices, None)
+        return await self._respond("chat", req, choices, None, plan)
 
     async def completions(self, request: Request) -> Response:
         try:
             req = await parse_body(CompletionRequest, await request.body())
             assert isinstance(req, CompletionRequest)
+            self._generating()
             given = req.prompts()
             prompts = await asyncio.to_thread(lambda: [self._encode(p) for p in given])
-            choices = self._submit(req, prompts, req.max_new_tokens, param="prompt")
+            plan = Plan(None, None, format_constraint(req.response_format), False)
+            choices = self._submit(req, prompts, req.max_new_tokens, param="prompt", plan=plan)
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
         try:
@@ -109,39 +142,78 @@ class OpenAIRoutes:
         except BaseException:
             _cancel(choices)
             raise
-        return await self._respond("text", req, choices, echo)
+        return await self._respond("text", req, choices, echo, plan)
+    async def embeddings(self, request: Request) -> Response:
+        try:
+            req = await parse_body(EmbeddingRequest, await request.body())
+            assert isinstance(req, EmbeddingRequest)
+            if self.embedding is None:
+                raise BadRequest(f"model {self.name!r} generates text; it is not served as an embedding model "
+                                 "(set `embedding:` in its config)", param="model")
+            prompts = await asyncio.to_thread(lambda: [self._encode(p) for p in req.inputs()])
+            run = _embeddings.Run(self.engine, req, self.embedding, prompts)
+            body, stats = await run.result(self.name)
+        except ServeError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(body, headers={STATS_HEADER: stats.to_header()})
+
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            req = await parse_body(TokenizeRequest, await request.body())
+            assert isinstance(req, TokenizeRequest)
+            return JSONResponse(await asyncio.to_thread(_tokenize.tokenize, self.engine.tokenizer, self.engine.max_model_len,
+                                                         req))
+        except ServeError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            req = await parse_body(DetokenizeRequest, await request.body())
+            assert isinstance(req, DetokenizeRequest)
+            return JSONResponse(_tokenize.detokenize(self.engine.tokenizer, req))
+        except ServeError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return JSONResponse(_tokenize.tokenizer_info(self.engine.tokenizer, self.engine.max_model_len))
 
     # -- prompts and sampling ---------------------------------------------------------------
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def _generating(self) -> None:
+        if self.embedding is not None:
+            raise BadRequest(f"model {self.name!r} is an embedding model; use /v1/embeddings", param="model")
+
+    def _chat_prompt(self, req: ChatCompletionRequest, plan: Plan) -> list[int]:
         tok = self.engine.tokenizer
         try:
-            out = tok.apply_chat_template(req.template_messages(), add_generation_prompt=True, tokenize=True)
-        except (ValueError, KeyError, TypeError) as e:
+            text = render_chat(tok, req.template_messages(), tools=plan.tools)
+        except (EngineError, KeyError, TypeError) as e:
             raise BadRequest(f"model {self.name!r} could not format these messages with its chat template ({e}); "
                              "use /v1/completions with a plain prompt instead", param="messages") from None
-        return list(out) if not isinstance(out, str) else list(tok.encode(out))
+        return list(tok.encode(text, add_special_tokens=False))
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else list(self.engine.tokenizer.encode(prompt))
 
-    def _submit(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str) -> list[_Choice]:
+    def _submit(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str,
+                plan: Plan) -> list[_Choice]:
         try:
-            params = self._params(req, prompts, max_new, param)
+            params = self._params(req, prompts, max_new, param, plan)
         except ValueError as e:  # the engine's own checks of the sampling parameters
             raise BadRequest(str(e)) from None
         choices: list[_Choice] = []
         group = object()  # this request's sequences share the engine's slots fairly with other requests'
         try:
             for i, (ids, sp) in enumerate(params):
-                choices.append(_Choice(i, i // req.n, self.engine.submit(ids, sp, group=group)))
-                choices[-1].ids = ids
-        except ValueError as e:  # the engine refuses what it cannot run (e.g. a token id past its vocabulary)
+                choices.append(_Choice(i, i // req.n, self.engine.submit(ids, sp, group=group), ids))
+        except ValueError as e:  # the engine refuses what it cannot run (a token id past its vocabulary, a grammar)
             _cancel(choices)
-            raise BadRequest(str(e), param=param) from None
+            raise BadRequest(str(e), param="response_format" if plan.constraint and "grammar" in str(e) else param) \
+                from None
         return choices
 
-    def _params(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str) -> list[tuple[list[int], Any]]:
+    def _params(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str,
+                plan: Plan) -> list[tuple[list[int], Any]]:
         limit = self.engine.max_model_len
         params = []
         for ids in prompts:
@@ -160,16 +232,18 @@ class OpenAIRoutes:
                     stop_token_ids=list(req.stop_token_ids), presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                     repetition_penalty=req.repetition_penalty, min_p=req.min_p, logprobs=req.token_logprobs,
-                    prompt_logprobs=req.prompt_logprobs)))
+                    prompt_logprobs=req.prompt_logprobs, constraint=plan.constraint,
+                    skip_special_tokens=not plan.keep_special_tokens)))
         return params
 
     # -- responses --------------------------------------------------------------------------
 
-    async def _respond(self, kind: str, req: _Request, choices: list[_Choice], echo: list[str] | None) -> Response:
+    async def _respond(self, kind: str, req: _Request, choices: list[_Choice], echo: list[str] | None,
+                       plan: Plan) -> Response:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if req.stream:
-            return ClosingStream(self._stream(kind, req, rid, created, choices, echo),
+            return ClosingStream(self._stream(kind, req, rid, created, choices, echo, plan),
                                  media_type="text/event-stream", headers={"cache-control": "no-cache"})
         try:
             await asyncio.gather(*(_drain(c) for c in choices))
@@ -180,15 +254,19 @@ class OpenAIRoutes:
                                 "created": created, "model": self.name, "system_fingerprint": _FINGERPRINT}
         wants = req.token_logprobs is not None
         if kind == "chat":
-            body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                                "logprobs": chat_logprobs(self._text_of, c.logprobs) if wants else None,
-                                "finish_reason": c.finish_reason} for c in choices]
+            assert isinstance(req, ChatCompletionRequest)
+            body["choices"] = [{"index": c.index, "message": _message("".join(c.text), plan),
+                                "logprobs": chat_logprobs(self._text_of, c.logprobs) if wants else None}
+                               for c in choices]
+            for c, out in zip(choices, body["choices"]):
+                out["finish_reason"] = _finish(c.finish_reason, "tool_calls" in out["message"], req)
         else:
             body["choices"] = [{"index": c.index, "text": (echo[c.prompt] if echo else "") + "".join(c.text),
                                 "logprobs": self._completion_logprobs(c).body() if wants else None,
                                 "finish_reason": c.finish_reason} for c in choices]
         body["usage"] = _usage(choices)
-        return JSONResponse(body)
+        stats = request_stats(body["usage"], [c.timing for c in choices])
+        return JSONResponse(body, headers={STATS_HEADER: stats.to_header()})
 
     def _completion_logprobs(self, c: _Choice, start: int = 0) -> CompletionLogprobs:
         """A completion's logprobs: the echoed prompt's (when asked for), then the generated tokens' from ``start``."""
@@ -202,7 +280,7 @@ class OpenAIRoutes:
         return out
 
     async def _stream(self, kind: str, req: _Request, rid: str, created: int, choices: list[_Choice],
-                      echo: list[str] | None) -> AsyncIterator[bytes]:
+                      echo: list[str] | None, plan: Plan) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         started: set[int] = set()
         wants = req.token_logprobs is not None
@@ -220,26 +298,35 @@ class OpenAIRoutes:
             done_lps[c.index] = len(c.logprobs)
             if kind == "chat":
                 return {"content": [chat_entry(self._text_of, lp) for lp in c.logprobs[first or 0 :]]}
-            if first is None:
-                return self._completion_logprobs(c).body()
-            return self._completion_logprobs(c, first).body()
+            return self._completion_logprobs(c, first or 0).body()
 
-        def chunk(c: _Choice, text: str | None, finish: str | None) -> bytes:
-            lps = logprobs(c) if finish is None else None
+        def chunk(c: _Choice, delta: dict[str, Any], finish: str | None, lps: bool = True) -> bytes:
+            """A chat chunk (``delta``: content or tool_calls) or a text chunk (``delta["content"]``)."""
+            lp = logprobs(c) if lps and finish is None else None
             if kind == "chat":
-                delta: dict[str, Any] = {} if text is None else {"content": text}
                 if c.index not in started:
-                    delta = {"role": "assistant", "content": text or ""}
+                    delta = {"role": "assistant", "content": "", **delta}
                     started.add(c.index)
-                choice: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish}
+                choice: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
+                text = delta.get("content") or ""
                 if c.index not in started:
                     started.add(c.index)
-                    text = (echo[c.prompt] if echo else "") + (text or "")
-                choice = {"index": c.index, "text": text or "", "logprobs": lps, "finish_reason": finish}
+                    text = (echo[c.prompt] if echo else "") + text
+                choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
             return _sse({"id": rid, "object": obj, "created": created, "model": self.name,
                          "system_fingerprint": _FINGERPRINT, "choices": [choice], **usage_field()})
 
+        def calls_chunk(c: _Choice, calls: list[Any]) -> bytes:
+            deltas = []
+            for call in calls:
+                deltas.append({"index": c.calls, **call_json(call)})
+                c.calls += 1
+            return chunk(c, {"tool_calls": deltas}, None, lps=False)
+
+        if kind == "chat" and plan.parser is not None:
+            for c in choices:
+                c.tools = plan.parser.stream()
         queue: asyncio.Queue[tuple[_Choice, Any]] = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(c, queue)) for c in choices]
         open_choices = len(choices)
@@ -254,19 +341,53 @@ class OpenAIRoutes:
                     open_choices -= 1
                     continue
                 c.take(ev)
+                text, calls = c.tools.feed(ev.text) if c.tools is not None else (ev.text, [])
                 # a chat stream opens each choice with its role; text chunks are empty only to carry logprobs
-                if ev.text or (c.index not in started and (kind == "chat" or echo)) or (wants and ev.logprob is not None):
-                    yield chunk(c, ev.text, None)
+                if text or (c.index not in started and (kind == "chat" or echo)) or (wants and ev.logprob is not None):
+                    yield chunk(c, {"content": text} if text or kind != "chat" else {}, None)
+                if calls:
+                    yield calls_chunk(c, calls)
                 if ev.finish_reason is not None:
-                    yield chunk(c, None, ev.finish_reason)
+                    if c.tools is not None:
+                        text, calls = c.tools.finish()
+                        if text:
+                            yield chunk(c, {"content": text}, None, lps=False)
+                        if calls:
+                            yield calls_chunk(c, calls)
+                    finish = ev.finish_reason
+                    if kind == "chat":
+                        assert isinstance(req, ChatCompletionRequest)
+                        finish = _finish(finish, c.calls > 0, req)
+                    yield chunk(c, {}, finish)
+            usage = _usage(choices)
             if req.include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": self.name,
-                            "system_fingerprint": _FINGERPRINT, "choices": [], "usage": _usage(choices)})
+                            "system_fingerprint": _FINGERPRINT, "choices": [], "usage": usage})
+            stats = request_stats(usage, [c.timing for c in choices])
+            yield f": {STATS_HEADER} {stats.to_header()}\n\n".encode()
             yield b"data: [DONE]\n\n"
         finally:
             for p in pumps:
                 p.cancel()
             _cancel(choices)
+
+
+def _message(text: str, plan: Plan) -> dict[str, Any]:
+    """An assistant message: its content, and the tool calls parsed from it when tools were offered."""
+    if plan.parser is None:
+        return {"role": "assistant", "content": text}
+    content, calls = plan.parser.parse(text)
+    out: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        out["tool_calls"] = [call_json(c) for c in calls]
+    return out
+
+
+def _finish(reason: str | None, called: bool, req: ChatCompletionRequest) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when the model chose to call (not for a named
+    tool_choice, where OpenAI says "stop")."""
+    forced = req.forced_tool
+    return "tool_calls" if called and reason == "stop" and forced in (None, "required") else reason
 
 
 async def _drain(c: _Choice) -> None:

@@ -17,8 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zerostart.engine import Constraint, EngineError, ToolParser
+from pydantic import BaseModel
+
+from zerostart.engine import Constraint, EngineError, ToolCall, ToolParser
 from zerostart.serve._errors import BadRequest
+from zerostart.serve._openai_schema import ChatCompletionRequest, ResponseFormat
 
 
 @dataclass
@@ -80,3 +83,20 @@ def _format_constraint(fmt: dict | None) -> Constraint | None:
         return Constraint("json_schema", schema)
     raise BadRequest(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                      param="response_format")
+
+
+def chat_plan(parser: ToolParser, req: ChatCompletionRequest) -> Plan:
+    """:func:`plan` for a validated chat request."""
+    choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice
+    fmt = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
+    return plan(parser, req.tool_dicts(), choice, req.parallel_tool_calls, fmt)
+
+
+def format_constraint(fmt: ResponseFormat | None) -> Constraint | None:
+    """A completion request's response_format (no tools there)."""
+    return _format_constraint(fmt.model_dump(by_alias=True, exclude_none=True) if fmt else None)
+
+
+def call_json(call: ToolCall) -> dict[str, Any]:
+    """A parsed call in OpenAI's message shape."""
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}

@@ -15,31 +15,29 @@ from typing import Any
 
 from zerostart.engine import EngineError, Tokenizer, render_chat
 from zerostart.serve._errors import BadRequest
+from zerostart.serve._openai_schema import DetokenizeRequest, TokenizeRequest
 
 
-def tokenize(tok: Tokenizer, max_model_len: int, body: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(body.get("messages"), list):
+def tokenize(tok: Tokenizer, max_model_len: int, req: TokenizeRequest) -> dict[str, Any]:
+    if req.messages is not None:
         try:
-            text = render_chat(tok, body["messages"], tools=body.get("tools") or None,
-                               add_generation_prompt=bool(body.get("add_generation_prompt", True)))
+            text = render_chat(tok, [m.template_message() for m in req.messages],
+                               tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+                               add_generation_prompt=req.add_generation_prompt)
         except EngineError as e:
             raise BadRequest(f"messages: {e}", param="messages") from None
-        ids = tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
-    elif isinstance(body.get("prompt"), str):
-        ids = tok.encode(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))
+        ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
     else:
-        raise BadRequest("send either prompt (text) or messages (a chat)", param="prompt")
-    strs = [tok.id_to_token(i) for i in ids] if body.get("return_token_strs") else None
+        assert req.prompt is not None
+        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+    strs = [tok.id_to_token(i) for i in ids] if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs}
 
 
-def detokenize(tok: Tokenizer, body: dict[str, Any]) -> dict[str, Any]:
-    ids = body.get("tokens")
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise BadRequest("tokens must be a list of token ids", param="tokens")
-    if any(i >= tok.vocab_size for i in ids):
-        raise BadRequest(f"a token id is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
-    return {"prompt": tok.decode(ids)}
+def detokenize(tok: Tokenizer, req: DetokenizeRequest) -> dict[str, Any]:
+    if any(i >= tok.vocab_size for i in req.tokens):
+        raise BadRequest(f"tokens: a token id is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
+    return {"prompt": tok.decode(req.tokens)}
 
 
 def tokenizer_info(tok: Tokenizer, max_model_len: int) -> dict[str, Any]:
