@@ -194,6 +194,7 @@ def litellm():
 
 
 @pytest.mark.filterwarnings("ignore:Items? .*ReadOnly:UserWarning")  # litellm's own TypedDicts, in pydantic
+@pytest.mark.timeout(900)  # two cold starts (chat, then embeddings) inside it; litellm's import is slow
 def test_litellm_tools_and_embeddings(gw: Gateway, litellm, hf) -> None:
     base = gw.url + "/v1"
     r = litellm.completion(model="openai/smol", api_base=base, api_key="none", messages=ASK, tools=[WEATHER],
