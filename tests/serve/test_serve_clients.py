@@ -25,7 +25,9 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 
 @pytest.fixture(scope="module")
 def gw(smollm2_dir: str, tmp_path_factory: pytest.TempPathFactory):
-    small = {"idle_timeout": 600, "kv_cache_bytes": "192MiB", "max_model_len": 2048, "images": "off"}
+    # float32, as the transformers reference the logprob and embedding tests compare with
+    small = {"idle_timeout": 600, "kv_cache_bytes": "192MiB", "max_model_len": 2048, "images": "off",
+             "dtype": "float32"}
     g = Gateway({"models": [{"path": smollm2_dir, "name": "smol", **small},
                             {"path": smollm2_dir, "name": "smol-embed", "embedding": {"pooling": "last"}, **small}]},
                 str(tmp_path_factory.mktemp("gw")))

@@ -342,15 +342,20 @@ def test_status_and_metrics_show_in_flight_per_replica_and_the_oldest_age(gw: Ga
     _warm(gw, "m")
     pid = gw.model("m")["workers"][0]["pid"]
     t = threading.Thread(target=lambda: gw.http.post(
-        "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 300, "ignore_eos": True}, timeout=30))
+        "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1000, "ignore_eos": True}, timeout=60))
     t.start()
     gw.wait_for("a request in flight", lambda: gw.model("m")["in_flight"] == 1)
-    time.sleep(1.0)
-    m = gw.model("m")
-    assert m["workers"][0]["in_flight"] == 1 and m["workers"][0]["oldest_in_flight_s"] >= 1.0
-    assert m["oldest_in_flight_s"] >= 1.0
-    assert gw.metric("zerostart_replica_in_flight", model="m", pid=str(pid)) == 1
-    assert gw.metric("zerostart_oldest_in_flight_seconds", model="m") >= 1.0
-    t.join(30)
+    # the worker held still (within worker_probe_timeout), so the request cannot finish first
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.0)
+        m = gw.model("m")
+        assert m["workers"][0]["in_flight"] == 1 and m["workers"][0]["oldest_in_flight_s"] >= 1.0
+        assert m["oldest_in_flight_s"] >= 1.0
+        assert gw.metric("zerostart_replica_in_flight", model="m", pid=str(pid)) == 1
+        assert gw.metric("zerostart_oldest_in_flight_seconds", model="m") >= 1.0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t.join(60)
     _settled(gw, "m")
     assert gw.metric("zerostart_oldest_in_flight_seconds", model="m") == 0.0
