@@ -248,6 +248,16 @@ def _open_or_reject(tmp_path, blob: bytes) -> None:
         assert str(p) in str(e)
 
 
+def test_a_value_that_is_not_utf8_is_named(tmp_path, small_file):
+    # the reader decodes strings only when a value is read: a token that is not UTF-8
+    at = small_file.index(b"<|end_of_text|>")
+    p = tmp_path / "f.gguf"
+    p.write_bytes(small_file[:at] + b"\xab" + small_file[at + 1:])
+    with pytest.raises(WeightsError, match=r"f\.gguf: metadata key 'tokenizer\.ggml\.tokens' cannot be read \(UnicodeDecodeError"):
+        weights.load(str(p))
+
+
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")  # the file in a failure report: let the error show
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.integers(1, 1 << 20), st.lists(st.tuples(st.integers(0, 40_000), st.integers(0, 255)), min_size=1, max_size=4))
 def test_fuzz_truncated_and_mutated_files(tmp_path, small_file, cut, edits):

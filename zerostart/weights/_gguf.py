@@ -210,5 +210,10 @@ def _int_field(reader, key: str) -> int:
     f = reader.fields.get(key)
     if f is None:
         return 0
-    v = f.contents()
-    return int(v) if not isinstance(v, list) else int(v[0])
+    from zerostart.weights._gguf_meta import field_value
+
+    v = field_value(reader.path, key, f)
+    try:
+        return int(v) if not isinstance(v, list) else int(v[0])
+    except (TypeError, ValueError, IndexError):
+        raise WeightsError(f"{reader.path}: metadata key {key!r} is not an integer ({str(v)[:60]!r})") from None

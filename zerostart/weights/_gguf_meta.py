@@ -61,7 +61,7 @@ class Metadata:
             if default is ...:
                 raise WeightsError(f"{self.path}: metadata key {key!r} is missing")
             return default
-        value = f.contents()
+        value = field_value(self.path, key, f)
         if isinstance(value, list) and kind is not list:
             if len(set(value)) != 1:
                 raise WeightsError(f"{self.path}: metadata key {key!r} varies per layer ({value[:4]}...); "
@@ -87,6 +87,15 @@ class Metadata:
 
     def arch(self, key: str) -> str:
         return f"{self.architecture}.{key}"
+
+
+def field_value(path: str, key: str, field) -> Any:
+    """A field's value; the reader decodes strings only now, so bytes that are not UTF-8 fail
+    here: a WeightsError naming the file and the key."""
+    try:
+        return field.contents()
+    except (UnicodeDecodeError, ValueError, IndexError) as e:
+        raise WeightsError(f"{path}: metadata key {key!r} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
