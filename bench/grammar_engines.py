@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any, Callable
 
 SCHEMA = {
     "type": "object",
@@ -184,7 +185,8 @@ class _OutlinesCore:
             m.advance(token)
 
 
-ENGINES = {"llguidance": _LLGuidance, "xgrammar": _XGrammar, "outlines-core": _OutlinesCore}
+ENGINES: dict[str, Callable[[str, int, int], Any]] = {
+    "llguidance": _LLGuidance, "xgrammar": _XGrammar, "outlines-core": _OutlinesCore}
 MODULES = {"llguidance": "llguidance", "xgrammar": "xgrammar", "outlines-core": "outlines_core"}
 
 
@@ -241,6 +243,8 @@ def run(tokenizer_dir: str, engines: list[str], repeat: int) -> dict:
     vocab = tk.get_vocab_size(with_added_tokens=True)
     cfg = json.load(open(os.path.join(tokenizer_dir, "tokenizer_config.json"), encoding="utf-8"))
     eos = tk.token_to_id(cfg["eos_token"] if isinstance(cfg["eos_token"], str) else cfg["eos_token"]["content"])
+    if eos is None:
+        raise SystemExit(f"{tokenizer_dir}: the eos token {cfg['eos_token']!r} is not in the tokenizer's vocabulary")
     rows = []
     for name in engines:
         row: dict = {"engine": name, "import_s": _import_seconds(MODULES[name])}

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +33,7 @@ def pread_pinned(path: str, threads: int, chunk: int, pinned: torch.Tensor) -> f
     fd = os.open(path, os.O_RDONLY)
     slots = pinned.numel() // chunk
     offs = list(range(0, size, chunk))
-    mv = memoryview(pinned.numpy()).cast("B")
+    mv = pinned.numpy().data.cast("B")
     t0 = time.perf_counter()
 
     def rd(i):
@@ -48,53 +47,9 @@ def pread_pinned(path: str, threads: int, chunk: int, pinned: torch.Tensor) -> f
     return gbps(size, dt)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("file")
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    path = a.file
-    size = os.path.getsize(path)
-    out: dict = {"file_bytes": size, "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name()}
-    torch.empty(1, device="cuda")
-
-    t0 = time.perf_counter()
-    pinned = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-    out["cudaHostAlloc_1GiB_s"] = round(time.perf_counter() - t0, 4)
-    t0 = time.perf_counter()
-    small = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
-    out["cudaHostAlloc_256MiB_s"] = round(time.perf_counter() - t0, 4)
-    del small
-    reg = Region.anonymous(256 << 20)
-    reg.tensor().fill_(0)
-    t0 = time.perf_counter()
-    err = torch.cuda.cudart().cudaHostRegister(reg.addr, 256 << 20, 0)
-    out["cudaHostRegister_256MiB_anon_thp_s"] = round(time.perf_counter() - t0, 4)
-    out["cudaHostRegister_err"] = int(err)
-    torch.cuda.cudart().cudaHostUnregister(reg.addr)
-
-    # page cache -> pinned (kernel copy), threads x chunk
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
-    r = {}
-    for threads in (4, 8, 16, 32):
-        for chunk_mb in (8, 32, 64):
-            r[f"t{threads}_c{chunk_mb}"] = pread_pinned(path, threads, chunk_mb << 20, pinned)
-    out["pread_to_pinned_gbps"] = r
-    print("pread->pinned", r, flush=True)
-
-    # populate a private mapping (parallel)
-    fd = os.open(path, os.O_RDONLY)
-    m = Region.reserve(size)
-    m.map_file(0, fd, size)
-    span = 64 << 20
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(16) as ex:
-        list(ex.map(lambda o: m.populate(o, min(span, size - o)), range(0, size, span)))
-    out["populate_16t_gbps"] = gbps(size, time.perf_counter() - t0)
-    src = m.tensor()[:size]
-
+def _from_mapping(src: torch.Tensor, size: int, pinned: torch.Tensor, out: dict) -> None:
+    """mapping -> pinned (torch), pinned -> device, mapping -> device (pageable). Every tensor over the
+    mapping or on the device here is gone when this returns, before the caller unmaps the file."""
     # mapping -> pinned with torch (user-space memcpy), per-thread chunks
     r = {}
     for threads in (4, 8, 16):
@@ -166,13 +121,59 @@ def main() -> None:
     out["pageable_mapping_h2d_gbps"] = r
     print("mapping->device (pageable)", r, flush=True)
 
-    del big, src
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("file")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    path = a.file
+    size = os.path.getsize(path)
+    out: dict = {"file_bytes": size, "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name()}
+    torch.empty(1, device="cuda")
+
+    t0 = time.perf_counter()
+    pinned = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    out["cudaHostAlloc_1GiB_s"] = round(time.perf_counter() - t0, 4)
+    t0 = time.perf_counter()
+    small = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    out["cudaHostAlloc_256MiB_s"] = round(time.perf_counter() - t0, 4)
+    del small
+    reg = Region.anonymous(256 << 20)
+    reg.tensor().fill_(0)
+    t0 = time.perf_counter()
+    err = torch.cuda.cudart().cudaHostRegister(reg.addr, 256 << 20, 0)
+    out["cudaHostRegister_256MiB_anon_thp_s"] = round(time.perf_counter() - t0, 4)
+    out["cudaHostRegister_err"] = int(err)
+    torch.cuda.cudart().cudaHostUnregister(reg.addr)
+
+    # page cache -> pinned (kernel copy), threads x chunk
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+    r = {}
+    for threads in (4, 8, 16, 32):
+        for chunk_mb in (8, 32, 64):
+            r[f"t{threads}_c{chunk_mb}"] = pread_pinned(path, threads, chunk_mb << 20, pinned)
+    out["pread_to_pinned_gbps"] = r
+    print("pread->pinned", r, flush=True)
+
+    # populate a private mapping (parallel)
+    fd = os.open(path, os.O_RDONLY)
+    m = Region.reserve(size)
+    m.map_file(0, fd, size)
+    span = 64 << 20
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda o: m.populate(o, min(span, size - o)), range(0, size, span)))
+    out["populate_16t_gbps"] = gbps(size, time.perf_counter() - t0)
+    _from_mapping(m.tensor()[:size], size, pinned, out)
     m.close()
     os.close(fd)
     # end to end: zerostart's load path, in-process, with its phase statistics
     from zerostart import weights
 
-    r = {}
+    loads = {}
     for name, cfg in {
         "default": weights.LoadConfig(),
         "t8_c32": weights.LoadConfig(threads=8, chunk_bytes=32 << 20),
@@ -182,13 +183,13 @@ def main() -> None:
     }.items():
         arena = weights.load_arena(path, "cuda", config=cfg)
         st = arena.stats
-        r[name] = {"gbps": round(st.gbps, 2), "setup_s": round(st.setup_s, 4), "read_s": round(st.read_s, 4),
+        loads[name] = {"gbps": round(st.gbps, 2), "setup_s": round(st.setup_s, 4), "read_s": round(st.read_s, 4),
                    "copy_s": round(st.copy_s, 4), "total_s": round(st.total_s, 4), "threads": st.threads,
                    "staging": st.staging_bytes, "strategy": st.strategy}
-        print(name, r[name], flush=True)
+        print(name, loads[name], flush=True)
         del arena
         torch.cuda.empty_cache()
-    out["zerostart_load"] = r
+    out["zerostart_load"] = loads
     print(json.dumps(out, indent=1))
     if a.json:
         with open(a.json, "w") as f:

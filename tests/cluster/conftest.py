@@ -32,7 +32,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_models):  # type: ignore[no-untyped-def]
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_models):
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ZEROSTART_CACHE_DIR", str(cache))  # every node's replicas inherit it (one machine here)

@@ -68,8 +68,8 @@ def test_always_keeps_one_replica_and_the_same_policy_objects_as_the_fleet() -> 
 def test_the_ladder_policy_sees_one_arrival_and_one_completion_per_busy_period() -> None:
     seen: list[tuple[str, float]] = []
     p = ReplicaPolicy("ttl:10", "pool", target_ongoing_requests=1)
-    p.policy.observe_arrival = lambda m, t: seen.append(("arrive", t))  # type: ignore[method-assign]
-    p.policy.observe_completion = lambda m, t: seen.append(("complete", t))  # type: ignore[method-assign]
+    p.policy.observe_arrival = lambda m, t: seen.append(("arrive", t))
+    p.policy.observe_completion = lambda m, t: seen.append(("complete", t))
     for t, load in [(1, 0), (2, 2), (3, 5), (4, 1), (5, 0), (6, 0), (7, 1), (8, 0)]:
         p(_ctx(load, 1, float(t)))
     assert seen == [("arrive", 2.0), ("complete", 5.0), ("arrive", 7.0), ("complete", 8.0)]
@@ -155,7 +155,7 @@ def test_metrics_of_every_replica_merge_into_one_valid_exposition() -> None:
 async def _stream(request: Request) -> StreamingResponse:
     n = int((await request.json())["n"])
 
-    async def body():  # type: ignore[no-untyped-def]
+    async def body():
         for i in range(n):
             yield f"data: {i}\n\n".encode()
             await asyncio.sleep(0)
@@ -193,7 +193,7 @@ def test_closing_an_asgi_call_early_tells_the_app_the_client_left() -> None:
     closed = asyncio.Event()
 
     async def endless(request: Request) -> StreamingResponse:
-        async def body():  # type: ignore[no-untyped-def]
+        async def body():
             try:
                 while True:
                     yield b"x"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zerostart.engine import Engine, EngineConfig, EngineError, SamplingParams
+from zerostart.engine import Engine, EngineConfig, EngineError, RequestHandle, SamplingParams
 from zerostart.engine import _weights
 from zerostart.engine._config import ModelConfig
 from zerostart.engine._kv_cache import bytes_per_token
@@ -50,7 +50,7 @@ def test_sequences_join_and_leave_between_steps(tiny_dir):
     prompts = [e.tokenizer.encode(t) for t in ("one", "two three", "four five six", "seven", "eight nine")]
     lengths = [3, 9, 5, 7, 4]
     refs = [_solo(e, p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(prompts, lengths)]
-    handles = []
+    handles: list[RequestHandle] = []
     step = 0
     pending = list(zip(prompts, lengths))
     while pending or any(not h.finished for h in handles):

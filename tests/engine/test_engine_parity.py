@@ -10,6 +10,7 @@ batched steps.
 import os
 import shutil
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from zerostart.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 
-VARIANTS = {
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
     "llama-tied-bias": ("LlamaConfig", "LlamaForCausalLM",
                         dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
@@ -109,7 +110,12 @@ def test_greedy_32_tokens_and_decode_logits(pair, monkeypatch):
 
     seen = []
     sampler = engine.sampler
-    monkeypatch.setattr(engine, "sampler", lambda logits, seqs: seen.append(logits.clone()) or sampler(logits, seqs))
+
+    def spy(logits, seqs):
+        seen.append(logits.clone())
+        return sampler(logits, seqs)
+
+    monkeypatch.setattr(engine, "sampler", spy)
     got = [ev.token_id for ev in engine.generate(ids, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))]
     assert got == expected
     # each step's logits (the prefill's last row, then every decode step) equal the reference

@@ -2,6 +2,7 @@
 
 import math
 from collections import Counter
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from zerostart.engine import SamplingParams
 from zerostart.engine._sampler import Sampler
 
 
-class _Seq:
+class _FakeSeq:
     """What the sampler reads from a sequence."""
 
     def __init__(self, params, counts=None, output_ids=(), prompt_seen=None, stop_ids=frozenset(), matcher=None):
@@ -28,6 +29,8 @@ class _Seq:
     def holds_stop(self):
         return len(self.output_ids) < self.params.min_tokens
 
+
+_Seq: Any = _FakeSeq  # stands in for the sampler's Sequence (duck-typed: the attributes it reads)
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
 

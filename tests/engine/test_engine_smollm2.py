@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -167,7 +168,7 @@ def test_forced_tool_call_round_trip(pair):
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
     tok = engine.tokenizer
     parser = tool_parser(None, tok, tok.get_chat_template())
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
     prompt = render_chat(tok, messages, tools=tools)
     assert "<tools>" in prompt  # SmolLM2's template knows no tools: the Hermes fallback
     evs = list(engine.generate(tok.encode(prompt, add_special_tokens=False), SamplingParams(

@@ -3,6 +3,7 @@ tools and tool messages (the model's own tool syntax, or the Hermes fallback), a
 that force calls whose arguments validate against each tool's schema."""
 
 import json
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ ADD = {"type": "function", "function": {
     "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer", "maximum": 99},
                                                                     "b": {"type": "integer", "maximum": 99}},
                                   "required": ["a", "b"], "additionalProperties": False}}}
-TOOLS = [WEATHER, ADD]
+TOOLS: list[dict[str, Any]] = [WEATHER, ADD]
 
 # (format, text with two calls and some content first)
 OUTPUTS = {
@@ -109,7 +110,7 @@ HERMES_TEMPLATE = (
     "{%- else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}"
     "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
-CONVERSATION = [
+CONVERSATION: list[dict[str, Any]] = [
     {"role": "user", "content": "Weather in Oslo?"},
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}]},

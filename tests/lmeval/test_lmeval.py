@@ -20,6 +20,7 @@ LM_EVAL = os.environ.get("ZEROSTART_LMEVAL")
 
 
 def _run(model: str, model_args: str, out: str, tmp: str) -> dict:
+    assert LM_EVAL is not None  # the tests skip without it
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": os.path.join(tmp, "hf")}
     cmd = [LM_EVAL, "--model", model, "--model_args", model_args, "--tasks", "zs_mc,zs_ppl",
            "--include_path", "tests/lmeval/tasks", "--output_path", out]

@@ -1,5 +1,6 @@
 import json
 import math
+from typing import Any
 
 import pytest
 
@@ -107,7 +108,7 @@ def test_from_file_rejects_unknown_suffix_and_bad_json(tmp_path):
         CostModel.from_file(j)
 
 
-COLDSTART = {"model": "llama-8b", "bytes": 16_060_000_000, "device": "H100",
+COLDSTART: dict[str, Any] = {"model": "llama-8b", "bytes": 16_060_000_000, "device": "H100",
              "rungs": {"source": {"median_s": 41.5, "runs": 3}, "image": {"median_s": 5.2},
                        "parked": {"median_s": 0.41}, "standby": {"median_s": 2.1}}}
 

@@ -43,15 +43,20 @@ def test_make_builds_each_policy(spec, cls, name):
 
 
 def test_make_parses_arguments():
-    assert make("ttl:5m").ttl_s == 300.0
-    assert make("ttl:ttl=90,down=zero").down is Rung.ZERO
+    ttl, ttl_down = make("ttl:5m"), make("ttl:ttl=90,down=zero")
+    assert isinstance(ttl, FixedTTL) and isinstance(ttl_down, FixedTTL)
+    assert ttl.ttl_s == 300.0
+    assert ttl_down.down is Rung.ZERO
     h = make("hybrid:range=2h,bin=30s,min_samples=3,keepalive=10m")
+    assert isinstance(h, HybridHistogram)
     assert (h.range_s, h.bin_s, h.min_samples, h.keepalive_s) == (7200.0, 30.0, 3, 600.0)
     lad = make("ladder:p99=1.5,rungs=hot+image,prewarm=off,latency=0.5,window=64")
+    assert isinstance(lad, CostAwareLadder)
     assert lad.p99_target_s == 1.5 and lad.rungs == (Rung.HOT, Rung.IMAGE) and lad.prewarm is False
     assert lad.latency_usd_per_s == 0.5 and lad.window == 64
     costs = CostModel(latency_usd_per_s=0.25)
-    assert make("ladder", costs).latency_usd_per_s == 0.25  # the cost model feeds the ladder
+    fed = make("ladder", costs)
+    assert isinstance(fed, CostAwareLadder) and fed.latency_usd_per_s == 0.25  # the cost model feeds the ladder
 
 
 @pytest.mark.parametrize("spec, match", [

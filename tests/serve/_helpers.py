@@ -92,8 +92,9 @@ class Gateway:
 
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         http = httpx.AsyncClient(limits=limits, timeout=120)
+        # openai annotates its own httpx2 client; it takes an httpx one too (openai._httpx2)
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0,
-                                  http_client=http, **kw)
+                                  http_client=http, **kw)  # type: ignore[arg-type]
 
     # -- observing --------------------------------------------------------------------------
 

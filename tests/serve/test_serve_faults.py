@@ -91,7 +91,7 @@ def test_checkpoint_that_fails_to_load(gw: Gateway) -> None:
     with pytest.raises(openai.InternalServerError) as e:
         client.completions.create(model="broken", prompt="x", max_tokens=2)
     err = e.value
-    assert err.status_code == 503 and err.body["code"] == "model_start_failed"
+    assert err.status_code == 503 and isinstance(err.body, dict) and err.body["code"] == "model_start_failed"
     assert "'broken' failed to load" in err.message and "broken" in err.message
     assert "layers.2" in err.message  # the engine's own words: the tensor it could not find
     assert int(err.response.headers["retry-after"]) >= 29
@@ -130,7 +130,7 @@ def test_start_timeout(gw: Gateway) -> None:
     t0 = time.monotonic()
     with pytest.raises(openai.InternalServerError) as e:
         gw.openai().completions.create(model="slow", prompt="x", max_tokens=2)
-    assert e.value.status_code == 504 and e.value.body["code"] == "model_start_timeout"
+    assert e.value.status_code == 504 and isinstance(e.value.body, dict) and e.value.body["code"] == "model_start_timeout"
     assert "start_timeout of 0.3 s" in e.value.message and "phase" in e.value.message
     assert time.monotonic() - t0 < 5
     m = gw.model("slow")

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -14,7 +15,7 @@ import pytest
 
 from tests.serve._helpers import API_KEY, Gateway, pid_alive
 
-MODELS = {
+MODELS: dict[str, dict[str, Any]] = {
     # name: extra model settings
     "api": {"idle_timeout": 120},
     "lifecycle": {"idle_timeout": 1},
@@ -112,9 +113,9 @@ def test_chat_and_completions_streamed_and_not(gw: Gateway) -> None:
 
 def test_request_errors(gw: Gateway) -> None:
     client = gw.openai()
-    with pytest.raises(openai.NotFoundError) as e:
+    with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="nope", prompt="x")
-    assert "nope" in str(e.value) and "api" in str(e.value)  # names the served models
+    assert "nope" in str(missing.value) and "api" in str(missing.value)  # names the served models
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="api", prompt="x", temperature=5)
     assert "temperature" in str(e.value)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -19,10 +20,10 @@ from zerostart.names import DTYPE_BYTES, default_dtype
 from tests.serve._helpers import Gateway, pid_alive
 from tests.weights._servers import RangeServer
 
-GREEDY = dict(prompt="Once upon a time", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+GREEDY: dict[str, Any] = dict(prompt="Once upon a time", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
 # A stream that stays in flight while the client does not read it: 64 choices of up to 500
 # tokens are megabytes of events, far more than the sockets between here and the worker buffer.
-LONG_STREAM = dict(prompt="go", max_tokens=500, n=64, stream=True, extra_body={"ignore_eos": True})
+LONG_STREAM: dict[str, Any] = dict(prompt="go", max_tokens=500, n=64, stream=True, extra_body={"ignore_eos": True})
 
 
 def _rss(pid: int) -> int:

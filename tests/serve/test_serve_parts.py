@@ -369,7 +369,8 @@ def test_eviction_parks_on_accelerators_and_stops_parked_cpu_replicas() -> None:
     c.replicas = [parked]
     victim = fleet.memory.victim("cpu", exclude=d)
     assert victim is not None and victim[1] is parked and victim[2] == "stop"
-    c.waiters.append(object())  # requests wait for it: it is about to wake, not to be evicted
+    # a stand-in waiter (only its presence counts): requests wait for it: it is about to wake, not to be evicted
+    c.waiters.append(object())  # type: ignore[arg-type]
     assert fleet.memory.victim("cpu", exclude=d) is None
 
 
@@ -387,7 +388,8 @@ def test_standby_reserve_resolves(server: dict, device: str, estimates: list[int
     s = Standby(ServerConfig(**server), device=device, timeout=1.0, estimates=estimates)
     assert s.reserve == reserve
     if server["standby_workers"]:
-        assert s.status()["reserve_bytes"] == reserve
+        status = s.status()
+        assert status is not None and status["reserve_bytes"] == reserve
     else:
         assert s.status() is None
 

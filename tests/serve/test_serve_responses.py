@@ -3,6 +3,7 @@ SDK's own types (every object and stream event must parse as the SDK's pydantic 
 the bounded store."""
 
 import json
+from typing import Any
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
@@ -90,13 +91,15 @@ def _frames(raw: list[bytes]):
 def test_stream_events_parse_as_the_sdks_events():
     s = EventStream(_req(tools=[TOOL]))
     raw = s.start()
-    for chunk in [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}]},
-                  {"choices": [{"index": 0, "delta": {"content": "lo"}}]},
-                  {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_9", "type": "function",
-                                                                      "function": {"name": "get_weather",
-                                                                                   "arguments": '{"city": "Oslo"}'}}]}}]},
-                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-                  {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}]:
+    chunks: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_9", "type": "function",
+                                                            "function": {"name": "get_weather",
+                                                                         "arguments": '{"city": "Oslo"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}]
+    for chunk in chunks:
         raw += s.chunk(chunk)
     done, body, remembered = s.finish()
     events = _frames(raw + done)

@@ -4,10 +4,11 @@ ask for, embedding inputs and encodings, log-probability shapes."""
 import base64
 import json
 import struct
+from typing import Any
 
 import pytest
 
-from zerostart.engine import TokenLogprob, tool_parser
+from zerostart.engine import TokenLogprob, ToolParser, tool_parser
 from zerostart.serve._errors import BadRequest
 from zerostart.serve._openai_schema import DetokenizeRequest, EmbeddingRequest, TokenizeRequest, parse_request
 from zerostart.serve.worker._embeddings import body, encode
@@ -31,15 +32,17 @@ def tiny_dir(tmp_path_factory):
     return write_demo_model(str(tmp_path_factory.mktemp("demo") / "tiny"), size="tiny", seed=0)
 
 
-def test_tool_choice_plans(parser):
+def test_tool_choice_plans(parser: ToolParser):
     assert plan(parser, TOOLS, "none", True, None).tools is None
     auto = plan(parser, TOOLS, None, True, None)
     assert auto.tools == TOOLS and auto.parser is parser and auto.constraint is None
     forced = plan(parser, TOOLS, {"type": "function", "function": {"name": "f"}}, True, None)
+    assert forced.constraint is not None
     assert forced.constraint.kind == "lark" and "<tool_call>" in forced.constraint.spec
     fmt = plan(parser, None, None, True, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
-    assert fmt.constraint.kind == "json_schema" and fmt.tools is None
-    assert plan(parser, None, None, True, {"type": "json_object"}).constraint.kind == "json_object"
+    assert fmt.constraint is not None and fmt.constraint.kind == "json_schema" and fmt.tools is None
+    obj = plan(parser, None, None, True, {"type": "json_object"}).constraint
+    assert obj is not None and obj.kind == "json_object"
 
 
 @pytest.mark.parametrize("tools, choice, fmt, param", [
@@ -66,13 +69,15 @@ def test_embedding_inputs_and_base64():
 
     assert inputs("a") == ["a"] and inputs(["a", "b"]) == ["a", "b"] and inputs([1, 2]) == [[1, 2]]
     assert inputs([[1], [2, 3]]) == [[1], [2, 3]]
+    bad: Any
     for bad in ([], [[]], ["a", 1], [-1], "", {"a": 1}):
         with pytest.raises(BadRequest, match="input"):
             inputs(bad)
     with pytest.raises(BadRequest, match="encoding_format"):
         _parse(EmbeddingRequest, input="a", encoding_format="int8")
     vec = [0.5, -1.25, 3.0]
-    assert list(struct.unpack("<3f", base64.b64decode(encode(vec, "base64")))) == vec
+    b64 = encode(vec, "base64")
+    assert isinstance(b64, str) and list(struct.unpack("<3f", base64.b64decode(b64))) == vec
     out = body("m", [vec], "float", 7)
     assert out["data"][0] == {"object": "embedding", "index": 0, "embedding": vec} and out["usage"]["total_tokens"] == 7
 

@@ -31,6 +31,7 @@ def test_azure_timestamps_keep_sub_millisecond_order():
     t = load_trace(TRACES / "azure_llm_2023_code.csv")
     # the first two rows: 18:17:03.9799600 and 18:17:04.0319600
     assert t.times[1] == pytest.approx(0.052, abs=1e-6)
+    assert t.input_tokens is not None and t.output_tokens is not None
     assert t.input_tokens[:2].tolist() == [4808, 3180] and t.output_tokens[:2].tolist() == [10, 8]
 
 
@@ -41,7 +42,7 @@ def test_csv_format_with_models_and_tokens(tmp_path):
     assert detect_format(p) == "csv" and t.format == "csv"
     assert t.times.tolist() == [0.0, 4.0, 7.5]  # sorted, from the first request
     assert [t.model_names[m] for m in t.models] == ["a", "b", "b"]
-    assert t.input_tokens.tolist() == [10, 20, 100] and not t.single_service
+    assert t.input_tokens is not None and t.input_tokens.tolist() == [10, 20, 100] and not t.single_service
 
 
 def test_csv_without_tokens(tmp_path):

@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 import textwrap
@@ -125,6 +124,7 @@ def test_vmm_park_wake_same_address_and_graph_replay():
     n = 256 << 20
     storage = vmm_allocator(n, "cuda")
     buf = buffer_of(storage)
+    assert buf is not None
     w = storage[: 4096 * 4].view(torch.float32).view(64, 64)
     w.copy_(torch.randn(64, 64, device="cuda"))
     x = torch.randn(8, 64, device="cuda")

@@ -72,7 +72,7 @@ def test_malformed_containers(tmp_path, blob, match):
         ({"w": entry("F32", [1], 0, 4)}, 12, "8 trailing bytes after the last tensor"),
         ({"w": entry("F32", [1], 8, 4)}, 8, "begin 8 is after end 4"),
         ({"w": entry("F32", [-1], 0, 4)}, 4, "non-negative integers"),
-        ({"w": entry("F32", [1.0], 0, 4)}, 4, "non-negative integers"),
+        ({"w": entry("F32", [1.0], 0, 4)}, 4, "non-negative integers"),  # type: ignore[list-item]  # on purpose
         ({"w": entry("F32", [True], 0, 4)}, 4, "non-negative integers"),
         ({"w": {"dtype": "F32", "shape": [1]}}, 4, "data_offsets must be"),
         ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, 4, "unexpected keys"),

@@ -313,7 +313,8 @@ def _aligned_file(tmp_path, n_mb=9):
 
     g = torch.Generator().manual_seed(3)
     t = {"a": torch.randn(n_mb << 18, generator=g), "b": torch.arange(1000, dtype=torch.int32)}
-    import json as _json, struct
+    import json as _json
+    import struct
 
     hdr = {}
     off = 0

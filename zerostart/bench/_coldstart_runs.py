@@ -58,7 +58,8 @@ class _Worker:
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited ({self.proc.returncode}): {self.proc.stderr.read()[-800:]}")
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise RuntimeError(f"worker exited ({self.proc.returncode}): {err[-800:]}")
             try:
                 status, body = self.call("GET", "/zerostart/ready?wait=5", timeout=30)
             except (urllib.error.URLError, ConnectionError, OSError):
@@ -128,6 +129,8 @@ def _run_source(model: str, image: str | None, args, files: list[str]) -> dict:
 
 
 def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
+    if image is None:
+        raise RuntimeError("the image rung needs a ready image, and none was written")
     return _run_fresh("image", image, args, files)
 
 

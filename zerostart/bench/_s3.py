@@ -34,6 +34,14 @@ S3_LABELS = {
 class LoopbackS3:
     """A local S3 server for benchmarks: s3rver (Node.js) if possible, else moto."""
 
+    port: int
+    url: str  # http://127.0.0.1:<port>
+    data: str  # the server's data directory
+    kind: str  # "s3rver" or "moto"
+    key: str
+    secret: str
+    proc: subprocess.Popen
+
     @staticmethod
     def start(work: str, log: Callable[[str], None]) -> "LoopbackS3":
         self = LoopbackS3.__new__(LoopbackS3)
@@ -170,7 +178,7 @@ def run(url: str, device: str, repeat: int, threads: int, env: dict[str, str], w
         for name in order:
             cache = tempfile.mkdtemp(prefix="cache-", dir=work)  # an empty cache every time
             trial_env = dict(env, ZEROSTART_CACHE_DIR=cache)
-            extra = {"source": url, "download_dir": tempfile.mkdtemp(prefix="dl-", dir=work), "threads": threads}
+            extra: dict[str, Any] = {"source": url, "download_dir": tempfile.mkdtemp(prefix="dl-", dir=work), "threads": threads}
             r = trial(name, url, files, device, extra, threads, trial_env)
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(extra["download_dir"], ignore_errors=True)

@@ -170,7 +170,7 @@ def _table(rep: dict) -> str:
     present = [p for p in PHASE_ORDER if any(p in r.get("phases", {}) for r in rep["rungs"].values())]
     head = f"{'rung':<16}" + "".join(f" {p:>11}" for p in present) + f" {'total':>8} {'floor':>7} {'of floor':>8}"
     lines += [head, "-" * len(head)]
-    for rung, r in rep["rungs"].items():
+    for r in rep["rungs"].values():
         if "error" in r:
             lines.append(f"{r['label']:<16} FAILED: {r['error'][:100]}")
             continue
@@ -205,7 +205,7 @@ def _chart(rep: dict, path: str) -> None:
 
     rungs = [r for r in rep["rungs"].values() if "error" not in r]
     fig, ax = plt.subplots(figsize=(11, 1.2 + 1.1 * len(rungs) * 1.0))
-    colors = dict(zip(PHASE_ORDER, plt.get_cmap("tab10").colors))
+    colors = dict(zip(PHASE_ORDER, plt.get_cmap("tab10").colors))  # type: ignore[attr-defined]  # a ListedColormap
     yticks, ylabels = [], []
     y = 0.0
     for r in reversed(rungs):

@@ -193,7 +193,7 @@ def _sweep(path: str, files: list[str], model_bytes: int, args: argparse.Namespa
         grid.append({"mmap": "always"})
     modes = ["cold", "warm"] if args.cold else ["warm"]
     results: dict[tuple[str, int], list[float]] = {}
-    for rnd in range(args.repeat):
+    for _ in range(args.repeat):
         for mode in modes:
             for i, cfg in enumerate(grid):
                 if mode == "cold":
@@ -298,7 +298,7 @@ def _table(rep: dict[str, Any]) -> str:
     if cuda:
         head += f" {'device':>8}"
     lines += [head, "-" * len(head)]
-    for n, row in rep["rows"].items():
+    for row in rep["rows"].values():
         s = f"{row['label']:<26}"
         peak = 0
         dev = 0

@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         if batch > 1:
             contestants["mixed"] = [constrained] * half + [free] * (batch - half)
         times: dict[str, list[float]] = {n: [] for n in contestants}
-        for name, params in contestants.items():  # warm-up
+        for params in contestants.values():  # warm-up
             run(params)
         for _ in range(args.repeat):
             for name, params in contestants.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from starlette.types import ASGIApp, Message
 
@@ -28,7 +28,7 @@ class Head:
 
 
 async def call(method: str, path: str, body: bytes, headers: list[tuple[str, str]], *,
-               app: ASGIApp) -> AsyncIterator[Head | bytes]:
+               app: ASGIApp) -> AsyncGenerator[Head | bytes, None]:
     """The response of ``app`` to one request, as it is written. Closing the iterator early (the
     client went away) tells the app the client disconnected, and waits for it to finish."""
     sent: asyncio.Queue[Message | BaseException | None] = asyncio.Queue()

@@ -31,7 +31,8 @@ log = logging.getLogger("zerostart.cluster")
 class EngineReplica:
     """The deployment class (``serve.deployment`` is applied by ``_app.build``)."""
 
-    async def __init__(self, config: dict[str, Any], pool: str, models: list[str], directory: Any) -> None:
+    # Ray Serve awaits an async constructor; Python's data model does not know that kind
+    async def __init__(self, config: dict[str, Any], pool: str, models: list[str], directory: Any) -> None:  # type: ignore[misc]
         self.started_at = time.time()  # wall clock: comparable with the ingress's and the client's
         began = time.monotonic()
         full = load_config(data=config)

@@ -49,6 +49,9 @@ class Proj(nn.Module):
                 self.register_parameter("bias" + name, nn.Parameter(torch.empty(rows), requires_grad=False))
         self.has_bias = bias
 
+    weight: torch.Tensor  # fused: [sum(sizes), in_features] (else weight0, weight1, ...)
+    bias: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused:
             y = F.linear(x, self.weight, self.bias if self.has_bias else None)
@@ -83,7 +86,7 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k_cache[ctx.kv_slots, :, ctx.kv_pos] = k
@@ -166,6 +169,7 @@ class Transformer(nn.Module):
         if wait is not None:
             wait(-1)
         h = F.embedding(ctx.input_ids, self.embed)
+        assert self.cos is not None and self.sin is not None, "the runner sets the rotary tables first"
         cos = self.cos[ctx.positions].unsqueeze(1)
         sin = self.sin[ctx.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
@@ -185,6 +189,7 @@ class Transformer(nn.Module):
     def build_masks(self, ctx: StepContext) -> None:
         device = ctx.input_ids.device
         if ctx.num_decode:
+            assert ctx.decode_lens is not None  # set with num_decode
             keys = torch.arange(ctx.decode_len, device=device)[None, :]
             lens = ctx.decode_lens[:, None]
             full = keys < lens  # [nd, L]

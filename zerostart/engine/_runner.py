@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ class ModelRunner:
         self.batch_buckets = _buckets(kv.num_slots, 1)
         self.len_buckets = _buckets(kv.max_len, min(256, kv.max_len))
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = None
+        self._pool: Any = None  # the CUDA graph memory pool, made at the first capture
         self._forward = model.forward
         if config.compile:
             import torch._dynamo
@@ -133,9 +134,10 @@ class ModelRunner:
                           prefills=plan, logits_rows=self._to_device([out_rows + prompt_rows])[0],
                           hidden_rows=self._to_device([hidden_rows])[0] if hidden_rows else None)
         logits = self.model(ctx, kv.k, kv.v)
+        hid = ctx.hidden_out  # set when hidden_rows is, so whenever `hidden` is not empty
         return StepOutput(logits[:ns], out_seqs,
                           [(seq, pos, logits[ns + off : ns + off + k]) for seq, pos, off, k in prompt],
-                          [(seq, ctx.hidden_out[off : off + k]) for seq, off, k in hidden])
+                          [(seq, hid[off : off + k]) for seq, off, k in hidden] if hid is not None else [])
 
     @torch.inference_mode()
     def prefill_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
@@ -176,6 +178,7 @@ class ModelRunner:
         g.inputs.copy_(host.pin_memory() if self.cuda else host, non_blocking=self.cuda)
         if g.graph is not None:
             g.graph.replay()
+            assert g.logits is not None  # a captured graph's static output
             logits = g.logits
         else:
             logits = self._forward(g.ctx, self.kv.k, self.kv.v)

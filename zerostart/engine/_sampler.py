@@ -56,7 +56,7 @@ class Sampler:
         if not rows:
             return
         assert self.grammar is not None
-        bitmask = self.grammar.fill([seqs[i].matcher for i in rows], pin=logits.device.type == "cuda")
+        bitmask = self.grammar.fill([s.matcher for s in seqs if s.matcher is not None], pin=logits.device.type == "cuda")
         if len(rows) == len(seqs):
             apply_bitmask(logits, bitmask)
         else:

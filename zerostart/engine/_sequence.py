@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +99,7 @@ class RequestHandle:
         self._cond = threading.Condition(self._lock)
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self.cancelled = False
-        self.on_cancel = None  # set by the engine: wakes its loop
+        self.on_cancel: Callable[[], None] | None = None  # set by the engine: wakes its loop
 
     @property
     def request_id(self) -> int:

@@ -138,7 +138,7 @@ def _regroup(tensors: dict[str, torch.Tensor], members: list[str], layer_names: 
             return 0
         inside.append(name)
     order = list(members) + sorted((n for n in inside if n not in members), key=lambda n: span(tensors[n])[0])
-    region = torch.empty(0, dtype=torch.uint8, device=t0.device).set_(storage, lo, (hi - lo,))
+    region = torch.empty(0, dtype=torch.uint8, device=t0.device).set_(storage, lo, (hi - lo,), (1,))
     tmp = region.clone()
     offset = 0
     placed: dict[str, int] = {}

@@ -176,7 +176,7 @@ def build_tokenizer(vocab_size: int, seed: int = 0, corpus_lines: int = 3000):
 def _tensor_specs(s: DemoSize) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, init) in layer order, q/k/v and gate/up back to back."""
     H, I, hd = s.hidden_size, s.intermediate_size, s.hidden_size // s.num_heads
-    specs = [("model.embed_tokens.weight", (s.vocab_size, H), "normal")]
+    specs: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (s.vocab_size, H), "normal")]
     for i in range(s.num_layers):
         p = f"model.layers.{i}."
         specs += [

@@ -104,7 +104,7 @@ class HybridHistogram:
         self.ts_margin = ts_margin
         self.keepalive_s = self.range_s if keepalive_s is None else float(keepalive_s)
         self.down = down
-        self.rungs = (Rung.HOT, down)
+        self.rungs: tuple[Rung, ...] = (Rung.HOT, down)
         self.name = name
         self._n_bins = int(round(self.range_s / self.bin_s))
         self._book = IdleBook(ts_window)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -297,7 +298,6 @@ class CostAwareLadder:
         grid, mass, time_in, surv = self._distribution(recent)
         n_pts = len(grid)
         prewarm = self.prewarm
-        inf = math.inf
         h0, h1, h2, h3 = hold
         w0, w1, w2, w3 = wake_usd
         c1, c2, c3 = climb_usd[1], climb_usd[2], climb_usd[3]
@@ -308,7 +308,7 @@ class CostAwareLadder:
         # the mass still to come (none under the prior alone), lower rungs on a tie.
         s_last = surv[-1]
         stay = [w0 * s_last, w1 * s_last, w2 * s_last, w3 * s_last]
-        values = _choose(stay, allowed, choice[-1], 0.0, 0.0, 0.0, False)
+        values: Sequence[float] = _choose(stay, allowed, choice[-1], 0.0, 0.0, 0.0, False)
         a0, a1, a2, a3 = allowed
         for k in range(n_pts - 2, -1, -1):
             m, ti, sk = mass[k], time_in[k], surv[k]  # P(arrival in interval k), E[time in it], P(X >= start)

@@ -16,7 +16,7 @@ _BUSY = Decision(Rung.HOT, reason="busy")
 class AlwaysWarm:
     """Every model HOT all the time: no cold starts after the first, the most device time."""
 
-    rungs = (Rung.HOT,)
+    rungs: tuple[Rung, ...] = (Rung.HOT,)
 
     def __init__(self, name: str = "always") -> None:
         self.name = name
@@ -41,7 +41,7 @@ class FixedTTL:
             raise PolicyError("ttl: down=hot would never scale down; use the 'always' policy")
         self.ttl_s = float(ttl_s)
         self.down = down
-        self.rungs = (Rung.HOT, down)
+        self.rungs: tuple[Rung, ...] = (Rung.HOT, down)
         self.name = name or f"ttl:{ttl_s:g}"
         self._down = Decision(down, reason=f"idle past the {self.ttl_s:g} s timeout")
 

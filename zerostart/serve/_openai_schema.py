@@ -26,7 +26,7 @@ from zerostart.serve._errors import BadRequest
 from zerostart.units import parse_duration
 
 # Fields whose features this server lacks: refused when set to anything but their "off" value.
-_UNSUPPORTED = {
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logit_bias": (None, {}),
     "functions": (None, []),  # the deprecated forms of tools and tool_choice
     "function_call": (None, "none", "auto"),
@@ -346,8 +346,8 @@ class CompletionRequest(_Request):
         if isinstance(p, str):
             return [p]
         if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+            return [list(p)]  # type: ignore[arg-type]  # all ints (all() does not narrow): one prompt of ids
+        return list(p)  # type: ignore[arg-type]  # several prompts: texts or id lists
 
 
 class EmbeddingRequest(_Body):

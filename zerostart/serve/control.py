@@ -183,7 +183,7 @@ class ImageReport(_Body):
     @model_serializer(mode="wrap")
     def _json(self, handler: Any) -> dict[str, Any]:
         d = handler(self)  # mode, path and status always; the rest when set
-        out = {"mode": self.mode, "path": self.path, "status": self.status}
+        out: dict[str, Any] = {"mode": self.mode, "path": self.path, "status": self.status}
         out.update({k: v for k, v in d.items() if k not in out})
         if self.write_s is not None:
             out["write_s"] = round(self.write_s, 4)

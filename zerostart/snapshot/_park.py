@@ -22,6 +22,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from zerostart.weights import Region
 
 
 @dataclass
@@ -53,8 +59,8 @@ class Parking:
         self.parked = False
         self.kept = False
         self.stats = ParkStats(self.nbytes)
-        self._host = None  # CUDA: pinned host copy (a torch tensor over a registered Region)
-        self._host_region = None
+        self._host: torch.Tensor | None = None  # CUDA: pinned host copy (a torch tensor over a registered Region)
+        self._host_region: Region | None = None
         self._memfd: int | None = None  # CPU: the file holding the parked bytes of _span()
         self._mapped = False  # CPU: the span is a shared mapping of _memfd (after a wake)
         self.threads = threads or min(16, os.cpu_count() or 1)

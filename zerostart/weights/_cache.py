@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from zerostart.weights._paths import cache_dir
 from zerostart.weights._store import ObjectInfo
@@ -148,7 +148,7 @@ class Cache:
                 old = json.load(f)
         except (OSError, ValueError):
             pass
-        manifest = {"source": source.rstrip("/"), "created": time.time(), "objects": {}}
+        manifest: dict[str, Any] = {"source": source.rstrip("/"), "created": time.time(), "objects": {}}
         if old is not None and old.get("source") == manifest["source"]:
             manifest["objects"].update(old.get("objects", {}))  # keep files linked earlier
         if os.path.exists(marker) and not complete:
@@ -173,7 +173,7 @@ class Cache:
     # --- housekeeping -------------------------------------------------------------------------
 
     def entries(self) -> list[Entry]:
-        out = []
+        out: list[Entry] = []
         if not os.path.isdir(self.snapshots):
             return out
         for d in self._snapshot_dirs():

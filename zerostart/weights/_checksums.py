@@ -109,15 +109,15 @@ def load_for(paths: list[str]) -> dict[str, FileSums] | None:
     out = {}
     for path in paths:
         name = os.path.basename(path)
-        e = files.get(name)
-        if e is None:
+        ent = files.get(name)
+        if ent is None:
             raise WeightsError(f"{p}: has no checksums for {name}")
         size = os.path.getsize(path)
-        if size != e["size"]:
-            raise WeightsError(f"{path}: is {size} bytes but its checksums describe {e['size']} (truncated or replaced)")
-        if e["data_start"] % 4096:
+        if size != ent["size"]:
+            raise WeightsError(f"{path}: is {size} bytes but its checksums describe {ent['size']} (truncated or replaced)")
+        if ent["data_start"] % 4096:
             raise WeightsError(f"{p}: data_start of {name} is not 4096-aligned")
-        out[path] = FileSums(path, size, int(e["data_start"]), bb, list(e["blocks"]))
+        out[path] = FileSums(path, size, int(ent["data_start"]), bb, list(ent["blocks"]))
         expected_blocks = -(-(size - out[path].data_start) // bb)
         if len(out[path].blocks) != expected_blocks:
             raise WeightsError(f"{p}: {name} should have {expected_blocks} block checksums, has {len(out[path].blocks)}")

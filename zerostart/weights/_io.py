@@ -14,6 +14,8 @@ import mmap
 import os
 import sys
 import threading
+from typing import Any
+
 
 PAGE = mmap.PAGESIZE
 DIRECT_ALIGN = 4096  # O_DIRECT offset/length/address alignment (logical block size, at most a page)
@@ -27,7 +29,8 @@ _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 _LINUX = sys.platform.startswith("linux")
-_libc = ctypes.CDLL(None, use_errno=True) if _LINUX else None
+# None off Linux (Region's constructors raise ENOSYS there); Any: mypy cannot carry those checks into the calls
+_libc: Any = ctypes.CDLL(None, use_errno=True) if _LINUX else None
 if _libc is not None:
     _libc.mmap.restype = ctypes.c_void_p
     _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -186,7 +189,7 @@ class Region:
         """A writable memoryview of part of the region (valid while the region is open)."""
         length = self.size - offset if length is None else length
         arr = (ctypes.c_uint8 * length).from_address(self.addr + offset)
-        arr._zerostart_region = self  # keeps the mapping alive as long as the view exists
+        arr._zerostart_region = self  # type: ignore[attr-defined]  # keeps the mapping alive as long as the view
         return memoryview(arr).cast("B")
 
     def tensor(self):
@@ -194,7 +197,7 @@ class Region:
         import torch
 
         arr = (ctypes.c_uint8 * self.size).from_address(self.addr)
-        arr._zerostart_region = self
+        arr._zerostart_region = self  # type: ignore[attr-defined]  # (as in buffer)
         return torch.frombuffer(arr, dtype=torch.uint8)
 
     def close(self) -> None:
@@ -304,7 +307,7 @@ def _residency(fd: int, offset: int, length: int) -> float:
             return 0.0
         import numpy as np
 
-        return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) / pages
+        return int((np.ctypeslib.as_array(vec) & 1).sum()) / pages
     finally:
         _libc.munmap(addr, span)
 

@@ -34,7 +34,7 @@ from zerostart.weights._checksums import load_for
 from zerostart.weights._dtypes import parse_dtype
 from zerostart.weights._format import WeightsError
 from zerostart.weights._io import DIRECT_ALIGN, HUGE, Region, align_up, open_direct, residency
-from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, default_threads
+from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, Sink, default_threads
 from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, populate_items, staged_mirror_items
 from zerostart.weights._sources import Opened, open_source
 
@@ -153,6 +153,7 @@ def _plan(opened: Opened, dev: torch.device, target: torch.dtype | None, cfg: Lo
     if ring is not None:
         held.callback(ring.close)
         stats.staging_bytes = ring.nbytes
+    sink: Sink
     if dev.type == "cuda":
         sink = CudaSink(storage, ring_count, ring.size if ring else 0, need_scratch=layout.mode == "packed")
     else:

@@ -125,7 +125,7 @@ class Ring:
         return self.memory[i * self.size : (i + 1) * self.size]
 
     def view(self, i: int, n: int) -> memoryview:
-        return memoryview(self.tensor(i)[:n].numpy()).cast("B")
+        return self.tensor(i)[:n].numpy().data.cast("B")
 
 
 @dataclass
@@ -330,6 +330,7 @@ class Run:
     def _do(self, item: Item) -> None:
         f = self.files[item.file]
         if item.populate:  # a mapped file: fault its pages in (the kernel reads ahead)
+            assert self.sink.region is not None and item.arena_offset is not None  # a span of a host arena
             t0 = time.perf_counter()
             self.sink.region.populate(item.arena_offset, item.length)
             self.timing.read(t0, time.perf_counter(), item.payload)
@@ -342,6 +343,7 @@ class Run:
             view = self.sink.arena_view(item.arena_offset, item.length)
             f.read_into(view, item.start)
             if f.through_cache:  # map the pages just written, as for a mapped local file
+                assert self.sink.region is not None  # through the cache: a host arena
                 self.sink.region.populate(item.arena_offset, item.length)
             self.timing.read(t0, time.perf_counter(), item.payload)
             if f.sums is not None:

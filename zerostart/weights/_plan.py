@@ -91,14 +91,14 @@ def plan_layout(ckpt: Checkpoint, target: torch.dtype | None, align_files: int =
     """The arena layout for ``ckpt`` (mirror without a cast, packed with one)."""
     need_cast = target is not None and any(
         to_torch(t.dtype) in CASTABLE and to_torch(t.dtype) != target for h in ckpt.headers for t in h.tensors.values())
-    return _packed(ckpt, target) if need_cast else _mirror(ckpt, align_files)
+    return _packed(ckpt, target) if target is not None and need_cast else _mirror(ckpt, align_files)
 
 
 def _mirror(ckpt: Checkpoint, align_files: int) -> Layout:
     slots: dict[str, Slot] = {}
     bases, spans = [], []
     cursor = 0
-    for i, h in enumerate(ckpt.headers):
+    for h in ckpt.headers:
         base = align_up(cursor, align_files)
         span = align_up(h.file_size, DIRECT_ALIGN)
         bases.append(base)

@@ -60,7 +60,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
                     continue
                 flat = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
                 for i in range(0, flat.numel(), _WRITE_BLOCK):
-                    f.write(memoryview(flat[i : i + _WRITE_BLOCK].numpy()))
+                    f.write(flat[i : i + _WRITE_BLOCK].numpy().data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

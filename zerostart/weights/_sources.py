@@ -125,7 +125,7 @@ def _open_remote(spec: str, store: Store, cache: Cache | None, say: Callable[[st
         objects = store.list()
     except SourceError as e:
         m = cache.manifest(spec) if cache else None
-        if m is None or "access denied" in str(e) or "not found" in str(e):
+        if cache is None or m is None or "access denied" in str(e) or "not found" in str(e):
             raise
         say(f"zerostart: {spec} is unreachable ({e}); loading the cached copy")
         return _local(cache, spec)

@@ -182,9 +182,9 @@ async def _next_event(conn: _Connection) -> h11.Event:
             ev = conn.h11.next_event()
         except h11.RemoteProtocolError as e:
             raise UpstreamError(f"the worker sent malformed HTTP ({e})") from None
-        if ev is not h11.NEED_DATA:
-            if ev is h11.PAUSED:
-                raise UpstreamError("the worker's connection is in an unexpected state")
+        if ev is h11.PAUSED:
+            raise UpstreamError("the worker's connection is in an unexpected state")
+        if isinstance(ev, h11.Event):  # else NEED_DATA
             return ev
         try:
             data = await conn.reader.read(_READ_BYTES)
@@ -200,7 +200,7 @@ async def _next_event(conn: _Connection) -> h11.Event:
                 ev = conn.h11.next_event()
             except h11.RemoteProtocolError:
                 raise UpstreamError("the worker closed the connection mid-response") from None
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+            if not isinstance(ev, h11.Event):  # NEED_DATA or PAUSED
                 raise UpstreamError("the worker closed the connection mid-response")
             return ev
         conn.h11.receive_data(data)

@@ -297,6 +297,7 @@ class EventStream:
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 out += self._open_message()
+                assert self._msg is not None  # just opened
                 self._text.append(delta["content"])
                 out.append(self._event("response.output_text.delta", item_id=self._msg["id"],
                                        output_index=len(self.output), content_index=0, delta=delta["content"],
