@@ -1,3 +1,6 @@
+import os
+import pathlib
+
 import pytest
 
 
@@ -60,9 +63,6 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
 
 
 # --- vLLM (the `vllm` marker: `make test-vllm`) ------------------------------------------------
-
-import os
-import pathlib
 
 
 @pytest.fixture(scope="session")

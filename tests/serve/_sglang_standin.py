@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -55,7 +56,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"launch_server: error: unrecognized arguments: {' '.join(unknown)}")
     name = args.served_model_name or args.model_path
-    state = {"up": False, "released": False, "held": None, "requests": 0}
+    state: dict[str, Any] = {"up": False, "released": False, "held": None, "requests": 0}
     hold_mb = int(os.environ.get("STANDIN_HOLD_MB", "0"))
 
     def occupy() -> None:

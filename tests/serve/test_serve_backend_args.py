@@ -26,14 +26,14 @@ def argv(worker) -> list[str]:
     return worker.argv("127.0.0.1", 8123)
 
 
-def flag(cmd: list[str], name: str) -> str | None:
+def flag(cmd: list[str], name: str) -> str:
     """The value of ``name`` in ``cmd``, written ``--name value`` or ``--name=value``."""
     for i, arg in enumerate(cmd):
         if arg == name:
             return cmd[i + 1]
         if arg.startswith(name + "="):
             return arg[len(name) + 1:]
-    return None
+    raise AssertionError(f"{name} is not in {cmd}")
 
 
 @pytest.fixture
@@ -109,9 +109,11 @@ def test_command_template():
     assert w.argv("127.0.0.1", 9000) == ["llama-server", "-m", "/m.gguf", "--alias", "m", "--host", "127.0.0.1",
                                          "--port", "9000", "--mem", "123"]
     assert CommandWorker.parking(w.model) is None  # CUDA: the checkpoint API
-    assert "cannot park" in CommandWorker.parking(model(backend="command", command={"run": "x {port}"})).message
+    refused = CommandWorker.parking(model(backend="command", command={"run": "x {port}"}))
+    assert refused is not None and "cannot park" in refused.message
     off = model(backend="command", device="cuda", command={"run": "x {port}", "checkpoint": False})
-    assert "checkpoint is off" in CommandWorker.parking(off).message
+    refused = CommandWorker.parking(off)
+    assert refused is not None and "checkpoint is off" in refused.message
 
 
 def test_memory_shares_split_a_device():

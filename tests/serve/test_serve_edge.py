@@ -430,10 +430,16 @@ def _claimer(tmp: str, configured: str | None = None) -> subprocess.Popen[str]:
     return p
 
 
+def _claimed(p: subprocess.Popen[str]) -> str:
+    """The directory a claimer printed."""
+    assert p.stdout is not None
+    return p.stdout.readline().strip()
+
+
 def test_a_killed_gateway_s_socket_directory_is_removed_at_the_next_start(tmp_path) -> None:
     tmp = str(tmp_path)
     with _claimer(tmp) as dead, _claimer(tmp) as alive:
-        dead_dir, alive_dir = dead.stdout.readline().strip(), alive.stdout.readline().strip()
+        dead_dir, alive_dir = _claimed(dead), _claimed(alive)
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         os.makedirs(os.path.join(tmp, "zerostart-unrelated"))  # no lock: not a gateway's; left alone
@@ -446,7 +452,7 @@ def test_a_killed_gateway_s_socket_directory_is_removed_at_the_next_start(tmp_pa
 def test_a_configured_socket_directory_is_taken_over_or_refused(tmp_path) -> None:
     configured = str(tmp_path / "sockets")
     with _claimer(str(tmp_path), configured) as first:
-        assert first.stdout.readline().strip() == configured
+        assert _claimed(first) == configured
         with pytest.raises(SocketDirInUse, match="another gateway"):
             SocketDir.claim(configured)  # its workers' socket names would collide
         first.send_signal(signal.SIGKILL)

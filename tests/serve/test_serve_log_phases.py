@@ -58,7 +58,8 @@ def test_markers_match_once_and_lines_after_ready_do_not_count():
     feed(p, VLLM_LOG, origin=0.0)
     feed(p, [(200.0, "Loading weights took 9.99 seconds")], origin=0.0)  # a later reload
     tl = p.timeline(101.76)
-    assert tl.get("read").end == 78.6 and tl.get("read").detail == {"load_s": 3.88}
+    read = tl.get("read")
+    assert read is not None and read.end == 78.6 and read.detail == {"load_s": 3.88}
 
 
 def test_sglang_phases():
@@ -74,6 +75,8 @@ def test_sglang_phases():
     assert [(ph.name, ph.start, ph.end) for ph in tl.phases] == [
         ("import", 0.0, 1.0), ("device_init", 1.0, 5.0), ("read", 5.0, 9.5), ("prepare", 9.5, 10.0),
         ("warmup", 10.0, 13.0), ("server_init", 13.0, 13.2)]
-    assert tl.get("read").detail == {"load_s": 4.5}
-    assert tl.get("prepare").detail == {"kv_tokens": 4096}
-    assert tl.get("warmup").detail == {"graph_s": 1.8}
+    read, prepare, warmup = tl.get("read"), tl.get("prepare"), tl.get("warmup")
+    assert read is not None and prepare is not None and warmup is not None
+    assert read.detail == {"load_s": 4.5}
+    assert prepare.detail == {"kv_tokens": 4096}
+    assert warmup.detail == {"graph_s": 1.8}

@@ -19,6 +19,7 @@ PARENT = (f"import os, subprocess, sys, time; x = bytearray(os.urandom(1)) * (64
 
 def test_process_tree_and_its_memory():
     p = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
     try:
         child = int(p.stdout.readline())
         tree = process_tree(p.pid)

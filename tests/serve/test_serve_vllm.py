@@ -33,7 +33,9 @@ def client_for(gw: Gateway, connections: int = 100):
     import openai
 
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=connections), timeout=900)
-    return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0, http_client=http)
+    # openai annotates its own httpx2 client; it takes an httpx one too (openai._httpx2)
+    return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0,
+                              http_client=http)  # type: ignore[arg-type]
 
 
 async def _chat(n: int, gw: Gateway) -> list:

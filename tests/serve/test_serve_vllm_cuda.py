@@ -51,7 +51,7 @@ def test_two_vllm_models_share_one_gpu_by_default(vllm_python, smollm2, tmp_path
     try:
         assert ask(gw, "a") == ask(gw, "b")  # both hot at once: neither took 90 % of the GPU
         total = _measure.device_total_bytes("cuda:0")
-        assert gw.model("a")["memory_share_bytes"] == total // 2
+        assert total is not None and gw.model("a")["memory_share_bytes"] == total // 2
         assert gw.model("a")["state"] == gw.model("b")["state"] == "hot"
     finally:
         gw.stop()

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from typing import Any
 
 from zerostart.bench._env import log as _log

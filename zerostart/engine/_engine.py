@@ -361,6 +361,7 @@ class Engine:
             try:
                 return self._step()
             except _BatchFailed as e:
+                assert e.__cause__ is not None  # always raised from the batch's error
                 raise e.__cause__ from None
             except Exception as e:
                 self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"))

@@ -69,7 +69,7 @@ class Scheduler:
         running = Counter(s.group for s in self.running)
         heap = [(running[g], order, g) for order, g in enumerate(groups)]  # order: the group's oldest arrival
         heapq.heapify(heap)
-        out: list[Sequence] = []
+        out = []
         while len(out) < free:
             n, order, g = heapq.heappop(heap)
             out.append(groups[g].popleft())

@@ -106,9 +106,10 @@ def main(args: argparse.Namespace) -> int:
         print("zerostart: API keys required (Authorization: Bearer <key>)", file=sys.stderr, flush=True)
     protocol = bounded_protocol(max_connections=server.max_connections, header_timeout=server.header_timeout)
     # uvicorn's own grace outlasts the fleet's: requests still running at shutdown_timeout are
-    # ended by the fleet (a 503, or an SSE error event and [DONE]) and get this long to be sent
+    # ended by the fleet (a 503, or an SSE error event and [DONE]) and get this long to be sent.
+    # (uvicorn annotates an int; it hands the value to asyncio.wait_for, which takes seconds as a float)
     uv = uvicorn.Config(app, log_config=None, log_level=server.log_level, access_log=server.log_level == "debug",
-                        lifespan="on", timeout_graceful_shutdown=server.shutdown_timeout + _CLOSING_GRACE_S,
+                        lifespan="on", timeout_graceful_shutdown=server.shutdown_timeout + _CLOSING_GRACE_S,  # type: ignore[arg-type]
                         http=protocol)
     _server(uv, app.state.fleet).run(sockets=[sock])
     return 0

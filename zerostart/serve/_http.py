@@ -53,10 +53,10 @@ class App(Starlette):
     ``HTTPException`` (no route, wrong method) with its own, anything else as a 500 naming it;
     and nothing re-raised to the server (see the module's docstring)."""
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
+    def __init__(self, **kw: Any) -> None:  # keywords only: exception_handlers is merged, never passed twice
         handlers = {HTTPException: _http_exception, ServeError: _serve_error, Exception: _unexpected,
                     **kw.pop("exception_handlers", {})}
-        super().__init__(*args, exception_handlers=handlers, **kw)
+        super().__init__(exception_handlers=handlers, **kw)
 
     def build_middleware_stack(self) -> ASGIApp:
         return _Boundary(super().build_middleware_stack())
@@ -199,7 +199,7 @@ class Guard:
             return
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, gone))
-        task = asyncio.create_task(self.app(scope, _replay(body, gone), response.send))
+        task = asyncio.ensure_future(self.app(scope, _replay(body, gone), response.send))  # a task: ASGI apps are coroutines
         try:
             reason = await self._until_over(task, gone, scope.get(DEADLINE))
         finally:
@@ -221,7 +221,7 @@ class Guard:
                 "ask for fewer tokens or raise the timeout")
         await response.end_with(err, scope, receive)
 
-    async def _until_over(self, task: asyncio.Task[None], gone: asyncio.Event,
+    async def _until_over(self, task: asyncio.Future[None], gone: asyncio.Event,
                           deadline: Deadline | None) -> str | None:
         """None once the route is done; else why it has to end now."""
         waits: dict[asyncio.Future[Any], str] = {asyncio.ensure_future(gone.wait()): "disconnect"}

@@ -82,7 +82,8 @@ class ZerostartModelLoader(BaseModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         t0 = time.perf_counter()
-        loaded = model.load_weights(self.get_all_weights(model_config, model))
+        # vLLM's model classes define load_weights; nn.Module does not declare it
+        loaded = model.load_weights(self.get_all_weights(model_config, model))  # type: ignore[operator]
         _check_all_loaded(model, loaded, model_config)
         log.info("Loading weights took %.2f seconds (zerostart)", time.perf_counter() - t0)
 

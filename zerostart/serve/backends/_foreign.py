@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import httpx
 
@@ -42,11 +42,12 @@ class ForeignWorker(WorkerBackend):
     """A server that binds its own port and speaks OpenAI. Subclasses say how to start it
     (:meth:`argv`), where its health route is, and which log lines mark its phases."""
 
-    health_path: ClassVar[str] = "/health"
+    health_path: str = "/health"  # (the command backend sets its own per instance)
     markers: ClassVar[Sequence[Marker]] = ()  # log lines that end each start phase
     details: ClassVar[Sequence[Detail]] = ()
     last_phase: ClassVar[str] = "start"  # the phase from the last marker (or the spawn) to ready
-    engine: ClassVar[str] = "the server"  # for messages
+    engine: str = "the server"  # for messages
+    model: ModelConfig  # always set: a foreign engine has no standby worker (asserted below)
 
     def __init__(self, model: ModelConfig | None, server: ServerConfig, socket_dir: str) -> None:
         super().__init__(model, server, socket_dir)
@@ -204,7 +205,7 @@ class ForeignWorker(WorkerBackend):
         self._checkpointed = []
         return self._wake_cold_start(begin, how="cuda checkpoint restore")
 
-    def _wake_cold_start(self, begin: Moment, **detail: object) -> ColdStart:
+    def _wake_cold_start(self, begin: Moment, **detail: Any) -> ColdStart:
         tl = Timeline(origin=begin.perf, label=f"{self.process.label} cold start")
         tl.add("wake", begin.perf, time.perf_counter(), **detail)
         return ColdStart(timeline=tl, rung="parked")

@@ -65,7 +65,9 @@ def memory_shares(models: Iterable[ModelConfig], limits: dict[str, int | None],
     vLLM's --gpu-memory-utilization or CPU KV cache, SGLang's --mem-fraction-static), so that
     several models fit one GPU out of the box."""
     if device_total is None:
-        from zerostart.serve.backends import device_total_bytes as device_total
+        from zerostart.serve.backends import device_total_bytes
+
+        device_total = device_total_bytes
     models = list(models)
     fixed: dict[str, int] = {}  # per device: what memory_estimate already gives away
     shared: dict[str, int] = {}  # per device: models that split the rest

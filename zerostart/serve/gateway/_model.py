@@ -29,7 +29,7 @@ log = logging.getLogger("zerostart.serve")
 class Waiter:
     """A request held until a replica has room for it."""
 
-    future: asyncio.Future[Replica]
+    future: asyncio.Future[tuple[Replica, int]]  # the replica handed over and the ticket it gave
     arrived: float  # monotonic
 
 

@@ -39,7 +39,11 @@ class Watchdog:
                         if r.state in (State.HOT, State.PARKED) and r not in self._probing:
                             task = asyncio.create_task(self._probe(m, r))
                             self._probing[r] = task
-                            task.add_done_callback(lambda _, r=r: self._probing.pop(r, None))
+
+                            def forget(_: asyncio.Task[None], r: Replica = r) -> None:
+                                self._probing.pop(r, None)
+
+                            task.add_done_callback(forget)
                 await asyncio.sleep(self._every)
         finally:
             for task in list(self._probing.values()):
