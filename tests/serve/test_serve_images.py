@@ -41,9 +41,10 @@ def test_locate_check_discard(engine, tiny_model: str, tmp_path) -> None:
 
     out = _images.write(engine, str(tmp_path / "images" / "img"), fp, identity=identity)
     assert _images.check(out, fp, identity) is None and _images.is_image(out) and not _images.is_image(source)
-    assert "the source changed since" in _images.check(out, fp, "another identity")
-    other = dataclasses.replace(fp, dtype=other)
-    assert "does not match this runtime" in _images.check(out, other) and "dtype" in _images.check(out, other)
+    why = _images.check(out, fp, "another identity")
+    assert why is not None and "the source changed since" in why
+    why = _images.check(out, dataclasses.replace(fp, dtype=other))
+    assert why is not None and "does not match this runtime" in why and "dtype" in why
 
     _images.discard(out)
     assert not os.path.exists(out) and os.listdir(tmp_path / "images") == []

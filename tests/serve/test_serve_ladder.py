@@ -287,8 +287,8 @@ def test_weights_replaced_in_place_are_served(gw: Gateway, copies: dict[str, str
     if name == "stale":
         new_dir = str(tmp_path / "new")
         shutil.copytree(source, new_dir)
-        new = _perturbed(weights.load(source))  # in the file's order
-        weights.save_file(new, os.path.join(new_dir, "model.safetensors"), metadata={"format": "pt"}, keep_order=True)
+        perturbed = _perturbed(weights.load(source))  # in the file's order
+        weights.save_file(perturbed, os.path.join(new_dir, "model.safetensors"), metadata={"format": "pt"}, keep_order=True)
         _rewrite_in_place(os.path.join(source, "model.safetensors"), os.path.join(new_dir, "model.safetensors"))
         expected_from = new_dir
     else:

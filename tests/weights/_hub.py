@@ -146,7 +146,9 @@ class Hub:
         start, status = 0, 200
         rng = h.headers.get("range")
         if rng and body:
-            start = int(re.match(r"bytes=(\d+)-", rng).group(1))
+            m = re.match(r"bytes=(\d+)-", rng)
+            assert m is not None, rng  # the clients under test send bytes=N-
+            start = int(m.group(1))
             status = 206
         h.send_response(status)
         h.send_header("X-Repo-Commit", commit)

@@ -133,7 +133,7 @@ def _transformers(model_path: str, dtype, device: str):
                                                                dtype=dtype)
     else:
         hf = transformers.AutoModelForCausalLM.from_pretrained(weights.localize(model_path), dtype=dtype)
-    hf = hf.to(device).eval()
+    hf = hf.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to() reads as unbound to mypy
     hf.generation_config.eos_token_id = None  # run every sequence to max_tokens, like ignore_eos
     hf.generation_config.pad_token_id = 0
     return hf

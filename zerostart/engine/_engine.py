@@ -49,11 +49,6 @@ class _BatchFailed(Exception):
 class Engine:
     """A loaded model with its tokenizer, KV cache and step loop. Build with :meth:`from_pretrained`."""
 
-    # set by from_pretrained: what it fused, where the weights came from and their local directory
-    fusion: _weights.FusePlan
-    source: str
-    model_dir: str
-
     def __init__(self, *, model: Transformer, model_config: ModelConfig, tokenizer: Tokenizer, arena,
                  kv: KVCache, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, eos_ids: frozenset[int], model_name: str, timeline: Timeline,

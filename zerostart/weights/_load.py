@@ -133,6 +133,7 @@ class _Job:
 def _plan(opened: Opened, dev: torch.device, target: torch.dtype | None, cfg: LoadConfig, held: ExitStack,
           allocator: Allocator | None, progress, t_start: float) -> _Job:
     ckpt = opened.checkpoint
+    assert ckpt is not None  # safetensors: load_arena hands a GGUF file to load_gguf
     # On CPU each file starts on a 2 MiB boundary of the (2 MiB-aligned) arena: a mapped
     # file's large page-cache folios then map whole, which makes faulting them in faster.
     layout = plan_layout(ckpt, target, HUGE if dev.type == "cpu" else DIRECT_ALIGN)
@@ -179,6 +180,7 @@ def _open_files(opened: Opened, dev: torch.device, layout: Layout, cfg: LoadConf
     # Host memory faulted in ahead (reserve_host): cold files are read into it, not mapped.
     reserved = dev.type == "cpu" and _reserve.reserved_host() > 0
     mirror_cpu = dev.type == "cpu" and layout.mode == "mirror" and cfg.mmap in ("auto", "always")
+    assert opened.checkpoint is not None  # (as in _plan)
     for h, obj, tee in zip(opened.checkpoint.headers, opened.remote, opened.writers):
         if obj is not None:
             residencies.append(0.0)
@@ -214,6 +216,7 @@ def _checksums(cfg: LoadConfig, opened: Opened, files: list[FileHandle], layout:
     """The block checksums of the local files (zerostart-checksums.json), attached to their handles."""
     if cfg.verify != "auto":
         return None
+    assert opened.checkpoint is not None  # (as in _plan)
     sums = load_for([h.path for h, obj in zip(opened.checkpoint.headers, opened.remote) if obj is None])
     if sums:
         for f in files:

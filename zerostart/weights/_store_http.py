@@ -7,6 +7,7 @@ is its ETag, else its Last-Modified.
 
 from __future__ import annotations
 
+import builtins
 import json
 
 from zerostart.weights._remote import SourceError, Transport
@@ -27,7 +28,7 @@ class HttpStore:
             self._listed = self._discover()
         return self._listed
 
-    def _discover(self) -> list[ObjectInfo]:
+    def _discover(self) -> builtins.list[ObjectInfo]:  # (in this class `list` names the method above)
         if self.spec.endswith(".safetensors"):
             return [head(self.spec, self.transport)]
         found = []

@@ -8,6 +8,7 @@ object's identity is its ETag.
 
 from __future__ import annotations
 
+import builtins
 import os
 import threading
 import urllib.parse
@@ -98,7 +99,7 @@ class S3Store:
                 raise SourceError(f"{self.spec}: no objects under this prefix")
         return self._listed
 
-    def _list_prefix(self) -> list[ObjectInfo]:
+    def _list_prefix(self) -> builtins.list[ObjectInfo]:  # (in this class `list` names the method above)
         bucket, prefix = split(self.spec)
         prefix = prefix + "/" if prefix else ""
         out: list[ObjectInfo] = []
