@@ -160,6 +160,7 @@ def test_a_window_of_the_trace_at_a_speed_with_bounded_tokens():
     inside = (base.times >= span / 4) & (base.times < span / 2)
     assert len(d) == int(inside.sum()) and d.times[0] >= 0 and d.times[-1] < span / 16
     assert np.allclose(d.times, (base.times[inside] - span / 4) * 0.25)
+    assert d.input_tokens is not None and d.output_tokens is not None
     assert d.input_tokens.max() == 64 and d.output_tokens.max() == 5
     text = "\n".join(d.derivation)
     assert "window" in text and "prompt tokens capped at 64" in text and "output tokens capped at 5" in text
@@ -172,4 +173,6 @@ def test_a_window_of_the_trace_at_a_speed_with_bounded_tokens():
 def test_token_counts_survive_a_derivation_without_bounds():
     base = service_trace(100)
     d = derive(base, models=3, stretch=2.0)
+    assert d.input_tokens is not None and d.output_tokens is not None
+    assert base.input_tokens is not None and base.output_tokens is not None
     assert np.array_equal(d.input_tokens, base.input_tokens) and np.array_equal(d.output_tokens, base.output_tokens)

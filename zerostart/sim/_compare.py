@@ -183,7 +183,7 @@ def summary(runs: list[dict[str, Any]]) -> str:
     p99 simulated with the live run's wake times, where a run has it)."""
     head = ("policy", "cold sim", "cold live", "ratio", "p99 sim", "p99 sim*", "p99 live", "ratio",
             "$ sim", "$ live", "ratio")
-    rows = [head]
+    rows: list[tuple[str, ...]] = [head]
     for run in runs:
         sim, live = run["simulated"], run["measured"]
         cal = run.get("simulated_live_wakes")
