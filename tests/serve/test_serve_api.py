@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from typing import Any
 
 import httpx
 import jsonschema
@@ -17,7 +18,7 @@ import pytest
 
 from tests.serve._helpers import API_KEY, Gateway
 
-TOOLS = [{"type": "function", "function": {
+TOOLS: list[dict[str, Any]] = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
                    "required": ["city"], "additionalProperties": False}}},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from tests.serve._helpers import Gateway
 
 pytestmark = pytest.mark.slow
 
-WEATHER = {"type": "function", "function": {
+WEATHER: dict[str, Any] = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
                    "required": ["city"]}}}
@@ -164,7 +165,7 @@ def test_langchain_with_structured_output_three_methods(gw: Gateway) -> None:
 
 
 def test_langchain_bind_tools_round_trip(gw: Gateway) -> None:
-    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.messages import BaseMessage, HumanMessage, ToolMessage
     from langchain_core.tools import tool
 
     @tool
@@ -175,7 +176,7 @@ def test_langchain_bind_tools_round_trip(gw: Gateway) -> None:
     # strict: the arguments' schema gets additionalProperties false (else SmolLM2 fills the call
     # with made-up keys, which a schema without it allows, until max_tokens)
     llm = _chat(gw).bind_tools([get_weather], tool_choice="get_weather", strict=True)
-    messages = [HumanMessage("What is the weather like in Paris today?")]
+    messages: list[BaseMessage] = [HumanMessage("What is the weather like in Paris today?")]
     ai = llm.invoke(messages)
     (call,) = ai.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)

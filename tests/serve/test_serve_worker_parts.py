@@ -112,8 +112,9 @@ def test_tokenize_detokenize_info(tiny_dir):
     for bad in ([-1], "x", [10**9]):
         with pytest.raises(BadRequest, match="tokens"):
             detokenize(tok, _parse(DetokenizeRequest, tokens=bad))
-    for bad in ({}, {"prompt": "a", "messages": [{"role": "user", "content": "hi"}]}):
+    bad_bodies: list[dict[str, Any]] = [{}, {"prompt": "a", "messages": [{"role": "user", "content": "hi"}]}]
+    for body_ in bad_bodies:
         with pytest.raises(BadRequest, match="prompt"):
-            _parse(TokenizeRequest, **bad)
+            _parse(TokenizeRequest, **body_)
     info = tokenizer_info(tok, 1024)
     assert info["eos_token"] == "<|eot_id|>" and info["chat_template"] and info["model_max_length"] == 1024
