@@ -91,7 +91,10 @@ async def _one(client: httpx.AsyncClient, port: int, rng: random.Random, i: int)
 async def _workload(gw: Gateway, seen_pids: set[int], seed: int = 15) -> Counter[str]:
     rng = random.Random(seed)
     port = int(gw.url.rsplit(":", 1)[1])
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    # idle connections expire on our side well before the server's keep-alive (uvicorn: 5 s, the
+    # same as httpx's default expiry, so a request sent on a connection the server is closing that
+    # instant gets a ReadError with nothing answered: a client race, not a lost request)
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY, keepalive_expiry=2.0)
     gate = asyncio.Semaphore(CONCURRENCY)
     killing = True
 
