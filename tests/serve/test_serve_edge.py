@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from zerostart.serve import _connections as connections
 from zerostart.serve._connections import bounded_protocol
 from zerostart.serve._errors import BadRequest
 from zerostart.serve._http import App, Bounds, ClosingStream, Guard, pause_deadline, restart_deadline
@@ -172,7 +173,7 @@ def edge():
                       Route("/v1/slow", r.slow, methods=["POST"]), Route("/v1/stream", r.stream, methods=["POST"]),
                       Route("/v1/paused", r.paused, methods=["POST"])])
     app.add_middleware(Guard, bounds=Bounds(max_body_bytes=1000, body_timeout=0.5, request_timeout=1.0))
-    server = ServerThread(app)
+    server = ServerThread(app, http=bounded_protocol(max_connections=1024, header_timeout=10))  # as the servers run
     yield server, r
     server.stop()
 
@@ -209,6 +210,52 @@ def test_body_size_and_time_limits(edge) -> None:
         status, _, body = _exchange(sock, b"")
         assert status == 408 and json.loads(body)["error"]["code"] == "body_timeout"
         assert 0.4 < time.monotonic() - t0 < 3
+
+
+def test_a_413_reaches_a_client_still_sending_its_body(edge) -> None:
+    """The 413 is sent once the head is read; closing with the body unread would reset the
+    connection, and the client's TCP would drop the answer (an httpx ReadError, or a broken pipe
+    while it sends). The server drops the rest of the body and closes once the client has it."""
+    server, _ = edge
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(_post("/v1/ok", b"x" * (8 * 1024 * 1024)))  # sent whole: the server keeps reading
+        said = _closed_within(sock, 5)
+    assert said is not None and said.startswith(b"HTTP/1.1 413") and b'"body_too_large"' in said
+
+    async def many() -> list[int | str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            gate = asyncio.Semaphore(20)
+
+            async def one() -> int | str:
+                async with gate:
+                    try:
+                        return (await client.post("/v1/ok", content=b"x" * 1_000_000)).status_code
+                    except httpx.TransportError as e:
+                        return repr(e)
+
+            return await asyncio.gather(*(one() for _ in range(100)))
+
+    assert asyncio.run(many()) == [413] * 100  # each one's answer read (the reset lost most of them)
+
+
+def test_a_client_that_keeps_sending_after_its_413_is_cut_off(edge, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = edge
+    monkeypatch.setattr(connections, "LINGER_S", 0.5)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/ok HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+        t0 = time.monotonic()
+        said = b""
+        with pytest.raises(OSError):  # a reset or a broken pipe, once the server stops reading
+            while time.monotonic() - t0 < 5:
+                sock.sendall(b"x" * 65536)
+                sock.settimeout(0.01)
+                try:
+                    said += sock.recv(65536)
+                except TimeoutError:
+                    pass
+                sock.settimeout(None)
+                time.sleep(0.01)
+    assert said.startswith(b"HTTP/1.1 413") and time.monotonic() - t0 < 3
 
 
 def test_a_request_past_its_deadline_is_ended_and_its_route_cancelled(edge) -> None:
@@ -292,6 +339,26 @@ def test_a_request_head_must_arrive_in_time(guarded) -> None:
         assert (_closed_within(sock, 3) or b"").startswith(b"HTTP/1.1 408")
 
 
+def test_an_idle_connection_is_closed_by_the_head_timer_not_uvicorn_s_keep_alive() -> None:
+    """uvicorn's keep-alive (5 s by default) equals httpx's pool expiry: a client could send on a
+    connection closed that instant. The head timer (header_timeout, longer) closes idle ones."""
+    async def ok(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    server = ServerThread(App(routes=[Route("/ok", ok)]), timeout_keep_alive=0.5,
+                          http=bounded_protocol(max_connections=20, header_timeout=2.0))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            assert _exchange(sock, _get("/ok"))[0] == 200
+            time.sleep(1.0)  # past uvicorn's keep-alive, within header_timeout
+            assert _exchange(sock, _get("/ok"))[0] == 200
+            t0 = time.monotonic()
+            assert _closed_within(sock, 4) == b""
+            assert 1.5 < time.monotonic() - t0 < 3
+    finally:
+        server.stop()
+
+
 def test_malformed_http_gets_a_json_400(guarded) -> None:
     with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
         sock.sendall(b"GET /ok HTTP/1.1\r\nno colon here\r\n\r\n")
@@ -299,6 +366,10 @@ def test_malformed_http_gets_a_json_400(guarded) -> None:
     head, _, body = said.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
     assert json.loads(body)["error"]["code"] == "bad_http"
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:  # more follows: the 400 still arrives
+        sock.sendall(b"GET /ok HTTP/1.1\r\nno colon here\r\n\r\n" + b"x" * (4 * 1024 * 1024))
+        said = _closed_within(sock, 3) or b""
+    assert said.startswith(b"HTTP/1.1 400") and b'"bad_http"' in said
 
 
 def test_past_the_cap_the_oldest_waiting_connection_makes_room(guarded) -> None:

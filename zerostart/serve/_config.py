@@ -108,7 +108,7 @@ class ServerConfig(_Section):
     max_body_bytes: Bytes = Field(16 * 1024 * 1024, ge=1)  # a request body past this: 413
     max_sequences: int = Field(256, ge=1)  # prompts x n of one request past this: 400
     max_connections: int = Field(1024, ge=1)  # open client connections; past it the oldest still sending its head goes
-    header_timeout: Seconds = Field(10.0, gt=0)  # a request line and headers must arrive within this, else the connection closes
+    header_timeout: Seconds = Field(10.0, gt=0)  # a request head must arrive within this (also: idle keep-alive)
     body_timeout: Seconds = Field(60.0, gt=0)  # a request body must arrive within this, else 408
     request_timeout: Seconds = Field(600.0, gt=0)  # a worker taking a request to its last byte; past it: 504 / SSE error + [DONE]
     worker_probe_timeout: Seconds = Field(30.0, gt=0)  # a worker that leaves its health probe unanswered this long is killed

@@ -1,16 +1,26 @@
 """Client connections of a uvicorn server, bounded where uvicorn bounds nothing: a request head
 (request line and headers) must arrive within ``header_timeout`` of the connection opening or
 of the previous response ending (else a 408 and the connection closes), and at most
-``max_connections`` are open: one more first closes the oldest connection still waiting for a
-request head (a slow or idle client), else it is answered 503 and closed. So a slowloris that
-opens connections and trickles their heads holds none of them long, and cannot crowd out
-clients that send whole requests. Bodies are bounded by ``_http.Guard``. Malformed HTTP gets its
-400 in OpenAI's JSON shape too.
+``max_connections`` are open: one more first closes a connection already answered and closing
+(below), else the oldest one still waiting for a request head (a slow or idle client), else it
+is answered 503 and closed. So a slowloris that opens connections and trickles their heads holds
+none of them long, and cannot crowd out clients that send whole requests. Bodies are bounded by
+``_http.Guard``. Malformed HTTP gets its 400 in OpenAI's JSON shape too.
+
+An idle kept-alive connection is closed by that same head timer (``header_timeout``, 10 s in
+the server's defaults), not by uvicorn's keep-alive of 5 s: that equals httpx's (and so the
+openai SDK's) pool expiry, and a client could send on a connection the server was closing that
+instant. A connection answered before its request was read (a 413 or 408 for the body, a 400
+for malformed HTTP, a 503 when every connection is busy) is not simply closed: with unread bytes
+that resets it, and the client's TCP drops the answer unread. This side shuts down its half,
+then reads and drops what still comes until the client closes or :data:`LINGER_S` passes
+(nginx's "lingering close").
 
     uvicorn.Config(app, http=bounded_protocol(max_connections=1024, header_timeout=10.0))
 
 This subclasses uvicorn's h11 protocol (its ``connection_made``, ``data_received``,
-``on_response_complete`` and ``conn``); tests/serve/test_serve_limits.py pins the behaviour.
+``on_response_complete``, ``timeout_keep_alive_handler``, ``transport`` and ``conn``);
+tests/serve/test_serve_edge.py pins the behaviour.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import json
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+LINGER_S = 5.0  # longest a connection answered mid-request keeps dropping what the client still sends
 
 
 def bounded_protocol(*, max_connections: int, header_timeout: float) -> type[H11Protocol]:
@@ -45,18 +57,19 @@ class _Bounded(H11Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False  # some of a request head arrived
         self._waiting_since = self.loop.time()
-        if len(self.connections) > self.max_connections:
-            waiting = [c for c in self.connections if isinstance(c, _Bounded) and c is not self and c._waiting_for_head()]
-            if not waiting:
-                self.transport.write(_raw_response(
-                    503, "Service Unavailable", f"this server has its {self.max_connections} connections open "
-                    "(server.max_connections), all of them busy; retry shortly", "too_many_connections"))
-                self.transport.close()
-                return
-            min(waiting, key=lambda c: c._waiting_since)._close_slow()
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self.transport = _Lingering(transport, self)  # type: ignore[assignment]  # what uvicorn's code closes
+        if len(self.connections) > self.max_connections and not self._make_room():
+            self.transport.write(_raw_response(
+                503, "Service Unavailable", f"this server has its {self.max_connections} connections open "
+                "(server.max_connections), all of them busy; retry shortly", "too_many_connections"))
+            self._linger()  # its request may be on its way
+            return
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:
+            return  # answered and half-closed: what still comes is dropped
         super().data_received(data)
         if self._waiting_for_head():
             self._head_bytes = self._head_bytes or bool(data)
@@ -71,7 +84,38 @@ class _Bounded(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
+
+    def _make_room(self) -> bool:
+        """Close another connection for this one: one answered already and lingering, else the
+        oldest still waiting for a request head. False: every other one is busy."""
+        others = [c for c in self.connections if isinstance(c, _Bounded) and c is not self]
+        if lingering := next((c for c in others if c._linger_timer is not None), None):
+            lingering.transport.raw.close()  # type: ignore[attr-defined]
+            return True
+        if waiting := [c for c in others if c._waiting_for_head()]:
+            min(waiting, key=lambda c: c._waiting_since)._close_slow(linger=False)
+            return True
+        return False
+
+    def timeout_keep_alive_handler(self) -> None:
+        """uvicorn's keep-alive timer: idle connections are closed by the head timer instead."""
+
+    def _linger(self) -> None:
+        """Close a connection the client may still be sending on: shut down this side (after the
+        answer already written), drop what arrives, close at the client's end or after LINGER_S."""
+        raw = self.transport.raw  # type: ignore[attr-defined]
+        if self._linger_timer is not None or raw.is_closing():
+            return
+        if not raw.can_write_eof():
+            raw.close()
+            return
+        self._disarm()
+        raw.write_eof()
+        raw.resume_reading()  # uvicorn pauses reading while a body waits unread
+        self._linger_timer = self.loop.call_later(LINGER_S, raw.close)
 
     def send_400_response(self, msg: str) -> None:
         """Malformed HTTP (uvicorn answers it in text/plain): the same answer in OpenAI's shape."""
@@ -81,7 +125,7 @@ class _Bounded(H11Protocol):
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
                       h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
-        self.transport.close()
+        self._linger()  # what follows the malformed part may still be on its way
 
     def _waiting_for_head(self) -> bool:
         return self.conn.their_state is h11.IDLE and not self.transport.is_closing()
@@ -100,12 +144,41 @@ class _Bounded(H11Protocol):
         if self._waiting_for_head():
             self._close_slow()
 
-    def _close_slow(self) -> None:
-        """Close a connection still waiting for its request head (with a 408 if a head began)."""
+    def _close_slow(self, linger: bool = True) -> None:
+        """Close a connection still waiting for its request head (with a 408 if a head began;
+        ``linger``: so that it is read, unless the server needs the connection now)."""
         self._disarm()
-        if self._head_bytes:
-            self.transport.write(_raw_response(
-                408, "Request Timeout", f"the request line and headers did not arrive within "
-                f"server.header_timeout ({self.header_timeout:g} s), or the server needed the connection",
-                "header_timeout"))
-        self.transport.close()
+        if not self._head_bytes:
+            self.transport.close()
+            return
+        self.transport.write(_raw_response(
+            408, "Request Timeout", f"the request line and headers did not arrive within "
+            f"server.header_timeout ({self.header_timeout:g} s), or the server needed the connection",
+            "header_timeout"))
+        if linger:
+            self._linger()
+        else:
+            self.transport.raw.close()  # type: ignore[attr-defined]
+
+
+class _Lingering:
+    """The transport as uvicorn's protocol and request cycle see it: ``close()`` while the client
+    is still sending its request's body lingers (see the module's docstring); a second
+    ``close()`` (the server shutting down) closes at once. Everything else is the transport's."""
+
+    def __init__(self, raw: asyncio.Transport, protocol: _Bounded) -> None:
+        self.raw = raw
+        self._protocol = protocol
+
+    def close(self) -> None:
+        p = self._protocol
+        if p._linger_timer is None and p.conn.their_state is h11.SEND_BODY:
+            p._linger()
+        else:
+            self.raw.close()
+
+    def is_closing(self) -> bool:
+        return self._protocol._linger_timer is not None or self.raw.is_closing()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.raw, name)
