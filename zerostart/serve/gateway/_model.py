@@ -227,6 +227,7 @@ class Model:
             "keep_alive_s": None if math.isinf(self.cfg.idle_timeout) else self.cfg.idle_timeout,
             "park_after_s": self.cfg.park_after, "parkable": self.can_park, "images": self.cfg.images,
             "last_cold_start": self._cold_start_json(),
+            "restart_s": None if math.isinf(restart := self.restart_s()) else round(restart, 3),
             "last_error": self.last_error,
             "backoff_s": round(max(0.0, self.backoff_until - now), 3),
             "oldest_in_flight_s": round(max((r.oldest_request_s(now) for r in self.replicas), default=0.0), 3),
