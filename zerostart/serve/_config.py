@@ -13,7 +13,6 @@ The smallest useful file::
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -26,6 +25,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       field_validator, model_validator)
 
 from zerostart.names import DEFAULT_IMAGE_MODE, Dtype, ImageMode, Scheme, is_local, normalize_device, source_scheme
+from zerostart.serve._keys import describe_errors
 from zerostart.units import parse_duration, parse_size
 
 
@@ -488,59 +488,3 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
-
-
-def describe_errors(error: ValidationError, schema: type[BaseModel]) -> str:
-    """One line per problem, each naming its key: ``models[0].port: ...``."""
-    lines = []
-    for err in error.errors():
-        loc = format_loc(err["loc"])
-        if err["type"] == "extra_forbidden":
-            known = _known_keys(schema, err["loc"][:-1])
-            hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else (f" (known keys: {', '.join(known)})" if known else "")
-            lines.append(f"{loc}: unknown key{extra}")
-        elif err["type"] == "missing":
-            lines.append(f"{loc}: missing, and has no default")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(lines)
-
-
-def format_loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _known_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The keys the section at ``loc`` accepts (walking lists and dicts of sections)."""
-    current: Any = schema
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(current, "model_fields", None)
-        if fields is None:
-            return []
-        if part not in fields:
-            # a dict of sections (devices: {cpu: {...}}): the key is a free name
-            continue
-        current = _section_type(fields[part].annotation)
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None

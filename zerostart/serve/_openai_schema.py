@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from zerostart.serve._config import format_loc
+from zerostart.serve._keys import format_loc
 from zerostart.serve._errors import BadRequest
 from zerostart.units import parse_duration
 
