@@ -127,7 +127,7 @@ class Engine:
                              config=config, device=dev, dtype=dtype, max_model_len=built.max_len,
                              eos_ids=_load.eos_ids(files.dir, files.config, tokenizer), model_name=files.name,
                              timeline=timeline, fusion=built.plan, source=source, model_dir=files.dir)
-                shared = engine._warmup()
+                shared = _load.warm_up(engine)
                 ph.bytes = kv.nbytes
                 ph.detail.update(kv_slots=slots, max_model_len=built.max_len, graphs=len(engine.runner._graphs),
                                  threads=torch.get_num_threads())
@@ -138,49 +138,6 @@ class Engine:
         _load.record_load(timeline, arena.stats, t_load)
         log.info("loaded %s on %s (%s): %s", files.name, dev, dtype, "; ".join(built.plan.notes))
         return engine
-
-    def _warmup(self) -> int | None:
-        """Returns the compute threads it used while weights were still arriving (None: all)."""
-        # One real request through every stage (prefill, sampling, detokenization; on CUDA a
-        # decode step too) so the first user request does not pay for first-call costs; then
-        # the decode graphs. While the weights are still loading, its forward passes wait
-        # stage by stage. A CPU has no kernels to compile and no graphs to capture, and a
-        # forward pass costs as much the first time as later, so there one prompt token is
-        # enough; the readers also need a core there for their system calls and checksum
-        # hashing, so while bytes are still arriving the warm-up computes on one thread fewer.
-        cpu = self.device.type == "cpu"
-        n = 1 if cpu else min(8, self.max_model_len - 2)
-        threads = torch.get_num_threads()
-        sharing = cpu and threads > 1 and not self.arena.done and self.model.wait_stage is not None
-        shared = threads - 1 if sharing else None
-        if sharing:
-            wait = self.model.wait_stage
-            assert wait is not None  # sharing implies it
-
-            def wait_then_restore(i: int) -> None:  # runs on the compute thread, between layers
-                nonlocal sharing
-                wait(i)
-                if sharing and self.arena.done:
-                    torch.set_num_threads(threads)
-                    sharing = False
-
-            self.model.wait_stage = wait_then_restore
-            torch.set_num_threads(threads - 1)
-        try:
-            handle = self.submit([0] * max(1, n), SamplingParams(max_tokens=1 if cpu else 2, temperature=0, ignore_eos=True))
-            while not handle.finished:
-                self.step()
-            for _ in handle:
-                pass
-        finally:
-            if sharing:
-                torch.set_num_threads(threads)
-        self.arena.wait()  # every byte in place before graphs capture the weights' addresses
-        self.model.wait_stage = None
-        self.runner.capture_all(max_len=self.runner.len_buckets[0])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return shared
 
     # -- memory, as single allocations -------------------------------------------------------
 

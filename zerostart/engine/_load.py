@@ -1,19 +1,23 @@
-"""Loading helpers: the model's files, the device, the dtype, end-of-sequence ids and the KV
-cache budget."""
+"""Loading helpers: the model's files, the device, the dtype, end-of-sequence ids, the KV
+cache budget and the warm-up."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zerostart.names import default_dtype, device_type, dtype_name
 from zerostart.engine._config import CPU_KV_CACHE_BYTES, EngineConfig, EngineError, ModelConfig, read_json_object
 from zerostart.engine._kv_cache import bytes_per_token
+from zerostart.engine._params import SamplingParams
 from zerostart.engine._tokenizer import Tokenizer
 from zerostart.telemetry import Timeline
+
+if TYPE_CHECKING:
+    from zerostart.engine._engine import Engine
 
 _NOT_A_MODEL = "not a model directory (expected config.json, *.safetensors, tokenizer.json) or GGUF file"
 
@@ -171,3 +175,48 @@ def record_load(timeline: Timeline, stats, t_load: float) -> None:
                      prefaulted_bytes=stats.prefaulted_bytes)
     if stats.copy_until > stats.copy_from > 0:
         timeline.add("copy", stats.copy_from, stats.copy_until, bytes=stats.bytes)
+
+
+def warm_up(engine: Engine) -> int | None:
+    """The load's last phase: one request through every stage, then the decode graphs. Returns
+    the compute threads it used while weights were still arriving (None: all)."""
+    # One real request through every stage (prefill, sampling, detokenization; on CUDA a
+    # decode step too) so the first user request does not pay for first-call costs; then
+    # the decode graphs. While the weights are still loading, its forward passes wait
+    # stage by stage. A CPU has no kernels to compile and no graphs to capture, and a
+    # forward pass costs as much the first time as later, so there one prompt token is
+    # enough; the readers also need a core there for their system calls and checksum
+    # hashing, so while bytes are still arriving the warm-up computes on one thread fewer.
+    cpu = engine.device.type == "cpu"
+    n = 1 if cpu else min(8, engine.max_model_len - 2)
+    threads = torch.get_num_threads()
+    sharing = cpu and threads > 1 and not engine.arena.done and engine.model.wait_stage is not None
+    shared = threads - 1 if sharing else None
+    if sharing:
+        wait = engine.model.wait_stage
+        assert wait is not None  # sharing implies it
+
+        def wait_then_restore(i: int) -> None:  # runs on the compute thread, between layers
+            nonlocal sharing
+            wait(i)
+            if sharing and engine.arena.done:
+                torch.set_num_threads(threads)
+                sharing = False
+
+        engine.model.wait_stage = wait_then_restore
+        torch.set_num_threads(threads - 1)
+    try:
+        handle = engine.submit([0] * max(1, n), SamplingParams(max_tokens=1 if cpu else 2, temperature=0, ignore_eos=True))
+        while not handle.finished:
+            engine.step()
+        for _ in handle:
+            pass
+    finally:
+        if sharing:
+            torch.set_num_threads(threads)
+    engine.arena.wait()  # every byte in place before graphs capture the weights' addresses
+    engine.model.wait_stage = None
+    engine.runner.capture_all(max_len=engine.runner.len_buckets[0])
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    return shared
