@@ -21,6 +21,11 @@ import zerostart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
 API_KEY = "test-key"
+# A completion of fixed length whose text is the same every time (greedy, past any EOS).
+GREEDY: dict[str, Any] = dict(prompt="Once upon a time", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+# A stream that stays in flight while the client does not read it: 64 choices of up to 500
+# tokens are megabytes of events, far more than the sockets between here and the worker buffer.
+LONG_STREAM: dict[str, Any] = dict(prompt="go", max_tokens=500, n=64, stream=True, extra_body={"ignore_eos": True})
 
 
 def child_env() -> dict[str, str]:
@@ -241,3 +246,21 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+def rss(pid: int) -> int:
+    """A process's resident memory in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def weights_bytes(path: str) -> int:
+    """The (bfloat16) checkpoint's weights as a CPU worker holds them, in the engine's default dtype."""
+    from zerostart import weights
+    from zerostart.names import DTYPE_BYTES, default_dtype
+
+    width = DTYPE_BYTES[default_dtype("cpu", "bfloat16")]
+    return sum(t.numel * width for h in weights.resolve(path).headers for t in h.tensors.values())

@@ -1,6 +1,6 @@
 """The cold ladder in the server, end to end with real workers and the real openai client:
 parking and waking, ready images (written, restored, rejected when corrupt or truncated), and
-the standby worker."""
+the standby worker (a worker on its own: test_serve_worker_alone.py)."""
 
 from __future__ import annotations
 
@@ -10,34 +10,13 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any
 
 import pytest
 
 from zerostart import weights
-from zerostart.names import DTYPE_BYTES, default_dtype
 
-from tests.serve._helpers import Gateway, pid_alive
+from tests.serve._helpers import GREEDY, LONG_STREAM, Gateway, pid_alive, rss, weights_bytes
 from tests.weights._servers import RangeServer
-
-GREEDY: dict[str, Any] = dict(prompt="Once upon a time", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
-# A stream that stays in flight while the client does not read it: 64 choices of up to 500
-# tokens are megabytes of events, far more than the sockets between here and the worker buffer.
-LONG_STREAM: dict[str, Any] = dict(prompt="go", max_tokens=500, n=64, stream=True, extra_body={"ignore_eos": True})
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def _weights_bytes(path: str) -> int:
-    """The (bfloat16) checkpoint's weights as a CPU worker holds them, in the engine's default dtype."""
-    width = DTYPE_BYTES[default_dtype("cpu", "bfloat16")]
-    return sum(t.numel * width for h in weights.resolve(path).headers for t in h.tensors.values())
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +107,7 @@ def test_hot_parked_woken_parked_zero(gw: Gateway, tiny_model: str) -> None:
     m = gw.model("parky")
     assert m["state"] == "hot" and m["in_flight"] == 1, m
     assert gw.metric("zerostart_parks_total", model="parky", reason="idle") == 0
-    hot_rss = _rss(pid)  # weights and the KV cache those sequences touched
+    hot_rss = rss(pid)  # weights and the KV cache those sequences touched
     stream.close()
 
     gw.wait_for("parky to park", lambda: gw.model("parky")["state"] == "parked", timeout=10)
@@ -136,7 +115,7 @@ def test_hot_parked_woken_parked_zero(gw: Gateway, tiny_model: str) -> None:
     assert m["workers"][0]["pid"] == pid and m["workers"][0]["state"] == "parked" and pid_alive(pid)
     assert gw.metric("zerostart_parks_total", model="parky", reason="idle") == 1
     assert gw.metric("zerostart_model_state", model="parky", state="parked") == 1
-    assert _rss(pid) < hot_rss - _weights_bytes(tiny_model)  # weights out of the process, KV cache dropped
+    assert rss(pid) < hot_rss - weights_bytes(tiny_model)  # weights out of the process, KV cache dropped
 
     # requests wake it, with one wake however many arrive: the same worker, the same greedy
     # output, one cold start of rung parked
@@ -152,7 +131,7 @@ def test_hot_parked_woken_parked_zero(gw: Gateway, tiny_model: str) -> None:
     names = [p["name"] for p in cold["phases"]]
     assert names == ["wake", "first_token"], names  # no spawn, import or load: the worker was kept
     wake = cold["phases"][0]
-    assert wake["bytes"] >= _weights_bytes(tiny_model) and wake["gbps"] > 0  # the arena: weights (+ alignment)
+    assert wake["bytes"] >= weights_bytes(tiny_model) and wake["gbps"] > 0  # the arena: weights (+ alignment)
     assert gw.phase_count("parky", "wake") == 1
 
     # idle again: parked after park_after, then zero once idle_timeout (3 s) has passed since the request
@@ -321,7 +300,7 @@ def test_a_remote_source(gw: Gateway, http_source: RangeServer, tiny_model: str)
     assert m["last_cold_start"]["rung"] == "source"
     fetched = http_source.bytes_sent
     assert fetched >= weights.resolve(tiny_model).nbytes  # the weights came over HTTP
-    assert m["memory_estimate_bytes"] > _weights_bytes(tiny_model)  # measured: weights + KV cache
+    assert m["memory_estimate_bytes"] > weights_bytes(tiny_model)  # measured: weights + KV cache
 
     # its ready image (keyed by the URL) serves the next cold start without fetching the weights again
     manifest = os.path.join(m["last_cold_start"]["image"]["path"], "zerostart-image.json")
@@ -387,107 +366,6 @@ def test_standby_worker_takes_cold_starts(standby_gw: Gateway) -> None:
     m = g.model("sb")
     assert m["workers"][0]["pid"] == spare2 and m["last_cold_start"]["rung"] == "standby+image"
     assert g.cold_starts("sb", "standby+image") == 1 and g.cold_starts("sb") == 2
-
-
-# -- a worker on its own: the routes zerostart coldstart drives ----------------------------------
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "m", "--reserve", "1024"], "--reserve applies to a standby worker"),
-    (["--standby", "--reserve", "-1"], "--reserve must be >= 0"),
-])
-def test_worker_reserve_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from zerostart.serve.worker import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(argv + ["--port", "1"])
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_worker_routes(tiny_model: str) -> None:
-    import socket
-    import subprocess
-    import sys
-
-    import httpx
-    import openai
-
-    from tests.serve._helpers import child_env
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "zerostart.serve.worker", "--standby", "--port", str(port)],
-                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, timeout=60)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r = http.get("/zerostart/ready", params={"wait": 30})
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None, "the worker did not come up"
-                time.sleep(0.05)
-        assert r.status_code == 200 and r.json()["state"] == "standby" and r.json()["device"] == "cpu", r.text
-
-        bad = http.post("/zerostart/load", json={"model": tiny_model, "engine_options": {"max_model_lenn": 9}})
-        assert bad.status_code == 400 and "max_model_lenn" in bad.json()["error"]["message"]
-        assert http.post("/zerostart/load", json={"model": tiny_model, "images": "sometimes"}).status_code == 400
-        assert "unknown device" in http.post("/zerostart/load", json={"model": tiny_model, "device": "tpu"}).text
-        r = http.post("/zerostart/load", json={"model": tiny_model, "engine_options": {"max_model_len": 512}})
-        assert r.status_code == 202 and r.json() == {"state": "loading", "model": tiny_model, "name": "tiny"}
-        again = http.post("/zerostart/load", json={"model": tiny_model})
-        assert again.status_code == 409 and again.json()["error"]["code"] == "not_standby"
-        ready = http.get("/zerostart/ready", params={"wait": 30}).json()
-        assert ready["state"] == "ready" and ready["rung"] == "standby+source" and ready["max_model_len"] == 512
-        assert ready["parkable"] is True and ready["image"]["status"] == "off"
-
-        ph = http.get("/zerostart/phases").json()
-        at = {p["name"]: p for p in ph["phases"]}
-        assert ph["rung"] == "standby+source" and ph["requested_s"] > 0
-        assert at["import"]["end_s"] <= ph["requested_s"] and at["device_init"]["end_s"] <= ph["requested_s"]
-        assert all(at[n]["start_s"] >= ph["requested_s"] for n in ("read", "prepare", "warmup"))
-
-        text = client.completions.create(model="tiny", **GREEDY).choices[0].text
-
-        # park is refused while a request streams, and names it
-        stream = client.completions.create(model="tiny", **LONG_STREAM)
-        next(iter(stream))
-        busy = http.post("/zerostart/park")
-        assert busy.status_code == 409 and busy.json()["error"]["code"] == "busy", busy.text
-        assert [(x["method"], x["path"]) for x in busy.json()["in_flight"]] == [("POST", "/v1/completions")]
-        assert "POST /v1/completions" in busy.json()["error"]["message"]
-        stream.close()
-
-        deadline = time.monotonic() + 10
-        while (parked := http.post("/zerostart/park")).status_code == 409:  # until the worker sees the client left
-            assert time.monotonic() < deadline, parked.text
-            time.sleep(0.05)
-        body = parked.json()
-        assert parked.status_code == 200 and body["state"] == "parked" and body["changed"] is True, body
-        assert body["bytes"] >= _weights_bytes(tiny_model) and body["kv_bytes"] > 0 and body["park_s"] > 0
-        assert http.post("/zerostart/park").json() == {"state": "parked", "changed": False}
-        assert http.get("/zerostart/ready").json()["state"] == "parked"
-        refused = http.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_parked"
-
-        woke = http.post("/zerostart/wake").json()
-        assert woke["state"] == "ready" and woke["changed"] is True and woke["bytes"] == body["bytes"], woke
-        ph2 = http.get("/zerostart/phases").json()
-        assert ph2["rung"] == "parked" and [p["name"] for p in ph2["phases"]] == ["wake"]
-        assert ph2["requested_s"] > ph["requested_s"] and ph2["phases"][0]["bytes"] == body["bytes"]
-        assert ph2["load"]["rung"] == "standby+source"
-        assert client.completions.create(model="tiny", **GREEDY).choices[0].text == text
-    finally:
-        client.close()
-        http.close()
-        proc.terminate()
-        proc.wait(30)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 # -- CUDA: parking through VMM memory, images written through a host copy -------------------------
