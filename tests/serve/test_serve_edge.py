@@ -1,24 +1,17 @@
-"""The HTTP edge on its own (issue 15): request parsing fuzzed and strict, errors that never
-escape as text/plain nor break the connection, body and time limits, bounded connections, the
-upstream pool's keep-alive race, and the socket directories of gateways that are gone. Real
-uvicorn servers on loopback, in threads of this process."""
+"""The HTTP edge on its own (issue 15): errors that never escape as text/plain nor break the
+connection, body and time limits, bounded connections and how they close, and the upstream
+pool's keep-alive race. Real uvicorn servers on loopback, in threads of this process. (Request
+parsing: test_serve_parsing.py; socket directories: test_serve_socket_dirs.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -27,70 +20,9 @@ from zerostart.serve import _connections as connections
 from zerostart.serve._connections import bounded_protocol
 from zerostart.serve._errors import BadRequest
 from zerostart.serve._http import App, Bounds, ClosingStream, Guard, pause_deadline, restart_deadline
-from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, _Request, parse_request
 from zerostart.serve.backends import UpstreamError, UpstreamPool
-from zerostart.serve.gateway._sockets import LOCK, SocketDir, SocketDirInUse, sweep
 
-from tests.serve._fuzz import body as _body
-from tests.serve._helpers import ServerThread, child_env
-
-# -- parsing: one strict schema, one error mapping ------------------------------------------------
-
-def _parses_or_names_the_field(schema: type[_Request], raw: bytes, sent: Any) -> None:
-    try:
-        req = parse_request(schema, raw)
-    except BadRequest as e:
-        assert e.status == 400 and e.message
-        if e.param is not None:
-            assert isinstance(sent, dict) and e.param in sent or e.param in schema.model_fields, (e.param, sent)
-            assert e.message.startswith(e.param), e.message  # the message names the field first
-        return
-    assert isinstance(req, schema) and isinstance(req.model, str) and req.model
-    assert 1 <= req.sequences  # what the gateway's max_sequences is checked against
-
-
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=_body, schema=st.sampled_from([CompletionRequest, ChatCompletionRequest]))
-def test_any_body_parses_or_is_a_400_naming_its_field(body: dict[str, Any], schema: type[_Request]) -> None:
-    _parses_or_names_the_field(schema, json.dumps(body).encode(), body)
-
-
-@settings(max_examples=300, deadline=None)
-@given(raw=st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
-def test_any_bytes_parse_or_are_a_400(raw: bytes) -> None:
-    for schema in (CompletionRequest, ChatCompletionRequest):
-        _parses_or_names_the_field(schema, raw, None)
-
-
-@pytest.mark.parametrize("raw, says", [
-    (b"[" * 100_000, "nested too deeply"),  # a RecursionError in json once escaped as a 500
-    (b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),  # > 4300 digits
-    (b'{"model": "m", "prompt": "x", "temperature": NaN}', "NaN is not a JSON value"),
-    (b'{"model": "m", "prompt": "\xff"}', "not valid JSON"),
-])
-def test_bodies_that_once_escaped_the_parser(raw: bytes, says: str) -> None:
-    with pytest.raises(BadRequest, match=says):
-        parse_request(CompletionRequest, raw)
-
-
-@pytest.mark.parametrize("field, value", [
-    ("max_tokens", "3"), ("max_tokens", 3.0), ("max_tokens", True), ("temperature", "0.5"), ("n", 2.0),
-    ("stream", "true"), ("stream", 1), ("echo", "yes"), ("seed", "1"), ("top_k", 1.5),
-    ("seed", 2**64), ("seed", 2**63), ("seed", -(2**63) - 1),  # OpenAI's range: a signed 64-bit integer
-    ("stop", ["x"] * 17), ("stream_options", {"include_usage": "yes"}),
-])
-def test_types_are_strict_as_openai_s_are(field: str, value: Any) -> None:
-    """OpenAI answers 400 where a lax parser would coerce: "3" is not an integer, 2.0 is not
-    one either, "true" is not a boolean; seeds are 64-bit."""
-    with pytest.raises(BadRequest) as e:
-        parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x", field: value}).encode())
-    assert e.value.param == field and e.value.message.startswith(field)
-
-
-def test_what_strict_types_still_accept() -> None:
-    ok = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": ["a", "b"], "temperature": 1, "n": 3,
-                                                      "seed": -(2**63), "top_p": 1, "stop": ["x"] * 16}).encode())
-    assert ok.temperature == 1.0 and ok.seed == -(2**63) and ok.sequences == 6
+from tests.serve._helpers import ServerThread
 
 
 # -- the edge: errors never escape, limits, deadlines -------------------------------------------
@@ -486,50 +418,3 @@ def test_requests_spaced_at_the_servers_keep_alive_all_succeed() -> None:
         assert asyncio.run(main()) == [200] * 16
     finally:
         server.stop()
-
-
-# -- socket directories of gateways that are gone -------------------------------------------------
-
-
-def _claimer(tmp: str, configured: str | None = None) -> subprocess.Popen[str]:
-    """A process that claims a socket directory (as a gateway does) and waits."""
-    code = (f"import os, sys, tempfile, time; tempfile.tempdir = {tmp!r}\n"
-            "from zerostart.serve.gateway._sockets import SocketDir\n"
-            f"d = SocketDir.claim({configured!r}); open(os.path.join(d.path, 'm-1.sock'), 'w').close()\n"
-            "print(d.path, flush=True); time.sleep(60)")
-    p = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True)
-    return p
-
-
-def _claimed(p: subprocess.Popen[str]) -> str:
-    """The directory a claimer printed."""
-    assert p.stdout is not None
-    return p.stdout.readline().strip()
-
-
-def test_a_killed_gateway_s_socket_directory_is_removed_at_the_next_start(tmp_path) -> None:
-    tmp = str(tmp_path)
-    with _claimer(tmp) as dead, _claimer(tmp) as alive:
-        dead_dir, alive_dir = _claimed(dead), _claimed(alive)
-        dead.send_signal(signal.SIGKILL)
-        dead.wait()
-        os.makedirs(os.path.join(tmp, "zerostart-unrelated"))  # no lock: not a gateway's; left alone
-        assert sorted(sweep(tmp)) == [dead_dir]
-        assert not os.path.exists(dead_dir) and os.path.exists(os.path.join(alive_dir, LOCK))
-        assert os.path.isdir(os.path.join(tmp, "zerostart-unrelated"))
-        alive.kill()
-
-
-def test_a_configured_socket_directory_is_taken_over_or_refused(tmp_path) -> None:
-    configured = str(tmp_path / "sockets")
-    with _claimer(str(tmp_path), configured) as first:
-        assert _claimed(first) == configured
-        with pytest.raises(SocketDirInUse, match="another gateway"):
-            SocketDir.claim(configured)  # its workers' socket names would collide
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        assert os.path.exists(os.path.join(configured, "m-1.sock"))
-        d = SocketDir.claim(configured)  # the lock is free: the sockets left behind go
-        assert not os.path.exists(os.path.join(configured, "m-1.sock"))
-        d.close()
-        assert os.path.isdir(configured)  # configured: kept
