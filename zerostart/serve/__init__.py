@@ -14,7 +14,9 @@ The tree is the two processes and what joins them::
     worker/     zerostart's own worker process: one model's engine + control routes
     backends/   how a replica of each engine is started, probed, parked, woken, stopped
     control.py  the typed gateway <-> worker protocol
-    _config.py, _errors.py, _openai_schema.py, _cli.py: shared by both sides
+    _config.py  the configuration file's schema; _keys.py: errors that name the wrong key
+    _http.py, _connections.py, _errors.py, _openai_schema.py: the HTTP edge both sides share
+    _cli.py     zerostart serve; _demo.py: the built-in demo model; _lazy.py: these lazy names
 
 The gateway never imports torch; each worker process holds one model. Names are imported on
 first use, so that a worker process starts without loading the gateway's modules.
