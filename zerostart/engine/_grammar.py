@@ -22,16 +22,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zerostart.engine._config import EngineError
-from zerostart.engine._params import Constraint
+from zerostart.engine._params import JSON_WHITESPACE, Constraint
 from zerostart.engine._tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # only in llguidance's stubs
 
 _COMPILED_CACHE = 64  # distinct grammars kept compiled (validated) per engine
-# JSON whitespace: runs of at most 16 characters (indentation fits), so that a model cannot
-# stall a request by emitting whitespace forever, a known way for constrained JSON to loop
-JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,16}"}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": JSON_WHITESPACE}
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:

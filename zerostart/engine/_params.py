@@ -18,6 +18,12 @@ POOLING = ("last", "mean")
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 
+# JSON whitespace in constrained output: runs of at most 16 characters (indentation fits), so
+# that a model cannot stall a request by emitting whitespace forever, a known way for
+# constrained JSON to loop (the grammars of response formats and of tool calls alike)
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,16}"
+
+
 @dataclass(frozen=True)
 class Constraint:
     """Output that must match a grammar (grammar-constrained decoding).

@@ -21,8 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zerostart.engine._config import EngineError
-from zerostart.engine._grammar import JSON_OPTIONS
+from zerostart.engine._params import JSON_WHITESPACE
 from zerostart.engine._tokenizer import Tokenizer
+
+# llguidance's x-guidance options (not _grammar's: this module stays torch-free, as the engine
+# package's face is imported by the gateway)
+_JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 
@@ -129,7 +133,7 @@ def _call_schema(pairs: list[tuple[str, dict]], args_key: str) -> dict:
     alts = [{"type": "object", "properties": {"name": {"const": n}, args_key: p},
              "required": ["name", args_key], "additionalProperties": False} for n, p in pairs]
     schema = alts[0] if len(alts) == 1 else {"anyOf": alts}
-    return {**schema, "x-guidance": JSON_OPTIONS}
+    return {**schema, "x-guidance": _JSON_OPTIONS}
 
 
 def _loads_object(text: str) -> dict | None:
@@ -254,12 +258,12 @@ class MistralParser(ToolParser):
         single = choice != "required" or not parallel
         if "[ARGS]" in self.template:
             alts = " | ".join(f'{json.dumps(n)} {self._lit("[ARGS]")} args{i}' for i, (n, _) in enumerate(pairs))
-            rules = "".join(f"args{i}: %json{json.dumps({**p, 'x-guidance': JSON_OPTIONS})}\n" for i, (_, p) in enumerate(pairs))
+            rules = "".join(f"args{i}: %json{json.dumps({**p, 'x-guidance': _JSON_OPTIONS})}\n" for i, (_, p) in enumerate(pairs))
             more = "" if single else f" ({self._lit('[TOOL_CALLS]')} call)*"
             return f"start: {self._lit('[TOOL_CALLS]')} call{more}\ncall: {alts}\n{rules}"
         item = _call_schema(pairs, "arguments")
         array = {"type": "array", "items": {k: v for k, v in item.items() if k != "x-guidance"}, "minItems": 1,
-                 "x-guidance": JSON_OPTIONS}
+                 "x-guidance": _JSON_OPTIONS}
         if single:
             array["maxItems"] = 1
         return f"start: {self._lit('[TOOL_CALLS]')} calls\ncalls: %json{json.dumps(array)}\n"
