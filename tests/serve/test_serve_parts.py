@@ -310,6 +310,28 @@ def test_a_policy_that_says_parked_parks() -> None:
     assert not hot.parkable and hot.next_move(_replica(hot.cfg, State.HOT, 0.0), 100.0)[1] == "stay"
 
 
+def test_a_policy_s_pre_warm_climbs_once_per_predicted_arrival() -> None:
+    """The floor is asked several times a tick (the ticker, the climb, memory admission). It once
+    used a pre-warm up the first time it was asked, so the climb, asking next, found nothing to
+    do: a policy answering a ``prewarm_at`` already past with a lower rung (as the Decision
+    contract allows; the built-in policies answer HOT by then) never climbed. Only the climb
+    that begins uses it up."""
+    from zerostart.policy import LADDER, Decision, Rung
+    from zerostart.serve.gateway._model import Model
+
+    policy = _FixedPolicy(Decision(Rung.PARKED, prewarm_at=50.0), LADDER)
+    m = Model(ModelConfig(path="/x"), 100, policy)
+    m.replicas.append(_replica(m.cfg, State.PARKED, 0.0))
+    m.last_active = 0.0
+    assert m.floor(40.0) == 0  # not yet due
+    assert m.floor(60.0) == 1 and m.floor(60.0) == 1  # due, however often asked
+    assert m.next_climb(60.0) == "wake"
+    m.climb_began("wake", 60.0)
+    assert m.climb_ahead and m.floor(61.0) == 0  # that arrival's pre-warm is used up
+    policy.decision = Decision(Rung.PARKED, prewarm_at=80.0)  # the next predicted arrival
+    assert m.floor(79.0) == 0 and m.floor(80.0) == 1
+
+
 def test_model_sources_in_the_config() -> None:
     from zerostart.serve._config import default_name, load_config
 

@@ -76,8 +76,7 @@ class Lifecycle:
         how = m.next_climb(now)
         if how is None:
             return
-        m.start_began, m.climbing = now, how
-        m.climb_ahead = not m.waiters
+        m.climb_began(how, now)
         if m.climb_ahead:
             log.info("model %s: climbing ahead of requests (%s)", m.name, m.floor_reason)
         if how == "wake":

@@ -72,6 +72,7 @@ class Model:
         self.starts_s: deque[float] = deque(maxlen=8)  # spawn -> ready of its recent starts (source or image)
         self.has_image = False  # a start used or queued a ready image: the next one restores it
         self.prewarmed_for: float | None = None  # the policy prewarm_at already acted on
+        self.prewarm_due: float | None = None  # the policy prewarm_at the floor asks a climb for
         self.evicted_at: float | None = None  # when the fleet last moved it down to make room for another
         self.floor_reason = ""  # why the floor asks for a replica (logged when that starts a climb)
         self.climb_ahead = False  # the current (or last) climb began with no request waiting for it
@@ -116,11 +117,14 @@ class Model:
 
     def floor(self, now: float, wall: datetime | None = None) -> int:
         """Replicas kept whatever the traffic: min_replicas; one while a pre-warm window is
-        open; one when the policy wants the idle model hot or asks to pre-warm it. Not the
-        policy's wish for a model the fleet moved down to make room since its last request:
-        climbing it back would only move another down (the simulator does the same)."""
+        open; one when the policy wants the idle model hot or asks to pre-warm it (once per
+        predicted arrival: the climb that begins for it uses it up). Not the policy's wish for a
+        model the fleet moved down to make room since its last request: climbing it back would
+        only move another down (the simulator does the same). Asked as often as needed (the
+        ticker, the climb, memory admission), it gives the same answer until something changes."""
         floor = self.cfg.min_replicas
         self.floor_reason = "min_replicas"
+        self.prewarm_due = None
         if floor == 0 and self.cfg.prewarm and _prewarm.is_open(self.cfg.prewarm, wall or datetime.now().astimezone()):
             floor, self.floor_reason = 1, "a pre-warm window is open"
         busy = self.in_flight or self.waiters or self.start_task is not None  # requests climb it anyway
@@ -132,7 +136,7 @@ class Model:
             if d.rung is Rung.HOT:  # the policy wants it hot now: climb
                 floor = 1
             elif d.prewarm_at is not None and d.prewarm_at <= now and d.prewarm_at != self.prewarmed_for:
-                self.prewarmed_for = d.prewarm_at  # one climb per predicted arrival
+                self.prewarm_due = d.prewarm_at  # used up by the climb that begins for it (climb_began)
                 floor = 1
             if floor:
                 self.floor_reason = f"policy {self.policy.name}: {d.reason or 'hot'}"
@@ -142,6 +146,13 @@ class Model:
         """What starting it again costs: the median of its recent starts (one start on a busy
         machine can take several times another), inf before the first."""
         return statistics.median(self.starts_s) if self.starts_s else math.inf
+
+    def climb_began(self, how: Literal["wake", "start"], now: float) -> None:
+        """A climb (``how``) began: whether anyone waits for it, and the pre-warm it serves."""
+        self.start_began, self.climbing = now, how
+        self.climb_ahead = not self.waiters
+        if self.prewarm_due is not None:
+            self.prewarmed_for = self.prewarm_due  # one climb per predicted arrival
 
     def next_climb(self, now: float) -> Literal["wake", "start"] | None:
         """Whether a replica should climb now, and how: when requests wait and no warm replica
