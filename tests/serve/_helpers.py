@@ -51,7 +51,11 @@ class Gateway:
         self.url = self._wait_for_url()
         threading.Thread(target=self._drain, daemon=True).start()
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        # A client must let an idle connection go before the server closes it (after
+        # server.header_timeout, 10 s by default), or it may send on one being closed: a config
+        # with a shorter one gets clients whose pools expire sooner than httpx's 5 s.
+        self.keepalive_expiry = min(5.0, float(config.get("server", {}).get("header_timeout", 10.0)) / 2)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=60, limits=self._limits(100, 20))
 
     def _wait_for_url(self) -> str:
         assert self.proc.stderr is not None
@@ -73,9 +77,15 @@ class Gateway:
 
     # -- clients --------------------------------------------------------------------------
 
+    def _limits(self, connections: int, keepalive: int) -> httpx.Limits:
+        return httpx.Limits(max_connections=connections, max_keepalive_connections=keepalive,
+                            keepalive_expiry=self.keepalive_expiry)
+
     def openai(self, **kw: Any) -> Any:
         import openai
 
+        if self.keepalive_expiry < 5.0 and "http_client" not in kw:  # openai's pool (and timeout), expiring sooner
+            kw["http_client"] = httpx.Client(limits=self._limits(1000, 100), timeout=600)
         client = openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kw)
         self._clients.append(client)  # closed by stop()
         return client
@@ -95,8 +105,7 @@ class Gateway:
     def async_openai(self, connections: int = 100, **kw: Any) -> Any:
         import openai
 
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        http = httpx.AsyncClient(limits=limits, timeout=120)
+        http = httpx.AsyncClient(limits=self._limits(connections, connections), timeout=120)
         # openai annotates its own httpx2 client; it takes an httpx one too (openai._httpx2)
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0,
                                   http_client=http, **kw)  # type: ignore[arg-type]
