@@ -17,3 +17,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     subprocess.run([sys.executable, "-m", "zerostart", "demo-model", "--out", out, "--size", "tiny"],
                    check=True, env=child_env(), capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def ref(tiny_model: str):
+    """The tiny model in an engine of this process, loaded as a worker loads it: what the
+    gateway's answers are checked against (used without ``start()``: generate drives its steps)."""
+    from zerostart.engine import Engine
+
+    e = Engine.from_pretrained(tiny_model)
+    yield e
+    e.stop()

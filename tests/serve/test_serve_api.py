@@ -43,15 +43,6 @@ def gw(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
     g.stop()
 
 
-@pytest.fixture(scope="module")
-def ref(tiny_model: str):
-    from zerostart.engine import Engine
-
-    e = Engine.from_pretrained(tiny_model)
-    yield e
-    e.stop()
-
-
 def _calls(message) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
 

@@ -19,15 +19,6 @@ def gw(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
     g.stop()
 
 
-@pytest.fixture(scope="module")
-def ref(tiny_model: str):
-    from zerostart.engine import Engine
-
-    e = Engine.from_pretrained(tiny_model)
-    yield e
-    e.stop()
-
-
 def _lp(ref, ids):
     return ref.logits(ids).log_softmax(-1)
 

@@ -50,6 +50,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_batch(engine: Any, device: str, requests: list[tuple[Any, Any]]) -> tuple[float, list[list[Any]]]:
+    """Submit every ``(prompt, params)`` at once, step the engine until all are finished, and
+    return the seconds that took (the device synchronized at both ends) and each request's
+    events."""
+    sync(device)
+    t = time.perf_counter()
+    handles = [engine.submit(prompt, params) for prompt, params in requests]
+    while any(not h.finished for h in handles):
+        engine.step()
+    sync(device)
+    dt = time.perf_counter() - t
+    return dt, [list(h) for h in handles]
+
+
 def bandwidth(device: str) -> float:
     """Copy bandwidth (GB/s, read + write counted once each) of a 256 MiB buffer on the device."""
     import torch

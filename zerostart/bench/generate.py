@@ -31,7 +31,7 @@ import statistics  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 from zerostart.bench._engine_run import bandwidth as _bandwidth, demo_model as _demo, machine as _machine  # noqa: E402
-from zerostart.bench._engine_run import sync  # noqa: E402
+from zerostart.bench._engine_run import sync, timed_batch  # noqa: E402
 from zerostart.bench._env import log as _log  # noqa: E402
 
 
@@ -201,14 +201,8 @@ def _zs_run(args, engine, ps: list[list[int]]):
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
 
     def run() -> tuple[float, list[list[int]]]:
-        sync(args.device)
-        t = time.perf_counter()
-        handles = [engine.submit(p, params) for p in ps]
-        while any(not h.finished for h in handles):
-            engine.step()
-        sync(args.device)
-        dt = time.perf_counter() - t
-        return dt, [[ev.token_id for ev in h] for h in handles]
+        dt, events = timed_batch(engine, args.device, [(p, params) for p in ps])
+        return dt, [[ev.token_id for ev in evs] for evs in events]
 
     return run
 

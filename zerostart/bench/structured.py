@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from zerostart.bench._engine_run import bandwidth, demo_model, machine, sync
+    from zerostart.bench._engine_run import bandwidth, demo_model, machine, timed_batch
     from zerostart.engine import Constraint, Engine, EngineConfig, SamplingParams
 
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -56,14 +56,7 @@ def main(args: argparse.Namespace) -> int:
     bw = bandwidth(args.device)
 
     def run(params: list) -> tuple[float, list[list[int]], list[str]]:
-        sync(args.device)
-        t = time.perf_counter()
-        handles = [engine.submit(prompt, p) for p in params]
-        while any(not h.finished for h in handles):
-            engine.step()
-        sync(args.device)
-        dt = time.perf_counter() - t
-        evs = [list(h) for h in handles]
+        dt, evs = timed_batch(engine, args.device, [(prompt, p) for p in params])
         return dt, [[e.token_id for e in ev] for ev in evs], ["".join(e.text for e in ev) for ev in evs]
 
     rows = []
