@@ -77,6 +77,7 @@ class Engine:
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.steps = 0  # steps run (or failed): a liveness probe watches it move while there is work
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -310,6 +311,7 @@ class Engine:
         (raised from their handles' iterators) and the exception propagates; anything else
         ends every request in flight. The engine stays usable."""
         with self._step_lock:
+            self.steps += 1
             try:
                 return self._step()
             except _BatchFailed as e:

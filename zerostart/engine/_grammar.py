@@ -16,6 +16,7 @@ in parallel) and applied to the logits on their device.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,8 @@ from zerostart.engine._tokenizer import Tokenizer
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # only in llguidance's stubs
 
-_COMPILED_CACHE = 64  # distinct grammars kept compiled (validated) per engine
+# distinct grammars kept compiled per engine: a large one holds megabytes (~13 MB at 100 KB of schema)
+_COMPILED_CACHE = 16
 JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": JSON_WHITESPACE}
 
 
@@ -56,15 +58,22 @@ class GrammarEngine:
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self._executor = llguidance.LLExecutor()
-        self._compiled: OrderedDict[str, str] = OrderedDict()
+        self._compiled: OrderedDict[str, Any] = OrderedDict()  # constraint key -> LLMatcher in its start state
+        self._lock = threading.Lock()  # the cache; compiles run outside it, on the callers' threads
+        # errors name the problem without the whole grammar and parser state (megabytes for a large schema)
+        self._limits = llguidance.LLParserLimits(verbose_errors=False)
 
-    def grammar(self, c: Constraint) -> str:
-        """The llguidance grammar of a constraint, checked once (an EngineError names what is wrong)."""
+    def compile(self, c: Constraint) -> Any:
+        """The compiled grammar of a constraint: an llguidance matcher in its start state, kept
+        (``_COMPILED_CACHE`` of them) and copied for each sequence. Thread-safe; the compile
+        itself (seconds for a schema of thousands of properties) runs without the GIL, so it
+        belongs on a thread of its own, never on an event loop. An EngineError names what is wrong."""
         key = c.key()
-        hit = self._compiled.get(key)
-        if hit is not None:
-            self._compiled.move_to_end(key)
-            return hit
+        with self._lock:
+            hit = self._compiled.get(key)
+            if hit is not None:
+                self._compiled.move_to_end(key)
+                return hit
         M = self._ll.LLMatcher
         try:
             if c.kind == "json_schema":
@@ -77,18 +86,22 @@ class GrammarEngine:
                 grammar = M.grammar_from_regex(c.spec)
         except ValueError as e:
             raise EngineError(f"{c.kind}: {e}") from None
-        is_error, messages = M.validate_grammar_with_warnings(grammar, self.tokenizer)
-        if is_error:
-            raise EngineError(f"{c.kind}: the grammar cannot be used: {messages[0] if messages else 'invalid'}")
-        self._compiled[key] = grammar
-        if len(self._compiled) > _COMPILED_CACHE:
-            self._compiled.popitem(last=False)
-        return grammar
+        start = M(self.tokenizer, grammar, log_level=0, limits=self._limits)  # an error leaves it in an error state
+        if start.is_error():
+            raise EngineError(f"{c.kind}: the grammar cannot be used: {_message(start)}")
+        _first_steps(start, c)
+        with self._lock:
+            self._compiled[key] = start
+            if len(self._compiled) > _COMPILED_CACHE:
+                self._compiled.popitem(last=False)
+        return start
 
     def matcher(self, c: Constraint) -> "Matcher":
-        m = self._ll.LLMatcher(self.tokenizer, self.grammar(c), log_level=0)
+        """A matcher of its own for one sequence: a copy of the compiled grammar (milliseconds,
+        where compiling may take seconds)."""
+        m = self.compile(c).deep_copy()
         if m.is_error():
-            raise EngineError(f"{c.kind}: {m.get_error()}")
+            raise EngineError(f"{c.kind}: {_message(m)}")
         return Matcher(m)
 
     def fill(self, matchers: list["Matcher"], pin: bool = False) -> torch.Tensor:
@@ -105,6 +118,24 @@ class GrammarEngine:
         return bitmask
 
 
+def _first_steps(start: Any, c: Constraint) -> None:
+    """Walk a copy of a compiled grammar through its forced first tokens (a JSON object's
+    ``{``), computing the masks on the way: what only parsing finds (a grammar too ambiguous to
+    parse, as thousands of optional properties make it) is an error of the request here, on the
+    compiling thread, rather than of a step in the engine."""
+    walk = start.deep_copy()
+    walk.compute_bitmask()
+    forced = walk.compute_ff_tokens() if not walk.is_error() else []
+    if forced and walk.consume_tokens(forced):
+        walk.compute_bitmask()
+    if walk.is_error():
+        raise EngineError(f"{c.kind}: the grammar cannot be used: {_message(walk)}")
+
+
+def _message(m: Any) -> str:
+    return m.get_error().replace("<non-verbose/>", "").strip() or "invalid"
+
+
 class Matcher:
     """One sequence's place in its grammar."""
 
@@ -113,7 +144,7 @@ class Matcher:
 
     def accept(self, token: int) -> None:
         if not self.m.consume_token(token):
-            raise EngineError(f"the grammar refused token {token}: {self.m.get_error()}")
+            raise EngineError(f"the grammar refused token {token}: {_message(self.m)}")
 
     @property
     def done(self) -> bool:
