@@ -112,6 +112,10 @@ class ServerConfig(_Section):
     body_timeout: Seconds = Field(60.0, gt=0)  # a request body must arrive within this, else 408
     request_timeout: Seconds = Field(600.0, gt=0)  # a worker taking a request to its last byte; past it: 504 / SSE error + [DONE]
     worker_probe_timeout: Seconds = Field(30.0, gt=0)  # a worker that leaves its health probe unanswered this long is killed
+    # a request's response_format / tool grammar: compiled off the worker's event loop, within
+    # these (a 400 past either); compile time grows faster than size (~4 s at 100 KB of schema here)
+    grammar_timeout: Seconds = Field(10.0, gt=0)
+    max_grammar_bytes: Bytes = Field(128 * 1024, ge=1)  # the schema's JSON (or the grammar's text)
     standby_workers: int = Field(0, ge=0, le=1)  # 1: keep a spare worker with imports and device init done
     # host memory a CPU standby worker faults in while it waits; the weights it is handed are read
     # straight into it (at the disk's speed where first-touch faults are slower). Held outside

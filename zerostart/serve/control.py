@@ -211,6 +211,9 @@ class ReadyReport(_Body):
     image: ImageReport | None = None
     parkable_error: str | None = None  # why a model asked to be parkable is not
     error: str | None = None  # state failed: what failed
+    # the engine's progress, for the gateway's probe: a step count that must move while sequences wait or run
+    engine_steps: int | None = None
+    engine_sequences: int | None = None  # running or waiting
 
 
 class PhaseJSON(_Body):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import httpx
 
 import zerostart
-from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, WorkerProcess
+from zerostart.serve.backends._process import WorkerProcess
 from zerostart.serve.control import TOKEN_ENV, ImageReport, ParkResult, Refusal
 from zerostart.telemetry import Timeline
 
@@ -69,6 +69,7 @@ class WorkerBackend(ABC):
 
     def __init__(self, model: ModelConfig | None, server: ServerConfig, socket_dir: str) -> None:
         self.model = model
+        self.server = server
         self.id = next(_ids)
         self.on_exit: Callable[[], None] = lambda: None  # the fleet's: the process exited unasked
         self.memory_share: int | None = None  # device bytes this replica may hold (the fleet sets it)
@@ -132,12 +133,13 @@ class WorkerBackend(ABC):
     async def probe(self, *, parked: bool) -> str | None:
         """Whether the worker is alive and where the gateway put it (``parked`` or serving):
         None if so, else what is wrong. The caller bounds the time it may take (a worker that
-        does not answer is hung). This default asks ``GET /health`` for a 200."""
+        does not answer is hung: ``server.worker_probe_timeout``, the only deadline, so no
+        shorter one of the HTTP client's may decide). This default asks ``GET /health`` for a 200."""
         client = self.process.client
         if client is None:
             return "it has no address"
         try:
-            r = await client.get("/health", timeout=CONNECT_TIMEOUT_S)
+            r = await client.get("/health", timeout=None)
         except httpx.HTTPError as e:
             return f"its health route could not be reached ({type(e).__name__}: {e})"
         return None if r.status_code == 200 else f"its health route answered HTTP {r.status_code}"

@@ -45,6 +45,7 @@ class ZerostartWorker(WorkerBackend):
         self._parkable = False
         self._ready: ReadyReport | None = None  # the worker's last ready report
         self._phase = "spawn"
+        self._progress: tuple[int, float] | None = None  # the engine's step count, and when the probe first saw it
         self.weights_bytes: int | None = None  # the model's weights as held (the fleet's estimate), to size the KV cache
 
     def _kv_cache_bytes(self, model: ModelConfig) -> int | None:
@@ -124,7 +125,9 @@ class ZerostartWorker(WorkerBackend):
     def _command(self, fd: int) -> list[str]:
         # every value as --key=value: a value that begins with "-" (a model named "-x") would
         # otherwise be read as an option
-        cmd = [sys.executable, "-m", _WORKER, f"--fd={fd}"]
+        server = self.server
+        cmd = [sys.executable, "-m", _WORKER, f"--fd={fd}", f"--grammar-timeout={server.grammar_timeout}",
+               f"--max-grammar-bytes={server.max_grammar_bytes}"]
         m = self.model
         if m is None:
             cmd += ["--standby", f"--device={self.standby_device or 'cpu'}"]
@@ -240,27 +243,47 @@ class ZerostartWorker(WorkerBackend):
 
     async def probe(self, *, parked: bool) -> str | None:
         """Its ready report must say ``ready`` (``parked`` for a parked replica): a worker in
-        another state was moved by someone other than its gateway, or has failed."""
-        report = await self._report()
+        another state was moved by someone other than its gateway, or has failed. The report
+        comes from the worker's event loop, which runs no request's work (that is on threads),
+        so the caller's deadline (``server.worker_probe_timeout``) is the only one; and while
+        its engine has sequences, the engine's step count must move within that deadline too."""
+        report = await self._report(timeout=None)
         if isinstance(report, str):
             return report
         want = WorkerState.PARKED if parked else WorkerState.READY
         if report.state is not want:
             what = f": {report.error}" if report.error else ""
             return f"it reports it is {report.state.value}{what}, where the gateway has it {want.value}"
-        return None
+        return None if parked else self._engine_moves(report)
+
+    def _engine_moves(self, report: ReadyReport) -> str | None:
+        """None while the engine is idle or has run a step since the last probe that saw it move;
+        else (no step for ``server.worker_probe_timeout`` with sequences waiting) what is wrong."""
+        now = time.monotonic()
+        steps, work = report.engine_steps, report.engine_sequences
+        if steps is None or not work:
+            self._progress = None
+            return None
+        if self._progress is None or self._progress[0] != steps:  # work first seen, or a step since
+            self._progress = (steps, now)
+            return None
+        stalled = now - self._progress[1]
+        if stalled < self.server.worker_probe_timeout:
+            return None
+        return (f"its engine has run no step for {stalled:.0f} s with {work} sequence(s) waiting or running "
+                f"(server.worker_probe_timeout {self.server.worker_probe_timeout:g} s)")
 
     async def image_report(self) -> ImageReport | None:
         report = await self._report()
         return None if isinstance(report, str) else report.image
 
-    async def _report(self) -> ReadyReport | str:
-        """Its ready report now, or what went wrong asking for it."""
+    async def _report(self, timeout: float | None = CONNECT_TIMEOUT_S) -> ReadyReport | str:
+        """Its ready report now, or what went wrong asking for it (``timeout`` None: the caller bounds the wait)."""
         client = self.process.client
         if client is None or self.exited.is_set():
             return "it is not running"
         try:
-            r = await client.get("/zerostart/ready", params={"wait": 0}, timeout=CONNECT_TIMEOUT_S)
+            r = await client.get("/zerostart/ready", params={"wait": 0}, timeout=timeout)
             return ReadyReport.model_validate_json(r.content)
         except httpx.HTTPError as e:
             return f"its ready route could not be reached ({type(e).__name__}: {e})"
@@ -279,6 +302,7 @@ class ZerostartWorker(WorkerBackend):
     # -- parking ----------------------------------------------------------------------------
 
     async def park(self, timeout: float) -> ParkResult | Refusal:
+        self._progress = None  # the engine's steps are watched afresh after a park or a wake
         r, body = await self._control("/zerostart/park", "parking", timeout)
         if r.status_code == 409:
             err = ErrorBody.model_validate(body).error
@@ -289,6 +313,7 @@ class ZerostartWorker(WorkerBackend):
         return ParkResult.model_validate(body)
 
     async def wake(self, timeout: float) -> ColdStart:
+        self._progress = None
         begin = Moment.now()
         r, body = await self._control("/zerostart/wake", "waking", timeout)
         if r.status_code != 200:

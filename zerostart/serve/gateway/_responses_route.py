@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Scope
 
 from zerostart.serve._errors import BadRequest, ServeError, UnknownModel
-from zerostart.serve._openai_schema import ChatCompletionRequest, parse_request
+from zerostart.serve._openai_schema import ChatCompletionRequest, parse_body
 from zerostart.serve.backends import UpstreamError
 from zerostart.serve._http import STATUS
 from zerostart.serve.gateway._proxy import MODEL, Proxy, StatsTap, stats_of
@@ -42,7 +42,7 @@ class ResponsesRoute:
 
     async def create(self, request: Request) -> Response:
         try:
-            req = parse_request(ResponsesRequest, await request.body())
+            req = await parse_body(ResponsesRequest, await request.body())  # a large body: off the event loop
             assert isinstance(req, ResponsesRequest)
             history: list[dict[str, Any]] = []
             if req.previous_response_id is not None:
@@ -55,7 +55,7 @@ class ResponsesRoute:
             except ValueError as e:  # an input item this server cannot take
                 raise BadRequest(str(e), param="input") from None
             raw = json.dumps(body).encode()
-            chat = parse_request(ChatCompletionRequest, raw)  # refused here, before a model starts, as the chat route would
+            chat = await parse_body(ChatCompletionRequest, raw)  # refused here, before a model starts, as chat would
             model = self.proxy.route_model(_CHAT, chat)
             request.scope[MODEL] = model  # for Guard's count of every request
         except ServeError as e:

@@ -3,6 +3,7 @@ a listening socket already bound (``--fd``)::
 
     python -m zerostart.serve.worker --fd 5 --model SOURCE --name NAME [--device cpu] [--dtype bfloat16]
                                      [--images off|use|write] [--parkable] [--pooling last|mean [--no-normalize]]
+                                     [--grammar-timeout 10] [--max-grammar-bytes 131072]
     python -m zerostart.serve.worker --fd 5 --standby [--device cuda]
 
 or on its own, for a direct comparison, ``zerostart coldstart`` or debugging::
@@ -25,12 +26,13 @@ import threading
 import time
 
 from zerostart.names import DTYPES, IMAGE_MODES
-from zerostart.serve._config import EmbeddingConfig, default_name
+from zerostart.serve._config import EmbeddingConfig, ServerConfig, default_name
 from zerostart.serve._connections import bounded_protocol
 from zerostart.serve.control import TOKEN_ENV
 from zerostart.serve.worker._app import SHUTDOWN_GRACE_S, build_app
 from zerostart.serve.worker._holder import Holder
 from zerostart.serve.worker._loading import LoadSpec
+from zerostart.serve.worker._structured import GrammarBudget
 
 _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly before a hard exit
 # Its gateway opens at most max_concurrency connections (plus a few for control): these bound
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None, origin: tuple[float, float] | None = Non
     embedding = EmbeddingConfig(pooling=args.pooling, normalize=not args.no_normalize) if args.pooling else None
     spec = LoadSpec(model=args.model or "", name=name, device=args.device, dtype=args.dtype, images=args.images,
                     parkable=args.parkable, engine_options=options, embedding=embedding)
-    holder = Holder(*origin)
+    holder = Holder(*origin, GrammarBudget(timeout=args.grammar_timeout, max_bytes=args.max_grammar_bytes))
     if args.standby:
         holder.start_standby(args.device, reserve=args.reserve)
     else:
@@ -97,6 +99,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                    help="serve the model as an embedding model (/v1/embeddings only), pooling the last token's "
                         "hidden state or the mean over the input")
     p.add_argument("--no-normalize", action="store_true", help="with --pooling: do not scale embeddings to unit length")
+    limits = ServerConfig.model_fields  # the gateway passes its server settings; these are their defaults
+    p.add_argument("--grammar-timeout", type=float, default=limits["grammar_timeout"].default, metavar="SECONDS",
+                   help="a request's grammar (response_format, forced tool calls) must compile within this, else 400 "
+                        "(server.grammar_timeout)")
+    p.add_argument("--max-grammar-bytes", type=int, default=limits["max_grammar_bytes"].default, metavar="BYTES",
+                   help="a larger schema or grammar is refused with 400 (server.max_grammar_bytes)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--fd", type=int, help="an inherited, listening socket (set by the gateway)")
     where.add_argument("--uds", help="listen on this Unix socket path")
@@ -105,6 +113,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.model and not args.standby:
         p.error("--model is required (or --standby, to wait for POST /zerostart/load)")
+    if args.grammar_timeout <= 0 or args.max_grammar_bytes < 1:
+        p.error("--grammar-timeout must be > 0 seconds and --max-grammar-bytes >= 1")
     if args.reserve < 0:
         p.error(f"--reserve must be >= 0 bytes, got {args.reserve}")
     if args.no_normalize and not args.pooling:

@@ -68,7 +68,8 @@ class Run:
         if any(v is None for v in vectors):  # aborted (the engine is stopping)
             raise ServeError("the engine stopped before these embeddings were made; retry the request")
         usage = {"prompt_tokens": tokens, "completion_tokens": 0}
-        return body(model, vectors, self.req.encoding_format, tokens), request_stats(usage, self.timings)
+        made = await asyncio.to_thread(body, model, vectors, self.req.encoding_format, tokens)  # many vectors: a while
+        return made, request_stats(usage, self.timings)
 
 
 async def _last(handle: Any, timing: Timing) -> Any:

@@ -18,6 +18,7 @@ from zerostart.serve.control import (SETTLED, ImageReport, InFlight, LoadRecord,
                                      ReadyReport, WakeResult, WorkerState, check_worker)
 from zerostart.serve.worker._image_writer import ImageWriter
 from zerostart.serve.worker._loading import LoadSpec, load
+from zerostart.serve.worker._structured import GrammarBudget
 from zerostart.telemetry import Timeline
 
 if TYPE_CHECKING:
@@ -48,8 +49,9 @@ class _InFlight:
 
 
 class Holder:
-    def __init__(self, origin: float, origin_unix: float) -> None:
+    def __init__(self, origin: float, origin_unix: float, grammar_budget: GrammarBudget | None = None) -> None:
         self.origin_unix = origin_unix
+        self.grammar_budget = grammar_budget or GrammarBudget()  # what a request's grammar may cost to compile
         self.timeline = Timeline(origin=origin, label="worker")  # the load (and a standby's preparation)
         self.current = self.timeline  # the latest cold start: the load, or the latest wake
         self.state = WorkerState.STARTING
@@ -211,7 +213,7 @@ class Holder:
             loaded.engine.start()
             from zerostart.serve.worker._openai import OpenAIRoutes
 
-            self.routes = OpenAIRoutes(loaded.engine, spec.name, spec.model, spec.embedding)
+            self.routes = OpenAIRoutes(loaded.engine, spec.name, spec.model, spec.embedding, self.grammar_budget)
             self.engine = loaded.engine
             self.rung = ("standby+" if standby else "") + loaded.rung
             if spec.images == "write" and loaded.rung == "source":
@@ -232,6 +234,8 @@ class Holder:
         """On shutdown: an image write not yet begun is dropped; one under way may take up to
         ``timeout`` seconds to finish (else its temporary directory is swept by a later writer)."""
         self.closing = True
+        if self.routes is not None:
+            self.routes.grammars.close()
         if self._writer is not None:
             self._writer.join(timeout)
 
@@ -320,13 +324,15 @@ class Holder:
         e = self.engine
         if self.state in _HOLDING and e is not None:
             spec = self.spec
+            work = e.stats()
             return ReadyReport(
                 state=self.state, phase=self.phase, model=spec.name if spec else None,
                 source=spec.model if spec else None, pid=pid, device=str(e.device),
                 dtype=str(e.dtype).removeprefix("torch."), max_model_len=e.max_model_len, rung=self.rung,
                 parkable=self.parkable, parked=self.state is WorkerState.PARKED,
                 weights_bytes=int(e.weights_storage.numel() * e.weights_storage.element_size()),
-                kv_bytes=int(e.kv.nbytes), image=self.image, parkable_error=self.parkable_error)
+                kv_bytes=int(e.kv.nbytes), image=self.image, parkable_error=self.parkable_error,
+                engine_steps=e.steps, engine_sequences=work["running"] + work["waiting"])
         return ReadyReport(state=self.state, phase=self.phase,
                            error=self.error if self.state is WorkerState.FAILED else None)
 

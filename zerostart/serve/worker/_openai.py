@@ -30,12 +30,16 @@ from zerostart.serve.control import STATS_HEADER
 from zerostart.serve.worker import _embeddings, _tokenize
 from zerostart.serve.worker._logprobs import CompletionLogprobs, chat_entry, chat_logprobs
 from zerostart.serve.worker._stats import Timing, request_stats
-from zerostart.serve.worker._structured import Plan, call_json, chat_plan, format_constraint
+from zerostart.serve.worker._structured import (GrammarBudget, Grammars, Plan, call_json, chat_plan,
+                                                format_constraint)
 
 if TYPE_CHECKING:
     from zerostart.engine import Engine, ToolParser, ToolStream
 
 _FINGERPRINT = f"zerostart-{__version__}"
+# A request of more sequences than this (or with a grammar, copied into each) is submitted from a
+# thread: each sequence costs the engine a detokenizer and a matcher, milliseconds for a large grammar
+_SUBMIT_ON_LOOP = 16
 
 
 def _dumps(obj: Any) -> bytes:
@@ -78,10 +82,12 @@ class _Choice:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine, name: str, root: str = "", embedding: EmbeddingConfig | None = None) -> None:
+    def __init__(self, engine: Engine, name: str, root: str = "", embedding: EmbeddingConfig | None = None,
+                 grammar_budget: GrammarBudget | None = None) -> None:
         from zerostart.engine import SamplingParams
 
         self.engine = engine
+        self.grammars = Grammars(engine, grammar_budget or GrammarBudget())
         self.name = name
         self.root = root or name  # the model's source, as vLLM's /v1/models "root"
         self.embedding = embedding
@@ -109,17 +115,20 @@ class OpenAIRoutes:
                 "root": self.root, "parent": None, "max_model_len": self.engine.max_model_len}
         return JSONResponse({"object": "list", "data": [card]})
 
-    # Parsing a large body, chat templates and tokenization run on a thread: the event loop
-    # keeps serving the other requests (and streaming their tokens) meanwhile.
+    # Nothing whose cost grows with the request runs on the event loop: parsing a large body,
+    # tool grammars, chat templates, tokenization, compiling grammars (within a budget),
+    # submitting many sequences, building and encoding a whole answer, detokenizing run on
+    # threads, so the loop keeps streaming the other requests' tokens and answering the
+    # gateway's probe meanwhile.
 
     async def chat(self, request: Request) -> Response:
         try:
             req = await parse_body(ChatCompletionRequest, await request.body())
             assert isinstance(req, ChatCompletionRequest)
             self._generating()
-            plan = chat_plan(self.parser, req)
-            prompt = await asyncio.to_thread(self._chat_prompt, req, plan)
-            choices = self._submit(req, [prompt], req.max_new_tokens, param="messages", plan=plan)
+            plan, prompt = await asyncio.to_thread(self._chat_setup, req)
+            await self.grammars.compile(plan.constraint, plan.param)
+            choices = await self._start(req, [prompt], req.max_new_tokens, param="messages", plan=plan)
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
         return await self._respond("chat", req, choices, None, plan)
@@ -132,7 +141,8 @@ class OpenAIRoutes:
             given = req.prompts()
             prompts = await asyncio.to_thread(lambda: [self._encode(p) for p in given])
             plan = Plan(None, None, format_constraint(req.response_format), False)
-            choices = self._submit(req, prompts, req.max_new_tokens, param="prompt", plan=plan)
+            await self.grammars.compile(plan.constraint, plan.param)
+            choices = await self._start(req, prompts, req.max_new_tokens, param="prompt", plan=plan)
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
         try:
@@ -155,14 +165,13 @@ class OpenAIRoutes:
             body, stats = await run.result(self.name)
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return JSONResponse(body, headers={STATS_HEADER: stats.to_header()})
+        return await _json(lambda: body, {STATS_HEADER: stats.to_header()})
 
     async def tokenize(self, request: Request) -> Response:
         try:
             req = await parse_body(TokenizeRequest, await request.body())
             assert isinstance(req, TokenizeRequest)
-            return JSONResponse(await asyncio.to_thread(_tokenize.tokenize, self.engine.tokenizer, self.engine.max_model_len,
-                                                         req))
+            return await _json(lambda: _tokenize.tokenize(self.engine.tokenizer, self.engine.max_model_len, req))
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
 
@@ -170,7 +179,7 @@ class OpenAIRoutes:
         try:
             req = await parse_body(DetokenizeRequest, await request.body())
             assert isinstance(req, DetokenizeRequest)
-            return JSONResponse(_tokenize.detokenize(self.engine.tokenizer, req))
+            return await _json(lambda: _tokenize.detokenize(self.engine.tokenizer, req))
         except ServeError as e:
             return JSONResponse(e.body(), status_code=e.status)
 
@@ -183,6 +192,11 @@ class OpenAIRoutes:
         if self.embedding is not None:
             raise BadRequest(f"model {self.name!r} is an embedding model; use /v1/embeddings", param="model")
 
+    def _chat_setup(self, req: ChatCompletionRequest) -> tuple[Plan, list[int]]:
+        """The request's plan (its tools' grammar) and its prompt (on a thread)."""
+        plan = chat_plan(self.parser, req)
+        return plan, self._chat_prompt(req, plan)
+
     def _chat_prompt(self, req: ChatCompletionRequest, plan: Plan) -> list[int]:
         tok = self.engine.tokenizer
         try:
@@ -194,6 +208,19 @@ class OpenAIRoutes:
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else list(self.engine.tokenizer.encode(prompt))
+
+    async def _start(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str,
+                     plan: Plan) -> list[_Choice]:
+        """:meth:`_submit`, from a thread when it is heavy; sequences submitted for a request
+        that is cancelled meanwhile are cancelled as soon as the thread has made them."""
+        if plan.constraint is None and len(prompts) * req.n <= _SUBMIT_ON_LOOP:
+            return self._submit(req, prompts, max_new, param, plan)
+        job = asyncio.ensure_future(asyncio.to_thread(self._submit, req, prompts, max_new, param, plan))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(_cancel_made)
+            raise
 
     def _submit(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str,
                 plan: Plan) -> list[_Choice]:
@@ -208,8 +235,7 @@ class OpenAIRoutes:
                 choices.append(_Choice(i, i // req.n, self.engine.submit(ids, sp, group=group), ids))
         except ValueError as e:  # the engine refuses what it cannot run (a token id past its vocabulary, a grammar)
             _cancel(choices)
-            raise BadRequest(str(e), param="response_format" if plan.constraint and "grammar" in str(e) else param) \
-                from None
+            raise BadRequest(str(e), param=plan.param if plan.constraint and "grammar" in str(e) else param) from None
         return choices
 
     def _params(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str,
@@ -250,6 +276,11 @@ class OpenAIRoutes:
         except BaseException:
             _cancel(choices)
             raise
+        return await _json(lambda: self._body(kind, req, rid, created, choices, echo, plan))
+
+    def _body(self, kind: str, req: _Request, rid: str, created: int, choices: list[_Choice], echo: list[str] | None,
+              plan: Plan) -> tuple[dict[str, Any], dict[str, str]]:
+        """A whole answer and its headers (on a thread: logprobs of thousands of tokens take a while)."""
         body: dict[str, Any] = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                                 "created": created, "model": self.name, "system_fingerprint": _FINGERPRINT}
         wants = req.token_logprobs is not None
@@ -266,7 +297,7 @@ class OpenAIRoutes:
                                 "finish_reason": c.finish_reason} for c in choices]
         body["usage"] = _usage(choices)
         stats = request_stats(body["usage"], [c.timing for c in choices])
-        return JSONResponse(body, headers={STATS_HEADER: stats.to_header()})
+        return body, {STATS_HEADER: stats.to_header()}
 
     def _completion_logprobs(self, c: _Choice, start: int = 0) -> CompletionLogprobs:
         """A completion's logprobs: the echoed prompt's (when asked for), then the generated tokens' from ``start``."""
@@ -405,6 +436,25 @@ async def _pump(c: _Choice, queue: asyncio.Queue[tuple[_Choice, Any]]) -> None:
         await queue.put((c, e))
         return
     await queue.put((c, None))
+
+
+async def _json(make: Any, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer made and encoded on a thread; ``make()`` returns the body, or the body and
+    its headers (an answer of many choices, logprobs or vectors is megabytes of JSON)."""
+
+    def render() -> tuple[bytes, dict[str, str] | None]:
+        made = make()
+        body, more = made if isinstance(made, tuple) else (made, None)
+        return _dumps(body), {**(headers or {}), **(more or {})}
+
+    content, all_headers = await asyncio.to_thread(render)
+    return Response(content, media_type="application/json", headers=all_headers)
+
+
+def _cancel_made(job: asyncio.Future[list[_Choice]]) -> None:
+    """Cancel the sequences a submission made for a request that is gone."""
+    if not job.cancelled() and job.exception() is None:
+        _cancel(job.result())
 
 
 def _cancel(choices: Iterable[_Choice]) -> None:

@@ -10,18 +10,38 @@
 
 A forced tool call and a forced response format together are refused (one grammar per
 request), naming both fields.
+
+A grammar is compiled by :class:`Grammars`, on threads of its own, never on the worker's event
+loop (a schema of thousands of properties takes seconds, during which every other stream on
+the loop would stall and the gateway's probe go unanswered), within a budget: at most
+``server.max_grammar_bytes`` of schema or grammar text, and ``server.grammar_timeout`` seconds
+(a 400 naming the limit past either). A compile that outlives its request's budget runs to its
+end on its thread (llguidance cannot be interrupted) and is kept for the next request with the
+same grammar; one still queued is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from zerostart.engine import Constraint, EngineError, ToolCall, ToolParser
+from zerostart.serve._config import ServerConfig
 from zerostart.serve._errors import BadRequest
 from zerostart.serve._openai_schema import ChatCompletionRequest, ResponseFormat
+
+if TYPE_CHECKING:
+    from zerostart.engine import Engine
+
+# Grammars compiled at once: compiles release the GIL and each takes a core, beside the engine's
+_COMPILE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 @dataclass
@@ -30,6 +50,7 @@ class Plan:
     parser: ToolParser | None  # parse the output for calls
     constraint: Constraint | None
     keep_special_tokens: bool
+    param: str = "response_format"  # the request field the constraint comes from (named in its errors)
 
 
 def tool_choice_name(choice: Any) -> str | None:
@@ -64,7 +85,7 @@ def plan(parser: ToolParser, tools: list[dict] | None, tool_choice: Any, paralle
         lark = parser.grammar(tools, choice, parallel=parallel)
     except EngineError as e:
         raise BadRequest(str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
-    return Plan(tools, parser, Constraint("lark", lark), parser.keeps_special_tokens)
+    return Plan(tools, parser, Constraint("lark", lark), parser.keeps_special_tokens, param="tools")
 
 
 def _format_constraint(fmt: dict | None) -> Constraint | None:
@@ -100,3 +121,68 @@ def format_constraint(fmt: ResponseFormat | None) -> Constraint | None:
 def call_json(call: ToolCall) -> dict[str, Any]:
     """A parsed call in OpenAI's message shape."""
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+@dataclass(frozen=True)
+class GrammarBudget:
+    """What compiling one request's grammar may cost (the gateway's ``server`` settings)."""
+
+    timeout: float = ServerConfig.model_fields["grammar_timeout"].default  # seconds, from the request's view
+    max_bytes: int = ServerConfig.model_fields["max_grammar_bytes"].default  # schema JSON / grammar text, UTF-8
+
+
+class Grammars:
+    """Compiles the grammars of one engine's requests on threads, within a :class:`GrammarBudget`."""
+
+    def __init__(self, engine: Engine, budget: GrammarBudget) -> None:
+        self._engine, self.budget = engine, budget
+        self._pool = ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="zerostart-grammar")
+        self._busy = 0  # compiles queued or running
+        self._lock = threading.Lock()
+
+    async def compile(self, constraint: Constraint | None, param: str) -> None:
+        """Compile ``constraint`` (kept by the engine, so that submitting it only copies the
+        result); a BadRequest naming ``param`` when it is invalid or past the budget."""
+        if constraint is None:
+            return
+        with self._lock:
+            others = self._busy
+            self._busy += 1
+        job = self._pool.submit(self._compile, constraint)
+        job.add_done_callback(self._done)
+        try:
+            # a job not yet started when this gives up (its budget spent, its client gone) is dropped
+            await asyncio.wait_for(asyncio.wrap_future(job), self.budget.timeout)
+        except TimeoutError:
+            queued = f"; {others} other grammar(s) were compiling when it arrived" if others else ""
+            raise BadRequest(f"{param}: its grammar did not compile within {self.budget.timeout:g} s, this server's "
+                             f"budget (server.grammar_timeout){queued}. Simplify it (fewer properties, alternatives, "
+                             "patterns) or ask the operator for a larger budget", param=param,
+                             code="grammar_too_complex") from None
+        except _TooLarge as e:
+            raise BadRequest(f"{param}: its grammar is {e.size} bytes, more than this server compiles "
+                             f"({self.budget.max_bytes} bytes, server.max_grammar_bytes)", param=param,
+                             code="grammar_too_large") from None
+        except EngineError as e:
+            raise BadRequest(f"{param}: {e}", param=param) from None
+
+    def _done(self, _: object) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def _compile(self, constraint: Constraint) -> None:  # on a compile thread
+        spec = constraint.spec
+        text = spec if isinstance(spec, str) else json.dumps(spec, separators=(",", ":"), ensure_ascii=False)
+        size = len(text.encode())
+        if size > self.budget.max_bytes:
+            raise _TooLarge(size)
+        self._engine.grammar().compile(constraint)
+
+    def close(self) -> None:
+        """Drop queued compiles; running ones end on their own (they cannot be interrupted)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
