@@ -99,3 +99,24 @@ def test_an_image_written_from_a_host_copy_carries_the_compile_caches(engine, tm
         assert snapshot.read_manifest(out)["compile_cache"] == "compile_cache.bin", name
         with open(os.path.join(out, "compile_cache.bin"), "rb") as f:
             assert f.read() == b"compiled kernels", name
+
+
+def test_an_image_whose_manifest_predates_the_file_list_is_stale_and_replaced(engine, tiny_model: str, tmp_path) -> None:
+    """An image written before manifests listed every file: nothing vouches for its tokenizer,
+    configs or templates, so it is not restored (the worker loads the source and writes it again)."""
+    import json
+
+    source = str(tmp_path / "source")
+    shutil.copytree(tiny_model, source)
+    path, fp, identity = _images.locate(source, "cpu", None)
+    out = _images.write(engine, path, fp, identity=identity)
+    manifest = os.path.join(out, snapshot.MANIFEST)
+    with open(manifest) as f:
+        m = json.load(f)
+    del m["files"], m["manifest_xxh3_64"]  # as an older zerostart wrote it
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    why = _images.check(out, fp, identity)
+    assert why is not None and "older zerostart" in why and "write it again" in why, why
+    _images.discard(out)  # what the writer does with a rejected image before writing its own
+    assert _images.check(_images.write(engine, path, fp, identity=identity), fp, identity) is None

@@ -163,3 +163,104 @@ def test_image_store_key_depends_on_fingerprint(model_dir):
 def test_fingerprint_fields(model_dir):
     f = fp(model_dir)
     assert isinstance(f, Fingerprint) and f.device_type == "cpu" and f.dtype == "float32" and len(f.config_sha256) == 64
+
+
+# -- every file of an image is covered by its manifest ---------------------------------------------
+
+
+@pytest.fixture
+def full_image(tmp_path, model_dir):
+    """An image of a source with every kind of file the engine reads: tokenizer and its config,
+    generation config, a chat template file and a named one, and compile caches."""
+    (model_dir / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1, "c": 2}}}))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "c"}))
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2]}))
+    (model_dir / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (model_dir / "additional_chat_templates").mkdir()
+    (model_dir / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    out = snapshot.write_image(arena_tensors(), str(model_dir), str(tmp_path / "img"), fp(model_dir),
+                               compile_cache=b"kernels")
+    return tmp_path / "img", out
+
+
+def test_the_manifest_covers_every_file_of_the_image(full_image):
+    img, out = full_image
+    m = snapshot.read_manifest(out)
+    on_disk = {str(p.relative_to(img)) for p in img.rglob("*") if p.is_file()} - {snapshot.MANIFEST}
+    assert set(m["files"]) == on_disk
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+            "additional_chat_templates/tool_use.jinja", "compile_cache.bin", "config.json",
+            "zerostart-checksums.json", "model.safetensors"} <= on_disk
+    assert m["files"]["model.safetensors"]["hashed_bytes"] == m["weights"]["data_start"]  # the header; blocks: checksums
+
+
+def _swap_two_ids(path) -> None:
+    doc = json.loads(path.read_text())
+    vocab = doc["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("name, change", [
+    ("tokenizer.json", _swap_two_ids),  # same size, two ids swapped
+    ("tokenizer_config.json", lambda p: p.write_text(p.read_text().replace('"c"', '"b"'))),
+    ("generation_config.json", lambda p: p.write_text(p.read_text().replace("2", "7"))),  # a digit changed
+    ("config.json", lambda p: p.write_text(p.read_text().replace("64", "65"))),
+    ("chat_template.jinja", lambda p: p.write_text(p.read_text().replace("content", "CONTENT"))),
+    ("additional_chat_templates/tool_use.jinja", lambda p: p.write_text("{{ TOOLS }}")),
+    ("compile_cache.bin", lambda p: p.write_bytes(b"kernelz")),
+    ("zerostart-checksums.json", lambda p: p.write_text(p.read_text().replace('"size"', '"SIZE"'))),
+])  # each the same size as before: only the checksum tells
+def test_a_changed_file_is_refused_naming_it(full_image, name, change):
+    img, out = full_image
+    change(img / name)
+    with pytest.raises(ImageError, match=f"{name} fails its checksum") as e:
+        snapshot.read_manifest(out)
+    assert not isinstance(e.value, ImageIncompatible)  # corrupt, not merely of another runtime
+    with pytest.raises(ImageError, match=name):
+        snapshot.check_compatible(out, fp(img.parent / "src"))
+
+
+def test_a_changed_weights_header_and_missing_or_added_files_are_refused(full_image):
+    img, out = full_image
+    blob = img / "model.safetensors"
+    whole = blob.read_bytes()
+    header = bytearray(whole)
+    header[20] = ord("X") if header[20] != ord("X") else ord("Y")  # inside the header: names, dtypes, offsets
+    blob.write_bytes(bytes(header))
+    with pytest.raises(ImageError, match="model.safetensors fails its checksum .its header changed"):
+        snapshot.read_manifest(out)
+    blob.write_bytes(whole[:-4096])
+    with pytest.raises(ImageError, match=r"model.safetensors is \d+ bytes where its manifest says \d+ \(truncated"):
+        snapshot.read_manifest(out)
+    blob.write_bytes(whole)
+    snapshot.read_manifest(out)
+
+    (img / "special_tokens_map.json").write_text("{}")  # a file the loader would read, not written with the image
+    with pytest.raises(ImageError, match="special_tokens_map.json not part of the image"):
+        snapshot.read_manifest(out)
+    (img / "special_tokens_map.json").unlink()
+    (img / "chat_template.jinja").unlink()
+    with pytest.raises(ImageError, match="chat_template.jinja is missing"):
+        snapshot.read_manifest(out)
+
+
+def test_an_edited_manifest_is_refused(full_image):
+    img, out = full_image
+    path = img / snapshot.MANIFEST
+    m = json.loads(path.read_text())
+    m["weights"]["spans"]["embed"][1] += 1  # a digit changed in the manifest itself
+    path.write_text(json.dumps(m))
+    with pytest.raises(ImageError, match="fails its own checksum"):
+        snapshot.read_manifest(out)
+
+
+def test_an_image_of_an_older_version_is_stale_not_trusted(full_image):
+    """Written before the file table: nothing vouches for its tokenizer, configs or templates."""
+    img, out = full_image
+    path = img / snapshot.MANIFEST
+    m = json.loads(path.read_text())
+    del m["files"], m["manifest_xxh3_64"]
+    path.write_text(json.dumps(m))
+    with pytest.raises(ImageIncompatible, match="older zerostart.*write it again"):
+        snapshot.read_manifest(out)

@@ -51,10 +51,13 @@ def model_files(source: str) -> ModelFiles:
         raise EngineError(str(e)) from None
     if not os.path.isdir(local):
         raise EngineError(f"{source}: {_NOT_A_MODEL}")
+    try:  # an image's files are verified against its manifest before any of them is read
+        image = weights.read_manifest(local) if weights.is_image(local) else None
+    except weights.ImageError as e:
+        raise EngineError(str(e)) from None
     if not os.path.isfile(os.path.join(local, "config.json")):
         raise EngineError(f"{source}: no config.json here (a Hugging Face model directory needs one)")
     cfg = ModelConfig.from_file(os.path.join(local, "config.json"))
-    image = weights.read_manifest(local) if weights.is_image(local) else None
     named = image["source"] if image and image.get("source") else source
     name = os.path.basename(os.path.normpath(named).rstrip("/")).removesuffix(".gguf")
     return ModelFiles(source, local, cfg, image, name)

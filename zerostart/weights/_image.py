@@ -12,9 +12,16 @@ An image is a directory:
                               boundary. Gaps are ``__zerostart_pad__.N`` tensors (loaded, never
                               returned).
     zerostart-checksums.json  xxh3 of every 4 MiB block, verified while the image loads
-    zerostart-image.json      the manifest: format version, fingerprint, source, layer spans
+    zerostart-image.json      the manifest: format version, fingerprint, source, layer spans,
+                              every other file's size and checksum, and its own checksum
     config.json, tokenizer*.json, generation_config.json, chat templates   (copied)
     compile_cache.bin         torch.compile artifacts, when the engine compiled
+
+Every byte of an image is covered: :func:`read_manifest` verifies the manifest's own checksum
+and every file's size and xxh3 (the weights file's header; its data section is verified block
+by block while it loads) and refuses a file the manifest does not list, before anything of the
+image is read. A manifest without the file table (written by an older zerostart) is
+:class:`ImageIncompatible`: the image is written again rather than trusted.
 
 It is written into a temporary directory and renamed into place, so a reader sees a whole
 image or none; of two concurrent writers of the same image, the first rename wins and the
@@ -39,8 +46,11 @@ FORMAT = "zerostart-image"
 VERSION = 1
 LAYOUT = "hf-names/layer-order/v1"
 _ALIGN = 4096
+# what the engine reads of a model directory besides the weights (the tokenizer also reads the
+# named templates in additional_chat_templates/)
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "chat_template.jinja", "chat_template.json")
+_COPY_DIRS = ("additional_chat_templates",)
 
 
 class ImageError(ValueError):
@@ -99,6 +109,9 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise ImageError(f"{p}: not a zerostart image manifest")
     if m.get("version") != VERSION:
         raise ImageIncompatible(f"{path}: image format version {m.get('version')} (this zerostart reads {VERSION}); write it again")
+    from zerostart.weights._image_files import verify_files
+
+    verify_files(path, m)
     return m
 
 
@@ -141,6 +154,7 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
     Returns ``out``. If ``out`` appears meanwhile (another writer won), this copy is discarded.
     """
     from zerostart.weights import _checksums
+    from zerostart.weights._image_files import seal
 
     entries, spans = _layout(tensors)
     raw, data_start = _header(entries)
@@ -156,6 +170,11 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
             src = os.path.join(model_dir, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, name))
+        for sub in _COPY_DIRS:
+            src = os.path.join(model_dir, sub)
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(tmp, sub), ignore=lambda d, names: [
+                    n for n in names if not os.path.isfile(os.path.join(d, n))])
         if compile_cache:
             with open(os.path.join(tmp, "compile_cache.bin"), "wb") as f:
                 f.write(compile_cache)
@@ -169,6 +188,7 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
         }
         if extra:
             manifest["engine"] = extra
+        seal(manifest, tmp, "model.safetensors", data_start)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         _fsync_dir(tmp)
