@@ -245,12 +245,20 @@ def test_a_changed_weights_header_and_missing_or_added_files_are_refused(full_im
         snapshot.read_manifest(out)
 
 
-def test_an_edited_manifest_is_refused(full_image):
-    img, out = full_image
+def _edit_manifest(img, edit) -> None:
     path = img / snapshot.MANIFEST
     m = json.loads(path.read_text())
-    m["weights"]["spans"]["embed"][1] += 1  # a digit changed in the manifest itself
+    edit(m)
     path.write_text(json.dumps(m))
+
+
+def test_an_edited_manifest_is_refused(full_image):
+    img, out = full_image
+
+    def one_more(m: dict) -> None:
+        m["weights"]["spans"]["embed"][1] += 1  # a digit changed in the manifest itself
+
+    _edit_manifest(img, one_more)
     with pytest.raises(ImageError, match="fails its own checksum"):
         snapshot.read_manifest(out)
 
@@ -258,9 +266,10 @@ def test_an_edited_manifest_is_refused(full_image):
 def test_an_image_of_an_older_version_is_stale_not_trusted(full_image):
     """Written before the file table: nothing vouches for its tokenizer, configs or templates."""
     img, out = full_image
-    path = img / snapshot.MANIFEST
-    m = json.loads(path.read_text())
-    del m["files"], m["manifest_xxh3_64"]
-    path.write_text(json.dumps(m))
+
+    def as_before(m: dict) -> None:
+        del m["files"], m["manifest_xxh3_64"]
+
+    _edit_manifest(img, as_before)
     with pytest.raises(ImageIncompatible, match="older zerostart.*write it again"):
         snapshot.read_manifest(out)
