@@ -111,7 +111,7 @@ def test_execute_while_load_overlaps_warmup_with_the_read(small_image, monkeypat
 
     monkeypatch.setattr(torch, "set_num_threads", set_num_threads)
     try:
-        _io.drop_page_cache([os.path.join(small_image, "model.safetensors")])
+        _io.evict_page_cache([os.path.join(small_image, "model.safetensors")])
         e = Engine.from_pretrained(small_image, config=EngineConfig(overlap_load=True))
         # the warm-up computed on one thread fewer while bytes arrived, then got both back
         assert calls == [1, 2] and torch.get_num_threads() == 2
@@ -121,7 +121,7 @@ def test_execute_while_load_overlaps_warmup_with_the_read(small_image, monkeypat
     assert prepare.detail["overlap_load"] is True
     assert warm.start < read.end, "warm-up began before the last byte arrived"
     assert warm.detail["threads_while_loading"] == 1
-    _io.drop_page_cache([os.path.join(small_image, "model.safetensors")])
+    _io.evict_page_cache([os.path.join(small_image, "model.safetensors")])
     off = Engine.from_pretrained(small_image, config=EngineConfig(overlap_load=False))
     assert off.timeline.get("prepare").detail["overlap_load"] is False
     assert off.timeline.get("warmup").start >= off.timeline.get("read").end

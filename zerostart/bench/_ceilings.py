@@ -18,22 +18,22 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from zerostart.weights import Region, drop_page_cache, open_direct, pread_into
+from zerostart.bench._env import log
+from zerostart.weights import Region, drop_all_page_caches, evict_page_cache, open_direct, pread_into
 
 _BUF = 256 << 20  # readers cycle through this much faulted-in memory
 
 
-def can_drop_caches() -> bool:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
-
-
-def drop(files: list[str]) -> None:
-    drop_page_cache(files)
+def drop(files: list[str], machine: bool = False) -> None:
+    """Make ``files`` cold: evict them (and nothing else) from the page cache; with
+    ``machine``, drop the whole machine's page cache first (root; every process's files,
+    torch's libraries included). Says so when part of a file stayed cached."""
+    if machine:
+        drop_all_page_caches()
+    for e in evict_page_cache(files):
+        if e.resident_after > 0.01:
+            log(f"  note: {e.left_bytes / 1e6:.0f} MB of {e.path} stayed in the page cache after eviction "
+                "(mapped by a running process?); its cold numbers are partly warm")
 
 
 def warm(files: list[str]) -> None:

@@ -3,7 +3,7 @@
     zerostart bench engines --model DIR --vllm-python .venvs/vllm/bin/python [--repeat 1]
                             [--rungs source,image,standby,parked] [--json FILE]
 
-Rows, interleaved round by round (page cache dropped before each cold start):
+Rows, interleaved round by round (the model's files evicted from the page cache before each cold start):
 
 - zerostart's engine from each rung of the ladder (``zerostart coldstart``'s runs: a real
   worker process answering a real completion);
@@ -53,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
     from zerostart.bench import _ceilings, _peers
     from zerostart.bench._coldstart_runs import RUNNERS, ensure_image
 
+    args.page_cache = "model"  # the rungs' runners evict the files each start reads (coldstart.PAGE_CACHE)
     rungs = [r for r in args.rungs.split(",") if r]
     rows = [r for r in args.vllm.split(",") if r]
     files = [h.path for h in weights.resolve(args.model).headers]

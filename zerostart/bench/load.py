@@ -3,8 +3,9 @@
     zerostart bench load [--model PATH | --size 2GB] [--device cpu|cuda] [--cold] [--repeat N] [--json FILE]
 
 Every trial runs in a fresh process; contestants are interleaved (the order rotates each
-round) and reported as medians. ``--cold`` drops the page cache before every cold trial (as
-root; otherwise it says so) and adds a cold column. The ceilings are measured in the same run:
+round) and reported as medians. ``--cold`` evicts the checkpoint's files from the page cache
+before every cold trial (``weights.evict_page_cache``: no root needed, no other file touched) and
+adds a cold column. The ceilings are measured in the same run:
 direct-I/O reads of the same files (cold), page-cache reads and memcpy (warm), and pinned
 host-to-device copies (CUDA).
 """
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="PATH", help="a safetensors file or Hugging Face model directory")
     src.add_argument("--size", default="2GB", help="size of the generated Llama-shaped bf16 checkpoint (default 2GB)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--cold", action="store_true", help="also time cold loads (page cache dropped before each)")
+    p.add_argument("--cold", action="store_true", help="also time cold loads (the files evicted from the page cache before each)")
     p.add_argument("--repeat", type=int, default=3, metavar="N", help="rounds of every contestant (default 3)")
     p.add_argument("--only", metavar="NAMES", help=f"comma-separated contestants (default all: {','.join(CONTESTANTS)})")
     p.add_argument("--threads", type=int, default=16, help="reader threads offered to peers that take a count (default 16)")
@@ -68,16 +69,13 @@ def main(args: argparse.Namespace) -> int:
 
     runners, extras, skipped = _prepare(names, path, files, work, args.device)
     modes = ["cold", "warm"] if args.cold else ["warm"]
-    can_drop = _ceilings.can_drop_caches()
-    if args.cold and not can_drop:
-        _log("  note: cannot drop the page cache here (needs root); 'cold' trials use POSIX_FADV_DONTNEED only")
     trials, ceilings = _race(runners, extras, modes, path, files, args)
 
     report = _summarize(trials, ceilings, runners, modes, model_bytes, args.device)
     ref = report["reference_fingerprint"]
     bad = sorted({t["contestant"] for t in trials if ref and t.get("fingerprint") not in (None, ref)})
     report.update(model=path, model_description=desc, files=len(files), bytes=model_bytes, device=args.device,
-                  repeat=args.repeat, dropped_page_cache=can_drop if args.cold else None, skipped=skipped,
+                  repeat=args.repeat, page_cache="files evicted before each cold trial" if args.cold else None, skipped=skipped,
                   mismatched=bad, environment=_environment(args.device), trials=trials)
     print(_table(report))
     if bad:

@@ -21,8 +21,8 @@ from zerostart.weights._format import Header, TensorInfo, WeightsError, parse_he
 from zerostart.weights._gguf import GgufModel, GgufTensor, is_gguf, open_gguf
 from zerostart.weights._image import (MANIFEST, Fingerprint, ImageError, ImageIncompatible, check_compatible, fingerprint,
                                       image_store, is_image, read_manifest, write_image)
-from zerostart.weights._io import (Region, align_up, drop_page_cache, map_anonymous_at, map_shared_at, open_direct,
-                                   pread_into, release_pages, touch_pages)
+from zerostart.weights._io import (Eviction, Region, align_up, drop_all_page_caches, evict_page_cache,
+                                   map_anonymous_at, map_shared_at, open_direct, pread_into, release_pages, touch_pages)
 from zerostart.weights._paths import cache_dir
 from zerostart.weights._remote import ObjectChanged, SourceError, Transport
 from zerostart.weights._reserve import arena_bytes, release_host, reserve_host, reserved_host
@@ -88,11 +88,13 @@ __all__ = [
     "is_image",
     "read_manifest",
     "write_image",
-    # host memory and file I/O (parking, benchmarks' ceilings)
+    # host memory and file I/O (parking, benchmarks' ceilings, cold starts)
+    "Eviction",
     "Region",
     "align_up",
     "arena_bytes",
-    "drop_page_cache",
+    "drop_all_page_caches",
+    "evict_page_cache",
     "map_anonymous_at",
     "map_shared_at",
     "open_direct",

@@ -1,5 +1,5 @@
-"""Low-level file and memory primitives: positional reads, direct I/O, page-cache residency,
-and page-aligned host memory regions (anonymous or file-mapped) that torch tensors can view.
+"""Low-level file and memory primitives: positional reads, direct I/O, page-cache residency and
+eviction, and page-aligned host memory regions (anonymous or file-mapped) that torch tensors can view.
 
 Linux-first: ``mincore``, ``MAP_POPULATE``, ``MAP_FIXED`` and ``MADV_HUGEPAGE`` come from libc
 through ctypes. Where something is unavailable (another OS, a filesystem without O_DIRECT) the
@@ -14,6 +14,7 @@ import mmap
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -340,22 +341,54 @@ def pread_into(fd: int, buf: memoryview, offset: int, file_size: int, path: str)
     return done
 
 
-def drop_page_cache(paths: list[str] | None = None) -> bool:
-    """Evict files from the page cache. Tries ``/proc/sys/vm/drop_caches`` (root) and falls back
-    to ``POSIX_FADV_DONTNEED`` per file. Returns True if every file ended up non-resident."""
+@dataclass(frozen=True)
+class Eviction:
+    """What :func:`evict_page_cache` did to one file: the fraction of it in the page cache
+    before and after (0..1, counted page by page)."""
+
+    path: str
+    size: int
+    resident_before: float
+    resident_after: float
+
+    @property
+    def left_bytes(self) -> int:
+        """Bytes of the file still cached: pages another process maps, or dirty pages that a
+        concurrent writer made after the flush, stay."""
+        return int(self.resident_after * self.size)
+
+
+def evict_page_cache(paths: list[str]) -> list[Eviction]:
+    """Evict these files, and nothing else, from the page cache: each is flushed (``fsync``:
+    dirty pages cannot be dropped) and advised ``POSIX_FADV_DONTNEED``, then its residency is
+    counted (``cachestat`` or ``mincore``). Needs no privilege and leaves every other file's
+    cache as it was. Pages that a process maps stay cached (the kernel keeps them): the
+    result says how much stayed, per file."""
+    out = []
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            before = residency(fd, size, exact=True)
+            os.fsync(fd)  # (allowed on a read-only descriptor on Linux)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            out.append(Eviction(p, size, before, residency(fd, size, exact=True)))
+        finally:
+            os.close(fd)
+    return out
+
+
+def drop_all_page_caches() -> None:
+    """Drop the whole machine's page cache (and dentries and inodes) through
+    ``/proc/sys/vm/drop_caches``, as after a reboot: every process's files, Python's and torch's
+    libraries included, are read from disk again, which slows everything else running on the
+    machine. Root only; raises ``PermissionError`` saying so. Prefer
+    :func:`evict_page_cache` for a model's own files."""
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-    except OSError:
-        pass
-    ok = True
-    for p in paths or []:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            ok = ok and residency(fd, os.fstat(fd).st_size, exact=True) < 0.01
-        finally:
-            os.close(fd)
-    return ok
+    except OSError as e:
+        raise PermissionError(e.errno, "dropping the machine's page cache needs root (writing "
+                              f"/proc/sys/vm/drop_caches failed: {e.strerror})") from None
