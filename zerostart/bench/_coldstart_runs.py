@@ -108,12 +108,17 @@ def _timeline_from(w: _Worker, start: float, end: float, include_spawn: bool, si
     return t.to_dict()
 
 
-def _run_fresh(rung: str, path: str, args, files: list[str]) -> dict:
-    """A cold start in a new worker process loading ``path`` (the source or the ready image)."""
+def _make_cold(files: list[str], args) -> None:
+    """The files a start reads made cold as ``--page-cache`` says (coldstart.PAGE_CACHE)."""
     from zerostart.bench import _ceilings
 
-    if args.page_cache == "cold":
-        _ceilings.drop(files)
+    if args.page_cache != "warm":
+        _ceilings.drop(files, machine=args.page_cache == "machine")
+
+
+def _run_fresh(rung: str, path: str, args, files: list[str]) -> dict:
+    """A cold start in a new worker process loading ``path`` (the source or the ready image)."""
+    _make_cold(files, args)
     w = _Worker(path, args, images="off")
     try:
         w.wait_ready()
@@ -135,15 +140,13 @@ def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
 
 
 def _run_standby(model: str, image: str | None, args, files: list[str], reserve: bool = False) -> dict:
-    from zerostart.bench import _ceilings
     from zerostart.weights import arena_bytes
 
     nbytes = arena_bytes(files) if reserve and args.device == "cpu" else 0  # covers the image's arena
     w = _Worker(None, args, standby=True, reserve=nbytes)
     try:
         w.wait_ready(want="standby")
-        if args.page_cache == "cold":
-            _ceilings.drop(files)
+        _make_cold(files, args)
         start = time.perf_counter()
         status, body = w.call("POST", "/zerostart/load", {"model": image, "device": args.device, "dtype": args.dtype,
                                                           "images": "off"})

@@ -1,28 +1,31 @@
 """``zerostart coldstart``: real cold starts of a model from each rung of the cold ladder.
 
     zerostart coldstart --model PATH [--from source|image|standby|reserve|parked ...] [--repeat N]
-                        [--device cpu|cuda] [--page-cache cold|warm] [--json FILE] [--chart FILE.png]
+                        [--device cpu|cuda] [--page-cache model|machine|warm] [--json FILE] [--chart FILE.png]
 
 Each start is a real worker process (the one the server runs) answering a real completion:
 
-- source   spawn a worker on the checkpoint (page cache dropped first)
-- image    spawn a worker on the model's ready image (dropped first; written once, untimed)
+- source   spawn a worker on the checkpoint
+- image    spawn a worker on the model's ready image (written once, untimed)
 - standby  hand the model (its image) to a spare worker that already imported torch and
            initialized the device (the spare's own start is not timed: it happened earlier)
 - reserve  the same, with a spare that also faulted in host memory for the arena while it
            waited (CPU; ``server.standby_reserve``), so the image is read into memory in place
 - parked   wake a worker whose weights were parked in host RAM
 
-and the clock stops at the first token of a completion request. ``--page-cache warm`` leaves
-the page cache alone instead of dropping it before each start: the files (and torch's
-libraries) stay cached, as on a server that has been running, whose wake times a trace
-replay predicts with (``zerostart replay --coldstart``). Phases come from the worker's
-own timeline (spawn, import, device_init, read, copy, prepare, warmup, wake) plus the
-gateway-side first token, on one clock. The table prints, for the phases that move bytes,
-GB/s and the fraction of the ceiling measured in the same run (direct-I/O cold reads of the
-same files for source/image/standby, memcpy or pinned host->device for parked), and for each
-rung the floor: bytes / ceiling plus the fixed costs that rung cannot skip.
+and the clock stops at the first token of a completion request. Before each start the files it
+reads are made cold as ``--page-cache`` says (:data:`PAGE_CACHE`): by default only the model's
+own files (checkpoint or image) are evicted, which needs no root and leaves every other
+process's cache alone; ``machine`` drops the whole machine's page cache as root (torch's
+libraries too, as after a reboot); ``warm`` leaves it alone, as on a server that has been
+running, whose wake times a trace replay predicts with (``zerostart replay --coldstart``).
+Phases come from the worker's own timeline (spawn, import, device_init, read, copy, prepare,
+warmup, wake) plus the gateway-side first token, on one clock. The table prints, for the
+phases that move bytes, GB/s against the ceiling measured in the same run (direct-I/O cold reads
+of the same files for source/image/standby, memcpy or pinned host->device for parked), and for
+each rung its floor: bytes / ceiling plus the fixed costs that rung cannot skip.
 """
+
 
 from __future__ import annotations
 
@@ -38,6 +41,14 @@ from zerostart.bench._env import log as _log
 RUNGS = ["source", "image", "standby", "reserve", "parked"]
 LABELS = {"source": "source", "image": "image", "standby": "standby+image", "reserve": "standby+reserve",
           "parked": "parked"}
+# --page-cache: what is made cold before each start (and before the ceilings are measured)
+PAGE_CACHE = {
+    "model": "evict only the files the start reads (checkpoint or image) from the page cache: no root needed, "
+             "other processes' cached files stay (torch's libraries too, so import is warm)",
+    "machine": "drop the whole machine's page cache (/proc/sys/vm/drop_caches, root only): every file of every "
+               "process is read from disk again, torch's libraries included; slows everything else on the machine",
+    "warm": "leave the page cache alone, as on a server that has been running",
+}
 PHASE_ORDER = ["spawn", "import", "device_init", "read", "copy", "prepare", "warmup", "wake", "first_token"]
 
 
@@ -48,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, help="cold starts per rung (default 3; medians reported)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", help="weights dtype (default: the engine's default for the device)")
-    p.add_argument("--page-cache", choices=["cold", "warm"], default="cold",
-                   help="cold: drop the page cache before each start (default); warm: leave it, as on a running server")
+    p.add_argument("--page-cache", choices=list(PAGE_CACHE), default="model",
+                   help="what is made cold before each start: " + "; ".join(f"{k}: {v}" for k, v in PAGE_CACHE.items())
+                   + " (default: model)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="length of the first request's prompt (default 16)")
     p.add_argument("--json", metavar="FILE", help="write every run and the medians (the format `simulate --coldstart` reads)")
     p.add_argument("--chart", metavar="FILE.png", help="draw a phase timeline per rung")
@@ -64,6 +76,9 @@ def main(args: argparse.Namespace) -> int:
     rungs = args.rungs or RUNGS
     if args.repeat < 1:
         raise SystemExit("zerostart: error: --repeat must be at least 1")
+    if args.page_cache == "machine" and os.geteuid() != 0:
+        raise SystemExit("zerostart: error: --page-cache machine drops the whole machine's page cache, which needs "
+                         "root; --page-cache model (the default) evicts only the model's files and needs none")
     model = args.model
     ck = weights.open_source(model)  # resolves (and for remote sources, lists) without loading
     if ck.gguf is not None:  # the stored (quantized) bytes are what a load from the source reads
@@ -84,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     local_files = [f for f in files if os.path.exists(f)]
     for rnd in range(args.repeat):
         _log(f"round {rnd + 1}/{args.repeat}")
-        cold = args.page_cache == "cold" and bool(local_files or image_files)
+        cold = args.page_cache != "warm" and bool(local_files or image_files)
         for k, v in _ceilings.measure(local_files or image_files, args.device, cold=cold).items():
             ceilings.setdefault(k, []).append(v)
         for rung in rungs:
@@ -155,20 +170,25 @@ def _ceiling_for(phase: str, rung: str, device: str, c: dict) -> float | None:
 
 def _table(rep: dict) -> str:
     c = rep["ceilings_gbps"]
-    lines = [f"zerostart coldstart: {rep['model']} ({rep['bytes'] / 1e9:.2f} GB), device {rep['device']}, "
-             f"page cache {rep.get('page_cache', 'cold')}, medians"]
+    mode = rep.get("page_cache", "model")
+    lines = [f"zerostart coldstart: {rep['model']} ({rep['bytes'] / 1e9:.2f} GB), device {rep['device']}, medians",
+             f"page cache: {mode} ({PAGE_CACHE.get(mode, '').split(':')[0]})"]
     parts = []
     if "cold_read" in c:
-        parts.append(f"cold read {c['cold_read']:.2f} GB/s (into fresh memory {c.get('cold_fresh', 0):.2f})")
+        parts.append(f"direct-I/O read of the same files {c['cold_read']:.2f} GB/s (into fresh memory "
+                     f"{c.get('cold_fresh', 0):.2f} GB/s)")
     elif "warm_read" in c:
-        parts.append(f"warm read {c['warm_read']:.2f} GB/s (page cache)")
+        parts.append(f"read of the same files from the page cache {c['warm_read']:.2f} GB/s")
     if "memcpy" in c:
         parts.append(f"memcpy {c['memcpy']:.2f} GB/s")
     if "pinned_h2d" in c:
         parts.append(f"pinned host->device {c['pinned_h2d']:.2f} GB/s")
     lines.append("ceilings: " + "; ".join(parts))
     present = [p for p in PHASE_ORDER if any(p in r.get("phases", {}) for r in rep["rungs"].values())]
-    head = f"{'rung':<16}" + "".join(f" {p:>11}" for p in present) + f" {'total':>8} {'floor':>7} {'of floor':>8}"
+    lines.append(f"{'':<16} {'phases (seconds; they may overlap)':<{12 * len(present) - 1}} {'first':>7} "
+                 f"{'best':>9} {'reached':>8}")
+    head = (f"{'rung':<16}" + "".join(f" {p:>11}" for p in present)
+            + f" {'token s':>7} {'possible':>9} {'of best':>8}")
     lines += [head, "-" * len(head)]
     for r in rep["rungs"].values():
         if "error" in r:
@@ -178,22 +198,34 @@ def _table(rep: dict) -> str:
         for p in present:
             m = r["phases"].get(p)
             row += f" {m['seconds']:>11.3f}" if m else f" {'-':>11}"
-        of_floor = f"{r['of_floor'] * 100:>7.0f}%" if r.get("of_floor") else f"{'-':>8}"
-        row += f" {r['median_s']:>8.3f} {r['floor_s']:>7.3f} {of_floor}"
+        reached = f"{r['of_floor'] * 100:>7.0f}%" if r.get("of_floor") else f"{'-':>8}"
+        best = f"{r['floor_s']:>8.3f}s" if r["floor_s"] else f"{'-':>9}"  # (no ceiling applies: a CPU wake)
+        row += f" {r['median_s']:>7.3f} {best} {reached}"
         lines.append(row)
-    lines.append("phases in seconds (they may overlap: warm-up runs while the last layers load); bytes moved:")
+    lines.append("best possible: the bytes the rung moves at the ceiling measured above, plus the fixed costs it pays "
+                 "(spawn, import, device init); reached: best possible / first token (100% = at the limit)")
+    moved = []
     for rung, r in rep["rungs"].items():
         for name in ("read", "copy", "wake"):
             m = r.get("phases", {}).get(name)
-            if m and m.get("gbps"):
-                of = f", {m['of_ceiling'] * 100:.0f}% of {m['ceiling_gbps']:.2f} GB/s" if m.get("of_ceiling") else ""
-                extra = ""
-                if name == "read" and c.get("cold_fresh") and rung != "parked":
-                    extra = f" ({m['gbps'] / c['cold_fresh'] * 100:.0f}% of the fresh-memory read)"
-                if name == "wake" and not rep["device"].startswith("cuda"):
-                    extra = " (the parked file mapped back in place: page tables filled, nothing copied)"
-                lines.append(f"  {r['label']:<16} {name:<5} {m['bytes'] / 1e9:6.2f} GB at {m['gbps']:6.2f} GB/s{of}{extra}")
-    lines.append("floor: bytes / ceiling + the fixed costs the rung pays (spawn, import, device init)")
+            if not (m and m.get("gbps")):
+                continue
+            line = f"  {r['label']:<16} {name:<5} {m['bytes'] / 1e9:6.2f} GB at {m['gbps']:6.2f} GB/s"
+            if m.get("of_ceiling"):
+                what = ("pinned host->device copy" if name in ("copy", "wake") else
+                        "direct-I/O read of the same files" if "cold_read" in c else "page-cache read of the same files")
+                line += f" = {m['of_ceiling'] * 100:.0f}% of a {what} ({m['ceiling_gbps']:.2f} GB/s)"
+                if m["of_ceiling"] > 1.05 and name == "read":
+                    line += (": faster than that read in this run (buffered reads with readahead can be; "
+                             "on small files both are noise)")
+            if name == "read" and c.get("cold_fresh") and rung != "parked":
+                line += f"; {m['gbps'] / c['cold_fresh'] * 100:.0f}% of that read into fresh memory"
+            if name == "wake" and not rep["device"].startswith("cuda"):
+                line += " (the parked file mapped back in place: page tables filled, nothing copied)"
+            moved.append(line)
+    if moved:
+        lines.append("bytes moved (medians):")
+        lines += moved
     return "\n".join(lines)
 
 

@@ -1,0 +1,73 @@
+"""``zerostart coldstart`` on a shared machine: it makes only the model's own files cold (the
+other processes' page cache stays), the machine-wide drop is an explicit, root-only choice, and
+``--help`` says what each mode does."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zerostart.bench import coldstart
+from zerostart.bench._coldstart_runs import _make_cold
+
+from tests.serve._helpers import child_env
+from tests.weights.test_page_cache import SIZE, cached_fraction, warm
+
+
+def _bystander(tmp_path) -> str:
+    path = str(tmp_path / "another-process-file.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(SIZE))
+        f.flush()
+        os.fsync(f.fileno())
+    warm(path)
+    if cached_fraction(path) < 0.9:
+        pytest.skip("this filesystem does not keep files in the page cache")
+    return path
+
+
+def test_the_default_makes_only_the_files_of_the_start_cold(tiny_model: str, tmp_path) -> None:
+    bystander = _bystander(tmp_path)
+    model = os.path.join(tiny_model, "model.safetensors")
+    warm(model)
+    _make_cold([model], argparse.Namespace(page_cache="model"))
+    assert cached_fraction(model) < 0.01 and cached_fraction(bystander) > 0.99
+    warm(model)
+    _make_cold([model], argparse.Namespace(page_cache="warm"))
+    assert cached_fraction(model) > 0.99
+
+
+def test_the_machine_wide_drop_is_refused_without_root(tiny_model: str, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    p = argparse.ArgumentParser()
+    coldstart.add_arguments(p)
+    with pytest.raises(SystemExit, match="needs root; --page-cache model"):
+        coldstart.main(p.parse_args(["--model", tiny_model, "--page-cache", "machine"]))
+
+
+def test_help_says_what_each_mode_does() -> None:
+    r = subprocess.run([sys.executable, "-m", "zerostart", "coldstart", "--help"], env=child_env(), capture_output=True,
+                       text=True, check=True)
+    text = " ".join(r.stdout.split())
+    assert "model: evict only the files the start reads" in text and "no root needed" in text
+    assert "machine: drop the whole machine's page cache" in text and "root only" in text
+    assert "warm: leave the page cache alone" in text and "(default: model)" in text
+
+
+@pytest.mark.slow
+def test_coldstart_leaves_other_files_cached(tiny_model: str, tmp_path) -> None:
+    """A whole run (ceilings measured cold, a real worker started from the evicted checkpoint):
+    a file of another process stays in the page cache throughout."""
+    bystander = _bystander(tmp_path)
+    out = tmp_path / "cs.json"
+    r = subprocess.run([sys.executable, "-m", "zerostart", "coldstart", "--model", tiny_model, "--from", "source",
+                        "--repeat", "1", "--json", str(out)], env=child_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert cached_fraction(bystander) > 0.99
+    assert "page cache: model" in r.stdout and "best possible" in r.stdout and "of floor" not in r.stdout
+    assert out.read_text().count('"page_cache": "model"') == 1
