@@ -16,6 +16,8 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve",): ("zerostart.serve._cli", "run the OpenAI-compatible gateway (scale-to-zero replicas), "
                                          "on this machine or a Ray cluster"),
+    ("status",): ("zerostart.serve._cli_status", "show a running gateway's models: rung, memory, requests, "
+                                                 "last cold start"),
     ("generate",): ("zerostart.engine._cli_generate", "generate text from a model on the command line"),
     ("demo-model",): ("zerostart.engine._cli_demo", "write a random-weights demo checkpoint (Hugging Face layout)"),
     ("snapshot",): ("zerostart.snapshot._cli", "write a ready image of a model"),

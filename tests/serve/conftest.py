@@ -28,3 +28,13 @@ def ref(tiny_model: str):
     e = Engine.from_pretrained(tiny_model)
     yield e
     e.stop()
+
+
+@pytest.fixture(scope="module")
+def ladder_fleet(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
+    """A gateway with a model on each rung of the cold ladder (``tests/serve/_ladder.py``)."""
+    from tests.serve import _ladder
+
+    gw = _ladder.start(tiny_model, str(tmp_path_factory.mktemp("ladder")))
+    yield gw
+    gw.stop()

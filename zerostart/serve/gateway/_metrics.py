@@ -6,10 +6,14 @@ memory) are read from the fleet at scrape time, so they are never stale. Beside 
 (``vllm:prompt_tokens_total{model_name}``, ...), so vLLM's dashboards and autoscaling rules
 read a zerostart gateway as they read vLLM; they come from each worker's
 ``control.RequestStats`` and live in the gateway, so scaling to zero loses none of them.
+The latest cold starts, phase by phase, are kept too (:meth:`Metrics.recent`) for the status
+route and the dashboard.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -32,6 +36,7 @@ _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 _VLLM = ["model_name"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RECENT_COLD_STARTS = 20  # the latest cold starts the status route lists
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,19 @@ class ModelGauges:
     in_flight: int
     in_flight_by_replica: dict[str, int]  # the worker's pid -> requests it serves
     oldest_in_flight_s: float  # how long the oldest request in flight has been served (0: none)
+
+
+@dataclass(frozen=True)
+class ColdStartRecord:
+    """One cold start that reached ready. ``timeline`` is the replica's own: a first token
+    served later still lands on it."""
+
+    model: str
+    rung: str
+    timeline: Timeline
+    ready_s: float
+    ahead: bool
+    at_unix: float
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,7 @@ class Metrics:
             self.cold_starts.labels(name, "source")
             self.prompt_tokens.labels(name)
             self.generation_tokens.labels(name)
+        self.recent: deque[ColdStartRecord] = deque(maxlen=RECENT_COLD_STARTS)  # newest first
         r.register(_FleetCollector(models_now, devices_now, standby_now))
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux)
 
@@ -120,6 +139,7 @@ class Metrics:
         self.itl.add(model, stats.itl_counts, stats.itl_sum)
 
     def observe_cold_start(self, model: str, rung: str, timeline: Timeline, ready_s: float, *, ahead: bool) -> None:
+        self.recent.appendleft(ColdStartRecord(model, rung, timeline, ready_s, ahead, time.time()))
         self.cold_starts.labels(model, rung).inc()
         if ahead:
             self.climbs_ahead.labels(model, rung).inc()
@@ -129,6 +149,17 @@ class Metrics:
 
     def observe_first_token(self, model: str, rung: str, seconds: float) -> None:
         self.cold_start_phase.labels(model, rung, "first_token").observe(seconds)
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """Per model: requests counted (every status) and cold starts that reached ready, since
+        the gateway started (what the dashboard's rates are differences of)."""
+        out: dict[str, list[int]] = {}
+        for i, counter in enumerate((self.requests, self.cold_starts)):
+            for family in counter.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        out.setdefault(sample.labels["model"], [0, 0])[i] += int(sample.value)
+        return {model: (n[0], n[1]) for model, n in out.items()}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,8 @@ from zerostart.serve.gateway._state import ALIVE, WARM, State, model_state
 
 if TYPE_CHECKING:
     from zerostart.policy import Decision, Policy
+    from zerostart.serve.control import ImageReport
+    from zerostart.telemetry import Timeline
 
 log = logging.getLogger("zerostart.serve")
 
@@ -210,8 +212,7 @@ class Model:
         from zerostart.policy import ModelView, Rung
 
         assert self.policy is not None
-        rung = Rung.HOT if self.warm() else Rung.PARKED if any(
-            r.state in (State.PARKING, State.PARKED) for r in self.replicas) else Rung.IMAGE if self.has_image else Rung.ZERO
+        rung = Rung(self.rung())
         rungs = tuple(r for r in (Rung.HOT, Rung.PARKED, Rung.IMAGE, Rung.ZERO)
                       if r.value not in self.missing_rungs and (r is not Rung.PARKED or self.can_park))
         view = ModelView(name=self.name, rung=rung,
@@ -221,16 +222,29 @@ class Model:
 
     # -- what is going on -------------------------------------------------------------------
 
-    def status(self, now: float) -> dict[str, Any]:
-        """This model's entry in ``GET /zerostart/status``."""
+    def rung(self) -> str:
+        """Where it rests on the cold ladder now (``serve._status.RUNGS``): hot while a replica
+        holds it on its device (or climbs to), parked while one is parked (or parking), else
+        image once a start used or wrote a ready image, else zero."""
+        if self.warm():
+            return "hot"
+        if any(r.state in (State.PARKING, State.PARKED) for r in self.replicas):
+            return "parked"
+        return "image" if self.has_image else "zero"
+
+    def status(self, now: float, requests: int = 0, cold_starts: int = 0) -> dict[str, Any]:
+        """This model's entry in ``GET /zerostart/status`` (``serve._status.ModelStatus``);
+        ``requests`` and ``cold_starts``: its counts since the gateway started."""
         return {
             "name": self.name,
             "state": self.state.value,
+            "rung": self.rung(),
             "replicas": len(self.replicas),
             "queued": len(self.waiters),
             "in_flight": self.in_flight,
             "device": self.cfg.device,
             "backend": self.cfg.backend,
+            "memory_bytes": sum(r.reserved_bytes for r in self.replicas),
             "memory_estimate_bytes": self.estimate,
             "memory_estimate_source": self.estimate_source,
             "memory_share_bytes": self.share,
@@ -242,7 +256,9 @@ class Model:
             "last_error": self.last_error,
             "backoff_s": round(max(0.0, self.backoff_until - now), 3),
             "oldest_in_flight_s": round(max((r.oldest_request_s(now) for r in self.replicas), default=0.0), 3),
+            "requests": requests, "cold_starts": cold_starts,
             "workers": [{"pid": r.pid, "state": r.state.value, "rung": r.rung, "address": r.address,
+                         "memory_bytes": r.reserved_bytes,
                          "in_flight": r.in_flight, "oldest_in_flight_s": round(r.oldest_request_s(now), 3),
                          "idle_s": round(now - r.last_active, 3) if r.state in (State.HOT, State.PARKED)
                          and not r.in_flight else 0.0,
@@ -265,13 +281,17 @@ class Model:
         r = self.last_cold_start
         if r is None:
             return None
-        d = r.timeline.to_dict()
-        d.pop("label", None)
-        image = r.image.to_json() if r.image is not None else None
-        out = {"rung": r.rung, "ready_s": round(self.last_cold_s or 0.0, 6), **d, "image": image}
-        if r.rung.startswith("standby+") and r.standby_record is not None:
-            out["standby"] = r.standby_record  # the spare's own start, paid before this cold start
-        return out
+        standby = r.standby_record if r.rung.startswith("standby+") else None  # the spare's own start, paid before
+        return cold_start_json(r.rung, self.last_cold_s or 0.0, r.timeline, r.image, standby)
+
+
+def cold_start_json(rung: str, ready_s: float, timeline: Timeline, image: ImageReport | None = None,
+                    standby: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A cold start as ``serve._status.ColdStart`` has it."""
+    d = timeline.to_dict()
+    d.pop("label", None)
+    return {"rung": rung, "ready_s": round(ready_s, 6), **d, "image": image.to_json() if image is not None else None,
+            "standby": standby}
 
 
 def _policy_parks(policy: Policy) -> bool:
