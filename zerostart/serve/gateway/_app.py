@@ -3,7 +3,8 @@
 Routes: ``GET /v1/models``; ``POST /v1/chat/completions``, ``/v1/completions``,
 ``/v1/embeddings``, ``/tokenize``, ``/detokenize`` (proxied to a worker, streamed through chunk
 by chunk: ``_proxy.py``); ``/v1/responses`` (``_responses_route.py``); ``GET /health``,
-``/ping``, ``/version``, ``/metrics``, ``/zerostart/status``. Every response carries
+``/ping``, ``/version``, ``/metrics``, ``/zerostart/status``, and the dashboard's page at
+``/zerostart/`` (``_dashboard.py``). Every response carries
 ``x-zerostart-cold-start-ms``: how long the request waited for its model to start (0 when it
 was hot). CORS only when ``server.cors.allow_origins`` lists origins. This package never
 imports torch.
@@ -26,6 +27,7 @@ from zerostart import __version__
 from zerostart.serve._config import ServeConfig
 from zerostart.serve._http import App, Bounds, Guard
 from zerostart.serve._openai_schema import ROUTES
+from zerostart.serve.gateway import _dashboard
 from zerostart.serve.gateway._auth import Headers
 from zerostart.serve.gateway._fleet import Fleet
 from zerostart.serve.gateway._metrics import CONTENT_TYPE
@@ -55,13 +57,14 @@ def create_app(config: ServeConfig, fleet: Fleet | None = None) -> Starlette:
         Route("/v1/responses/{response_id}", responses.get, methods=["GET"]),
         Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
         *(Route(path, proxy.generate, methods=["POST"]) for path in ROUTES),
+        *_dashboard.routes(s.dashboard),
     ]
     app = App(routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_exception})
     app.state.fleet = gw.fleet
     app.add_middleware(Guard, bounds=Bounds(s.max_body_bytes, s.body_timeout, s.request_timeout), drain=fleet.drained,
                        observe=proxy.observe)
     open_paths = frozenset({"/health", "/ping"} | (set() if s.metrics_auth else {"/metrics"}))
-    app.add_middleware(Headers, api_keys=tuple(s.api_keys), open_paths=open_paths)
+    app.add_middleware(Headers, api_keys=tuple(s.api_keys), open_paths=open_paths, browser_prefix=_dashboard.PREFIX)
     if s.cors.allow_origins:  # outermost: preflights are answered before auth, and errors carry the headers
         app.add_middleware(CORSMiddleware, allow_origins=s.cors.allow_origins, allow_methods=s.cors.allow_methods,
                            allow_headers=s.cors.allow_headers, allow_credentials=s.cors.allow_credentials,
