@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -27,10 +28,39 @@ def test_demo_model_is_created_once(tmp_path, monkeypatch) -> None:
     assert ensure_demo_model(again, size="tiny") == path and again.getvalue() == ""
 
 
+def test_an_older_second_copy_of_the_demo_is_removed(tiny_model: str, tmp_path, monkeypatch) -> None:
+    from zerostart.engine.demo import MARKER, smollm2_default_dir
+
+    monkeypatch.setenv("ZEROSTART_CACHE_DIR", str(tmp_path))
+    assert demo_model_dir() == smollm2_default_dir()  # the one copy `zerostart demo-model` writes too
+    shutil.copytree(tiny_model, demo_model_dir())
+    old = tmp_path / "demo" / "smollm2"  # where earlier versions converted SmolLM2 a second time
+    shutil.copytree(tiny_model, old)
+    (old / MARKER).write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "dtype": "bfloat16"}))
+    other = tmp_path / "demo" / "tiny"  # a random-weights demo stays
+    shutil.copytree(tiny_model, other)
+    out = io.StringIO()
+    assert ensure_demo_model(out) == demo_model_dir()
+    assert not old.exists() and other.exists() and "an older second copy" in out.getvalue()
+    assert sorted(os.listdir(tmp_path / "demo")) == sorted([os.path.basename(demo_model_dir()), "tiny"])
+
+
+@pytest.mark.slow
+def test_demo_model_and_serve_share_one_copy(tmp_path, monkeypatch) -> None:
+    """`zerostart demo-model` and the server's demo convert SmolLM2 into the same directory, once."""
+    monkeypatch.setenv("ZEROSTART_CACHE_DIR", str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "zerostart", "demo-model"], env={**child_env(), "ZEROSTART_CACHE_DIR":
+                       str(tmp_path)}, capture_output=True, text=True, check=True)
+    written = r.stdout.strip()
+    out = io.StringIO()
+    assert ensure_demo_model(out) == written == demo_model_dir() and out.getvalue() == ""  # nothing converted again
+    assert os.listdir(tmp_path / "demo") == [os.path.basename(written)]
+
+
 def test_serve_without_a_model_serves_the_demo(tiny_model: str, tmp_path, monkeypatch) -> None:
     cache = tmp_path / "cache"
-    shutil.copytree(tiny_model, cache / "demo" / "smollm2")  # stands in for SmolLM2 converted on an earlier run
     monkeypatch.setenv("ZEROSTART_CACHE_DIR", str(cache))
+    shutil.copytree(tiny_model, demo_model_dir())  # stands in for SmolLM2 converted on an earlier run
     gw = Gateway({}, str(tmp_path), extra_args=["--idle-timeout", "30s"])
     try:
         banner = "".join(gw.log)

