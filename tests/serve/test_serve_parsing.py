@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zerostart.serve._errors import BadRequest
-from zerostart.serve._openai_schema import ChatCompletionRequest, CompletionRequest, _Request, parse_request
+from zerostart.serve._openai_schema import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest,
+                                           _Request, parse_request)
 
 from tests.serve._fuzz import body as _body
 
@@ -71,3 +72,28 @@ def test_what_strict_types_still_accept() -> None:
     ok = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": ["a", "b"], "temperature": 1, "n": 3,
                                                       "seed": -(2**63), "top_p": 1, "stop": ["x"] * 16}).encode())
     assert ok.temperature == 1.0 and ok.seed == -(2**63) and ok.sequences == 6
+
+
+@pytest.mark.parametrize("schema, body, param", [
+    (CompletionRequest, {"logit_bias": {"50256": -100}}, "logit_bias"),
+    (CompletionRequest, {"suffix": "end"}, "suffix"),
+    (CompletionRequest, {"best_of": 3}, "best_of"),
+    (CompletionRequest, {"max_tokens": 0}, "max_tokens"),
+    (ChatCompletionRequest, {"top_logprobs": 2}, "top_logprobs"),
+    (ChatCompletionRequest, {"tool_choice": "required"}, "tool_choice"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages"),
+    (EmbeddingRequest, {"input": "x", "stream": True}, "stream"),
+    (TokenizeRequest, {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+])
+def test_checks_of_the_whole_body_name_their_field(schema: type[Any], body: dict[str, Any], param: str) -> None:
+    """A check that needs several fields (a model validator) still says which one is wrong, as
+    ``param`` and first in the message (``"param": null`` once)."""
+    base: dict[str, Any] = {"model": "m"}
+    if schema is CompletionRequest:
+        base["prompt"] = "x"
+    elif schema is ChatCompletionRequest:
+        base["messages"] = [{"role": "user", "content": "x"}]
+    with pytest.raises(BadRequest) as e:
+        parse_request(schema, json.dumps({**base, **body}).encode())
+    assert e.value.param == param and e.value.message.startswith(param), e.value.message

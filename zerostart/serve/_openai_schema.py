@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +36,16 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
     "prediction": (None,),
 }
+
+
+class FieldError(ValueError):
+    """A check of the whole body that is about one field (``field`` may be a path such as
+    ``messages[2].content``): a model validator's error has no location of its own, and the
+    400 names the field (``param``) from this."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's range for seed (a signed 64-bit integer)
@@ -130,9 +141,9 @@ class _Request(_Body):
     def _refuse_unsupported(self) -> "_Request":
         for key, value in (self.model_extra or {}).items():
             if key in _UNSUPPORTED and value not in _UNSUPPORTED[key]:
-                raise ValueError(f"{key}: not supported by this server")
+                raise FieldError(key, "not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of: not supported by this server (leave it unset or equal to n)")
+            raise FieldError("best_of", "not supported by this server (leave it unset or equal to n)")
         return self
 
     @field_validator("stop")
@@ -257,12 +268,12 @@ class ChatCompletionRequest(_Request):
     @model_validator(mode="after")
     def _texts(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs: needs logprobs set to true")
+            raise FieldError("top_logprobs", "needs logprobs set to true")
         for i, m in enumerate(self.messages):
             try:
                 m.text()
             except ValueError as e:
-                raise ValueError(f"messages[{i}].content: {e}") from None
+                raise FieldError(f"messages[{i}].content", str(e)) from None
         return self
 
     @model_validator(mode="after")
@@ -270,13 +281,13 @@ class ChatCompletionRequest(_Request):
         choice = self.forced_tool
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
+            raise FieldError("tools", "function names must be unique")
         if choice is not None and not names:
-            raise ValueError(f"tool_choice: {choice!r} needs tools")
+            raise FieldError("tool_choice", f"{choice!r} needs tools")
         if choice not in (None, "required") and choice not in names:
-            raise ValueError(f"tool_choice: function {choice!r} is not among the tools ({', '.join(names)})")
+            raise FieldError("tool_choice", f"function {choice!r} is not among the tools ({', '.join(names)})")
         if choice is not None and self.response_format is not None and self.response_format.constrained:
-            raise ValueError("response_format: cannot be combined with a forced tool_choice (one grammar per request)")
+            raise FieldError("response_format", "cannot be combined with a forced tool_choice (one grammar per request)")
         return self
 
     @property
@@ -308,7 +319,7 @@ class CompletionRequest(_Request):
     @model_validator(mode="after")
     def _scoring(self) -> "CompletionRequest":
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens: 0 needs echo (scoring a prompt); otherwise at least 1")
+            raise FieldError("max_tokens", "0 needs echo (scoring a prompt); otherwise at least 1")
         return self
 
     @property
@@ -359,15 +370,15 @@ class EmbeddingRequest(_Body):
     @model_validator(mode="after")
     def _check(self) -> "EmbeddingRequest":
         if self.stream:
-            raise ValueError("stream: embeddings are not streamed")
+            raise FieldError("stream", "embeddings are not streamed")
         p = self.input
         if isinstance(p, list) and (not p or any(isinstance(x, (list, str)) and not x for x in p)):
-            raise ValueError("input: must not be empty (nor any of its items)")
+            raise FieldError("input", "must not be empty (nor any of its items)")
         if isinstance(p, str) and not p:
-            raise ValueError("input: must not be empty")
+            raise FieldError("input", "must not be empty")
         if isinstance(p, list) and any(isinstance(x, int) and x < 0 or isinstance(x, list) and any(t < 0 for t in x)
                                        for x in p):
-            raise ValueError("input: token ids must be non-negative")
+            raise FieldError("input", "token ids must be non-negative")
         return self
 
     def inputs(self) -> list[str | list[int]]:
@@ -394,7 +405,7 @@ class TokenizeRequest(_Body):
     @model_validator(mode="after")
     def _one(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("prompt: send either prompt (text) or messages (a chat)")
+            raise FieldError("prompt", "send either prompt (text) or messages (a chat)")
         return self
 
 
@@ -445,7 +456,13 @@ def parse_request(schema: type[B], raw: bytes) -> B:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = "this field is required"
-        param = str(err["loc"][0]) if err["loc"] else None
+        cause = (err.get("ctx") or {}).get("error")
+        if err["loc"]:
+            param: str | None = str(err["loc"][0])
+        elif isinstance(cause, FieldError):  # the top-level field a whole-body check is about
+            param = re.split(r"[.\[]", cause.field, maxsplit=1)[0]
+        else:
+            param = None
         text = f"{loc}: {msg}" if loc else msg
         more = len(e.errors()) - 1
         bad = BadRequest(text + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""), param=param)
