@@ -177,6 +177,10 @@ def test_models_of_the_wrong_kind_are_refused_before_a_start(gw: Gateway) -> Non
 
 
 def test_tokenize_and_detokenize(gw: Gateway, ref) -> None:
+    def counted() -> dict[Any, float]:
+        return {k: v for k, v in gw.metrics().items() if k[0] == "zerostart_requests_total"}
+
+    before = counted()
     out = gw.http.post("/tokenize", json={"model": "gen", "prompt": "Hello world", "return_token_strs": True}).json()
     assert out["tokens"] == ref.tokenizer.encode("Hello world") and out["count"] == len(out["tokens"])
     assert out["max_model_len"] == ref.max_model_len and len(out["token_strs"]) == out["count"]
@@ -184,6 +188,7 @@ def test_tokenize_and_detokenize(gw: Gateway, ref) -> None:
         "prompt": ref.tokenizer.decode(out["tokens"])}
     r = gw.http.post("/tokenize", json={"prompt": "x"})  # two models: which one?
     assert r.status_code == 400 and "model" in r.json()["error"]["message"]
+    assert counted() == before  # zerostart_requests_total counts the /v1/ routes only, as docs/serve.md says
 
 
 def test_small_routes_models_and_unknown_routes(gw: Gateway, tiny_model: str) -> None:

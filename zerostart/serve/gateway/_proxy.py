@@ -56,7 +56,10 @@ class Proxy:
         self.max_sequences = server.max_sequences
 
     def observe(self, scope: Scope, status: str, seconds: float) -> None:
-        """``Guard``'s count of every generation request, once, by model and status."""
+        """``Guard``'s count of every request to a ``/v1/`` route, once, by model and status
+        (``/tokenize`` and ``/detokenize``, vLLM's helpers beside the API, are not counted)."""
+        if not scope["path"].startswith("/v1/"):
+            return
         model = scope.get(MODEL) or "unknown"
         self.metrics.requests.labels(model, status).inc()
         if model != "unknown":
