@@ -19,7 +19,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("status",): ("zerostart.serve._cli_status", "show a running gateway's models: rung, memory, requests, "
                                                  "last cold start"),
     ("generate",): ("zerostart.engine._cli_generate", "generate text from a model on the command line"),
-    ("demo-model",): ("zerostart.engine._cli_demo", "write a random-weights demo checkpoint (Hugging Face layout)"),
+    ("demo-model",): ("zerostart.engine._cli_demo", "write a demo checkpoint (Hugging Face layout): the real "
+                                                    "SmolLM2-135M-Instruct, or random weights of a size"),
     ("snapshot",): ("zerostart.snapshot._cli", "write a ready image of a model"),
     ("coldstart",): ("zerostart.bench.coldstart", "run real cold starts and print their phases"),
     ("simulate",): ("zerostart.sim._cli", "replay a request trace against keep-alive policies"),
@@ -35,6 +36,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "structured"): ("zerostart.bench.structured", "benchmark grammar-constrained decoding against free decoding"),
     ("bench", "engines"): ("zerostart.bench.engines", "cold starts and hot tokens/s: zerostart's rungs vs vLLM"),
 }
+# command groups (the first word of two-word commands) -> what they do
+GROUPS: dict[str, str] = {
+    "bench": "benchmarks that print a table (and write JSON with --json): zerostart against its peers run side by "
+             "side, and against the physical limit measured in the same run",
+}
 
 
 def _build_parser(words: tuple[str, ...] | None) -> argparse.ArgumentParser:
@@ -48,7 +54,7 @@ def _build_parser(words: tuple[str, ...] | None) -> argparse.ArgumentParser:
         target = sub
         if len(key) == 2:
             if key[0] not in groups:
-                group = sub.add_parser(key[0], help=f"{key[0]} commands")
+                group = sub.add_parser(key[0], help=GROUPS[key[0]], description=GROUPS[key[0]])
                 groups[key[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             target = groups[key[0]]
         p = target.add_parser(key[-1], help=help_text, description=help_text)
