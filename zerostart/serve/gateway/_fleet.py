@@ -221,7 +221,9 @@ class Fleet:
                 counts[r.state] = counts.get(r.state, 0) + 1
             by_replica = {str(r.pid): r.in_flight for r in m.replicas if r.pid is not None}
             oldest = max((r.oldest_request_s(now) for r in m.replicas), default=0.0)
-            out.append(ModelGauges(m.name, m.state, counts, len(m.waiters), m.in_flight, by_replica, oldest))
+            out.append(ModelGauges(m.name, m.state, counts, len(m.waiters), m.in_flight, by_replica, oldest,
+                                   rung=m.rung(), device=m.cfg.device,
+                                   memory_bytes=sum(r.reserved_bytes for r in m.replicas)))
         return out
 
 

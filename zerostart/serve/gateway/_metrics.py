@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from zerostart.serve._status import RUNGS
 from zerostart.serve.control import ITL_BUCKETS, RequestStats
 from zerostart.serve.gateway._state import State
 from zerostart.telemetry import Timeline
@@ -48,6 +49,9 @@ class ModelGauges:
     in_flight: int
     in_flight_by_replica: dict[str, int]  # the worker's pid -> requests it serves
     oldest_in_flight_s: float  # how long the oldest request in flight has been served (0: none)
+    rung: str = "zero"  # where it rests on the cold ladder (serve._status.RUNGS)
+    device: str = "cpu"
+    memory_bytes: int = 0  # device bytes its replicas hold
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,10 @@ class _FleetCollector(Collector):
                                    "been served (a request that never ends shows here)", labels=["model"])
         replicas = GaugeMetricFamily("zerostart_replicas", "Replicas by state", labels=["model", "state"])
         state = GaugeMetricFamily("zerostart_model_state", "1 for the state each model is in", labels=["model", "state"])
+        rung = GaugeMetricFamily("zerostart_model_rung", "1 for the rung of the cold ladder each model rests on (hot, "
+                                 "parked, image, zero)", labels=["model", "rung"])
+        memory = GaugeMetricFamily("zerostart_model_memory_bytes", "Device bytes each model's replicas hold",
+                                   labels=["model", "device"])
         models = self._models_now()
         for m in models:
             queue.add_metric([m.name], m.queued)
@@ -220,6 +228,9 @@ class _FleetCollector(Collector):
                 if s is not State.ZERO:
                     replicas.add_metric([m.name, s.value], m.replicas.get(s, 0))
                 state.add_metric([m.name, s.value], 1.0 if s is m.state else 0.0)
+            for r in RUNGS:
+                rung.add_metric([m.name, r], 1.0 if r == m.rung else 0.0)
+            memory.add_metric([m.name, m.device], m.memory_bytes)
         reserved = GaugeMetricFamily("zerostart_memory_reserved_bytes", "Estimated device bytes held by replicas",
                                      labels=["device"])
         budget = GaugeMetricFamily("zerostart_memory_budget_bytes", "Configured device memory budgets", labels=["device"])
@@ -229,7 +240,7 @@ class _FleetCollector(Collector):
                 budget.add_metric([d.device], d.budget_bytes)
         standby = GaugeMetricFamily("zerostart_standby_workers_ready", "Standby workers ready to take a model")
         standby.add_metric([], self._standby_now())
-        yield from (queue, in_flight, per_replica, oldest, replicas, state, reserved, budget, standby)
+        yield from (queue, in_flight, per_replica, oldest, replicas, state, rung, memory, reserved, budget, standby)
         # vLLM's names for the same two numbers (KEDA/HPA rules scale on num_requests_waiting)
         running = GaugeMetricFamily("vllm:num_requests_running", "Requests being served by replicas", labels=_VLLM)
         waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for a replica (cold or busy)",
