@@ -33,8 +33,7 @@ def ref(tiny_model: str):
 @pytest.fixture(scope="session")
 def ladder_fleet(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
     """A gateway with a model on each rung of the cold ladder (``tests/serve/_ladder.py``), once
-    per session: tests that change what it holds or counts (the browser's) run in a session of
-    their own."""
+    per session, for tests that only read it: a test that sends it requests starts its own."""
     from tests.serve import _ladder
 
     gw = _ladder.start(tiny_model, str(tmp_path_factory.mktemp("ladder")))

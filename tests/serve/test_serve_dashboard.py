@@ -77,6 +77,14 @@ def test_dashboard_can_be_turned_off(tiny_model: str, tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
+def own_fleet(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A ladder of its own: the browser's test sends it requests (the shared one is read-only)."""
+    gw = _ladder.start(tiny_model, str(tmp_path_factory.mktemp("ladder-browser")))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
@@ -144,18 +152,18 @@ def _agreeing_view(page: Any, gw: Gateway) -> tuple[dict[str, Any], FleetStatus]
 
 
 @pytest.mark.browser
-def test_dashboard_shows_what_the_status_route_says(ladder_fleet: Gateway, browser: Any, tmp_path) -> None:
-    _ladder.settled(ladder_fleet)
+def test_dashboard_shows_what_the_status_route_says(own_fleet: Gateway, browser: Any, tmp_path) -> None:
+    _ladder.settled(own_fleet)
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(ladder_fleet.url + "/zerostart/?interval=0.25")
+    page.goto(own_fleet.url + "/zerostart/?interval=0.25")
     _wait_for_poll(page, 0)
-    client = ladder_fleet.openai()
+    client = own_fleet.openai()
     for _ in range(6):  # traffic for the rates
         client.completions.create(model="assistant", prompt="hi", max_tokens=2)
         time.sleep(0.15)
-    view, status = _agreeing_view(page, ladder_fleet)
+    view, status = _agreeing_view(page, own_fleet)
     assert view == _expected(status)
     assert {name: rung for name, (rung, _) in view["models"].items()} == _ladder.RUNGS
     # the rates: requests counted since the page opened
@@ -172,7 +180,7 @@ def test_dashboard_shows_what_the_status_route_says(ladder_fleet: Gateway, brows
     while page.locator('.rung[data-rung="hot"] .model[data-model="translator"]').count() == 0:
         assert time.monotonic() < deadline, "the translator's card did not move to the hot rung"
         time.sleep(0.1)
-    view, status = _agreeing_view(page, ladder_fleet)
+    view, status = _agreeing_view(page, own_fleet)
     assert view == _expected(status) and view["models"]["translator"][0] == "hot"
     assert view["waterfalls"][0][:2] == ("translator", "source")
     page.close()
