@@ -15,19 +15,11 @@ from zerostart.bench import coldstart
 from zerostart.bench._coldstart_runs import _make_cold
 
 from tests.serve._helpers import child_env
-from tests.weights.test_page_cache import SIZE, cached_fraction, warm
+from tests.weights.test_page_cache import cached_file, cached_fraction, warm
 
 
 def _bystander(tmp_path) -> str:
-    path = str(tmp_path / "another-process-file.bin")
-    with open(path, "wb") as f:
-        f.write(os.urandom(SIZE))
-        f.flush()
-        os.fsync(f.fileno())
-    warm(path)
-    if cached_fraction(path) < 0.9:
-        pytest.skip("this filesystem does not keep files in the page cache")
-    return path
+    return cached_file(str(tmp_path / "another-process-file.bin"))
 
 
 def test_the_default_makes_only_the_files_of_the_start_cold(tiny_model: str, tmp_path) -> None:

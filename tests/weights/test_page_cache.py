@@ -36,18 +36,22 @@ def warm(path: str) -> None:
             pass
 
 
+def cached_file(path: str) -> str:
+    """A file of random bytes at ``path``, on disk and in the page cache (the test is skipped
+    on a filesystem that keeps nothing there)."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(SIZE))
+        f.flush()
+        os.fsync(f.fileno())
+    warm(path)
+    if cached_fraction(path) < 0.9:
+        pytest.skip("this filesystem does not keep files in the page cache")
+    return path
+
+
 @pytest.fixture
 def files(tmp_path) -> tuple[str, str]:
-    model, bystander = str(tmp_path / "model.safetensors"), str(tmp_path / "someone-elses.bin")
-    for p in (model, bystander):
-        with open(p, "wb") as f:
-            f.write(os.urandom(SIZE))
-            f.flush()
-            os.fsync(f.fileno())
-        warm(p)
-    if cached_fraction(model) < 0.9:
-        pytest.skip("this filesystem does not keep files in the page cache")
-    return model, bystander
+    return cached_file(str(tmp_path / "model.safetensors")), cached_file(str(tmp_path / "someone-elses.bin"))
 
 
 def test_evicts_the_files_and_leaves_the_bystander_cached(files: tuple[str, str]) -> None:
