@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,9 +23,15 @@ def _bystander(tmp_path) -> str:
     return cached_file(str(tmp_path / "another-process-file.bin"))
 
 
+def _own_copy(tiny_model: str, tmp_path) -> str:
+    """The model in a directory of its own: the session's copy is mapped by other tests' live
+    workers, and the kernel keeps mapped pages cached (the eviction then says what stayed)."""
+    return shutil.copytree(tiny_model, str(tmp_path / "model"))
+
+
 def test_the_default_makes_only_the_files_of_the_start_cold(tiny_model: str, tmp_path) -> None:
     bystander = _bystander(tmp_path)
-    model = os.path.join(tiny_model, "model.safetensors")
+    model = os.path.join(_own_copy(tiny_model, tmp_path), "model.safetensors")
     warm(model)
     _make_cold([model], argparse.Namespace(page_cache="model"))
     assert cached_fraction(model) < 0.01 and cached_fraction(bystander) > 0.99
@@ -56,7 +63,8 @@ def test_coldstart_leaves_other_files_cached(tiny_model: str, tmp_path) -> None:
     a file of another process stays in the page cache throughout."""
     bystander = _bystander(tmp_path)
     out = tmp_path / "cs.json"
-    r = subprocess.run([sys.executable, "-m", "zerostart", "coldstart", "--model", tiny_model, "--from", "source",
+    model = _own_copy(tiny_model, tmp_path)
+    r = subprocess.run([sys.executable, "-m", "zerostart", "coldstart", "--model", model, "--from", "source",
                         "--repeat", "1", "--json", str(out)], env=child_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -60,7 +60,7 @@ def _problems(expr: Any, names: dict[str, str], labels: dict[str, set[str]]) -> 
         """The labels a subexpression's series may carry (None: a family with no samples yet)."""
         known: set[str] = set()
         for sel in _selectors(node):
-            family = names.get(sel.name)
+            family = names.get(sel.name or "")
             if family is None or not labels.get(family):
                 return None
             known |= labels[family]
@@ -68,7 +68,7 @@ def _problems(expr: Any, names: dict[str, str], labels: dict[str, set[str]]) -> 
 
     def visit(node: Any) -> None:
         if isinstance(node, promql_parser.VectorSelector):
-            family = names.get(node.name)
+            family = names.get(node.name or "")
             if family is None:
                 out.append(f"{node.name}: not a metric the gateway exports")
             elif labels.get(family):
@@ -125,7 +125,9 @@ def test_grafana_variables_and_datasource(ladder_fleet: Gateway) -> None:
     names, labels = _exported(ladder_fleet)
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    metric, label = re.fullmatch(r"label_values\((\S+), (\w+)\)", variables["model"]["definition"]).groups()
+    found = re.fullmatch(r"label_values\((\S+), (\w+)\)", variables["model"]["definition"])
+    assert found is not None, variables["model"]["definition"]
+    metric, label = found.groups()
     assert label in labels[names[metric]]
     for panel in dashboard["panels"]:
         if panel["type"] != "row":

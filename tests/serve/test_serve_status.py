@@ -92,7 +92,8 @@ def test_zerostart_status_prints_the_fleet_on_its_rungs(ladder_fleet: Gateway) -
 
 
 def test_zerostart_status_json_and_url_from_the_environment(ladder_fleet: Gateway) -> None:
-    env_url = {**child_env(), "ZEROSTART_URL": ladder_fleet.url, "ZEROSTART_API_KEYS": f"{_ladder.API_KEY},other"}
+    host_port = ladder_fleet.url.removeprefix("http://")  # host:port is enough
+    env_url = {**child_env(), "ZEROSTART_URL": host_port, "ZEROSTART_API_KEYS": f"{_ladder.API_KEY},other"}
     r = subprocess.run([sys.executable, "-m", "zerostart", "status", "--json"], env=env_url, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -113,18 +114,34 @@ def test_zerostart_status_says_what_is_wrong(ladder_fleet: Gateway) -> None:
     assert "Traceback" not in no_key.stderr + wrong.stderr + nobody.stderr
 
 
-def test_zerostart_status_watch_redraws_until_interrupted(ladder_fleet: Gateway) -> None:
+def _watch(url: str, lines: int) -> list[str]:
+    """The first ``lines`` lines of ``zerostart status --watch``, then Ctrl-C (which ends it
+    with 0 and no traceback)."""
     env = {**child_env(), "ZEROSTART_API_KEYS": _ladder.API_KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "zerostart", "status", "--url", ladder_fleet.url, "--watch",
-                             "--interval", "0.3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "zerostart", "status", "--url", url, "--watch", "--interval", "0.3",
+                             "--timeout", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        seen = [proc.stdout.readline() for _ in range(40)]
-        assert sum("(Ctrl-C to stop)" in line for line in seen) >= 2, seen  # drawn at least twice
+        seen = [proc.stdout.readline() for _ in range(lines)]
     finally:
         proc.send_signal(2)  # SIGINT: Ctrl-C
         out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "Traceback" not in err
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return seen
+
+
+def test_zerostart_status_watch_redraws_until_interrupted(ladder_fleet: Gateway) -> None:
+    seen = _watch(ladder_fleet.url, 40)
+    assert sum("(Ctrl-C to stop)" in line for line in seen) >= 2, seen  # drawn at least twice
+    assert sum(line.startswith("assistant ") for line in seen) >= 2
+
+
+def test_zerostart_status_watch_keeps_asking_a_gateway_that_is_away() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen = _watch(f"127.0.0.1:{port}", 4)
+    assert sum("no zerostart gateway answers at" in line for line in seen) == 2, seen
 
 
 def test_status_cli_stays_torch_free() -> None:

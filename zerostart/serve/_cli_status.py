@@ -53,17 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise SystemExit("zerostart: error: --interval must be positive")
-    with httpx.Client(base_url=args.url.rstrip("/"), headers=_auth_headers(), timeout=args.timeout) as client:
+    url = args.url.rstrip("/") if "://" in args.url else f"http://{args.url.rstrip('/')}"  # host:port is enough
+    with httpx.Client(base_url=url, headers=_auth_headers(), timeout=args.timeout) as client:
         if not args.watch:
             print(_render(client, args.json))
             return 0
         try:
             while True:
-                screen = _render(client, args.json)
+                try:
+                    screen = _render(client, args.json)
+                except StatusError as e:  # (a gateway restarting: shown, and asked again)
+                    screen = f"zerostart: error: {e}"
                 if sys.stdout.isatty():
                     sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table redrawn in place
                 stamp = time.strftime("%H:%M:%S")
-                print(f"{args.url} at {stamp}, every {args.interval:g} s (Ctrl-C to stop)\n{screen}", flush=True)
+                print(f"{url} at {stamp}, every {args.interval:g} s (Ctrl-C to stop)\n{screen}", flush=True)
                 time.sleep(args.interval)
         except KeyboardInterrupt:
             return 0
