@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -58,7 +59,9 @@ def test_status_route_has_every_rung_memory_and_the_recent_cold_starts(ladder_fl
     recent = status.recent_cold_starts
     assert [c.model for c in recent][0] == "coder" and recent[0].rung == "parked"  # newest first: the wake
     assert sorted(c.model for c in recent[1:]) == ["assistant", "coder", "summarizer"]
-    assert all(c.rung == "source" for c in recent[1:]) and not any(c.ahead for c in recent)
+    # (summarizer writes and uses ready images: one this session's tests wrote may be restored)
+    assert {c.model: c.rung for c in recent[1:] if c.model != "summarizer"} == {"assistant": "source", "coder": "source"}
+    assert not any(c.ahead for c in recent)
     assert by_name["coder"].last_cold_start is not None and by_name["coder"].last_cold_start.rung == "parked"
     assert "wake" in [p.name for p in by_name["coder"].last_cold_start.phases]
     assert by_name["summarizer"].unavailable_rungs.keys() == {"parked"} and not by_name["coder"].unavailable_rungs
@@ -74,7 +77,11 @@ def test_zerostart_status_prints_the_fleet_on_its_rungs(ladder_fleet: Gateway) -
         row = rows[m.name]
         assert row["RUNG"] == m.rung and row["MEMORY"] == format_size(m.memory_bytes), row
         assert row["BACKEND"] == "zerostart" and row["IN FLIGHT"] == row["QUEUED"] == "0"
-    assert rows["assistant"]["KEPT FOR"].startswith(("9m", "10m")) and rows["translator"]["KEPT FOR"] == "-"
+    kept = re.fullmatch(r"(\d+)m(\d\d)s", rows["assistant"]["KEPT FOR"])
+    assistant = next(m for m in status.models if m.name == "assistant")
+    assert kept is not None and assistant.workers[0].kept_for_s is not None, rows["assistant"]
+    assert abs(int(kept[1]) * 60 + int(kept[2]) - assistant.workers[0].kept_for_s) < 10
+    assert rows["translator"]["KEPT FOR"] == "-"
     # the last cold start: the rung it climbed from, its seconds, and its slowest phase
     coder = next(m for m in status.models if m.name == "coder").last_cold_start
     assert coder is not None
