@@ -68,6 +68,7 @@ def test_coldstart_leaves_other_files_cached(tiny_model: str, tmp_path) -> None:
                         "--repeat", "1", "--json", str(out)], env=child_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert cached_fraction(bystander) > 0.99
+    # a drop of the whole page cache leaves ~0 of it; a little may go to other processes' memory pressure
+    assert cached_fraction(bystander) > 0.9, (cached_fraction(bystander), r.stderr[-2000:])
     assert "page cache: model" in r.stdout and "best possible" in r.stdout and "of floor" not in r.stdout
     assert out.read_text().count('"page_cache": "model"') == 1
