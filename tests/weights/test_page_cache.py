@@ -39,11 +39,11 @@ def warm(path: str) -> None:
                 pass
 
 
-def cached_file(path: str) -> str:
+def cached_file(path: str, size: int = SIZE) -> str:
     """A file of random bytes at ``path``, on disk and in the page cache (the test is skipped
     on a filesystem that keeps nothing there)."""
     with open(path, "wb") as f:
-        f.write(os.urandom(SIZE))
+        f.write(os.urandom(size))
         f.flush()
         os.fsync(f.fileno())
     warm(path)
