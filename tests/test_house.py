@@ -149,7 +149,7 @@ FACES = {
                           "localize", "map_anonymous_at", "map_shared_at", "open_direct", "open_gguf", "open_source",
                           "open_store", "parse_header", "pread_into", "pull", "read_header", "read_manifest",
                           "release_host", "release_pages", "reserve_host", "reserved_host", "reset_credentials",
-                          "resolve", "save_file", "touch_pages", "write_image"],
+                          "resolve", "save_file", "touch_pages", "unreachable", "write_image"],
     "zerostart.engine": ["Constraint", "Engine", "EngineConfig", "EngineError", "PoolingParams", "RequestHandle",
                          "SamplingParams", "TOOL_PARSERS", "TokenEvent", "TokenLogprob", "TokenText", "Tokenizer",
                          "ToolCall", "ToolParser", "available_cpus", "device_for", "render_chat", "tool_parser",

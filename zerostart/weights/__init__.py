@@ -34,7 +34,7 @@ _LAZY = {
     "_load": ("Arena", "LoadConfig", "LoadStats", "load", "load_arena"),  # torch
     "_save": ("save_file",),  # torch
     "_gguf_load": ("convert_gguf",),  # torch
-    "_sources": ("gguf_file", "identity", "local_copy", "localize", "open_source"),
+    "_sources": ("gguf_file", "identity", "local_copy", "localize", "open_source", "unreachable"),
     "_pull": ("pull",),
 }
 _MODULE = {name: module for module, names in _LAZY.items() for name in names}
@@ -77,6 +77,7 @@ __all__ = [
     "open_store",
     "pull",
     "reset_credentials",
+    "unreachable",
     # ready images: the format (written by zerostart.snapshot, read by load_arena)
     "MANIFEST",
     "Fingerprint",

@@ -221,6 +221,20 @@ def local_copy(spec: str, cache: Cache | None = None) -> str | None:
     return cache.snapshot_dir(spec) if cache.manifest(spec) is not None else None
 
 
+def unreachable(spec: str) -> str | None:
+    """Why a source can be neither read on this machine nor fetched now, found without the
+    network: an ``hf://`` model missing from the hub cache while ``HF_HUB_OFFLINE`` is set (its
+    first load could only fail). None when nothing says so."""
+    if source_scheme(spec) is not Scheme.HF:
+        return None
+    from zerostart.weights._store_hf import HfStore, hub_cache, offline
+
+    if not offline() or HfStore(spec).cached() is not None:
+        return None
+    return (f"{spec} is not in the Hugging Face cache ({hub_cache()}) and HF_HUB_OFFLINE is set: download it with "
+            f"the network on (zerostart pull {spec}), or unset HF_HUB_OFFLINE")
+
+
 def identity(spec: str | os.PathLike[str], cache: Cache | None = None) -> str:
     """What the source's model files are, as a digest that changes when any byte of them may
     have (sizes, times and inodes locally, content hashes and ETags elsewhere). Offline, or

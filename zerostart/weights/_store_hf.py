@@ -32,6 +32,11 @@ def hub_cache() -> str:
         os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
 
 
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` says never to ask the hub (read now, not at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
+
+
 def parse(spec: str) -> tuple[str, str | None]:
     """``hf://org/name[@revision]`` -> (``org/name``, revision or None)."""
     repo, _, rev = spec[len("hf://"):].rstrip("/").partition("@")
@@ -82,9 +87,8 @@ class HfStore:
         return self._dir
 
     def _download(self) -> str:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
         where = f"revision {self.revision!r} of {self.repo}" if self.revision else self.repo
-        if offline:
+        if offline():
             raise WeightsError(f"{self.spec}: {where} is not in the Hugging Face cache ({hub_cache()}) and "
                                "HF_HUB_OFFLINE is set; download it with the network on, or unset HF_HUB_OFFLINE")
         endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
