@@ -85,10 +85,24 @@ class CorsConfig(_Section):
 
 class ResponsesStoreConfig(_Section):
     """The gateway's memory of /v1/responses answers, for ``previous_response_id`` and
-    ``GET /v1/responses/{id}``: in memory, oldest out first, gone on restart."""
+    ``GET /v1/responses/{id}``: in memory, by tenant, oldest out first, gone on restart."""
 
     max_items: int = Field(1000, ge=0)  # responses kept; 0: none (previous_response_id is then always unknown)
+    max_bytes: Bytes = Field(256 * 1024 * 1024, ge=1)  # their JSON (response + conversation) past this: oldest out
     ttl: Seconds = Field(3600.0, gt=0)  # a response is forgotten this long after it was made
+
+
+class TenantConfig(_Section):
+    """Keys that share what they store (a team, an application): one tenant (docs/serve.md, Tenants)."""
+
+    name: str = Field(min_length=1)
+    keys: list[str] = Field(min_length=1)  # bearer tokens, as in api_keys
+    admin: bool = False  # may read the whole server's state: GET /zerostart/status and /metrics
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        return _api_keys(keys)
 
 
 class ServerConfig(_Section):
@@ -96,7 +110,8 @@ class ServerConfig(_Section):
 
     host: str = "127.0.0.1"  # loopback only unless told otherwise
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port (printed at start)
-    api_keys: list[str] = []  # bearer tokens; empty: no authentication
+    api_keys: list[str] = []  # bearer tokens, each a tenant of its own; empty (and no tenants): no authentication
+    tenants: list[TenantConfig] = []  # named tenants grouping keys; admin: true for the operators' (status, metrics)
     worker_transport: Literal["unix", "tcp"] = "unix"  # how the gateway reaches its workers
     worker_host: str = "127.0.0.1"  # the address tcp workers listen on (a free port each)
     socket_dir: str | None = None  # where unix workers' sockets live; None: a private temp dir
@@ -129,19 +144,34 @@ class ServerConfig(_Section):
     @field_validator("api_keys")
     @classmethod
     def _keys(cls, keys: list[str]) -> list[str]:
-        for k in keys:
-            if not k or k != k.strip() or any(c.isspace() for c in k):
-                raise ValueError("API keys must be non-empty and contain no whitespace")
-        return keys
+        return _api_keys(keys)
+
+    @model_validator(mode="after")
+    def _one_tenant_per_key(self) -> "ServerConfig":
+        names = [t.name for t in self.tenants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tenants: names must be unique ({', '.join(sorted(n for n in set(names) if names.count(n) > 1))} "
+                             "more than once)")
+        keys = [*self.api_keys, *(k for t in self.tenants for k in t.keys)]
+        if len(set(keys)) != len(keys):
+            raise ValueError("api_keys, tenants: a key appears more than once (each key belongs to one tenant)")
+        return self
 
     @model_validator(mode="after")
     def _exposed(self) -> "ServerConfig":
-        if not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
+        if not self.api_keys and not self.tenants and not self.allow_unauthenticated and not is_loopback(self.host):
             raise ValueError(f"host {self.host!r} is reachable from other machines and no api_keys are set: anyone who "
                              "can reach it could use every model. Set server.api_keys (clients send 'Authorization: "
                              "Bearer <key>'), or server.allow_unauthenticated: true (--allow-unauthenticated) if "
                              "something in front of it authenticates")
         return self
+
+
+def _api_keys(keys: list[str]) -> list[str]:
+    for k in keys:
+        if not k or k != k.strip() or any(c.isspace() for c in k):
+            raise ValueError("API keys must be non-empty and contain no whitespace")
+    return keys
 
 
 def is_loopback(host: str) -> bool:
@@ -478,7 +508,8 @@ def _with_env_api_keys(data: dict[str, Any]) -> dict[str, Any]:
     server = dict(server or {})
     listed = server.get("api_keys") or []
     if isinstance(listed, list):  # (anything else gets the schema's error)
-        server["api_keys"] = [*listed, *keys]
+        # once: a config read again (the command line's overrides, a cluster's replicas) has them already
+        server["api_keys"] = [*listed, *(k for k in keys if k not in listed)]
     return {**data, "server": server}
 
 
