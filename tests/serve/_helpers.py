@@ -86,7 +86,8 @@ class Gateway:
 
         if self.keepalive_expiry < 5.0 and "http_client" not in kw:  # openai's pool (and timeout), expiring sooner
             kw["http_client"] = httpx.Client(limits=self._limits(1000, 100), timeout=600)
-        client = openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kw)
+        kw.setdefault("api_key", self.api_key or "none")  # another key: another tenant
+        client = openai.OpenAI(base_url=self.url + "/v1", max_retries=0, **kw)
         self._clients.append(client)  # closed by stop()
         return client
 

@@ -71,7 +71,7 @@ def test_vllm_remote_source_goes_through_zerostarts_loader(monkeypatch):
 
 
 def test_vllm_without_the_plugin_cannot_read_s3(no_plugin):
-    from zerostart.serve._errors import StartFailed
+    from zerostart.serve.edge import StartFailed
 
     w = VllmWorker(model(path="s3://bucket/smol", backend="vllm"), ServerConfig(), "/tmp")
     with pytest.raises(StartFailed, match="install zerostart in vLLM's environment"):

@@ -16,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from zerostart.serve import _connections as connections
-from zerostart.serve._connections import bounded_protocol
-from zerostart.serve._errors import BadRequest
-from zerostart.serve._http import App, Bounds, ClosingStream, Guard, pause_deadline, restart_deadline
+from zerostart.serve.edge import _connections as connections
+from zerostart.serve.edge import bounded_protocol
+from zerostart.serve.edge import BadRequest
+from zerostart.serve.edge import App, Bounds, ClosingStream, Guard, pause_deadline, restart_deadline
 from zerostart.serve.backends import UpstreamError, UpstreamPool
 
 from tests.serve._helpers import ServerThread
@@ -114,7 +114,7 @@ def test_errors_are_json_and_the_connection_stays_usable(edge) -> None:
     server, _ = edge
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         for request, status, code in [(_get("/boom"), 500, "internal_error"), (_get("/bad"), 400, None),
-                                      (_get("/nowhere"), 404, None), (_post("/v1/boom", b"{}"), 500, "internal_error"),
+                                      (_get("/nowhere"), 404, "route_not_found"), (_post("/v1/boom", b"{}"), 500, "internal_error"),
                                       (_post("/ok", b""), 405, None)]:
             got, headers, body = _exchange(sock, request)
             assert got == status and headers["content-type"] == "application/json", (request, got, body)

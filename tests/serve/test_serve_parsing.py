@@ -10,14 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zerostart.serve._errors import BadRequest
-from zerostart.serve._openai_schema import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest,
-                                           _Request, parse_request)
+from zerostart.serve.edge import (BadRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                                  GenerateRequest, TokenizeRequest, parse_request)
 
 from tests.serve._fuzz import body as _body
 
 
-def _parses_or_names_the_field(schema: type[_Request], raw: bytes, sent: Any) -> None:
+def _parses_or_names_the_field(schema: type[GenerateRequest], raw: bytes, sent: Any) -> None:
     try:
         req = parse_request(schema, raw)
     except BadRequest as e:
@@ -32,7 +31,7 @@ def _parses_or_names_the_field(schema: type[_Request], raw: bytes, sent: Any) ->
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=_body, schema=st.sampled_from([CompletionRequest, ChatCompletionRequest]))
-def test_any_body_parses_or_is_a_400_naming_its_field(body: dict[str, Any], schema: type[_Request]) -> None:
+def test_any_body_parses_or_is_a_400_naming_its_field(body: dict[str, Any], schema: type[GenerateRequest]) -> None:
     _parses_or_names_the_field(schema, json.dumps(body).encode(), body)
 
 

@@ -1,6 +1,6 @@
 """The Responses API's translation to and from chat completions, checked against the openai
-SDK's own types (every object and stream event must parse as the SDK's pydantic models), and
-the bounded store."""
+SDK's own types (every object and stream event must parse as the SDK's pydantic models), its
+strict body, and the bounded store of each tenant."""
 
 import json
 from typing import Any
@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from zerostart.serve.gateway._responses import (EventStream, ResponsesRequest, ResponseStore, chat_request,
-                                                from_chat, input_messages)
+from zerostart.serve.edge import ResponsesRequest, Tenant
+from zerostart.serve.gateway._responses import EventStream, chat_request, from_chat, input_messages
+from zerostart.serve.gateway._responses_store import ResponseStore
 
 openai_types = pytest.importorskip("openai.types.responses")
 
@@ -21,21 +22,25 @@ def _req(**kw):
     return ResponsesRequest.model_validate({"model": "m", "input": "hi", **kw})
 
 
+def _items(items: list[dict[str, Any]]) -> Any:
+    return _req(input=items).input
+
+
 def test_input_items_become_chat_messages():
-    msgs = input_messages([
+    msgs = input_messages(_items([
         {"role": "developer", "content": "be brief"},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather in "},
                                                         {"type": "input_text", "text": "Oslo?"}]},
         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
         {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city": "Bergen"}'},
         {"type": "function_call_output", "call_id": "c1", "output": "12 C"},
-    ])
+    ]))
     assert msgs[0] == {"role": "system", "content": "be brief"}
     assert msgs[1] == {"role": "user", "content": "weather in Oslo?"}
     assert [c["id"] for c in msgs[2]["tool_calls"]] == ["c1", "c2"]  # consecutive calls: one assistant turn
     assert msgs[3] == {"role": "tool", "tool_call_id": "c1", "content": "12 C"}
-    with pytest.raises(ValueError, match="input_image"):
-        input_messages([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}])
+    with pytest.raises(ValueError, match="input_image"):  # a ValidationError
+        input_messages(_items([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]))
 
 
 def test_chat_request_carries_every_field():
@@ -113,14 +118,17 @@ def test_stream_events_parse_as_the_sdks_events():
         {"id": "call_9", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}
 
 
+A, B = Tenant("a"), Tenant("b")
+
+
 def test_store_is_bounded_by_count_and_age(monkeypatch):
-    import zerostart.serve.gateway._responses as mod
+    import zerostart.serve.gateway._responses_store as mod
 
     now = [1000.0]
     monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
-    store = ResponseStore(max_items=2, ttl_s=60)
+    store = ResponseStore(max_items=2, ttl_s=60, max_bytes=1 << 20)
     for i in range(3):
-        store.put({"id": f"r{i}"}, [])
-    assert store.get("r0") is None and store.get("r1") is not None and len(store) == 2
+        store.put(A, {"id": f"r{i}"}, [])
+    assert store.get(A, "r0") is None and store.get(A, "r1") is not None and len(store) == 2
     now[0] += 61
-    assert store.get("r2") is None and len(store) == 0
+    assert store.get(A, "r2") is None and len(store) == 0 and store.bytes == 0

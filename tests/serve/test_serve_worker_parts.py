@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from zerostart.engine import TokenLogprob, ToolParser, tool_parser
-from zerostart.serve._errors import BadRequest
-from zerostart.serve._openai_schema import DetokenizeRequest, EmbeddingRequest, TokenizeRequest, parse_request
+from zerostart.serve.edge import BadRequest
+from zerostart.serve.edge import DetokenizeRequest, EmbeddingRequest, TokenizeRequest, parse_request
 from zerostart.serve.worker._embeddings import body, encode
 from zerostart.serve.worker._logprobs import CompletionLogprobs, chat_logprobs
 from zerostart.serve.worker._structured import plan

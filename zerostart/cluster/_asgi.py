@@ -15,6 +15,7 @@ from typing import Any, AsyncGenerator
 
 from starlette.types import ASGIApp, Message
 
+from zerostart.serve.edge import replay
 
 _DISCONNECT_GRACE_S = 5.0
 
@@ -33,22 +34,13 @@ async def call(method: str, path: str, body: bytes, headers: list[tuple[str, str
     client went away) tells the app the client disconnected, and waits for it to finish."""
     sent: asyncio.Queue[Message | BaseException | None] = asyncio.Queue()
     gone = asyncio.Event()
-    delivered = False
-
-    async def receive() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
         await sent.put(message)
 
     async def run() -> None:
         try:
-            await app(_scope(method, path, headers), receive, send)
+            await app(_scope(method, path, headers), replay(body, gone), send)
         except BaseException as e:  # surfaced to the reader below, where it can be answered
             await sent.put(e)
             raise

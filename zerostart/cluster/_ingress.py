@@ -1,10 +1,12 @@
 """The OpenAI ingress: the HTTP face of a zerostart cluster, one Ray Serve deployment.
 
-It validates a request (the same schema as one machine), finds the model's pool, and calls that
-pool's engine-replica deployment with the model as the multiplexed model id, so Ray routes it
-to a replica that already holds the model, and holds it (bounded by ``max_queued_requests``)
-while the pool is at zero. The response streams back chunk by chunk. While a streamed request
-waits, SSE comments keep its connection open, as on one machine.
+It is the same edge as one machine's gateway (``zerostart.serve.edge``): the same keys, tenants
+and admin routes, the same request bodies and model cards, the same holding. It validates a
+request, finds the model's pool, and calls that pool's engine-replica deployment with the model
+as the multiplexed model id, so Ray routes it to a replica that already holds the model, and
+holds it (bounded by ``max_queued_requests``) while the pool is at zero. The response streams
+back chunk by chunk. While a streamed request waits, SSE comments keep its connection open.
+``/v1/responses`` is not served here: its store lives in one gateway process.
 
 Failures, each answered in OpenAI's error shape:
   Ray's queue for the pool is full        429 queue_full, Retry-After
@@ -15,7 +17,6 @@ Failures, each answered in OpenAI's error shape:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -24,16 +25,18 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
+from zerostart import __version__
 from zerostart.cluster._asgi import Head
-from zerostart.serve import (COLD_START_HEADER, ROUTES, BadRequest, QueueFull, ServeError, UnknownModel, WorkerFailed,
-                             load_config, parse_request)
+from zerostart.serve import load_config
+from zerostart.serve.edge import (COLD_START_HEADER, ROUTES, SSE_HEADERS, TENANT, BadRequest, ClosingStream,
+                                  Gate, Hold, NotServed, QueueFull, ServeError, UnknownModel, WorkerFailed,
+                                  error_response, model_card, model_list, not_found, parse_request)
 
 log = logging.getLogger("zerostart.cluster")
 
 WAIT_HEADER = "x-zerostart-cluster-wait-ms"  # arrival at the ingress -> the replica's first byte of the response
-_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _BUSY_RETRY_S = 1.0  # Retry-After when Ray's queue for a pool is full
 _UNAVAILABLE_RETRY_S = 5.0  # Retry-After when a pool's deployment is unavailable
 _PASS_HEADERS = ("authorization", "content-type", "user-agent")
@@ -61,9 +64,10 @@ class Ingress:
     def __init__(self, config: dict[str, Any], pools: dict[str, list[str]], engines: list[Any],
                  directory: Any) -> None:
         cfg = load_config(data=config)
+        self.config = cfg
         self.app_name = cfg.cluster.app_name
         self.keepalive = cfg.server.stream_keepalive
-        self.keys = tuple(k.encode() for k in cfg.server.api_keys)
+        self.gate = Gate.for_server(cfg.server)
         self.pool_of = {model: pool for pool, models in pools.items() for model in models}
         self.engines = dict(zip(pools, engines))
         self.directory = directory
@@ -71,18 +75,21 @@ class Ingress:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
-        if self.keys and path != "/health" and not self._authorized(request):
-            return JSONResponse({"error": {"message": "Missing or wrong API key: send 'Authorization: Bearer <key>' "
-                                           "with one of the keys in server.api_keys", "type": "invalid_request_error",
-                                           "param": None, "code": "invalid_api_key"}},
-                                status_code=401, headers={"www-authenticate": "Bearer"})
+        try:
+            request.scope[TENANT] = self.gate.admit(path, request.scope["headers"])
+        except ServeError as e:
+            return self._error(e)
         if request.method == "POST" and path in ROUTES:
             return await self.generate(request, path)
         if request.method == "GET":
             if path == "/health":
                 return JSONResponse({"status": "ok", "models": len(self.pool_of)})
+            if path == "/ping":
+                return JSONResponse({})
+            if path == "/version":
+                return JSONResponse({"version": __version__})
             if path == "/v1/models":
-                return JSONResponse({"object": "list", "data": [self._card(m) for m in self.pool_of]})
+                return JSONResponse(model_list(self._card(m) for m in self.pool_of))
             if path.startswith("/v1/models/"):
                 name = path.removeprefix("/v1/models/")
                 return JSONResponse(self._card(name)) if name in self.pool_of else self._error(self._unknown(name))
@@ -90,8 +97,10 @@ class Ingress:
                 return JSONResponse(await self.status())
             if path == "/metrics":
                 return Response(await self.directory.metrics.remote(), media_type="text/plain; version=0.0.4")
-        return JSONResponse({"error": {"message": f"No route {request.method} {path}; the API is under /v1",
-                                       "type": "invalid_request_error", "param": None, "code": None}}, status_code=404)
+        if path == "/v1/responses" or path.startswith("/v1/responses/"):
+            return self._error(NotServed(f"{request.method} {path} is not served on a Ray cluster: the store of "
+                                         "responses lives in one gateway process (zerostart serve)"))
+        return not_found(request.method, path)
 
     # -- generation -------------------------------------------------------------------------
 
@@ -108,14 +117,12 @@ class Ingress:
         headers = [(k, v) for k, v in request.headers.items() if k in _PASS_HEADERS]
         handle = self.engines[pool].options(multiplexed_model_id=req.model, stream=True)
         parts = handle.generate.remote(path, raw, headers)
-        first = asyncio.ensure_future(parts.__anext__())
-        if req.stream:
-            await asyncio.wait({first}, timeout=self.keepalive)
-            if not first.done():
-                return StreamingResponse(self._held(parts, first, req.model, arrived), media_type="text/event-stream",
-                                         headers={COLD_START_HEADER: "pending", **_SSE_HEADERS})
+        first = Hold(parts.__anext__(), every=self.keepalive, what=f"a replica of model {req.model}")
+        if req.stream and not await first.ready():
+            return ClosingStream(self._held(parts, first, req.model, arrived), media_type="text/event-stream",
+                                 headers={COLD_START_HEADER: "pending", **SSE_HEADERS})
         try:
-            head = await first
+            head = await first.task
         except _RAY_FAILURES as e:
             _cancel(parts)
             return self._error(self._failed(e, req.model, pool))
@@ -127,7 +134,7 @@ class Ingress:
         out.pop("content-length", None)
         out[WAIT_HEADER] = str(round((time.monotonic() - arrived) * 1000.0))
         if req.stream:
-            return StreamingResponse(self._rest(parts, req.model), status_code=head.status, headers=out)
+            return ClosingStream(self._rest(parts, req.model), status_code=head.status, headers=out)
         try:  # a whole response is small: read it here, so that a replica dying before its end is a 502
             body = b"".join([chunk async for chunk in parts])
         except RayActorError as e:
@@ -144,11 +151,10 @@ class Ingress:
         finally:
             _cancel(parts)  # a client that left stops the replica's stream, and the worker's generation
 
-    async def _held(self, parts: Any, first: asyncio.Future[Any], model: str, arrived: float) -> AsyncIterator[bytes]:
+    async def _held(self, parts: Any, first: Hold[Any], model: str, arrived: float) -> AsyncIterator[bytes]:
         try:
-            while not first.done():
-                yield f": waiting for a replica of model {model}\n\n".encode()
-                await asyncio.wait({first}, timeout=self.keepalive)
+            async for comment in first.comments():
+                yield comment
             try:
                 head = first.result()
             except _RAY_FAILURES as e:
@@ -163,8 +169,7 @@ class Ingress:
             body = b"".join([chunk async for chunk in self._rest(parts, model)])
             yield b"data: " + body.strip() + b"\n\n"
         finally:
-            if not first.done():
-                first.cancel()
+            await first.aclose()
             _cancel(parts)
 
     def _failed(self, e: Exception, model: str, pool: str) -> ServeError:
@@ -190,16 +195,12 @@ class Ingress:
         return {"mode": "ray", **out}
 
     def _card(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "zerostart",
-                "pool": self.pool_of[name]}
+        m = self.config.model(name)
+        return model_card(name, self.created, root=m.path, max_model_len=m.max_model_len, pool=self.pool_of[name])
 
     def _unknown(self, name: str) -> UnknownModel:
         return UnknownModel(f"The model {name!r} does not exist; served models: {', '.join(sorted(self.pool_of))}",
                             param="model")
 
     def _error(self, e: ServeError) -> Response:
-        return JSONResponse(e.body(), status_code=e.status, headers={COLD_START_HEADER: "0", **e.headers()})
-
-    def _authorized(self, request: Request) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in self.keys)
+        return error_response(e, {COLD_START_HEADER: "0"})

@@ -9,13 +9,14 @@ or from Python::
 
 The tree is the two processes and what joins them::
 
-    gateway/    the gateway process: HTTP app, OpenAI routes, auth, status, metrics, and the
-                fleet (held requests, climbing/parking/stopping, memory, the idle ticker)
+    edge/       the HTTP edge the gateway, the workers and the cluster's ingress share: the
+                route table, request bodies, keys and tenants, errors, holding, limits
+    gateway/    the gateway process: HTTP app, OpenAI routes, status, metrics, the Responses
+                store, and the fleet (held requests, climbing/parking/stopping, memory, idling)
     worker/     zerostart's own worker process: one model's engine + control routes
     backends/   how a replica of each engine is started, probed, parked, woken, stopped
     control.py  the typed gateway <-> worker protocol
     _config.py  the configuration file's schema; _keys.py: errors that name the wrong key
-    _http.py, _connections.py, _errors.py, _openai_schema.py: the HTTP edge both sides share
     _cli.py     zerostart serve; _demo.py: the built-in demo model; _lazy.py: these lazy names
 
 The gateway never imports torch; each worker process holds one model. Names are imported on
@@ -42,15 +43,6 @@ _EXPORTS = {
     "TRANSITIONS": "zerostart.serve.gateway",
     "Fleet": "zerostart.serve.gateway",
     "create_app": "zerostart.serve.gateway",
-    # what zerostart.cluster builds on: the API's request schema, its errors, the cold-start header
-    "COLD_START_HEADER": "zerostart.serve.gateway",
-    "ServeError": "zerostart.serve._errors",
-    "BadRequest": "zerostart.serve._errors",
-    "UnknownModel": "zerostart.serve._errors",
-    "QueueFull": "zerostart.serve._errors",
-    "WorkerFailed": "zerostart.serve._errors",
-    "ROUTES": "zerostart.serve._openai_schema",
-    "parse_request": "zerostart.serve._openai_schema",
 }
 
 __all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

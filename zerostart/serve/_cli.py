@@ -85,7 +85,7 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from zerostart.serve._connections import bounded_protocol
+    from zerostart.serve.edge import bounded_protocol
     from zerostart.serve.gateway import create_app
 
     config, _ = build_config(args)
@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     names = ", ".join(f"{m.served_name} (idle timeout {format_duration(m.idle_timeout)})" for m in config.models)
     print(f"zerostart: serving on {url}/v1 — models: {names}", file=sys.stderr, flush=True)
-    if server.api_keys:
+    if server.api_keys or server.tenants:
         print("zerostart: API keys required (Authorization: Bearer <key>)", file=sys.stderr, flush=True)
     protocol = bounded_protocol(max_connections=server.max_connections, header_timeout=server.header_timeout)
     # uvicorn's own grace outlasts the fleet's: requests still running at shutdown_timeout are

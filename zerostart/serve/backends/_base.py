@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import httpx
 
 import zerostart
-from zerostart.serve.backends._process import WorkerProcess
+from zerostart.serve.backends._process import WorkerProcess, inherited_env
 from zerostart.serve.control import TOKEN_ENV, ImageReport, ParkResult, Refusal
 from zerostart.telemetry import Timeline
 
@@ -180,7 +180,7 @@ class WorkerBackend(ABC):
     def child_env(self) -> dict[str, str]:
         """The environment of the worker process: the gateway's, the model's ``env``, this
         checkout of zerostart first on the path, and the worker's token (``TOKEN_ENV``)."""
-        env = dict(os.environ)
+        env = inherited_env()
         if self.model is not None:
             env.update(self.model.env)
         env[TOKEN_ENV] = self.process.token

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import httpx
 
-from zerostart.serve._errors import StartFailed
+from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends import _measure
 from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
 from zerostart.serve.backends._log_phases import Detail, LogPhases, Marker

@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import httpx
 
-from zerostart.serve._config import ServerConfig
-from zerostart.serve._errors import StartFailed
+from zerostart.serve._config import API_KEYS_ENV, ServerConfig
+from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends._upstream import IDLE_S, UpstreamPool
 
 log = logging.getLogger("zerostart.serve")
@@ -37,6 +37,14 @@ CONNECT_TIMEOUT_S = 10.0  # loopback / unix connects to a live worker are immedi
 _LOG_TAIL_LINES = 40  # worker output kept for error messages
 _UNIX_PATH_MAX = 107
 _EXIT_POLL_S = 0.05  # how often a worker's exit is looked for
+
+
+def inherited_env() -> dict[str, str]:
+    """The gateway's environment as a worker process starts with it: without the gateway's own
+    secrets (its API keys, ``API_KEYS_ENV``), which nothing a worker runs has a use for."""
+    env = dict(os.environ)
+    env.pop(API_KEYS_ENV, None)
+    return env
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from zerostart.names import is_remote
-from zerostart.serve._errors import StartFailed
+from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends import _measure
 from zerostart.serve.backends._base import ColdStart, WorkerError
 from zerostart.serve.backends._foreign import ForeignWorker

@@ -23,7 +23,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -33,11 +32,11 @@ import httpx
 
 from zerostart.names import DTYPE_BYTES, is_remote
 from zerostart.serve.backends import _measure
-from zerostart.serve._errors import StartFailed
+from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends._base import ColdStart, WorkerError
 from zerostart.serve.backends._foreign import ForeignWorker
 from zerostart.serve.backends._log_phases import VLLM_DETAILS, VLLM_LAST, VLLM_MARKERS
-from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, Moment
+from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, Moment, inherited_env
 from zerostart.serve.control import ParkResult, Refusal
 from zerostart.units import format_size
 
@@ -163,7 +162,7 @@ class VllmWorker(ForeignWorker):
     def engine_env(self) -> dict[str, str]:
         # the gateway's environment and the model's env, without the gateway's checkout first on
         # the path: vLLM's environment has its own zerostart (the loader plugin) and torch
-        env = dict(os.environ)
+        env = inherited_env()
         env.update(self.model.env if self.model is not None else {})
         env["PYTHONUNBUFFERED"] = "1"
         env["VLLM_API_KEY"] = self.process.token  # its /v1 routes answer only this gateway

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from pydantic import ValidationError
 
-from zerostart.serve._errors import StartFailed
+from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
 from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, Moment
 from zerostart.serve.control import (ErrorBody, ImageReport, LoadRequest, ParkResult, PhasesReport, ReadyReport,

@@ -3,9 +3,9 @@ the fleet on the cold ladder, each device's memory budget (hot and parked shares
 cold starts as phase waterfalls, and the request and cold-start rates.
 
 Three static files in ``dashboard/`` beside this module, served from the package as they are:
-no build step, nothing from a CDN, no cookie. It sits behind the same API keys as every route:
-a browser asks for them with its own login prompt (HTTP Basic: any user name, a key as the
-password; ``_auth.py``), and sends them with the page's requests for the status. Off with
+no build step, nothing from a CDN, no cookie. It sits behind an admin's key, as the status it
+reads: a browser asks for one with its own login prompt (HTTP Basic: any user name, a key as
+the password; the edge's ``Gate``), and sends it with the page's requests for the status. Off with
 ``server.dashboard: false``.
 """
 
@@ -25,6 +25,11 @@ _HEADERS = {"cache-control": "no-cache", "x-content-type-options": "nosniff", "r
             "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                        "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                                        "frame-ancestors 'none'"}
+
+
+def paths() -> frozenset[str]:
+    """The dashboard's addresses: the whole server's state, for admin keys (as the status it reads)."""
+    return frozenset({PREFIX.rstrip("/"), *(PREFIX + name for name in _FILES)})
 
 
 def routes(enabled: bool) -> list[BaseRoute]:

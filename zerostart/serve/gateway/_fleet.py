@@ -1,8 +1,10 @@
 """The fleet: every model the gateway serves, and the request path into them (DESIGN.md §3).
 
-A request ``acquire``s a replica of its model and holds a :class:`Lease` while it is served::
+A request holds a :class:`Lease` on a replica of its model while it is served, taken and given
+back by one context manager (``async with fleet.lease(name) as lease``; a request's lease is
+entered in its resources, which ``Guard`` closes however the request ends)::
 
-    Fleet.acquire(name)
+    Fleet.lease(name)
       a replica with room?             -> lease it now
       queue full?                      -> 429 (and climb: _lifecycle.py)
       else hold the request            (_queue.py), climb one replica (_lifecycle.py: wake a parked
@@ -10,7 +12,7 @@ A request ``acquire``s a replica of its model and holds a :class:`Lease` while i
                                         worker, after admitting its memory: _memory.py), and lease
                                         the replica it is handed when one has room
 
-and ``Lease.release`` gives the room back. The idle ticker (``_idle.py``) moves idle replicas
+and leaving the context gives the room back. The idle ticker (``_idle.py``) moves idle replicas
 down. Replica lifecycles follow ``_state.py``.
 """
 
@@ -19,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
 from zerostart import __version__
 from zerostart.serve._config import ConfigError, ModelConfig, ServeConfig
-from zerostart.serve._errors import QueueFull, ShuttingDown, StartFailed, UnknownModel
 from zerostart.serve._status import FleetStatus
+from zerostart.serve.edge import QueueFull, ShuttingDown, StartFailed, UnknownModel
 from zerostart.serve.gateway import _queue
 from zerostart.serve.gateway._idle import Ticker
 from zerostart.serve.gateway._lifecycle import Lifecycle, cpu_threads
@@ -38,12 +41,15 @@ from zerostart.serve.gateway._standby import Standby
 from zerostart.serve.gateway._state import State
 from zerostart.serve.gateway._watchdog import Watchdog
 from zerostart.units import format_size
+from zerostart import weights
 from zerostart.weights import WeightsError
 
 if TYPE_CHECKING:
     from zerostart.policy import Policy
 
 log = logging.getLogger("zerostart.serve")
+
+_ACCOUNT_S = 2.0  # how long a shutdown waits, past the drain, for the requests it ended to give back their leases
 
 
 class Fleet:
@@ -83,11 +89,20 @@ class Fleet:
         """The context a model serves: configured, else what its latest replica reported (None before)."""
         return self._model(name).max_model_len
 
-    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
-        """A replica of ``name`` with room for one more request; held while the model starts or
-        while its replicas are full. ``keep_alive``: the request's (None: the model's
-        idle_timeout; the longest asked for wins). Raises :class:`ServeError` subclasses (404,
-        429, 503, 504). Cancelling it while held gives everything back."""
+    @asynccontextmanager
+    async def lease(self, name: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
+        """A replica of ``name`` with room for one more request, held until the context is left
+        (however it is left). Waits while the model starts or while its replicas are full.
+        ``keep_alive``: the request's (None: the model's idle_timeout; the longest asked for
+        wins). Raises :class:`ServeError` subclasses (404, 429, 503, 504). Cancelled while it
+        waits, it leaves the queue (or gives back the room it was handed that instant)."""
+        lease = await self._acquire(name, keep_alive)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    async def _acquire(self, name: str, keep_alive: float | None) -> Lease:
         if self._closing:
             raise ShuttingDown("the server is shutting down; retry on another server or once it is back")
         m = self._model(name)
@@ -178,6 +193,7 @@ class Fleet:
             task.cancel()
         while any(m.in_flight for m in self.models.values()) and not self.drained.is_set():
             await asyncio.sleep(0.05)
+        await self._account()
         starts = [m.start_task for m in self.models.values() if m.start_task is not None]
         await asyncio.gather(*starts, *self._tasks, self.lifecycle.drain(), return_exceptions=True)
         for m in self.models.values():
@@ -189,6 +205,20 @@ class Fleet:
                              return_exceptions=True)
         if self._sockets is not None:
             self._sockets.close()
+
+    async def _account(self) -> None:
+        """Say what the shutdown left: every lease given back and the queues empty, or which
+        models still count requests (requests ended by the drain give theirs back at once; one
+        that does not is a leak)."""
+        deadline = time.monotonic() + _ACCOUNT_S
+        while any(m.in_flight or m.waiters for m in self.models.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        held = {m.name: (m.in_flight, len(m.waiters)) for m in self.models.values() if m.in_flight or m.waiters}
+        if held:
+            log.warning("shutdown: requests still hold replicas or wait (model: in flight, queued): %s; their leases "
+                        "were never given back", ", ".join(f"{n}: {f}, {q}" for n, (f, q) in held.items()))
+        else:
+            log.info("shutdown: 0 requests in flight, 0 queued: every lease given back")
 
     # -- what is going on -------------------------------------------------------------------
 
@@ -231,6 +261,8 @@ def _model(cfg: ModelConfig, where: str, limit: int | None, share: int | None = 
     """One model of the config, with its memory estimate (checked against its device's budget),
     its share of the device and its policy; ``ConfigError`` naming ``where`` for what cannot be
     served."""
+    if (why := weights.unreachable(cfg.path)) is not None:  # found now, not by its first request
+        raise ConfigError(f"{where}.path: {why}")
     if cfg.backend == "zerostart":
         try:
             est = estimate_bytes(cfg)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Coroutine
 from zerostart.engine import available_cpus
 from zerostart.names import device_type
 from zerostart.serve._config import ServeConfig, ServerConfig
-from zerostart.serve._errors import ServeError, StartFailed, StartTimeout
+from zerostart.serve.edge import ServeError, StartFailed, StartTimeout
 from zerostart.serve.backends import ColdStart, WorkerBackend, ZerostartWorker, backend_class
 from zerostart.serve.control import ImageReport, Refusal
 from zerostart.serve.gateway import _queue

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Literal
 from zerostart import weights
 from zerostart.names import DTYPE_BYTES, default_dtype, device_type
 from zerostart.serve._config import ModelConfig
-from zerostart.serve._errors import StartFailed
+from zerostart.serve.edge import StartFailed
 from zerostart.serve.gateway._metrics import DeviceGauges
 from zerostart.serve.gateway._state import State
 from zerostart.units import format_size

@@ -1,18 +1,22 @@
-"""The model routes, from the HTTP side: validate the body, acquire a replica (held while
-the model is cold; a streamed request gets its headers and SSE comments meanwhile), and pass
-the worker's response through byte for byte. Every response says what the request paid for a
-cold start (``x-zerostart-cold-start-ms``) and for room on the replica (``x-zerostart-queue-ms``).
+"""The model routes, from the HTTP side: validate the body, take a replica (held while the model
+is cold; a streamed request gets its headers and SSE comments meanwhile), and pass the worker's
+response through byte for byte. Every response says what the request paid for a cold start
+(``x-zerostart-cold-start-ms``) and for room on the replica (``x-zerostart-queue-ms``).
 
-The request runs inside ``_http.Guard`` (body limits, client gone, ``request_timeout``, the
-shutdown's drain), which ends it by cancelling it: so every lease is given back in a
-``finally`` (or by the streamed response that owns it), and an upstream response is closed
-with it (the worker then stops generating). ``Guard`` also counts every request once
+The request runs inside the edge's ``Guard`` (body limits, client gone, ``request_timeout``, the
+shutdown's drain), which ends it by cancelling it. Everything it holds (the replica's lease, a
+wait for one, the worker's response) is entered in its resources (:meth:`Proxy.take`,
+:meth:`Proxy.send`), which ``Guard`` closes once it is over: no route gives anything back itself,
+and no exit path (an answer, an error, the client gone, a timeout, the drain) can forget to. The
+worker sees its response closed and stops generating. ``Guard`` also counts every request once
 (:meth:`Proxy.observe`).
 
-The routes are ``_openai_schema.ROUTES``: chat and completions (generating models),
-embeddings (embedding models), ``/tokenize`` and ``/detokenize`` (either; the model may be left
-out when the server has only one). A route the model's backend lacks answers 501 naming both.
-What each request cost the engine (the worker's ``control.RequestStats``) goes to the metrics.
+The routes are the edge's proxied ones (chat and completions for generating models, embeddings
+for embedding models, ``/tokenize`` and ``/detokenize`` for either; the model may be left out
+when the server has only one). A route the model's backend lacks answers 501 naming both. One
+rule for every route, ``/v1/responses`` included: ``request_timeout`` counts from a worker taking
+the request; a wait for a replica is bounded by the model's ``start_timeout`` instead. What each
+request cost the engine (the worker's ``control.RequestStats``) goes to the metrics.
 """
 
 from __future__ import annotations
@@ -23,19 +27,17 @@ import time
 from typing import Any, AsyncIterator
 
 from pydantic import ValidationError
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
 from zerostart.serve._config import ServerConfig
-from zerostart.serve._errors import (BadRequest, NotServed, ServeError, StartFailed, StartTimeout, WorkerFailed,
-                                    WorkerReplaced)
-from zerostart.serve._http import STATUS, ClosingStream, error_response, pause_deadline, restart_deadline
-from zerostart.serve._openai_schema import EMBEDDING_ROUTES, GENERATION_ROUTES, ROUTES, _Body, parse_body
-from zerostart.serve.control import STATS_HEADER, RequestStats
 from zerostart.serve.backends import UpstreamError, UpstreamResponse
-from zerostart.serve.gateway._auth import COLD_START_HEADER
+from zerostart.serve.control import STATS_HEADER, RequestStats
+from zerostart.serve.edge import (COLD_START_HEADER, PROXIED, SSE_HEADERS, STATUS, BadRequest, ClosingStream, Hold,
+                                  NotServed, RequestBody, ServeError, StartFailed, StartTimeout, WorkerFailed,
+                                  WorkerReplaced, error_response, parse_body, pause_deadline, resources,
+                                  restart_deadline)
 from zerostart.serve.gateway._fleet import Fleet
 from zerostart.serve.gateway._queue import Lease
 
@@ -43,9 +45,9 @@ QUEUE_HEADER = "x-zerostart-queue-ms"
 MODEL = "zerostart.model"  # scope key: the model a request named (for the count)
 RUNG_HEADER = "x-zerostart-cold-start-rung"  # the rung the request's cold start climbed from, when it waited for one
 _EXIT_WAIT_S = 1.0  # how long a failed proxy waits for the worker's exit status, to name it
-_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # What a worker answers when it is not where the gateway put it (parked or loading behind its back).
 _NOT_AS_PUT = frozenset({"model_parked", "not_ready"})
+_BY_PATH = {r.path: r for r in PROXIED}
 
 
 class Proxy:
@@ -65,49 +67,81 @@ class Proxy:
         if model != "unknown":
             self.metrics.request_seconds.labels(model).observe(seconds)
 
+    # -- what a request holds ---------------------------------------------------------------
+
+    async def take(self, scope: Scope, model: str, keep_alive: float | None) -> Lease:
+        """A replica of ``model`` for the request of ``scope``, held until the request is over
+        (in its resources). Its deadline waits meanwhile: ``request_timeout`` counts from a
+        worker taking it (a start has ``start_timeout``)."""
+        pause_deadline(scope)
+        lease = await resources(scope).enter_async_context(self.fleet.lease(model, keep_alive))
+        restart_deadline(scope)
+        return lease
+
+    def hold(self, scope: Scope, model: str, keep_alive: float | None) -> Hold[Lease]:
+        """:meth:`take` for a streamed request, which may spend the wait with its headers sent;
+        the wait ends with the request."""
+        hold = Hold(self.take(scope, model, keep_alive), every=self.stream_keepalive,
+                    what=f"a replica of model {model}")
+        resources(scope).push_async_callback(hold.aclose)
+        return hold
+
+    async def send(self, scope: Scope, lease: Lease, path: str, raw: bytes) -> UpstreamResponse:
+        """POST ``raw`` to the leased replica; the response is closed when the request is over
+        (:class:`WorkerFailed` naming why it could not be sent)."""
+        upstream = lease.replica.upstream
+        try:
+            if upstream is None:
+                raise UpstreamError("the worker has no address")
+            response = await upstream.request("POST", path, raw)
+        except UpstreamError as e:
+            raise await self.failed(lease, e) from None
+        resources(scope).push_async_callback(response.aclose)
+        return response
+
+    # -- the routes -------------------------------------------------------------------------
+
     async def generate(self, request: Request) -> Response:
         arrived = time.monotonic()
+        scope = request.scope
         path = request.url.path
         raw = await request.body()
         try:
-            req = await parse_body(ROUTES[path], raw)
+            req = await parse_body(_BY_PATH[path].body or RequestBody, raw)
             model = self.route_model(path, req)
         except BadRequest as e:
-            request.scope[MODEL] = e.model if e.model in self.fleet.names() else None
-            return error_response(e, {COLD_START_HEADER: "0"})
+            scope[MODEL] = e.model if e.model in self.fleet.names() else None
+            return self.error(e)
         except ServeError as e:
-            return error_response(e, {COLD_START_HEADER: "0"})
-        request.scope[MODEL] = model
-        sequences = getattr(req, "sequences", 1)  # embeddings and tokenize: one engine request per input
-        if sequences > self.max_sequences:
-            return error_response(BadRequest(
-                f"this request asks for {sequences} sequences (its prompts times n), more than this server takes "
-                f"in one request (server.max_sequences: {self.max_sequences}); send it as several requests",
-                param="n"), {COLD_START_HEADER: "0"})
-        pause_deadline(request.scope)  # request_timeout counts once a worker takes it (a start has start_timeout)
+            return self.error(e)
+        scope[MODEL] = model
+        try:
+            self.check_sequences(req)
+        except BadRequest as e:
+            return self.error(e)
         if req.stream:
-            return await self._streamed(request.scope, req, model, path, raw, arrived)
+            return await self._streamed(scope, req, model, path, raw, arrived)
         try:
-            lease = await self.fleet.acquire(model, req.keep_alive_seconds)
+            lease = await self.take(scope, model, req.keep_alive_seconds)
         except ServeError as e:
-            return self.error(e, cold_start_ms=_waited_ms(e, arrived))
-        restart_deadline(request.scope)
-        try:
-            return await self._whole(lease, path, raw)
-        finally:
-            lease.release()
+            return self.error(e, cold_start_ms=waited_ms(e, arrived))
+        return await self._whole(scope, lease, path, raw)
 
-    async def _whole(self, lease: Lease, path: str, raw: bytes) -> Response:
+    def check_sequences(self, req: RequestBody) -> None:
+        """A 400 for a request of more engine sequences than ``server.max_sequences``."""
+        if req.sequences > self.max_sequences:
+            raise BadRequest(f"this request asks for {req.sequences} sequences (its prompts times n, or its inputs), "
+                             f"more than this server takes in one request (server.max_sequences: {self.max_sequences}); "
+                             "send it as several requests", param=req.sequences_param)
+
+    async def _whole(self, scope: Scope, lease: Lease, path: str, raw: bytes) -> Response:
         """A response that is not streamed, read whole from the worker."""
-        headers = _lease_headers(lease)
+        headers = lease_headers(lease)
         try:
-            upstream = await _send(lease, path, raw)
-            try:
-                body = await upstream.aread()
-            finally:
-                await upstream.aclose()
-        except UpstreamError as e:
-            return self.error(await _worker_failed(lease, e), extra=headers)
+            upstream = await self.send(scope, lease, path, raw)
+            body = await self.read(lease, upstream)
+        except WorkerFailed as e:
+            return self.error(e, extra=headers)
         if upstream.status_code == 200:
             lease.first_byte(streamed=False)
             self.observe_stats(lease, stats_of(upstream.headers.get(STATS_HEADER)))
@@ -118,51 +152,36 @@ class Proxy:
         return Response(body, status_code=upstream.status_code, headers=headers,
                         media_type=upstream.headers.get("content-type", "application/json"))
 
-    async def _streamed(self, scope: Scope, req: _Body, model: str, path: str, raw: bytes, arrived: float) -> Response:
-        acquire = asyncio.create_task(self.fleet.acquire(model, req.keep_alive_seconds))
-        try:
-            await asyncio.wait({acquire}, timeout=self.stream_keepalive)
-        except BaseException:
-            _abandon(acquire)
-            raise
-        if not acquire.done():
+    async def _streamed(self, scope: Scope, req: RequestBody, model: str, path: str, raw: bytes,
+                        arrived: float) -> Response:
+        hold = self.hold(scope, model, req.keep_alive_seconds)
+        if not await hold.ready():
             # Headers go out now, so that proxies between us and the client keep the
             # connection; SSE comments follow until a replica is ready.
-            return ClosingStream(self._held(scope, acquire, model, path, raw, arrived),
-                                 on_close=lambda: _abandon(acquire), media_type="text/event-stream",
-                                 headers={COLD_START_HEADER: "pending", **_SSE_HEADERS})
+            return ClosingStream(self._held(scope, hold, model, path, raw, arrived), media_type="text/event-stream",
+                                 headers={COLD_START_HEADER: "pending", **SSE_HEADERS})
         try:
-            lease = acquire.result()
+            lease = hold.result()
         except ServeError as e:
-            return self.error(e, cold_start_ms=_waited_ms(e, arrived))
-        restart_deadline(scope)
+            return self.error(e, cold_start_ms=waited_ms(e, arrived))
         try:
-            upstream = await _send(lease, path, raw)
-        except UpstreamError as e:
-            lease.release()
-            return self.error(await _worker_failed(lease, e), extra=_lease_headers(lease))
-        except BaseException:
-            lease.release()
-            raise
+            upstream = await self.send(scope, lease, path, raw)
+            if upstream.status_code != 200:
+                body = await self.read(lease, upstream)
+        except WorkerFailed as e:
+            return self.error(e, extra=lease_headers(lease))
         if upstream.status_code != 200:
-            try:
-                body = await upstream.aread()
-            except UpstreamError as e:
-                return self.error(await _worker_failed(lease, e), extra=_lease_headers(lease))
-            finally:
-                await upstream.aclose()
-                lease.release()
             refused = self._distrust(lease, upstream.status_code, body)
             if refused is None and missing_route(upstream.status_code, body):
                 refused = self.not_served(lease, path)
             if refused is not None:
-                return self.error(refused, extra=_lease_headers(lease))
-            return Response(body, status_code=upstream.status_code, headers=_lease_headers(lease),
+                return self.error(refused, extra=lease_headers(lease))
+            return Response(body, status_code=upstream.status_code, headers=lease_headers(lease),
                             media_type=upstream.headers.get("content-type", "application/json"))
-        return ClosingStream(self._relay(scope, lease, upstream), on_close=lambda: _give_back(lease, upstream),
-                             media_type="text/event-stream", headers={**_lease_headers(lease), **_SSE_HEADERS})
+        return ClosingStream(self._relay(scope, lease, upstream), media_type="text/event-stream",
+                             headers={**lease_headers(lease), **SSE_HEADERS})
 
-    def route_model(self, path: str, req: _Body) -> str:
+    def route_model(self, path: str, req: RequestBody) -> str:
         """The served model a request is for (:class:`UnknownModel`), if it serves ``path``
         (:class:`BadRequest` naming the route a model of its kind takes)."""
         names = self.fleet.names()
@@ -174,10 +193,11 @@ class Proxy:
         if model not in names:
             raise self.unknown(model)
         embeds = self.fleet.model_config(model).embedding is not None
+        serves = _BY_PATH[path].serves if path in _BY_PATH else "generate"
         wrong = None
-        if embeds and path in GENERATION_ROUTES:
+        if embeds and serves == "generate":
             wrong = BadRequest(f"model {model!r} is an embedding model; use /v1/embeddings", param="model")
-        if not embeds and path in EMBEDDING_ROUTES:
+        if not embeds and serves == "embed":
             wrong = BadRequest(f"model {model!r} generates text; it is not served as an embedding model (set "
                                "`embedding:` in its config)", param="model")
         if wrong is not None:
@@ -197,7 +217,7 @@ class Proxy:
                          f"POST {path}", param="model")
 
     async def _relay(self, scope: Scope, lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
-        """Pass the worker's SSE bytes through as they come. Owns the lease."""
+        """Pass the worker's SSE bytes through as they come."""
         tap = StatsTap()
         try:
             async for chunk in upstream.aiter_raw():
@@ -206,48 +226,36 @@ class Proxy:
                 yield chunk
         except UpstreamError as e:
             scope[STATUS] = "stream_error"
-            yield (await _worker_failed(lease, e)).sse_ending()
-        finally:
-            await _give_back(lease, upstream)  # a client that left closes the worker's stream: it stops generating
+            yield (await self.failed(lease, e)).sse_ending()
 
-    async def _held(self, scope: Scope, acquire: asyncio.Task[Lease], model: str, path: str, raw: bytes,
+    async def _held(self, scope: Scope, hold: Hold[Lease], model: str, path: str, raw: bytes,
                     arrived: float) -> AsyncIterator[bytes]:
         """A streamed request whose headers (200) went out while it waited for a replica: every
         error is an SSE event from here on, and counted as ``stream_error``."""
-        while not acquire.done():
-            yield f": waiting for a replica of model {model}\n\n".encode()
-            await asyncio.wait({acquire}, timeout=self.stream_keepalive)
+        async for comment in hold.comments():
+            yield comment
         try:
-            lease = acquire.result()
+            lease = hold.result()
         except ServeError as e:
             scope[STATUS] = "stream_error"
-            yield f": {COLD_START_HEADER}={round(_waited_ms(e, arrived))}\n\n".encode()
+            yield f": {COLD_START_HEADER}={round(waited_ms(e, arrived))}\n\n".encode()
             yield e.sse_ending()
             return
-        restart_deadline(scope)
+        yield f": {COLD_START_HEADER}={round(lease.cold_start_ms)}\n\n".encode()
         try:
-            yield f": {COLD_START_HEADER}={round(lease.cold_start_ms)}\n\n".encode()
-            try:
-                upstream = await _send(lease, path, raw)
-            except UpstreamError as exc:
-                scope[STATUS] = "stream_error"
-                yield (await _worker_failed(lease, exc)).sse_ending()
-                return
-            if upstream.status_code != 200:
-                try:
-                    body = await upstream.aread()
-                except UpstreamError as exc:
-                    body = json.dumps((await _worker_failed(lease, exc)).body()).encode()
-                finally:
-                    await upstream.aclose()
-                scope[STATUS] = "stream_error"
-                refused = self._distrust(lease, upstream.status_code, body)
-                yield refused.sse_ending() if refused is not None else b"data: " + body.strip() + b"\n\ndata: [DONE]\n\n"
-                return
-            async for chunk in self._relay(scope, lease, upstream):
-                yield chunk
-        finally:
-            lease.release()
+            upstream = await self.send(scope, lease, path, raw)
+            body = await self.read(lease, upstream) if upstream.status_code != 200 else b""
+        except WorkerFailed as exc:
+            scope[STATUS] = "stream_error"
+            yield exc.sse_ending()
+            return
+        if upstream.status_code != 200:
+            scope[STATUS] = "stream_error"
+            refused = self._distrust(lease, upstream.status_code, body)
+            yield refused.sse_ending() if refused is not None else b"data: " + body.strip() + b"\n\ndata: [DONE]\n\n"
+            return
+        async for chunk in self._relay(scope, lease, upstream):
+            yield chunk
 
     def _distrust(self, lease: Lease, status: int, body: bytes) -> ServeError | None:
         """A worker that answers it is parked or not ready while the gateway has it serving
@@ -261,16 +269,23 @@ class Proxy:
         return WorkerReplaced(f"the worker for model {r.name!r} (pid {r.pid}) was not in the state the gateway put it "
                               "in; it is being replaced. Retry the request", retry_after=1.0)
 
-    async def upstream(self, lease: Lease, path: str, raw: bytes) -> UpstreamResponse:
-        """POST ``raw`` to the leased replica (:class:`WorkerFailed` naming why it could not)."""
+    async def read(self, lease: Lease, upstream: UpstreamResponse) -> bytes:
+        """A worker's whole response body (:class:`WorkerFailed` naming why it broke off)."""
         try:
-            return await _send(lease, path, raw)
+            return await upstream.aread()
         except UpstreamError as e:
-            raise await _worker_failed(lease, e) from None
+            raise await self.failed(lease, e) from None
 
     async def failed(self, lease: Lease, exc: Exception) -> WorkerFailed:
         """What to tell a client whose replica's connection failed with ``exc``."""
-        return await _worker_failed(lease, exc)
+        r = lease.replica
+        if r.failure is None:
+            try:
+                await asyncio.wait_for(r.exited.wait(), _EXIT_WAIT_S)
+            except TimeoutError:
+                return WorkerFailed(f"lost the connection to the worker for model {r.name!r} (pid {r.pid}) while "
+                                    f"serving this request ({exc}); retry the request")
+        return WorkerFailed(r.crash_message())
 
     def unknown(self, name: str) -> ServeError:
         try:
@@ -283,7 +298,7 @@ class Proxy:
         return error_response(e, {COLD_START_HEADER: str(round(cold_start_ms)), **(extra or {})})
 
 
-def _lease_headers(lease: Lease) -> dict[str, str]:
+def lease_headers(lease: Lease) -> dict[str, str]:
     headers = {COLD_START_HEADER: str(round(lease.cold_start_ms)), QUEUE_HEADER: str(round(lease.queue_ms))}
     if lease.cold_start_ms > 0:
         headers[RUNG_HEADER] = lease.replica.rung
@@ -338,41 +353,7 @@ def missing_route(status: int, body: bytes) -> bool:
     return not (isinstance(data, dict) and isinstance(data.get("error"), dict))
 
 
-async def _send(lease: Lease, path: str, raw: bytes) -> UpstreamResponse:
-    upstream = lease.replica.upstream
-    if upstream is None:
-        raise UpstreamError("the worker has no address")
-    return await upstream.request("POST", path, raw)
-
-
-async def _give_back(lease: Lease, upstream: UpstreamResponse) -> None:
-    lease.release()
-    await upstream.aclose()
-
-
-def _abandon(acquire: asyncio.Task[Lease]) -> None:
-    """The request that started ``acquire`` is over: stop it, and give back a lease it got."""
-
-    def settle(task: asyncio.Task[Lease]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            task.result().release()
-
-    acquire.cancel()
-    acquire.add_done_callback(settle)
-
-
-async def _worker_failed(lease: Lease, exc: Exception) -> WorkerFailed:
-    r = lease.replica
-    if r.failure is None:
-        try:
-            await asyncio.wait_for(r.exited.wait(), _EXIT_WAIT_S)
-        except TimeoutError:
-            return WorkerFailed(f"lost the connection to the worker for model {r.name!r} (pid {r.pid}) while serving "
-                                f"this request ({exc}); retry the request")
-    return WorkerFailed(r.crash_message())
-
-
-def _waited_ms(e: ServeError, arrived: float) -> float:
+def waited_ms(e: ServeError, arrived: float) -> float:
     """A failed start still cost the requests that waited for it."""
     return (time.monotonic() - arrived) * 1000.0 if isinstance(e, (StartFailed, StartTimeout)) else 0.0
 

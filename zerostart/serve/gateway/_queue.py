@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Callable
 
-from zerostart.serve._errors import ServeError
+from zerostart.serve.edge import ServeError
 from zerostart.serve.gateway._model import Model, Waiter
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def retry_after(m: Model) -> float:
 
 class Lease:
     """A request's hold on one replica: while any lease is open the replica is not stopped.
-    Call :meth:`release` when the response is finished (extra calls are ignored).
+    Made and given back by ``Fleet.lease`` only (its context; extra releases are ignored).
     ``keep_alive``: the request's own (None: the model's idle_timeout), held from now and
     from its release."""
 

@@ -1,19 +1,10 @@
-"""OpenAI's Responses API over any replica's chat completions, with a bounded store.
+"""OpenAI's Responses API over any replica's chat completions: the translation.
 
-The gateway turns ``POST /v1/responses`` into a chat completion request for the model's
-replica (zerostart, vLLM or any OpenAI server alike) and the chat answer, whole or streamed,
-back into a Response object or its stream of events. ``previous_response_id`` continues a
-conversation kept in the gateway's store (so it survives the model scaling to zero); the store
-holds at most ``max_items`` responses for at most ``ttl_s`` seconds, oldest first out
-(``server.responses_store`` in the config).
-
-    input              a string, or items: messages (roles user, system, developer, assistant;
-                       content as text or input_text/output_text parts), function_call,
-                       function_call_output
-    instructions       a system message first (not carried over from a previous response)
-    tools              function tools ({"type": "function", "name", "parameters"}); other tool
-                       types are refused
-    text.format        text, json_object or json_schema (structured output)
+The gateway turns ``POST /v1/responses`` (its body: the edge's ``ResponsesRequest``) into a chat
+completion request for the model's replica (zerostart, vLLM or any OpenAI server alike) and the
+chat answer, whole or streamed, back into a Response object or its stream of events.
+``previous_response_id`` continues a conversation kept in the gateway's store
+(``_responses_store.py``), so it survives the model scaling to zero.
 """
 
 from __future__ import annotations
@@ -21,10 +12,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections import OrderedDict
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from zerostart.serve.edge import (FunctionCallItem, FunctionCallOutputItem, InputItem, MessageItem, NamedTool,
+                                  ResponsesRequest)
 
 _CHAT_FIELDS = ("temperature", "top_p", "seed", "user")
 
@@ -33,154 +24,29 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class FunctionTool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    name: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class TextOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    format: TextFormat = TextFormat()
-
-
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    model: str = Field(min_length=1)
-    input: str | list[dict[str, Any]]
-    instructions: str | None = None
-    tools: list[dict[str, Any]] = []
-    tool_choice: str | dict[str, Any] = "auto"
-    parallel_tool_calls: bool = True
-    previous_response_id: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
-    user: str | None = None
-    stream: bool = False
-    store: bool = True
-    text: TextOptions = TextOptions()
-    metadata: dict[str, str] | None = None
-    truncation: Literal["disabled"] | None = None
-    reasoning: dict[str, Any] | None = None
-    include: list[str] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-    @model_validator(mode="after")
-    def _check(self) -> "ResponsesRequest":
-        for i, t in enumerate(self.tools):
-            if t.get("type") != "function":
-                raise ValueError(f"tools[{i}]: tool type {t.get('type')!r} is not supported (function tools only)")
-            FunctionTool.model_validate(t)
-        if self.reasoning and any(v is not None for v in self.reasoning.values()):
-            raise ValueError("reasoning: not supported by this server (its models do not reason separately)")
-        if self.include:
-            raise ValueError(f"include: {self.include[0]!r} is not supported by this server")
-        if isinstance(self.input, str) and not self.input:
-            raise ValueError("input: must not be empty")
-        return self
-
-    def function_tools(self) -> list[FunctionTool]:
-        return [FunctionTool.model_validate(t) for t in self.tools]
-
-
-class Stored(BaseModel):
-    response: dict[str, Any]
-    messages: list[dict[str, Any]]  # the conversation up to and including this response's output
-    at: float
-
-
-class ResponseStore:
-    """The last ``max_items`` responses for ``ttl_s`` seconds (oldest evicted first). In memory,
-    in the gateway: a restart forgets them."""
-
-    def __init__(self, max_items: int, ttl_s: float) -> None:
-        self.max_items = max_items
-        self.ttl_s = ttl_s
-        self._items: OrderedDict[str, Stored] = OrderedDict()
-
-    def put(self, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
-        self._expire()
-        self._items[response["id"]] = Stored(response=response, messages=messages, at=time.monotonic())
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
-
-    def get(self, response_id: str) -> Stored | None:
-        self._expire()
-        return self._items.get(response_id)
-
-    def delete(self, response_id: str) -> bool:
-        return self._items.pop(response_id, None) is not None
-
-    def __len__(self) -> int:
-        self._expire()
-        return len(self._items)
-
-    def _expire(self) -> None:
-        limit = time.monotonic() - self.ttl_s
-        while self._items and next(iter(self._items.values())).at < limit:
-            self._items.popitem(last=False)
-
-
 # -- request -> chat ----------------------------------------------------------------------
 
-def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Responses input items as chat messages (ValueError naming the bad item)."""
+def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
+    """Responses input items as chat messages."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     out: list[dict[str, Any]] = []
-    for i, item in enumerate(items):
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            if role not in ("user", "system", "developer", "assistant"):
-                raise ValueError(f"input[{i}].role: {role!r} is not one of user, system, developer, assistant")
-            out.append({"role": "system" if role == "developer" else role, "content": _text(item.get("content"), i)})
-        elif kind == "function_call":
-            call = {"id": item.get("call_id") or _new_id("call"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
+    for item in items:
+        if isinstance(item, MessageItem):
+            out.append({"role": "system" if item.role == "developer" else item.role, "content": item.text()})
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id or _new_id("call"), "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments or "{}"}}
             if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") is not None:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                        "content": output if isinstance(output, str) else json.dumps(output)})
         else:
-            raise ValueError(f"input[{i}].type: {kind!r} is not supported (message, function_call, function_call_output)")
+            assert isinstance(item, FunctionCallOutputItem)
+            output = item.output
+            out.append({"role": "tool", "tool_call_id": item.call_id,
+                        "content": output if isinstance(output, str) else json.dumps(output)})
     return out
-
-
-def _text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValueError(f"input[{i}].content must be text or a list of text parts")
-    parts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"input[{i}].content: part type {kind!r} is not supported (text only)")
-        parts.append(str(part.get("text", "")))
-    return "".join(parts)
 
 
 def chat_request(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -195,15 +61,13 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[
     for name in _CHAT_FIELDS:
         if getattr(req, name) is not None:
             body[name] = getattr(req, name)
-    tools = req.function_tools()
-    if tools:
+    if req.tools:
         body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                            "parameters": t.parameters or {"type": "object", "properties": {}}}}
-                         for t in tools]
+                         for t in req.tools]
         choice = req.tool_choice
-        if isinstance(choice, dict):
-            choice = {"type": "function", "function": {"name": choice.get("name")}}
-        body["tool_choice"] = choice
+        body["tool_choice"] = ({"type": "function", "function": {"name": choice.name}} if isinstance(choice, NamedTool)
+                               else choice)
         body["parallel_tool_calls"] = req.parallel_tool_calls
     fmt = req.text.format
     if fmt.type == "json_object":
@@ -225,7 +89,9 @@ def response_object(req: ResponsesRequest, rid: str, created: int, status: str,
         "incomplete_details": {"reason": "max_output_tokens"} if finish_reason == "length" else None,
         "instructions": req.instructions, "metadata": req.metadata or {}, "parallel_tool_calls": req.parallel_tool_calls,
         "previous_response_id": req.previous_response_id, "temperature": req.temperature, "top_p": req.top_p,
-        "max_output_tokens": req.max_output_tokens, "tool_choice": req.tool_choice, "tools": req.tools,
+        "max_output_tokens": req.max_output_tokens,
+        "tool_choice": req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedTool) else req.tool_choice,
+        "tools": [t.model_dump(exclude_none=True) for t in req.tools],
         "text": {"format": req.text.format.model_dump(by_alias=True, exclude_none=True)}, "truncation": "disabled",
         "store": req.store, "usage": None}
     if usage is not None:

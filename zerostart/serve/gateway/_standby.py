@@ -27,7 +27,7 @@ import logging
 from typing import Any, Sequence
 
 from zerostart.serve._config import ModelConfig, ServerConfig
-from zerostart.serve._errors import StartFailed
+from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends import ZerostartWorker
 
 log = logging.getLogger("zerostart.serve")

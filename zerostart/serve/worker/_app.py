@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -33,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zerostart.names import normalize_device
 from zerostart.serve._config import default_name
-from zerostart.serve._http import App, Bounds, Guard
+from zerostart.serve.edge import PROXIED, App, Auth, Bounds, Gate, Guard, Tenant, Unauthorized
 from zerostart.serve.control import (ErrorBody, ErrorDetail, InFlight, LoadAccepted, LoadRequest, ParkResult,
                                      WakeResult, WorkerState)
 from zerostart.serve.worker._holder import Busy, Holder, NotParkable
@@ -42,7 +41,7 @@ from zerostart.serve.worker._loading import LoadSpec
 log = logging.getLogger("zerostart.serve.worker")
 
 SHUTDOWN_GRACE_S = 5  # on SIGTERM: how long open requests (and an image being written) may take to finish
-_GENERATE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})  # the routes that run the engine
+_ENGINE = frozenset(r.path for r in PROXIED if r.engine)  # the routes that run the engine
 _READY_STATUS = {WorkerState.STANDBY: 200, WorkerState.READY: 200, WorkerState.PARKED: 200, WorkerState.FAILED: 500}
 
 
@@ -59,34 +58,15 @@ def build_app(holder: Holder, name: str, defaults: LoadSpec, token: str | None =
         Route("/zerostart/wake", r.wake, methods=["POST"]),
         Route("/health", r.health),
         Route("/v1/models", r.served("models")),
-        Route("/v1/chat/completions", r.served("chat"), methods=["POST"]),
-        Route("/v1/completions", r.served("completions"), methods=["POST"]),
-        Route("/v1/embeddings", r.served("embeddings"), methods=["POST"]),
-        Route("/tokenize", r.served("tokenize"), methods=["POST"]),
-        Route("/detokenize", r.served("detokenize"), methods=["POST"]),
+        *(Route(route.path, r.served(route.handler), methods=list(route.methods)) for route in PROXIED),
         Route("/tokenizer_info", r.served("tokenizer_info")),
     ])
     app.add_middleware(_Tracker, holder=holder)
     app.add_middleware(Guard, bounds=Bounds())  # a generation whose client left is cancelled
-    if token:
-        app.add_middleware(_OnlyGateway, token=token)
+    if token:  # every route answers only requests carrying this worker's token (its gateway's)
+        app.add_middleware(Auth, gate=Gate({token: Tenant("gateway", admin=True)}, refusal=Unauthorized(
+            "this worker answers only the gateway that started it", code="invalid_worker_token")))
     return app
-
-
-class _OnlyGateway:
-    """Every route answers only requests carrying this worker's token (its gateway's)."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app, self.expected = app, f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
-                await _error(401, "this worker answers only the gateway that started it", "invalid_worker_token")(
-                    scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def _error(status: int, message: str, code: str, in_flight: list[InFlight] | None = None) -> JSONResponse:
@@ -240,7 +220,7 @@ class _Tracker:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         h = self.holder
-        if scope["type"] != "http" or scope["path"] not in _GENERATE:
+        if scope["type"] != "http" or scope["path"] not in _ENGINE:
             await self.app(scope, receive, send)
             return
         while h.state is WorkerState.WAKING or h.paused:

@@ -27,7 +27,7 @@ import time
 
 from zerostart.names import DTYPES, IMAGE_MODES
 from zerostart.serve._config import EmbeddingConfig, ServerConfig, default_name
-from zerostart.serve._connections import bounded_protocol
+from zerostart.serve.edge import bounded_protocol
 from zerostart.serve.control import TOKEN_ENV
 from zerostart.serve.worker._app import SHUTDOWN_GRACE_S, build_app
 from zerostart.serve.worker._holder import Holder

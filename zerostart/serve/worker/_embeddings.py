@@ -17,8 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from zerostart.serve._config import EmbeddingConfig
-from zerostart.serve._errors import BadRequest, ServeError
-from zerostart.serve._openai_schema import EmbeddingRequest
+from zerostart.serve.edge import BadRequest, EmbeddingRequest, ServeError
 from zerostart.serve.control import RequestStats
 from zerostart.serve.worker._stats import Timing, request_stats
 

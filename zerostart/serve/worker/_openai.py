@@ -22,10 +22,9 @@ from starlette.responses import JSONResponse, Response
 from zerostart import __version__
 from zerostart.engine import EngineError, TokenText, render_chat, tool_parser
 from zerostart.serve._config import EmbeddingConfig
-from zerostart.serve._errors import BadRequest, ServeError
-from zerostart.serve._http import ClosingStream
-from zerostart.serve._openai_schema import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                            EmbeddingRequest, TokenizeRequest, _Request, parse_body)
+from zerostart.serve.edge import (BadRequest, ChatCompletionRequest, ClosingStream, CompletionRequest, DetokenizeRequest,
+                                  EmbeddingRequest, GenerateRequest, ServeError, TokenizeRequest, model_card, model_list,
+                                  parse_body)
 from zerostart.serve.control import STATS_HEADER
 from zerostart.serve.worker import _embeddings, _tokenize
 from zerostart.serve.worker._logprobs import CompletionLogprobs, chat_entry, chat_logprobs
@@ -111,9 +110,8 @@ class OpenAIRoutes:
     # -- routes -----------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "zerostart",
-                "root": self.root, "parent": None, "max_model_len": self.engine.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        card = model_card(self.name, self.created, root=self.root, max_model_len=self.engine.max_model_len)
+        return JSONResponse(model_list([card]))
 
     # Nothing whose cost grows with the request runs on the event loop: parsing a large body,
     # tool grammars, chat templates, tokenization, compiling grammars (within a budget),
@@ -209,7 +207,7 @@ class OpenAIRoutes:
     def _encode(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else list(self.engine.tokenizer.encode(prompt))
 
-    async def _start(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str,
+    async def _start(self, req: GenerateRequest, prompts: list[list[int]], max_new: int | None, param: str,
                      plan: Plan) -> list[_Choice]:
         """:meth:`_submit`, from a thread when it is heavy; sequences submitted for a request
         that is cancelled meanwhile are cancelled as soon as the thread has made them."""
@@ -222,7 +220,7 @@ class OpenAIRoutes:
             job.add_done_callback(_cancel_made)
             raise
 
-    def _submit(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str,
+    def _submit(self, req: GenerateRequest, prompts: list[list[int]], max_new: int | None, param: str,
                 plan: Plan) -> list[_Choice]:
         try:
             params = self._params(req, prompts, max_new, param, plan)
@@ -238,7 +236,7 @@ class OpenAIRoutes:
             raise BadRequest(str(e), param=plan.param if plan.constraint and "grammar" in str(e) else param) from None
         return choices
 
-    def _params(self, req: _Request, prompts: list[list[int]], max_new: int | None, param: str,
+    def _params(self, req: GenerateRequest, prompts: list[list[int]], max_new: int | None, param: str,
                 plan: Plan) -> list[tuple[list[int], Any]]:
         limit = self.engine.max_model_len
         params = []
@@ -264,7 +262,7 @@ class OpenAIRoutes:
 
     # -- responses --------------------------------------------------------------------------
 
-    async def _respond(self, kind: str, req: _Request, choices: list[_Choice], echo: list[str] | None,
+    async def _respond(self, kind: str, req: GenerateRequest, choices: list[_Choice], echo: list[str] | None,
                        plan: Plan) -> Response:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -278,7 +276,7 @@ class OpenAIRoutes:
             raise
         return await _json(lambda: self._body(kind, req, rid, created, choices, echo, plan))
 
-    def _body(self, kind: str, req: _Request, rid: str, created: int, choices: list[_Choice], echo: list[str] | None,
+    def _body(self, kind: str, req: GenerateRequest, rid: str, created: int, choices: list[_Choice], echo: list[str] | None,
               plan: Plan) -> tuple[dict[str, Any], dict[str, str]]:
         """A whole answer and its headers (on a thread: logprobs of thousands of tokens take a while)."""
         body: dict[str, Any] = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -310,7 +308,7 @@ class OpenAIRoutes:
             out.add(lp)
         return out
 
-    async def _stream(self, kind: str, req: _Request, rid: str, created: int, choices: list[_Choice],
+    async def _stream(self, kind: str, req: GenerateRequest, rid: str, created: int, choices: list[_Choice],
                       echo: list[str] | None, plan: Plan) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         started: set[int] = set()

@@ -34,8 +34,7 @@ from pydantic import BaseModel
 
 from zerostart.engine import Constraint, EngineError, ToolCall, ToolParser
 from zerostart.serve._config import ServerConfig
-from zerostart.serve._errors import BadRequest
-from zerostart.serve._openai_schema import ChatCompletionRequest, ResponseFormat
+from zerostart.serve.edge import BadRequest, ChatCompletionRequest, ResponseFormat
 
 if TYPE_CHECKING:
     from zerostart.engine import Engine

@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from zerostart.engine import EngineError, Tokenizer, render_chat
-from zerostart.serve._errors import BadRequest
-from zerostart.serve._openai_schema import DetokenizeRequest, TokenizeRequest
+from zerostart.serve.edge import BadRequest, DetokenizeRequest, TokenizeRequest
 
 
 def tokenize(tok: Tokenizer, max_model_len: int, req: TokenizeRequest) -> dict[str, Any]:

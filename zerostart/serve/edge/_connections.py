@@ -5,7 +5,21 @@ of the previous response ending (else a 408 and the connection closes), and at m
 (below), else the oldest one still waiting for a request head (a slow or idle client), else it
 is answered 503 and closed. So a slowloris that opens connections and trickles their heads holds
 none of them long, and cannot crowd out clients that send whole requests. Bodies are bounded by
-``_http.Guard``. Malformed HTTP gets its 400 in OpenAI's JSON shape too.
+``_guard.Guard``. Malformed HTTP gets its 400 in OpenAI's JSON shape too.
+
+Every request head is checked before h11 reads it, for what two parsers could read two ways
+(a proxy in front framing a body one way and this server another lets the rest of one request
+be served as a second: request smuggling). Each is a 400 and the connection closes
+(RFC 9112 §6.3), where h11 alone would read on:
+
+    Transfer-Encoding with Content-Length   h11: chunked wins, connection kept    nginx: 400
+    Content-Length twice (equal values)     h11: one of them                      nginx: 400
+    Content-Length twice (different)        h11: 400                              nginx: 400
+    Transfer-Encoding not ending in chunked h11: 400 (as 501)                     nginx: 400/501
+    Transfer-Encoding: gzip, chunked        h11: 400 (as 501)    here: 501        nginx: 501
+    a header line folded (obs-fold)         h11: joined with a space              nginx: 400
+    a line ending in a bare LF              h11: read as CRLF                     nginx: read as CRLF;
+                                                                                  node's llhttp: 400
 
 An idle kept-alive connection is closed by that same head timer (``header_timeout``, 10 s in
 the server's defaults), not by uvicorn's keep-alive of 5 s: that equals httpx's (and so the
@@ -27,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -48,9 +64,65 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
     return head.encode() + body
 
 
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a request head (it takes a bare LF too)
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def framing_problem(head: bytes) -> tuple[int, str] | None:
+    """What in a request head (its bytes to the blank line) two HTTP parsers could read two ways,
+    as ``(status, why)``; None when nothing is (see the module's docstring)."""
+    if _BARE_LF.search(head):
+        return 400, "a line of the request head ends in a bare LF, not CRLF (RFC 9112 §2.2)"
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    for line in head.split(b"\r\n")[1:]:
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            return 400, "a header line begins with whitespace: obsolete line folding (RFC 9112 §5.2) is not accepted"
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            lengths.append(value.strip())
+        elif name.lower() == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",")]
+    if lengths and codings:
+        return 400, ("both Transfer-Encoding and Content-Length: the body's length is ambiguous, so the request is "
+                     "refused and the connection closed (RFC 9112 §6.3)")
+    if len(lengths) > 1:
+        return 400, f"Content-Length given {len(lengths)} times: the body's length is ambiguous (RFC 9112 §6.3)"
+    if lengths and not lengths[0].isdigit():
+        return 400, "Content-Length is not a number of bytes (RFC 9112 §6.3)"
+    if codings and codings[-1] != b"chunked":
+        return 400, "Transfer-Encoding does not end in chunked: the body's length cannot be known (RFC 9112 §6.3)"
+    if len(codings) > 1:
+        return 501, "only Transfer-Encoding: chunked is supported (no other transfer coding)"
+    return None
+
+
+class _Framed(h11.Connection):
+    """h11's server side, with each request head checked by :func:`framing_problem` before h11
+    reads it; a problem raises h11's own error, which uvicorn answers (``send_400_response``)."""
+
+    problem: tuple[int, str] | None = None
+
+    def next_event(self) -> Any:
+        if self.their_state is h11.IDLE and self.problem is None:
+            data, _ = self.trailing_data
+            end = _HEAD_END.search(data)
+            if end is not None and (problem := framing_problem(data[: end.end()])) is not None:
+                self.problem = problem
+                raise h11.RemoteProtocolError(problem[1])
+        return super().next_event()
+
+
 class _Bounded(H11Protocol):
     max_connections: int
     header_timeout: float
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        size = self.config.h11_max_incomplete_event_size
+        self.conn = _Framed(h11.SERVER, **({} if size is None else {"max_incomplete_event_size": size}))
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -118,11 +190,18 @@ class _Bounded(H11Protocol):
         self._linger_timer = self.loop.call_later(LINGER_S, raw.close)
 
     def send_400_response(self, msg: str) -> None:
-        """Malformed HTTP (uvicorn answers it in text/plain): the same answer in OpenAI's shape."""
+        """Malformed HTTP (uvicorn answers it in text/plain): the same answer in OpenAI's shape,
+        naming what was wrong with the framing when that was it."""
+        status, reason, code = 400, b"Bad Request", "bad_http"
+        problem = getattr(self.conn, "problem", None)
+        if problem is not None:
+            status, msg = problem
+            reason, code = ((b"Not Implemented", "unsupported_transfer_coding") if status == 501
+                            else (reason, "bad_framing"))
         body = json.dumps({"error": {"message": f"{msg} (not HTTP/1.1 this server can read)",
-                                     "type": "invalid_request_error", "param": None, "code": "bad_http"}}).encode()
+                                     "type": "invalid_request_error", "param": None, "code": code}}).encode()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+        for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
                       h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self._linger()  # what follows the malformed part may still be on its way

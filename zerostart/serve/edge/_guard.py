@@ -1,114 +1,47 @@
-"""The HTTP edge both processes share (the gateway's app and a worker's): every answer in
-OpenAI's error shape, and bounds on what one request can take.
+"""Bounds on what one request can take, and an end for every request: ``Guard``.
 
-- :class:`App`: a Starlette app whose errors, from any route and of any kind, are answered as
-  ``{"error": {...}}`` JSON and never escape to the server. An escaped exception makes uvicorn
-  answer ``text/plain`` or close the connection, so the next request on it (a client's, or the
-  gateway's pooled connection to a worker) would fail.
-- :class:`Guard`: for the routes that take a body (``POST /v1/...``), one task per request that
-  reads the body within its size and time limits (413, 408), then runs the route and ends it
-  when the client goes away, when the request's deadline passes (504), or when a drain says
-  so (503): an unfinished stream then ends with an SSE error event and ``data: [DONE]``. Ending
-  means cancelling the route's task, so whatever it holds is given back in its ``finally``.
-- :class:`ClosingStream`: a streamed response that closes its body iterator however it ends
-  (a cancelled response otherwise leaves the iterator's ``finally`` to the garbage collector).
+For the routes that take a body (``POST /v1/...`` and the route table's others), ``Guard`` runs
+one task per request that reads the body within its size and time limits (413, 408), then runs
+the route and ends it when the client goes away, when the request's deadline passes (504), or
+when a drain says so (503): an unfinished stream then ends with an SSE error event and
+``data: [DONE]``. Ending means cancelling the route's task.
+
+What a request holds (a replica's lease, a queue ticket, an upstream response) it holds in its
+:func:`resources`: an exit stack that ``Guard`` closes once the route's task is over, whatever
+ended it (its answer sent, an error, the client gone, ``request_timeout``, the shutdown's
+drain). So a route never releases anything itself, and no exit path can forget to.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import logging
 import math
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from zerostart.serve._errors import (BodyTimeout, BodyTooLarge, InternalError, RequestTimeout, ServeError,
-                                     ShuttingDown)
-
-log = logging.getLogger("zerostart.serve.http")
+from zerostart.serve.edge._app import error_response
+from zerostart.serve.edge._errors import BodyTimeout, BodyTooLarge, RequestTimeout, ServeError, ShuttingDown
+from zerostart.serve.edge._routes import BODY_PATHS
 
 ABORT = "zerostart.abort"  # scope key: why a guarded request was ended early (disconnect, timeout, drain)
 DEADLINE = "zerostart.deadline"  # scope key: the request's Deadline (a route may restart it)
 STATUS = "zerostart.status"  # scope key: a route's own status label for the count (e.g. stream_error)
+RESOURCES = "zerostart.resources"  # scope key: the request's AsyncExitStack (see resources())
 _CLOSING_WRITE_S = 1.0  # how long the last words of an ended stream may wait for a client that does not read
 
 
-def error_response(e: ServeError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers={**e.headers(), **(headers or {})})
-
-
-# -- the app ----------------------------------------------------------------------------------
-
-
-class App(Starlette):
-    """Starlette with every error answered in OpenAI's shape: ``ServeError`` with its status,
-    ``HTTPException`` (no route, wrong method) with its own, anything else as a 500 naming it;
-    and nothing re-raised to the server (see the module's docstring)."""
-
-    def __init__(self, **kw: Any) -> None:  # keywords only: exception_handlers is merged, never passed twice
-        handlers = {HTTPException: _http_exception, ServeError: _serve_error, Exception: _unexpected,
-                    **kw.pop("exception_handlers", {})}
-        super().__init__(exception_handlers=handlers, **kw)
-
-    def build_middleware_stack(self) -> ASGIApp:
-        return _Boundary(super().build_middleware_stack())
-
-
-async def _http_exception(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    message = {404: f"No route {request.method} {request.url.path}; the API is under /v1",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-
-async def _serve_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServeError)
-    return error_response(exc)
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, ServeError):
-        return error_response(exc)
-    return error_response(InternalError(f"internal error while serving {request.method} {request.url.path}: "
-                                        f"{type(exc).__name__}: {exc} (the server's log has the traceback)"))
-
-
-class _Boundary:
-    """The outermost layer: an exception that got past the app's handlers is logged here and
-    stops. A response not yet begun gets a JSON 500; one begun and not finished can only be cut
-    (uvicorn closes the connection of a response left unfinished); a finished one stands, and
-    its connection stays usable."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as exc:  # noqa: BLE001 - the last place to answer; the traceback goes to the log
-            log.error("%s %s failed: %s: %s", scope.get("method"), scope.get("path"), type(exc).__name__, exc,
-                      exc_info=exc)
-            if not started:
-                await (await _unexpected(Request(scope), exc))(scope, receive, send)
+def resources(scope: Scope) -> AsyncExitStack:
+    """What the request of ``scope`` holds, given back when it is over (see the module's
+    docstring): ``await resources(scope).enter_async_context(fleet.lease(...))``."""
+    stack = scope.get(RESOURCES)
+    if not isinstance(stack, AsyncExitStack):
+        raise RuntimeError(f"{scope.get('method')} {scope.get('path')} takes resources outside Guard, which gives "
+                           "them back: it must run inside it (a POST route of the route table)")
+    return stack
 
 
 # -- guarded requests -------------------------------------------------------------------------
@@ -155,11 +88,11 @@ def restart_deadline(scope: Scope) -> None:
 
 
 def _guarded(path: str) -> bool:
-    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")  # vLLM's routes outside /v1 too
+    return path.startswith("/v1/") or path in BODY_PATHS  # vLLM's /tokenize, /detokenize outside /v1 too
 
 
 class Guard:
-    """ASGI middleware for ``POST /v1/...`` (and ``/tokenize``, ``/detokenize``) requests (see the module's docstring).
+    """ASGI middleware for ``POST /v1/...`` requests and the route table's other bodies (see the module's docstring).
 
     ``drain``: when set, requests in flight are ended with 503 ``shutting_down``.
     ``observe(scope, status, seconds)`` is called once per guarded request when it is over:
@@ -181,9 +114,11 @@ class Guard:
         if self.bounds.request_timeout is not None:
             scope[DEADLINE] = Deadline(self.bounds.request_timeout)
         response = _Tracked(send)
+        scope[RESOURCES] = held = AsyncExitStack()
         try:
             await self._run(scope, receive, response)
         finally:
+            await held.aclose()  # (already closed unless this task itself was cancelled)
             if self.observe is not None:
                 status = scope.get(STATUS) or (str(response.status) if response.status else "499")
                 self.observe(scope, status, time.monotonic() - arrived)
@@ -199,7 +134,7 @@ class Guard:
             return
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, gone))
-        task = asyncio.ensure_future(self.app(scope, _replay(body, gone), response.send))  # a task: ASGI apps are coroutines
+        task = asyncio.ensure_future(self.app(scope, replay(body, gone), response.send))  # a task: ASGI apps are coroutines
         try:
             reason = await self._until_over(task, gone, scope.get(DEADLINE))
         finally:
@@ -207,6 +142,7 @@ class Guard:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            await scope[RESOURCES].aclose()  # the route is over: what it held goes back before any last words
         if reason is None:
             task.result()  # a route's exception goes on to the boundary
             return
@@ -321,8 +257,10 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
     gone.set()
 
 
-def _replay(body: bytes, gone: asyncio.Event) -> Receive:
-    """A ``receive`` that gives the body read ahead, then waits for the client to leave."""
+def replay(body: bytes, gone: asyncio.Event) -> Receive:
+    """A ``receive`` that gives ``body`` (read ahead, or all there is) as one message, then waits
+    until ``gone`` is set to say the client left: how a request whose body is already read is
+    handed to an ASGI app (here, and by the cluster's replicas, which call the gateway's app)."""
     sent = False
 
     async def receive() -> Message:
@@ -334,27 +272,3 @@ def _replay(body: bytes, gone: asyncio.Event) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
-
-
-class ClosingStream(StreamingResponse):
-    """A streamed response that closes its body iterator however it ends, so the iterator's
-    ``finally`` (giving back a lease, cancelling a generation) runs now, not when collected;
-    then ``on_close`` (for what the iterator holds before it first runs: an iterator closed
-    before its start runs none of its code)."""
-
-    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Any] | None = None,
-                 **kw: Any) -> None:
-        super().__init__(content, **kw)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            try:
-                if close is not None:
-                    await close()
-            finally:
-                if self._on_close is not None and inspect.isawaitable(done := self._on_close()):
-                    await done

@@ -1,4 +1,4 @@
-"""Errors the gateway answers with, in OpenAI's JSON shape::
+"""Errors the edge answers with (gateway, worker and cluster alike), in OpenAI's JSON shape::
 
     {"error": {"message": "...", "type": "...", "param": null, "code": "..."}}
 
@@ -68,12 +68,35 @@ class Unauthorized(ServeError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+    challenge = "Bearer"  # what the client is asked for (a browser's page: HTTP Basic, which it prompts for)
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "www-authenticate": self.challenge}
 
 
-class UnknownModel(ServeError):
+class Forbidden(ServeError):
+    """A known key asking for a route its tenant may not use (the operational routes need an admin)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "admin_only"
+
+
+class NotFound(ServeError):
     status = 404
     type = "invalid_request_error"
+    code = "not_found"
+
+
+class UnknownModel(NotFound):
     code = "model_not_found"
+
+
+class UnknownResponse(NotFound):
+    """A stored response this tenant does not have: never made, forgotten, or another tenant's
+    (the same answer for each, so that an id tells nobody else anything)."""
+
+    code = "response_not_found"
 
 
 class NotServed(ServeError):

@@ -1,29 +1,25 @@
 """Typed request bodies of the OpenAI routes, shared by the gateway (which validates before it
-starts anything) and the workers (which generate from them).
+starts anything), the cluster's ingress and the workers (which generate from them). Each is an
+:class:`~zerostart.serve.edge._parse.OpenAIBody` (strict types) and becomes a request only
+through ``parse_request`` (``_parse.py``).
 
-Every body is an :class:`OpenAIBody`: types are strict, as OpenAI's are (``"3"`` is not a
-number, ``2.0`` is not an integer, ``1`` is not a boolean), and :func:`parse_request` is the one
-place a body becomes a request or a :class:`BadRequest` naming the field. Unknown fields are
-ignored as OpenAI's SDKs send new ones over time, but fields for features this server does not
-have (logit_bias, functions, ...) are refused with a 400 naming them rather than silently dropped.
-``null`` means "the default" for every field.
+Unknown fields are ignored as OpenAI's SDKs send new ones over time, but fields for features
+this server does not have (logit_bias, functions, ...) are refused with a 400 naming them rather
+than silently dropped. ``null`` means "the default" for every field.
 
 The shape checks of ``tools``, ``tool_choice`` and ``response_format`` are here (the gateway
 refuses a bad one before it starts a model); what they ask of the engine (grammars, the tool
-parser) is the worker's (``serve/worker/_structured.py``).
+parser) is the worker's (``serve/worker/_structured.py``). Which route takes which body is the
+route table's (``_routes.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import re
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from zerostart.serve._keys import format_loc
-from zerostart.serve._errors import BadRequest
+from zerostart.serve.edge._parse import FieldError, OpenAIBody
 from zerostart.units import parse_duration
 
 # Fields whose features this server lacks: refused when set to anything but their "off" value.
@@ -38,26 +34,8 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-class FieldError(ValueError):
-    """A check of the whole body that is about one field (``field`` may be a path such as
-    ``messages[2].content``): a model validator's error has no location of its own, and the
-    400 names the field (``param``) from this."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's range for seed (a signed 64-bit integer)
 MAX_STOP = 16  # stop strings per request (OpenAI takes 4): each is looked for after every token
-_THREAD_PARSE_BYTES = 256 * 1024  # bodies larger than this are parsed off the event loop
-
-
-class OpenAIBody(BaseModel):
-    """The base of every request body and its parts: strict types, unknown fields kept (and
-    ignored unless a subclass refuses them)."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(OpenAIBody):
@@ -65,7 +43,7 @@ class StreamOptions(OpenAIBody):
     continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
 
 
-class _Body(OpenAIBody):
+class RequestBody(OpenAIBody):
     """What every routed body has: the model it is for, and Ollama's keep_alive."""
 
     model: str = Field(min_length=1)
@@ -89,6 +67,16 @@ class _Body(OpenAIBody):
     @property
     def keep_alive_seconds(self) -> float | None:
         return None if self.keep_alive is None else parse_duration(self.keep_alive, forever_if_negative=True)
+
+    @property
+    def sequences(self) -> int:
+        """Engine requests this body makes (``server.max_sequences`` bounds it): one here."""
+        return 1
+
+    @property
+    def sequences_param(self) -> str:
+        """The field that sets :attr:`sequences`, for the 400 that says there are too many."""
+        return "n"
 
 
 class JsonSchemaFormat(OpenAIBody):
@@ -117,7 +105,7 @@ class ResponseFormat(OpenAIBody):
         return self.type != "text"
 
 
-class _Request(_Body):
+class GenerateRequest(RequestBody):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -138,7 +126,7 @@ class _Request(_Body):
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
-    def _refuse_unsupported(self) -> "_Request":
+    def _refuse_unsupported(self) -> "GenerateRequest":
         for key, value in (self.model_extra or {}).items():
             if key in _UNSUPPORTED and value not in _UNSUPPORTED[key]:
                 raise FieldError(key, "not supported by this server")
@@ -181,6 +169,7 @@ class _Request(_Body):
     def sequences(self) -> int:
         """Sequences this request makes the engine generate: its prompts times ``n``."""
         return self.n
+
 
 class FunctionCall(OpenAIBody):
     model_config = ConfigDict(extra="allow")
@@ -252,7 +241,7 @@ class NamedToolChoice(OpenAIBody):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(GenerateRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -310,7 +299,7 @@ class ChatCompletionRequest(_Request):
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(GenerateRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -361,7 +350,7 @@ class CompletionRequest(_Request):
         return list(p)  # type: ignore[arg-type]  # several prompts: texts or id lists
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(RequestBody):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)  # the first that many values, renormalized
@@ -381,6 +370,15 @@ class EmbeddingRequest(_Body):
             raise FieldError("input", "token ids must be non-negative")
         return self
 
+    @property
+    def sequences(self) -> int:
+        """One engine request per input, batched with every other request's."""
+        return len(self.inputs())
+
+    @property
+    def sequences_param(self) -> str:
+        return "input"
+
     def inputs(self) -> list[str | list[int]]:
         """One entry per input: text, or token ids."""
         p = self.input
@@ -391,7 +389,7 @@ class EmbeddingRequest(_Body):
         return list(p)  # type: ignore[arg-type]
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(RequestBody):
     """vLLM's ``/tokenize``: a ``prompt`` (text) or ``messages`` (a chat, rendered with its template)."""
 
     model: str | None = None  # type: ignore[assignment]  # None: the server's only model
@@ -409,7 +407,7 @@ class TokenizeRequest(_Body):
         return self
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(RequestBody):
     model: str | None = None  # type: ignore[assignment]
     tokens: list[int]
 
@@ -419,61 +417,3 @@ class DetokenizeRequest(_Body):
         if any(i < 0 for i in ids):
             raise ValueError("token ids must be non-negative")
         return ids
-
-
-B = TypeVar("B", bound=BaseModel)
-
-ROUTES: dict[str, type[_Body]] = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-    "/v1/embeddings": EmbeddingRequest,
-    "/tokenize": TokenizeRequest,
-    "/detokenize": DetokenizeRequest,
-}
-EMBEDDING_ROUTES = frozenset({"/v1/embeddings"})  # served by embedding models only; the others by generating ones
-GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not a JSON value")
-
-
-def parse_request(schema: type[B], raw: bytes) -> B:
-    """Validate a request body; a :class:`BadRequest` naming the bad field otherwise."""
-    try:
-        data = json.loads(raw, parse_constant=_not_json)
-    except RecursionError:
-        raise BadRequest("The request body is not valid JSON here: it is nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers of more than 4300 digits, NaN
-        raise BadRequest(f"The request body is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = format_loc(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "this field is required"
-        cause = (err.get("ctx") or {}).get("error")
-        if err["loc"]:
-            param: str | None = str(err["loc"][0])
-        elif isinstance(cause, FieldError):  # the top-level field a whole-body check is about
-            param = re.split(r"[.\[]", cause.field, maxsplit=1)[0]
-        else:
-            param = None
-        text = f"{loc}: {msg}" if loc else msg
-        more = len(e.errors()) - 1
-        bad = BadRequest(text + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""), param=param)
-        bad.model = data.get("model") if isinstance(data.get("model"), str) else None
-        raise bad from None
-    except RecursionError:
-        raise BadRequest("The request body is nested too deeply") from None
-
-
-async def parse_body(schema: type[B], raw: bytes) -> B:
-    """:func:`parse_request`, on a thread for a large body so the event loop keeps serving."""
-    if len(raw) <= _THREAD_PARSE_BYTES:
-        return parse_request(schema, raw)
-    return await asyncio.to_thread(parse_request, schema, raw)
