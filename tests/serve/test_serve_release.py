@@ -2,7 +2,8 @@
 matrix. Each route (chat, completions and responses, streamed and not; embeddings; /tokenize and
 /detokenize) x {the client leaves while its request is held, or while a worker runs it; it runs
 past request_timeout; the server shuts down} ends with nothing in flight and nothing queued, at
-the gateway and in the worker's engine. And one rule for every route: a cold start does not count
+the gateway and in the worker's engine; the client-leaves cases also on a foreign backend (the
+command backend: any OpenAI server). And one rule for every route: a cold start does not count
 against request_timeout.
 
 One gateway serves the whole module (its last test shuts it down). Its workers are held still
@@ -16,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any, Iterator
@@ -56,7 +58,11 @@ def gw(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
     g = Gateway({"server": {"stream_keepalive": 0.2, "request_timeout": REQUEST_TIMEOUT, "worker_probe_timeout": 300,
                             "shutdown_timeout": 1},
                  "models": [model("g", max_concurrency=1), model("e", max_concurrency=1, embedding={}),
-                            model("t", max_concurrency=16), model("c"), model("ce", embedding={})]},
+                            model("t", max_concurrency=16), model("c"), model("ce", embedding={}),
+                            model("f", max_concurrency=1, backend="command", command={
+                                "run": [sys.executable, "-m", "zerostart.serve.worker", "--model", "{model}",
+                                        "--name", "{name}", "--host", "{host}", "--port", "{port}"],
+                                "ready_path": "/zerostart/ready?wait=0"})]},
                 str(tmp_path_factory.mktemp("release")))
     yield g
     g.stop()
@@ -96,8 +102,9 @@ class _Stopped:
 
     def __init__(self, gw: Gateway, name: str) -> None:
         self.gw, self.name = gw, name
-        gw.openai().completions.create(model=name, prompt="x", max_tokens=1) if name in ("g", "t") else \
-            gw.openai().embeddings.create(model=name, input="x")
+        if gw.model(name)["state"] != "hot":
+            gw.openai().completions.create(model=name, prompt="x", max_tokens=1) if name in ("g", "t", "f") else \
+                gw.openai().embeddings.create(model=name, input="x")
         self.worker = gw.model(name)["workers"][0]
 
     def __enter__(self) -> "_Stopped":
@@ -114,11 +121,20 @@ class _Stopped:
 # -- the client leaves ----------------------------------------------------------------------------
 
 
-def _cases() -> list[tuple[str, str, str, dict[str, Any]]]:
-    return [("g", *case) for case in _bodies("g")] + [("e", *_embedding("e"))]
+# One case per code path runs by default (the proxy's whole and streamed answers, a stream held
+# with its headers out, the Responses route both ways, embeddings); the rest of the matrix, the
+# foreign backend's cases among them, with the slow tests.
+_CORE = {"g:chat/whole", "g:chat/stream", "g:responses/whole", "g:responses/stream", "e:embeddings"}
 
 
-@pytest.mark.parametrize("model, label, path, body", _cases(), ids=[f"{m}:{label}" for m, label, _, _ in _cases()])
+def _cases() -> list[Any]:
+    foreign = [("f", *case) for case in _bodies("f") if case[0].startswith(("chat/", "responses/whole"))]
+    cases = [("g", *case) for case in _bodies("g")] + [("e", *_embedding("e"))] + foreign
+    return [pytest.param(*case, id=f"{case[0]}:{case[1]}",
+                         marks=() if f"{case[0]}:{case[1]}" in _CORE else pytest.mark.slow) for case in cases]
+
+
+@pytest.mark.parametrize("model, label, path, body", _cases())
 def test_a_client_that_leaves_while_its_request_runs_gives_everything_back(gw: Gateway, model: str, label: str,
                                                                             path: str, body: dict[str, Any]) -> None:
     with _Stopped(gw, model):
@@ -130,7 +146,7 @@ def test_a_client_that_leaves_while_its_request_runs_gives_everything_back(gw: G
         _wait(gw, model, 0, 0, f"{label} gone while running")
 
 
-@pytest.mark.parametrize("model, label, path, body", _cases(), ids=[f"{m}:{label}" for m, label, _, _ in _cases()])
+@pytest.mark.parametrize("model, label, path, body", _cases())
 def test_a_client_that_leaves_while_its_request_is_held_gives_everything_back(gw: Gateway, model: str, label: str,
                                                                                path: str, body: dict[str, Any]) -> None:
     with _Stopped(gw, model):

@@ -175,7 +175,7 @@ class Fleet:
     def begin_shutdown(self) -> None:
         """The server is going down (SIGTERM): new requests get 503, held ones at once; those
         in flight have ``shutdown_timeout`` to finish, then ``drained`` is set and they are
-        ended (a 503, or an SSE error event and ``[DONE]``: ``_http.Guard``)."""
+        ended (a 503, or an SSE error event and ``[DONE]``: the edge's ``Guard``)."""
         if self._closing:
             return
         self._closing = self.lifecycle.closing = True
