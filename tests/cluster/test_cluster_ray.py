@@ -229,3 +229,27 @@ def _served_elsewhere(url: str, node: str, c: LocalCluster) -> httpx.Response | 
     if r.status_code != 200:
         return None
     return r if r.headers["x-zerostart-node"] != node[:12] else None
+
+
+def test_the_ingress_is_the_gateways_edge_keys_tenants_and_cards(ray_cluster: LocalCluster, tiny_models) -> None:
+    """The same keys, tenants and admin routes as one machine's gateway, the same model cards
+    and 404s; /v1/responses is not served on a cluster (its store lives in one gateway)."""
+    ray_cluster.deploy(_models(tiny_models), [{"name": "pool", "models": ["a", "b"]}],
+                       server={"api_keys": ["k-tenant"], "tenants": [{"name": "ops", "keys": ["k-ops"], "admin": True}]})
+    base = ray_cluster.url
+
+    def get(path: str, key: str | None = None) -> httpx.Response:
+        return httpx.get(base + path, timeout=30, headers={"authorization": f"Bearer {key}"} if key else {})
+
+    assert get("/v1/models").status_code == 401 and get("/health").status_code == 200
+    cards = get("/v1/models", "k-tenant").json()["data"]
+    assert [(c["id"], c["pool"], c["root"], c["owned_by"]) for c in cards] == [
+        ("a", "pool", tiny_models[0], "zerostart"), ("b", "pool", tiny_models[1], "zerostart")]
+    for path in ("/zerostart/status", "/metrics"):
+        refused = get(path, "k-tenant")
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_only", refused.text
+        assert get(path, "k-ops").status_code == 200
+    assert get("/v1/nope", "k-tenant").json()["error"]["code"] == "route_not_found"
+    responses = httpx.post(base + "/v1/responses", json={"model": "a", "input": "hi"}, timeout=30,
+                           headers={"authorization": "Bearer k-tenant"})
+    assert responses.status_code == 501 and "Ray cluster" in responses.json()["error"]["message"]
