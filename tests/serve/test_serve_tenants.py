@@ -4,7 +4,7 @@ environment, serving a generating and an embedding model, with the real openai c
 
 - A stored response, its id and its chain are its tenant's: another tenant gets the 404 of a
   missing id for GET, DELETE and previous_response_id.
-- /zerostart/status and /metrics need an admin key; /health and /ping none.
+- /zerostart/status, /metrics and the dashboard need an admin key; /health and /ping none.
 - Workers do not inherit the gateway's keys from its environment.
 - max_sequences counts embeddings' inputs; the Responses store is bounded in bytes; metadata as
   OpenAI bounds it; /v1/responses is as strictly typed as every route; a lone surrogate in any
@@ -96,11 +96,15 @@ def test_operational_routes_need_an_admin_and_probes_no_key(gw: Gateway) -> None
     for who in ("one", "team1", "env"):
         with _http(gw, who) as c:
             assert c.get("/v1/models").status_code == 200  # every key: the API
-            for path in ("/zerostart/status", "/metrics"):
+            for path in ("/zerostart/status", "/metrics", "/zerostart/"):  # the last: the dashboard's page
                 r = c.get(path)
                 assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only", (who, path, r.text)
     with _http(gw, "ops") as c:
         assert c.get("/zerostart/status").status_code == c.get("/metrics").status_code == 200
+        assert c.get("/zerostart/").status_code == 200
+    with httpx.Client(base_url=gw.url, timeout=30) as browser:  # the dashboard's browser: a key as Basic's password
+        assert browser.get("/zerostart/", auth=("me", KEYS["ops"])).status_code == 200
+        assert browser.get("/zerostart/", auth=("me", KEYS["one"])).status_code == 403
     with _http(gw, None) as c:
         assert c.get("/health").status_code == c.get("/ping").status_code == 200
         r = c.get("/v1/models")
