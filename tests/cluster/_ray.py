@@ -40,6 +40,9 @@ class LocalCluster:
     fit one engine replica (1 CPU); one of them has 2 fake GPUs and a label."""
 
     def __init__(self, tmp_dir: str) -> None:
+        # Ray records the cluster's address in /tmp/ray/ray_current_cluster whatever temp_dir says,
+        # without making the directory: a fresh machine has none
+        os.makedirs("/tmp/ray", exist_ok=True)
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "include_dashboard": False, "labels": HEAD_LABELS, "temp_dir": tmp_dir})
         self.workers = [self.cluster.add_node(num_cpus=1, labels=WORKER_LABELS) for _ in range(2)]
