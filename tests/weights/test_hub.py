@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,25 @@ def test_the_engine_loads_from_the_hub(hub, tmp_path):
         assert torch.get_num_threads() >= 1
     finally:
         engine.stop()
+
+
+def test_one_gguf_file_of_a_repository(hub, repo, monkeypatch):
+    r, _ = repo
+    path = weights.hf_gguf("hf://org/m", "m.Q4_0.gguf")
+    assert path.endswith("/m.Q4_0.gguf") and Path(path).read_bytes()[:4] == b"GGUF"
+    assert [p.rsplit("/", 1)[-1] for p in hub.requested()] == ["m.Q4_0.gguf"]  # that file, no other
+    assert weights.hf_gguf("hf://org/m") == path  # the repository's only .gguf file
+    (Path(r.root) / "m.Q8_0.gguf").write_bytes(b"GGUF" + bytes(8))
+    with pytest.raises(WeightsError, match=r"holds 2 \.gguf files; name the one to serve \(one of: m\.Q4_0\.gguf, "
+                                           r"m\.Q8_0\.gguf\)"):
+        weights.hf_gguf("hf://org/m")
+    with pytest.raises(WeightsError, match="not a .gguf file"):
+        weights.hf_gguf("hf://org/m", "config.json")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked = len(hub.log)
+    assert weights.hf_gguf("hf://org/m", "m.Q4_0.gguf") == path  # from the cache, offline
+    with pytest.raises(WeightsError, match="no file 'm.Q8_0.gguf'.*HF_HUB_OFFLINE is set"):
+        weights.hf_gguf("hf://org/m", "m.Q8_0.gguf")
+    with pytest.raises(WeightsError, match="name its .gguf file"):
+        weights.hf_gguf("hf://org/m")
+    assert len(hub.log) == asked

@@ -392,3 +392,18 @@ def test_cuda_checksums(tmp_path, cfg):
     p.write_bytes(bytes(blob))
     with pytest.raises(WeightsError, match="block 0 .* fails its checksum"):
         weights.load(tmp_path, device="cuda", config=CONFIGS[cfg])
+
+
+def test_cached_fraction_follows_one_file_leaving_the_cache(tmp_path):
+    from zerostart import weights
+
+    one, other = tmp_path / "one", tmp_path / "other"
+    for p in (one, other):
+        p.write_bytes(os.urandom(4 << 20))
+        with open(p, "rb") as f:
+            f.read()  # both read: in the page cache
+    if weights.cached_fraction(str(one)) < 0.9:
+        pytest.skip("the page cache did not keep a file just read")
+    (ev,) = weights.evict_page_cache([str(one)])
+    assert ev.resident_after < 0.01 and weights.cached_fraction(str(one)) < 0.01
+    assert weights.cached_fraction(str(other)) > 0.9  # not the whole cache

@@ -21,12 +21,13 @@ from zerostart.weights._format import Header, TensorInfo, WeightsError, parse_he
 from zerostart.weights._gguf import GgufModel, GgufTensor, is_gguf, open_gguf
 from zerostart.weights._image import (MANIFEST, Fingerprint, ImageError, ImageIncompatible, check_compatible, fingerprint,
                                       image_store, is_image, read_manifest, write_image)
-from zerostart.weights._io import (Eviction, Region, align_up, drop_all_page_caches, evict_page_cache,
+from zerostart.weights._io import (Eviction, Region, align_up, cached_fraction, drop_all_page_caches, evict_page_cache,
                                    map_anonymous_at, map_shared_at, open_direct, pread_into, release_pages, touch_pages)
 from zerostart.weights._paths import cache_dir
 from zerostart.weights._remote import ObjectChanged, SourceError, Transport
 from zerostart.weights._reserve import arena_bytes, release_host, reserve_host, reserved_host
 from zerostart.weights._store import ObjectInfo, Store, open_store
+from zerostart.weights._store_hf import hf_gguf
 from zerostart.weights._store_s3 import reset_credentials
 
 # names imported on first use: module -> names
@@ -69,6 +70,7 @@ __all__ = [
     "Store",
     "Transport",
     "cache_dir",
+    "hf_gguf",
     "identity",
     "is_remote",
     "local_copy",
@@ -94,6 +96,7 @@ __all__ = [
     "Region",
     "align_up",
     "arena_bytes",
+    "cached_fraction",
     "drop_all_page_caches",
     "evict_page_cache",
     "map_anonymous_at",

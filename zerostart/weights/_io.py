@@ -341,6 +341,15 @@ def pread_into(fd: int, buf: memoryview, offset: int, file_size: int, path: str)
     return done
 
 
+def cached_fraction(path: str) -> float:
+    """Fraction of the file at ``path`` in the page cache now (0..1; sampled as :func:`residency`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return residency(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Eviction:
     """What :func:`evict_page_cache` did to one file: the fraction of it in the page cache

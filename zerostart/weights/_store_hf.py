@@ -162,3 +162,45 @@ def cached_snapshot(repo: str, revision: str | None) -> str | None:
 
 def open_store(spec: str) -> HfStore:
     return HfStore(spec)
+
+
+def hf_gguf(spec: str, name: str | None = None) -> str:
+    """The local path of one ``.gguf`` file of ``hf://org/name[@revision]`` (``name``: its path
+    in the repository; None: the repository's only .gguf file), from the hub cache or downloaded
+    into it (only that file: a GGUF repository usually holds one file per quantization). Honours
+    ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and ``HF_TOKEN`` as :class:`HfStore` does."""
+    repo, revision = parse(spec)
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise SourceError("hf:// downloads need huggingface_hub: pip install huggingface_hub") from None
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
+    where = f"revision {revision!r} of {repo}" if revision else repo
+    token = os.environ.get("HF_TOKEN") or None
+    if name is None:
+        if offline:
+            raise WeightsError(f"{spec}: name its .gguf file (HF_HUB_OFFLINE is set, so the repository's files "
+                               "cannot be listed)")
+        try:
+            files = huggingface_hub.list_repo_files(repo, revision=revision, token=token)
+        except Exception as e:  # noqa: BLE001 - translated; huggingface_hub raises many kinds
+            raise _translate(spec, where, endpoint, e) from None
+        ggufs = sorted(f for f in files if f.endswith(".gguf"))
+        if len(ggufs) != 1:
+            raise WeightsError(f"{spec}: the repository holds {len(ggufs)} .gguf files; name the one to serve"
+                               + (f" (one of: {', '.join(ggufs)})" if ggufs else ""))
+        name = ggufs[0]
+    if not name.endswith(".gguf"):
+        raise WeightsError(f"{spec}: {name!r} is not a .gguf file")
+    try:
+        return huggingface_hub.hf_hub_download(repo, name, revision=revision, cache_dir=hub_cache(), token=token,
+                                               local_files_only=offline)
+    except Exception as e:  # noqa: BLE001 - translated below
+        from huggingface_hub import errors
+
+        if isinstance(e, (errors.LocalEntryNotFoundError, errors.EntryNotFoundError)):
+            raise WeightsError(f"{spec}: no file {name!r} in {where}"
+                               + (f" in the Hugging Face cache ({hub_cache()}; HF_HUB_OFFLINE is set)" if offline
+                                  else "")) from None
+        raise _translate(spec, where, endpoint, e) from None
