@@ -55,7 +55,7 @@ BytesOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_size_or_auto)]
 
 # The engines a model's workers can run: one module each in serve/backends, registered in its
 # BACKENDS under the same name.
-Backend = Literal["zerostart", "vllm", "sglang", "command"]
+Backend = Literal["zerostart", "vllm", "sglang", "llamacpp", "command"]
 
 
 def default_name(path: str) -> str:
@@ -232,6 +232,36 @@ class SglangOptions(_Section):
     args: list[str] = []  # more SGLang arguments (e.g. ["--attention-backend", "torch_native"])
 
 
+# llama-server options zerostart sets itself (the model, where it listens, its key, its metrics)
+_LLAMACPP_OWN = ("-m", "--model", "-a", "--alias", "--host", "--port", "--api-key", "--api-key-file", "--metrics",
+                 "-np", "--parallel", "-t", "--threads", "-tb", "--threads-batch", "-c", "--ctx-size",
+                 "--kv-unified-per-slot", "--embedding", "--embeddings", "--pooling", "-hf", "--hf-repo", "-mu",
+                 "--model-url")
+
+
+class LlamacppOptions(_Section):
+    """``backend: llamacpp``: llama.cpp's ``llama-server`` on a GGUF file (``make llamacpp-env``)."""
+
+    # the llama-server binary; null: .venvs/llamacpp/bin/llama-server of this checkout (make
+    # llamacpp-env), else llama-server on PATH
+    server: str | None = None
+    file: str | None = None  # hf:// sources: the .gguf file of the repository (needed when it holds several)
+    parallel: int = Field(4, ge=1)  # slots (-np): sequences decoded together; more requests wait in its queue
+    # KV cache size in tokens shared by the slots (-c); null: parallel x max_model_len when that is
+    # set, else the model's training context
+    ctx_size: int | None = Field(None, ge=1)
+    args: list[str] = []  # more llama-server arguments, as on its command line (e.g. ["--flash-attn", "on"])
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, args: list[str]) -> list[str]:
+        own = [a for a in args if a.split("=", 1)[0] in _LLAMACPP_OWN]
+        if own:
+            raise ValueError(f"{', '.join(own)}: set by zerostart (the model's path, name, threads, max_model_len, "
+                             "embedding and the llamacpp keys say what it passes); remove it from args")
+        return args
+
+
 class CommandOptions(_Section):
     """``backend: command``: any OpenAI-compatible server, started from a command template."""
 
@@ -304,6 +334,7 @@ class ModelConfig(_Section):
     env: dict[str, str] = {}  # extra environment for this model's workers
     vllm: VllmOptions | None = None  # backend: vllm's options
     sglang: SglangOptions | None = None  # backend: sglang's options
+    llamacpp: LlamacppOptions | None = None  # backend: llamacpp's options
     command: CommandOptions | None = None  # backend: command's options (run is required)
 
     @field_validator("path")
@@ -339,7 +370,7 @@ class ModelConfig(_Section):
             raise ValueError(f"start_backoff ({self.start_backoff:g} s) is above start_backoff_max ({self.start_backoff_max:g} s)")
         if self.park_after is not None and self.parkable is False:
             raise ValueError("park_after is set but parkable is false; remove one of them")
-        for key in ("vllm", "sglang", "command"):
+        for key in ("vllm", "sglang", "llamacpp", "command"):
             if getattr(self, key) is not None and self.backend != key:
                 raise ValueError(f"{key}: these are options of backend: {key}, and this model's backend is "
                                  f"{self.backend}")
@@ -349,6 +380,13 @@ class ModelConfig(_Section):
             self.vllm = VllmOptions()
         if self.backend == "sglang" and self.sglang is None:
             self.sglang = SglangOptions()
+        if self.backend == "llamacpp":
+            if self.llamacpp is None:
+                self.llamacpp = LlamacppOptions()
+            if self.kv_cache_bytes is not None:
+                raise ValueError("kv_cache_bytes: llama.cpp sizes its KV cache in tokens; set llamacpp.ctx_size")
+            if self.dtype is not None:
+                raise ValueError("dtype: llama.cpp computes in the GGUF file's own types; remove dtype")
         return self
 
     @property

@@ -13,8 +13,9 @@ Torch-free: the gateway imports it.
 from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
 from zerostart.serve.backends._upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from zerostart.serve.backends._command import CommandWorker
-from zerostart.serve.backends._measure import device_total_bytes
+from zerostart.serve.backends._measure import device_total_bytes, host_bytes_of_tree
 from zerostart.serve.backends._foreign import ForeignWorker
+from zerostart.serve.backends._llamacpp import LlamacppWorker, find_server as find_llama_server
 from zerostart.serve.backends._log_phases import LogPhases
 from zerostart.serve.backends._sglang import SglangWorker
 from zerostart.serve.backends._vllm import VllmWorker
@@ -26,12 +27,14 @@ BACKENDS: dict[str, type[WorkerBackend]] = {
     ZerostartWorker.name: ZerostartWorker,
     VllmWorker.name: VllmWorker,
     SglangWorker.name: SglangWorker,
+    LlamacppWorker.name: LlamacppWorker,
     CommandWorker.name: CommandWorker,
 }
 
-__all__ = ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LogPhases", "Memory", "SglangWorker",
-           "UpstreamError", "UpstreamPool", "UpstreamResponse", "VllmWorker", "WorkerBackend", "WorkerError",
-           "ZerostartWorker", "backend_class", "device_total_bytes"]
+__all__ = ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LlamacppWorker", "LogPhases", "Memory",
+           "SglangWorker", "UpstreamError", "UpstreamPool", "UpstreamResponse", "VllmWorker", "WorkerBackend",
+           "WorkerError", "ZerostartWorker", "backend_class", "device_total_bytes", "find_llama_server",
+           "host_bytes_of_tree"]
 
 
 def backend_class(name: str) -> type[WorkerBackend]:

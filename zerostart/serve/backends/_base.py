@@ -34,6 +34,7 @@ from zerostart.telemetry import Timeline
 
 if TYPE_CHECKING:
     from zerostart.serve._config import ModelConfig, ServerConfig
+    from zerostart.serve._errors import ServeError
     from zerostart.serve.backends._upstream import UpstreamPool
 
 _ids = itertools.count(1)
@@ -105,6 +106,13 @@ class WorkerBackend(ABC):
         return None
 
     @classmethod
+    def refuse(cls, model: ModelConfig, path: str, request: Any) -> ServeError | None:
+        """Why this backend cannot serve ``request`` (the parsed body of ``POST path``) for
+        ``model``, known before a replica starts: the gateway answers with it at once (400, or
+        501 for a route the engine lacks), instead of starting a replica to be told. None: it can."""
+        return None
+
+    @classmethod
     def missing_rungs(cls, model: ModelConfig) -> dict[str, str]:
         """The rungs of the cold ladder (``parked``, ``image``) this backend cannot rest
         replicas of ``model`` on, with why: the policies skip them, the status shows them."""
@@ -143,6 +151,10 @@ class WorkerBackend(ABC):
         except httpx.HTTPError as e:
             return f"its health route could not be reached ({type(e).__name__}: {e})"
         return None if r.status_code == 200 else f"its health route answered HTTP {r.status_code}"
+
+    def engine_metrics(self) -> dict[str, float] | None:
+        """The engine's own counters as last read (status shows them); None: it reports none."""
+        return None
 
     async def image_report(self) -> ImageReport | None:
         """What the worker did with ready images now (a write in the background moves on after

@@ -4,7 +4,8 @@ SGLang, any OpenAI server) is several processes whose sizes nobody told us.
 - :func:`process_tree`: a process and all its descendants (vLLM: API server, engine core,
   worker, resource tracker), from ``/proc``.
 - :func:`host_bytes`: their proportional set size summed (``/proc/PID/smaps_rollup``: pages
-  shared between them, such as forked libraries, are counted once across the tree).
+  shared between them, such as forked libraries, are counted once across the tree);
+  :func:`host_bytes_of_tree` for a process and its descendants.
 - :func:`device_bytes`, :func:`device_total_bytes`, :func:`cuda_pids`: CUDA memory of those
   processes on one GPU, the GPU's size, which of them hold a context, from ``nvidia-smi`` (the
   gateway imports no CUDA library); None where there is no ``nvidia-smi``.
@@ -57,6 +58,11 @@ def host_bytes(pids: list[int]) -> int:
         except OSError:
             continue
     return total
+
+
+def host_bytes_of_tree(pid: int) -> int:
+    """What ``pid`` and its descendants hold in host memory: :func:`host_bytes` of :func:`process_tree`."""
+    return host_bytes(process_tree(pid))
 
 
 def device_bytes(pids: list[int], device: str) -> int | None:

@@ -262,7 +262,8 @@ class Model:
                          "in_flight": r.in_flight, "oldest_in_flight_s": round(r.oldest_request_s(now), 3),
                          "idle_s": round(now - r.last_active, 3) if r.state in (State.HOT, State.PARKED)
                          and not r.in_flight else 0.0,
-                         "kept_for_s": None if math.isinf(r.hold_until) else round(max(0.0, r.hold_until - now), 3)}
+                         "kept_for_s": None if math.isinf(r.hold_until) else round(max(0.0, r.hold_until - now), 3),
+                         **({"engine_metrics": em} if (em := r.worker.engine_metrics()) else {})}
                         for r in self.replicas],
         }
 

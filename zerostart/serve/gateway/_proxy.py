@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from zerostart.serve._config import ServerConfig
-from zerostart.serve.backends import UpstreamError, UpstreamResponse
+from zerostart.serve.backends import UpstreamError, UpstreamResponse, backend_class
 from zerostart.serve.control import STATS_HEADER, RequestStats
 from zerostart.serve.edge import (COLD_START_HEADER, PROXIED, SSE_HEADERS, STATUS, BadRequest, ClosingStream, Hold,
                                   NotServed, RequestBody, ServeError, StartFailed, StartTimeout, WorkerFailed,
@@ -194,14 +194,18 @@ class Proxy:
             raise self.unknown(model)
         embeds = self.fleet.model_config(model).embedding is not None
         serves = _BY_PATH[path].serves if path in _BY_PATH else "generate"
-        wrong = None
+        wrong: ServeError | None = None
         if embeds and serves == "generate":
             wrong = BadRequest(f"model {model!r} is an embedding model; use /v1/embeddings", param="model")
         if not embeds and serves == "embed":
             wrong = BadRequest(f"model {model!r} generates text; it is not served as an embedding model (set "
                                "`embedding:` in its config)", param="model")
+        if wrong is None:  # what the model's engine lacks, said before anything starts
+            cfg = self.fleet.model_config(model)
+            wrong = backend_class(cfg.backend).refuse(cfg, path, req)
         if wrong is not None:
-            wrong.model = model
+            if isinstance(wrong, BadRequest):
+                wrong.model = model
             raise wrong
         return model
 
