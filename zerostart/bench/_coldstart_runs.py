@@ -21,7 +21,7 @@ class _Worker:
     """A worker process on a loopback port, and its control routes."""
 
     def __init__(self, model: str | None, args: argparse.Namespace, images: str = "off", parkable: bool = False,
-                 standby: bool = False, reserve: int = 0) -> None:
+                 standby: bool = False, reserve: int = 0, threads: int | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -37,6 +37,8 @@ class _Worker:
             cmd += ["--dtype", args.dtype]
         if parkable:
             cmd.append("--parkable")
+        if threads:
+            cmd += ["--threads", str(threads)]
         self.t0 = time.perf_counter()
         self.t0_unix = time.time()
         self.proc = subprocess.Popen(cmd, env=_env.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
