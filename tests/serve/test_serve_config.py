@@ -9,9 +9,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from zerostart.serve._config import (ClusterConfig, CommandOptions, ConfigError, DeviceConfig, IngressConfig, ModelConfig,
-                                     PlacementConfig, PoolConfig, PrewarmWindow, ServeConfig, ServerConfig,
-                                     SglangOptions, VllmOptions, load_config)
+from zerostart.serve._config import (ClusterConfig, CommandOptions, ConfigError, DeviceConfig, IngressConfig,
+                                     LlamacppOptions, ModelConfig, PlacementConfig, PoolConfig, PrewarmWindow,
+                                     ServeConfig, ServerConfig, SglangOptions, VllmOptions, load_config)
 
 from tests.serve._helpers import ROOT
 
@@ -154,8 +154,9 @@ def test_example_config_documents_every_key_with_its_default() -> None:
         assert getattr(parsed, key) == default, key
     # models[1] shows a pre-warm window with every key of one
     assert set(raw["models"][1]["prewarm"][0]) == set(PrewarmWindow.model_fields)
-    # models[2..4]: each backend's options, every key, at its default (command: all but run)
-    for i, key, schema in ((2, "vllm", VllmOptions), (3, "sglang", SglangOptions), (4, "command", CommandOptions)):
+    # models[2..5]: each backend's options, every key, at its default (command: all but run)
+    for i, key, schema in ((2, "vllm", VllmOptions), (3, "sglang", SglangOptions), (4, "command", CommandOptions),
+                           (5, "llamacpp", LlamacppOptions)):
         assert raw["models"][i]["backend"] == key
         assert set(raw["models"][i][key]) == set(schema.model_fields), key
         parsed_options = getattr(cfg.models[i], key)

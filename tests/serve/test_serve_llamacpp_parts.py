@@ -86,7 +86,7 @@ def test_command_line(gguf, fake_server, tmp_path):
     assert flag(cmd, "--threads") == "3" and flag(cmd, "--threads-batch") == "3"
     assert flag(cmd, "--parallel") == "8" and "--kv-unified" in cmd and "--metrics" in cmd
     assert flag(cmd, "--ctx-size") == str(8 * 2048) and flag(cmd, "--kv-unified-per-slot") == "2048"
-    assert flag(cmd, "--device") == "none" and flag(cmd, "--n-gpu-layers") == "0"
+    assert flag(cmd, "--device") == "none" and "--n-gpu-layers" not in cmd
     assert cmd[-2:] == ["--flash-attn", "on"]
     assert flag(cmd, "--api-key-file").startswith(str(tmp_path)) and w.process.token not in " ".join(cmd)
     assert "ZEROSTART_WORKER_TOKEN" not in w.engine_env() and w.process.token not in w.engine_env().values()
@@ -98,7 +98,7 @@ def test_context_gpu_and_embedding_flags(gguf, fake_server, tmp_path):
     cmd = argv(w)
     assert flag(cmd, "--ctx-size") == "4096" and "--kv-unified-per-slot" not in cmd
     assert flag(cmd, "--device") == "CUDA1" and flag(cmd, "--n-gpu-layers") == "999"
-    assert "--embeddings" in cmd and flag(cmd, "--pooling") == "mean"
+    assert "--embeddings" in cmd and flag(cmd, "--pooling") == "mean" and flag(cmd, "--embd-normalize") == "2"
     assert "--threads" not in cmd  # no thread count from the fleet: llama.cpp's own
 
 
@@ -188,14 +188,34 @@ def test_what_it_serves_passes_and_vllms_tokenize_is_not_served():
 # -- phases from its log ----------------------------------------------------------------------------
 
 # Lines llama-server (build 11434, CPU) printed during one start of SmolLM2-135M-Instruct Q4_1 here,
-# with the seconds since the spawn at which they arrived (abridged).
-LLAMACPP_LOG: list[tuple[float, str]] = []
+# at its default verbosity, with the seconds since the spawn at which they arrived (a busy machine).
+LLAMACPP_LOG = [
+    (0.055, "0.00.014.598 I srv  llama_server: initializing ..."),
+    (0.055, "0.00.014.776 I srv  init_listene: The UI is disabled"),
+    (0.058, "0.00.018.371 I srv    load_model: loading model '/m/SmolLM2-135M-Instruct.Q4_1.gguf'"),
+    (1.525, "0.01.485.727 I cmn          init: llama threadpool init, n_threads = 2"),
+    (5.587, "0.05.547.050 I srv    load_model: initializing, n_slots = 4, n_ctx_slot = 8192, kv_unified = 'true'"),
+    (5.593, "0.05.549.275 I srv  llama_server: model loaded"),
+    (5.594, "0.05.549.293 I srv  llama_server: listening on http://127.0.0.1:18123"),
+]
+# What -lv 4 adds (in llamacpp.args): the sizes of the weights mapped and of the KV cache.
+LLAMACPP_TRACE = [
+    (0.369, "0.00.335.006 I load_tensors:   CPU_Mapped model buffer size =    92.10 MiB"),
+    (0.717, "0.00.682.582 I llama_kv_cache: size =  180.00 MiB (  8192 cells,  30 layers,  4/1 seqs), "
+            "K (f16):   90.00 MiB, V (f16):   90.00 MiB"),
+]
 
 
-@pytest.mark.skipif(not LLAMACPP_LOG, reason="no recorded log")
 def test_phases_follow_its_log():
-    p = LogPhases(LLAMACPP_MARKERS, LLAMACPP_LAST, origin=0.0, details=LLAMACPP_DETAILS)
-    for at, line in LLAMACPP_LOG:
-        p.feed(line, at)
-    tl = p.timeline(ready_at=LLAMACPP_LOG[-1][0] + 0.01)
-    assert [ph.name for ph in tl.phases] == ["device_init", "read", "prepare", "warmup", "server_init"]
+    p = LogPhases(LLAMACPP_MARKERS, LLAMACPP_LAST, origin=100.0, details=LLAMACPP_DETAILS)
+    assert p.current == "device_init"
+    for at, line in sorted(LLAMACPP_LOG + LLAMACPP_TRACE):
+        p.feed(line, 100.0 + at)
+    assert p.current == "server_init"
+    tl = p.timeline(ready_at=100.0 + 5.599)
+    got = {ph.name: (round(ph.start, 3), round(ph.end, 3)) for ph in tl.phases}
+    assert got == {"device_init": (0.0, 0.058), "read": (0.058, 1.525), "warmup": (1.525, 5.587),
+                   "server_init": (5.587, 5.599)}
+    d = {ph.name: ph.detail for ph in tl.phases}
+    assert d["read"] == {"threads": 2, "weights_mib": 92.1, "kv_mib": 180.0, "kv_tokens": 8192}
+    assert d["warmup"] == {"slots": 4, "slot_tokens": 8192}

@@ -423,7 +423,7 @@ def test_the_config_names_every_registered_backend() -> None:
     from zerostart.serve._config import Backend
     from zerostart.serve.backends import BACKENDS, backend_class
 
-    assert sorted(get_args(Backend)) == sorted(BACKENDS) == ["command", "sglang", "vllm", "zerostart"]
+    assert sorted(get_args(Backend)) == sorted(BACKENDS) == ["command", "llamacpp", "sglang", "vllm", "zerostart"]
     for name, cls in BACKENDS.items():
         assert cls.name == name and backend_class(name) is cls
     with pytest.raises(KeyError, match="unknown backend 'tgi'"):

@@ -161,7 +161,7 @@ class LlamaServer(_Server):
     def model_options(threads: int, parallel: int, ctx_size: int) -> dict[str, str | None]:
         """Its options for the model, by name (None: a flag), as the llamacpp backend sets them."""
         return {"parallel": str(parallel), "kv-unified": None, "ctx-size": str(ctx_size), "device": "none",
-                "n-gpu-layers": "0", "threads": str(threads), "threads-batch": str(threads)}
+                "threads": str(threads), "threads-batch": str(threads)}
 
 
 def first_token(url: str, prompt_tokens: int, timeout: float = 600.0) -> float:

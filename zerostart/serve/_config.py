@@ -235,8 +235,8 @@ class SglangOptions(_Section):
 # llama-server options zerostart sets itself (the model, where it listens, its key, its metrics)
 _LLAMACPP_OWN = ("-m", "--model", "-a", "--alias", "--host", "--port", "--api-key", "--api-key-file", "--metrics",
                  "-np", "--parallel", "-t", "--threads", "-tb", "--threads-batch", "-c", "--ctx-size",
-                 "--kv-unified-per-slot", "--embedding", "--embeddings", "--pooling", "-hf", "--hf-repo", "-mu",
-                 "--model-url")
+                 "--kv-unified-per-slot", "--embedding", "--embeddings", "--pooling", "--embd-normalize", "-hf",
+                 "--hf-repo", "-mu", "--model-url")
 
 
 class LlamacppOptions(_Section):
@@ -250,7 +250,9 @@ class LlamacppOptions(_Section):
     # KV cache size in tokens shared by the slots (-c); null: parallel x max_model_len when that is
     # set, else the model's training context
     ctx_size: int | None = Field(None, ge=1)
-    args: list[str] = []  # more llama-server arguments, as on its command line (e.g. ["--flash-attn", "on"])
+    # more llama-server arguments, after zerostart's (the last value of an option wins: e.g.
+    # ["--n-gpu-layers", "20"] offloads part of a model on CUDA)
+    args: list[str] = []
 
     @field_validator("args")
     @classmethod

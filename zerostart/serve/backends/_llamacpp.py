@@ -194,7 +194,7 @@ class LlamacppWorker(ForeignWorker):
         if m.device.startswith("cuda"):
             cmd += ["--device", "CUDA" + (m.device.partition(":")[2] or "0"), "--n-gpu-layers", "999"]
         else:
-            cmd += ["--device", "none", "--n-gpu-layers", "0"]
+            cmd += ["--device", "none"]  # a CUDA build too keeps to the CPU
         if self.threads:
             cmd += ["--threads", str(self.threads), "--threads-batch", str(self.threads)]
         ctx = self.options.ctx_size or (m.max_model_len * self.options.parallel if m.max_model_len else None)
@@ -203,7 +203,8 @@ class LlamacppWorker(ForeignWorker):
         if m.max_model_len:
             cmd += ["--kv-unified-per-slot", str(m.max_model_len)]
         if m.embedding is not None:
-            cmd += ["--embeddings", "--pooling", m.embedding.pooling]
+            cmd += ["--embeddings", "--pooling", m.embedding.pooling,
+                    "--embd-normalize", "2" if m.embedding.normalize else "-1"]  # 2: unit length; -1: none
         return cmd + list(self.options.args)
 
     def engine_env(self) -> dict[str, str]:

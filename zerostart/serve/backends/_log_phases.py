@@ -130,24 +130,22 @@ SGLANG_DETAILS = (
     Detail(re.compile(r"Capture \w* ?graph end\. Time elapsed: (?P<s>[\d.]+) s"), _floats(graph_s="s")),
 )
 
-# -- llama.cpp's llama-server (its INFO lines; the model loader's and the server's) ------------
+# -- llama.cpp's llama-server (build 11434; the lines of its default verbosity) ----------------
 
 LLAMACPP_MARKERS = (
     # the binary is up: its backends (CPU, CUDA ...) registered, the HTTP server bound; the model next
     Marker("device_init", re.compile(r"load_model: loading model '")),
-    # metadata read and the tensors mapped (mmap: their pages arrive as the warm-up touches them)
-    Marker("read", re.compile(r"load_tensors: +\S+ model buffer size = +(?P<mib>[\d.]+) MiB"),
-           _floats(weights_mib="mib")),
-    # the context: KV cache, output and compute buffers allocated
-    Marker("prepare", re.compile(r"llama_kv_cache: +\S+ KV buffer size = +(?P<mib>[\d.]+) MiB"), _floats(kv_mib="mib")),
-    # the warm-up run (every weight read once), the slots, the chat template: "model loaded"
-    Marker("warmup", re.compile(r"(?:main|load_model): model loaded")),
+    # its memory fitted to the device, the GGUF's metadata read and its tensors mapped, the
+    # context's KV cache and compute buffers allocated (then its compute threads start)
+    Marker("read", re.compile(r"llama threadpool init, n_threads = (?P<t>\d+)"),
+           lambda m: {"threads": int(m.group("t"))}),
+    # the warm-up run (every weight read once: mapped pages fault in here), then its slots
+    Marker("warmup", re.compile(r"load_model: initializing, n_slots = (?P<n>\d+), n_ctx_slot = (?P<ctx>\d+)"),
+           lambda m: {"slots": int(m.group("n")), "slot_tokens": int(m.group("ctx"))}),
 )
-LLAMACPP_LAST = "server_init"  # until /health answers 200
-LLAMACPP_DETAILS = (
+LLAMACPP_LAST = "server_init"  # chat template, "model loaded", until /health answers 200
+LLAMACPP_DETAILS = (  # at -lv 4 (llamacpp.args), the sizes too
+    Detail(re.compile(r"load_tensors: +\S+ model buffer size = +(?P<mib>[\d.]+) MiB"), _floats(weights_mib="mib")),
     Detail(re.compile(r"llama_kv_cache: size = +(?P<mib>[\d.]+) MiB \( *(?P<cells>\d+) cells"),
            lambda m: {"kv_mib": float(m.group("mib")), "kv_tokens": int(m.group("cells"))}),
-    Detail(re.compile(r"print_info: file size += +(?P<mib>[\d.]+) MiB"), _floats(file_mib="mib")),
-    Detail(re.compile(r"initializing, n_slots = (?P<n>\d+), n_ctx_slot = (?P<ctx>\d+)"),
-           lambda m: {"slots": int(m.group("n")), "slot_tokens": int(m.group("ctx"))}),
 )
