@@ -219,3 +219,18 @@ def test_phases_follow_its_log():
     d = {ph.name: ph.detail for ph in tl.phases}
     assert d["read"] == {"threads": 2, "weights_mib": 92.1, "kv_mib": 180.0, "kv_tokens": 8192}
     assert d["warmup"] == {"slots": 4, "slot_tokens": 8192}
+
+
+def test_bench_engines_prices_its_rungs_for_the_policies(gguf):
+    """``bench engines --llamacpp-coldstart`` writes what the policies' cost model reads: a
+    restart from the page cache (image) and from disk (source)."""
+    from zerostart.bench import engines
+    from zerostart.policy import CostModel, Rung
+
+    assert engines._quant(gguf) == "Q4_1" and engines._quant("/m/smollm2-f16.gguf") == "f16"
+    rows = [{"row": "llama.cpp Q4_1 source", "first_token_s": 1.4}, {"row": "llama.cpp Q4_1 image", "first_token_s": 0.6},
+            {"row": "llama.cpp Q4_1 sleep", "first_token_s": 0.7}, {"row": "zerostart source", "first_token_s": 2.0}]
+    telemetry = engines._telemetry(gguf, rows)
+    assert telemetry["rungs"] == {"source": {"median_s": 1.4}, "image": {"median_s": 0.6}}
+    costs = CostModel().with_coldstart(telemetry, model="smol")
+    assert costs.wake_s(Rung.IMAGE, 4096, "smol") == 0.6 and costs.wake_s(Rung.ZERO, 4096, "smol") == 1.4

@@ -61,16 +61,17 @@ def _image(server, gguf, threads, prompt_tokens, timeout):
 
 
 def _climb(rung: str, srv: LlamaServer, prompt_tokens: int, timeout: float, resting: int,
-           before: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Time ``before()`` and the request from now; the run of a rung that keeps a process."""
+           wake: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Time ``wake()`` (if any) and the request from now; the run of a rung that keeps a process."""
     from zerostart.telemetry import Timeline
 
     start = time.perf_counter()
-    before()
+    if wake is not None:
+        wake()
     asked = time.perf_counter()
     done = first_token(srv.url, prompt_tokens, timeout)
     tl = Timeline(origin=start, label=f"llama.cpp {rung}")
-    if asked > start:
+    if wake is not None:
         tl.add("wake", start, asked)
     tl.add("first_token", asked, done)
     return {"rung": rung, "total_s": done - start, "timeline": tl.to_dict(), "resting_bytes": resting,
