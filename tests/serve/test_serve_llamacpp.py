@@ -79,7 +79,7 @@ class Direct:
 
 
 def test_llamacpp_behind_the_gateway(llama_server, smollm2_gguf, tmp_path):
-    gw = gateway(tmp_path, model_entry(llama_server, smollm2_gguf, idle_timeout=4))
+    gw = gateway(tmp_path, model_entry(llama_server, smollm2_gguf, idle_timeout=8))
     try:
         m = gw.model("smol")
         assert "SIGSTOP frees nothing" in m["unavailable_rungs"]["parked"] and "image" not in m["unavailable_rungs"]
@@ -103,6 +103,16 @@ def test_llamacpp_behind_the_gateway(llama_server, smollm2_gguf, tmp_path):
         assert m["memory_estimate_source"] == "measured" and 50 << 20 < m["memory_estimate_bytes"] < 2 << 30, dump(m)
         pid = m["workers"][0]["pid"]
 
+        # its own metrics, read at the watchdog's probes, in status under vLLM's names
+        def engine_metrics() -> dict:
+            return gw.model("smol")["workers"][0].get("engine_metrics", {})
+
+        gw.wait_for("llama.cpp's metrics after the burst",
+                    lambda: engine_metrics().get("vllm:generation_tokens_total", 0) >= 16 * 50, timeout=6)
+        em = engine_metrics()
+        assert em["vllm:prompt_tokens_total"] > 0 and em["vllm:num_requests_running"] == 0, em
+        assert em["llamacpp:n_decode_total"] > 0 and em["scraped_unix"] > time.time() - 10, em
+
         # its secret: in neither its command line nor its environment, and the key file is gone
         argv = cmdline(pid)
         key_file = argv[argv.index("--api-key-file") + 1]
@@ -122,11 +132,6 @@ def test_llamacpp_behind_the_gateway(llama_server, smollm2_gguf, tmp_path):
         finally:
             direct.close()
         assert via and via == by_hand["choices"][0]["message"]["content"], (via, by_hand)
-
-        # its own metrics, read at the watchdog's probes, in status under vLLM's names
-        gw.wait_for("llama.cpp's metrics", lambda: "engine_metrics" in gw.model("smol")["workers"][0], timeout=20)
-        em = gw.model("smol")["workers"][0]["engine_metrics"]
-        assert em["vllm:prompt_tokens_total"] > 0 and em["vllm:generation_tokens_total"] >= 16 * 50, em
 
         # idle: it stops at idle_timeout (no parking on CPU), and comes back from the page cache
         gw.wait_for("idle scale-to-zero", lambda: gw.model("smol")["state"] == "zero", timeout=60)
