@@ -234,3 +234,30 @@ def test_bench_engines_prices_its_rungs_for_the_policies(gguf):
     assert telemetry["rungs"] == {"source": {"median_s": 1.4}, "image": {"median_s": 0.6}}
     costs = CostModel().with_coldstart(telemetry, model="smol")
     assert costs.wake_s(Rung.IMAGE, 4096, "smol") == 0.6 and costs.wake_s(Rung.ZERO, 4096, "smol") == 1.4
+
+
+def test_an_hf_source_serves_one_gguf_file_of_its_repository(tmp_path, monkeypatch, fake_server):
+    pytest.importorskip("huggingface_hub")
+    from tests.weights._hub import Hub, Repo
+
+    hub = Hub()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HOME"):
+            monkeypatch.delenv(var, raising=False)
+        root = tmp_path / "repo"
+        root.mkdir()
+        for name in ("smol.Q4_1.gguf", "smol.Q8_0.gguf"):
+            (root / name).write_bytes(b"GGUF" + bytes(4092))
+        hub.repos["org/smol"] = Repo(str(root))
+        w = LlamacppWorker(model("hf://org/smol", llamacpp={"server": fake_server, "file": "smol.Q8_0.gguf"}),
+                           ServerConfig(), str(tmp_path))
+        server, gguf, _ = w._prepare()
+        assert gguf.endswith("/smol.Q8_0.gguf") and gguf.startswith(str(tmp_path / "hub-cache"))
+        w = LlamacppWorker(model("hf://org/smol", llamacpp={"server": fake_server}), ServerConfig(), str(tmp_path))
+        with pytest.raises(StartFailed, match=r"holds 2 .gguf files; name the one to serve .* \(llamacpp.file names it\)"):
+            w._prepare()
+    finally:
+        hub.close()

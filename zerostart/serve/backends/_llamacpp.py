@@ -178,7 +178,8 @@ class LlamacppWorker(ForeignWorker):
                 raise StartFailed(f"model {m.served_name!r}: llama.cpp reads local GGUF files and hf://; pull {m.path} "
                                   "first (zerostart pull) and serve the local copy", cause="spawn")
         except (weights.WeightsError, weights.SourceError, OSError) as e:
-            raise StartFailed(f"model {m.served_name!r}: {e}", cause="spawn") from None
+            hint = " (llamacpp.file names it)" if source_scheme(m.path) is Scheme.HF and not self.options.file else ""
+            raise StartFailed(f"model {m.served_name!r}: {e}{hint}", cause="spawn") from None
         if gguf is None:
             raise StartFailed(f"model {m.served_name!r}: llama.cpp serves GGUF files; {m.path} is not one (nor a "
                               "directory holding exactly one)", cause="spawn")
