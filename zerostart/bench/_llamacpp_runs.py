@@ -78,23 +78,31 @@ def _climb(rung: str, srv: LlamaServer, prompt_tokens: int, timeout: float, rest
             "held_bytes": tree_bytes(srv.proc.pid)}
 
 
-def _hot(server, gguf, threads, prompt_tokens, timeout):
+def _serving(server: str, gguf: str, threads: int, prompt_tokens: int, timeout: float,
+             extra: tuple[str, ...] = ()) -> LlamaServer:
+    """A llama-server on the GGUF (in the page cache) that has answered once."""
     _ceilings.warm([gguf])
-    srv = LlamaServer(server, gguf, threads=threads)
+    srv = LlamaServer(server, gguf, threads=threads, extra=extra)
     try:
         srv.wait_ready(timeout)
         first_token(srv.url, prompt_tokens, timeout)
+    except BaseException:
+        srv.close()
+        raise
+    return srv
+
+
+def _hot(server, gguf, threads, prompt_tokens, timeout):
+    srv = _serving(server, gguf, threads, prompt_tokens, timeout)
+    try:
         return _climb("hot", srv, prompt_tokens, timeout, tree_bytes(srv.proc.pid))
     finally:
         srv.close()
 
 
 def _sleep(server, gguf, threads, prompt_tokens, timeout):
-    _ceilings.warm([gguf])
-    srv = LlamaServer(server, gguf, threads=threads, extra=["--sleep-idle-seconds", str(_SLEEP_AFTER_S)])
+    srv = _serving(server, gguf, threads, prompt_tokens, timeout, ("--sleep-idle-seconds", str(_SLEEP_AFTER_S)))
     try:
-        srv.wait_ready(timeout)
-        first_token(srv.url, prompt_tokens, timeout)
         deadline = time.monotonic() + 30 + _SLEEP_AFTER_S
         while not call(srv.url + "/props", timeout=10)[1].get("is_sleeping"):
             if time.monotonic() > deadline:
@@ -142,11 +150,8 @@ def _status(srv: LlamaServer, model: str) -> str | None:
 
 
 def _sigstop(server, gguf, threads, prompt_tokens, timeout):
-    _ceilings.warm([gguf])
-    srv = LlamaServer(server, gguf, threads=threads)
+    srv = _serving(server, gguf, threads, prompt_tokens, timeout)
     try:
-        srv.wait_ready(timeout)
-        first_token(srv.url, prompt_tokens, timeout)
         hot = tree_bytes(srv.proc.pid)
         srv.signal(signal.SIGSTOP)
         time.sleep(_SETTLE_S)
