@@ -145,7 +145,7 @@ def test_llamacpp_behind_the_gateway(llama_server, smollm2_gguf, tmp_path):
 
         # the GGUF evicted from the page cache while it is at zero: the next start reads the disk
         gw.wait_for("idle scale-to-zero", lambda: gw.model("smol")["state"] == "zero", timeout=60)
-        assert weights.evict_file(smollm2_gguf) < 0.01
+        assert weights.evict_page_cache([smollm2_gguf])[0].resident_after < 0.01
         cold = gw.openai().chat.completions.with_raw_response.create(**CHAT)
         assert cold.headers["x-zerostart-cold-start-rung"] == "source", dict(cold.headers)
         assert gw.cold_starts("smol") == 3 and gw.cold_starts("smol", "source") >= 1

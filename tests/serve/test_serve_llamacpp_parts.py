@@ -10,8 +10,7 @@ import stat
 import pytest
 
 from zerostart.serve._config import ConfigError, ModelConfig, ServerConfig, load_config
-from zerostart.serve._errors import BadRequest, NotServed, StartFailed
-from zerostart.serve._openai_schema import ROUTES, parse_request
+from zerostart.serve.edge import ROUTES, BadRequest, NotServed, StartFailed, parse_request
 from zerostart.serve.backends import BACKENDS, LlamacppWorker
 from zerostart.serve.backends import _llamacpp
 from zerostart.serve.backends._log_phases import LLAMACPP_DETAILS, LLAMACPP_LAST, LLAMACPP_MARKERS, LogPhases
@@ -151,7 +150,7 @@ def test_rungs_and_the_page_cache(gguf, fake_server, tmp_path):
     if weights.cached_fraction(gguf) < 0.9:
         pytest.skip("the page cache did not keep a file just read")
     assert w._prepare()[2] > _llamacpp.WARM_FRACTION
-    weights.evict_file(gguf)
+    weights.evict_page_cache([gguf])
     assert w._prepare()[2] < _llamacpp.WARM_FRACTION
 
 

@@ -38,7 +38,7 @@ def _fresh(rung: str, server: str, gguf: str, threads: int, prompt_tokens: int, 
     from zerostart import weights
 
     if rung == "source":
-        left = weights.evict_file(gguf)
+        left = weights.evict_page_cache([gguf])[0].resident_after
     else:
         _ceilings.warm([gguf])
         left = weights.cached_fraction(gguf)

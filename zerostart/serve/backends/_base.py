@@ -34,7 +34,7 @@ from zerostart.telemetry import Timeline
 
 if TYPE_CHECKING:
     from zerostart.serve._config import ModelConfig, ServerConfig
-    from zerostart.serve._errors import ServeError
+    from zerostart.serve.edge import ServeError
     from zerostart.serve.backends._upstream import UpstreamPool
 
 _ids = itertools.count(1)

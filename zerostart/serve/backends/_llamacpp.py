@@ -44,7 +44,7 @@ import httpx
 
 import zerostart
 from zerostart.names import Scheme, source_scheme
-from zerostart.serve._errors import BadRequest, NotServed, ServeError, StartFailed
+from zerostart.serve.edge import BadRequest, NotServed, ServeError, StartFailed
 from zerostart.serve.backends._base import ColdStart
 from zerostart.serve.backends._foreign import ForeignWorker
 from zerostart.serve.backends._log_phases import LLAMACPP_DETAILS, LLAMACPP_LAST, LLAMACPP_MARKERS
