@@ -81,6 +81,13 @@ class WorkerStatus(_Shape):
     idle_s: float
     kept_for_s: float | None  # until its keep-alive ends (None: forever)
     memory_bytes: int  # device bytes the budget holds for it now
+    # its engine's own counters as last read (llama.cpp's /metrics, vLLM's names where they count
+    # the same thing); absent for an engine that reports none
+    engine_metrics: dict[str, float] | None = None
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None or k != "engine_metrics"}
 
 
 class ModelStatus(_Shape):

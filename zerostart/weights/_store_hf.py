@@ -183,7 +183,7 @@ def hf_gguf(spec: str, name: str | None = None) -> str:
             raise WeightsError(f"{spec}: name its .gguf file (HF_HUB_OFFLINE is set, so the repository's files "
                                "cannot be listed)")
         try:
-            files = huggingface_hub.list_repo_files(repo, revision=revision, token=token)
+            files = huggingface_hub.HfApi(endpoint=endpoint).list_repo_files(repo, revision=revision, token=token)
         except Exception as e:  # noqa: BLE001 - translated; huggingface_hub raises many kinds
             raise _translate(spec, where, endpoint, e) from None
         ggufs = sorted(f for f in files if f.endswith(".gguf"))
@@ -195,7 +195,7 @@ def hf_gguf(spec: str, name: str | None = None) -> str:
         raise WeightsError(f"{spec}: {name!r} is not a .gguf file")
     try:
         return huggingface_hub.hf_hub_download(repo, name, revision=revision, cache_dir=hub_cache(), token=token,
-                                               local_files_only=offline)
+                                               local_files_only=offline, endpoint=endpoint)
     except Exception as e:  # noqa: BLE001 - translated below
         from huggingface_hub import errors
 
