@@ -5,7 +5,7 @@ import torch
 
 from zerostart.engine import Engine, EngineConfig, EngineError, RequestHandle, SamplingParams
 from zerostart.engine import _weights
-from zerostart.engine._config import ModelConfig
+from zerostart.engine._config import ModelShape
 from zerostart.engine._kv_cache import bytes_per_token
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -65,7 +65,7 @@ def test_sequences_join_and_leave_between_steps(tiny_dir):
 
 
 def test_kv_cache_is_one_allocation_within_the_budget(tiny_dir):
-    cfg = ModelConfig.from_file(f"{tiny_dir}/config.json")
+    cfg = ModelShape.from_file(f"{tiny_dir}/config.json")
     per_slot = bytes_per_token(cfg, torch.float32) * (128 + 1)
     e = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_model_len=128, max_num_seqs=8,
                                                              kv_cache_bytes=3 * per_slot + 100))
@@ -93,7 +93,7 @@ def _arena(cfg, order, dtype=torch.float32):
 
 
 def _cfg():
-    return ModelConfig.from_dict(dict(architectures=["Qwen2ForCausalLM"], vocab_size=64, hidden_size=32,
+    return ModelShape.from_dict(dict(architectures=["Qwen2ForCausalLM"], vocab_size=64, hidden_size=32,
                                       intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2))
 

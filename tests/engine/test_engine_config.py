@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zerostart.engine import EngineError
-from zerostart.engine._config import ModelConfig
+from zerostart.engine._config import ModelShape
 from zerostart.engine._rope import inv_freq
 
 BASE = dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=96,
@@ -30,7 +30,7 @@ def test_rope_frequencies_equal_transformers(scaling):
     raw = dict(BASE, rope_theta=50000.0)
     if scaling:
         raw["rope_scaling"] = dict(scaling)
-    ours = ModelConfig.from_dict(raw)  # the transformers 4 form: rope_theta + rope_scaling
+    ours = ModelShape.from_dict(raw)  # the transformers 4 form: rope_theta + rope_scaling
     hf = transformers.LlamaConfig(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()})
     rope_type = hf.rope_parameters["rope_type"]
     if rope_type == "default":
@@ -43,7 +43,7 @@ def test_rope_frequencies_equal_transformers(scaling):
     # the transformers 5 form (rope_parameters) reads the same
     raw5 = {k: v for k, v in raw.items() if k not in ("rope_theta", "rope_scaling")}
     raw5["rope_parameters"] = dict(hf.rope_parameters)
-    assert ModelConfig.from_dict(raw5).rope == ours.rope
+    assert ModelShape.from_dict(raw5).rope == ours.rope
 
 
 @pytest.mark.parametrize("change, message", [
@@ -57,19 +57,19 @@ def test_rope_frequencies_equal_transformers(scaling):
 ])
 def test_bad_configs_name_the_key(change, message):
     with pytest.raises(EngineError, match=message):
-        ModelConfig.from_dict({**BASE, **change})
+        ModelShape.from_dict({**BASE, **change})
 
 
 def test_model_type_without_architectures():
     raw = {k: v for k, v in BASE.items() if k != "architectures"}
-    assert ModelConfig.from_dict({**raw, "model_type": "qwen3"}).family == "qwen3"
+    assert ModelShape.from_dict({**raw, "model_type": "qwen3"}).family == "qwen3"
 
 
 def test_qwen_sliding_layers():
     raw = {**BASE, "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 4, "sliding_window": 16}
-    assert ModelConfig.from_dict(raw).sliding_windows == (None,) * 4  # use_sliding_window is off
-    on = ModelConfig.from_dict({**raw, "use_sliding_window": True, "max_window_layers": 2})
+    assert ModelShape.from_dict(raw).sliding_windows == (None,) * 4  # use_sliding_window is off
+    on = ModelShape.from_dict({**raw, "use_sliding_window": True, "max_window_layers": 2})
     assert on.sliding_windows == (None, None, 16, 16)
-    typed = ModelConfig.from_dict({**raw, "use_sliding_window": True, "layer_types": [
+    typed = ModelShape.from_dict({**raw, "use_sliding_window": True, "layer_types": [
         "sliding_attention", "full_attention", "sliding_attention", "full_attention"]})
     assert typed.sliding_windows == (16, None, 16, None)

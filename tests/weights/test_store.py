@@ -12,7 +12,7 @@ import torch
 from zerostart import weights
 from zerostart.names import Scheme
 from zerostart.weights import Store
-from zerostart.weights._store import store_module
+from zerostart.weights._sources import store_module
 
 
 @pytest.mark.parametrize("scheme", list(Scheme))

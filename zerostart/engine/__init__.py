@@ -11,10 +11,12 @@ Llama 2/3, Mistral, Qwen2 and Qwen3 checkpoints in the Hugging Face layout. ``Sa
 need no torch; the names that do are imported on first use.
 """
 
+import importlib
 from typing import Any
 
 from zerostart.engine._chat import render_chat
-from zerostart.engine._config import EngineConfig, EngineError, available_cpus
+from zerostart.engine._config import EngineConfig, available_cpus
+from zerostart.engine._errors import EngineError
 from zerostart.engine._params import Constraint, PoolingParams, SamplingParams, TokenEvent, TokenLogprob
 from zerostart.engine._token_text import TokenText
 from zerostart.engine._toolcalls import PARSERS as TOOL_PARSERS, ToolCall, ToolParser, tool_parser
@@ -29,7 +31,5 @@ __all__ = ["Constraint", "Engine", "EngineConfig", "EngineError", "PoolingParams
 
 def __getattr__(name: str) -> Any:
     if name in _TORCH_NAMES:
-        import importlib
-
         return getattr(importlib.import_module(f"zerostart.engine.{_TORCH_NAMES[name]}"), name)
     raise AttributeError(f"module 'zerostart.engine' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zerostart.engine._config import EngineError
+from zerostart.engine._errors import EngineError
 from zerostart.engine._tokenizer import Tokenizer
 
 HERMES_SYSTEM = (

@@ -7,10 +7,10 @@ import argparse
 import sys
 import time
 
+from zerostart.engine.demo import GIBBERISH_NOTE, SIZES, SMOLLM2, smollm2_dir, write_demo_model
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from zerostart.engine.demo import SIZES
-
     parser.add_argument("--out", metavar="DIR",
                         help="directory to write (created; default for smollm2: the cache, converted once)")
     parser.add_argument("--size", choices=["smollm2", *SIZES], default="smollm2",
@@ -23,8 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from zerostart.engine.demo import GIBBERISH_NOTE, SMOLLM2, smollm2_dir, write_demo_model
-
     t0 = time.perf_counter()
     if args.size == "smollm2":
         path = smollm2_dir(args.out, overwrite=args.force)

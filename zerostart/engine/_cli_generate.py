@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from zerostart.engine.demo import GIBBERISH_NOTE, is_random_demo
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="PATH",
@@ -26,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # torch only when it runs: the command's parser needs none
     from zerostart.engine import Engine, EngineConfig, SamplingParams
-    from zerostart.engine.demo import GIBBERISH_NOTE, is_random_demo
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -11,9 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-
-class EngineError(ValueError):
-    """A model, request or engine setting the engine cannot work with; the message says which."""
+from zerostart.engine._errors import EngineError
 
 
 def read_json_object(path: str) -> dict[str, Any]:
@@ -59,7 +57,7 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelShape:
     """The shape of a Llama-family decoder, read from a Hugging Face ``config.json``."""
 
     family: str  # llama | mistral | qwen2 | qwen3
@@ -94,7 +92,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_file(cls, path: str) -> "ModelConfig":
+    def from_file(cls, path: str) -> "ModelShape":
         raw = read_json_object(path)
         try:
             return cls.from_dict(raw)
@@ -102,7 +100,7 @@ class ModelConfig:
             raise EngineError(f"{path}: {e}") from None
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelShape":
         archs = raw.get("architectures") or []
         arch = next((a for a in archs if a in _ARCHITECTURES), None)
         if arch is None:

@@ -23,9 +23,12 @@ from typing import Iterator  # noqa: E402
 
 import torch  # noqa: E402
 
+from zerostart import weights  # noqa: E402
 from zerostart.engine import _load, _weights  # noqa: E402
-from zerostart.engine._config import EngineConfig, EngineError, ModelConfig  # noqa: E402
+from zerostart.engine._config import EngineConfig, ModelShape  # noqa: E402
 from zerostart.engine._detok import Detokenizer  # noqa: E402
+from zerostart.engine._errors import EngineError  # noqa: E402
+from zerostart.engine._grammar import GrammarEngine  # noqa: E402
 from zerostart.engine._kv_cache import KVCache, plan_slots  # noqa: E402
 from zerostart.engine._model import Transformer  # noqa: E402
 from zerostart.engine._logprobs import logprobs as _logprobs, row_logprobs  # noqa: E402
@@ -49,7 +52,7 @@ class _BatchFailed(Exception):
 class Engine:
     """A loaded model with its tokenizer, KV cache and step loop. Build with :meth:`from_pretrained`."""
 
-    def __init__(self, *, model: Transformer, model_config: ModelConfig, tokenizer: Tokenizer, arena,
+    def __init__(self, *, model: Transformer, model_config: ModelShape, tokenizer: Tokenizer, arena,
                  kv: KVCache, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, eos_ids: frozenset[int], model_name: str, timeline: Timeline,
                  fusion: FusePlan | None = None, source: str = "", model_dir: str = "") -> None:
@@ -99,8 +102,6 @@ class Engine:
         assembled and warmed up: each stage of the first forward pass waits only for its own
         layer's tensors, so the warm-up's prefill overlaps the tail of the load.
         """
-        from zerostart import weights
-
         source = os.fspath(path)
         config = config or EngineConfig()
         if not isinstance(config, EngineConfig):
@@ -201,8 +202,6 @@ class Engine:
         """The grammar engine (llguidance over this tokenizer), made on first use."""
         with self._grammar_lock:
             if self.sampler.grammar is None:
-                from zerostart.engine._grammar import GrammarEngine
-
                 self.sampler.grammar = GrammarEngine(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
             return self.sampler.grammar
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zerostart.engine._config import EngineError
+from zerostart.engine._errors import EngineError
 from zerostart.engine._params import JSON_WHITESPACE, Constraint
 from zerostart.engine._tokenizer import Tokenizer
 
@@ -48,6 +48,7 @@ class GrammarEngine:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: frozenset[int]) -> None:
         try:
+            # llguidance only for a constrained request
             import llguidance
         except ImportError:
             raise EngineError("structured output needs the llguidance package: pip install llguidance") from None

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from zerostart.engine._config import EngineError, ModelConfig
+from zerostart.engine._config import ModelShape
+from zerostart.engine._errors import EngineError
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+def bytes_per_token(cfg: ModelShape, dtype: torch.dtype) -> int:
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
+    def __init__(self, cfg: ModelShape, num_slots: int, max_len: int, dtype: torch.dtype,
                  device: torch.device, allocator=None) -> None:
         """``allocator(nbytes, device)``, if given, provides the memory (a 1-D uint8 tensor),
         e.g. one that can be released and restored at the same address for parking."""
@@ -59,7 +60,7 @@ class KVCache:
             self._zeroed[slot] = upto
 
 
-def plan_slots(cfg: ModelConfig, dtype: torch.dtype, max_len: int, max_num_seqs: int, budget: int) -> int:
+def plan_slots(cfg: ModelShape, dtype: torch.dtype, max_len: int, max_num_seqs: int, budget: int) -> int:
     """Slots that fit the budget, at most ``max_num_seqs``; an error if not even one does."""
     per_slot = bytes_per_token(cfg, dtype) * (max_len + 1)
     slots = min(max_num_seqs, budget // per_slot)

@@ -5,19 +5,35 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from zerostart.names import default_dtype, device_type, dtype_name
-from zerostart.engine._config import CPU_KV_CACHE_BYTES, EngineConfig, EngineError, ModelConfig, read_json_object
+from zerostart import weights
+from zerostart.engine._config import CPU_KV_CACHE_BYTES, EngineConfig, ModelShape, read_json_object
+from zerostart.engine._errors import EngineError
 from zerostart.engine._kv_cache import bytes_per_token
+from zerostart.engine._model import Transformer
 from zerostart.engine._params import SamplingParams
+from zerostart.engine._runner import ModelRunner
+from zerostart.engine._sequence import RequestHandle
 from zerostart.engine._tokenizer import Tokenizer
+from zerostart.names import default_dtype, device_type, dtype_name, is_local
 from zerostart.telemetry import Timeline
 
-if TYPE_CHECKING:
-    from zerostart.engine._engine import Engine
+
+class _Warming(Protocol):
+    """What the warm-up drives of an ``Engine`` (``_engine.py`` imports this module: it is named by shape)."""
+
+    device: torch.device
+    max_model_len: int
+    arena: weights.Arena
+    model: Transformer
+    runner: ModelRunner
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle: ...
+
+    def step(self) -> bool: ...
 
 _NOT_A_MODEL = "not a model directory (expected config.json, *.safetensors, tokenizer.json) or GGUF file"
 
@@ -28,7 +44,7 @@ class ModelFiles:
 
     source: str  # as the caller named it
     dir: str  # a local directory with config.json and the tokenizer files
-    config: ModelConfig
+    config: ModelShape
     image: dict[str, Any] | None  # the ready image's manifest, if the directory is one
     name: str  # the model's name (its directory's or file's, or the image's source's)
 
@@ -40,9 +56,6 @@ class ModelFiles:
 
 def model_files(source: str) -> ModelFiles:
     """Find the model's files (fetching a remote source's small files into the cache)."""
-    from zerostart import weights
-    from zerostart.names import is_local
-
     if is_local(source) and not os.path.isdir(source) and not weights.is_gguf(source):
         raise EngineError(f"{source}: {_NOT_A_MODEL}")
     try:
@@ -57,7 +70,7 @@ def model_files(source: str) -> ModelFiles:
         raise EngineError(str(e)) from None
     if not os.path.isfile(os.path.join(local, "config.json")):
         raise EngineError(f"{source}: no config.json here (a Hugging Face model directory needs one)")
-    cfg = ModelConfig.from_file(os.path.join(local, "config.json"))
+    cfg = ModelShape.from_file(os.path.join(local, "config.json"))
     named = image["source"] if image and image.get("source") else source
     name = os.path.basename(os.path.normpath(named).rstrip("/")).removesuffix(".gguf")
     return ModelFiles(source, local, cfg, image, name)
@@ -65,8 +78,6 @@ def model_files(source: str) -> ModelFiles:
 
 def model_dtype(dtype: str | torch.dtype | None, dev: torch.device, files: ModelFiles) -> torch.dtype:
     """The dtype the weights are held in (an image brings its own; it must match the runtime)."""
-    from zerostart import weights
-
     if files.image is not None and dtype is None:
         dtype = files.image["fingerprint"]["dtype"]
     resolved = resolve_dtype(dtype, dev, files.config)
@@ -77,7 +88,7 @@ def model_dtype(dtype: str | torch.dtype | None, dev: torch.device, files: Model
             raise EngineError(str(e)) from None
     return resolved
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelShape) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise EngineError(f"dtype {dtype} is not a floating dtype")
@@ -95,7 +106,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
 def weights_dtype(model_dir: str, device: str | torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     """The dtype ``Engine.from_pretrained(model_dir, device=device, dtype=dtype)`` holds the
     weights in (a ready image's fingerprint names it)."""
-    cfg = ModelConfig.from_file(os.path.join(model_dir, "config.json"))
+    cfg = ModelShape.from_file(os.path.join(model_dir, "config.json"))
     return resolve_dtype(dtype, torch.device(device), cfg)
 
 
@@ -127,7 +138,7 @@ def set_threads(config: EngineConfig, dev: torch.device) -> None:
         torch.set_num_threads(config.threads)
 
 
-def eos_ids(path: str, cfg: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]:
+def eos_ids(path: str, cfg: ModelShape, tokenizer: Tokenizer) -> frozenset[int]:
     """End-of-sequence ids: generation_config.json, else config.json, plus the tokenizer's eos token."""
     ids: set[int] = set()
     gen = os.path.join(path, "generation_config.json")
@@ -144,7 +155,7 @@ def eos_ids(path: str, cfg: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]
     return frozenset(ids)
 
 
-def kv_budget(config: EngineConfig, dev: torch.device, cfg: ModelConfig, dtype: torch.dtype, max_len: int) -> int:
+def kv_budget(config: EngineConfig, dev: torch.device, cfg: ModelShape, dtype: torch.dtype, max_len: int) -> int:
     wanted = bytes_per_token(cfg, dtype) * (max_len + 1) * config.max_num_seqs
     if config.kv_cache_bytes is not None:
         return config.kv_cache_bytes
@@ -180,7 +191,7 @@ def record_load(timeline: Timeline, stats, t_load: float) -> None:
         timeline.add("copy", stats.copy_from, stats.copy_until, bytes=stats.bytes)
 
 
-def warm_up(engine: Engine) -> int | None:
+def warm_up(engine: _Warming) -> int | None:
     """The load's last phase: one request through every stage, then the decode graphs. Returns
     the compute threads it used while weights were still arriving (None: all)."""
     # One real request through every stage (prefill, sampling, detokenization; on CUDA a

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerostart.engine._config import ModelConfig
+from zerostart.engine._config import ModelShape
 from zerostart.engine._context import StepContext
 
 
@@ -68,7 +68,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, fuse_qkv: bool) -> None:
+    def __init__(self, cfg: ModelShape, layer: int, fuse_qkv: bool) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = cfg.sliding_windows[layer]
@@ -121,7 +121,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, fuse_gate_up: bool) -> None:
+    def __init__(self, cfg: ModelShape, fuse_gate_up: bool) -> None:
         super().__init__()
         self.gate_up = Proj(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias, fuse_gate_up)
         self.down = Proj(cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias, True)
@@ -132,7 +132,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, fuse_qkv: bool, fuse_gate_up: bool) -> None:
+    def __init__(self, cfg: ModelShape, layer: int, fuse_qkv: bool, fuse_gate_up: bool) -> None:
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer, fuse_qkv)
@@ -145,7 +145,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, fuse_qkv: list[bool], fuse_gate_up: list[bool]) -> None:
+    def __init__(self, cfg: ModelShape, fuse_qkv: list[bool], fuse_gate_up: list[bool]) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)

@@ -3,12 +3,13 @@ and what comes back (:class:`TokenEvent`, :class:`TokenLogprob`)."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from zerostart.engine._config import EngineError
+from zerostart.engine._errors import EngineError
 
 FINISH_REASONS = ("stop", "length", "abort")
 # Seeds torch's generators take: 64 bits, signed or not (a negative seed is its two's complement).
@@ -47,8 +48,6 @@ class Constraint:
 
     def key(self) -> str:
         """One string per distinct grammar (what compiled grammars are cached by)."""
-        import json
-
         return self.kind + ":" + (json.dumps(self.spec, sort_keys=True) if self.kind == "json_schema" else str(self.spec))
 
 

@@ -61,6 +61,7 @@ class ModelRunner:
         self._pool: Any = None  # the CUDA graph memory pool, made at the first capture
         self._forward = model.forward
         if config.compile:
+            # torch.compile's machinery (seconds to import) only when compile is on
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,

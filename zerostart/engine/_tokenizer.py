@@ -15,7 +15,13 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from zerostart.engine._config import EngineError, read_json_object
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+from zerostart.engine._config import read_json_object
+from zerostart.engine._errors import EngineError
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -33,8 +39,6 @@ class Tokenizer:
     """Encode, decode and render chat templates for one model directory."""
 
     def __init__(self, model_dir: str) -> None:
-        from tokenizers import Tokenizer as _HFTokenizer
-
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise EngineError(f"{model_dir}: no tokenizer.json here (only tokenizer.json tokenizers are supported)")
@@ -131,8 +135,6 @@ class Tokenizer:
                             documents: list[dict] | None = None, continue_final_message: bool = False,
                             chat_template: str | None = None, **kwargs: Any) -> str | list[int]:
         """Render ``messages`` with the model's chat template (text, or token ids with ``tokenize``)."""
-        import jinja2
-
         if not isinstance(messages, (list, tuple)) or not messages:
             raise EngineError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
         if continue_final_message and add_generation_prompt:
@@ -186,10 +188,6 @@ def _plain(value: Any) -> Any:
 
 @lru_cache(maxsize=16)
 def _compile(source: str):
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from zerostart.engine._config import EngineError
+from zerostart.engine._errors import EngineError
 from zerostart.engine._params import JSON_WHITESPACE
 from zerostart.engine._tokenizer import Tokenizer
 

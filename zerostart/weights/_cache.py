@@ -26,14 +26,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from zerostart.weights._errors import CacheFull
 from zerostart.weights._paths import cache_dir
 from zerostart.weights._store import ObjectInfo
 
 DEFAULT_MAX_BYTES = 100 * 10**9  # ZEROSTART_CACHE_MAX_BYTES (or the server config) overrides
-
-
-class CacheFull(OSError):
-    """The cache's disk or size cap cannot hold an object; the load goes on without caching."""
 
 
 def _key(obj: ObjectInfo) -> str:

@@ -6,7 +6,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from zerostart.weights._format import Header, WeightsError, read_header
+from zerostart.weights._format import Header, read_header
+from zerostart.weights._errors import WeightsError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

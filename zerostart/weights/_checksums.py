@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from zerostart.weights._format import WeightsError
+from zerostart.weights._errors import WeightsError
 
 NAME = "zerostart-checksums.json"
 BLOCK_BYTES = 4 << 20

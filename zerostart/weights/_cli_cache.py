@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from zerostart.units import parse_size
+from zerostart.weights._cache import Cache
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -16,8 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from zerostart.weights._cache import Cache
-
     cache = Cache()
     if args.action == "ls":
         entries = cache.entries()
@@ -33,7 +34,6 @@ def main(args: argparse.Namespace) -> int:
         freed = cache.remove(args.source)
         print(f"removed {args.source} ({freed / 1e9:.2f} GB freed)")
         return 0
-    from zerostart.units import parse_size
 
     cap = parse_size(args.max_size) if args.max_size else None
     freed = cache.gc(cap)

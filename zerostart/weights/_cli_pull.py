@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tqdm import tqdm
+
+from zerostart.units import parse_size
+from zerostart.weights._pull import pull
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="hf://org/name[@revision], s3://bucket/prefix or https://host/path of a Hugging Face style model")
@@ -14,11 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from zerostart.units import parse_size
-    from zerostart.weights._pull import pull
-
     bar = None
 
     def progress(done: int, total: int) -> None:

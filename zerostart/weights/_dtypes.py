@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from zerostart.names import dtype_name
-from zerostart.weights._format import WeightsError
+from zerostart.weights._errors import WeightsError
 
 _NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",

@@ -18,6 +18,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from zerostart.weights._errors import WeightsError
+
 MAX_HEADER_BYTES = 100_000_000  # as the reference implementation: larger headers are refused
 
 # dtype name -> size in bits. Sub-byte types (F4, F6_*) are packed; a tensor's bit count must
@@ -46,11 +48,6 @@ DTYPE_BITS: dict[str, int] = {
     "F6_E2M3": 6,
     "F6_E3M2": 6,
 }
-
-
-class WeightsError(ValueError):
-    """A checkpoint is malformed, incomplete or unsupported. The message names the file and,
-    where one is involved, the tensor."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 
-from zerostart.weights._format import WeightsError
+from zerostart.weights._errors import WeightsError
 from zerostart.weights._paths import cache_dir
 from zerostart.weights._store_local import file_identity
 
@@ -121,6 +121,7 @@ def _read_table(path: str, ident: str, d: str) -> GgufModel | None:
 
 def _derive(path: str, d: str) -> None:
     """Parse the file and write its Hugging Face layout into ``d`` (atomically)."""
+    # numpy (and gguf) only when a GGUF file is read: the gateway imports this package's face
     from zerostart.weights import _gguf_meta
 
     reader = read(path)
@@ -152,6 +153,7 @@ def read(path: str):
         head = f.read(4)
     if head != MAGIC:
         raise WeightsError(f"{path}: not a GGUF file (it starts with {head!r}; a GGUF file starts with {MAGIC!r})")
+    # numpy (and gguf) only when a GGUF file is read: the gateway imports this package's face
     from zerostart.weights._gguf_reader import Reader
 
     try:
@@ -164,6 +166,7 @@ def read(path: str):
 
 def table(path: str, reader, architecture: str) -> tuple[GgufTensor, ...]:
     """The tensors under Hugging Face names, in load order; errors name the tensor."""
+    # numpy (and gguf) only when a GGUF file is read: the gateway imports this package's face
     from zerostart.weights._gguf_meta import ARCHITECTURES
 
     permute = ARCHITECTURES[architecture].permute_qk
@@ -210,6 +213,7 @@ def _int_field(reader, key: str) -> int:
     f = reader.fields.get(key)
     if f is None:
         return 0
+    # numpy (and gguf) only when a GGUF file is read: the gateway imports this package's face
     from zerostart.weights._gguf_meta import field_value
 
     v = field_value(reader.path, key, f)

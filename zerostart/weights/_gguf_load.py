@@ -12,6 +12,8 @@ time on every load; a ready image of the result (``zerostart snapshot``, or a se
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +21,17 @@ from typing import Callable
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
 
 from zerostart.weights._arena import Arena, LoadStats, views
-from zerostart.weights._format import WeightsError
-from zerostart.weights._gguf import GgufModel, GgufTensor
+from zerostart.weights._dtypes import parse_dtype
+from zerostart.weights._errors import WeightsError
+from zerostart.weights._gguf import TABLE, GgufModel, GgufTensor, open_gguf
 from zerostart.weights._io import DIRECT_ALIGN, Region, align_up
 from zerostart.weights._plan import TENSOR_ALIGN, Layout, Slot
+from zerostart.weights._save import save_file
+from zerostart.weights._store_local import file_identity
 
 # stored types whose values a torch dtype holds exactly (no dequantization)
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -117,9 +124,6 @@ class _Dequantize:
 
 def dequantize(data: np.memmap, t: GgufTensor) -> torch.Tensor:
     """One tensor in Hugging Face layout: float32, or its stored dtype for F16/BF16 tensors."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize as gguf_dequantize
-
     raw = data[t.offset : t.offset + t.nbytes]
     if t.qtype in _PLAIN:
         out = torch.from_numpy(np.array(raw)).view(_PLAIN[t.qtype]).reshape(t.shape)
@@ -136,8 +140,6 @@ def dequantize(data: np.memmap, t: GgufTensor) -> torch.Tensor:
 
 
 def _check_unchanged(model: GgufModel) -> None:
-    from zerostart.weights._store_local import file_identity
-
     now = file_identity(os.stat(model.path))
     if now != model.identity:
         raise WeightsError(f"{model.path}: the file changed since its tensor table was read ({model.identity} -> {now}); "
@@ -148,13 +150,6 @@ def convert_gguf(path: str, out: str, dtype: str | torch.dtype = "bfloat16") -> 
     """Write the model in a GGUF file as a Hugging Face checkpoint (``model.safetensors`` in
     ``dtype``, in layer order, config and tokenizer files) into the directory ``out``, which
     appears whole or not at all. Returns ``out``."""
-    import shutil
-    import tempfile
-
-    from zerostart.weights._dtypes import parse_dtype
-    from zerostart.weights._gguf import TABLE, open_gguf
-    from zerostart.weights._save import save_file
-
     model = open_gguf(path)
     arena = load_gguf(model, torch.device("cpu"), parse_dtype(dtype))
     out = os.path.abspath(out)

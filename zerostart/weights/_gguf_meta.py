@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from zerostart.weights._format import WeightsError
+from zerostart.weights._errors import WeightsError
 
 
 @dataclass(frozen=True)

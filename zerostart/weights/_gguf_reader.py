@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from zerostart.weights._format import WeightsError
+from zerostart.weights._errors import WeightsError
 
 # the fewest bytes one element of an array of this type occupies in the file
 _MIN_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}

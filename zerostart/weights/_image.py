@@ -41,7 +41,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-MANIFEST = "zerostart-image.json"
+from zerostart import __version__
+from zerostart.names import is_local
+from zerostart.weights import _checksums
+from zerostart.weights._errors import ImageError, ImageIncompatible
+from zerostart.weights._image_files import MANIFEST, seal, verify_files
+from zerostart.weights._paths import cache_dir
+
 FORMAT = "zerostart-image"
 VERSION = 1
 LAYOUT = "hf-names/layer-order/v1"
@@ -51,14 +57,6 @@ _ALIGN = 4096
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "chat_template.jinja", "chat_template.json")
 _COPY_DIRS = ("additional_chat_templates",)
-
-
-class ImageError(ValueError):
-    """An image is missing, malformed, corrupt or incompatible; the message says which."""
-
-
-class ImageIncompatible(ImageError):
-    """The image was written for another device, dtype, config or software version."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +82,8 @@ def config_hash(model_dir: str) -> str:
 
 
 def fingerprint(model_dir: str, device_type: str, dtype: str) -> Fingerprint:
+    # torch only when an image is made: the gateway imports this package's face
     import torch
-
-    from zerostart import __version__
 
     return Fingerprint(__version__, torch.__version__.split("+")[0], device_type, str(dtype).removeprefix("torch."),
                        config_hash(model_dir))
@@ -109,8 +106,6 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise ImageError(f"{p}: not a zerostart image manifest")
     if m.get("version") != VERSION:
         raise ImageIncompatible(f"{path}: image format version {m.get('version')} (this zerostart reads {VERSION}); write it again")
-    from zerostart.weights._image_files import verify_files
-
     verify_files(path, m)
     return m
 
@@ -153,9 +148,6 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
 
     Returns ``out``. If ``out`` appears meanwhile (another writer won), this copy is discarded.
     """
-    from zerostart.weights import _checksums
-    from zerostart.weights._image_files import seal
-
     entries, spans = _layout(tensors)
     raw, data_start = _header(entries)
     parent = os.path.dirname(os.path.abspath(out))
@@ -245,6 +237,7 @@ def _fused_key(name: str) -> tuple[int, int]:
 
 def _header(entries: list[Entry]) -> tuple[bytes, int]:
     """The safetensors header (padded so the data section starts 4096-aligned) and that start."""
+    # torch only when an image is made: the gateway imports this package's face
     from zerostart.weights._dtypes import SAFETENSORS_NAMES
 
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "zerostart": "ready-image"}}
@@ -258,6 +251,7 @@ def _header(entries: list[Entry]) -> tuple[bytes, int]:
 
 def _write_weights(path: str, raw: bytes, entries: list[Entry]) -> int:
     """Write the file (fsynced); returns the bytes of its data section."""
+    # torch only when an image is made: the gateway imports this package's face
     import torch
 
     pos = 0
@@ -314,9 +308,6 @@ def _fsync_dir(path: str) -> None:
 
 def image_store(source: str, fp: Fingerprint, root: str | None = None) -> str:
     """Where the server keeps the image of ``source`` for this fingerprint."""
-    from zerostart.names import is_local
-    from zerostart.weights import cache_dir
-
     key = hashlib.sha256(json.dumps([os.path.abspath(source) if is_local(source) else source, fp.to_dict()],
                                     sort_keys=True).encode()).hexdigest()[:24]
     return os.path.join(root or os.path.join(cache_dir(), "images"), key)

@@ -19,8 +19,9 @@ from typing import Any
 
 import xxhash
 
-from zerostart.weights._image import MANIFEST, ImageError, ImageIncompatible
+from zerostart.weights._errors import ImageError, ImageIncompatible
 
+MANIFEST = "zerostart-image.json"  # the image's manifest: its fingerprint, tensor table and this file table
 _SELF = "manifest_xxh3_64"
 _PIECE = 16 << 20  # bytes hashed at a time
 

@@ -149,6 +149,7 @@ class Region:
             if err not in (errno.EINVAL, errno.ENOSYS):
                 raise OSError(err, f"madvise(MADV_POPULATE_WRITE): {os.strerror(err)}")
             _populate_write_ok = False
+        # numpy and torch only when a load runs: the gateway imports this package's face
         import numpy as np
 
         pages = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(self.addr + start))
@@ -195,6 +196,7 @@ class Region:
 
     def tensor(self):
         """The whole region as a 1-D uint8 torch tensor sharing its memory (keeps it alive)."""
+        # numpy and torch only when a load runs: the gateway imports this package's face
         import torch
 
         arr = (ctypes.c_uint8 * self.size).from_address(self.addr)
@@ -243,6 +245,7 @@ def touch_pages(addr: int, length: int) -> None:
     which measured faster than MADV_POPULATE_READ's page-by-page walk for the page cache and
     as fast for a shared-memory file. Releases the GIL (numpy), so several threads can touch
     disjoint ranges in parallel."""
+    # numpy and torch only when a load runs: the gateway imports this package's face
     import numpy as np
 
     start = align_down(addr, PAGE)
@@ -306,6 +309,7 @@ def _residency(fd: int, offset: int, length: int) -> float:
         vec = (ctypes.c_ubyte * pages)()
         if _libc.mincore(addr, span, vec) != 0:
             return 0.0
+        # numpy and torch only when a load runs: the gateway imports this package's face
         import numpy as np
 
         return int((np.ctypeslib.as_array(vec) & 1).sum()) / pages

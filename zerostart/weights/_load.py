@@ -19,6 +19,7 @@ renaming it, never by rewriting it in place, while a process holds it mapped.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -32,7 +33,8 @@ from zerostart.weights._arena import Arena, LoadConfig, LoadStats, views
 from zerostart.weights._checkpoint import Checkpoint
 from zerostart.weights._checksums import load_for
 from zerostart.weights._dtypes import parse_dtype
-from zerostart.weights._format import WeightsError
+from zerostart.weights._errors import WeightsError
+from zerostart.weights._gguf_load import load_gguf
 from zerostart.weights._io import DIRECT_ALIGN, HUGE, Region, align_up, open_direct, residency
 from zerostart.weights._pipeline import CpuSink, CudaSink, FileHandle, Ring, Run, Sink, default_threads
 from zerostart.weights._plan import Layout, mirror_items, packed_items, plan_layout, populate_items, staged_mirror_items
@@ -77,8 +79,6 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     target = parse_dtype(dtype)
     opened = open_source(path, use_cache=cfg.cache)
     if opened.gguf is not None:
-        from zerostart.weights._gguf_load import load_gguf
-
         return load_gguf(opened.gguf, dev, target, threads=cfg.threads, progress=progress, background=background,
                          allocator=allocator, t_start=t_start)
     with ExitStack() as on_error:
@@ -90,8 +90,6 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     arena = job.arena
     job.run.start()
     if background:
-        import threading
-
         threading.Thread(target=job.finish, args=(held,), name="zerostart-load", daemon=True).start()
     else:
         job.finish(held)

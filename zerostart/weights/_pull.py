@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from zerostart.names import Scheme, source_scheme
-from zerostart.weights._cache import BlobWriter, Cache, CacheFull
-from zerostart.weights._format import WeightsError
-from zerostart.weights._remote import SourceError
-from zerostart.weights._sources import weight_objects
-from zerostart.weights._store import ObjectInfo, Store, open_store
+from zerostart.weights._cache import BlobWriter, Cache
+from zerostart.weights._errors import CacheFull, SourceError, WeightsError
+from zerostart.weights._sources import open_store, weight_objects
+from zerostart.weights._store import ObjectInfo, Store
+from zerostart.weights._store_hf import HfStore
 
 Progress = Callable[[int, int], None]
 
@@ -25,8 +25,6 @@ def pull(spec: str, cache: Cache | None = None, concurrency: int = 16, part_byte
     revision's current commit and downloads what the hub cache lacks."""
     scheme = source_scheme(spec)
     if scheme is Scheme.HF:
-        from zerostart.weights._store_hf import HfStore
-
         return HfStore(spec).download()
     if scheme is Scheme.LOCAL:
         raise WeightsError(f"{spec}: a local path needs no pull (only hf://, s3:// and http(s):// sources)")

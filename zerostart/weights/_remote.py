@@ -20,20 +20,14 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from zerostart.weights._errors import ObjectChanged, SourceError
 from zerostart.weights._store import ObjectInfo
 
 Target = Callable[[str, str, dict[str, str], str], tuple[str, dict[str, str]]]
-
-
-class SourceError(OSError):
-    """A remote object could not be read (after retries), was refused, or changed mid-load."""
-
-
-class ObjectChanged(SourceError):
-    """The object's ETag / Last-Modified changed between two reads of one load."""
 
 
 @dataclass
@@ -229,8 +223,6 @@ def error_message(body: bytes) -> str:
 def raw_throughput(obj: ObjectInfo, concurrency: int, part: int, transport: Transport | None = None,
                    progress: Callable[[int], None] | None = None) -> float:
     """GB/s of plain concurrent ranged GETs of one object into reused buffers (a ceiling)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     t = transport or Transport()
     bufs = threading.local()
     t0 = time.perf_counter()

@@ -15,21 +15,39 @@ from disk. A source already complete in the cache (and unchanged remotely) is re
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
 import sys
 import threading
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable
 
 from zerostart.names import Scheme, source_scheme
-from zerostart.weights._cache import BlobWriter, Cache, CacheFull
+from zerostart.weights._cache import BlobWriter, Cache
 from zerostart.weights._checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, resolve
-from zerostart.weights._format import Header, WeightsError, parse_header, read_header
+from zerostart.weights._errors import CacheFull, SourceError, WeightsError
+from zerostart.weights._format import Header, parse_header, read_header
 from zerostart.weights._gguf import GgufModel, is_gguf, open_gguf
-from zerostart.weights._remote import SourceError
-from zerostart.weights._store import ObjectInfo, Store, digest, fetch, open_store
+from zerostart.weights._store import ObjectInfo, Store, digest, fetch
+from zerostart.weights._store_hf import HfStore, hub_cache, offline
+
+
+def open_store(spec: str) -> Store:
+    """The store of a source, by its scheme (``zerostart.names.Scheme``)."""
+    try:
+        scheme = source_scheme(spec)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    return store_module(scheme).open_store(spec)
+
+
+def store_module(scheme: Scheme) -> ModuleType:
+    """The module implementing ``scheme``: ``zerostart.weights._store_<scheme>``, imported by
+    name when a source of that scheme is opened (an S3 source's signing library only then)."""
+    return importlib.import_module(f"zerostart.weights._store_{scheme.value}")
 
 
 @dataclass
@@ -214,8 +232,6 @@ def local_copy(spec: str, cache: Cache | None = None) -> str | None:
     if scheme is Scheme.LOCAL:
         return spec
     if scheme is Scheme.HF:
-        from zerostart.weights._store_hf import HfStore
-
         return HfStore(spec).cached()
     cache = cache or Cache()
     return cache.snapshot_dir(spec) if cache.manifest(spec) is not None else None
@@ -227,8 +243,6 @@ def unreachable(spec: str) -> str | None:
     first load could only fail). None when nothing says so."""
     if source_scheme(spec) is not Scheme.HF:
         return None
-    from zerostart.weights._store_hf import HfStore, hub_cache, offline
-
     if not offline() or HfStore(spec).cached() is not None:
         return None
     return (f"{spec} is not in the Hugging Face cache ({hub_cache()}) and HF_HUB_OFFLINE is set: download it with "

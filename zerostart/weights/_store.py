@@ -11,20 +11,18 @@ content of them all (:meth:`Store.identity`: it changes whenever any of their by
 Stores that hold the files on this machine (local, hf) also give their directory; the others
 are streamed (:mod:`._sources`). The registry is ``zerostart.names.Scheme``: a scheme ``x``
 is served by the module ``zerostart.weights._store_x``, whose ``open_store(spec)`` returns
-its :class:`Store`. A new scheme (``gs://``, Azure) is one file here and one entry there.
+its :class:`Store` (``_sources.open_store`` finds it by name). A new scheme (``gs://``,
+Azure) is one file here and one entry there.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib
 import json
 from dataclasses import dataclass
 from typing import Iterable, Protocol, runtime_checkable
 
-from zerostart.names import Scheme, source_scheme
-from zerostart.weights._format import WeightsError
 
 # The files a model needs: weights (safetensors shards and their index, or one GGUF file),
 # its config, tokenizer and chat templates. Everything else in a repository is left alone.
@@ -83,20 +81,6 @@ class Store(Protocol):
     def close(self) -> None:
         """Release connections (the store may not be used afterwards)."""
         ...
-
-
-def open_store(spec: str) -> Store:
-    """The store of a source, by its scheme (``zerostart.names.Scheme``)."""
-    try:
-        scheme = source_scheme(spec)
-    except ValueError as e:
-        raise WeightsError(str(e)) from None
-    return store_module(scheme).open_store(spec)
-
-
-def store_module(scheme: Scheme):
-    """The module implementing ``scheme``: ``zerostart.weights._store_<scheme>``."""
-    return importlib.import_module(f"zerostart.weights._store_{scheme.value}")
 
 
 def digest(objects: Iterable[ObjectInfo], *extra: str) -> str:

@@ -18,8 +18,7 @@ import sys
 import time
 
 from zerostart.weights._checkpoint import resolve
-from zerostart.weights._format import WeightsError
-from zerostart.weights._remote import SourceError
+from zerostart.weights._errors import SourceError, WeightsError
 from zerostart.weights._store import MODEL_PATTERNS, ObjectInfo, digest
 from zerostart.weights._store_local import LocalStore
 
@@ -113,6 +112,7 @@ class HfStore:
 
 def _snapshot_download(repo: str, revision: str | None, endpoint: str) -> str:
     try:
+        # huggingface_hub (seconds to import) only when the hub is asked
         from huggingface_hub import snapshot_download
     except ImportError:
         raise SourceError("hf:// downloads need huggingface_hub: pip install huggingface_hub") from None
@@ -122,6 +122,7 @@ def _snapshot_download(repo: str, revision: str | None, endpoint: str) -> str:
 
 def _translate(spec: str, where: str, endpoint: str, e: Exception) -> Exception:
     """huggingface_hub's exception as a SourceError that says what to do."""
+    # huggingface_hub (seconds to import) only when the hub is asked
     from huggingface_hub import errors
 
     msg = getattr(e, "server_message", None) or str(e).splitlines()[0]
@@ -171,7 +172,7 @@ def hf_gguf(spec: str, name: str | None = None) -> str:
     ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and ``HF_TOKEN`` as :class:`HfStore` does."""
     repo, revision = parse(spec)
     try:
-        import huggingface_hub
+        import huggingface_hub  # (seconds to import) only when the hub is asked
     except ImportError:
         raise SourceError("hf:// downloads need huggingface_hub: pip install huggingface_hub") from None
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
@@ -197,7 +198,7 @@ def hf_gguf(spec: str, name: str | None = None) -> str:
         return huggingface_hub.hf_hub_download(repo, name, revision=revision, cache_dir=hub_cache(), token=token,
                                                local_files_only=offline, endpoint=endpoint)
     except Exception as e:  # noqa: BLE001 - translated below
-        from huggingface_hub import errors
+        from huggingface_hub import errors  # (imported above when the download was asked for)
 
         if isinstance(e, (errors.LocalEntryNotFoundError, errors.EntryNotFoundError)):
             raise WeightsError(f"{spec}: no file {name!r} in {where}"

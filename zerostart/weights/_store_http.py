@@ -10,7 +10,8 @@ from __future__ import annotations
 import builtins
 import json
 
-from zerostart.weights._remote import SourceError, Transport
+from zerostart.weights._remote import Transport
+from zerostart.weights._errors import SourceError
 from zerostart.weights._store import MODEL_FILES, ObjectInfo, digest, fetch
 
 

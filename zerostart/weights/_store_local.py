@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from zerostart.weights._format import WeightsError
+from zerostart.weights._errors import WeightsError
 from zerostart.weights._io import pread_into
 from zerostart.weights._store import MODEL_FILES, ObjectInfo, digest
 

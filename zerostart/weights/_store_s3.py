@@ -14,8 +14,8 @@ import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 
-from zerostart.weights._format import WeightsError
-from zerostart.weights._remote import SourceError, Transport, error_message
+from zerostart.weights._errors import SourceError, WeightsError
+from zerostart.weights._remote import Transport, error_message
 from zerostart.weights._store import ObjectInfo, digest, is_model_file
 
 
@@ -24,6 +24,7 @@ class _Signer:
 
     def __init__(self) -> None:
         try:
+            # botocore (optional, the s3 extra) only when an S3 source is opened
             import botocore.session
             from botocore.auth import S3SigV4Auth
             from botocore.awsrequest import AWSRequest
