@@ -1,11 +1,14 @@
-"""Names every package shares: devices, dtypes, ready-image modes and source schemes.
+"""Names every package shares: devices, dtypes, ready-image modes, source schemes and the
+rungs of the cold ladder.
 
-The torch-free leaf of the house (DESIGN.md §3): it imports nothing of zerostart and nothing
-heavy, so the gateway, the config, the workers, the loaders and the engine all read one
-definition of each name::
+The torch-free leaf of the house (docs/design.md, "The house"): it imports nothing of zerostart
+and nothing heavy, so the gateway, the config, the workers, the loaders, the engine, the
+policies and the simulator all read one definition of each name::
 
     >>> normalize_device("CUDA"), dtype_name("bf16"), source_scheme("s3://bucket/llama")
     ('cuda:0', 'bfloat16', <Scheme.S3: 's3'>)
+    >>> Climb.STANDBY_IMAGE.rung, Climb.of(Rung.ZERO, standby=True).value
+    (<Rung.IMAGE: 'image'>, 'standby+source')
 
 A name that validates here is one every loader accepts: a config that passes its schema does
 not fail later for a device or dtype the engine rejects.
@@ -25,8 +28,11 @@ __all__ = [
     "DTYPES",
     "DTYPE_BYTES",
     "IMAGE_MODES",
+    "LADDER",
+    "Climb",
     "Dtype",
     "ImageMode",
+    "Rung",
     "Scheme",
     "cpu_has_bf16",
     "default_dtype",
@@ -119,7 +125,7 @@ def _cpuinfo_bf16() -> bool:
 # -- ready-image modes ------------------------------------------------------------------------
 
 # off: never look for a ready image; use: restore a matching one; write: use, and write one in
-# the background after a load from the source (DESIGN.md §2)
+# the background after a load from the source (docs/ladder.md)
 ImageMode = Literal["off", "use", "write"]
 IMAGE_MODES: tuple[str, ...] = get_args(ImageMode)
 DEFAULT_IMAGE_MODE: ImageMode = "write"
@@ -167,3 +173,76 @@ def _scheme(spec: str) -> Scheme | None:
         if spec.startswith(prefix):
             return scheme
     return None if "://" in spec else Scheme.LOCAL
+
+
+# -- the cold ladder --------------------------------------------------------------------------
+
+
+class Rung(enum.StrEnum):
+    """Where a model rests; lower rungs cost less to hold and more to climb (docs/design.md,
+    "The cold ladder"). The value is the name everything shows: policy specs, status, metrics,
+    the simulator's tables. (A climb from ZERO loads the source: its :class:`Climb` is ``source``.)
+
+      HOT    -> PARKED  release device memory, keep the worker and its graphs
+      PARKED -> IMAGE   stop the worker; the ready image stays on local disk
+      IMAGE  -> ZERO    nothing to do but forget (the source checkpoint stays where it is)
+      any    -> HOT     a climb: wake, restore the image, or load the source
+    """
+
+    __hash__ = str.__hash__  # as its value: a dict keyed by rungs answers their names too
+
+    HOT = "hot"  # weights in device memory, ready to serve
+    PARKED = "parked"  # process and compiled state alive, weights in host RAM
+    IMAGE = "image"  # nothing alive (or a standby worker); a ready image on local disk
+    ZERO = "zero"  # nothing alive; only the source checkpoint, local or remote
+
+    @property
+    def level(self) -> int:
+        """0 for HOT up to 3 for ZERO: a larger level is a lower, colder rung."""
+        return _LEVEL[self]
+
+    @classmethod
+    def parse(cls, name: str) -> Rung:
+        """A rung from its name, any case; ``source`` (a climb's word for it) is ZERO. Raises
+        ``ValueError`` naming the rungs."""
+        key = name.strip().lower()
+        try:
+            return cls("zero" if key == "source" else key)
+        except ValueError:
+            raise ValueError(f"unknown rung {name!r}; valid: {', '.join(r.value for r in LADDER)} "
+                             "(or 'source' for zero)") from None
+
+
+LADDER: tuple[Rung, ...] = (Rung.HOT, Rung.PARKED, Rung.IMAGE, Rung.ZERO)  # top to bottom
+_LEVEL = {r: i for i, r in enumerate(LADDER)}
+
+
+class Climb(enum.StrEnum):
+    """Where a cold start climbed to HOT from: the rung below it (ZERO reads as where the weights
+    came from, ``source``), and whether a standby worker (imports and device init already paid)
+    took the load. The value is its one spelling on the wire: the worker's reports,
+    ``x-zerostart-cold-start-rung``, ``/zerostart/status`` and the ``rung`` label of the
+    cold-start metrics."""
+
+    __hash__ = str.__hash__  # as its value: a dict keyed by climbs answers their labels too
+
+    SOURCE = "source"  # a new worker loaded the source checkpoint (from ZERO)
+    IMAGE = "image"  # a new worker restored the ready image
+    STANDBY_SOURCE = "standby+source"  # the standby worker loaded the source
+    STANDBY_IMAGE = "standby+image"  # the standby worker restored the ready image
+    PARKED = "parked"  # a parked worker woke
+
+    @property
+    def rung(self) -> Rung:
+        """The rung it climbed from."""
+        return Rung.parse(self.value.removeprefix("standby+"))
+
+    @property
+    def standby(self) -> bool:
+        """Whether the standby worker took it."""
+        return self.value.startswith("standby+")
+
+    @classmethod
+    def of(cls, rung: Rung, *, standby: bool = False) -> Climb:
+        """The climb from ``rung`` (IMAGE or ZERO may be a standby worker's; PARKED never is)."""
+        return cls(("standby+" if standby else "") + ("source" if rung is Rung.ZERO else rung.value))

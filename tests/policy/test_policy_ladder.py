@@ -227,7 +227,7 @@ def test_distribution_of_empirical_samples_without_prior():
 def test_every_rung_is_reachable_by_name():
     assert [r.level for r in LADDER] == [0, 1, 2, 3]
     assert Rung.parse("source") is Rung.ZERO and Rung.parse(" Parked ") is Rung.PARKED
-    with pytest.raises(PolicyError, match="valid: hot, parked, image, zero"):
+    with pytest.raises(ValueError, match="valid: hot, parked, image, zero"):
         Rung.parse("warm")
 
 

@@ -64,7 +64,7 @@ def test_make_parses_arguments():
     ("lru", r"unknown policy 'lru'.*valid policies: always, hybrid, ladder, ttl"),
     ("ttl", "needs its ttl argument"),
     ("ttl:soon", "bad value 'soon' for 'ttl'"),
-    ("ttl:300,wait=1", r"no argument 'wait'.*valid arguments: down, ttl"),
+    ("ttl:300,wait=1", r"no argument 'wait'.*valid arguments: down, park, ttl"),
     ("ttl:300,400", "takes key=value arguments"),
     ("ttl:300,ttl=400", "given twice"),
     ("ttl:30,down=hot", "must be parked, image or zero"),

@@ -3,6 +3,7 @@ added latency and a device-hour."""
 
 import pytest
 
+from zerostart.names import Climb
 from zerostart.policy import CostModel, Rung
 from zerostart.sim._compare import fit_service, live_wake_costs, measured, side_by_side, summary
 from zerostart.sim._live import LiveRun, Sample, Sent
@@ -13,7 +14,7 @@ COSTS = CostModel()
 def run() -> LiveRun:
     # two models over 10 s: a request that waited 2 s for a climb, two warm ones, one refused
     sent = [Sent(0, "a", at=0.0, prompt_tokens=8, max_tokens=4, sent=0.0, done=2.5, status=200, cold_start_s=2.0,
-                 queue_s=0.0, rung="source", usage={"prompt_tokens": 9, "completion_tokens": 4}),
+                 queue_s=0.0, rung=Climb.SOURCE, usage={"prompt_tokens": 9, "completion_tokens": 4}),
             Sent(1, "a", at=3.0, prompt_tokens=8, max_tokens=4, sent=3.0, done=3.5, status=200, cold_start_s=0.0,
                  queue_s=0.0, usage={"prompt_tokens": 9, "completion_tokens": 4}),
             Sent(2, "b", at=4.0, prompt_tokens=8, max_tokens=4, sent=4.0, done=4.1, status=429, cold_start_s=0.0,
@@ -25,10 +26,11 @@ def run() -> LiveRun:
                Sample(8.0, {"hot": 0, "parked": 1}, {"cpu": 100e6}, 0, 0),
                Sample(12.0, {"hot": 0}, {"cpu": 0.0}, 0, 0)]
     return LiveRun(url="http://x", started_unix=0.0, requests=sent, samples=samples,
-                   cold_starts={"source": 1.0, "standby+image": 2.0, "parked": 3.0},
-                   climbs_ahead={"parked": 2.0},  # two of the wakes were pre-warms: nobody waited
-                   cold_start_seconds={"source": {"sum": 2.0, "count": 1.0}, "parked": {"sum": 0.2, "count": 2.0},
-                                       "image": {"sum": 0.0, "count": 0.0}},
+                   cold_starts={Climb.SOURCE: 1.0, Climb.STANDBY_IMAGE: 2.0, Climb.PARKED: 3.0},
+                   climbs_ahead={Climb.PARKED: 2.0},  # two of the wakes were pre-warms: nobody waited
+                   cold_start_seconds={Climb.SOURCE: {"sum": 2.0, "count": 1.0},
+                                       Climb.PARKED: {"sum": 0.2, "count": 2.0},
+                                       Climb.IMAGE: {"sum": 0.0, "count": 0.0}},
                    status_before={}, status_after={}, lateness_s=0.01)
 
 

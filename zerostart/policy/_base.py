@@ -22,50 +22,14 @@ A request that reaches a model below HOT climbs it regardless of policy: that is
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Protocol
+
+from zerostart.names import LADDER, Rung
 
 
 class PolicyError(ValueError):
     """A policy spec, cost model or telemetry file is wrong; the message names what and where."""
-
-
-class Rung(str, enum.Enum):
-    """Where a model rests; lower rungs cost less to hold and more to climb.
-
-    Transitions (DESIGN.md §2):
-      HOT    -> PARKED  release device memory, keep the worker and its graphs
-      PARKED -> IMAGE   stop the worker; the ready image stays on local disk
-      IMAGE  -> ZERO    nothing to do but forget (the source checkpoint stays where it is)
-      any    -> HOT     a climb: wake, restore the image, or load from source
-    """
-
-    HOT = "hot"  # weights in device memory, ready to serve
-    PARKED = "parked"  # process and compiled state alive, weights in host RAM
-    IMAGE = "image"  # nothing alive; a ready image on local disk
-    ZERO = "zero"  # nothing alive; only the source checkpoint
-
-    @property
-    def level(self) -> int:
-        """0 for HOT up to 3 for ZERO: a larger level is a lower, colder rung."""
-        return _LEVEL[self]
-
-    @classmethod
-    def parse(cls, name: str) -> "Rung":
-        """A rung from its name; ``source`` is accepted for ZERO (the coldstart telemetry's word)."""
-        key = name.strip().lower()
-        if key == "source":
-            return cls.ZERO
-        try:
-            return cls(key)
-        except ValueError:
-            valid = ", ".join(r.value for r in LADDER)
-            raise PolicyError(f"unknown rung {name!r}; valid: {valid} (or 'source' for zero)") from None
-
-
-LADDER: tuple[Rung, ...] = (Rung.HOT, Rung.PARKED, Rung.IMAGE, Rung.ZERO)  # top to bottom
-_LEVEL = {r: i for i, r in enumerate(LADDER)}
 
 
 @dataclass(frozen=True)
@@ -79,7 +43,11 @@ class ModelView:
     size_bytes: int = 0  # 0: unknown, the cost model's default size applies
     # the rungs this model can rest on (its engine's: vLLM on CPU cannot park, foreign engines
     # keep no ready image); policies choose among these only. HOT and ZERO are always there.
-    rungs: tuple[Rung, ...] = (Rung.HOT, Rung.PARKED, Rung.IMAGE, Rung.ZERO)
+    rungs: tuple[Rung, ...] = LADDER
+    # where a fixed keep-alive counts from, when not last_active: the server's requests may ask
+    # for a keep_alive of their own (Ollama's), which holds the model instead of the policy's
+    # timeout, so only the latest activity that asked for none counts here (-inf: none did)
+    timeout_from: float | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ Not a price
   latency_usd_per_s          0.01      What one second a user waits on a cold start is worth to
                                        you: an assumption (about a $36/hour value of time), set
                                        it yourself, or set ``p99_target_s`` instead.
-Wake times when no telemetry is given (the bandwidth model; DESIGN.md §1–2):
+Wake times when no telemetry is given (the bandwidth model; docs/design.md §1–2):
   parked: parked_fixed_s + GB / h2d_gbps
   image:  spawn_s + image_warmup_s + GB / min(disk_gbps, h2d_gbps)
   zero:   spawn_s + source_warmup_s + GB / min(source_gbps, h2d_gbps)
@@ -23,9 +23,9 @@ Wake times when no telemetry is given (the bandwidth model; DESIGN.md §1–2):
   h2d_gbps 25       pinned host->device copy, PCIe Gen4 x16 in practice (Gen5 reaches ~50)
   disk_gbps 6       one PCIe Gen4 NVMe drive, sequential read
   source_gbps 1.25  a 10 Gb/s link to object storage or a model hub
-  spawn_s 3         process spawn + import torch + CUDA context (DESIGN.md §1: 1-3 s + 0.3-1 s)
+  spawn_s 3         process spawn + import torch + CUDA context (docs/design.md §1: 1-3 s + 0.3-1 s)
   image_warmup_s 1  warm-up with compile caches and graphs restored from the image
-  source_warmup_s 15  prepare + torch.compile + graph capture from scratch (DESIGN.md: 1-30 s)
+  source_warmup_s 15  prepare + torch.compile + graph capture from scratch (docs/design.md: 1-30 s)
   parked_fixed_s 0.05  the wake call and re-mapping reserved addresses
 """
 
@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from zerostart.policy._base import LADDER, PolicyError, Rung
 from zerostart.units import GB, HOURS_PER_MONTH
@@ -206,8 +208,6 @@ class CostModel:
             except json.JSONDecodeError as e:
                 raise PolicyError(f"costs file {p}: not valid JSON: {e}") from None
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as e:

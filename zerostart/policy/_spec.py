@@ -4,7 +4,9 @@ Grammar: ``NAME[:ARG[,ARG...]]`` where ARG is ``key=value``; a policy with a mai
 (ttl's timeout) also takes it bare (``ttl:300``). Durations take s/m/h/d suffixes (``5m``).
 
   always                       HOT all the time (min replicas 1)
-  ttl:SECONDS                  HOT until idle SECONDS, then down
+  ttl:SECONDS                  HOT until idle SECONDS, then down (the server's default keep-alive:
+                               ttl:<idle_timeout>,park=<park_after>)
+      park=SECONDS             PARKED from this long idle until then (none: never parks)
       down=image               the rung it drops to: parked, image or zero
   hybrid                       Azure's hybrid histogram (Serverless in the Wild, ATC 2020)
       range=4h bin=1m          histogram span and bin width
@@ -37,9 +39,9 @@ from typing import Any
 from zerostart.policy._base import Policy, PolicyError, Rung
 from zerostart.policy._costs import CostModel
 from zerostart.policy._hybrid import HybridHistogram
-from zerostart.policy._ladder import CostAwareLadder
 from zerostart.policy._ttl import AlwaysWarm, FixedTTL
 from zerostart.units import parse_duration
+
 
 def _down(text: str) -> Rung:
     rung = Rung.parse(text)
@@ -64,11 +66,18 @@ def _flag(text: str) -> bool:
     raise ValueError("must be on or off")
 
 
+def _ladder(costs: CostModel, **kw: Any) -> Policy:
+    # it plans with numpy: imported when a ladder is made, so a gateway without one never pays for numpy
+    from zerostart.policy._ladder import CostAwareLadder
+
+    return CostAwareLadder(costs, **kw)
+
+
 # name -> (main argument or None, {argument: (parser, constructor keyword)}, builder)
 _Args = dict[str, tuple[Callable[[str], Any], str]]
 _SPECS: dict[str, tuple[str | None, _Args, Callable[..., Policy]]] = {
     "always": (None, {}, lambda costs, name, **kw: AlwaysWarm(name=name)),
-    "ttl": ("ttl", {"ttl": (parse_duration, "ttl_s"), "down": (_down, "down")},
+    "ttl": ("ttl", {"ttl": (parse_duration, "ttl_s"), "park": (parse_duration, "park_s"), "down": (_down, "down")},
             lambda costs, name, **kw: FixedTTL(name=name, **kw)),
     "hybrid": (None, {
         "range": (parse_duration, "range_s"), "bin": (parse_duration, "bin_s"), "head": (float, "head"),
@@ -81,7 +90,7 @@ _SPECS: dict[str, tuple[str | None, _Args, Callable[..., Policy]]] = {
         "rungs": (_rungs, "rungs"), "prewarm": (_flag, "prewarm"), "min_samples": (int, "min_samples"),
         "window": (int, "window"), "horizon": (parse_duration, "horizon_s"), "prior": (float, "prior_weight"),
         "pool": (float, "pool_weight"),
-    }, lambda costs, name, **kw: CostAwareLadder(costs, name=name, **kw)),
+    }, lambda costs, name, **kw: _ladder(costs, name=name, **kw)),
 }
 POLICY_NAMES: tuple[str, ...] = tuple(sorted(_SPECS))
 

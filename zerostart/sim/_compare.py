@@ -6,9 +6,8 @@ Measured, like the simulator counts them:
 
 * cold starts by rung: the server's ``zerostart_cold_starts_total`` increase (one per climb; the
   requests that join a climb are delayed but start nothing) less its ``zerostart_climbs_ahead_total``
-  (climbs begun with no request waiting: pre-warms, which the simulator counts apart), its rung
-  labels mapped to the ladder (``parked``; ``image`` and ``standby+image``: IMAGE; ``source`` and
-  ``standby+source``: ZERO);
+  (climbs begun with no request waiting: pre-warms, which the simulator counts apart), each
+  ``rung`` label (a :class:`~zerostart.names.Climb`) counted on the rung it climbed from;
 * added latency: each answered request's ``x-zerostart-cold-start-ms`` (arrival at the gateway
   until its replica was ready), requests without an answer left out and counted;
 * rung-hours: replicas per state from ``/metrics``, integrated from the first arrival to the
@@ -25,12 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from zerostart.names import LADDER
 from zerostart.policy import CostModel, Rung
 from zerostart.sim._live import LiveRun
 
 DEVICE_STATES = ("starting", "hot", "waking", "parking", "stopping")
-_RUNG_OF_LABEL = {"parked": "parked", "image": "image", "standby+image": "image", "source": "zero",
-                  "standby+source": "zero"}
 
 
 def measured(run: LiveRun, costs: CostModel, size_bytes: int, policy: str) -> dict[str, Any]:
@@ -45,9 +43,9 @@ def measured(run: LiveRun, costs: CostModel, size_bytes: int, policy: str) -> di
     gb = costs.size_gb(size_bytes)
     gpu_hours = device_s * costs.device_share / 3600.0
     ram_gb_hours = parked_s * (gb + costs.worker_ram_gb) / 3600.0
-    by_rung = {"parked": 0, "image": 0, "zero": 0}
-    for label, n in run.cold_starts.items():
-        by_rung[_RUNG_OF_LABEL.get(label, "zero")] += int(round(n - run.climbs_ahead.get(label, 0.0)))
+    by_rung = {r.value: 0 for r in LADDER[1:]}  # parked, image, zero
+    for climb, n in run.cold_starts.items():
+        by_rung[climb.rung.value] += int(round(n - run.climbs_ahead.get(climb, 0.0)))
     p50, p95, p99 = (float(x) for x in np.percentile(lat, [50, 95, 99]))
     gpu_usd = gpu_hours * costs.device_usd_per_hour
     ram_usd = ram_gb_hours * costs.host_ram_usd_per_gb_hour
@@ -66,9 +64,10 @@ def measured(run: LiveRun, costs: CostModel, size_bytes: int, policy: str) -> di
         "hours": (t1 - t0) / 3600.0,
         "cold_starts": sum(by_rung.values()),
         "cold_starts_by_rung": by_rung,
-        "cold_starts_by_label": {k: int(round(v)) for k, v in run.cold_starts.items()},
+        "cold_starts_by_label": {k.value: int(round(v)) for k, v in run.cold_starts.items()},
         "prewarms": int(round(sum(run.climbs_ahead.values()))),
-        "cold_start_s_by_label": {k: v["sum"] / v["count"] for k, v in run.cold_start_seconds.items() if v["count"]},
+        "cold_start_s_by_label": {k.value: v["sum"] / v["count"] for k, v in run.cold_start_seconds.items()
+                                  if v["count"]},
         "delayed_requests": int((lat > 0).sum()),
         "p50_added_latency_s": p50,
         "p95_added_latency_s": p95,
@@ -116,9 +115,9 @@ def live_wake_costs(costs: CostModel, run: LiveRun) -> CostModel:
     the server measured for it (``zerostart_cold_start_seconds``): the simulator calibrated on
     the run it predicts, which separates a wrong wake time from a wrong model of the fleet."""
     sums: dict[str, list[float]] = {}
-    for label, v in run.cold_start_seconds.items():
+    for climb, v in run.cold_start_seconds.items():
         if v["count"]:
-            acc = sums.setdefault(_RUNG_OF_LABEL.get(label, "zero"), [0.0, 0.0])
+            acc = sums.setdefault(climb.rung.value, [0.0, 0.0])
             acc[0] += v["sum"]
             acc[1] += v["count"]
     if not sums:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from zerostart.policy import LADDER, Candidate, ModelView, Policy, Rung, choose_victim
 
-HOT, PARKED, IMAGE, ZERO = 0, 1, 2, 3  # Rung.level
+HOT, PARKED, IMAGE, ZERO = LADDER
 _COMPLETE, _CLIMBED, _PREWARM, _DECIDE = 0, 1, 2, 3  # event kinds
 
 
@@ -54,10 +54,10 @@ class _Model:
     __slots__ = ("index", "name", "wake", "rung", "ready_at", "in_flight", "idle", "last_active", "idle_since",
                  "since", "gen", "prewarmed", "queued", "pending", "loaded", "evicted")
 
-    def __init__(self, index: int, name: str, wake: list[float], t0: float) -> None:
+    def __init__(self, index: int, name: str, wake: dict[Rung, float], t0: float) -> None:
         self.index = index
         self.name = name
-        self.wake = wake  # seconds to HOT from each level
+        self.wake = wake  # seconds to HOT from each rung
         self.rung = ZERO
         self.ready_at = -math.inf  # when the current climb ends
         self.in_flight = 0  # requests served or waiting for its climb
@@ -76,7 +76,7 @@ class _Model:
 class SimFleet:
     """Every model of one simulated run, its room, and the event queue."""
 
-    def __init__(self, policy: Policy, names: list[str], wake: list[list[float]], room: Room, size_bytes: int,
+    def __init__(self, policy: Policy, names: list[str], wake: list[dict[Rung, float]], room: Room, size_bytes: int,
                  arrivals: list[float], t0: float, *, keep_images: bool = False) -> None:
         self.policy = policy
         self.keep_images = keep_images  # a model once loaded rests on IMAGE where the policy says ZERO
@@ -84,17 +84,17 @@ class SimFleet:
         self.size_bytes = size_bytes
         self.arrivals = arrivals  # arrival time of every request, by index
         self.models = [_Model(i, name, wake[i], t0) for i, name in enumerate(names)]
-        lower = [r.level for r in getattr(policy, "rungs", LADDER) if r is not Rung.HOT]
+        lower = [r for r in getattr(policy, "rungs", LADDER) if r is not HOT]
         # where an idle HOT model goes to make room: the policy's first lower rung with slots;
         # stopped (IMAGE) under a shared budget, where parking would free only its KV cache
-        self.evict_level = IMAGE if room.budget is not None else (lower[0] if lower else PARKED)
+        self.evict_rung = IMAGE if room.budget is not None else (lower[0] if lower else PARKED)
         self.hot_slots = room.hot if room.hot is not None else math.inf
         self.parked_slots = room.parked if room.parked is not None else math.inf
-        self.count = [0, 0, 0, 0]  # models on each level
+        self.count = dict.fromkeys(LADDER, 0)  # models on each rung
         self.used = 0  # bytes held against the budget
-        self.hold = [0.0, 0.0, 0.0, 0.0]  # model-seconds on each level
+        self.hold = dict.fromkeys(LADDER, 0.0)  # model-seconds on each rung
         self.used_image = [False] * len(names)
-        self.cold = [0, 0, 0, 0]  # cold starts by the level climbed from
+        self.cold = dict.fromkeys(LADDER, 0)  # cold starts by the rung climbed from
         self.latency = [0.0] * len(arrivals)
         self.stats = {"prewarms": 0, "prewarm_hits": 0, "prewarms_skipped": 0, "evictions": 0, "queued": 0}
         self.t_end = arrivals[-1] if arrivals else t0
@@ -114,14 +114,14 @@ class SimFleet:
                 m.last_active = -math.inf
                 self._decide(m, t0)
                 continue
-            d = self.policy.decide(ModelView(m.name, Rung.HOT, False, t0, self.size_bytes), t0)
-            level = d.rung.level
-            if level == HOT and not self._fits_climb(m):
-                level = self.evict_level
-            if level == PARKED and not self._fits_park(m):
-                level = IMAGE
-            self._move(m, level, t0)
-            m.idle, m.idle_since = level == HOT, t0
+            d = self.policy.decide(ModelView(m.name, HOT, False, t0, self.size_bytes), t0)
+            rung = d.rung
+            if rung is HOT and not self._fits_climb(m):
+                rung = self.evict_rung
+            if rung is PARKED and not self._fits_park(m):
+                rung = IMAGE
+            self._move(m, rung, t0)
+            m.idle, m.idle_since = rung is HOT, t0
             m.gen += 1
             self._schedule(m, d.prewarm_at, d.recheck_at, t0)
 
@@ -139,7 +139,7 @@ class SimFleet:
             elif kind == _CLIMBED:
                 if m.in_flight == 0:
                     self._went_idle(m, when)
-            elif kind == _PREWARM and m.rung != HOT:
+            elif kind == _PREWARM and m.rung is not HOT:
                 self._prewarm(m, when)
             else:
                 self._decide(m, when)
@@ -170,7 +170,7 @@ class SimFleet:
         m.idle = m.evicted = False
         if m.queued:
             m.pending.append((i, service_s))
-        elif m.rung == HOT:
+        elif m.rung is HOT:
             if m.prewarmed:
                 self.stats["prewarm_hits"] += 1
                 m.prewarmed = False
@@ -240,8 +240,8 @@ class SimFleet:
 
     # -- room -------------------------------------------------------------------------------
 
-    def _held(self, level: int) -> int:
-        return self.room.hot_bytes if level == HOT else self.room.parked_bytes if level == PARKED else 0
+    def _held(self, rung: Rung) -> int:
+        return self.room.hot_bytes if rung is HOT else self.room.parked_bytes if rung is PARKED else 0
 
     def _fits_climb(self, m: _Model) -> bool:
         if self.count[HOT] >= self.hot_slots:
@@ -260,72 +260,72 @@ class SimFleet:
         while not self._fits_climb(m):
             budget = self.room.budget is not None
             victim = choose_victim(
-                Candidate(v, v.wake[self.evict_level if v.rung == HOT else IMAGE], v.idle_since)
+                Candidate(v, v.wake[self.evict_rung if v.rung is HOT else IMAGE], v.idle_since)
                 for v in self.models
-                if v is not m and (v.idle or (budget and v.rung == PARKED and not v.queued)))
+                if v is not m and (v.idle or (budget and v.rung is PARKED and not v.queued)))
             if victim is None:
                 return False
-            self._evict(victim, self.evict_level if victim.rung == HOT else IMAGE, now)
+            self._evict(victim, self.evict_rung if victim.rung is HOT else IMAGE, now)
         return True
 
-    def _evict(self, m: _Model, level: int, now: float) -> None:
+    def _evict(self, m: _Model, rung: Rung, now: float) -> None:
         """Move ``m`` down to make room. Its policy still moves it further down on schedule,
         but climbs it only after its next request (as the server does: climbing it back would
         only move another model down)."""
         self.stats["evictions"] += 1
         m.evicted = True
-        self._move_down(m, level, now)
+        self._move_down(m, rung, now)
         self._decide(m, now)
 
-    def _move_down(self, m: _Model, level: int, now: float) -> None:
-        """Lower ``m`` to ``level``; PARKED without room pushes a parked model to IMAGE first
+    def _move_down(self, m: _Model, rung: Rung, now: float) -> None:
+        """Lower ``m`` to ``rung``; PARKED without room pushes a parked model to IMAGE first
         (or ``m`` itself, when none is parked)."""
-        if level == PARKED and not self._fits_park(m):
+        if rung is PARKED and not self._fits_park(m):
             victim = choose_victim(Candidate(v, v.wake[IMAGE], v.idle_since) for v in self.models
-                                   if v.rung == PARKED and v is not m and not v.queued)
+                                   if v.rung is PARKED and v is not m and not v.queued)
             if victim is not None and self.room.budget is None:
                 self._evict(victim, IMAGE, now)
             else:
-                level = IMAGE
-        self._move(m, level, now)
+                rung = IMAGE
+        self._move(m, rung, now)
 
-    def _move(self, m: _Model, level: int, now: float) -> None:
-        if level == ZERO and self.keep_images and m.loaded:
-            level = IMAGE
+    def _move(self, m: _Model, rung: Rung, now: float) -> None:
+        if rung is ZERO and self.keep_images and m.loaded:
+            rung = IMAGE
         old = m.rung
-        if old == level:
+        if old is rung:
             return
         self.hold[old] += now - m.since
         m.since = now
         self.count[old] -= 1
-        self.count[level] += 1
-        self.used += self._held(level) - self._held(old)
-        if old == HOT:
+        self.count[rung] += 1
+        self.used += self._held(rung) - self._held(old)
+        if old is HOT:
             m.idle = m.prewarmed = False
-        if level == IMAGE:
+        if rung is IMAGE:
             self.used_image[m.index] = True
-        m.rung = level
+        m.rung = rung
 
     # -- the policy -------------------------------------------------------------------------
 
     def _decide(self, m: _Model, now: float) -> None:
         """Ask the policy where ``m`` rests, apply it, and schedule what it asks for later."""
         busy = m.in_flight > 0 or m.ready_at > now
-        d = self.policy.decide(ModelView(m.name, LADDER[m.rung], busy, m.last_active, self.size_bytes), now)
+        d = self.policy.decide(ModelView(m.name, m.rung, busy, m.last_active, self.size_bytes), now)
         m.gen += 1
         if not busy:
-            target, current = d.rung.level, m.rung
-            if target > current:
+            target, current = d.rung, m.rung
+            if target.level > current.level:
                 self._move_down(m, target, now)
-                if current == HOT and self._waiting:
+                if current is HOT and self._waiting:
                     self._serve_waiting(now)
-            elif target == HOT and current != HOT:
+            elif target is HOT and current is not HOT:
                 if not m.evicted:
                     self._prewarm(m, now)
                     return
             # a rung above the current one but below HOT (IMAGE for a model on ZERO) stays a
             # wish: as in the server, a model goes up only by climbing to HOT
-            if d.prewarm_at is not None and d.prewarm_at <= now and m.rung != HOT and not m.evicted:
+            if d.prewarm_at is not None and d.prewarm_at <= now and m.rung is not HOT and not m.evicted:
                 self._prewarm(m, now)
                 return
         self._schedule(m, None if m.evicted else d.prewarm_at, d.recheck_at, now)

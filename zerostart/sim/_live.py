@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from zerostart.names import Climb
 from zerostart.sim._traces import Trace, TraceError
 
 COLD_START_HEADER = "x-zerostart-cold-start-ms"
@@ -42,7 +43,7 @@ class Sent:
     status: int = 0  # HTTP status; 0: no response (the error says why)
     cold_start_s: float | None = None  # the server's cold-start header
     queue_s: float | None = None  # the server's queue header
-    rung: str | None = None  # the rung this request's cold start climbed from, if the server says
+    rung: Climb | None = None  # where this request's cold start climbed from, if the server says
     usage: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
@@ -66,9 +67,9 @@ class LiveRun:
     started_unix: float
     requests: list[Sent]
     samples: list[Sample]
-    cold_starts: dict[str, float]  # counter increase during the run, by the server's rung label
-    climbs_ahead: dict[str, float]  # those of them begun with no request waiting (pre-warms), by rung label
-    cold_start_seconds: dict[str, dict[str, float]]  # by rung label: {"sum": s, "count": n} increase
+    cold_starts: dict[Climb, float]  # counter increase during the run, by the server's rung label
+    climbs_ahead: dict[Climb, float]  # those of them begun with no request waiting (pre-warms), by rung label
+    cold_start_seconds: dict[Climb, dict[str, float]]  # by rung label: {"sum": s, "count": n} increase
     status_before: dict[str, Any]
     status_after: dict[str, Any]
     lateness_s: float  # the largest delay of a send past its arrival time (the driver keeping up)
@@ -147,7 +148,8 @@ async def _send(client: httpx.AsyncClient, req: Sent, t0: float) -> None:
     req.status = r.status_code
     req.cold_start_s = _header_s(r.headers.get(COLD_START_HEADER))
     req.queue_s = _header_s(r.headers.get(QUEUE_HEADER))
-    req.rung = r.headers.get(RUNG_HEADER)
+    climb = r.headers.get(RUNG_HEADER)
+    req.rung = Climb(climb) if climb is not None else None
     try:
         payload = r.json()
     except ValueError:
@@ -204,22 +206,23 @@ async def _scrape(client: httpx.AsyncClient) -> list[tuple[str, dict[str, str], 
     return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(r.text) for s in fam.samples]
 
 
-def _counters(samples: list[tuple[str, dict[str, str], float]]) -> tuple[dict[str, float], ...]:
+def _counters(samples: list[tuple[str, dict[str, str], float]]) -> tuple[dict[Climb, float], ...]:
     """Cold starts, the cold-start histogram's sum and count, and the climbs begun ahead of
     requests, by rung label."""
-    starts: dict[str, float] = {}
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    ahead: dict[str, float] = {}
+    starts: dict[Climb, float] = {}
+    sums: dict[Climb, float] = {}
+    counts: dict[Climb, float] = {}
+    ahead: dict[Climb, float] = {}
     for name, labels, value in samples:
         target = {"zerostart_cold_starts_total": starts, "zerostart_cold_start_seconds_sum": sums,
                   "zerostart_cold_start_seconds_count": counts, "zerostart_climbs_ahead_total": ahead}.get(name)
         if target is not None:
-            target[labels["rung"]] = target.get(labels["rung"], 0.0) + value
+            climb = Climb(labels["rung"])
+            target[climb] = target.get(climb, 0.0) + value
     return starts, sums, counts, ahead
 
 
-def _diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def _diff(before: dict[Climb, float], after: dict[Climb, float]) -> dict[Climb, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zerostart.policy import LADDER, CostModel, Policy, Rung
-from zerostart.sim._fleet import HOT, IMAGE, PARKED, ZERO, Room, SimFleet
+from zerostart.sim._fleet import Room, SimFleet
 from zerostart.units import GB, HOURS_PER_MONTH
 from zerostart.sim._traces import Trace, TraceError
 
@@ -121,7 +121,7 @@ def replay(policy: Policy, trace: Trace, costs: CostModel, *, capacity: Capacity
     times = trace.times.tolist()
     models = trace.models.tolist()
     durations = service.durations(trace).tolist()
-    wake = [[costs.wake_s(r, size_bytes, name) for r in LADDER] for name in trace.model_names]
+    wake = [{r: costs.wake_s(r, size_bytes, name) for r in LADDER} for name in trace.model_names]
     fleet = SimFleet(policy, trace.model_names, wake, capacity.room(costs, size_bytes), size_bytes, times, times[0],
                      keep_images=start.keep_images)
     fleet.open(times[0], fresh=start.fresh)
@@ -138,8 +138,8 @@ def _result(policy: Policy, trace: Trace, costs: CostModel, size_bytes: int, fle
     hold, cold, stats, lat = fleet.hold, fleet.cold, fleet.stats, fleet.latency
     gb = costs.size_gb(size_bytes)
     span = fleet.t_end - t0
-    gpu_hours = hold[HOT] * costs.device_share / 3600.0
-    ram_gb_hours = hold[PARKED] * (gb + costs.worker_ram_gb) / 3600.0
+    gpu_hours = hold[Rung.HOT] * costs.device_share / 3600.0
+    ram_gb_hours = hold[Rung.PARKED] * (gb + costs.worker_ram_gb) / 3600.0
     disk_gb_months = sum(fleet.used_image) * gb * span / (HOURS_PER_MONTH * 3600.0)
     gpu_usd = gpu_hours * costs.device_usd_per_hour
     ram_usd = ram_gb_hours * costs.host_ram_usd_per_gb_hour
@@ -154,8 +154,8 @@ def _result(policy: Policy, trace: Trace, costs: CostModel, size_bytes: int, fle
         "requests": n,
         "models": n_models,
         "hours": span / 3600.0,
-        "cold_starts": int(cold[PARKED] + cold[IMAGE] + cold[ZERO]),
-        "cold_starts_by_rung": {"parked": cold[PARKED], "image": cold[IMAGE], "zero": cold[ZERO]},
+        "cold_starts": sum(cold[r] for r in LADDER[1:]),
+        "cold_starts_by_rung": {r.value: cold[r] for r in LADDER[1:]},  # parked, image, zero
         "delayed_requests": int((a > 0).sum()),
         "prewarms": stats["prewarms"],
         "prewarm_hits": stats["prewarm_hits"],
@@ -167,7 +167,7 @@ def _result(policy: Policy, trace: Trace, costs: CostModel, size_bytes: int, fle
         "p99_added_latency_s": p99,
         "max_added_latency_s": float(a.max()),
         "mean_added_latency_s": float(a.mean()),
-        "rung_hours": {r.value: hold[r.level] / 3600.0 for r in LADDER},
+        "rung_hours": {r.value: hold[r] / 3600.0 for r in LADDER},
         "gpu_hours": gpu_hours,
         "host_ram_gb_hours": ram_gb_hours,
         "memory_gb_hours": fleet.memory_gb_hours(),

@@ -86,6 +86,7 @@ _FAMILY_COLORS = {"always": "#7f7f7f", "ttl": "#1f77b4", "hybrid": "#ff7f0e", "l
 def plot(path: str | Path, results: list[dict], title: str) -> None:
     """Total cost against p99 added latency, one point per policy (PNG, Agg). Policies that
     land on (nearly) the same point share one label listing each with its cost."""
+    # matplotlib (optional): only for the plot
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
