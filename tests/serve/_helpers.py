@@ -18,6 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import zerostart
+from zerostart.serve.control import LoadSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
 API_KEY = "test-key"
@@ -171,8 +172,9 @@ class Gateway:
                     stat = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if (b"zerostart.serve.worker" in args and f"--name={name}".encode() in args and stat[0] != "Z"
-                    and int(stat[1]) == self.proc.pid):
+            spec = next((a.removeprefix(b"--spec=") for a in args if a.startswith(b"--spec=")), b"")
+            if (b"zerostart.serve.worker" in args and spec and LoadSpec.model_validate_json(spec).name == name
+                    and stat[0] != "Z" and int(stat[1]) == self.proc.pid):
                 pids.append(int(entry))
         return pids
 

@@ -9,6 +9,7 @@ import stat
 
 import pytest
 
+from zerostart.names import Rung
 from zerostart.serve._config import ConfigError, ModelConfig, ServerConfig, load_config
 from zerostart.serve.edge import ROUTES, BadRequest, NotServed, StartFailed, parse_request
 from zerostart.serve.backends import BACKENDS, LlamacppWorker
@@ -142,7 +143,7 @@ def test_rungs_and_the_page_cache(gguf, fake_server, tmp_path):
     from zerostart import weights
 
     assert "parked" in LlamacppWorker.missing_rungs(model()) and "image" not in LlamacppWorker.missing_rungs(model())
-    assert "SIGSTOP frees nothing" in LlamacppWorker.missing_rungs(model())["parked"]
+    assert "SIGSTOP frees nothing" in LlamacppWorker.missing_rungs(model())[Rung.PARKED]
     assert LlamacppWorker.missing_rungs(model(device="cuda")) == {}  # the CUDA checkpoint API parks any process
     w = LlamacppWorker(model(gguf, llamacpp={"server": fake_server}), ServerConfig(), str(tmp_path))
     with open(gguf, "rb") as f:

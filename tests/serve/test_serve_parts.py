@@ -255,35 +255,82 @@ def _replica(cfg: ModelConfig, state: State, last_active: float, keep_alive: flo
     return r
 
 
-def test_next_move_without_a_policy() -> None:
-    from zerostart.serve.gateway._model import Model
+def test_next_move_of_the_default_policy() -> None:
+    """Without a keep_alive_policy the fixed timeout ttl:<idle_timeout>,park=<park_after>
+    decides: it parks park_after after the last request and stops idle_timeout after it. Each
+    move is asked for when its time comes; until then the replica stays, to be looked at then."""
+    from zerostart.serve.gateway._model import Model, policy_for
 
-    m = Model(ModelConfig(path="/x", park_after=5, idle_timeout=60), 100, None)
-    assert m.parkable and m.can_park
-    assert m.next_move(_replica(m.cfg, State.HOT, 10.0), 11.0) == (15.0, "park")
-    assert m.next_move(_replica(m.cfg, State.PARKED, 10.0), 16.0) == (70.0, "stop")  # idle_timeout from the last request
+    cfg = ModelConfig(path="/x", park_after=5, idle_timeout=60)
+    m = Model(cfg, 100, policy_for(cfg))
+    assert m.parkable and m.can_park and m.policy.name == "ttl:60,park=5"
+    hot = _replica(m.cfg, State.HOT, 10.0)
+    assert m.next_move(hot, 11.0) == (15.0, "stay") and m.next_move(hot, 15.0) == (15.0, "park")
+    parked = _replica(m.cfg, State.PARKED, 10.0)  # idle_timeout from the last request
+    assert m.next_move(parked, 16.0) == (70.0, "stay") and m.next_move(parked, 70.0) == (70.0, "stop")
     # the requests asked for a keep_alive shorter than park_after: it stops instead
-    assert m.next_move(_replica(m.cfg, State.HOT, 10.0, keep_alive=3.0), 11.0) == (13.0, "stop")
-    never = Model(ModelConfig(path="/x", idle_timeout=60), 100, None)
-    assert not never.parkable and never.next_move(_replica(never.cfg, State.HOT, 0.0), 1.0) == (60.0, "stop")
-    m2 = Model(ModelConfig(path="/x", park_after=5, idle_timeout=60), 100, None)
+    short = _replica(m.cfg, State.HOT, 10.0, keep_alive=3.0)
+    assert m.next_move(short, 11.0) == (13.0, "stay") and m.next_move(short, 13.0) == (13.0, "stop")
+    cfg = ModelConfig(path="/x", idle_timeout=60)
+    never = Model(cfg, 100, policy_for(cfg))
+    assert not never.parkable and never.next_move(_replica(never.cfg, State.HOT, 0.0), 1.0) == (60.0, "stay")
+    assert never.next_move(_replica(never.cfg, State.HOT, 0.0), 60.0) == (60.0, "stop")
+    cfg = ModelConfig(path="/x", park_after=5, idle_timeout=60)
+    m2 = Model(cfg, 100, policy_for(cfg))
     m2.park_refused = "no VMM"  # a worker said it cannot park: stop at the keep-alive instead
-    assert m2.next_move(_replica(m2.cfg, State.HOT, 0.0), 1.0) == (60.0, "stop")
+    assert m2.next_move(_replica(m2.cfg, State.HOT, 0.0), 1.0) == (60.0, "stay")
+    assert m2.next_move(_replica(m2.cfg, State.HOT, 0.0), 60.0) == (60.0, "stop")
     with pytest.raises(ValueError, match="park_after is set but parkable is false"):
         ModelConfig(path="/x", park_after=5, parkable=False)
+
+
+def test_the_default_keep_alive_is_the_policy_the_simulator_runs() -> None:
+    """A model without a keep_alive_policy is decided by a policy all the same: the fixed timeout
+    its idle_timeout and park_after make, whose name the simulator takes as its spec and whose
+    decisions are then the same, rung for rung and time for time."""
+    from zerostart.policy import ModelView, Rung, make
+    from zerostart.serve.gateway._model import Model, policy_for
+
+    cfg = ModelConfig(path="/x", idle_timeout=60, park_after=5)
+    server = policy_for(cfg)
+    simulated = make(server.name)
+    assert server.name == "ttl:60,park=5" and policy_for(ModelConfig(path="/x", idle_timeout=60)).name == "ttl:60"
+    for rung in (Rung.HOT, Rung.PARKED):
+        for busy in (False, True):
+            for now in range(0, 100, 3):
+                view = ModelView("m", rung, busy, last_active=10.0)
+                assert server.decide(view, float(now)) == simulated.decide(view, float(now))
+    assert Model(cfg, 100, server).status(0.0)["keep_alive_policy"] == "ttl:60,park=5"
+
+
+def test_an_idle_replica_goes_on_its_own_while_another_serves() -> None:
+    """The policy is asked about each idle replica: a second replica idle past idle_timeout stops
+    though the first still serves (the model as a whole is busy)."""
+    from zerostart.serve.gateway._model import Model, policy_for
+
+    cfg = ModelConfig(path="/x", idle_timeout=60, max_replicas=2)
+    m = Model(cfg, 100, policy_for(cfg))
+    serving, idle = _replica(cfg, State.HOT, 100.0), _replica(cfg, State.HOT, 0.0)
+    serving.begin(100.0)
+    m.replicas += [serving, idle]
+    m.last_active = 100.0
+    assert m.view().busy and not m.view(idle).busy
+    assert m.next_move(idle, 30.0) == (60.0, "stay") and m.next_move(idle, 61.0) == (61.0, "stop")
 
 
 def test_the_longest_keep_alive_wins_until_it_expires() -> None:
     """One client's keep_alive does not shorten another's: each request holds its replica for
     its own keep_alive (or idle_timeout) from its end, and the replica stays until the last of
     these runs out (issue 15, item 9)."""
-    from zerostart.serve.gateway._model import Model
+    from zerostart.serve.gateway._model import Model, policy_for
 
-    m = Model(ModelConfig(path="/x", idle_timeout=60), 100, None)
+    cfg = ModelConfig(path="/x", idle_timeout=60)
+    m = Model(cfg, 100, policy_for(cfg))
     r = _replica(m.cfg, State.HOT, 10.0, keep_alive=3600.0)  # a client asked for an hour
     r.hold(20.0, 0.0)  # another then asked for 0 ("unload when done")
     r.hold(30.0, None)  # and a third for nothing (idle_timeout)
-    assert m.next_move(r, 31.0) == (3610.0, "stop")  # the hour wins until it expires
+    assert m.next_move(r, 31.0) == (3610.0, "stay")  # the hour wins until it expires
+    assert m.next_move(r, 3610.0) == (3610.0, "stop")
     alone = _replica(m.cfg, State.HOT, 10.0, keep_alive=0.0)  # keep_alive 0 alone unloads at once
     assert m.next_move(alone, 10.0) == (10.0, "stop")
     forever = _replica(m.cfg, State.HOT, 10.0, keep_alive=float("inf"))  # negative keep_alive: forever

@@ -6,7 +6,8 @@
     zerostart serve --config config.yaml             # everything else (see examples/config.yaml)
     zerostart serve --cluster ray --config ...       # the same models on a Ray Serve cluster (docs/cluster.md)
 
-Command-line options override the config file.
+Command-line options override the config file. A config whose ``cluster.backend`` is set is not
+served here: the command line hands it to ``zerostart.cluster`` (which sits above serve).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from typing import Any
 
 from zerostart.serve._config import ConfigError, ServeConfig, load_config
+from zerostart.serve._demo import DEMO_NAME, ensure_demo_model
 from zerostart.units import format_duration, parse_duration
 
 
@@ -67,8 +69,6 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
         data["models"].append({"path": path})
     demo = not data["models"]
     if demo:
-        from zerostart.serve._demo import DEMO_NAME, ensure_demo_model
-
         print(f"zerostart: no model given: serving the built-in demo model {DEMO_NAME!r} (SmolLM2-135M-Instruct); "
               "pass --model PATH or --config FILE to serve your own.", file=sys.stderr)
         data["models"].append({"path": ensure_demo_model(), "name": DEMO_NAME})
@@ -83,14 +83,23 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, bool]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Serve the config the command line builds on this machine (``zerostart serve`` sends one
+    with a cluster backend to that cluster instead: ``cli.py``)."""
+    config, _ = build_config(args)
+    if config.cluster.backend is not None:
+        raise ConfigError(f"cluster.backend is {config.cluster.backend}: run it with `zerostart serve`, which hands "
+                          "it to zerostart.cluster")
+    return serve(config)
+
+
+def serve(config: ServeConfig) -> int:
+    """Run the gateway for ``config`` until SIGTERM or ^C."""
+    # the gateway and its server (seconds of imports) only when one runs: the parser and --help need neither
     import uvicorn
 
     from zerostart.serve.edge import bounded_protocol
     from zerostart.serve.gateway import create_app
 
-    config, _ = build_config(args)
-    if config.cluster.backend is not None:
-        return _serve_on_cluster(config)
     server = config.server
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -115,21 +124,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_on_cluster(config: ServeConfig) -> int:
-    # zerostart.cluster sits above serve (it runs this package's fleet inside Ray's replicas): it
-    # is imported by name when asked for, as the command line imports its commands, and Ray with it.
-    import importlib
-
-    logging.basicConfig(level=config.server.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cluster = importlib.import_module("zerostart.cluster")
-        return int(cluster.serve_forever(config))
-    except ImportError as e:
-        raise ServeStartupError(f"--cluster {config.cluster.backend} needs Ray Serve ({e}); install it with "
-                                "pip install 'ray[serve]' (or make ray-env)") from None
-
-
 _CLOSING_GRACE_S = 2.0
 
 
@@ -137,6 +131,7 @@ def _server(config: Any, fleet: Any) -> Any:
     """uvicorn's server, telling the fleet when a shutdown begins (SIGTERM, ^C) before uvicorn
     waits for the connections: the fleet then refuses new requests and ends those in flight on
     time (``Fleet.begin_shutdown``)."""
+    # the server (seconds to import) only when a gateway runs
     import uvicorn
 
     class Server(uvicorn.Server):

@@ -24,6 +24,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from zerostart.engine import EngineConfig
 from zerostart.names import DEFAULT_IMAGE_MODE, Dtype, ImageMode, Scheme, is_local, normalize_device, source_scheme
 from zerostart.serve._keys import describe_errors
 from zerostart.units import parse_duration, parse_size
@@ -203,6 +204,7 @@ class PrewarmWindow(_Section):
     @field_validator("cron")
     @classmethod
     def _cron(cls, expr: str) -> str:
+        # croniter only for a config with pre-warm windows (a worker reads this schema at its start)
         from croniter import croniter
 
         if not croniter.is_valid(expr):
@@ -395,6 +397,12 @@ class ModelConfig(_Section):
     def served_name(self) -> str:
         """The name clients use: ``name``, else :func:`default_name` of the path."""
         return self.name or default_name(self.path)
+
+    def engine_config(self, *, kv_cache_bytes: int | None, threads: int | None) -> EngineConfig:
+        """The engine settings its workers load with: this entry's, and the KV cache and CPU
+        threads the fleet sized for one replica (from this entry's, or its memory share and
+        the cores). An engine setting a user may set is a key above and one argument here."""
+        return EngineConfig(max_model_len=self.max_model_len, kv_cache_bytes=kv_cache_bytes, threads=threads)
 
 
 class PlacementConfig(_Section):

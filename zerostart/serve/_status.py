@@ -6,8 +6,8 @@ The gateway validates what it writes strictly (a field it sends must be declared
 client still reads a newer server. Sizes are bytes, times seconds; ``None`` means "not known"
 (a model whose size no replica has measured yet) or "never" (a keep-alive without end).
 
-A model's ``rung`` is where it rests on the cold ladder now, read by :func:`model_rung` (one
-place, so that a typed rung replaces the strings in one line)::
+A model's ``rung`` is where it rests on the cold ladder now (a ``zerostart.names.Rung``); a
+cold start's and a worker's ``rung`` is where it climbed from (a ``zerostart.names.Climb``)::
 
     hot     a replica holds it in device memory (or is climbing to, or serving)
     parked  a worker is alive with its weights in host RAM
@@ -21,10 +21,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
-__all__ = ["RUNGS", "ColdStart", "DeviceStatus", "FleetStatus", "ModelStatus", "Phase", "RecentColdStart",
-           "StandbyStatus", "WorkerStatus", "model_rung", "parse_status"]
+from zerostart.names import Climb, Rung
 
-RUNGS = ("hot", "parked", "image", "zero")  # top of the ladder first
+__all__ = ["ColdStart", "DeviceStatus", "FleetStatus", "ModelStatus", "Phase", "RecentColdStart", "StandbyStatus",
+           "WorkerStatus", "model_rung", "parse_status"]
 
 
 class _Shape(BaseModel):
@@ -51,7 +51,7 @@ class Phase(_Shape):
 class ColdStart(_Shape):
     """A model's latest climb: from which rung, how long until ready, and its phases."""
 
-    rung: str  # climbed from: source, image, standby+source, standby+image, parked
+    rung: Climb  # climbed from: source, image, standby+source, standby+image, parked
     ready_s: float  # the climb until the replica was ready
     total_s: float  # the timeline's extent (the first token included once one was served)
     phases: list[Phase]
@@ -74,7 +74,7 @@ class RecentColdStart(ColdStart):
 class WorkerStatus(_Shape):
     pid: int | None
     state: str  # the replica's lifecycle state (gateway/_state.py)
-    rung: str  # the rung it last climbed from
+    rung: Climb  # where it last climbed from
     address: str | None
     in_flight: int
     oldest_in_flight_s: float
@@ -93,7 +93,7 @@ class WorkerStatus(_Shape):
 class ModelStatus(_Shape):
     name: str
     state: str  # the state of its most capable replica (gateway/_state.py)
-    rung: str  # where it rests on the ladder now (RUNGS)
+    rung: Rung  # where it rests on the ladder now
     replicas: int
     queued: int  # requests held waiting for a replica
     in_flight: int
@@ -103,7 +103,8 @@ class ModelStatus(_Shape):
     memory_estimate_bytes: int | None  # what one replica holds
     memory_estimate_source: str | None  # config, headers, share or measured
     memory_share_bytes: int | None
-    unavailable_rungs: dict[str, str]  # rung -> why the model cannot rest there
+    unavailable_rungs: dict[Rung, str]  # rung -> why the model cannot rest there
+    keep_alive_policy: str = ""  # the policy that decides (without keep_alive_policy: ttl:<idle_timeout>,...)
     keep_alive_s: float | None
     park_after_s: float | None
     parkable: bool
@@ -142,8 +143,8 @@ class FleetStatus(_Shape):
     recent_cold_starts: list[RecentColdStart]  # newest first
 
 
-def model_rung(m: ModelStatus) -> str:
-    """Where ``m`` rests on the cold ladder (one of :data:`RUNGS`)."""
+def model_rung(m: ModelStatus) -> Rung:
+    """Where ``m`` rests on the cold ladder."""
     return m.rung
 
 

@@ -5,10 +5,16 @@ Routes (docs/serve.md has the JSON)::
 
     GET  /zerostart/ready?wait=S   -> ReadyReport   200 standby|ready|parked, 503 while moving, 500 failed
     GET  /zerostart/phases         -> PhasesReport  the latest cold start (load or wake) on one clock
-    POST /zerostart/load           <- LoadRequest   a standby worker becomes a worker of that model
+    POST /zerostart/load           <- LoadSpec      a standby worker becomes a worker of that model
                                    -> LoadAccepted  202
     POST /zerostart/park           -> ParkResult    200; 409 Refusal (busy, not_ready, not_parkable)
     POST /zerostart/wake           -> WakeResult    200; 409 not_ready; 500 wake_failed
+
+What a worker loads is one :class:`LoadSpec`, built from the model's config entry by
+:func:`load_spec`: a worker the gateway spawns gets it as ``--spec=JSON``, a standby worker as
+the body of ``POST /zerostart/load``; the worker reads it in one place (``worker/_loading.py``).
+Its ``engine_options`` are the engine's own typed ``EngineConfig``: an engine setting crosses
+the boundary without this module knowing it.
 
 Every OpenAI answer of a worker ends with its :class:`RequestStats` (what the request cost the
 engine: tokens, finish reasons, time waiting for a slot, inter-token gaps), for the gateway's
@@ -42,10 +48,11 @@ from __future__ import annotations
 import enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from zerostart.names import Dtype, ImageMode
-from zerostart.serve._config import EmbeddingConfig
+from zerostart.engine import EngineConfig
+from zerostart.names import Climb, Dtype, ImageMode, normalize_device
+from zerostart.serve._config import EmbeddingConfig, ModelConfig, default_name
 
 __all__ = [
     "SETTLED",
@@ -57,7 +64,7 @@ __all__ = [
     "InFlight",
     "LoadAccepted",
     "LoadRecord",
-    "LoadRequest",
+    "LoadSpec",
     "ParkResult",
     "PhasesReport",
     "ITL_BUCKETS",
@@ -68,6 +75,7 @@ __all__ = [
     "WakeResult",
     "WorkerState",
     "check_worker",
+    "load_spec",
 ]
 
 
@@ -139,19 +147,40 @@ class RequestStats(_Body):
 # -- requests ---------------------------------------------------------------------------------
 
 
-class LoadRequest(BaseModel):
-    """The body of ``POST /zerostart/load``; nulls take the worker's command-line values."""
+class LoadSpec(BaseModel):
+    """What a worker loads, and how. The defaults are those of a worker driven by hand; the
+    gateway sets every field from the model's config entry (:func:`load_spec`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
-    name: str | None = None
-    device: str | None = None
-    dtype: Dtype | None = None
-    images: ImageMode | None = None
-    parkable: bool | None = None
-    engine_options: dict[str, Any] = {}  # EngineConfig fields (max_model_len, kv_cache_bytes, ...)
+    model: str  # a model directory, .safetensors or .gguf file, ready image, or hf:// s3:// https:// source
+    name: str = ""  # the served name; empty: the model directory's (or file's) name
+    device: str = "cpu"
+    dtype: Dtype | None = None  # None: the engine's choice for the device
+    images: ImageMode = "off"  # a worker driven by hand touches no image store unless asked
+    parkable: bool = False  # load so that it can be parked (CUDA: VMM memory)
+    engine_options: EngineConfig = Field(default_factory=EngineConfig)  # the engine's own settings, typed there
     embedding: EmbeddingConfig | None = None  # an embedding model: how it pools (None: it generates text)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        return normalize_device(device)
+
+    @model_validator(mode="after")
+    def _name(self) -> LoadSpec:
+        if not self.name:
+            self.name = default_name(self.model)
+        return self
+
+
+def load_spec(model: ModelConfig, *, parkable: bool, kv_cache_bytes: int | None = None,
+              threads: int | None = None) -> LoadSpec:
+    """What a worker of ``model`` loads: its config entry, with what the fleet decided for this
+    replica (whether it must be parkable, the KV cache and CPU threads it sized for it)."""
+    return LoadSpec(model=model.path, name=model.served_name, device=model.device, dtype=model.dtype,
+                    images=model.images, parkable=parkable, embedding=model.embedding,
+                    engine_options=model.engine_config(kv_cache_bytes=kv_cache_bytes, threads=threads))
 
 
 class LoadAccepted(_Body):
@@ -203,7 +232,7 @@ class ReadyReport(_Body):
     device: str | None = None
     dtype: str | None = None
     max_model_len: int | None = None
-    rung: str | None = None  # source, image, standby+source, standby+image, parked
+    rung: Climb | None = None  # where its latest cold start climbed from
     parkable: bool | None = None
     parked: bool | None = None
     weights_bytes: int | None = None  # device bytes of the weights arena
@@ -231,7 +260,7 @@ class PhaseJSON(_Body):
 class LoadRecord(_Body):
     """The load's own timeline, kept once a wake became the latest cold start."""
 
-    rung: str | None
+    rung: Climb | None
     requested_s: float
     phases: list[PhaseJSON]
 
@@ -242,7 +271,7 @@ class PhasesReport(_Body):
 
     origin_unix: float
     state: WorkerState
-    rung: str | None = None
+    rung: Climb | None = None
     requested_s: float = 0.0  # when this cold start was asked for (0: at spawn)
     phases: list[PhaseJSON]
     timeline: dict[str, Any]  # zerostart.telemetry.Timeline.to_dict

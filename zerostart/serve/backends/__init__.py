@@ -4,7 +4,7 @@
 
     from zerostart.serve.backends import backend_class
     worker = backend_class(model.backend)(model, server, socket_dir)
-    cold = await worker.start(parkable=False)       # ColdStart: timeline, rung, image
+    cold = await worker.start(parkable=False)       # ColdStart: timeline, climb, image
     upstream = worker.upstream                      # where the OpenAI requests go
 
 Torch-free: the gateway imports it.

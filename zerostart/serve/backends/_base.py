@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import httpx
 
 import zerostart
+from zerostart.names import Climb, Rung
 from zerostart.serve.backends._process import WorkerProcess, inherited_env
 from zerostart.serve.control import TOKEN_ENV, ImageReport, ParkResult, Refusal
 from zerostart.telemetry import Timeline
@@ -49,7 +50,7 @@ class ColdStart:
     """One climb to ready (a start, a hand-over to a spare, a wake), as the backend measured it."""
 
     timeline: Timeline  # its phases, from when it was asked for (spawn, hand-over or wake)
-    rung: str  # what it climbed from: source, image, standby+source, standby+image, parked
+    climb: Climb  # what it climbed from (and whether the standby worker took it)
     image: ImageReport | None = None  # what the worker did with ready images (None: no images)
     standby: dict[str, Any] | None = None  # a spare's own start, paid before this climb
     max_model_len: int | None = None  # the context the replica serves, when its engine says
@@ -113,11 +114,11 @@ class WorkerBackend(ABC):
         return None
 
     @classmethod
-    def missing_rungs(cls, model: ModelConfig) -> dict[str, str]:
-        """The rungs of the cold ladder (``parked``, ``image``) this backend cannot rest
-        replicas of ``model`` on, with why: the policies skip them, the status shows them."""
+    def missing_rungs(cls, model: ModelConfig) -> dict[Rung, str]:
+        """The rungs of the cold ladder (PARKED, IMAGE) this backend cannot rest replicas of
+        ``model`` on, with why: the policies skip them, the status shows them."""
         refusal = cls.parking(model)
-        return {"parked": refusal.message} if refusal is not None else {}
+        return {Rung.PARKED: refusal.message} if refusal is not None else {}
 
     # -- climbing ---------------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import httpx
 
+from zerostart import snapshot
+from zerostart.names import Climb, Rung
 from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends import _measure
 from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
@@ -79,13 +81,13 @@ class ForeignWorker(WorkerBackend):
                        "needs CUDA: their own sleep route or the CUDA checkpoint API); it stops instead")
 
     @classmethod
-    def missing_rungs(cls, model: ModelConfig) -> dict[str, str]:
+    def missing_rungs(cls, model: ModelConfig) -> dict[Rung, str]:
         """The rungs of the ladder this backend cannot rest ``model`` on, with why."""
-        out = {"image": f"{cls.engine} keeps no ready image of its own: a stopped replica starts again from "
-                        f"its checkpoint"}
+        out = {Rung.IMAGE: f"{cls.engine} keeps no ready image of its own: a stopped replica starts again from "
+                           f"its checkpoint"}
         refusal = cls.parking(model)
         if refusal is not None:
-            out["parked"] = refusal.message
+            out[Rung.PARKED] = refusal.message
         return out
 
     # -- climbing ---------------------------------------------------------------------------
@@ -100,7 +102,7 @@ class ForeignWorker(WorkerBackend):
         log.info("model %s: starting %s, pid %d (%s)", self.process.label, self.engine, self.pid, self.address)
         ready = await self._await_healthy()
         tl = phases.timeline(ready.perf, label=f"{self.process.label} cold start")
-        return ColdStart(timeline=tl, rung="source")
+        return ColdStart(timeline=tl, climb=Climb.SOURCE)
 
     async def _await_healthy(self) -> Moment:
         poll = asyncio.create_task(self._poll_health())
@@ -169,8 +171,6 @@ class ForeignWorker(WorkerBackend):
     async def _checkpoint_park(self, timeout: float) -> ParkResult | Refusal:
         """Lock and checkpoint every process of its tree that holds a CUDA context: their
         device memory goes to host memory and is freed on the GPU."""
-        from zerostart import snapshot
-
         assert self.pid is not None and self.model is not None
         t0 = time.perf_counter()
         tree = await asyncio.to_thread(_measure.process_tree, self.pid)
@@ -194,8 +194,6 @@ class ForeignWorker(WorkerBackend):
         return ParkResult(changed=True, park_s=time.perf_counter() - t0, bytes=before)
 
     async def _checkpoint_wake(self, timeout: float) -> ColdStart:
-        from zerostart import snapshot
-
         begin = Moment.now()
         try:
             for pid in self._checkpointed:
@@ -208,4 +206,4 @@ class ForeignWorker(WorkerBackend):
     def _wake_cold_start(self, begin: Moment, **detail: Any) -> ColdStart:
         tl = Timeline(origin=begin.perf, label=f"{self.process.label} cold start")
         tl.add("wake", begin.perf, time.perf_counter(), **detail)
-        return ColdStart(timeline=tl, rung="parked")
+        return ColdStart(timeline=tl, climb=Climb.PARKED)

@@ -41,15 +41,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 import zerostart
-from zerostart.names import Scheme, source_scheme
-from zerostart.serve.edge import BadRequest, NotServed, ServeError, StartFailed
+from zerostart import weights
+from zerostart.names import Climb, Rung, Scheme, source_scheme
 from zerostart.serve.backends._base import ColdStart
 from zerostart.serve.backends._foreign import ForeignWorker
 from zerostart.serve.backends._log_phases import LLAMACPP_DETAILS, LLAMACPP_LAST, LLAMACPP_MARKERS
 from zerostart.serve.backends._process import CONNECT_TIMEOUT_S
 from zerostart.serve.control import ImageReport, Refusal
+from zerostart.serve.edge import BadRequest, NotServed, ServeError, StartFailed
 
 if TYPE_CHECKING:
     from zerostart.serve._config import ModelConfig, ServerConfig
@@ -98,9 +100,9 @@ class LlamacppWorker(ForeignWorker):
     # -- what it cannot do, known up front ----------------------------------------------------
 
     @classmethod
-    def missing_rungs(cls, model: ModelConfig) -> dict[str, str]:
+    def missing_rungs(cls, model: ModelConfig) -> dict[Rung, str]:
         refusal = cls.parking(model)
-        return {"parked": refusal.message} if refusal is not None else {}
+        return {Rung.PARKED: refusal.message} if refusal is not None else {}
 
     @classmethod
     def parking(cls, model: ModelConfig) -> Refusal | None:
@@ -152,7 +154,7 @@ class LlamacppWorker(ForeignWorker):
         finally:
             self._remove_key()  # read at its start: on disk no longer than the start takes
         _, gguf, cached = self._launch
-        cold.rung = "image" if cached >= WARM_FRACTION else "source"
+        cold.climb = Climb.IMAGE if cached >= WARM_FRACTION else Climb.SOURCE
         cold.image = ImageReport(mode="off", path=gguf, status="is_source")  # the GGUF is its own image
         first = cold.timeline.phases[0]
         first.detail["page_cache_fraction"] = round(cached, 4)
@@ -161,8 +163,6 @@ class LlamacppWorker(ForeignWorker):
         return cold
 
     def _prepare(self) -> tuple[str, str, float]:
-        from zerostart import weights
-
         m = self.model
         server = find_server(self.options.server)
         if server is None or not os.access(server, os.X_OK):
@@ -235,8 +235,6 @@ class LlamacppWorker(ForeignWorker):
         return why
 
     async def _read_metrics(self) -> None:
-        from prometheus_client.parser import text_string_to_metric_families
-
         client = self.process.client
         if client is None:
             return

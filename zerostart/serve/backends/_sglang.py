@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from zerostart import weights
 from zerostart.names import is_remote
 from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends import _measure
@@ -72,8 +73,6 @@ class SglangWorker(ForeignWorker):
                               f"cache); pull {m.path} first (zerostart pull) and serve the local copy", cause="spawn")
         path = m.path
         if path.startswith("hf://"):
-            from zerostart import weights
-
             path = weights.localize(path)
         memory: list[str] = []
         total = _measure.device_total_bytes(m.device)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from zerostart import weights
 from zerostart.names import DTYPE_BYTES, is_remote
 from zerostart.serve.backends import _measure
 from zerostart.serve.edge import StartFailed
@@ -109,8 +110,6 @@ class VllmWorker(ForeignWorker):
         fmt = self.load_format()
         model_dir, extra = m.path, {}
         if fmt == ZEROSTART_LOAD_FORMAT and (is_remote(m.path) or m.path.startswith("hf://")):
-            from zerostart import weights  # (torch-free: the source's config and tokenizer files)
-
             model_dir, extra = weights.localize(m.path), {"source": m.path}
         elif is_remote(m.path):
             raise StartFailed(f"model {m.served_name!r}: vLLM's default loader cannot read {m.path}; install zerostart "
@@ -233,8 +232,6 @@ class VllmWorker(ForeignWorker):
 def weight_bytes(m: ModelConfig) -> int:
     """The checkpoint's weights at the dtype vLLM holds them (its default: the checkpoint's),
     from the safetensors headers; 0 when they cannot be read here (a remote source)."""
-    from zerostart import weights
-
     try:
         path = weights.localize(m.path) if not is_remote(m.path) else None
         if path is None:

@@ -3,7 +3,9 @@ driven through its control routes (``serve/control.py``).
 
 Everything the ladder has: ready images (``images``), parking (CUDA VMM / CPU memfd) and the
 standby worker: a worker made without a model imports and initializes its device, then waits;
-:meth:`ZerostartWorker.hand_over` makes it a replica of a model.
+:meth:`ZerostartWorker.hand_over` makes it a replica of a model. A new worker and the standby
+get the same :class:`~zerostart.serve.control.LoadSpec` (:meth:`ZerostartWorker.spec`): on the
+command line, or in ``POST /zerostart/load``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from pydantic import ValidationError
 
+from zerostart.names import Climb
 from zerostart.serve.edge import StartFailed
 from zerostart.serve.backends._base import ColdStart, Memory, WorkerBackend, WorkerError
 from zerostart.serve.backends._process import CONNECT_TIMEOUT_S, Moment
-from zerostart.serve.control import (ErrorBody, ImageReport, LoadRequest, ParkResult, PhasesReport, ReadyReport,
-                                     Refusal, WakeResult, WorkerState)
+from zerostart.serve.control import (ErrorBody, ImageReport, LoadSpec, ParkResult, PhasesReport, ReadyReport, Refusal,
+                                     WakeResult, WorkerState, load_spec)
 from zerostart.telemetry import Timeline
 
 if TYPE_CHECKING:
@@ -58,6 +61,10 @@ class ZerostartWorker(WorkerBackend):
             return None
         return self.memory_share - self.weights_bytes
 
+    def spec(self, model: ModelConfig) -> LoadSpec:
+        """What this replica's worker loads: ``model``'s entry, sized for this replica."""
+        return load_spec(model, parkable=self._parkable, kv_cache_bytes=self._kv_cache_bytes(model), threads=self.threads)
+
     def __repr__(self) -> str:
         return f"<ZerostartWorker {self.process.label}#{self.id} pid={self.pid}>"
 
@@ -91,14 +98,10 @@ class ZerostartWorker(WorkerBackend):
         if self.standby_record is not None:
             self.standby_record["waited_s"] = round(time.monotonic() - self.process.spawned_at, 3)
         begin = Moment.now()
-        options = {k: v for k, v in (("max_model_len", model.max_model_len),
-                                     ("kv_cache_bytes", self._kv_cache_bytes(model)),
-                                     ("threads", self.threads)) if v is not None}
-        body = LoadRequest(model=model.path, name=model.served_name, device=model.device, dtype=model.dtype,
-                           images=model.images, parkable=parkable, engine_options=options, embedding=model.embedding)
         name = model.served_name
         try:
-            r = await client.post("/zerostart/load", json=body.model_dump(mode="json"), timeout=CONNECT_TIMEOUT_S)
+            r = await client.post("/zerostart/load", content=self.spec(model).model_dump_json(),
+                                  headers={"content-type": "application/json"}, timeout=CONNECT_TIMEOUT_S)
         except httpx.HTTPError as e:
             raise StartFailed(f"the standby worker (pid {self.pid}) did not take model {name!r}: {e!r}",
                               cause="exit") from None
@@ -123,32 +126,17 @@ class ZerostartWorker(WorkerBackend):
         return spawned
 
     def _command(self, fd: int) -> list[str]:
-        # every value as --key=value: a value that begins with "-" (a model named "-x") would
-        # otherwise be read as an option
+        # every value as --key=value: a value that begins with "-" would otherwise be read as an option;
+        # the worker process's own limits (the server's) as flags, what it loads as one LoadSpec
         server = self.server
         cmd = [sys.executable, "-m", _WORKER, f"--fd={fd}", f"--grammar-timeout={server.grammar_timeout}",
                f"--max-grammar-bytes={server.max_grammar_bytes}"]
-        m = self.model
-        if m is None:
+        if self.model is None:
             cmd += ["--standby", f"--device={self.standby_device or 'cpu'}"]
             if self.standby_reserve:
                 cmd.append(f"--reserve={self.standby_reserve}")
             return cmd
-        cmd += [f"--model={m.path}", f"--name={m.served_name}", f"--device={m.device}", f"--images={m.images}"]
-        if self._parkable:
-            cmd.append("--parkable")
-        if m.dtype:
-            cmd.append(f"--dtype={m.dtype}")
-        if m.max_model_len:
-            cmd.append(f"--max-model-len={m.max_model_len}")
-        kv = self._kv_cache_bytes(m)
-        if kv:
-            cmd.append(f"--kv-cache-bytes={kv}")
-        if self.threads:
-            cmd.append(f"--threads={self.threads}")
-        if m.embedding is not None:
-            cmd += [f"--pooling={m.embedding.pooling}"] + ([] if m.embedding.normalize else ["--no-normalize"])
-        return cmd
+        return cmd + [f"--spec={self.spec(self.model).model_dump_json()}"]
 
     # -- readiness and phases ---------------------------------------------------------------
 
@@ -227,8 +215,8 @@ class ZerostartWorker(WorkerBackend):
             first = min((float(p["start_s"]) for p in phases), default=0.0)
             timeline.add_relative("spawn", 0.0, max(0.0, shift + first))
         timeline.merge({"phases": phases}, shift=shift)
-        rung = body.rung or (self._ready.rung if self._ready is not None else None) or "source"
-        return ColdStart(timeline=timeline, rung=rung, image=body.image,
+        climb = body.rung or (self._ready.rung if self._ready is not None else None) or Climb.SOURCE
+        return ColdStart(timeline=timeline, climb=climb, image=body.image,
                          max_model_len=self._ready.max_model_len if self._ready is not None else None)
 
     async def current_phase(self) -> str:
@@ -323,7 +311,7 @@ class ZerostartWorker(WorkerBackend):
             cold = await self._cold_start(begin, spawned=False)
         except StartFailed as e:
             raise WorkerError(e.message) from None
-        cold.rung = "parked"
+        cold.climb = Climb.PARKED
         return cold
 
     async def _control(self, route: str, doing: str, timeout: float) -> tuple[httpx.Response, dict[str, Any]]:

@@ -1,5 +1,5 @@
 """The gateway process: the OpenAI routes in front, auth, status and metrics, and the fleet that
-holds requests and moves replicas along the cold ladder (DESIGN.md §3). Never imports torch.
+holds requests and moves replicas along the cold ladder (docs/design.md §3). Never imports torch.
 
     from zerostart.serve.gateway import create_app
     app = create_app(config)          # an ASGI app (zerostart serve runs it with uvicorn)

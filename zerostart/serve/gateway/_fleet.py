@@ -1,4 +1,4 @@
-"""The fleet: every model the gateway serves, and the request path into them (DESIGN.md §3).
+"""The fleet: every model the gateway serves, and the request path into them (docs/design.md §3).
 
 A request holds a :class:`Lease` on a replica of its model while it is served, taken and given
 back by one context manager (``async with fleet.lease(name) as lease``; a request's lease is
@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 from zerostart import __version__
 from zerostart.serve._config import ConfigError, ModelConfig, ServeConfig
@@ -33,7 +33,7 @@ from zerostart.serve.gateway._idle import Ticker
 from zerostart.serve.gateway._lifecycle import Lifecycle, cpu_threads
 from zerostart.serve.gateway._memory import DeviceMemory, estimate_bytes, memory_shares
 from zerostart.serve.gateway._metrics import Metrics, ModelGauges
-from zerostart.serve.gateway._model import Model, cold_start_json
+from zerostart.serve.gateway._model import Model, cold_start_json, policy_for
 from zerostart.serve.gateway._queue import Lease
 from zerostart.serve.gateway._replica import Replica
 from zerostart.serve.gateway._sockets import SocketDir, SocketDirInUse
@@ -43,9 +43,6 @@ from zerostart.serve.gateway._watchdog import Watchdog
 from zerostart.units import format_size
 from zerostart import weights
 from zerostart.weights import WeightsError
-
-if TYPE_CHECKING:
-    from zerostart.policy import Policy
 
 log = logging.getLogger("zerostart.serve")
 
@@ -133,8 +130,7 @@ class Fleet:
 
     def _arrived(self, m: Model, now: float) -> None:
         m.last_active = now
-        if m.policy is not None:
-            m.policy.observe_arrival(m.name, now)
+        m.policy.observe_arrival(m.name, now)
         self._poke()
 
     def _release(self, m: Model, r: Replica, ticket: int, keep_alive: float | None) -> None:
@@ -143,8 +139,7 @@ class Fleet:
         r.end(ticket)
         r.hold(now, keep_alive)
         r.last_active = m.last_active = now
-        if m.policy is not None:
-            m.policy.observe_completion(m.name, now)
+        m.policy.observe_completion(m.name, now)
         _queue.dispatch(m)
         if r.in_flight == 0:
             if r.replenish_standby:
@@ -236,7 +231,7 @@ class Fleet:
                     "hot_bytes": held.get(d.device, {}).get(State.HOT, 0),
                     "parked_bytes": held.get(d.device, {}).get(State.PARKED, 0)} for d in self.memory.gauges()]
         recent = [{"model": c.model, "at_unix": round(c.at_unix, 3), "ahead": c.ahead,
-                   **cold_start_json(c.rung, c.ready_s, c.timeline)} for c in self.metrics.recent]
+                   **cold_start_json(c.climb, c.ready_s, c.timeline)} for c in self.metrics.recent]
         status = {"version": __version__, "uptime_s": round(now - self.started, 3),
                   "models": [m.status(now, *totals.get(m.name, (0, 0))) for m in self.models.values()],
                   "devices": devices, "standby": self.standby.status(), "recent_cold_starts": recent}
@@ -259,8 +254,8 @@ class Fleet:
 
 def _model(cfg: ModelConfig, where: str, limit: int | None, share: int | None = None) -> Model:
     """One model of the config, with its memory estimate (checked against its device's budget),
-    its share of the device and its policy; ``ConfigError`` naming ``where`` for what cannot be
-    served."""
+    its share of the device and its keep-alive policy; ``ConfigError`` naming ``where`` for what
+    cannot be served."""
     if (why := weights.unreachable(cfg.path)) is not None:  # found now, not by its first request
         raise ConfigError(f"{where}.path: {why}")
     if cfg.backend == "zerostart":
@@ -280,17 +275,11 @@ def _model(cfg: ModelConfig, where: str, limit: int | None, share: int | None = 
         raise ConfigError(f"{where}: needs an estimated {format_size(est)} of {cfg.device} memory, more than "
                           f"devices.{cfg.device}.memory_budget ({format_size(limit)}); raise the budget, or set "
                           "memory_estimate if the estimate is wrong")
-    policy = _policy(cfg.keep_alive_policy, f"{where}.keep_alive_policy") if cfg.keep_alive_policy else None
-    return Model(cfg, est, policy, share=share)
-
-
-def _policy(spec: str, where: str) -> Policy:
-    from zerostart.policy import make  # (numpy: only for models that have a policy)
-
     try:
-        return make(spec)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        policy = policy_for(cfg)
+    except (ValueError, KeyError, TypeError) as e:  # PolicyError, or a policy's own check of its arguments
+        raise ConfigError(f"{where}.keep_alive_policy: {e}") from None
+    return Model(cfg, est, policy, share=share)
 
 
 def _standby(config: ServeConfig, models: Iterable[Model]) -> Standby:

@@ -1,7 +1,7 @@
-"""The idle ticker (DESIGN.md §3, flow of idleness): parks replicas idle past ``park_after``,
-stops those whose keep-alive ran out, keeps ``min_replicas`` and pre-warm windows hot, and
-asks the model's policy when it has one. It sleeps until the next deadline it computed or
-until something changes (``poke``).
+"""The idle ticker (docs/design.md, "Flow of idleness"): asks each model's policy where its
+idle replicas rest (parks them, stops them: the default policy parks past ``park_after`` and
+stops past ``idle_timeout``), keeps ``min_replicas``, pre-warm windows and the policy's pre-warms
+hot. It sleeps until the next deadline it computed or until something changes (``poke``).
 """
 
 from __future__ import annotations
@@ -64,11 +64,10 @@ class Ticker:
             change = _prewarm.next_change(m.cfg.prewarm, wall)
             if change is not None:
                 next_at = min(next_at, now + max(0.0, (change - wall).total_seconds()))
-        if m.policy is not None:
-            d = m.decide(now)
-            for t in (d.recheck_at, d.prewarm_at):
-                if t is not None and t > now:
-                    next_at = min(next_at, t)
+        d = m.decide(now)
+        for t in (d.recheck_at, d.prewarm_at):
+            if t is not None and t > now:
+                next_at = min(next_at, t)
         return next_at
 
     def _move_idle_hot(self, m: Model, now: float, floor: int) -> float:

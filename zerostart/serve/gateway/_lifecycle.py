@@ -1,4 +1,4 @@
-"""Moving replicas along the cold ladder (DESIGN.md §2): climbing (wake a parked replica, else
+"""Moving replicas along the cold ladder (docs/design.md §2): climbing (wake a parked replica, else
 hand the model to the standby worker, else start a worker), parking and stopping. One climb
 at a time per model; every move follows the replica table in ``_state.py``, and nothing moves
 a replica down while it has a request in flight or a load in progress. Device memory is
@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Coroutine
 
 from zerostart.engine import available_cpus
-from zerostart.names import device_type
+from zerostart.names import Climb, device_type
 from zerostart.serve._config import ServeConfig, ServerConfig
 from zerostart.serve.edge import ServeError, StartFailed, StartTimeout
 from zerostart.serve.backends import ColdStart, WorkerBackend, ZerostartWorker, backend_class
@@ -131,7 +131,7 @@ class Lifecycle:
 
     def _started(self, m: Model, r: Replica, cold: ColdStart, t0: float, *, standby: bool) -> None:
         r.transition(State.HOT)
-        r.climbed(cold)
+        r.climbed(cold, ahead=m.climb_ahead)
         assert r.ready_at is not None
         ready_s = r.ready_at - t0
         m.failures, m.backoff_until, m.last_error = 0, 0.0, None
@@ -142,8 +142,8 @@ class Lifecycle:
             m.has_image = True
         m.max_model_len = cold.max_model_len or m.max_model_len
         self.memory.learn_size(m, r)
-        self._metrics.observe_cold_start(m.name, r.rung, r.timeline, ready_s, ahead=m.climb_ahead)
-        log.info("model %s: hot after %.2f s from %s (%s)", m.name, ready_s, r.rung,
+        self._metrics.observe_cold_start(m.name, r.climb, r.timeline, ready_s, ahead=m.climb_ahead)
+        log.info("model %s: hot after %.2f s from %s (%s)", m.name, ready_s, r.climb,
                  ", ".join(f"{p.name} {p.seconds:.2f}" for p in r.timeline.phases))
         if r.image is not None and r.image.rejected:
             log.warning("model %s: its ready image %s was not used (%s); it was loaded from %s", m.name,
@@ -227,11 +227,11 @@ class Lifecycle:
             await self._wake_failed(m, r, str(e))
             return
         r.transition(State.HOT)
-        r.climbed(cold)
+        r.climbed(cold, ahead=m.climb_ahead)
         assert r.ready_at is not None
         m.last_cold_start, m.last_wake_s = r, r.ready_at - t0
         m.last_cold_s = m.last_wake_s
-        self._metrics.observe_cold_start(m.name, "parked", r.timeline, m.last_wake_s, ahead=m.climb_ahead)
+        self._metrics.observe_cold_start(m.name, Climb.PARKED, r.timeline, m.last_wake_s, ahead=m.climb_ahead)
         log.info("model %s: hot after %.3f s from parked (worker pid %s)", m.name, m.last_wake_s, r.pid)
         m.start_task = None
         if not m.waiters:

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 from zerostart import weights
 from zerostart.names import DTYPE_BYTES, default_dtype, device_type
+from zerostart.policy import Candidate, choose_victim
 from zerostart.serve._config import ModelConfig
+from zerostart.serve.backends import device_total_bytes
 from zerostart.serve.edge import StartFailed
 from zerostart.serve.gateway._metrics import DeviceGauges
 from zerostart.serve.gateway._state import State
@@ -65,8 +67,6 @@ def memory_shares(models: Iterable[ModelConfig], limits: dict[str, int | None],
     vLLM's --gpu-memory-utilization or CPU KV cache, SGLang's --mem-fraction-static), so that
     several models fit one GPU out of the box."""
     if device_total is None:
-        from zerostart.serve.backends import device_total_bytes
-
         device_total = device_total_bytes
     models = list(models)
     fixed: dict[str, int] = {}  # per device: what memory_estimate already gives away
@@ -214,8 +214,6 @@ class DeviceMemory:
         and how it goes: parked where that frees device memory (and keeps it close), else
         stopped. Replicas kept by a floor, busy ones and parked ones requests wait for are
         never chosen."""
-        from zerostart.policy import Candidate, choose_victim  # here: the policy package brings numpy
-
         now = time.monotonic()
         candidates: list[Candidate[Eviction]] = []
         for m in self._models.values():

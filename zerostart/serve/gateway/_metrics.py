@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from zerostart.serve._status import RUNGS
+from zerostart.names import LADDER, Climb, Rung
 from zerostart.serve.control import ITL_BUCKETS, RequestStats
 from zerostart.serve.gateway._state import State
 from zerostart.telemetry import Timeline
@@ -49,7 +49,7 @@ class ModelGauges:
     in_flight: int
     in_flight_by_replica: dict[str, int]  # the worker's pid -> requests it serves
     oldest_in_flight_s: float  # how long the oldest request in flight has been served (0: none)
-    rung: str = "zero"  # where it rests on the cold ladder (serve._status.RUNGS)
+    rung: Rung = Rung.ZERO  # where it rests on the cold ladder
     device: str = "cpu"
     memory_bytes: int = 0  # device bytes its replicas hold
 
@@ -60,7 +60,7 @@ class ColdStartRecord:
     served later still lands on it."""
 
     model: str
-    rung: str
+    climb: Climb
     timeline: Timeline
     ready_s: float
     ahead: bool
@@ -83,7 +83,7 @@ class Metrics:
                                 "status (stream_error: a stream begun with 200 that ended in an error event; 499: "
                                 "the client left before its answer ended)", ["model", "status"], registry=r)
         self.cold_starts = Counter("zerostart_cold_starts", "Cold starts that reached ready, by the rung climbed from "
-                                   "(source, image, standby+source, standby+image, parked)", ["model", "rung"], registry=r)
+                                   f"({', '.join(Climb)})", ["model", "rung"], registry=r)
         self.climbs_ahead = Counter("zerostart_climbs_ahead", "Cold starts begun with no request waiting (a "
                                     "policy's pre-warm, a floor), also counted in zerostart_cold_starts",
                                     ["model", "rung"], registry=r)
@@ -121,7 +121,7 @@ class Metrics:
                             ITL_BUCKETS)
         r.register(self.itl)
         for name in models:  # counters that tests and dashboards read exist from the start, at 0
-            self.cold_starts.labels(name, "source")
+            self.cold_starts.labels(name, Climb.SOURCE.value)
             self.prompt_tokens.labels(name)
             self.generation_tokens.labels(name)
         self.recent: deque[ColdStartRecord] = deque(maxlen=RECENT_COLD_STARTS)  # newest first
@@ -142,8 +142,9 @@ class Metrics:
             self.vllm_ttft.labels(model).observe(waited_s + stats.first_token_s)
         self.itl.add(model, stats.itl_counts, stats.itl_sum)
 
-    def observe_cold_start(self, model: str, rung: str, timeline: Timeline, ready_s: float, *, ahead: bool) -> None:
-        self.recent.appendleft(ColdStartRecord(model, rung, timeline, ready_s, ahead, time.time()))
+    def observe_cold_start(self, model: str, climb: Climb, timeline: Timeline, ready_s: float, *, ahead: bool) -> None:
+        self.recent.appendleft(ColdStartRecord(model, climb, timeline, ready_s, ahead, time.time()))
+        rung = climb.value  # the label: where it climbed from
         self.cold_starts.labels(model, rung).inc()
         if ahead:
             self.climbs_ahead.labels(model, rung).inc()
@@ -151,8 +152,8 @@ class Metrics:
         for p in timeline.phases:
             self.cold_start_phase.labels(model, rung, p.name).observe(p.seconds)
 
-    def observe_first_token(self, model: str, rung: str, seconds: float) -> None:
-        self.cold_start_phase.labels(model, rung, "first_token").observe(seconds)
+    def observe_first_token(self, model: str, climb: Climb, seconds: float) -> None:
+        self.cold_start_phase.labels(model, climb.value, "first_token").observe(seconds)
 
     def totals(self) -> dict[str, tuple[int, int]]:
         """Per model: requests counted (every status) and cold starts that reached ready, since
@@ -213,8 +214,8 @@ class _FleetCollector(Collector):
                                    "been served (a request that never ends shows here)", labels=["model"])
         replicas = GaugeMetricFamily("zerostart_replicas", "Replicas by state", labels=["model", "state"])
         state = GaugeMetricFamily("zerostart_model_state", "1 for the state each model is in", labels=["model", "state"])
-        rung = GaugeMetricFamily("zerostart_model_rung", "1 for the rung of the cold ladder each model rests on (hot, "
-                                 "parked, image, zero)", labels=["model", "rung"])
+        rung = GaugeMetricFamily("zerostart_model_rung", "1 for the rung of the cold ladder each model rests on "
+                                 f"({', '.join(LADDER)})", labels=["model", "rung"])
         memory = GaugeMetricFamily("zerostart_model_memory_bytes", "Device bytes each model's replicas hold",
                                    labels=["model", "device"])
         models = self._models_now()
@@ -228,8 +229,8 @@ class _FleetCollector(Collector):
                 if s is not State.ZERO:
                     replicas.add_metric([m.name, s.value], m.replicas.get(s, 0))
                 state.add_metric([m.name, s.value], 1.0 if s is m.state else 0.0)
-            for r in RUNGS:
-                rung.add_metric([m.name, r], 1.0 if r == m.rung else 0.0)
+            for r in LADDER:
+                rung.add_metric([m.name, r.value], 1.0 if r is m.rung else 0.0)
             memory.add_metric([m.name, m.device], m.memory_bytes)
         reserved = GaugeMetricFamily("zerostart_memory_reserved_bytes", "Estimated device bytes held by replicas",
                                      labels=["device"])

@@ -1,6 +1,8 @@
 """One served model as the fleet sees it: its replicas, the requests waiting for it, its
-keep-alive and history, and the decisions that concern it alone (how many replicas it keeps
-whatever the traffic, when an idle replica parks or stops).
+keep-alive policy and history, and the decisions that concern it alone (how many replicas it
+keeps whatever the traffic, when an idle replica parks or stops). Its policy decides those
+(``zerostart.policy``, the code the simulator runs); without a ``keep_alive_policy`` it is the
+fixed timeout ``ttl:<idle_timeout>[,park=<park_after>]``.
 """
 
 from __future__ import annotations
@@ -14,17 +16,27 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from zerostart.names import LADDER, Climb, Rung
+from zerostart.policy import Decision, FixedTTL, ModelView, Policy, make
 from zerostart.serve._config import ModelConfig
+from zerostart.serve.backends import backend_class
 from zerostart.serve.gateway import _prewarm
 from zerostart.serve.gateway._replica import Replica
 from zerostart.serve.gateway._state import ALIVE, WARM, State, model_state
 
 if TYPE_CHECKING:
-    from zerostart.policy import Decision, Policy
     from zerostart.serve.control import ImageReport
     from zerostart.telemetry import Timeline
 
 log = logging.getLogger("zerostart.serve")
+
+
+def policy_for(cfg: ModelConfig) -> Policy:
+    """The model's keep-alive policy: its ``keep_alive_policy`` (``PolicyError``, a ValueError,
+    naming what is wrong), else the fixed timeout its ``idle_timeout`` and ``park_after`` say."""
+    if cfg.keep_alive_policy is None:
+        return FixedTTL(cfg.idle_timeout, park_s=cfg.park_after)
+    return make(cfg.keep_alive_policy)
 
 
 @dataclass
@@ -39,10 +51,7 @@ class Model:
     """One served model: its config, replicas, queue and history. The fleet mutates it; the
     methods here only read it (except :meth:`floor`, which remembers a pre-warm it acted on)."""
 
-    def __init__(self, cfg: ModelConfig, estimate: int | None, policy: Policy | None, *,
-                 share: int | None = None) -> None:
-        from zerostart.serve.backends import backend_class
-
+    def __init__(self, cfg: ModelConfig, estimate: int | None, policy: Policy, *, share: int | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.served_name
         self.estimate = estimate  # device bytes per replica; None: unknown until a worker reports its size
@@ -52,11 +61,11 @@ class Model:
                                             else "headers" if cfg.backend == "zerostart" else "share")
         self.share = share  # device bytes one replica may hold (engines are sized from it); None: engine default
         # rungs this model's engine cannot rest on, and why (policies skip them; status shows them)
-        self.missing_rungs: dict[str, str] = backend_class(cfg.backend).missing_rungs(cfg)
-        self.policy = policy  # a zerostart.policy Policy, or None: idle_timeout (and park_after) decide
+        self.missing_rungs: dict[Rung, str] = backend_class(cfg.backend).missing_rungs(cfg)
+        self.policy = policy  # its keep_alive_policy, else FixedTTL(idle_timeout, park_s=park_after)
         self.parkable = cfg.parkable if cfg.parkable is not None else (
-            cfg.park_after is not None or (policy is not None and _policy_parks(policy)))
-        self.park_refused: str | None = self.missing_rungs.get("parked")  # cannot park: idle replicas stop instead
+            cfg.park_after is not None or Rung.PARKED in policy.rungs)
+        self.park_refused: str | None = self.missing_rungs.get(Rung.PARKED)  # cannot park: idle replicas stop instead
         self.replicas: list[Replica] = []
         self.waiters: deque[Waiter] = deque()
         self.start_task: asyncio.Task[None] | None = None  # the one climb (start or wake) in progress, if any
@@ -130,10 +139,8 @@ class Model:
         if floor == 0 and self.cfg.prewarm and _prewarm.is_open(self.cfg.prewarm, wall or datetime.now().astimezone()):
             floor, self.floor_reason = 1, "a pre-warm window is open"
         busy = self.in_flight or self.waiters or self.start_task is not None  # requests climb it anyway
-        if (floor == 0 and self.policy is not None and not self.held(now) and not self.warm() and not busy
+        if (floor == 0 and not self.held(now) and not self.warm() and not busy
                 and (self.evicted_at is None or self.evicted_at < self.last_active)):
-            from zerostart.policy import Rung
-
             d = self.decide(now)
             if d.rung is Rung.HOT:  # the policy wants it hot now: climb
                 floor = 1
@@ -182,22 +189,17 @@ class Model:
     def next_move(self, r: Replica, now: float) -> tuple[float, str]:
         """When an idle replica (hot or parked) should move down, and how: ``(time, "park")``,
         ``(time, "stop")``, or ``(time, "stay")`` (look again then; inf: only an event can
-        change it). Without a policy: park ``park_after`` after the last request, stop when
-        the longest keep-alive its requests asked for runs out (``Replica.hold_until``; each
-        request's keep_alive, else idle_timeout), whichever comes first for a hot replica.
-        With one, a request's explicit keep_alive holds it the same way until it runs out,
-        then the policy decides."""
-        explicit = r.explicit_until > now
-        if self.policy is None or explicit:
-            stop_at = r.hold_until if self.policy is None else r.explicit_until
+        change it). The policy decides, replica by replica (:meth:`view`); a request's explicit
+        keep_alive holds the replica against it until the keep_alive runs out (``park_after``
+        still parks it meanwhile)."""
+        view = self.view(r)
+        if r.explicit_until > now:
             if r.state is State.HOT and self.can_park and self.cfg.park_after is not None:
-                park_at = r.last_active + self.cfg.park_after
-                if park_at < stop_at:
+                park_at = view.last_active + self.cfg.park_after
+                if park_at < r.explicit_until:
                     return park_at, "park"
-            return (stop_at, "stop") if self.policy is None else (stop_at, "stay")
-        from zerostart.policy import Rung
-
-        d = self.decide(now)
+            return r.explicit_until, "stay"
+        d = self.policy.decide(view, now)
         later = d.recheck_at if d.recheck_at is not None else math.inf
         if d.rung is Rung.HOT:
             return later, "stay"
@@ -208,29 +210,34 @@ class Model:
         return now, "stop"  # image or zero: the worker goes (its ready image stays on disk)
 
     def decide(self, now: float) -> Decision:
-        """The policy's decision for this model now (only for a model with a policy)."""
-        from zerostart.policy import ModelView, Rung
+        """The policy's decision for the model as a whole now (its floor: climb ahead of requests?)."""
+        return self.policy.decide(self.view(), now)
 
-        assert self.policy is not None
-        rung = Rung(self.rung())
-        rungs = tuple(r for r in (Rung.HOT, Rung.PARKED, Rung.IMAGE, Rung.ZERO)
-                      if r.value not in self.missing_rungs and (r is not Rung.PARKED or self.can_park))
-        view = ModelView(name=self.name, rung=rung,
-                         busy=bool(self.in_flight or self.waiters or self.start_task is not None),
-                         last_active=self.last_active, size_bytes=self.estimate or 0, rungs=rungs)
-        return self.policy.decide(view, now)
+    def view(self, r: Replica | None = None) -> ModelView:
+        """What the policy is told: about the model (its warmest replica, any request), or about
+        one idle replica ``r`` (its rung, requests and keep-alive holds: replicas go down one
+        by one). A replica that has served nobody since a climb ahead of requests is as idle as
+        its model (a pre-warm is not traffic)."""
+        rungs = tuple(x for x in LADDER if x not in self.missing_rungs and (x is not Rung.PARKED or self.can_park))
+        if r is None:
+            return ModelView(name=self.name, rung=self.rung(),
+                             busy=bool(self.in_flight or self.waiters or self.start_task is not None),
+                             last_active=self.last_active, size_bytes=self.estimate or 0, rungs=rungs)
+        return ModelView(name=self.name, rung=Rung.PARKED if r.state in (State.PARKING, State.PARKED) else Rung.HOT,
+                         busy=r.in_flight > 0, last_active=self.last_active if r.ahead else r.last_active,
+                         size_bytes=self.estimate or 0, rungs=rungs, timeout_from=r.timeout_from)
 
     # -- what is going on -------------------------------------------------------------------
 
-    def rung(self) -> str:
-        """Where it rests on the cold ladder now (``serve._status.RUNGS``): hot while a replica
-        holds it on its device (or climbs to), parked while one is parked (or parking), else
-        image once a start used or wrote a ready image, else zero."""
+    def rung(self) -> Rung:
+        """Where it rests on the cold ladder now: HOT while a replica holds it on its device (or
+        climbs to), PARKED while one is parked (or parking), else IMAGE once a start used or
+        wrote a ready image, else ZERO."""
         if self.warm():
-            return "hot"
+            return Rung.HOT
         if any(r.state in (State.PARKING, State.PARKED) for r in self.replicas):
-            return "parked"
-        return "image" if self.has_image else "zero"
+            return Rung.PARKED
+        return Rung.IMAGE if self.has_image else Rung.ZERO
 
     def status(self, now: float, requests: int = 0, cold_starts: int = 0) -> dict[str, Any]:
         """This model's entry in ``GET /zerostart/status`` (``serve._status.ModelStatus``);
@@ -249,6 +256,7 @@ class Model:
             "memory_estimate_source": self.estimate_source,
             "memory_share_bytes": self.share,
             "unavailable_rungs": self.unavailable_rungs(),
+            "keep_alive_policy": self.policy.name,
             "keep_alive_s": None if math.isinf(self.cfg.idle_timeout) else self.cfg.idle_timeout,
             "park_after_s": self.cfg.park_after, "parkable": self.can_park, "images": self.cfg.images,
             "last_cold_start": self._cold_start_json(),
@@ -257,7 +265,7 @@ class Model:
             "backoff_s": round(max(0.0, self.backoff_until - now), 3),
             "oldest_in_flight_s": round(max((r.oldest_request_s(now) for r in self.replicas), default=0.0), 3),
             "requests": requests, "cold_starts": cold_starts,
-            "workers": [{"pid": r.pid, "state": r.state.value, "rung": r.rung, "address": r.address,
+            "workers": [{"pid": r.pid, "state": r.state.value, "rung": r.climb, "address": r.address,
                          "memory_bytes": r.reserved_bytes,
                          "in_flight": r.in_flight, "oldest_in_flight_s": round(r.oldest_request_s(now), 3),
                          "idle_s": round(now - r.last_active, 3) if r.state in (State.HOT, State.PARKED)
@@ -267,35 +275,29 @@ class Model:
                         for r in self.replicas],
         }
 
-    def unavailable_rungs(self) -> dict[str, str]:
+    def unavailable_rungs(self) -> dict[Rung, str]:
         """The rungs this model cannot rest on, and why: its engine's, and parking refused by a
         worker (or not asked for: ``parkable`` false)."""
         out = dict(self.missing_rungs)
-        if "parked" not in out:
+        if Rung.PARKED not in out:
             if self.park_refused is not None:
-                out["parked"] = self.park_refused
+                out[Rung.PARKED] = self.park_refused
             elif not self.parkable:
-                out["parked"] = "not parkable: set park_after, parkable: true, or a policy that parks"
+                out[Rung.PARKED] = "not parkable: set park_after, parkable: true, or a policy that parks"
         return out
 
     def _cold_start_json(self) -> dict[str, Any] | None:
         r = self.last_cold_start
         if r is None:
             return None
-        standby = r.standby_record if r.rung.startswith("standby+") else None  # the spare's own start, paid before
-        return cold_start_json(r.rung, self.last_cold_s or 0.0, r.timeline, r.image, standby)
+        standby = r.standby_record if r.climb.standby else None  # the spare's own start, paid before
+        return cold_start_json(r.climb, self.last_cold_s or 0.0, r.timeline, r.image, standby)
 
 
-def cold_start_json(rung: str, ready_s: float, timeline: Timeline, image: ImageReport | None = None,
+def cold_start_json(climb: Climb, ready_s: float, timeline: Timeline, image: ImageReport | None = None,
                     standby: dict[str, Any] | None = None) -> dict[str, Any]:
     """A cold start as ``serve._status.ColdStart`` has it."""
     d = timeline.to_dict()
     d.pop("label", None)
-    return {"rung": rung, "ready_s": round(ready_s, 6), **d, "image": image.to_json() if image is not None else None,
+    return {"rung": climb, "ready_s": round(ready_s, 6), **d, "image": image.to_json() if image is not None else None,
             "standby": standby}
-
-
-def _policy_parks(policy: Policy) -> bool:
-    from zerostart.policy import Rung
-
-    return Rung.PARKED in tuple(getattr(policy, "rungs", ()))

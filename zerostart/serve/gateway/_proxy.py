@@ -305,7 +305,7 @@ class Proxy:
 def lease_headers(lease: Lease) -> dict[str, str]:
     headers = {COLD_START_HEADER: str(round(lease.cold_start_ms)), QUEUE_HEADER: str(round(lease.queue_ms))}
     if lease.cold_start_ms > 0:
-        headers[RUNG_HEADER] = lease.replica.rung
+        headers[RUNG_HEADER] = lease.replica.climb.value
     return headers
 
 

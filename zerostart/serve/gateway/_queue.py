@@ -108,7 +108,7 @@ class Lease:
             began = max(r.ready_at, self.dispatched)
             end = r.timeline.now()
             r.timeline.add_relative("first_token", end - (now - began), end, streamed=streamed)
-            self._metrics.observe_first_token(self.model.name, r.rung, now - began)
+            self._metrics.observe_first_token(self.model.name, r.climb, now - began)
 
     def release(self) -> None:
         if not self._released:

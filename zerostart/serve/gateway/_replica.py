@@ -11,6 +11,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+from zerostart.names import Climb
 from zerostart.serve.gateway._state import State, check
 from zerostart.telemetry import Timeline
 
@@ -34,16 +35,17 @@ class Replica:
         self._requests: dict[int, float] = {}  # the requests it serves: ticket -> when it took them (monotonic)
         self._tickets = 0
         self.last_active = time.monotonic()
+        self.ahead = False  # its latest climb began with nobody waiting, and it has served nobody since
         # Keep-alive (docs/serve.md, Idleness): the longest any request asked for wins until it
-        # expires. hold_until: every request's (its keep_alive, else idle_timeout) from its
-        # start and its end; explicit_until: only those that set keep_alive (they hold it
-        # against a policy too).
-        self.hold_until = -math.inf
+        # expires. explicit_until: the requests that set keep_alive hold it until then (against
+        # any policy); timeout_from: the latest request that did not (or a climb nobody waited
+        # for), from which its policy's own keep-alive counts.
         self.explicit_until = -math.inf
+        self.timeout_from = -math.inf
         self.failure: str | None = None  # why the gateway killed it (hung, or in a state the gateway did not cause)
         self.reserved_bytes = 0  # device bytes the budget holds for it
         self.timeline = Timeline(label=f"{self.name} cold start")  # its latest climb (then its first token)
-        self.rung = "source"  # the rung it last climbed from (source, image, standby+..., parked)
+        self.climb = Climb.SOURCE  # where it last climbed from
         self.image: ImageReport | None = None  # what the worker did with ready images
         self.standby_record: dict[str, Any] | None = None  # a standby worker's own start, before the hand-over
         self.memory: Memory | None = None  # what it holds, as measured once it was ready
@@ -59,12 +61,14 @@ class Replica:
         log.debug("%s replica #%d: %s -> %s", self.name, self.worker.id, self.state.value, dst.value)
         self.state = dst
 
-    def climbed(self, cold: ColdStart) -> None:
-        """It reached ready (a start, a hand-over or a wake) as ``cold`` describes."""
-        self.timeline, self.rung, self.image = cold.timeline, cold.rung, cold.image
+    def climbed(self, cold: ColdStart, *, ahead: bool) -> None:
+        """It reached ready (a start, a hand-over or a wake) as ``cold`` describes; ``ahead``:
+        nobody was waiting for it (a floor or a policy's pre-warm)."""
+        self.timeline, self.climb, self.image = cold.timeline, cold.climb, cold.image
         if cold.standby is not None:
             self.standby_record = cold.standby
         self.ready_at = self.last_active = time.monotonic()
+        self.ahead = ahead
         self.first_token_recorded = False
 
     @property
@@ -81,6 +85,7 @@ class Replica:
         """A request takes room on it; the ticket gives the room back (:meth:`end`)."""
         self._tickets += 1
         self._requests[self._tickets] = now
+        self.ahead = False
         return self._tickets
 
     def end(self, ticket: int) -> None:
@@ -93,10 +98,18 @@ class Replica:
 
     def hold(self, now: float, keep_alive: float | None) -> None:
         """A request (or a climb, with None) keeps it for ``keep_alive`` seconds from ``now``
-        (None: the model's idle_timeout), unless something holds it longer."""
-        self.hold_until = max(self.hold_until, now + (self.model.idle_timeout if keep_alive is None else keep_alive))
-        if keep_alive is not None:
+        (None: as long as its policy keeps a model idle since ``now``; the default policy's is
+        idle_timeout), unless something holds it longer."""
+        if keep_alive is None:
+            self.timeout_from = max(self.timeout_from, now)
+        else:
             self.explicit_until = max(self.explicit_until, now + keep_alive)
+
+    @property
+    def hold_until(self) -> float:
+        """When its holds run out, the model's idle_timeout counted for those without keep_alive."""
+        default = self.timeout_from + self.model.idle_timeout if self.timeout_from > -math.inf else -math.inf
+        return max(self.explicit_until, default)
 
     # -- the worker's process ---------------------------------------------------------------
 

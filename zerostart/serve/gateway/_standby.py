@@ -1,4 +1,4 @@
-"""The standby worker (DESIGN.md §2): one spare worker process that has imported torch and the
+"""The standby worker (docs/design.md §2): one spare worker process that has imported torch and the
 engine and initialized its device, waiting to be told which model to become. A cold start
 takes it (no spawn, import or device init on its path) and a new spare is prepared once that
 start is over and the requests that waited for it are served, so the spare's imports do not

@@ -3,6 +3,8 @@ routes the gateway drives it with (ready, phases, load, park, wake: ``serve/cont
 
     python -m zerostart.serve.worker --model SOURCE --port 8001
 
+What it loads is a ``LoadSpec`` (``serve/control.py``), read in ``_loading.py``.
+
 The gateway starts workers through its ``zerostart`` backend (``serve/backends``). Names are
 imported on first use, so that ``python -m zerostart.serve.worker`` takes its origin (the
 start of its first phase) before anything heavy is imported.
@@ -14,7 +16,6 @@ _EXPORTS = {
     "main": "zerostart.serve.worker._cli",
     "build_app": "zerostart.serve.worker._app",
     "Holder": "zerostart.serve.worker._holder",
-    "LoadSpec": "zerostart.serve.worker._loading",
 }
 
 __all__, __getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

@@ -5,7 +5,8 @@ drives it with (their bodies are typed in ``serve/control.py``; docs/serve.md ha
   503 while ``starting`` / ``loading`` / ``parking`` / ``waking``, 500 ``failed``.
 - ``GET /zerostart/phases``: the latest cold start's phases (the load, or the latest wake),
   relative to ``origin_unix`` (the moment this process began running Python code of ours).
-- ``POST /zerostart/load``: a standby worker becomes a worker of the model named in the body.
+- ``POST /zerostart/load``: a standby worker becomes a worker of the model its body (a
+  ``LoadSpec``) names.
 - ``POST /zerostart/park``, ``POST /zerostart/wake``: weights to host RAM and back.
 - ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
   ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``, ``GET /health``.
@@ -17,7 +18,6 @@ carry that token (``Authorization: Bearer <token>``): 401 for anyone else on the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -30,13 +30,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from zerostart.names import normalize_device
-from zerostart.serve._config import default_name
+from zerostart.serve.control import (ErrorBody, ErrorDetail, InFlight, LoadAccepted, LoadSpec, ParkResult, WakeResult,
+                                     WorkerState)
 from zerostart.serve.edge import PROXIED, App, Auth, Bounds, Gate, Guard, Tenant, Unauthorized
-from zerostart.serve.control import (ErrorBody, ErrorDetail, InFlight, LoadAccepted, LoadRequest, ParkResult,
-                                     WakeResult, WorkerState)
 from zerostart.serve.worker._holder import Busy, Holder, NotParkable
-from zerostart.serve.worker._loading import LoadSpec
 
 log = logging.getLogger("zerostart.serve.worker")
 
@@ -45,11 +42,11 @@ _ENGINE = frozenset(r.path for r in PROXIED if r.engine)  # the routes that run 
 _READY_STATUS = {WorkerState.STANDBY: 200, WorkerState.READY: 200, WorkerState.PARKED: 200, WorkerState.FAILED: 500}
 
 
-def build_app(holder: Holder, name: str, defaults: LoadSpec, token: str | None = None) -> Starlette:
-    """The worker's ASGI app over ``holder``; ``defaults``: the command line's load spec (a
-    standby's load request fills its nulls from it); ``token``: the bearer token every request
-    must carry (None: none needed, for a worker started by hand)."""
-    r = _Routes(holder, name, defaults)
+def build_app(holder: Holder, name: str, token: str | None = None) -> Starlette:
+    """The worker's ASGI app over ``holder``; ``name``: what it answers to before it holds a
+    model; ``token``: the bearer token every request must carry (None: none needed, for a
+    worker started by hand)."""
+    r = _Routes(holder, name)
     app = App(lifespan=r.lifespan, routes=[
         Route("/zerostart/ready", r.ready),
         Route("/zerostart/phases", r.phases),
@@ -75,8 +72,8 @@ def _error(status: int, message: str, code: str, in_flight: list[InFlight] | Non
 
 
 class _Routes:
-    def __init__(self, holder: Holder, name: str, defaults: LoadSpec) -> None:
-        self.holder, self.name, self.defaults = holder, name, defaults
+    def __init__(self, holder: Holder, name: str) -> None:
+        self.holder, self.name = holder, name
 
     def served_name(self) -> str:
         spec = self.holder.spec
@@ -117,7 +114,7 @@ class _Routes:
 
     async def load(self, request: Request) -> Response:
         try:
-            req = LoadRequest.model_validate_json(await request.body() or b"{}")
+            spec = LoadSpec.model_validate_json(await request.body() or b"{}")
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(x) for x in err["loc"]) or "body"
@@ -126,38 +123,11 @@ class _Routes:
         if holder.state is not WorkerState.STANDBY:
             return _error(409, f"this worker is {holder.state.value}; only a waiting standby worker (--standby) takes "
                           "/zerostart/load", "not_standby")
-        spec = self._spec(req)
-        if isinstance(spec, Response):
-            return spec
-        if holder.standby_device and spec.device != holder.standby_device and not (
-                spec.device == "cuda" and holder.standby_device.startswith("cuda")):
+        if holder.standby_device and spec.device != holder.standby_device:
             log.warning("standby worker initialized %s; loading on %s pays its device init", holder.standby_device,
                         spec.device)
         holder.load(spec)
         return JSONResponse(LoadAccepted(model=spec.model, name=spec.name).to_json(), status_code=202)
-
-    def _spec(self, req: LoadRequest) -> LoadSpec | Response:
-        """What to load: the request over the command line's defaults (or a 400 naming the field)."""
-        from zerostart.engine import EngineConfig, EngineError
-
-        try:
-            EngineConfig(**req.engine_options)
-        except (TypeError, EngineError) as e:
-            return _error(400, f"engine_options: {e} (EngineConfig fields: "
-                          f"{', '.join(f.name for f in dataclasses.fields(EngineConfig))})", "bad_request")
-        d = self.defaults
-        try:
-            device = normalize_device(req.device) if req.device else d.device
-        except ValueError as e:
-            return _error(400, f"device: {e}", "bad_request")
-        model = req.model or d.model
-        if not model:
-            return _error(400, "model: required (this standby worker was started without --model)", "bad_request")
-        return LoadSpec(model=model, name=req.name or (d.name if model == d.model and d.name else default_name(model)),
-                        device=device, dtype=req.dtype if req.dtype is not None else d.dtype,
-                        images=req.images or d.images, parkable=d.parkable if req.parkable is None else req.parkable,
-                        engine_options={**d.engine_options, **req.engine_options},
-                        embedding=req.embedding if req.embedding is not None else d.embedding)
 
     async def park(self, request: Request) -> Response:
         holder = self.holder

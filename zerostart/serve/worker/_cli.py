@@ -1,14 +1,18 @@
 """The worker process's command line. Started by the gateway (the ``zerostart`` backend) with
-a listening socket already bound (``--fd``)::
+a listening socket already bound (``--fd``) and what to load as one ``LoadSpec`` (``--spec``,
+its JSON: ``serve/control.py``), or as a standby worker that waits for the same object in
+``POST /zerostart/load``::
 
-    python -m zerostart.serve.worker --fd 5 --model SOURCE --name NAME [--device cpu] [--dtype bfloat16]
-                                     [--images off|use|write] [--parkable] [--pooling last|mean [--no-normalize]]
+    python -m zerostart.serve.worker --fd 5 --spec '{"model": "/models/llama", "name": "llama", ...}'
                                      [--grammar-timeout 10] [--max-grammar-bytes 131072]
-    python -m zerostart.serve.worker --fd 5 --standby [--device cuda]
+    python -m zerostart.serve.worker --fd 5 --standby [--device cuda] [--reserve BYTES] [--grammar-timeout 10] ...
 
-or on its own, for a direct comparison, ``zerostart coldstart`` or debugging::
+or by hand, for a direct comparison, ``zerostart coldstart`` or debugging, with the model's
+settings as flags (the keys of a config file's model entry)::
 
-    python -m zerostart.serve.worker --model SOURCE (--port 8001 [--host 127.0.0.1] | --uds /tmp/w.sock)
+    python -m zerostart.serve.worker --model SOURCE [--name NAME] [--device cpu] [--dtype bfloat16]
+        [--images off|use|write] [--parkable] [--max-model-len N] [--kv-cache-bytes N] [--threads N]
+        [--pooling last|mean [--no-normalize]] (--port 8001 [--host 127.0.0.1] | --uds /tmp/w.sock)
 
 It serves HTTP at once and loads the model in the background, so the gateway can ask how the
 load is going (``_app.py``).
@@ -25,13 +29,16 @@ import sys
 import threading
 import time
 
+import uvicorn
+from pydantic import ValidationError
+
 from zerostart.names import DTYPES, IMAGE_MODES
-from zerostart.serve._config import EmbeddingConfig, ServerConfig, default_name
+from zerostart.serve._config import EmbeddingConfig, ModelConfig, ServerConfig
+from zerostart.serve._keys import describe_errors
+from zerostart.serve.control import TOKEN_ENV, LoadSpec, load_spec
 from zerostart.serve.edge import bounded_protocol
-from zerostart.serve.control import TOKEN_ENV
 from zerostart.serve.worker._app import SHUTDOWN_GRACE_S, build_app
 from zerostart.serve.worker._holder import Holder
-from zerostart.serve.worker._loading import LoadSpec
 from zerostart.serve.worker._structured import GrammarBudget
 
 _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly before a hard exit
@@ -39,6 +46,9 @@ _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly b
 # anyone else who reaches the socket before the token check.
 _MAX_CONNECTIONS = 4096
 _HEADER_TIMEOUT_S = 10.0
+# the flags that say what to load, by hand (a gateway's worker has them in --spec; a standby takes them in /load)
+_LOAD_FLAGS = ("name", "dtype", "images", "parkable", "max_model_len", "kv_cache_bytes", "threads", "pooling",
+               "no_normalize")
 
 
 def main(argv: list[str] | None = None, origin: tuple[float, float] | None = None) -> int:
@@ -46,18 +56,13 @@ def main(argv: list[str] | None = None, origin: tuple[float, float] | None = Non
     ``(perf_counter, time)`` when the process began running our code (``__main__`` takes it
     first thing); phases are measured from it."""
     origin = origin or (time.perf_counter(), time.time())
-    args = _arguments(argv)
-    import uvicorn
+    parser = _parser()
+    args = parser.parse_args(argv)
+    spec = _spec(args, parser)
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    options = {k: v for k, v in (("max_model_len", args.max_model_len), ("kv_cache_bytes", args.kv_cache_bytes),
-                                 ("threads", args.threads)) if v is not None}
-    name = args.name or (default_name(args.model) if args.model else "")
-    embedding = EmbeddingConfig(pooling=args.pooling, normalize=not args.no_normalize) if args.pooling else None
-    spec = LoadSpec(model=args.model or "", name=name, device=args.device, dtype=args.dtype, images=args.images,
-                    parkable=args.parkable, engine_options=options, embedding=embedding)
     holder = Holder(*origin, GrammarBudget(timeout=args.grammar_timeout, max_bytes=args.max_grammar_bytes))
-    if args.standby:
+    if spec is None:
         holder.start_standby(args.device, reserve=args.reserve)
     else:
         holder.start(spec)  # overlaps the load with the server's start
@@ -66,39 +71,44 @@ def main(argv: list[str] | None = None, origin: tuple[float, float] | None = Non
     sock = _socket(args)
     token = os.environ.pop(TOKEN_ENV, None)  # not passed on to anything this process starts
     protocol = bounded_protocol(max_connections=_MAX_CONNECTIONS, header_timeout=_HEADER_TIMEOUT_S)
-    config = uvicorn.Config(build_app(holder, name or "standby", spec, token), log_level="warning",
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                            http=protocol)
+    config = uvicorn.Config(build_app(holder, spec.name if spec is not None else "standby", token),
+                            log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S, http=protocol)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zerostart.serve.worker", description="a zerostart worker (one model)")
-    p.add_argument("--model", help="model directory, .safetensors or .gguf file, ready image, hf://org/name, s3://... or "
-                                   "https://... (with --standby: the default for /zerostart/load)")
-    p.add_argument("--standby", action="store_true",
-                   help="import and initialize the device, then wait for POST /zerostart/load")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--spec", metavar="JSON", help="what to load: a LoadSpec (serve/control.py) as JSON, as a "
+                                                     "gateway passes it")
+    what.add_argument("--model", help="model directory, .safetensors or .gguf file, ready image, hf://org/name, "
+                                      "s3://... or https://...")
+    what.add_argument("--standby", action="store_true",
+                      help="import and initialize the device, then wait for POST /zerostart/load")
     p.add_argument("--reserve", type=int, default=0, metavar="BYTES",
                    help="with --standby on cpu: fault in this much host memory while waiting; the model's "
                         "weights are read straight into it (default 0: none)")
-    p.add_argument("--name", help="served model name (default: the model directory's name)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=DTYPES)
-    # The gateway always passes the model's setting (its default is the config's); a worker
-    # started by hand touches no image store unless asked.
-    p.add_argument("--images", default="off", choices=IMAGE_MODES,
-                   help="ready images: off, use (restore a matching one), write (use, and write one after a "
-                        "load from the source); default off")
-    p.add_argument("--parkable", action="store_true", help="load so that the model can be parked (CUDA: VMM memory)")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (tokens)")
-    p.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU compute threads (torch intra-op; default: torch's, one per core)")
-    p.add_argument("--pooling", choices=("last", "mean"), default=None,
-                   help="serve the model as an embedding model (/v1/embeddings only), pooling the last token's "
-                        "hidden state or the mean over the input")
-    p.add_argument("--no-normalize", action="store_true", help="with --pooling: do not scale embeddings to unit length")
+    p.add_argument("--device", default=None, help="with --model or --standby (default cpu)")
+    hand = p.add_argument_group("with --model: the model's settings, as in a config file's model entry")
+    hand.add_argument("--name", help="served model name (default: the model directory's name)")
+    hand.add_argument("--dtype", default=None, choices=DTYPES)
+    # The gateway always says (its default is the config's); a worker started by hand touches
+    # no image store unless asked.
+    hand.add_argument("--images", default="off", choices=IMAGE_MODES,
+                      help="ready images: off, use (restore a matching one), write (use, and write one after a "
+                           "load from the source); default off")
+    hand.add_argument("--parkable", action="store_true", help="load so that the model can be parked (CUDA: VMM memory)")
+    hand.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (tokens)")
+    hand.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
+    hand.add_argument("--threads", type=int, default=None,
+                      help="CPU compute threads (torch intra-op; default: torch's, one per core)")
+    hand.add_argument("--pooling", choices=("last", "mean"), default=None,
+                      help="serve the model as an embedding model (/v1/embeddings only), pooling the last token's "
+                           "hidden state or the mean over the input")
+    hand.add_argument("--no-normalize", action="store_true",
+                      help="with --pooling: do not scale embeddings to unit length")
     limits = ServerConfig.model_fields  # the gateway passes its server settings; these are their defaults
     p.add_argument("--grammar-timeout", type=float, default=limits["grammar_timeout"].default, metavar="SECONDS",
                    help="a request's grammar (response_format, forced tool calls) must compile within this, else 400 "
@@ -110,18 +120,41 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--uds", help="listen on this Unix socket path")
     where.add_argument("--port", type=int, help="listen on this TCP port")
     p.add_argument("--host", default="127.0.0.1", help="with --port")
-    args = p.parse_args(argv)
-    if not args.model and not args.standby:
-        p.error("--model is required (or --standby, to wait for POST /zerostart/load)")
+    return p
+
+
+def _spec(args: argparse.Namespace, p: argparse.ArgumentParser) -> LoadSpec | None:
+    """What to load (None: a standby worker), or exit naming the flag that is wrong."""
     if args.grammar_timeout <= 0 or args.max_grammar_bytes < 1:
         p.error("--grammar-timeout must be > 0 seconds and --max-grammar-bytes >= 1")
     if args.reserve < 0:
         p.error(f"--reserve must be >= 0 bytes, got {args.reserve}")
-    if args.no_normalize and not args.pooling:
-        p.error("--no-normalize applies to an embedding model (--pooling last|mean)")
     if args.reserve and not args.standby:
         p.error("--reserve applies to a standby worker (--standby): a worker that loads at once gains nothing from it")
-    return args
+    given = [f"--{k.replace('_', '-')}" for k in _LOAD_FLAGS if getattr(args, k) not in (None, False, "off")]
+    if args.spec is not None:
+        if given or args.device is not None:
+            p.error(f"{', '.join(given + (['--device'] if args.device else []))}: with --spec, what to load is in it")
+        try:
+            return LoadSpec.model_validate_json(args.spec)
+        except ValidationError as e:
+            p.error(f"--spec: {describe_errors(e, LoadSpec)}")
+    args.device = args.device or "cpu"
+    if args.standby:
+        if given:
+            p.error(f"{', '.join(given)}: a standby worker takes what to load in POST /zerostart/load")
+        return None
+    if args.no_normalize and not args.pooling:
+        p.error("--no-normalize applies to an embedding model (--pooling last|mean)")
+    embedding = EmbeddingConfig(pooling=args.pooling, normalize=not args.no_normalize) if args.pooling else None
+    try:
+        model = ModelConfig(path=args.model, name=args.name, device=args.device, dtype=args.dtype, images=args.images,
+                            max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes, threads=args.threads,
+                            embedding=embedding)
+    except ValidationError as e:
+        p.error("; ".join(f"--{'model' if err['loc'][0] == 'path' else str(err['loc'][0]).replace('_', '-')}: "
+                          f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()))
+    return load_spec(model, parkable=args.parkable, kv_cache_bytes=model.kv_cache_bytes, threads=model.threads)
 
 
 def _watch_parent() -> None:

@@ -16,6 +16,7 @@ import base64
 import struct
 from typing import TYPE_CHECKING, Any
 
+from zerostart.engine import PoolingParams
 from zerostart.serve._config import EmbeddingConfig
 from zerostart.serve.edge import BadRequest, EmbeddingRequest, ServeError
 from zerostart.serve.control import RequestStats
@@ -29,8 +30,6 @@ class Run:
     """One embeddings request, submitted: ``await result()`` for its body and stats."""
 
     def __init__(self, engine: Engine, req: EmbeddingRequest, config: EmbeddingConfig, prompts: list[list[int]]) -> None:
-        from zerostart.engine import PoolingParams
-
         self.req = req
         hidden = engine.model_config.hidden_size
         if req.dimensions is not None and req.dimensions > hidden:

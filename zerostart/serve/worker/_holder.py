@@ -14,10 +14,11 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from zerostart.serve.control import (SETTLED, ImageReport, InFlight, LoadRecord, ParkResult, PhasesReport,
+from zerostart.names import Climb, Rung
+from zerostart.serve.control import (SETTLED, ImageReport, InFlight, LoadRecord, LoadSpec, ParkResult, PhasesReport,
                                      ReadyReport, WakeResult, WorkerState, check_worker)
 from zerostart.serve.worker._image_writer import ImageWriter
-from zerostart.serve.worker._loading import LoadSpec, load
+from zerostart.serve.worker._loading import load
 from zerostart.serve.worker._structured import GrammarBudget
 from zerostart.telemetry import Timeline
 
@@ -58,7 +59,7 @@ class Holder:
         self.phase = "import"
         self.error: str | None = None
         self.spec: LoadSpec | None = None
-        self.rung: str | None = None
+        self.climb: Climb | None = None  # where its latest cold start climbed from
         self.requested_s = 0.0  # when the latest cold start was asked for (seconds from origin)
         self.standby_device: str | None = None  # set once a standby worker initialized its device
         self.engine: Engine | None = None
@@ -177,11 +178,13 @@ class Holder:
         try:
             self._import()
             self._set(WorkerState.STARTING, "device_init")
+            # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
             from zerostart.engine import device_for
 
             t0 = time.perf_counter()
             dev = device_for(device)
             if dev.type == "cuda":
+                # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
                 from zerostart.snapshot import VmmUnavailable, require_vmm
 
                 try:  # the VMM driver bindings a parkable load will use
@@ -190,6 +193,7 @@ class Holder:
                     pass  # reported by the load that needs them
             self.timeline.add("device_init", t0, time.perf_counter(), device=str(dev))
             if reserve and dev.type == "cpu":
+                # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
                 from zerostart import weights
 
                 t0 = time.perf_counter()
@@ -211,12 +215,13 @@ class Holder:
             self.image, self.parkable, self.parkable_error = loaded.image, loaded.parkable, loaded.parkable_error
             self._set(WorkerState.LOADING, "engine_start")
             loaded.engine.start()
+            # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
             from zerostart.serve.worker._openai import OpenAIRoutes
 
             self.routes = OpenAIRoutes(loaded.engine, spec.name, spec.model, spec.embedding, self.grammar_budget)
             self.engine = loaded.engine
-            self.rung = ("standby+" if standby else "") + loaded.rung
-            if spec.images == "write" and loaded.rung == "source":
+            self.climb = Climb.of(loaded.rung, standby=standby)
+            if spec.images == "write" and loaded.rung is Rung.ZERO:
                 self.image.status = "queued"
                 self._writer = ImageWriter(self, loaded.fingerprint, loaded.identity)
             self._set(WorkerState.READY)
@@ -282,6 +287,7 @@ class Holder:
             raise Busy(f"the engine still has {s.get('running', 0)} running and {s.get('waiting', 0)} "
                        "waiting sequence(s)")
         if self._parking is None:
+            # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
             from zerostart.snapshot import EngineParking
 
             try:
@@ -308,11 +314,11 @@ class Holder:
             raise
         t1 = time.perf_counter()
         if self.load_record is None:
-            self.load_record = LoadRecord(rung=self.rung, requested_s=round(self.requested_s, 6),
+            self.load_record = LoadRecord(rung=self.climb, requested_s=round(self.requested_s, 6),
                                           phases=self.timeline.to_dict()["phases"])
         tl = Timeline(origin=self.timeline.origin, label="worker wake")
         tl.add("wake", t0, t1, bytes=stats.bytes, kv_bytes=self._parking.kv.nbytes)
-        self.current, self.rung, self.requested_s = tl, "parked", requested - self.timeline.origin
+        self.current, self.climb, self.requested_s = tl, Climb.PARKED, requested - self.timeline.origin
         self._set(WorkerState.READY)
         return WakeResult(changed=True, wake_s=round(stats.wake_s, 6), bytes=stats.bytes, gbps=round(stats.wake_gbps, 4))
 
@@ -328,7 +334,7 @@ class Holder:
             return ReadyReport(
                 state=self.state, phase=self.phase, model=spec.name if spec else None,
                 source=spec.model if spec else None, pid=pid, device=str(e.device),
-                dtype=str(e.dtype).removeprefix("torch."), max_model_len=e.max_model_len, rung=self.rung,
+                dtype=str(e.dtype).removeprefix("torch."), max_model_len=e.max_model_len, rung=self.climb,
                 parkable=self.parkable, parked=self.state is WorkerState.PARKED,
                 weights_bytes=int(e.weights_storage.numel() * e.weights_storage.element_size()),
                 kv_bytes=int(e.kv.nbytes), image=self.image, parkable_error=self.parkable_error,
@@ -338,6 +344,6 @@ class Holder:
 
     def phases_report(self) -> PhasesReport:
         tl = self.current.to_dict()
-        return PhasesReport(origin_unix=self.origin_unix, state=self.state, rung=self.rung,
+        return PhasesReport(origin_unix=self.origin_unix, state=self.state, rung=self.climb,
                             requested_s=round(self.requested_s, 6), phases=tl["phases"], timeline=tl, image=self.image,
                             load=self.load_record)

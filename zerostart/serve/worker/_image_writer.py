@@ -113,6 +113,7 @@ class ImageWriter:
 def host_copy(holder: Holder) -> dict[str, Any]:
     """The weights as host tensors (views of one copy of the arena, at the same relative
     offsets), copied while new requests wait for it."""
+    # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
     import torch
 
     engine = holder.engine

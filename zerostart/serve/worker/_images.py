@@ -1,4 +1,4 @@
-"""Ready images as a worker uses them (DESIGN.md §2): find the image of a source in the image
+"""Ready images as a worker uses them (docs/design.md §2): find the image of a source in the image
 store, say whether it may be restored, and replace a bad one.
 
 ``images`` is a model's setting: ``off`` (never look), ``use`` (restore a matching image when
@@ -38,6 +38,7 @@ def locate(source: str, device: str, dtype: str | None) -> tuple[str, Fingerprin
     engine's default), the fingerprint an image there must carry, and the identity of the
     source's bytes now (an image built from other bytes is stale). Imports torch. Raises the
     engine's or the weights package's errors when the source's config cannot be read."""
+    # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
     from zerostart import engine, snapshot, weights
 
     identity = weights.identity(source)
@@ -50,6 +51,7 @@ def check(path: str, fp: Fingerprint, identity: str | None = None) -> str | None
     """None if the image at ``path`` may be restored for ``fp`` and was built from the source's
     bytes as ``identity`` names them now; else why not. (Checksums are verified while it loads:
     a corrupt file surfaces as a load error.)"""
+    # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
     from zerostart import snapshot
 
     if not os.path.exists(path):
@@ -100,6 +102,7 @@ def write(engine: Engine, path: str | None, fp: Fingerprint | None, host_tensors
     concurrent writer of the same image wins or loses as a whole), with its compile caches.
     ``host_tensors``: the same weights already copied to host memory (same names, same relative
     offsets), written instead of the engine's own. Returns the directory."""
+    # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
     from zerostart import snapshot
 
     if fp is None:

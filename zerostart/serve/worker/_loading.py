@@ -1,5 +1,8 @@
 """How a worker loads its model: from the ready image when there is a good one, else from the
 source; into parkable (CUDA VMM) memory when asked. Runs on the holder's loader thread.
+
+What to load is a :class:`~zerostart.serve.control.LoadSpec`, whichever way it came (the
+command line's ``--spec``, a standby's ``POST /zerostart/load``): this is where it is read.
 """
 
 from __future__ import annotations
@@ -7,17 +10,17 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from zerostart.names import ImageMode, device_type
-from zerostart.serve._config import EmbeddingConfig
-from zerostart.serve.control import ImageReport
+from zerostart.engine import EngineError
+from zerostart.names import Rung, device_type
+from zerostart.serve.control import ImageReport, LoadSpec
 from zerostart.serve.worker import _images
 from zerostart.telemetry import Timeline
 
 if TYPE_CHECKING:
-    from zerostart.engine import Engine, EngineConfig
+    from zerostart.engine import Engine
     from zerostart.weights import Fingerprint
 
 log = logging.getLogger("zerostart.serve.worker")
@@ -25,26 +28,12 @@ log = logging.getLogger("zerostart.serve.worker")
 Allocator = Callable[[int, Any], Any]  # (nbytes, torch.device) -> uint8 tensor (zerostart.snapshot.vmm_allocator)
 
 
-@dataclass(kw_only=True)
-class LoadSpec:
-    """What to load, and how (the worker's command line, or a standby's load request)."""
-
-    model: str
-    name: str
-    images: ImageMode  # its default lives in the config (names.DEFAULT_IMAGE_MODE); the worker is told
-    device: str = "cpu"
-    dtype: str | None = None
-    parkable: bool = False
-    engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
-    embedding: EmbeddingConfig | None = None  # an embedding model: how it pools (None: it generates text)
-
-
 @dataclass
 class Loaded:
     """A loaded engine and what the load found out on the way."""
 
     engine: Engine
-    rung: str  # "image" or "source"
+    rung: Rung  # IMAGE or ZERO: what it was loaded from (its image, or the source)
     image: ImageReport
     fingerprint: Fingerprint | None  # the image an engine from the source would write (None: not looked up)
     identity: str | None  # the source's bytes when they were looked up (an image built from others is stale)
@@ -55,14 +44,8 @@ class Loaded:
 def load(spec: LoadSpec, timeline: Timeline, standby_device: str | None) -> Loaded:
     """The engine for ``spec``, its phases recorded into ``timeline`` (whose own import and
     device-init phases stand for the engine's)."""
-    from zerostart.engine import EngineConfig, EngineError
-
-    try:
-        config = EngineConfig(**spec.engine_options)
-    except TypeError as e:
-        raise EngineError(f"engine_options: {e}") from None
     allocator, parkable, parkable_error = _memory(spec)
-    loader = _Loader(spec, config, allocator, timeline, standby_device)
+    loader = _Loader(spec, allocator, timeline, standby_device)
     engine, rung = loader.run()
     return Loaded(engine, rung, loader.image, loader.fp, loader.identity, parkable, parkable_error)
 
@@ -74,6 +57,7 @@ def _memory(spec: LoadSpec) -> tuple[Allocator | None, bool, str | None]:
         return None, True, None
     if not spec.parkable:
         return None, False, None
+    # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
     from zerostart.snapshot import VmmUnavailable, require_vmm, vmm_allocator
 
     try:
@@ -85,30 +69,30 @@ def _memory(spec: LoadSpec) -> tuple[Allocator | None, bool, str | None]:
 
 
 class _Loader:
-    def __init__(self, spec: LoadSpec, config: EngineConfig, allocator: Allocator | None, timeline: Timeline,
+    def __init__(self, spec: LoadSpec, allocator: Allocator | None, timeline: Timeline,
                  standby_device: str | None) -> None:
-        self.spec, self.config, self.allocator = spec, config, allocator
+        self.spec, self.allocator = spec, allocator
         self.timeline, self.standby_device = timeline, standby_device
         self.image = ImageReport(mode=spec.images, status="off")
         self.fp: Fingerprint | None = None
         self.identity: str | None = None
 
-    def run(self) -> tuple[Engine, str]:
+    def run(self) -> tuple[Engine, Rung]:
         spec = self.spec
         if _images.is_image(spec.model):
             self.image.path, self.image.status = spec.model, "is_source"
-            return self._from_pretrained(spec.model), "image"
+            return self._from_pretrained(spec.model), Rung.IMAGE
         if spec.images != "off":
             engine = self._from_image()
             if engine is not None:
-                return engine, "image"
-        return self._from_pretrained(spec.model), "source"
+                return engine, Rung.IMAGE
+        return self._from_pretrained(spec.model), Rung.ZERO
 
     def _from_image(self) -> Engine | None:
         """The engine from the image store's image of the source, or None (missing, rejected,
         the store unavailable: the reason is in ``self.image``)."""
+        # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
         from zerostart import weights
-        from zerostart.engine import EngineError
 
         spec = self.spec
         try:
@@ -145,12 +129,13 @@ class _Loader:
                     self.spec.name, path, why, self.spec.model)
 
     def _from_pretrained(self, path: str) -> Engine:
+        # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
         from zerostart.engine import Engine
 
         spec = self.spec
         tl = Timeline(origin=self.timeline.origin)
-        engine = Engine.from_pretrained(path, device=spec.device, dtype=spec.dtype, config=self.config, timeline=tl,
-                                        allocator=self.allocator)
+        engine = Engine.from_pretrained(path, device=spec.device, dtype=spec.dtype, config=spec.engine_options,
+                                        timeline=tl, allocator=self.allocator)
         # The engine times its own import and device init; ours (measured around the whole
         # import, or the standby's preparation) stand for them.
         have = {p.name for p in self.timeline.phases}

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from zerostart import __version__
-from zerostart.engine import EngineError, TokenText, render_chat, tool_parser
+from zerostart.engine import EngineError, SamplingParams, TokenText, render_chat, tool_parser
 from zerostart.serve._config import EmbeddingConfig
 from zerostart.serve.edge import (BadRequest, ChatCompletionRequest, ClosingStream, CompletionRequest, DetokenizeRequest,
                                   EmbeddingRequest, GenerateRequest, ServeError, TokenizeRequest, model_card, model_list,
@@ -83,8 +83,6 @@ class _Choice:
 class OpenAIRoutes:
     def __init__(self, engine: Engine, name: str, root: str = "", embedding: EmbeddingConfig | None = None,
                  grammar_budget: GrammarBudget | None = None) -> None:
-        from zerostart.engine import SamplingParams
-
         self.engine = engine
         self.grammars = Grammars(engine, grammar_budget or GrammarBudget())
         self.name = name
