@@ -1,6 +1,9 @@
-"""The house rules (DESIGN.md §3), checked on the source: imports point down the packages'
-order, nobody imports another package's private modules, the torch-free leaf stays a leaf,
-each concept of the leaf has one home, and each package's public face is pinned."""
+"""The house rules (docs/design.md, "The house"), checked on the source: imports point down the
+packages' order, nobody imports another package's private modules, no modules import each other
+in a circle, the torch-free leaf stays a leaf, each concept of the leaf has one home, and each
+package's public face is pinned. An import made by name (``importlib.import_module``,
+``__import__``, a lazy face's or the command line's table of module names) counts like any
+other; one whose name the source does not spell is an error."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from tests.serve._helpers import child_env
 
 PACKAGE = pathlib.Path(zerostart.__file__).parent
 LEAF = {"names", "units", "telemetry"}  # torch-free, import nothing of zerostart: anyone may use them
-# What each package may import of the others (besides the leaf): the order of DESIGN.md §3.
+PACKAGES = {"weights", "engine", "snapshot", "policy", "sim", "serve", "cluster", "bench", "plugins"}
+# What each package may import of the others (besides the leaf): the order of docs/design.md.
 BELOW = {
     "weights": set(),
     "engine": {"weights"},
@@ -29,9 +33,12 @@ BELOW = {
     "cluster": {"weights", "engine", "snapshot", "serve", "policy"},  # the fleet on Ray Serve
     "bench": {"weights", "engine", "snapshot", "serve", "cluster", "policy", "sim"},  # top floor: nothing imports it
     "plugins": {"weights"},  # zerostart inside other engines: loaded by them (entry points), imported by nobody
-    "cli": set(),  # commands are imported by name (importlib), when they run
+    "cli": PACKAGES,  # above them all: each command's module by name (its table), when the command runs
     "__main__": {"cli"},
 }
+# The one module that imports by a name held in a variable: the lazy faces' helper, whose
+# callers' tables of names are read instead.
+BY_NAME_HELPERS = {"zerostart.serve._lazy"}
 
 
 def _modules() -> list[tuple[str, pathlib.Path, ast.Module]]:
@@ -44,12 +51,14 @@ def _modules() -> list[tuple[str, pathlib.Path, ast.Module]]:
 
 
 MODULES = _modules()
+NAMES = {m for m, _, _ in MODULES}
+PACKAGE_INITS = {m for m, p, _ in MODULES if p.name == "__init__.py"}
 
 
 def _imports(module: str, tree: ast.Module) -> list[tuple[int, str]]:
-    """(line, dotted name) of everything a module imports of zerostart; ``from a import b``
-    counts as ``a.b`` (b may be a module)."""
-    package = module if any(p.name == "__init__.py" and m == module for m, p, _ in MODULES) else module.rsplit(".", 1)[0]
+    """(line, dotted name) of everything a module imports of zerostart, by name too (see
+    :func:`_by_name`); ``from a import b`` counts as ``a.b`` (b may be a module)."""
+    package = module if module in PACKAGE_INITS else module.rsplit(".", 1)[0]
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -59,14 +68,81 @@ def _imports(module: str, tree: ast.Module) -> list[tuple[int, str]]:
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             found += [(node.lineno, f"{base}.{a.name}") for a in node.names]
+    found += _by_name(tree)[0]
     return [(line, name) for line, name in found if name.split(".")[0] == "zerostart"]
+
+
+def _by_name(tree: ast.Module) -> tuple[list[tuple[int, str]], list[int]]:
+    """Imports by name: ``(line, module)`` of each ``import_module``/``__import__`` of a name the
+    source spells (an f-string's literal head: the modules it begins) and of each module named in a
+    table of names (a dict whose values are, or begin with, ``zerostart.`` module names: the
+    lazy faces, the command line); and the lines of by-name imports of any other name."""
+    found, unread = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and (getattr(node.func, "attr", None) == "import_module"
+                                           or getattr(node.func, "id", None) in ("import_module", "__import__")):
+            arg = node.args[0] if node.args else None
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found.append((node.lineno, arg.value))
+            elif isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+                head = str(arg.values[0].value)  # "pkg." names one of pkg's modules; "pkg._x_" those it begins
+                named = [head[:-1]] if head.endswith(".") else sorted(m for m in NAMES if m.startswith(head))
+                found += [(node.lineno, m) for m in named or [head.rsplit(".", 1)[0]]]
+            else:
+                unread.append(node.lineno)
+        elif isinstance(node, ast.Dict):
+            for v in node.values:
+                v = v.elts[0] if isinstance(v, ast.Tuple) and v.elts else v
+                if isinstance(v, ast.Constant) and isinstance(v.value, str) and v.value.startswith("zerostart."):
+                    found.append((v.lineno, v.value))
+    return found, unread
+
+
+def _module_of(name: str) -> str:
+    """The module a dotted import name lands in (``a.b.X``: module ``a.b``)."""
+    while name not in NAMES and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def test_by_name_imports_are_seen() -> None:
+    tree = ast.parse("import importlib\nimportlib.import_module('zerostart.cluster')\n"
+                     "__import__('zerostart.sim')\nm = importlib.import_module(f'zerostart.engine.{x}')\n"
+                     "TABLE = {'a': ('zerostart.bench.load', 'help'), 'b': 'zerostart.policy._ttl'}\n"
+                     "importlib.import_module(name)\n")
+    assert sorted(_imports("zerostart.serve._x", tree)) == [
+        (2, "zerostart.cluster"), (3, "zerostart.sim"), (4, "zerostart.engine"), (5, "zerostart.bench.load"),
+        (5, "zerostart.policy._ttl")]
+    assert _by_name(tree)[1] == [6]
+
+
+def test_every_by_name_import_is_read() -> None:
+    """An import whose name is neither spelled out nor in a table of names would hide an edge."""
+    unread = {m: lines for m, _, tree in MODULES if (lines := _by_name(tree)[1])
+              and m not in BY_NAME_HELPERS and not any(n.startswith("zerostart.") for _, n in _by_name(tree)[0])}
+    assert unread == {}
+
+
+def test_the_command_table_names_commands() -> None:
+    """The command line imports each command's module by name (often a package's private ``_cli``):
+    each exists and has the command's two functions."""
+    cli = next(tree for m, _, tree in MODULES if m == "zerostart.cli")
+    named = {n for _, n in _by_name(cli)[0]}
+    assert named and named <= NAMES
+    for name in named:
+        tree = next(t for m, _, t in MODULES if m == name)
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert "main" in defined and ("add_arguments" in defined or name.endswith("cluster._cli")), name
 
 
 def test_no_private_imports_across_packages() -> None:
     """A private module (``_x``) is imported only from inside the package that holds it: others
-    use that package's public face (its ``__init__``), whose names are pinned below."""
+    use that package's public face (its ``__init__``), whose names are pinned below. (The
+    command line's table of commands excepted: above.)"""
     offenders = []
     for module, path, tree in MODULES:
+        if module == "zerostart.cli":
+            continue
         for line, name in _imports(module, tree):
             parts = name.split(".")
             for i, part in enumerate(parts[1:], start=1):
@@ -93,6 +169,98 @@ def test_imports_point_down() -> None:
     assert offenders == []
 
 
+def test_an_import_inside_a_function_says_why() -> None:
+    """An import stays inside a function only to keep something heavy or optional out of a process
+    or command that does not need it (torch out of the gateway, the gateway out of ``--help``), or
+    because its time is measured; a comment on it, or just above its group, says which."""
+    silent = []
+    for _, path, tree in MODULES:
+        lines = path.read_text().split("\n")
+        seen: set[int] = set()
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                for field in ("body", "orelse", "finalbody"):
+                    stmts = getattr(node, field, None)
+                    if not isinstance(stmts, list) or id(stmts) in seen:
+                        continue
+                    seen.add(id(stmts))
+                    for group in _runs_of_imports(stmts):
+                        first, last = group[0].lineno, group[-1].end_lineno or group[-1].lineno
+                        said = lines[first - 2].strip().startswith("#") or any(
+                            "#" in lines[i] for i in range(first - 1, last))
+                        if not said:
+                            silent.append(f"{path.relative_to(PACKAGE.parent)}:{first}")
+    assert silent == []
+
+
+def _runs_of_imports(stmts: list[ast.stmt]) -> list[list[ast.stmt]]:
+    runs: list[list[ast.stmt]] = []
+    for prev, stmt in zip([None, *stmts], stmts):
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            if isinstance(prev, (ast.Import, ast.ImportFrom)):
+                runs[-1].append(stmt)
+            else:
+                runs.append([stmt])
+    return runs
+
+
+def test_no_modules_import_each_other_in_a_circle() -> None:
+    """Between modules, whenever and however they import (in a function, by name, for type
+    checking): a package's ``__init__`` handing on its modules' names is an edge; a module's own
+    package being imported first is not."""
+    edges = {m: {_module_of(n) for _, n in _imports(m, tree)} - {m} for m, _, tree in MODULES}
+    assert _circles(edges) == []
+
+
+def _circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out = []
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges.get(root, ()))))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on.add(child)
+                    work.append((child, iter(sorted(edges.get(child, ())))))
+                elif child in on:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                scc = []
+                while True:
+                    top = stack.pop()
+                    on.discard(top)
+                    scc.append(top)
+                    if top == node:
+                        break
+                if len(scc) > 1:
+                    out.append(sorted(scc))
+    return out
+
+
+def test_circles_are_found() -> None:
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
 def test_the_leaf_imports_nothing_of_zerostart_and_nothing_heavy() -> None:
     for module, _, tree in MODULES:
         if module.split(".")[-1] in LEAF:
@@ -107,10 +275,14 @@ def test_the_leaf_imports_nothing_of_zerostart_and_nothing_heavy() -> None:
 # Each concept of the leaf is defined there and nowhere else (a second definition is how the
 # config came to accept a device the loaders reject).
 ONE_HOME = {
+    "zerostart/engine/_errors.py": {"EngineError"},
+    "zerostart/weights/_errors.py": {"WeightsError", "ImageError", "ImageIncompatible", "SourceError", "ObjectChanged",
+                                     "CacheFull"},
+    "zerostart/serve/control.py": {"LoadSpec", "load_spec"},
     "zerostart/names.py": {"normalize_device", "device_type", "DEVICE_TYPES", "dtype_name", "default_dtype",
                            "cpu_has_bf16", "DTYPES",
                            "DTYPE_BYTES", "Dtype", "ImageMode", "IMAGE_MODES", "DEFAULT_IMAGE_MODE", "Scheme",
-                           "source_scheme", "is_remote", "is_local"},
+                           "source_scheme", "is_remote", "is_local", "Rung", "LADDER", "Climb"},
     "zerostart/units.py": {"parse_size", "parse_duration", "format_size", "format_duration", "FOREVER", "GB",
                            "HOURS_PER_MONTH"},
 }
@@ -135,9 +307,9 @@ def test_each_leaf_concept_has_one_home() -> None:
 
 
 FACES = {
-    "zerostart.names": ["DEFAULT_IMAGE_MODE", "DEVICE_TYPES", "DTYPES", "DTYPE_BYTES", "IMAGE_MODES", "Dtype",
-                        "ImageMode", "Scheme", "cpu_has_bf16", "default_dtype", "device_type", "dtype_name", "is_local",
-                        "is_remote", "normalize_device", "source_scheme"],
+    "zerostart.names": ["Climb", "DEFAULT_IMAGE_MODE", "DEVICE_TYPES", "DTYPES", "DTYPE_BYTES", "IMAGE_MODES",
+                        "LADDER", "Dtype", "ImageMode", "Rung", "Scheme", "cpu_has_bf16", "default_dtype",
+                        "device_type", "dtype_name", "is_local", "is_remote", "normalize_device", "source_scheme"],
     "zerostart.units": ["FOREVER", "GB", "HOURS_PER_MONTH", "format_duration", "format_size", "parse_duration",
                         "parse_size"],
     "zerostart.weights": ["Arena", "Cache", "Checkpoint", "Eviction", "Fingerprint", "GgufModel", "GgufTensor",
@@ -174,7 +346,7 @@ FACES = {
         "key_tenant", "model_card", "model_list", "not_found", "openai_paths", "parse_body", "parse_request",
         "pause_deadline", "paths", "replay", "resources", "restart_deadline", "tenant_of"],
     "zerostart.serve.gateway": ["Fleet", "Lease", "State", "TRANSITIONS", "create_app"],
-    "zerostart.serve.worker": ["Holder", "LoadSpec", "build_app", "main"],
+    "zerostart.serve.worker": ["Holder", "build_app", "main"],
     "zerostart.serve.backends": ["BACKENDS", "ColdStart", "CommandWorker", "ForeignWorker", "LlamacppWorker",
                                  "LogPhases", "Memory", "SglangWorker", "UpstreamError", "UpstreamPool", "UpstreamResponse", "VllmWorker",
                                  "WorkerBackend", "WorkerError", "ZerostartWorker", "backend_class",
@@ -182,9 +354,9 @@ FACES = {
     "zerostart.plugins": [],
     "zerostart.plugins.vllm": ["LOAD_FORMAT", "LoaderOptions", "register"],
     "zerostart.serve.control": ["ErrorBody", "ErrorDetail", "ITL_BUCKETS", "ImageReport", "InFlight", "LoadAccepted",
-                                "LoadRecord", "LoadRequest", "ParkResult", "PhasesReport", "ReadyReport", "Refusal",
+                                "LoadRecord", "LoadSpec", "ParkResult", "PhasesReport", "ReadyReport", "Refusal",
                                 "RequestStats", "SETTLED", "STATS_HEADER", "TOKEN_ENV", "WORKER_TRANSITIONS",
-                                "WakeResult", "WorkerState", "check_worker"],
+                                "WakeResult", "WorkerState", "check_worker", "load_spec"],
     "zerostart.policy": ["AlwaysWarm", "Candidate", "CostAwareLadder", "CostModel", "Decision", "FixedTTL",
                          "HybridHistogram", "LADDER", "ModelView", "POLICY_NAMES", "Policy", "PolicyError", "Rung",
                          "choose_victim", "describe", "make", "usable"],

@@ -1,8 +1,10 @@
 """The ``zerostart`` command line.
 
 Thin by design: each command lives next to the code it drives, in a module exposing
-``add_arguments(parser)`` and ``main(args) -> int``. Modules are imported only when their
-command runs, so ``zerostart serve`` (the gateway) never imports torch.
+``add_arguments(parser)`` and ``main(args) -> int``. Modules are imported by name (the table
+below) only when their command runs, so ``zerostart serve`` (the gateway) never imports torch.
+The command line sits above every package, so it is also where ``zerostart serve`` on a cluster
+goes up to ``zerostart.cluster``, which serve itself never imports.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import argparse
 import importlib
 import os
 import sys
+from types import ModuleType
+
+from zerostart import __version__
 
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -41,11 +46,12 @@ GROUPS: dict[str, str] = {
     "bench": "benchmarks that print a table (and write JSON with --json): zerostart against its peers run side by "
              "side, and against the physical limit measured in the same run",
 }
+# `zerostart serve` whose config names a cluster backend (--cluster ray, or cluster.backend in the
+# file) is served by that backend's module, handed the config serve's command built: main(config)
+CLUSTER_BACKENDS = {"ray": "zerostart.cluster._cli"}
 
 
 def _build_parser(words: tuple[str, ...] | None) -> argparse.ArgumentParser:
-    from zerostart import __version__
-
     parser = argparse.ArgumentParser(prog="zerostart", description="Serve LLMs that scale to zero and come back fast.")
     parser.add_argument("--version", action="version", version=f"zerostart {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(args._module)
     try:
-        return int(module.main(args) or 0)
+        return _run(module, args)
     except KeyboardInterrupt:
         return 130
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
@@ -90,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__module__.startswith("zerostart"):
             return _fail(e)
         raise
+
+
+def _run(module: ModuleType, args: argparse.Namespace) -> int:
+    """The command's ``main``; for ``zerostart serve`` with a cluster backend, that backend's."""
+    if args._module == COMMANDS[("serve",)][0]:
+        config, _ = module.build_config(args)
+        if config.cluster.backend is not None:
+            return int(importlib.import_module(CLUSTER_BACKENDS[config.cluster.backend]).main(config))
+        return int(module.serve(config))
+    return int(module.main(args) or 0)
 
 
 def _fail(e: BaseException) -> int:

@@ -45,8 +45,10 @@ def ensure(work_dir: str, size: int, seed: int = 0, shard_bytes: int = 1 << 30, 
     out = os.path.join(work_dir, name)
     if os.path.exists(os.path.join(out, ".complete")):
         return out
+    # torch only when the benchmark runs, not at the command's start
     import torch
 
+    # the engine's torch names: only when the benchmark runs, not at the command's start
     from zerostart.weights import save_file
 
     os.makedirs(work_dir, exist_ok=True)

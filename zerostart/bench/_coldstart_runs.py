@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,8 +14,12 @@ import time
 import urllib.error
 import urllib.request
 
-from zerostart.bench import _env
+from zerostart import engine, snapshot, weights
+from zerostart.bench import _ceilings, _env
 from zerostart.bench._env import log as _log
+from zerostart.names import device_type
+from zerostart.telemetry import Timeline
+from zerostart.weights import arena_bytes
 
 
 class _Worker:
@@ -27,18 +32,16 @@ class _Worker:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "zerostart.serve.worker", "--port", str(self.port), "--device", args.device]
-        if standby:
+        if standby:  # what to load comes in POST /zerostart/load
             cmd.append("--standby")
             if reserve:
                 cmd += ["--reserve", str(reserve)]
         else:
-            cmd += ["--model", model, "--images", images]
-        if args.dtype:
-            cmd += ["--dtype", args.dtype]
-        if parkable:
-            cmd.append("--parkable")
-        if threads:
-            cmd += ["--threads", str(threads)]
+            cmd += ["--model", model, "--images", images] + (["--dtype", args.dtype] if args.dtype else [])
+            if parkable:
+                cmd.append("--parkable")
+            if threads:
+                cmd += ["--threads", str(threads)]
         self.t0 = time.perf_counter()
         self.t0_unix = time.time()
         self.proc = subprocess.Popen(cmd, env=_env.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -92,8 +95,6 @@ class _Worker:
 
 def _timeline_from(w: _Worker, start: float, end: float, include_spawn: bool, since: float | None = None) -> dict:
     """The worker's phases on our clock (seconds from ``start``), plus spawn and first token."""
-    from zerostart.telemetry import Timeline
-
     t = Timeline(origin=start)
     body = w.phases()
     shift = body.get("origin_unix", w.t0_unix) - w.t0_unix + (w.t0 - start)
@@ -112,8 +113,6 @@ def _timeline_from(w: _Worker, start: float, end: float, include_spawn: bool, si
 
 def _make_cold(files: list[str], args) -> None:
     """The files a start reads made cold as ``--page-cache`` says (coldstart.PAGE_CACHE)."""
-    from zerostart.bench import _ceilings
-
     if args.page_cache != "warm":
         _ceilings.drop(files, machine=args.page_cache == "machine")
 
@@ -142,8 +141,6 @@ def _run_image(model: str, image: str | None, args, files: list[str]) -> dict:
 
 
 def _run_standby(model: str, image: str | None, args, files: list[str], reserve: bool = False) -> dict:
-    from zerostart.weights import arena_bytes
-
     nbytes = arena_bytes(files) if reserve and args.device == "cpu" else 0  # covers the image's arena
     w = _Worker(None, args, standby=True, reserve=nbytes)
     try:
@@ -197,11 +194,6 @@ RUNNERS = {"source": _run_source, "image": _run_image, "standby": _run_standby, 
 def ensure_image(model: str, model_dir: str, args) -> str:
     """The model's ready image in the server's image store (written once, untimed; written again
     when its source's bytes changed)."""
-    import shutil
-
-    from zerostart import engine, snapshot, weights
-    from zerostart.names import device_type
-
     dtype = engine.weights_dtype(model_dir, args.device, args.dtype)
     fp = snapshot.fingerprint(model_dir, device_type(args.device), str(dtype))
     out = snapshot.image_store(model, fp)

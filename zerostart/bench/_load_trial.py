@@ -11,7 +11,11 @@ import os
 import sys
 import time
 
+import xxhash
+
+from zerostart.bench import _contestants
 from zerostart.names import Scheme, source_scheme
+from zerostart.weights import arena_bytes, reserve_host
 
 
 def _status(key: str) -> int:
@@ -24,6 +28,7 @@ def _status(key: str) -> int:
 
 def _touch(tensors: dict) -> int:
     """Read one byte per 4 KiB page of every CPU tensor (forces lazy mappings resident)."""
+    # after main set the environment the contestants read when imported
     import torch
 
     total = 0
@@ -40,8 +45,8 @@ def _touch(tensors: dict) -> int:
 
 def _fingerprint(tensors: dict) -> str:
     """A hash of three tensors' bytes (first, middle, last by name): contestants must agree."""
+    # after main set the environment the contestants read when imported
     import torch
-    import xxhash
 
     names = sorted(tensors)
     h = xxhash.xxh64()
@@ -58,9 +63,8 @@ def main() -> None:
     if name == "runai":
         os.environ.setdefault("RUNAI_STREAMER_CONCURRENCY", str(max(16, threads)))
         os.environ.setdefault("RUNAI_STREAMER_MEMORY_LIMIT", "-1")
+    # after main set the environment the contestants read when imported
     import torch
-
-    from zerostart.bench import _contestants
 
     # import the contestant's library before the clock starts
     mod = {"zerostart": "zerostart.weights", "zerostart-reserved": "zerostart.weights",
@@ -83,7 +87,6 @@ def main() -> None:
     int(torch.zeros(2 * 4096, dtype=torch.uint8)[::4096].sum())
     rss_before = _status("VmRSS")
     if name == "zerostart-reserved":  # what a standby worker does while it waits: fault in the arena's memory
-        from zerostart.weights import arena_bytes, reserve_host  # (counted in the peak memory, not the time)
 
         reserve_host(arena_bytes(args["files"]))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from typing import Any, Callable
 
+from zerostart import weights
 from zerostart.bench import _env
 
 S3_CONTESTANTS = ["zerostart", "zerostart-nocache", "runai", "download"]
@@ -45,8 +47,6 @@ class LoopbackS3:
     @staticmethod
     def start(work: str, log: Callable[[str], None]) -> "LoopbackS3":
         self = LoopbackS3.__new__(LoopbackS3)
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -83,6 +83,7 @@ class LoopbackS3:
                 "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
 
     def upload(self, local_dir: str, bucket: str, prefix: str) -> str:
+        # boto3 (optional): only when objects are uploaded
         import boto3
         from boto3.s3.transfer import TransferConfig
 
@@ -150,8 +151,6 @@ def raw_ceiling(url: str, env: dict[str, str], concurrency: int, part: int, fres
 
 def run(url: str, device: str, repeat: int, threads: int, env: dict[str, str], work: str, log: Callable[[str], None],
         trial: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    from zerostart import weights
-
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -31,6 +31,9 @@ from typing import Any
 import httpx
 
 from zerostart.bench.serve import BenchError, Gateway, machine, percentiles
+from zerostart.cluster import deploy
+from zerostart.serve import load_config
+from zerostart.serve import DEMO_NAME, ensure_demo_model
 from zerostart.telemetry import PHASES
 
 
@@ -47,8 +50,6 @@ def main(args: argparse.Namespace) -> int:
     if args.model:
         path, name = os.path.abspath(args.model), None
     else:
-        from zerostart.serve import DEMO_NAME, ensure_demo_model
-
         path, name = ensure_demo_model(), DEMO_NAME
     name = name or os.path.basename(path)
     model = {"path": path, "name": name, "idle_timeout": -1, "images": "off"}
@@ -73,6 +74,7 @@ class _RayCluster:
     """A head node (ingress, directory, Serve's proxy) and one worker node (the engine replica)."""
 
     def __init__(self, model: dict[str, Any], tmp: str) -> None:
+        # ray (optional): only when this benchmark runs
         import ray
         from ray.cluster_utils import Cluster
 
@@ -90,10 +92,8 @@ class _RayCluster:
         self.http = httpx.Client(transport=nodelay, base_url=self.url, timeout=600)
 
     def redeploy(self, keep: str) -> None:
+        # ray (optional): only when this benchmark runs
         from ray import serve
-
-        from zerostart.cluster import deploy
-        from zerostart.serve import load_config
 
         if "zerostart" in serve.status().applications:
             serve.delete("zerostart")
@@ -103,6 +103,7 @@ class _RayCluster:
                        "placement": {"num_cpus": 1}}]}}))
 
     def running(self) -> int:
+        # ray (optional): only when this benchmark runs
         from ray import serve
 
         app = serve.status().applications.get("zerostart")
@@ -130,6 +131,7 @@ class _RayCluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        # ray (optional): only when this benchmark runs
         import ray
         from ray import serve
 

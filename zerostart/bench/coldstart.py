@@ -32,10 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import time
 from typing import Any
 
+from zerostart import weights
+from zerostart.bench import _ceilings
+from zerostart.bench._coldstart_runs import RUNNERS, ensure_image
 from zerostart.bench._env import log as _log
 
 RUNGS = ["source", "image", "standby", "reserve", "parked"]
@@ -69,10 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from zerostart import weights
-    from zerostart.bench import _ceilings
-    from zerostart.bench._coldstart_runs import RUNNERS, ensure_image
-
     rungs = args.rungs or RUNGS
     if args.repeat < 1:
         raise SystemExit("zerostart: error: --repeat must be at least 1")
@@ -230,9 +230,11 @@ def _table(rep: dict) -> str:
 
 
 def _chart(rep: dict, path: str) -> None:
+    # matplotlib (optional): only for --chart
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib (optional): only for --chart
     import matplotlib.pyplot as plt
 
     rungs = [r for r in rep["rungs"].values() if "error" not in r]
@@ -263,11 +265,10 @@ def _chart(rep: dict, path: str) -> None:
 
 
 def _environment(device: str) -> dict:
-    import platform
-
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg": os.getloadavg()}
     try:
+        # torch only when the benchmark runs, not at the command's start
         import torch
 
         env["torch"] = torch.__version__

@@ -35,7 +35,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
+from zerostart import weights
+from zerostart.bench import _ceilings, _llamacpp_runs, _peers
+from zerostart.bench._coldstart_runs import RUNNERS, _Worker, ensure_image
 from zerostart.bench._env import log as _log
+from zerostart.serve.backends import find_llama_server as find_server
 
 VLLM_ROWS = {  # row -> (mode, load format)
     "vllm eager": ("eager", "auto"),
@@ -86,10 +90,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from zerostart import weights
-    from zerostart.bench import _ceilings, _llamacpp_runs, _peers
-    from zerostart.bench._coldstart_runs import RUNNERS, ensure_image
-
     rungs = [r for r in args.rungs.split(",") if r]
     rows = [r for r in args.vllm.split(",") if r] if args.vllm_python else []
     llama_rungs = [r for r in args.llamacpp_rungs.split(",") if r] if args.gguf else []
@@ -140,8 +140,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _llama_server(args: argparse.Namespace) -> str:
-    from zerostart.serve.backends import find_llama_server as find_server
-
     server = find_server(args.llama_server)
     if server is None or not os.access(server, os.X_OK):
         raise SystemExit("zerostart: error: no llama-server (make llamacpp-env, or --llama-server PATH)")
@@ -178,9 +176,6 @@ def hot_rows(args: argparse.Namespace, threads: list[int]) -> list[HotRow]:
 
 def _zerostart_hot(row: HotRow, args: argparse.Namespace, server: str) -> dict[str, Any]:
     """zerostart's engine, hot, through its worker's OpenAI route."""
-    from zerostart.bench import _peers
-    from zerostart.bench._coldstart_runs import _Worker
-
     w = _Worker(row.source, args, images="off", threads=row.threads)
     try:
         w.wait_ready()
@@ -191,16 +186,12 @@ def _zerostart_hot(row: HotRow, args: argparse.Namespace, server: str) -> dict[s
 
 
 def _llamacpp_hot(row: HotRow, args: argparse.Namespace, server: str) -> dict[str, Any]:
-    from zerostart.bench import _llamacpp_runs
-
     assert row.threads is not None
     return _llamacpp_runs.hot(server, row.source, threads=row.threads, batches=BATCHES, max_tokens=args.max_tokens,
                               prompt_tokens=args.prompt_tokens, timeout=args.timeout)
 
 
 def _vllm_hot(row: HotRow, args: argparse.Namespace, server: str) -> dict[str, Any]:
-    from zerostart.bench import _peers
-
     run = _peers.vllm_cold_start(args.vllm_python, row.source, mode="eager", loader="auto",
                                  prompt_tokens=args.prompt_tokens, timeout=args.timeout, hot_batches=BATCHES,
                                  max_tokens=args.max_tokens)

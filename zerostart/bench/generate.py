@@ -30,9 +30,14 @@ import os  # noqa: E402
 import statistics  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
+from zerostart import weights  # noqa: E402
+from zerostart import engine  # noqa: E402
+from zerostart.bench import _generate_cold  # noqa: E402
 from zerostart.bench._engine_run import bandwidth as _bandwidth, demo_model as _demo, machine as _machine  # noqa: E402
-from zerostart.bench._engine_run import sync, timed_batch  # noqa: E402
+from zerostart.bench._engine_run import prompts, sync, timed_batch  # noqa: E402
 from zerostart.bench._env import log as _log  # noqa: E402
+from zerostart.engine import SamplingParams  # noqa: E402
+from zerostart.names import dtype_name  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from zerostart.bench import _generate_cold
-
     if args.child:
         return _generate_cold.child(args, _T_START)
     if args.repeat < 1 or args.cold_repeat < 0 or args.max_tokens < 2 or args.prompt_tokens < 1:
@@ -70,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError:
         raise SystemExit(f"zerostart: error: --batch must list integers (got {args.batch!r})") from None
     if args.threads:
+        # torch only when the benchmark runs, not at the command's start
         import torch
 
         torch.set_num_threads(args.threads)
@@ -101,9 +105,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _dtypes(args, model: str) -> list[str]:
-    from zerostart import engine, weights
-    from zerostart.names import dtype_name
-
     if args.dtype:
         return [dtype_name(d) for d in args.dtype.split(",") if d.strip()]
     return [str(engine.weights_dtype(weights.localize(model), args.device)).removeprefix("torch.")]
@@ -111,21 +112,9 @@ def _dtypes(args, model: str) -> list[str]:
 
 # -- throughput ------------------------------------------------------------------------------
 
-def prompts(vocab: int, batch: int, n: int, bos: int | None) -> list[list[int]]:
-    """Distinct prompts of the same length, ordinary tokens only."""
-    out = []
-    for b in range(batch):
-        ids = [((b * 7919 + i * 104729) % (vocab - 300)) + 300 for i in range(n)]
-        if bos is not None:
-            ids[0] = bos
-        out.append(ids)
-    return out
-
-
 def _transformers(model_path: str, dtype, device: str):
+    # the transformers peer: only when it is measured
     import transformers
-
-    from zerostart import weights
 
     gguf = weights.gguf_file(model_path) if os.path.exists(model_path) else None
     if gguf is not None:  # transformers dequantizes GGUF files itself
@@ -150,6 +139,7 @@ class _Setup:
 
 
 def _setups(args, model_path: str, dtypes: list[str], max_seqs: int) -> list[_Setup]:
+    # the engine's torch names: only when the benchmark runs, not at the command's start
     from zerostart.engine import Engine, EngineConfig
 
     max_len = max(args.prompt_tokens + args.max_tokens, args.prefill_tokens) + 8
@@ -196,8 +186,6 @@ def _throughput(args, setups: list[_Setup], batches: list[int], bw: float) -> li
 
 
 def _zs_run(args, engine, ps: list[list[int]]):
-    from zerostart.engine import SamplingParams
-
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
 
     def run() -> tuple[float, list[list[int]]]:
@@ -208,6 +196,7 @@ def _zs_run(args, engine, ps: list[list[int]]):
 
 
 def _hf_run(args, hf, ps: list[list[int]]):
+    # torch only when the benchmark runs, not at the command's start
     import torch
 
     def run() -> tuple[float, list[list[int]]]:
@@ -240,6 +229,7 @@ def _interleaved(args, contestants) -> tuple[dict[Any, list[float]], dict[Any, l
 
 def _prefill(args, setups: list[_Setup]) -> list[dict[str, Any]]:
     """One long prompt through each model (every position's logits), tokens/s, all interleaved."""
+    # torch only when the benchmark runs, not at the command's start
     import torch
 
     runs = []
@@ -280,8 +270,6 @@ def _prefill(args, setups: list[_Setup]) -> list[dict[str, Any]]:
 # -- report ----------------------------------------------------------------------------------
 
 def _table(r: dict[str, Any]) -> str:
-    from zerostart.bench._generate_cold import COLD_COLUMNS
-
     m = r["machine"]
     lines = [f"zerostart bench generate: {os.path.basename(r['model'].rstrip('/'))} on {r['device']}, torch {m['torch']}, "
              f"transformers {m.get('transformers', '-')}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
@@ -309,9 +297,9 @@ def _table(r: dict[str, Any]) -> str:
     if cold:
         n = len(next(iter(next(iter(cold.values())).values()))["runs"])
         lines.append(f"cold start: process spawn to first token, seconds, median of {n}")
-        lines.append(f"{'':<22}" + "".join(f"{c:>12}" for c in COLD_COLUMNS + ("total",)))
+        lines.append(f"{'':<22}" + "".join(f"{c:>12}" for c in _generate_cold.COLD_COLUMNS + ("total",)))
         for dtype, by_name in cold.items():
             for name, d in by_name.items():
                 med = d["median"]
-                lines.append(f"{name + ' ' + dtype:<22}" + "".join(f"{med[c]:>12.3f}" for c in COLD_COLUMNS + ("total",)))
+                lines.append(f"{name + ' ' + dtype:<22}" + "".join(f"{med[c]:>12.3f}" for c in _generate_cold.COLD_COLUMNS + ("total",)))
     return "\n".join(lines)

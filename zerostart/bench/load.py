@@ -13,6 +13,7 @@ host-to-device copies (CUDA).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -22,10 +23,11 @@ import sys
 import time
 from typing import Any
 
-from zerostart.bench import _ceilings, _checkpoint
+from zerostart import weights
+from zerostart.bench import _ceilings, _checkpoint, _env, _s3
 from zerostart.bench._contestants import CONTESTANTS, LABELS, available, prepare
-from zerostart.units import parse_size
 from zerostart.bench._env import log as _log
+from zerostart.units import parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     names = _contestants(args)
-    from zerostart import weights
 
     work = args.work_dir or os.path.join(weights.cache_dir(), "bench")
     if (args.model and weights.is_remote(args.model)) or args.s3_loopback:
@@ -97,6 +98,7 @@ def _contestants(args: argparse.Namespace) -> list[str]:
     if unknown:
         raise SystemExit(f"zerostart: error: unknown contestant(s) {unknown}; choose from {CONTESTANTS}")
     if args.device.startswith("cuda"):
+        # torch only when the benchmark runs, not at the command's start
         import torch
 
         if not torch.cuda.is_available():
@@ -150,9 +152,6 @@ def _race(runners: list[str], extras: dict[str, dict], modes: list[str], path: s
 
 
 def _object_storage(args: argparse.Namespace, work: str) -> int:
-    from zerostart import weights
-    from zerostart.bench import _s3
-
     server = None
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RUNAI_"))}
     try:
@@ -221,8 +220,6 @@ def _sweep(path: str, files: list[str], model_bytes: int, args: argparse.Namespa
 
 def _trial(name: str, path: str, files: list[str], device: str, extra: dict, threads: int,
            env: dict[str, str] | None = None) -> dict[str, Any]:
-    from zerostart.bench import _env
-
     spec = json.dumps({"contestant": name, "path": path, "files": files, "device": device, "extra": extra, "threads": threads})
     proc = subprocess.run([sys.executable, "-m", "zerostart.bench._load_trial", spec], capture_output=True, text=True,
                           env=_env.child_env(env), timeout=3600)
@@ -330,8 +327,7 @@ def _table(rep: dict[str, Any]) -> str:
 
 
 def _environment(device: str) -> dict[str, Any]:
-    import importlib.metadata as md
-
+    # torch only when the benchmark runs, not at the command's start
     import torch
 
     env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),

@@ -31,6 +31,7 @@ import httpx
 import yaml
 
 import zerostart
+from zerostart.serve import DEMO_NAME, ensure_demo_model
 from zerostart.telemetry import PHASES
 
 
@@ -51,8 +52,6 @@ def main(args: argparse.Namespace) -> int:
     if args.model:
         path, name = os.path.abspath(args.model), None
     else:
-        from zerostart.serve import DEMO_NAME, ensure_demo_model
-
         path, name = ensure_demo_model(), DEMO_NAME
     with tempfile.TemporaryDirectory(prefix="zerostart-bench-") as tmp:
         # images off: every measured cold start loads the checkpoint (`zerostart coldstart`

@@ -1,5 +1,5 @@
 """zerostart on a Ray Serve cluster: the single-node fleet inside each engine replica, Ray
-around it (DESIGN.md §3, docs/cluster.md).
+around it (docs/design.md §3, docs/cluster.md).
 
     zerostart serve --cluster ray [--address auto] --config config.yaml
 
@@ -12,6 +12,7 @@ Ray is imported only when a cluster is used; ``ReplicaPolicy`` (the autoscaling 
 only ``zerostart.policy``.
 """
 
+import importlib
 from typing import Any
 
 _EXPORTS = {
@@ -33,8 +34,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'zerostart.cluster' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)
 
 

@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from zerostart.serve import PoolConfig, ServeConfig
+from zerostart.serve import PoolConfig, ServeConfig, load_config
 
 log = logging.getLogger("zerostart.cluster")
 
@@ -85,8 +85,10 @@ def engine_options(pool: PoolConfig, config: ServeConfig) -> dict[str, Any]:
 
 def build(config: ServeConfig) -> Any:
     """The Ray Serve application (``serve.run(build(config))``)."""
+    # ray (optional), with the deployments: only when a cluster is built
     from ray import serve
 
+    # ray (optional), with the deployments: only when a cluster is built
     from zerostart.cluster._directory import Directory
     from zerostart.cluster._ingress import Ingress
     from zerostart.cluster._replica import EngineReplica
@@ -112,8 +114,6 @@ def app_from_args(args: dict[str, Any]) -> Any:
         import_path: zerostart.cluster:app_from_args
         args: {config: /etc/zerostart/config.yaml}
     """
-    from zerostart.serve import load_config
-
     path = args.get("config") or os.environ.get("ZEROSTART_CONFIG")
     if not path:
         raise ValueError("zerostart.cluster:app_from_args needs args.config (a zerostart config file) or "

@@ -16,6 +16,7 @@ log = logging.getLogger("zerostart.cluster")
 def connect(address: str) -> None:
     """Join the Ray cluster at ``address`` (``auto``: $RAY_ADDRESS or a running local cluster, else
     start a local one)."""
+    # ray (optional): only when a cluster is joined
     import ray
 
     if ray.is_initialized():
@@ -32,6 +33,7 @@ def connect(address: str) -> None:
 
 def deploy(config: ServeConfig, *, address: str | None = None) -> str:
     """Deploy ``config`` on the cluster; returns the OpenAI base URL of Ray Serve's proxy."""
+    # ray (optional): only when a cluster is joined
     from ray import serve
 
     connect(address or config.cluster.address)
@@ -44,6 +46,7 @@ def deploy(config: ServeConfig, *, address: str | None = None) -> str:
 
 def serve_forever(config: ServeConfig, *, address: str | None = None) -> int:
     """``zerostart serve --cluster ray``: deploy, then keep the application until interrupted."""
+    # ray (optional): only when a cluster is joined
     from ray import serve
 
     url = deploy(config, address=address)
@@ -61,6 +64,7 @@ def serve_forever(config: ServeConfig, *, address: str | None = None) -> int:
 
 def status_of(app_name: str) -> dict[str, Any]:
     """Ray's own view of the application's deployments (replica states per deployment)."""
+    # ray (optional): only when a cluster is joined
     from ray import serve
 
     app = serve.status().applications.get(app_name)

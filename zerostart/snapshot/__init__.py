@@ -1,4 +1,4 @@
-"""Ready images, parking and waking, and suspending foreign GPU processes (DESIGN.md §2).
+"""Ready images, parking and waking, and suspending foreign GPU processes (docs/design.md §2).
 
 - :func:`write_engine_image` (over :func:`write_image`) / :func:`check_compatible` /
   :func:`read_manifest`: a model exactly as the engine holds it after prepare, restored by one

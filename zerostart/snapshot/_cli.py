@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from zerostart import snapshot, weights
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a checkpoint directory, hf://org/name, s3:// or https:// source")
@@ -15,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from zerostart import snapshot, weights
+    # torch only when it runs: the command's parser needs none
     from zerostart.engine import Engine
 
     t0 = time.perf_counter()

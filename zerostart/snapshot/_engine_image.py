@@ -1,5 +1,5 @@
 """A loaded engine written as a ready image: its prepared weights, the notes of how they were
-fused, and its torch.compile artifacts when it compiled (DESIGN.md §2)."""
+fused, and its torch.compile artifacts when it compiled (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def write_engine_image(engine: Engine, model_dir: str, out: str, fp: Fingerprint
 
 def _compile_cache() -> bytes | None:
     """This process's torch.compile artifacts (None where torch cannot save them)."""
+    # torch only when parking runs: the gateway imports this package's face
     import torch
 
     try:

@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from zerostart import weights
+from zerostart.snapshot._vmm import buffer_of
+from zerostart.weights import Region
 
 if TYPE_CHECKING:
     import torch
@@ -70,9 +75,8 @@ class Parking:
     # --- CUDA ---------------------------------------------------------------------------------
 
     def _park_cuda(self, keep: bool) -> None:
+        # torch only when parking runs: the gateway imports this package's face
         import torch
-
-        from zerostart.weights import Region
 
         if keep:
             if self._host is None:
@@ -87,8 +91,7 @@ class Parking:
         self.vmm.release()
 
     def _wake_cuda(self) -> None:
-        import threading
-
+        # torch only when parking runs: the gateway imports this package's face
         import torch
 
         self.vmm.restore()
@@ -104,6 +107,7 @@ class Parking:
 
     @staticmethod
     def _drop_host(host, region) -> None:
+        # torch only when parking runs: the gateway imports this package's face
         import torch
 
         if region is not None:
@@ -119,8 +123,6 @@ class Parking:
         return start, max(0, end - start)
 
     def _park_cpu(self, keep: bool) -> None:
-        from zerostart import weights
-
         start, length = self._span()
         if not length:  # smaller than a page: nothing to give back; the bytes stay in place
             return
@@ -143,8 +145,6 @@ class Parking:
         weights.release_pages(start, length, "while parking")
 
     def _wake_cpu(self) -> None:
-        from zerostart import weights
-
         start, length = self._span()
         if not (self.kept and self._memfd is not None and length):
             return
@@ -215,9 +215,8 @@ class EngineParking:
     replica); parking a busy engine raises."""
 
     def __init__(self, engine) -> None:
+        # torch only when parking runs: the gateway imports this package's face
         import torch
-
-        from zerostart.snapshot._vmm import buffer_of
 
         self.engine = engine
         cuda = engine.device.type == "cuda"

@@ -19,6 +19,7 @@ class VmmUnavailable(RuntimeError):
 
 def _driver():
     try:
+        # cuda-bindings (optional): only on CUDA
         from cuda.bindings import driver
     except ImportError:
         try:
@@ -46,6 +47,7 @@ def _check(result: Any, what: str) -> Any:
 
 
 def _ensure_context(device: int) -> None:
+    # torch only when parking runs: the gateway imports this package's face
     import torch
 
     torch.cuda.init()
@@ -112,6 +114,7 @@ class VmmBuffer:
 
     def tensor(self):
         """A uint8 torch tensor over the whole buffer (same address for the buffer's life)."""
+        # torch only when parking runs: the gateway imports this package's face
         import torch
 
         return torch.as_tensor(_ArrayInterface(self.ptr, self.nbytes, self), device=f"cuda:{self.device}")
@@ -121,6 +124,7 @@ class VmmBuffer:
         with self._lock:
             if self._handle is None:
                 return
+            # torch only when parking runs: the gateway imports this package's face
             import torch
 
             torch.cuda.synchronize(self.device)  # nothing may still be using it
@@ -155,6 +159,7 @@ class VmmBuffer:
 
 def vmm_allocator(nbytes: int, device) -> "Any":
     """An allocator for :func:`zerostart.weights.load_arena`: the arena in a VmmBuffer."""
+    # torch only when parking runs: the gateway imports this package's face
     import torch
 
     dev = torch.device(device)

@@ -30,8 +30,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    # vLLM's own (optional): only when vLLM loads this plugin
     from vllm.model_executor.model_loader import register_model_loader
 
+    # vLLM's own (optional): only when vLLM loads this plugin
     from zerostart.plugins.vllm._loader import ZerostartModelLoader
 
     register_model_loader(LOAD_FORMAT)(ZerostartModelLoader)
