@@ -1,6 +1,6 @@
 """zerostart: serve LLMs that scale to zero and come back fast.
 
-The packages follow the cold-start pipeline (see DESIGN.md):
+The packages follow the cold-start pipeline (see docs/design.md):
 
 - ``zerostart.weights``  bytes -> tensors (safetensors at the storage limit)
 - ``zerostart.engine``   tensors -> tokens (Llama-family models)

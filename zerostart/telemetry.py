@@ -1,6 +1,6 @@
 """Cold-start telemetry: a timeline of named phases, each with its bytes and bandwidth.
 
-Every cold start reports through a :class:`Timeline` (DESIGN.md §4.5). Phases may overlap
+Every cold start reports through a :class:`Timeline` (docs/design.md §4.5). Phases may overlap
 (execute-while-load runs prefill while the last layers are still being copied), so each one
 records its own start and end relative to the timeline's origin rather than a duration alone.
 This module imports nothing heavy: the gateway uses it without torch.
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-# The phases of a cold start, in pipeline order (DESIGN.md §1).
+# The phases of a cold start, in pipeline order (docs/design.md §1).
 PHASES = ("spawn", "import", "device_init", "fetch", "read", "copy", "prepare", "warmup", "first_token")
 
 
