@@ -1,4 +1,5 @@
-"""Continuous batching, chunked prefill, the KV budget, and fused weights in one arena."""
+"""Continuous batching, chunked prefill, and fused weights in one arena (the KV budget and its
+blocks: test_engine_kv_blocks.py)."""
 
 import pytest
 import torch
@@ -6,7 +7,6 @@ import torch
 from zerostart.engine import Engine, EngineConfig, EngineError, RequestHandle, SamplingParams
 from zerostart.engine import _weights
 from zerostart.engine._config import ModelShape
-from zerostart.engine._kv_cache import bytes_per_token
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -62,18 +62,6 @@ def test_sequences_join_and_leave_between_steps(tiny_dir):
         step += 1
     assert [[ev.token_id for ev in h] for h in handles] == refs
     assert sorted(e.scheduler._free) == [0, 1, 2]
-
-
-def test_kv_cache_is_one_allocation_within_the_budget(tiny_dir):
-    cfg = ModelShape.from_file(f"{tiny_dir}/config.json")
-    per_slot = bytes_per_token(cfg, torch.float32) * (128 + 1)
-    e = Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_model_len=128, max_num_seqs=8,
-                                                             kv_cache_bytes=3 * per_slot + 100))
-    assert e.num_slots == 3
-    assert e.kv_storage.numel() * e.kv_storage.element_size() <= 3 * per_slot + 100
-    assert e.kv_storage.is_contiguous()
-    with pytest.raises(EngineError, match="kv_cache_bytes"):
-        Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_model_len=128, kv_cache_bytes=per_slot - 1))
 
 
 def _arena(cfg, order, dtype=torch.float32):

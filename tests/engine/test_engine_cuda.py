@@ -95,3 +95,16 @@ def test_cuda_in_place_fusion(tiny_dir, hf_tiny, tmp_path, cpu_ref):
     ptr = e.weights_storage.untyped_storage().data_ptr()
     assert all(p.untyped_storage().data_ptr() == ptr for p in e.model.parameters())
     assert _tokens(e, PROMPTS[:2]) == solo[:2]
+
+
+def test_cuda_kv_cache_is_backed_in_full_and_counted_in_blocks(tiny_dir, cpu_ref):
+    # device memory is not committed block by block: the budget bounds slots (3 full contexts
+    # here, 144 positions of 512 bytes each), and blocks of 16 positions are counted within them
+    _, solo = cpu_ref
+    e = Engine.from_pretrained(tiny_dir, device="cuda", dtype="float32",
+                               config=EngineConfig(max_model_len=128, max_num_seqs=8, kv_cache_bytes=3 * 144 * 512 + 100))
+    kv = e.kv_stats()
+    assert not kv.paged and kv.slots == e.num_slots == 3 and kv.block_tokens == 16 and kv.blocks == 3 * 144 // 16
+    assert bool(torch.isfinite(e.kv_storage).all())  # zeroed once: masked positions are finite
+    assert _tokens(e, PROMPTS) == solo  # 6 prompts through 3 slots, decode graphs with filler rows
+    assert e.kv_stats().free_blocks == kv.blocks and e.kv_stats().preemptions == 0

@@ -3,11 +3,13 @@
 A step mixes two kinds of rows (continuous batching with chunked prefill):
 
 - decode rows ``[0, num_decode)``: one token each; row ``i`` belongs to KV cache slot ``i``
-  (slots without a decoding sequence ride along as filler rows that write only to the slot's
+  (slots without a decoding sequence ride along as filler rows that write only to the cache's
   scratch position and are never read), so the cache of the whole group is one strided view.
   When few of the slots below the highest one decode (``decode_slots`` set), the rows are just
-  the decoding sequences and their keys are gathered instead;
-- prefill chunks after them: consecutive prompt tokens of one sequence each.
+  the decoding sequences and their keys are gathered instead. Their keys and values are
+  written where ``kv_slots`` and ``kv_pos`` say;
+- prefill chunks after them: consecutive prompt tokens of one sequence each, written into
+  the slot as one slice.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ class Prefill:
 class StepContext:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, rotary positions
-    kv_slots: torch.Tensor  # [T] int64, cache slot each row writes to
-    kv_pos: torch.Tensor  # [T] int64, cache position each row writes to
+    kv_slots: torch.Tensor | None = None  # [num_decode] int64, cache slot each decode row writes to
+    kv_pos: torch.Tensor | None = None  # [num_decode] int64, cache position each decode row writes to
     num_decode: int = 0
     decode_len: int = 0  # decode rows attend to cache positions [0, decode_len)
     decode_lens: torch.Tensor | None = None  # [num_decode] int64, keys each decode row sees (its position + 1)

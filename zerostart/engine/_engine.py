@@ -29,7 +29,7 @@ from zerostart.engine._config import EngineConfig, ModelShape  # noqa: E402
 from zerostart.engine._detok import Detokenizer  # noqa: E402
 from zerostart.engine._errors import EngineError  # noqa: E402
 from zerostart.engine._grammar import GrammarEngine  # noqa: E402
-from zerostart.engine._kv_cache import KVCache, plan_slots  # noqa: E402
+from zerostart.engine._kv_cache import KVCache, KVStats, plan as kv_plan  # noqa: E402
 from zerostart.engine._model import Transformer  # noqa: E402
 from zerostart.engine._logprobs import logprobs as _logprobs, row_logprobs  # noqa: E402
 from zerostart.engine._params import PoolingParams, SamplingParams, TokenEvent  # noqa: E402
@@ -72,7 +72,8 @@ class Engine:
         self.source = source  # what the model was loaded from, as named
         self.model_dir = model_dir  # the local directory with its config and tokenizer files
         self.runner = ModelRunner(model, kv, device, config)
-        self.scheduler = Scheduler(kv.num_slots, config.prefill_chunk)
+        assert config.prefill_chunk is not None, "from_pretrained fills in the device's defaults"
+        self.scheduler = Scheduler(kv.num_slots, config.prefill_chunk, kv)
         self.sampler = Sampler(model_config.vocab_size, device, config.seed)
         self._inbox: deque[Sequence] = deque()
         self._grammar_lock = threading.Lock()
@@ -111,6 +112,7 @@ class Engine:
         with timeline.phase("device_init"):
             dev = _load.device_for(device)
             _load.set_threads(config, dev)
+        config = config.for_device(dev.type)
         dtype = _load.model_dtype(dtype, dev, files)
         tokenizer = Tokenizer(files.dir)
         t_load = time.perf_counter()
@@ -123,15 +125,16 @@ class Engine:
                 ph.detail.update(fusion="; ".join(built.plan.notes), overlap_load=built.overlap)
             with timeline.phase("warmup") as ph:
                 budget = _load.kv_budget(config, dev, files.config, dtype, built.max_len)
-                slots = plan_slots(files.config, dtype, built.max_len, config.max_num_seqs, budget)
-                kv = KVCache(files.config, slots, built.max_len, dtype, dev, allocator=allocator if dev.type == "cuda" else None)
+                plan = kv_plan(files.config, dtype, built.max_len, config.max_num_seqs, budget, dev)
+                kv = KVCache(files.config, plan, built.max_len, dtype, dev, allocator=allocator if dev.type == "cuda" else None)
                 engine = cls(model=built.model, model_config=files.config, tokenizer=tokenizer, arena=arena, kv=kv,
                              config=config, device=dev, dtype=dtype, max_model_len=built.max_len,
                              eos_ids=_load.eos_ids(files.dir, files.config, tokenizer), model_name=files.name,
                              timeline=timeline, fusion=built.plan, source=source, model_dir=files.dir)
                 shared = _load.warm_up(engine)
                 ph.bytes = kv.nbytes
-                ph.detail.update(kv_slots=slots, max_model_len=built.max_len, graphs=len(engine.runner._graphs),
+                ph.detail.update(kv_slots=plan.slots, kv_blocks=plan.blocks, kv_block_tokens=plan.block_tokens,
+                                 max_model_len=built.max_len, graphs=len(engine.runner._graphs),
                                  threads=torch.get_num_threads())
                 if shared is not None:
                     ph.detail["threads_while_loading"] = shared
@@ -150,7 +153,8 @@ class Engine:
 
     @property
     def kv_storage(self) -> torch.Tensor:
-        """The KV cache: one allocation [layers, 2, slots, kv_heads, max_model_len + 1, head_dim]."""
+        """The KV cache: one allocation [slots, layers, 2, kv_heads, positions, head_dim] (on CPU
+        a reserved mapping that takes memory block by block as sequences grow)."""
         return self.kv.storage
 
     @property
@@ -163,6 +167,13 @@ class Engine:
             queued = len(self._inbox)
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + queued,
                 "slots": self.kv.num_slots}
+
+    def kv_stats(self) -> KVStats:
+        """The KV cache's capacity and use: blocks of ``block_tokens`` positions, free and held."""
+        kv = self.kv
+        return KVStats(tokens=kv.num_blocks * kv.block_tokens, block_tokens=kv.block_tokens, blocks=kv.num_blocks,
+                       free_blocks=kv.free_blocks, slots=kv.num_slots, nbytes=kv.nbytes, paged=kv.paged,
+                       preemptions=self.scheduler.preemptions)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -251,11 +262,12 @@ class Engine:
         """Next-token logits [len(prompt_ids), vocab] (float32) at every position of a prompt,
         prefilled in chunks of ``chunk`` tokens (default: the engine's prefill chunk)."""
         ids = self._check_prompt(prompt_ids)
-        chunk = chunk or self.config.prefill_chunk
+        chunk = chunk or self.scheduler.prefill_chunk
         with self._step_lock:
-            slot = self.scheduler.take_slot()
+            slot = self.scheduler.take_slot(len(ids))
             if slot is None:
-                raise EngineError("every KV cache slot is busy; score the prompt when a request finishes")
+                raise EngineError("every KV cache slot is busy, or the free blocks do not hold the prompt; score the "
+                                  "prompt when a request finishes")
             try:
                 parts = [self.runner.prefill_logits(slot, ids[i : i + chunk], i) for i in range(0, len(ids), chunk)]
             finally:

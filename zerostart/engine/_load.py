@@ -12,7 +12,7 @@ import torch
 from zerostart import weights
 from zerostart.engine._config import CPU_KV_CACHE_BYTES, EngineConfig, ModelShape, read_json_object
 from zerostart.engine._errors import EngineError
-from zerostart.engine._kv_cache import bytes_per_token
+from zerostart.engine._kv_cache import slot_bytes
 from zerostart.engine._model import Transformer
 from zerostart.engine._params import SamplingParams
 from zerostart.engine._runner import ModelRunner
@@ -156,14 +156,14 @@ def eos_ids(path: str, cfg: ModelShape, tokenizer: Tokenizer) -> frozenset[int]:
 
 
 def kv_budget(config: EngineConfig, dev: torch.device, cfg: ModelShape, dtype: torch.dtype, max_len: int) -> int:
-    wanted = bytes_per_token(cfg, dtype) * (max_len + 1) * config.max_num_seqs
+    wanted = slot_bytes(cfg, dtype, max_len, dev) * config.max_num_seqs
     if config.kv_cache_bytes is not None:
         return config.kv_cache_bytes
     if dev.type == "cpu":
         return min(wanted, CPU_KV_CACHE_BYTES)
     free, total = torch.cuda.mem_get_info(dev)
     # leave room for activations of a prefill chunk and the graphs' pool
-    reserve = 64 * 2**20 + config.prefill_chunk * cfg.vocab_size * 4 * 2
+    reserve = 64 * 2**20 + (config.prefill_chunk or 0) * cfg.vocab_size * 4 * 2
     budget = int(config.gpu_memory_utilization * total) - (total - free) - reserve
     return max(0, min(wanted, budget))
 

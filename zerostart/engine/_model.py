@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zerostart.engine._config import ModelShape
-from zerostart.engine._context import StepContext
+from zerostart.engine._context import Prefill, StepContext
 
 
 class RMSNorm(nn.Module):
@@ -89,35 +89,48 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        k_cache[ctx.kv_slots, :, ctx.kv_pos] = k
-        v_cache[ctx.kv_slots, :, ctx.kv_pos] = v
-
-        outs = []
-        nd = ctx.num_decode
-        if nd:
-            # GQA without repeating keys: the query heads sharing a KV head become its query rows.
-            group = self.num_heads // self.num_kv_heads
-            qd = q[:nd].view(nd, self.num_kv_heads, group, self.head_dim)
-            if ctx.decode_slots is None:  # rows are slots [0, nd): a view
-                kd = k_cache[:nd, :, : ctx.decode_len]
-                vd = v_cache[:nd, :, : ctx.decode_len]
-            else:
-                kd = k_cache[:, :, : ctx.decode_len].index_select(0, ctx.decode_slots)
-                vd = v_cache[:, :, : ctx.decode_len].index_select(0, ctx.decode_slots)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=ctx.masks[self.window], scale=self.scale)
-            outs.append(o.reshape(nd, self.num_heads * self.head_dim))
-        for p in ctx.prefills:
-            # [1, heads, S, D] against the slot's keys [1, kv_heads, start + S, D]
-            qp = q[p.row : p.row + p.length].transpose(0, 1).unsqueeze(0)
-            end = p.start + p.length
-            kp = k_cache[p.slot : p.slot + 1, :, :end]
-            vp = v_cache[p.slot : p.slot + 1, :, :end]
-            mask = ctx.prefill_masks[(p.row, self.window)]
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
-                                               scale=self.scale, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1).reshape(p.length, self.num_heads * self.head_dim))
+        _write_kv(ctx, k, v, k_cache, v_cache)
+        outs = [self._decode(q, ctx, k_cache, v_cache)] if ctx.num_decode else []
+        outs += [self._prefill(q, p, ctx, k_cache, v_cache) for p in ctx.prefills]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o(out)[0]
+
+    def _decode(self, q: torch.Tensor, ctx: StepContext, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        # GQA without repeating keys: the query heads sharing a KV head become its query rows.
+        nd, group = ctx.num_decode, self.num_heads // self.num_kv_heads
+        qd = (q if nd == q.shape[0] else q[:nd]).view(nd, self.num_kv_heads, group, self.head_dim)
+        if ctx.decode_slots is None:  # rows are slots [0, nd): a view
+            kd = k_cache[:nd, :, : ctx.decode_len]
+            vd = v_cache[:nd, :, : ctx.decode_len]
+        else:
+            kd = k_cache[:, :, : ctx.decode_len].index_select(0, ctx.decode_slots)
+            vd = v_cache[:, :, : ctx.decode_len].index_select(0, ctx.decode_slots)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=ctx.masks[self.window], scale=self.scale)
+        return o.reshape(nd, self.num_heads * self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, p: Prefill, ctx: StepContext, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> torch.Tensor:
+        # [1, heads, S, D] against the slot's keys [1, kv_heads, start + S, D]
+        qp = q[p.row : p.row + p.length].transpose(0, 1).unsqueeze(0)
+        end = p.start + p.length
+        kp = k_cache[p.slot : p.slot + 1, :, :end]
+        vp = v_cache[p.slot : p.slot + 1, :, :end]
+        mask = ctx.prefill_masks[(p.row, self.window)]
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                           scale=self.scale, enable_gqa=True)
+        return o[0].transpose(0, 1).reshape(p.length, self.num_heads * self.head_dim)
+
+
+def _write_kv(ctx: StepContext, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The step's keys and values into the cache: decode rows each at its own slot and
+    position, a prefill chunk as one slice of its slot. k, v: [T, kv_heads, head_dim]."""
+    nd = ctx.num_decode
+    if nd:
+        k_cache[ctx.kv_slots, :, ctx.kv_pos] = k if nd == k.shape[0] else k[:nd]
+        v_cache[ctx.kv_slots, :, ctx.kv_pos] = v if nd == v.shape[0] else v[:nd]
+    for p in ctx.prefills:
+        k_cache[p.slot, :, p.start : p.start + p.length] = k[p.row : p.row + p.length].transpose(0, 1)
+        v_cache[p.slot, :, p.start : p.start + p.length] = v[p.row : p.row + p.length].transpose(0, 1)
 
 
 class MLP(nn.Module):

@@ -44,7 +44,7 @@ class StepOutput:
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph | None"
-    inputs: torch.Tensor  # [4, nb] int64: ids, positions, kv positions, key counts
+    inputs: torch.Tensor  # [5, nb] int64: ids, positions, kv slots, kv positions, key counts
     ctx: StepContext
     logits: torch.Tensor | None
 
@@ -78,8 +78,7 @@ class ModelRunner:
         logprobs and pooling asked for."""
         if decode and not prefills and self.bucketed:
             return StepOutput(self._decode_bucketed(decode), decode, [], [])
-        kv = self.kv
-        rows: list[list[int]] = [[], [], [], []]  # ids, positions, slots, kv positions
+        rows: list[list[int]] = [[], [], [], []]  # ids, positions, (decode rows:) kv slots, kv positions
         lens: list[int] = []
         nd = max(s.slot for s in decode) + 1 if decode else 0
         gathered = nd > 2 * len(decode) + 2  # mostly filler rows: gather the few real ones instead
@@ -90,8 +89,8 @@ class ModelRunner:
             lens = [s.num_cached + 1 for s in decode]
             out_rows = list(range(nd))
         elif nd:
-            ids, pos, kvpos, lens = self._decode_rows(decode, nd)
-            rows = [ids, pos, list(range(nd)), kvpos]
+            rows = self._decode_rows(decode, nd)
+            lens = rows.pop()
             out_rows = [s.slot for s in decode]
         else:
             out_rows = []
@@ -104,13 +103,12 @@ class ModelRunner:
         for seq, n in prefills:
             start = seq.num_cached
             row = len(rows[0])
-            rows[0].extend(seq.prompt_ids[start : start + n])
+            rows[0].extend(seq.tokens(start, n))
             rows[1].extend(range(start, start + n))
-            rows[2].extend([seq.slot] * n)
-            rows[3].extend(range(start, start + n))
             plan.append(Prefill(seq.slot, start, n, row))
-            kv.ensure_zeroed(seq.slot, start + n)  # before the write, never after it
-            last = start + n == seq.prompt_len
+            last = start + n == seq.prefill_len
+            if seq.resumed:  # prefilling again after a preemption: its outputs were given already
+                continue
             if seq.params.prompt_logprobs is not None:
                 k = min(start + n, seq.prompt_len - 1) - start  # positions whose next token is in the prompt
                 if k > 0:
@@ -124,17 +122,16 @@ class ModelRunner:
             elif last and seq.max_tokens > 0:
                 out_rows.append(row + n - 1)
                 out_seqs.append(seq)
-        decode_len = max(lens) if lens else 0
-        for j in rows[2][:nd]:
-            kv.ensure_zeroed(j, decode_len)
-        packed = self._to_device(rows + [lens + [0] * (len(rows[0]) - nd)])
+        pad = [0] * (len(rows[0]) - nd)
+        packed = self._to_device(rows[:2] + ([rows[2] + pad, rows[3] + pad, lens + pad] if nd else []))
         ns = len(out_rows)
-        ctx = StepContext(input_ids=packed[0], positions=packed[1], kv_slots=packed[2], kv_pos=packed[3],
-                          num_decode=nd, decode_len=decode_len, decode_lens=packed[4][:nd] if nd else None,
+        ctx = StepContext(input_ids=packed[0], positions=packed[1],
+                          kv_slots=packed[2][:nd] if nd else None, kv_pos=packed[3][:nd] if nd else None,
+                          num_decode=nd, decode_len=max(lens) if lens else 0, decode_lens=packed[4][:nd] if nd else None,
                           decode_slots=packed[2][:nd] if gathered else None,
                           prefills=plan, logits_rows=self._to_device([out_rows + prompt_rows])[0],
                           hidden_rows=self._to_device([hidden_rows])[0] if hidden_rows else None)
-        logits = self.model(ctx, kv.k, kv.v)
+        logits = self.model(ctx, self.kv.k, self.kv.v)
         hid = ctx.hidden_out  # set when hidden_rows is, so whenever `hidden` is not empty
         return StepOutput(logits[:ns], out_seqs,
                           [(seq, pos, logits[ns + off : ns + off + k]) for seq, pos, off, k in prompt],
@@ -144,20 +141,21 @@ class ModelRunner:
     def prefill_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Write ``ids`` at positions [start, start + len) of ``slot``; logits of every row."""
         n = len(ids)
-        self.kv.ensure_zeroed(slot, start + n)
-        packed = self._to_device([ids, list(range(start, start + n)), [slot] * n, list(range(start, start + n))])
-        ctx = StepContext(input_ids=packed[0], positions=packed[1], kv_slots=packed[2], kv_pos=packed[3],
-                          prefills=[Prefill(slot, start, n, 0)])
+        packed = self._to_device([ids, list(range(start, start + n))])
+        ctx = StepContext(input_ids=packed[0], positions=packed[1], prefills=[Prefill(slot, start, n, 0)])
         return self.model(ctx, self.kv.k, self.kv.v)
 
-    def _decode_rows(self, decode: list[Sequence], n: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    def _decode_rows(self, decode: list[Sequence], n: int) -> list[list[int]]:
+        """Rows [0, n) for slots [0, n): ids, positions, kv slots, kv positions, key counts;
+        filler rows (slots with no decoding sequence) write to the scratch position."""
         scratch = self.kv.max_len
-        ids, pos, kvpos, lens = [0] * n, [0] * n, [scratch] * n, [1] * n
+        ids, pos, slots, kvpos, lens = [0] * n, [0] * n, [0] * n, [scratch] * n, [1] * n
         for s in decode:
             ids[s.slot] = s.last_token
+            slots[s.slot] = s.slot
             pos[s.slot] = kvpos[s.slot] = s.num_cached
             lens[s.slot] = s.num_cached + 1
-        return ids, pos, kvpos, lens
+        return [ids, pos, slots, kvpos, lens]
 
     def _to_device(self, rows: list[list[int]]) -> torch.Tensor:
         t = torch.tensor(rows, dtype=torch.int64)
@@ -170,12 +168,10 @@ class ModelRunner:
     def _decode_bucketed(self, decode: list[Sequence]) -> torch.Tensor:
         nd = max(s.slot for s in decode) + 1
         nb = next(b for b in self.batch_buckets if b >= nd)
-        ids, pos, kvpos, lens = self._decode_rows(decode, nb)
-        lb = next(b for b in self.len_buckets if b >= max(lens))
-        for j in range(nb):
-            self.kv.ensure_zeroed(j, lb)
+        rows = self._decode_rows(decode, nb)
+        lb = next(b for b in self.len_buckets if b >= max(rows[-1]))
         g = self._graphs.get((nb, lb)) or self._capture(nb, lb)
-        host = torch.tensor([ids, pos, kvpos, lens], dtype=torch.int64)
+        host = torch.tensor(rows, dtype=torch.int64)
         g.inputs.copy_(host.pin_memory() if self.cuda else host, non_blocking=self.cuda)
         if g.graph is not None:
             g.graph.replay()
@@ -187,14 +183,11 @@ class ModelRunner:
 
     def _capture(self, nb: int, lb: int) -> _Graph:
         t0 = time.perf_counter()
-        inputs = torch.zeros(4, nb, dtype=torch.int64, device=self.device)
-        inputs[2].fill_(self.kv.max_len)  # filler rows write to scratch
-        inputs[3].fill_(1)
-        ctx = StepContext(input_ids=inputs[0], positions=inputs[1],
-                          kv_slots=torch.arange(nb, device=self.device), kv_pos=inputs[2],
-                          num_decode=nb, decode_len=lb, decode_lens=inputs[3])
-        for j in range(nb):
-            self.kv.ensure_zeroed(j, lb)
+        inputs = torch.zeros(5, nb, dtype=torch.int64, device=self.device)
+        inputs[3].fill_(self.kv.max_len)  # filler rows write to scratch
+        inputs[4].fill_(1)
+        ctx = StepContext(input_ids=inputs[0], positions=inputs[1], kv_slots=inputs[2], kv_pos=inputs[3],
+                          num_decode=nb, decode_len=lb, decode_lens=inputs[4])
         if not self.use_graphs:
             g = _Graph(None, inputs, ctx, None)
         else:

@@ -2,9 +2,13 @@
 
 Lifecycle (the scheduler moves it; nothing else does):
 
-    WAITING   -> RUNNING    a KV cache slot is free: the slot is taken, prefill begins
-    RUNNING   -> FINISHED   stop / length; or cancel() or engine stop (abort): the slot is freed
-    WAITING   -> FINISHED   cancel() or engine stop before a slot was free (abort)
+    WAITING   -> RUNNING    a KV cache slot is free and the blocks of its prompt fit: both are
+                            taken, prefill begins
+    RUNNING   -> WAITING    preempted: a running sequence needed a block and none was free; its
+                            slot and blocks are freed, it keeps its tokens and is first to come
+                            back (its prompt and output are prefilled again: recompute)
+    RUNNING   -> FINISHED   stop / length; or cancel() or engine stop (abort): slot and blocks freed
+    WAITING   -> FINISHED   cancel() or engine stop before it ran (abort)
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Sequence:
         self.status = Status.WAITING
         self.slot = -1
         self.num_cached = 0  # tokens whose keys and values are in the cache
+        self.preempted = 0  # times it gave its slot back to let others grow
         self.counts: torch.Tensor | None = None  # per-token output counts, for penalties
         self.prompt_seen: torch.Tensor | None = None  # [V] bool, tokens of the prompt (repetition_penalty)
         self.generator: torch.Generator | None = None
@@ -78,8 +83,37 @@ class Sequence:
         return len(self.prompt_ids)
 
     @property
+    def prefill_len(self) -> int:
+        """Tokens to prefill before it decodes: the prompt; after a preemption, also every
+        generated token but the last (which the next decode step feeds)."""
+        return self.prompt_len + max(0, len(self.output_ids) - 1)
+
+    @property
     def in_prefill(self) -> bool:
-        return self.num_cached < self.prompt_len
+        return self.num_cached < self.prefill_len
+
+    @property
+    def resumed(self) -> bool:
+        """Prefilling again after a preemption, with tokens already generated: its prefill
+        samples nothing and computes no prompt outputs (they were given already)."""
+        return bool(self.output_ids)
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        """Tokens at positions [start, start + n) of prompt + output."""
+        if start + n <= self.prompt_len:
+            return self.prompt_ids[start : start + n]
+        return (self.prompt_ids + self.output_ids)[start : start + n]
+
+    def preempt(self) -> None:
+        """Its cache is gone (the scheduler freed slot and blocks): prefill again from position 0.
+        Prompt outputs not yet given (prompt logprobs, a pooled state) start over too."""
+        self.num_cached = 0
+        self.slot = -1
+        self.preempted += 1
+        if not self.output_ids:
+            self.pooled = None
+            if self.prompt_logprobs is not None:
+                self.prompt_logprobs = [None]
 
     @property
     def last_token(self) -> int:

@@ -245,9 +245,5 @@ class EngineParking:
     def wake(self) -> ParkStats:
         self.weights.wake()
         self.kv.wake()
-        kv = self.engine.kv
-        if self.engine.device.type == "cuda":
-            kv.storage.zero_()  # fresh physical memory: make every position finite again
-        else:
-            kv._zeroed = [0] * kv.num_slots  # pages came back empty; zero lazily as before
+        self.engine.kv.reset()  # fresh memory: every block free, every position finite again
         return self.weights.stats
