@@ -76,11 +76,14 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
 
 def cos_sin_table(rope: RopeConfig, head_dim: int, max_len: int, dtype: torch.dtype,
                   device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [max_len, head_dim] in ``dtype`` (the halves repeated, rotate-half layout)."""
+    """cos and sin tables [max_len, head_dim] in ``dtype`` (the halves repeated, rotate-half
+    layout), sin's first half negated: ``x * cos + swap_halves(x) * sin`` is the reference's
+    ``x * cos + rotate_half(x) * sin``, value for value."""
     freqs, scale = inv_freq(rope, head_dim)
     pos = torch.arange(max_len, dtype=torch.float32)
     angles = pos[:, None] * freqs[None, :]  # [L, D/2]
     emb = torch.cat((angles, angles), dim=-1)
     cos = (emb.cos() * scale).to(dtype)
     sin = (emb.sin() * scale).to(dtype)
+    sin[:, : head_dim // 2].neg_()
     return cos.to(device), sin.to(device)
