@@ -353,7 +353,7 @@ FACES = {
                                  "device_total_bytes", "find_llama_server", "host_bytes_of_tree"],
     "zerostart.plugins": [],
     "zerostart.plugins.vllm": ["LOAD_FORMAT", "LoaderOptions", "register"],
-    "zerostart.serve.control": ["ErrorBody", "ErrorDetail", "ITL_BUCKETS", "ImageReport", "InFlight", "LoadAccepted",
+    "zerostart.serve.control": ["ErrorBody", "ErrorDetail", "ITL_BUCKETS", "ImageReport", "InFlight", "KVCapacity", "LoadAccepted",
                                 "LoadRecord", "LoadSpec", "ParkResult", "PhasesReport", "ReadyReport", "Refusal",
                                 "RequestStats", "SETTLED", "STATS_HEADER", "TOKEN_ENV", "WORKER_TRANSITIONS",
                                 "WakeResult", "WorkerState", "check_worker", "load_spec"],

@@ -115,6 +115,8 @@ def test_model_flag_names_the_model_after_its_directory(tiny_model: str, tmp_pat
                                                   max_tokens=2)
         assert out.choices[0].message.role == "assistant"
         assert gw.model("tiny")["workers"][0]["address"].startswith("http://127.0.0.1:")  # a loopback worker
+        kv = gw.model("tiny")["workers"][0]["kv"]  # the worker's KV capacity, in /zerostart/status
+        assert kv["tokens"] == kv["blocks"] * kv["block_tokens"] > 0 and kv["slots"] > 0
     finally:
         gw.stop()
 

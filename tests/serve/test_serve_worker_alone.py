@@ -58,6 +58,8 @@ def test_worker_routes(tiny_model: str) -> None:
         ready = http.get("/zerostart/ready", params={"wait": 30}).json()
         assert ready["state"] == "ready" and ready["rung"] == "standby+source" and ready["max_model_len"] == 512
         assert ready["parkable"] is True and ready["image"]["status"] == "off"
+        kv = ready["kv"]  # blocks of the default budget; slots are virtual on CPU
+        assert kv["paged"] is True and kv["slots"] == 32 and kv["tokens"] == kv["blocks"] * kv["block_tokens"] >= 512
 
         ph = http.get("/zerostart/phases").json()
         at = {p["name"]: p for p in ph["phases"]}

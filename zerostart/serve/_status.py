@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 from zerostart.names import Climb, Rung
+from zerostart.serve.control import KVCapacity
 
 __all__ = ["ColdStart", "DeviceStatus", "FleetStatus", "ModelStatus", "Phase", "RecentColdStart", "StandbyStatus",
            "WorkerStatus", "model_rung", "parse_status"]
@@ -84,6 +85,7 @@ class WorkerStatus(_Shape):
     # its engine's own counters as last read (llama.cpp's /metrics, vLLM's names where they count
     # the same thing); absent for an engine that reports none
     engine_metrics: dict[str, float] | None = None
+    kv: KVCapacity | None = None  # what its engine's KV cache holds (None: its backend does not say)
 
     @model_serializer(mode="wrap")
     def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -62,6 +62,7 @@ __all__ = [
     "ErrorDetail",
     "ImageReport",
     "InFlight",
+    "KVCapacity",
     "LoadAccepted",
     "LoadRecord",
     "LoadSpec",
@@ -219,6 +220,18 @@ class ImageReport(_Body):
         return out
 
 
+class KVCapacity(_Body):
+    """What a worker's KV cache holds (``Engine.kv_stats``): blocks of ``block_tokens``
+    positions, taken by sequences as they grow; ``tokens`` is the capacity."""
+
+    tokens: int
+    block_tokens: int
+    blocks: int
+    slots: int  # sequences that may run at once
+    bytes: int
+    paged: bool  # memory is taken block by block (else every slot is backed in full)
+
+
 class ReadyReport(_Body):
     """The body of ``GET /zerostart/ready``. A standby worker reports ``pid`` and ``device``; a
     worker holding a model (ready, parking, parked, waking) everything up to ``image``; one
@@ -237,6 +250,7 @@ class ReadyReport(_Body):
     parked: bool | None = None
     weights_bytes: int | None = None  # device bytes of the weights arena
     kv_bytes: int | None = None  # device bytes of the KV cache
+    kv: KVCapacity | None = None  # what the KV cache holds
     image: ImageReport | None = None
     parkable_error: str | None = None  # why a model asked to be parkable is not
     error: str | None = None  # state failed: what failed

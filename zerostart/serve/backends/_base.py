@@ -30,7 +30,7 @@ import httpx
 import zerostart
 from zerostart.names import Climb, Rung
 from zerostart.serve.backends._process import WorkerProcess, inherited_env
-from zerostart.serve.control import TOKEN_ENV, ImageReport, ParkResult, Refusal
+from zerostart.serve.control import TOKEN_ENV, ImageReport, KVCapacity, ParkResult, Refusal
 from zerostart.telemetry import Timeline
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class ColdStart:
     image: ImageReport | None = None  # what the worker did with ready images (None: no images)
     standby: dict[str, Any] | None = None  # a spare's own start, paid before this climb
     max_model_len: int | None = None  # the context the replica serves, when its engine says
+    kv: KVCapacity | None = None  # what its KV cache holds, when its engine says
 
 
 @dataclass(frozen=True)

@@ -216,8 +216,10 @@ class ZerostartWorker(WorkerBackend):
             timeline.add_relative("spawn", 0.0, max(0.0, shift + first))
         timeline.merge({"phases": phases}, shift=shift)
         climb = body.rung or (self._ready.rung if self._ready is not None else None) or Climb.SOURCE
+        ready = self._ready
         return ColdStart(timeline=timeline, climb=climb, image=body.image,
-                         max_model_len=self._ready.max_model_len if self._ready is not None else None)
+                         max_model_len=ready.max_model_len if ready is not None else None,
+                         kv=ready.kv if ready is not None else None)
 
     async def current_phase(self) -> str:
         client = self.process.client

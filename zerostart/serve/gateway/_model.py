@@ -271,6 +271,7 @@ class Model:
                          "idle_s": round(now - r.last_active, 3) if r.state in (State.HOT, State.PARKED)
                          and not r.in_flight else 0.0,
                          "kept_for_s": None if math.isinf(r.hold_until) else round(max(0.0, r.hold_until - now), 3),
+                         "kv": r.kv.to_json() if r.kv is not None else None,
                          **({"engine_metrics": em} if (em := r.worker.engine_metrics()) else {})}
                         for r in self.replicas],
         }

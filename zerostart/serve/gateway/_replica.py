@@ -18,7 +18,7 @@ from zerostart.telemetry import Timeline
 if TYPE_CHECKING:
     from zerostart.serve._config import ModelConfig
     from zerostart.serve.backends import ColdStart, Memory, UpstreamPool, WorkerBackend
-    from zerostart.serve.control import ImageReport
+    from zerostart.serve.control import ImageReport, KVCapacity
 
 log = logging.getLogger("zerostart.serve")
 
@@ -47,6 +47,7 @@ class Replica:
         self.timeline = Timeline(label=f"{self.name} cold start")  # its latest climb (then its first token)
         self.climb = Climb.SOURCE  # where it last climbed from
         self.image: ImageReport | None = None  # what the worker did with ready images
+        self.kv: KVCapacity | None = None  # what its engine's KV cache holds (zerostart workers)
         self.standby_record: dict[str, Any] | None = None  # a standby worker's own start, before the hand-over
         self.memory: Memory | None = None  # what it holds, as measured once it was ready
         self.replenish_standby = False  # taken from the standby: prepare the next spare once idle
@@ -65,6 +66,7 @@ class Replica:
         """It reached ready (a start, a hand-over or a wake) as ``cold`` describes; ``ahead``:
         nobody was waiting for it (a floor or a policy's pre-warm)."""
         self.timeline, self.climb, self.image = cold.timeline, cold.climb, cold.image
+        self.kv = cold.kv or self.kv  # a wake reports none: the cache is the one the load made
         if cold.standby is not None:
             self.standby_record = cold.standby
         self.ready_at = self.last_active = time.monotonic()

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from zerostart.names import Climb, Rung
-from zerostart.serve.control import (SETTLED, ImageReport, InFlight, LoadRecord, LoadSpec, ParkResult, PhasesReport,
-                                     ReadyReport, WakeResult, WorkerState, check_worker)
+from zerostart.serve.control import (SETTLED, ImageReport, InFlight, KVCapacity, LoadRecord, LoadSpec, ParkResult,
+                                     PhasesReport, ReadyReport, WakeResult, WorkerState, check_worker)
 from zerostart.serve.worker._image_writer import ImageWriter
 from zerostart.serve.worker._loading import load
 from zerostart.serve.worker._structured import GrammarBudget
@@ -337,7 +337,7 @@ class Holder:
                 dtype=str(e.dtype).removeprefix("torch."), max_model_len=e.max_model_len, rung=self.climb,
                 parkable=self.parkable, parked=self.state is WorkerState.PARKED,
                 weights_bytes=int(e.weights_storage.numel() * e.weights_storage.element_size()),
-                kv_bytes=int(e.kv.nbytes), image=self.image, parkable_error=self.parkable_error,
+                kv_bytes=int(e.kv.nbytes), kv=_kv_capacity(e), image=self.image, parkable_error=self.parkable_error,
                 engine_steps=e.steps, engine_sequences=work["running"] + work["waiting"])
         return ReadyReport(state=self.state, phase=self.phase,
                            error=self.error if self.state is WorkerState.FAILED else None)
@@ -347,3 +347,9 @@ class Holder:
         return PhasesReport(origin_unix=self.origin_unix, state=self.state, rung=self.climb,
                             requested_s=round(self.requested_s, 6), phases=tl["phases"], timeline=tl, image=self.image,
                             load=self.load_record)
+
+
+def _kv_capacity(engine: Engine) -> KVCapacity:
+    kv = engine.kv_stats()
+    return KVCapacity(tokens=kv.tokens, block_tokens=kv.block_tokens, blocks=kv.blocks, slots=kv.slots,
+                      bytes=kv.nbytes, paged=kv.paged)
