@@ -13,6 +13,11 @@ Prefill: one ``--prefill-tokens`` prompt through the model (its logits), tokens/
 
 Cold start: fresh processes from spawn to the first generated token (``_generate_cold.py``).
 
+Scheduling (``_chunked.py``): the ATen calls of a batch-1 decode step; with ``--long-tokens``, a
+short chat request's first token behind a long prompt; with ``--chunks``, prefill speed and the
+longest step for each prefill chunk size. ``--engine-defaults`` runs everything with the
+engine's default settings (context, sequences, KV budget), as a server would.
+
     zerostart bench generate                                   # SmolLM2-135M-Instruct, the default dtype
     zerostart bench generate --dtype float32,bfloat16 --json bench/results/cpu-generate.json
     zerostart bench generate --size 1b --device cuda           # a random 1B model
@@ -25,6 +30,7 @@ import time
 _T_START = time.perf_counter()  # the child's first statement (cold-start runs)
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -32,7 +38,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 from zerostart import weights  # noqa: E402
 from zerostart import engine  # noqa: E402
-from zerostart.bench import _generate_cold  # noqa: E402
+from zerostart.bench import _chunked, _generate_cold  # noqa: E402
 from zerostart.bench._engine_run import bandwidth as _bandwidth, demo_model as _demo, machine as _machine  # noqa: E402
 from zerostart.bench._engine_run import prompts, sync, timed_batch  # noqa: E402
 from zerostart.bench._env import log as _log  # noqa: E402
@@ -58,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-transformers", action="store_true", help="time zerostart alone")
     parser.add_argument("--cuda-graphs", choices=("on", "off"), default="on", help="decode CUDA graphs (default: on)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--engine-defaults", action="store_true",
+                        help="the engine's default max_model_len, max_num_seqs and KV budget (default: just what the "
+                             "runs need)")
+    parser.add_argument("--long-tokens", type=int, default=0,
+                        help="time a short request arriving while a prompt this long is prefilled (default: 0, off)")
+    parser.add_argument("--chunks", default="", help="comma-separated prefill chunk sizes to compare (default: none)")
+    parser.add_argument("--chunk-tokens", type=int, default=2048, help="prompt length of the chunk comparison")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--child", choices=("zerostart", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
@@ -88,8 +101,19 @@ def main(args: argparse.Namespace) -> int:
     result["weight_bytes"] = {s.dtype: s.weight_bytes for s in setups}
     result["throughput"] = _throughput(args, setups, batches, result["bandwidth_gbps"])
     result["prefill"] = _prefill(args, setups)
+    result["kv"] = {s.dtype: dataclasses.asdict(s.engine.kv_stats()) for s in setups}
+    result["ops_per_token"] = {s.dtype: _chunked.ops_per_token(s.engine) for s in setups}
+    if args.long_tokens:
+        e = setups[0].engine
+        ids = prompts(e.model_config.vocab_size, 1, args.long_tokens, e.tokenizer.bos_token_id)[0]
+        result["behind_long"] = _chunked.behind_long(e, ids, args.repeat, args.device)
     for s in setups:
         s.engine.stop()
+    if args.chunks:
+        e = setups[0].engine
+        ids = prompts(e.model_config.vocab_size, 1, args.chunk_tokens, e.tokenizer.bos_token_id)[0]
+        result["chunks"] = _chunked.chunk_sweep(model, setups[0].dtype, [int(c) for c in args.chunks.split(",")], ids,
+                                                args.repeat, args.device, e.config)
     setups.clear()
     result["cold_start"] = _generate_cold.run(args, model, dtypes) if args.cold_repeat else {}
     result["machine"]["loadavg_end"] = list(os.getloadavg())
@@ -142,9 +166,10 @@ def _setups(args, model_path: str, dtypes: list[str], max_seqs: int) -> list[_Se
     # the engine's torch names: only when the benchmark runs, not at the command's start
     from zerostart.engine import Engine, EngineConfig
 
-    max_len = max(args.prompt_tokens + args.max_tokens, args.prefill_tokens) + 8
-    cfg = EngineConfig(max_model_len=max_len, max_num_seqs=max_seqs, cuda_graphs=args.cuda_graphs == "on",
-                       compile=args.compile)
+    max_len = max(args.prompt_tokens + args.max_tokens, args.prefill_tokens, args.long_tokens, args.chunk_tokens) + 8
+    cfg = EngineConfig(cuda_graphs=args.cuda_graphs == "on", compile=args.compile)
+    if not args.engine_defaults:
+        cfg = dataclasses.replace(cfg, max_model_len=max_len, max_num_seqs=max_seqs)
     out = []
     for dtype in dtypes:
         engine = Engine.from_pretrained(model_path, device=args.device, dtype=dtype, config=cfg)
@@ -293,6 +318,11 @@ def _table(r: dict[str, Any]) -> str:
         hf_s = f"{hf:.0f}" if hf else "-"
         ratio = f"{p['ratio']:.2f}x" if "ratio" in p else "-"
         lines.append(f"{p['dtype']:>9}        {p['zerostart']['tokens_per_s']:>10.0f}  {hf_s:>12}  {ratio:>6}")
+    for dtype, kv in r["kv"].items():
+        lines.append(f"{dtype} KV cache: {kv['tokens']} tokens in {kv['blocks']} blocks of {kv['block_tokens']}, "
+                     f"{kv['slots']} sequences at once, {kv['nbytes'] / 2**20:.0f} MiB"
+                     + ("" if kv["paged"] else ", every slot backed in full"))
+    lines += _chunked.table(r)
     cold = r.get("cold_start") or {}
     if cold:
         n = len(next(iter(next(iter(cold.values())).values()))["runs"])
