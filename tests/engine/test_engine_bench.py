@@ -1,6 +1,7 @@
 """`zerostart bench generate` end to end on the tiny demo model (short runs)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,3 +33,29 @@ def test_bench_generate_writes_json(tiny_dir, tmp_path, child_env):
         parts = sum(med[k] for k in ("spawn", "import", "load", "warmup", "first_token"))
         assert parts <= med["total"] + 1e-6
     assert "ratio" in r.stdout and "cold start" in r.stdout and "first_token" in r.stdout and "prefill" in r.stdout
+
+
+def test_bench_generate_scheduling_and_baseline(tiny_dir, tmp_path, child_env):
+    # this checkout as its own baseline: the before/after turns run, the same code on both sides
+    import zerostart
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(zerostart.__file__)))
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "zerostart", "bench", "generate", "--model", tiny_dir, "--no-transformers",
+                        "--batch", "1,3", "--repeat", "1", "--cold-repeat", "0", "--max-tokens", "4", "--prompt-tokens", "5",
+                        "--prefill-tokens", "16", "--threads", "1", "--dtype", "float32", "--engine-defaults",
+                        "--long-tokens", "1000", "--chunks", "32,64", "--chunk-tokens", "128", "--baseline", root,
+                        "--json", str(out)],
+                       capture_output=True, text=True, env=child_env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    kv = data["kv"]["float32"]
+    assert kv["paged"] and kv["slots"] == 32 and kv["tokens"] == kv["blocks"] * kv["block_tokens"] >= 32 * 1024
+    assert data["ops_per_token"]["float32"]["aten_ops"] > data["ops_per_token"]["float32"]["top_level"] > 0
+    behind = data["behind_long"]
+    assert behind["long_tokens"] == 1000 and behind["first_token_steps"] == [1]  # the step it arrived in
+    assert [row["chunk"] for row in data["chunks"]] == [32, 64] and all(row["tokens_per_s"] > 0 for row in data["chunks"])
+    base = data["baseline"]["dtypes"]["float32"]
+    assert base["before"]["aten_ops"] == base["after"]["aten_ops"] and base["before"]["slots"] == 32
+    assert all(base[side][k] > 0 for side in ("before", "after") for k in ("b1_tok_s", "b3_tok_s", "prefill_tok_s"))
+    assert "before -> after" in r.stdout and "first token" in r.stdout and "KV cache" in r.stdout

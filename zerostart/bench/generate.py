@@ -18,6 +18,10 @@ short chat request's first token behind a long prompt; with ``--chunks``, prefil
 longest step for each prefill chunk size. ``--engine-defaults`` runs everything with the
 engine's default settings (context, sequences, KV budget), as a server would.
 
+Before and after (``_baseline.py``): with ``--baseline DIR`` the decode, prefill and ATen-call
+measurements also run with another checkout's code and this one's, turn by turn in fresh
+processes.
+
     zerostart bench generate                                   # SmolLM2-135M-Instruct, the default dtype
     zerostart bench generate --dtype float32,bfloat16 --json bench/results/cpu-generate.json
     zerostart bench generate --size 1b --device cuda           # a random 1B model
@@ -38,7 +42,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 from zerostart import weights  # noqa: E402
 from zerostart import engine  # noqa: E402
-from zerostart.bench import _chunked, _generate_cold  # noqa: E402
+from zerostart.bench import _baseline, _chunked, _generate_cold  # noqa: E402
 from zerostart.bench._engine_run import bandwidth as _bandwidth, demo_model as _demo, machine as _machine  # noqa: E402
 from zerostart.bench._engine_run import prompts, sync, timed_batch  # noqa: E402
 from zerostart.bench._env import log as _log  # noqa: E402
@@ -71,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time a short request arriving while a prompt this long is prefilled (default: 0, off)")
     parser.add_argument("--chunks", default="", help="comma-separated prefill chunk sizes to compare (default: none)")
     parser.add_argument("--chunk-tokens", type=int, default=2048, help="prompt length of the chunk comparison")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure another zerostart checkout (e.g. main's) against this one, turn by turn")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--child", choices=("zerostart", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
@@ -115,6 +121,8 @@ def main(args: argparse.Namespace) -> int:
         result["chunks"] = _chunked.chunk_sweep(model, setups[0].dtype, [int(c) for c in args.chunks.split(",")], ids,
                                                 args.repeat, args.device, e.config)
     setups.clear()
+    if args.baseline:
+        result["baseline"] = _baseline.run(args, model, dtypes, args.baseline, result["bandwidth_gbps"])
     result["cold_start"] = _generate_cold.run(args, model, dtypes) if args.cold_repeat else {}
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     print(_table(result))
@@ -322,7 +330,7 @@ def _table(r: dict[str, Any]) -> str:
         lines.append(f"{dtype} KV cache: {kv['tokens']} tokens in {kv['blocks']} blocks of {kv['block_tokens']}, "
                      f"{kv['slots']} sequences at once, {kv['nbytes'] / 2**20:.0f} MiB"
                      + ("" if kv["paged"] else ", every slot backed in full"))
-    lines += _chunked.table(r)
+    lines += _chunked.table(r) + _baseline.table(r)
     cold = r.get("cold_start") or {}
     if cold:
         n = len(next(iter(next(iter(cold.values())).values()))["runs"])
