@@ -273,7 +273,7 @@ class Holder:
             raise
         self._set(WorkerState.PARKED)
         return ParkResult(changed=True, park_s=round(stats.park_s, 6), bytes=stats.bytes,
-                          gbps=round(stats.park_gbps, 4), kv_bytes=parking.kv.nbytes, waited_s=round(waited, 6))
+                          gbps=round(stats.park_gbps, 4), kv_bytes=parking.engine.kv.nbytes, waited_s=round(waited, 6))
 
     def _drained_parking(self) -> EngineParking:
         """The engine's parking, once the engine finished what it was running (Busy if it does
@@ -317,7 +317,7 @@ class Holder:
             self.load_record = LoadRecord(rung=self.climb, requested_s=round(self.requested_s, 6),
                                           phases=self.timeline.to_dict()["phases"])
         tl = Timeline(origin=self.timeline.origin, label="worker wake")
-        tl.add("wake", t0, t1, bytes=stats.bytes, kv_bytes=self._parking.kv.nbytes)
+        tl.add("wake", t0, t1, bytes=stats.bytes, kv_bytes=self._parking.engine.kv.nbytes)
         self.current, self.climb, self.requested_s = tl, Climb.PARKED, requested - self.timeline.origin
         self._set(WorkerState.READY)
         return WakeResult(changed=True, wake_s=round(stats.wake_s, 6), bytes=stats.bytes, gbps=round(stats.wake_gbps, 4))
