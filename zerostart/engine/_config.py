@@ -251,6 +251,10 @@ class EngineConfig:
     - ``seed``: seed of the generator for requests without their own seed (None = nondeterministic).
     - ``overlap_load``: assemble and warm up the model while the weights are still arriving
       (each layer waits for its own tensors); off, the whole load finishes first.
+    - ``quantize``: how matrices are held. "auto": as stored (a GGUF file's quantized matrices
+      stay quantized, floats stay floats); "none": all floats (GGUF quants dequantized at load);
+      "int8" / "int4": float matrices quantized at load (groups of 32; the embeddings and LM
+      head at 8 bits), quantized GGUF matrices kept as stored. A ready image holds the result.
     - ``threads``: on CPU, torch's intra-op threads for this process (``torch.set_num_threads``);
       None leaves torch's setting alone. A server's workers get theirs from the cores available
       and the workers sharing them (``models[].threads`` in the server config).
@@ -266,6 +270,7 @@ class EngineConfig:
     fuse: str = "auto"
     seed: int | None = None
     overlap_load: bool = True
+    quantize: str = "auto"
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -284,12 +289,13 @@ class EngineConfig:
             raise EngineError(f"EngineConfig.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization!r})")
         if self.fuse not in ("auto", "always", "never"):
             raise EngineError(f"EngineConfig.fuse must be 'auto', 'always' or 'never' (got {self.fuse!r})")
+        if self.quantize not in QUANTIZE:
+            raise EngineError(f"EngineConfig.quantize must be one of {', '.join(QUANTIZE)} (got {self.quantize!r})")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise EngineError(f"EngineConfig.seed must be an integer or None (got {self.seed!r})")
         for name in ("cuda_graphs", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise EngineError(f"EngineConfig.{name} must be true or false (got {getattr(self, name)!r})")
-
 
     def for_device(self, device_type: str) -> "EngineConfig":
         """This config with the defaults that depend on the device filled in."""
@@ -298,6 +304,7 @@ class EngineConfig:
         return replace(self, prefill_chunk=PREFILL_CHUNK.get(device_type, PREFILL_CHUNK["cpu"]))
 
 
+QUANTIZE = ("auto", "none", "int8", "int4")  # EngineConfig.quantize
 MAX_MODEL_LEN_CAP = 8192  # default cap on max_model_len (see EngineConfig)
 # Default prefill_chunk. CPU: on SmolLM2-135M (bfloat16, one thread) a 4,096-token prompt prefilled
 # at 85 / 89 / 95 / 93 tokens/s in chunks of 128 / 256 / 512 / 1024 while the longest step took

@@ -117,10 +117,13 @@ class Engine:
         tokenizer = Tokenizer(files.dir)
         t_load = time.perf_counter()
         try:
-            arena = weights.load_arena(files.weights, str(dev), dtype=dtype, background=config.overlap_load,
-                                       allocator=allocator if dev.type == "cuda" else None)
+            # an image holds its tensors as the engine does (quantized ones' scales too): no cast
+            arena = weights.load_arena(files.weights, str(dev), dtype=None if files.image else dtype,
+                                       background=config.overlap_load, allocator=allocator if dev.type == "cuda" else None,
+                                       keep_quantized=config.quantize != "none")
             with timeline.phase("prepare") as ph:
                 built = _weights.assemble(files.config, arena, config, dtype, dev, source)
+                arena = built.arena
                 ph.bytes = built.plan.regrouped_bytes
                 ph.detail.update(fusion="; ".join(built.plan.notes), overlap_load=built.overlap)
             with timeline.phase("warmup") as ph:

@@ -13,8 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerostart.engine import _quant
 from zerostart.engine._config import ModelShape
 from zerostart.engine._context import Prefill, StepContext
+from zerostart.weights import QFormat
+
+
+Formats = dict[str, list[QFormat | None]]  # model prefix ("layers.0.attn.qkv") -> each part's format (None: floats)
 
 
 class RMSNorm(nn.Module):
@@ -33,18 +38,27 @@ class RMSNorm(nn.Module):
 class Proj(nn.Module):
     """Linear projections of one input (q/k/v, gate/up, or a single one).
 
-    Fused: one ``weight`` [sum(sizes), in] and one matmul whose output is split. Unfused: one
-    weight per part (``weight0``, ``weight1``, ...), used when the parts are not one tensor.
+    Fused: one matrix [sum(sizes), in] and one matmul whose output is split. Unfused: one
+    matrix per part (``weight0``, ``weight1``, ...), used when the parts are not one tensor.
+    A matrix is a float ``weight``, or held quantized (``fmts``: ``qweight``, ``scales``,
+    ``mins`` buffers, multiplied by ``_quant.linear``).
     """
 
-    def __init__(self, in_features: int, sizes: tuple[int, ...], bias: bool, fused: bool) -> None:
+    def __init__(self, in_features: int, sizes: tuple[int, ...], bias: bool, fused: bool,
+                 fmts: list[QFormat | None] | None = None) -> None:
         super().__init__()
         self.sizes = sizes
         self.fused = fused or len(sizes) == 1
         names = [""] if self.fused else [str(i) for i in range(len(sizes))]
         shapes = [sum(sizes)] if self.fused else list(sizes)
-        for name, rows in zip(names, shapes):
-            self.register_parameter("weight" + name, nn.Parameter(torch.empty(rows, in_features), requires_grad=False))
+        self.quantized = [f is not None for f in fmts] if fmts else [False] * len(names)
+        for name, rows, fmt in zip(names, shapes, fmts or [None] * len(names)):
+            if fmt is None:
+                self.register_parameter("weight" + name, nn.Parameter(torch.empty(rows, in_features), requires_grad=False))
+            else:
+                held = QFormat(fmt.bits, fmt.group, fmt.scale_dtype, fmt.mins, (rows, in_features))
+                for kind, (shape, dtype) in held.shapes().items():
+                    self.register_buffer(kind + name, torch.empty(shape, dtype=dtype))
             if bias:
                 self.register_parameter("bias" + name, nn.Parameter(torch.empty(rows), requires_grad=False))
         self.has_bias = bias
@@ -52,12 +66,24 @@ class Proj(nn.Module):
     weight: torch.Tensor  # fused: [sum(sizes), in_features] (else weight0, weight1, ...)
     bias: torch.Tensor
 
+    def _matmul(self, x: torch.Tensor, i: str, quantized: bool) -> torch.Tensor:
+        bias = getattr(self, "bias" + i) if self.has_bias else None
+        if quantized:
+            return _quant.linear(x, getattr(self, "qweight" + i), getattr(self, "scales" + i),
+                                 getattr(self, "mins" + i, None), bias)
+        return F.linear(x, getattr(self, "weight" + i), bias)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused:
-            y = F.linear(x, self.weight, self.bias if self.has_bias else None)
+            y = self._matmul(x, "", self.quantized[0])
             return [y] if len(self.sizes) == 1 else list(y.split(self.sizes, dim=-1))
-        return [F.linear(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}") if self.has_bias else None)
-                for i in range(len(self.sizes))]
+        return [self._matmul(x, str(i), q) for i, q in enumerate(self.quantized)]
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of the (single, fused) matrix: an embedding lookup [len(ids), in]."""
+        if self.quantized[0]:
+            return _quant.rows(ids, getattr(self, "qweight"), getattr(self, "scales"), getattr(self, "mins", None), dtype)
+        return F.embedding(ids, self.weight)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,13 +96,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelShape, layer: int, fuse_qkv: bool) -> None:
+    def __init__(self, cfg: ModelShape, layer: int, fuse_qkv: bool, formats: Formats) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = cfg.sliding_windows[layer]
         self.scale = cfg.head_dim ** -0.5
-        self.qkv = Proj(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, fuse_qkv)
-        self.o = Proj(cfg.q_size, (cfg.hidden_size,), cfg.o_bias, True)
+        p = f"layers.{layer}.attn."
+        self.qkv = Proj(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias, fuse_qkv, formats.get(p + "qkv"))
+        self.o = Proj(cfg.q_size, (cfg.hidden_size,), cfg.o_bias, True, formats.get(p + "o"))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -136,10 +163,12 @@ def _write_kv(ctx: StepContext, k: torch.Tensor, v: torch.Tensor, k_cache: torch
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelShape, fuse_gate_up: bool) -> None:
+    def __init__(self, cfg: ModelShape, layer: int, fuse_gate_up: bool, formats: Formats) -> None:
         super().__init__()
-        self.gate_up = Proj(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias, fuse_gate_up)
-        self.down = Proj(cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias, True)
+        p = f"layers.{layer}.mlp."
+        self.gate_up = Proj(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias, fuse_gate_up,
+                            formats.get(p + "gate_up"))
+        self.down = Proj(cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias, True, formats.get(p + "down"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
@@ -147,12 +176,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelShape, layer: int, fuse_qkv: bool, fuse_gate_up: bool) -> None:
+    def __init__(self, cfg: ModelShape, layer: int, fuse_qkv: bool, fuse_gate_up: bool, formats: Formats) -> None:
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer, fuse_qkv)
+        self.attn = Attention(cfg, layer, fuse_qkv, formats)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, fuse_gate_up)
+        self.mlp = MLP(cfg, layer, fuse_gate_up, formats)
 
     def forward(self, h, cos, sin, ctx, k_cache, v_cache):
         h = h + self.attn(self.input_norm(h), cos, sin, ctx, k_cache, v_cache)
@@ -160,14 +189,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelShape, fuse_qkv: list[bool], fuse_gate_up: list[bool]) -> None:
+    def __init__(self, cfg: ModelShape, fuse_qkv: list[bool], fuse_gate_up: list[bool],
+                 formats: Formats | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(Block(cfg, i, fuse_qkv[i], fuse_gate_up[i]) for i in range(cfg.num_layers))
+        formats = formats or {}
+        # embeddings [vocab, hidden]: rows looked up, and (tied) the LM head's matrix
+        self.embed = Proj(cfg.hidden_size, (cfg.vocab_size,), False, True, formats.get("embed"))
+        self.layers = nn.ModuleList(Block(cfg, i, fuse_qkv[i], fuse_gate_up[i], formats) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Proj(cfg.hidden_size, (cfg.vocab_size,), False, True,
+                                                                 formats.get("lm_head"))
         self.windows = sorted(set(cfg.sliding_windows), key=lambda w: -1 if w is None else w)
         # set by the runner: rotary tables [max_len + 1, head_dim] and the KV cache views
         self.cos: torch.Tensor | None = None
@@ -183,7 +215,7 @@ class Transformer(nn.Module):
         wait = self.wait_stage
         if wait is not None:
             wait(-1)
-        h = F.embedding(ctx.input_ids, self.embed)
+        h = self.embed.lookup(ctx.input_ids, self.norm.weight.dtype)
         assert self.cos is not None and self.sin is not None, "the runner sets the rotary tables first"
         cos = self.cos[ctx.positions].unsqueeze(1)
         sin = self.sin[ctx.positions].unsqueeze(1)
@@ -199,7 +231,7 @@ class Transformer(nn.Module):
         if pooled is not None:
             ctx.hidden_out = self.norm(pooled).float()
         h = self.norm(h)
-        return F.linear(h, self.embed if self.lm_head is None else self.lm_head).float()
+        return (self.embed if self.lm_head is None else self.lm_head)(h)[0].float()
 
     def build_masks(self, ctx: StepContext) -> None:
         device = ctx.input_ids.device

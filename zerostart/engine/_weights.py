@@ -1,6 +1,7 @@
 """From the loaded arena's tensors (Hugging Face names) to the model's parameters, without copies.
 
-Each parameter of :class:`Transformer` is mapped from checkpoint names. Projections that run on
+Each parameter of :class:`Transformer` is mapped from checkpoint names. A matrix is a float
+``<prefix>.weight`` or a quantized ``<prefix>.qweight/.scales/.mins`` (``weights.QFormat``). Projections that run on
 the same input (q/k/v, gate/up) become one fused matmul when their weights are one tensor:
 
 - already back to back in the arena, in order: the fused weight is a view (free);
@@ -13,6 +14,7 @@ the same input (q/k/v, gate/up) become one fused matmul when their weights are o
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +22,10 @@ import torch
 
 from zerostart.engine._config import MAX_MODEL_LEN_CAP, ModelShape
 from zerostart.engine._errors import EngineError
-from zerostart.engine._model import Transformer
+from zerostart.engine import _quant
+from zerostart.engine._model import Formats, Transformer
 from zerostart.engine._rope import cos_sin_table
+from zerostart.weights import QUANT_SUFFIXES, QFormat, qformat, quantize_arena
 
 
 @dataclass
@@ -61,10 +65,29 @@ def expected_shapes(cfg: ModelShape) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check(cfg: ModelShape, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every needed tensor present, with its shape and a floating dtype; errors name the tensor."""
+def _matrix(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], where: str) -> QFormat | None:
+    """Check the matrix ``name`` (``<prefix>.weight``), held as floats or quantized; returns its
+    format (None: floats, or not present)."""
+    prefix = name.removesuffix(".weight")
+    try:
+        fmt = qformat(tensors, prefix) if name.endswith(".weight") else None
+    except ValueError as e:
+        raise EngineError(f"{where}: {e}") from None
+    if fmt is not None and fmt.shape != shape:
+        raise EngineError(f"{where}: quantized tensor {prefix!r} holds a {fmt.shape} matrix, config.json implies {shape}")
+    return fmt
+
+
+def check(cfg: ModelShape, tensors: dict[str, torch.Tensor], where: str) -> dict[str, QFormat]:
+    """Every needed tensor present, with its shape and a floating dtype (or held quantized);
+    errors name the tensor. Returns the quantized matrices' formats by name (``<prefix>.weight``)."""
     expected = expected_shapes(cfg)
+    formats: dict[str, QFormat] = {}
     for name, shape in expected.items():
+        fmt = _matrix(tensors, name, shape, where)
+        if fmt is not None:
+            formats[name] = fmt
+            continue
         t = tensors.get(name)
         if t is None:
             if name == "lm_head.weight":
@@ -77,23 +100,53 @@ def check(cfg: ModelShape, tensors: dict[str, torch.Tensor], where: str) -> None
     dtypes = {t.dtype for n, t in tensors.items() if n in expected}
     if len(dtypes) > 1:
         raise EngineError(f"{where}: tensors have mixed dtypes {sorted(map(str, dtypes))}; pass dtype= to cast them")
+    return formats
 
 
-def _groups(cfg: ModelShape, i: int) -> dict[str, list[str]]:
+def quantize_plan(cfg: ModelShape, tensors: dict[str, torch.Tensor], quantize: str) -> dict[str, int]:
+    """The float matrices ``quantize`` ("int8" | "int4") turns into integers, and their bits:
+    the projections at that many bits, the embeddings and LM head at 8 (they hold every token,
+    and 4 bits cost them the most accuracy). Matrices already quantized stay as they are."""
+    if quantize not in ("int8", "int4"):
+        return {}
+    bits = 8 if quantize == "int8" else 4
+    plan: dict[str, int] = {}
+    for name, shape in expected_shapes(cfg).items():
+        t = tensors.get(name)
+        if t is None or len(shape) != 2 or not t.is_floating_point() or shape[1] % 32:
+            continue
+        plan[name] = 8 if name in ("model.embed_tokens.weight", "lm_head.weight") else bits
+    return plan
+
+
+def _kinds(tensors: dict[str, torch.Tensor], prefix: str) -> tuple[str, ...]:
+    """How the matrix ``prefix`` is held: ("weight",) or its quantized parts."""
+    if f"{prefix}.weight" in tensors:
+        return ("weight",)
+    return tuple(k for k in QUANT_SUFFIXES if f"{prefix}.{k}" in tensors)
+
+
+def _groups(cfg: ModelShape, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, list[str] | None]:
+    """The fusable groups of layer ``i``, one per kind ("qkv.weight", "qkv.scales", "qkv.bias",
+    ...): their members' names in order; None where the members are held differently."""
     p = f"model.layers.{i}."
-    g = {"qkv": [f"{p}self_attn.{n}_proj.weight" for n in "qkv"],
-         "gate_up": [f"{p}mlp.{n}_proj.weight" for n in ("gate", "up")]}
-    if cfg.qkv_bias:
-        g["qkv_bias"] = [f"{p}self_attn.{n}_proj.bias" for n in "qkv"]
-    if cfg.mlp_bias:
-        g["gate_up_bias"] = [f"{p}mlp.{n}_proj.bias" for n in ("gate", "up")]
-    return g
+    out: dict[str, list[str] | None] = {}
+    for key, parts, bias in (("qkv", [f"{p}self_attn.{n}_proj" for n in "qkv"], cfg.qkv_bias),
+                             ("gate_up", [f"{p}mlp.{n}_proj" for n in ("gate", "up")], cfg.mlp_bias)):
+        kinds = {_kinds(tensors, m) for m in parts}
+        if len(kinds) != 1:
+            out[key] = None
+            continue
+        for kind in (*kinds.pop(), *(("bias",) if bias else ())):
+            out[f"{key}.{kind}"] = [f"{m}.{kind}" for m in parts]
+    return out
 
 
 def _adjacent(ts: list[torch.Tensor]) -> bool:
     """True if the tensors sit back to back, in order, in one storage."""
     t0 = ts[0]
-    if not all(t.is_contiguous() and t.dtype == t0.dtype and t.device == t0.device for t in ts):
+    if not all(t.is_contiguous() and t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == t0.shape[1:]
+               for t in ts):
         return False
     base = t0.untyped_storage().data_ptr()
     ptr = t0.data_ptr()
@@ -170,24 +223,25 @@ def fusion_is_free(cfg: ModelShape, tensors: dict[str, torch.Tensor]) -> bool:
     """True if every fusable group already sits back to back (fusing needs no byte moved, so
     the weights may still be loading while the model is assembled)."""
     for i in range(cfg.num_layers):
-        for members in _groups(cfg, i).values():
-            if any(n not in tensors for n in members) or not _adjacent([tensors[n] for n in members]):
+        for members in _groups(cfg, i, tensors).values():
+            if members is None or any(n not in tensors for n in members) or not _adjacent([tensors[n] for n in members]):
                 return False
     return True
 
 
 def layer_names(cfg: ModelShape, tensors: dict[str, torch.Tensor]) -> list[list[str]]:
     """Tensor names each stage of the forward pass reads: [embed, layer 0, ..., layer N-1, head]."""
-    stages: list[list[str]] = [["model.embed_tokens.weight"]] + [[] for _ in range(cfg.num_layers)] + [[]]
+    embed = [n for n in tensors if n.startswith("model.embed_tokens.")]
+    stages: list[list[str]] = [embed] + [[] for _ in range(cfg.num_layers)] + [[]]
     for name in tensors:
         if name.startswith("model.layers."):
             i = int(name.split(".")[2])
             if 0 <= i < cfg.num_layers:
                 stages[1 + i].append(name)
-        elif name != "model.embed_tokens.weight":
+        elif name not in embed:
             stages[-1].append(name)
     if cfg.tie_word_embeddings:
-        stages[-1].append("model.embed_tokens.weight")
+        stages[-1].extend(embed)
     return stages
 
 
@@ -200,19 +254,22 @@ def plan_fusion(cfg: ModelShape, tensors: dict[str, torch.Tensor], fuse: str, wr
         plan.notes.append("fusion off")
         return plan
     for i in range(cfg.num_layers):
-        groups = _groups(cfg, i)
+        groups = _groups(cfg, i, tensors)
         prefix = f"model.layers.{i}."
         layer_names = [n for n in tensors if n.startswith(prefix)]
         ok: dict[str, bool] = {}
         for key, members in groups.items():
+            if members is None:
+                ok[key] = False
+                continue
             ts = [tensors[n] for n in members]
             if not _adjacent(ts):
                 allowed = fuse == "always" or writable or ts[0].device.type != "cpu"
                 if allowed:
                     plan.regrouped_bytes += _regroup(tensors, members, layer_names)
             ok[key] = _adjacent([tensors[n] for n in members])
-        plan.qkv[i] = ok["qkv"] and ok.get("qkv_bias", True)
-        plan.gate_up[i] = ok["gate_up"] and ok.get("gate_up_bias", True)
+        plan.qkv[i] = all(v for k, v in ok.items() if k.split(".")[0] == "qkv")
+        plan.gate_up[i] = all(v for k, v in ok.items() if k.split(".")[0] == "gate_up")
     n_qkv, n_gu = sum(plan.qkv), sum(plan.gate_up)
     plan.notes.append(f"fused qkv in {n_qkv}/{cfg.num_layers} layers, gate/up in {n_gu}/{cfg.num_layers}")
     return plan
@@ -220,23 +277,33 @@ def plan_fusion(cfg: ModelShape, tensors: dict[str, torch.Tensor], fuse: str, wr
 
 def state_dict(cfg: ModelShape, tensors: dict[str, torch.Tensor], plan: FusePlan) -> dict[str, torch.Tensor]:
     """The model's parameter name -> tensor (views of ``tensors``)."""
-    sd: dict[str, torch.Tensor] = {"embed": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        sd["lm_head"] = tensors["lm_head.weight"]
+    return _mapping(cfg, tensors, plan)[0]
+
+
+def _mapping(cfg: ModelShape, tensors: dict[str, torch.Tensor], plan: FusePlan) -> tuple[dict[str, torch.Tensor], Formats]:
+    """The model's parameters (views of ``tensors``), and how each projection is held."""
+    sd: dict[str, torch.Tensor] = {"norm.weight": tensors["model.norm.weight"]}
+    formats: Formats = {}  # model prefix ("layers.0.attn.qkv") -> each part's format (None: floats)
 
     def proj(dst: str, srcs: list[str], fused: bool, bias: bool) -> None:
-        w = [tensors[s + ".weight"] for s in srcs]
-        b = [tensors[s + ".bias"] for s in srcs] if bias else []
+        fmts = [qformat(tensors, s) for s in srcs]
+        kinds = [(*_kinds(tensors, s), *(("bias",) if bias else ())) for s in srcs]
         if fused or len(srcs) == 1:
-            sd[dst + ".weight"] = w[0] if len(w) == 1 else _joined(w)
-            if bias:
-                sd[dst + ".bias"] = b[0] if len(b) == 1 else _joined(b)
+            for kind in kinds[0]:
+                ts = [tensors[f"{s}.{kind}"] for s in srcs]
+                sd[f"{dst}.{kind}"] = ts[0] if len(ts) == 1 else _joined(ts)
+            f0 = fmts[0]
+            rows = sum(f.shape[0] for f in fmts if f is not None)
+            formats[dst] = [None if f0 is None else QFormat(f0.bits, f0.group, f0.scale_dtype, f0.mins, (rows, f0.shape[1]))]
         else:
-            for j, t in enumerate(w):
-                sd[f"{dst}.weight{j}"] = t
-            for j, t in enumerate(b):
-                sd[f"{dst}.bias{j}"] = t
+            for j, (s, ks) in enumerate(zip(srcs, kinds)):
+                for kind in ks:
+                    sd[f"{dst}.{kind}{j}"] = tensors[f"{s}.{kind}"]
+            formats[dst] = fmts
 
+    proj("embed", ["model.embed_tokens"], True, False)
+    if not cfg.tie_word_embeddings:
+        proj("lm_head", ["lm_head"], True, False)
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         sd[dst + "input_norm.weight"] = tensors[src + "input_layernorm.weight"]
@@ -248,7 +315,7 @@ def state_dict(cfg: ModelShape, tensors: dict[str, torch.Tensor], plan: FusePlan
             sd[dst + "attn.k_norm.weight"] = tensors[src + "self_attn.k_norm.weight"]
         proj(dst + "mlp.gate_up", [f"{src}mlp.{n}_proj" for n in ("gate", "up")], plan.gate_up[i], cfg.mlp_bias)
         proj(dst + "mlp.down", [src + "mlp.down_proj"], True, cfg.mlp_bias)
-    return sd
+    return sd, formats
 
 
 @dataclass
@@ -259,21 +326,28 @@ class Assembled:
     plan: FusePlan
     max_len: int
     overlap: bool  # the weights are still arriving: each stage waits for its layer's tensors
+    arena: Any  # the arena the model views (a new one when quantized at load)
 
 
 def assemble(cfg: ModelShape, arena: Any, config: Any, dtype: torch.dtype, dev: torch.device, where: str) -> Assembled:
     """The Transformer over ``arena``'s tensors (fused where free or allowed), on the meta device
     first so that no parameter is allocated twice. While the load is still running (only when
     fusion moves no byte) each stage of the forward pass waits for its own layer."""
+    check(cfg, arena.tensors, where)
+    plan_q = quantize_plan(cfg, arena.tensors, config.quantize)
+    if plan_q:  # float matrices quantized at load: into a new arena, the float one let go
+        arena = quantize_arena(arena, plan_q)
     tensors = arena.tensors
-    check(cfg, tensors, where)
+    quantized = check(cfg, tensors, where)
     overlap = config.overlap_load and not arena.done and fusion_is_free(cfg, tensors)
     if not overlap:
         arena.wait()  # fusion may move bytes, which must have arrived
     plan = plan_fusion(cfg, tensors, config.fuse, bool(getattr(arena, "writable", False)))
-    sd = state_dict(cfg, tensors, plan)
+    sd, formats = _mapping(cfg, tensors, plan)
+    if quantized:
+        plan.notes.append(_quant_note(quantized, dev))
     with torch.device("meta"):
-        model = Transformer(cfg, plan.qkv, plan.gate_up)
+        model = Transformer(cfg, plan.qkv, plan.gate_up, formats)
     model.load_state_dict(sd, strict=True, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -283,4 +357,11 @@ def assemble(cfg: ModelShape, arena: Any, config: Any, dtype: torch.dtype, dev: 
     if overlap:
         stages = layer_names(cfg, tensors)
         model.wait_stage = lambda i: arena.wait(stages[i + 1])
-    return Assembled(model, plan, max_len, overlap)
+    return Assembled(model, plan, max_len, overlap, arena)
+
+
+def _quant_note(formats: dict[str, QFormat], dev: torch.device) -> str:
+    """"quantized: 210 x int4 g32 +min, 1 x int8 g32 (qmm avx512)": what the matrices are held in."""
+    counts = Counter(f.describe() for f in formats.values())
+    held = ", ".join(f"{n} x {d}" for d, n in counts.most_common())
+    return f"quantized: {held} ({_quant.prepare(dev)})"

@@ -193,11 +193,13 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
 Entry = tuple[str, Any, int, int]  # (name, tensor or None for a pad, start, nbytes)
 
 
-# the groups the engine fuses into one matmul (q/k/v, gate/up, their biases): rank, place in the group
-_FUSED = {f"{part}.{kind}": (rank + (kind == "bias"), i)
+# the groups the engine fuses into one matmul (q/k/v, gate/up; their weights, biases, or a
+# quantized matrix's parts: each kind back to back): rank, place in the group
+_KINDS = ("weight", "bias", "qweight", "scales", "mins")
+_FUSED = {f"{part}.{kind}": (rank * 10 + k, i)
           for rank, parts in ((1, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                              (3, ("mlp.gate_proj", "mlp.up_proj")))
-          for i, part in enumerate(parts) for kind in ("weight", "bias")}
+                              (2, ("mlp.gate_proj", "mlp.up_proj")))
+          for i, part in enumerate(parts) for k, kind in enumerate(_KINDS)}
 
 
 def _layout(tensors: dict[str, Any]) -> tuple[list[Entry], dict[str, list[int]]]:

@@ -68,11 +68,12 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *, dt
 def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
                dtype: str | torch.dtype | None = None, config: LoadConfig | None = None,
                progress: Callable[[int, int], None] | None = None, background: bool = False,
-               allocator: Allocator | None = None) -> Arena:
+               allocator: Allocator | None = None, keep_quantized: bool = False) -> Arena:
     """Like :func:`load`, returning the :class:`Arena` (with statistics). With
     ``background=True`` it returns once the arena is allocated and the reads have started.
     ``allocator(nbytes, device)`` provides the device arena (a 1-D uint8 tensor), e.g. one
-    whose physical memory can be released and restored at the same address (parking)."""
+    whose physical memory can be released and restored at the same address (parking).
+    ``keep_quantized``: a GGUF file's quantized matrices stay quantized (``QFormat``)."""
     t_start = time.perf_counter()
     cfg = config or LoadConfig()
     dev = _device(device)
@@ -80,7 +81,7 @@ def load_arena(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     opened = open_source(path, use_cache=cfg.cache)
     if opened.gguf is not None:
         return load_gguf(opened.gguf, dev, target, threads=cfg.threads, progress=progress, background=background,
-                         allocator=allocator, t_start=t_start)
+                         allocator=allocator, t_start=t_start, keep_quantized=keep_quantized)
     with ExitStack() as on_error:
         on_error.callback(opened.finish, False)
         held = on_error.enter_context(ExitStack())  # file descriptors and staging, closed when the load ends

@@ -1,0 +1,99 @@
+"""The CPU kernels' shared library: built once per machine from ``qmm.cpp`` (against this
+torch), kept in ``<cache_dir>/kernels/<key>/``, and loaded into ``torch.ops.zerostart_quant``.
+
+Building takes ~30 s (a C++ compiler and torch's headers); loading a built one takes
+milliseconds, so a server's cold start never builds: ``make setup`` (or ``python -m
+zerostart.engine._quant``) builds ahead, and a process that finds no library and no compiler
+runs the portable torch path instead (``_quant.kernel``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+
+import torch
+
+log = logging.getLogger("zerostart.engine")
+NAME = "zerostart_quant"
+SOURCE = os.path.join(os.path.dirname(__file__), "qmm.cpp")
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet
+_why_not = ""
+
+
+def key() -> str:
+    """What the library depends on: its source, torch's version, the interpreter."""
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    return hashlib.sha256(src + f"\n{torch.__version__}\n{sys.version_info[:2]}".encode()).hexdigest()[:20]
+
+
+def library_path() -> str:
+    from zerostart.weights import cache_dir
+
+    return os.path.join(cache_dir(), "kernels", key(), f"{NAME}.so")
+
+
+def load(build: bool = False) -> bool:
+    """Load the library (building it first if ``build`` and it is missing). True if its ops
+    are in ``torch.ops.zerostart_quant``; else :func:`why_not` says why."""
+    global _loaded, _why_not
+    with _lock:
+        if _loaded:
+            return True
+        if _loaded is False and not build:
+            return False
+        path = library_path()
+        if not os.path.isfile(path):
+            if not build:
+                _loaded, _why_not = False, f"the quantized kernels are not built ({path} is missing; run `make setup`)"
+                return False
+            try:
+                if _build(path):  # built and loaded by this process
+                    _loaded = True
+                    return True
+            except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler, no headers, a failed build
+                _loaded, _why_not = False, f"building the quantized kernels failed ({type(e).__name__}: {str(e)[-400:]})"
+                log.warning("%s; the portable torch path runs instead", _why_not)
+                return False
+        try:
+            torch.ops.load_library(path)
+        except OSError as e:
+            _loaded, _why_not = False, f"loading {path} failed ({e})"
+            return False
+        _loaded = True
+        return True
+
+
+def why_not() -> str:
+    return _why_not
+
+
+def _build(path: str) -> bool:
+    """Compile into a temporary directory beside ``path`` and rename the library into place;
+    concurrent builders wait on a lock file and the later ones find it built. True if this
+    process built (and so already loaded) it."""
+    from torch.utils import cpp_extension
+
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(path):
+            return False
+        log.warning("building the quantized CPU kernels once for this machine (~30 s) into %s", d)
+        tmp = tempfile.mkdtemp(prefix=".build-", dir=d)
+        try:
+            cpp_extension.load(name=NAME, sources=[SOURCE], extra_cflags=["-O3"], build_directory=tmp,
+                               is_python_module=False, verbose=False)
+            os.replace(os.path.join(tmp, f"{NAME}.so"), path)
+            return True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
