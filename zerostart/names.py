@@ -29,9 +29,11 @@ __all__ = [
     "DTYPE_BYTES",
     "IMAGE_MODES",
     "LADDER",
+    "QUANTIZE_MODES",
     "Climb",
     "Dtype",
     "ImageMode",
+    "Quantize",
     "Rung",
     "Scheme",
     "cpu_has_bf16",
@@ -129,6 +131,14 @@ def _cpuinfo_bf16() -> bool:
 ImageMode = Literal["off", "use", "write"]
 IMAGE_MODES: tuple[str, ...] = get_args(ImageMode)
 DEFAULT_IMAGE_MODE: ImageMode = "write"
+
+
+# -- how matrices are held --------------------------------------------------------------------
+
+# auto: as stored (a GGUF file's quantized matrices stay quantized, floats stay floats); none:
+# all floats (GGUF quants dequantized at load); int8 / int4: float matrices quantized at load
+Quantize = Literal["auto", "none", "int8", "int4"]
+QUANTIZE_MODES: tuple[str, ...] = get_args(Quantize)
 
 
 # -- source schemes ---------------------------------------------------------------------------

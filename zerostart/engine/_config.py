@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from zerostart.engine._errors import EngineError
+from zerostart.names import QUANTIZE_MODES, Quantize
 
 
 def read_json_object(path: str) -> dict[str, Any]:
@@ -270,7 +271,7 @@ class EngineConfig:
     fuse: str = "auto"
     seed: int | None = None
     overlap_load: bool = True
-    quantize: str = "auto"
+    quantize: Quantize = "auto"
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -289,8 +290,8 @@ class EngineConfig:
             raise EngineError(f"EngineConfig.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization!r})")
         if self.fuse not in ("auto", "always", "never"):
             raise EngineError(f"EngineConfig.fuse must be 'auto', 'always' or 'never' (got {self.fuse!r})")
-        if self.quantize not in QUANTIZE:
-            raise EngineError(f"EngineConfig.quantize must be one of {', '.join(QUANTIZE)} (got {self.quantize!r})")
+        if self.quantize not in QUANTIZE_MODES:
+            raise EngineError(f"EngineConfig.quantize must be one of {', '.join(QUANTIZE_MODES)} (got {self.quantize!r})")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise EngineError(f"EngineConfig.seed must be an integer or None (got {self.seed!r})")
         for name in ("cuda_graphs", "compile"):
@@ -304,7 +305,6 @@ class EngineConfig:
         return replace(self, prefill_chunk=PREFILL_CHUNK.get(device_type, PREFILL_CHUNK["cpu"]))
 
 
-QUANTIZE = ("auto", "none", "int8", "int4")  # EngineConfig.quantize
 MAX_MODEL_LEN_CAP = 8192  # default cap on max_model_len (see EngineConfig)
 # Default prefill_chunk. CPU: on SmolLM2-135M (bfloat16, one thread) a 4,096-token prompt prefilled
 # at 85 / 89 / 95 / 93 tokens/s in chunks of 128 / 256 / 512 / 1024 while the longest step took

@@ -113,7 +113,7 @@ class Engine:
             dev = _load.device_for(device)
             _load.set_threads(config, dev)
         config = config.for_device(dev.type)
-        dtype = _load.model_dtype(dtype, dev, files)
+        dtype = _load.model_dtype(dtype, dev, files, config.quantize)
         tokenizer = Tokenizer(files.dir)
         t_load = time.perf_counter()
         try:
@@ -122,7 +122,8 @@ class Engine:
                                        background=config.overlap_load, allocator=allocator if dev.type == "cuda" else None,
                                        keep_quantized=config.quantize != "none")
             with timeline.phase("prepare") as ph:
-                built = _weights.assemble(files.config, arena, config, dtype, dev, source)
+                built = _weights.assemble(files.config, arena, config, dtype, dev, source,
+                                          allocator if dev.type == "cuda" else None)
                 arena = built.arena
                 ph.bytes = built.plan.regrouped_bytes
                 ph.detail.update(fusion="; ".join(built.plan.notes), overlap_load=built.overlap)

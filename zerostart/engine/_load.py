@@ -76,17 +76,21 @@ def model_files(source: str) -> ModelFiles:
     return ModelFiles(source, local, cfg, image, name)
 
 
-def model_dtype(dtype: str | torch.dtype | None, dev: torch.device, files: ModelFiles) -> torch.dtype:
-    """The dtype the weights are held in (an image brings its own; it must match the runtime)."""
+def model_dtype(dtype: str | torch.dtype | None, dev: torch.device, files: ModelFiles, quantize: str = "auto") -> torch.dtype:
+    """The dtype the weights are held in (an image brings its own, and its quantization unless
+    ``quantize`` asks for one; they must match the runtime)."""
     if files.image is not None and dtype is None:
         dtype = files.image["fingerprint"]["dtype"]
     resolved = resolve_dtype(dtype, dev, files.config)
     if files.image is not None:
+        held = files.image["fingerprint"].get("quantize", "auto")
         try:
-            weights.check_compatible(files.dir, weights.fingerprint(files.dir, dev.type, str(resolved)))
+            weights.check_compatible(files.dir, weights.fingerprint(files.dir, dev.type, str(resolved),
+                                                                    held if quantize == "auto" else quantize))
         except weights.ImageError as e:
             raise EngineError(str(e)) from None
     return resolved
+
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelShape) -> torch.dtype:
     if isinstance(dtype, torch.dtype):

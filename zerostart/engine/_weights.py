@@ -329,14 +329,15 @@ class Assembled:
     arena: Any  # the arena the model views (a new one when quantized at load)
 
 
-def assemble(cfg: ModelShape, arena: Any, config: Any, dtype: torch.dtype, dev: torch.device, where: str) -> Assembled:
+def assemble(cfg: ModelShape, arena: Any, config: Any, dtype: torch.dtype, dev: torch.device, where: str,
+             allocator: Any = None) -> Assembled:
     """The Transformer over ``arena``'s tensors (fused where free or allowed), on the meta device
     first so that no parameter is allocated twice. While the load is still running (only when
     fusion moves no byte) each stage of the forward pass waits for its own layer."""
     check(cfg, arena.tensors, where)
     plan_q = quantize_plan(cfg, arena.tensors, config.quantize)
     if plan_q:  # float matrices quantized at load: into a new arena, the float one let go
-        arena = quantize_arena(arena, plan_q)
+        arena = quantize_arena(arena, plan_q, allocator)
     tensors = arena.tensors
     quantized = check(cfg, tensors, where)
     overlap = config.overlap_load and not arena.done and fusion_is_free(cfg, tensors)

@@ -25,7 +25,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       field_validator, model_validator)
 
 from zerostart.engine import EngineConfig
-from zerostart.names import DEFAULT_IMAGE_MODE, Dtype, ImageMode, Scheme, is_local, normalize_device, source_scheme
+from zerostart.names import (DEFAULT_IMAGE_MODE, Dtype, ImageMode, Quantize, Scheme, is_local, normalize_device,
+                             source_scheme)
 from zerostart.serve._keys import describe_errors
 from zerostart.units import parse_duration, parse_size
 
@@ -316,6 +317,9 @@ class ModelConfig(_Section):
     dtype: Dtype | None = None  # None: the engine's choice for the device
     max_model_len: int | None = Field(None, ge=2)  # longest prompt + completion; None: the engine's default
     kv_cache_bytes: Bytes | None = None  # the engine's KV cache size; None: the engine's default
+    # how the engine holds matrices: auto (as stored: a GGUF file's quants stay quantized), none
+    # (all floats), int8 | int4 (float matrices quantized at load; a ready image keeps the result)
+    quantize: Quantize = "auto"
     # CPU compute threads of each worker; None: the CPUs available less one / the CPU workers that
     # may run at once (the sum of max_replicas of the models on cpu), at least 1
     threads: int | None = Field(None, ge=1)
@@ -402,7 +406,8 @@ class ModelConfig(_Section):
         """The engine settings its workers load with: this entry's, and the KV cache and CPU
         threads the fleet sized for one replica (from this entry's, or its memory share and
         the cores). An engine setting a user may set is a key above and one argument here."""
-        return EngineConfig(max_model_len=self.max_model_len, kv_cache_bytes=kv_cache_bytes, threads=threads)
+        return EngineConfig(max_model_len=self.max_model_len, kv_cache_bytes=kv_cache_bytes, threads=threads,
+                            quantize=self.quantize)
 
 
 class PlacementConfig(_Section):

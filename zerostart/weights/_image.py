@@ -12,7 +12,8 @@ An image is a directory:
                               boundary. Gaps are ``__zerostart_pad__.N`` tensors (loaded, never
                               returned).
     zerostart-checksums.json  xxh3 of every 4 MiB block, verified while the image loads
-    zerostart-image.json      the manifest: format version, fingerprint, source, layer spans,
+    zerostart-image.json      the manifest: format version, fingerprint (with the quantize
+                              setting), source, layer spans, the quantized formats it holds,
                               every other file's size and checksum, and its own checksum
     config.json, tokenizer*.json, generation_config.json, chat templates   (copied)
     compile_cache.bin         torch.compile artifacts, when the engine compiled
@@ -67,6 +68,7 @@ class Fingerprint:
     dtype: str
     config_sha256: str
     layout: str = LAYOUT
+    quantize: str = "auto"  # the engine's quantize setting the image was prepared with
 
     def to_dict(self) -> dict[str, str]:
         return dict(self.__dict__)
@@ -81,12 +83,12 @@ def config_hash(model_dir: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def fingerprint(model_dir: str, device_type: str, dtype: str) -> Fingerprint:
+def fingerprint(model_dir: str, device_type: str, dtype: str, quantize: str = "auto") -> Fingerprint:
     # torch only when an image is made: the gateway imports this package's face
     import torch
 
     return Fingerprint(__version__, torch.__version__.split("+")[0], device_type, str(dtype).removeprefix("torch."),
-                       config_hash(model_dir))
+                       config_hash(model_dir), quantize=quantize)
 
 
 def is_image(path: str) -> bool:
@@ -175,7 +177,7 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
             "source": source, "source_identity": source_identity, "fingerprint": fp.to_dict(),
             "weights": {"file": "model.safetensors", "bytes": nbytes, "data_start": data_start,
                         "tensors": sum(1 for e in entries if e[1] is not None), "pad_tensors": sum(1 for e in entries if e[1] is None),
-                        "spans": spans},
+                        "spans": spans, "quantized": _quantized(tensors)},
             "compile_cache": "compile_cache.bin" if compile_cache else None,
         }
         if extra:
@@ -188,6 +190,19 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _quantized(tensors: dict[str, Any]) -> dict[str, int]:
+    """What the image holds quantized: format ("int4 g32 +min") -> matrices (empty: all floats)."""
+    from zerostart.weights._quant import qformat
+
+    out: dict[str, int] = {}
+    for name in tensors:
+        if name.endswith(".qweight"):
+            fmt = qformat(tensors, name.removesuffix(".qweight"))
+            if fmt is not None:
+                out[fmt.describe()] = out.get(fmt.describe(), 0) + 1
+    return out
 
 
 Entry = tuple[str, Any, int, int]  # (name, tensor or None for a pad, start, nbytes)

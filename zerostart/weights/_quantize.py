@@ -20,10 +20,11 @@ from zerostart.weights._plan import TENSOR_ALIGN, Layout, Slot
 from zerostart.weights._quant import quantize
 
 
-def quantize_arena(arena: Arena, plan: dict[str, int]) -> Arena:
+def quantize_arena(arena: Arena, plan: dict[str, int], allocator=None) -> Arena:
     """A new arena holding ``arena``'s tensors with each ``plan`` name (a float matrix
     ``<prefix>.weight``) as ``<prefix>.qweight/.scales/.mins`` of that many bits. Waits for
-    ``arena``'s load first."""
+    ``arena``'s load first. ``allocator(nbytes, device)``: the new arena's memory on CUDA (as
+    for the load, e.g. memory parking can release)."""
     arena.wait()
     t0 = time.perf_counter()
     out: dict[str, torch.Tensor] = {}
@@ -50,7 +51,10 @@ def quantize_arena(arena: Arena, plan: dict[str, int]) -> Arena:
     size = align_up(max(cursor, 1), TENSOR_ALIGN)
     dev = arena.device
     region = Region.anonymous(size) if dev.type == "cpu" else None
-    storage = region.tensor() if region is not None else torch.empty(size, dtype=torch.uint8, device=dev)
+    if region is not None:
+        storage = region.tensor()
+    else:
+        storage = allocator(size, dev) if allocator is not None else torch.empty(size, dtype=torch.uint8, device=dev)
     tensors = views(storage, slots)
     for name in order:
         tensors[name].copy_(out[name])

@@ -1,5 +1,7 @@
 """The CPU kernels' shared library: built once per machine from ``qmm.cpp`` (against this
-torch), kept in ``<cache_dir>/kernels/<key>/``, and loaded into ``torch.ops.zerostart_quant``.
+torch), kept in ``$ZEROSTART_KERNELS_DIR/<key>/`` (default ``~/.cache/zerostart/kernels``,
+shared by every ``ZEROSTART_CACHE_DIR``: it is a build of this code, not a model's data), and
+loaded into ``torch.ops.zerostart_quant``.
 
 Building takes ~30 s (a C++ compiler and torch's headers); loading a built one takes
 milliseconds, so a server's cold start never builds: ``make setup`` (or ``python -m
@@ -36,9 +38,9 @@ def key() -> str:
 
 
 def library_path() -> str:
-    from zerostart.weights import cache_dir
-
-    return os.path.join(cache_dir(), "kernels", key(), f"{NAME}.so")
+    root = os.environ.get("ZEROSTART_KERNELS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "zerostart", "kernels")
+    return os.path.join(os.path.abspath(root), key(), f"{NAME}.so")
 
 
 def load(build: bool = False) -> bool:

@@ -11,7 +11,8 @@ or by hand, for a direct comparison, ``zerostart coldstart`` or debugging, with 
 settings as flags (the keys of a config file's model entry)::
 
     python -m zerostart.serve.worker --model SOURCE [--name NAME] [--device cpu] [--dtype bfloat16]
-        [--images off|use|write] [--parkable] [--max-model-len N] [--kv-cache-bytes N] [--threads N]
+        [--images off|use|write] [--parkable] [--max-model-len N] [--quantize auto|none|int8|int4]
+        [--kv-cache-bytes N] [--threads N]
         [--pooling last|mean [--no-normalize]] (--port 8001 [--host 127.0.0.1] | --uds /tmp/w.sock)
 
 It serves HTTP at once and loads the model in the background, so the gateway can ask how the
@@ -32,7 +33,7 @@ import time
 import uvicorn
 from pydantic import ValidationError
 
-from zerostart.names import DTYPES, IMAGE_MODES
+from zerostart.names import DTYPES, IMAGE_MODES, QUANTIZE_MODES
 from zerostart.serve._config import EmbeddingConfig, ModelConfig, ServerConfig
 from zerostart.serve._keys import describe_errors
 from zerostart.serve.control import TOKEN_ENV, LoadSpec, load_spec
@@ -47,8 +48,8 @@ _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly b
 _MAX_CONNECTIONS = 4096
 _HEADER_TIMEOUT_S = 10.0
 # the flags that say what to load, by hand (a gateway's worker has them in --spec; a standby takes them in /load)
-_LOAD_FLAGS = ("name", "dtype", "images", "parkable", "max_model_len", "kv_cache_bytes", "threads", "pooling",
-               "no_normalize")
+_LOAD_FLAGS = ("name", "dtype", "images", "parkable", "max_model_len", "quantize", "kv_cache_bytes", "threads",
+               "pooling", "no_normalize")
 
 
 def main(argv: list[str] | None = None, origin: tuple[float, float] | None = None) -> int:
@@ -101,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                            "load from the source); default off")
     hand.add_argument("--parkable", action="store_true", help="load so that the model can be parked (CUDA: VMM memory)")
     hand.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (tokens)")
+    hand.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                      help="how matrices are held: auto (as stored: a GGUF file's quants stay quantized), none "
+                           "(all floats), int8 or int4 (float matrices quantized at load); default auto")
     hand.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
     hand.add_argument("--threads", type=int, default=None,
                       help="CPU compute threads (torch intra-op; default: torch's, one per core)")
@@ -149,8 +153,8 @@ def _spec(args: argparse.Namespace, p: argparse.ArgumentParser) -> LoadSpec | No
     embedding = EmbeddingConfig(pooling=args.pooling, normalize=not args.no_normalize) if args.pooling else None
     try:
         model = ModelConfig(path=args.model, name=args.name, device=args.device, dtype=args.dtype, images=args.images,
-                            max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes, threads=args.threads,
-                            embedding=embedding)
+                            max_model_len=args.max_model_len, quantize=args.quantize or "auto",
+                            kv_cache_bytes=args.kv_cache_bytes, threads=args.threads, embedding=embedding)
     except ValidationError as e:
         p.error("; ".join(f"--{'model' if err['loc'][0] == 'path' else str(err['loc'][0]).replace('_', '-')}: "
                           f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()))

@@ -33,17 +33,18 @@ def is_image(source: str) -> bool:
     return is_local(source) and os.path.isdir(source) and snapshot.is_image(source)
 
 
-def locate(source: str, device: str, dtype: str | None) -> tuple[str, Fingerprint, str]:
+def locate(source: str, device: str, dtype: str | None, quantize: str = "auto") -> tuple[str, Fingerprint, str]:
     """The image-store directory for ``source`` loaded on ``device`` with ``dtype`` (None: the
-    engine's default), the fingerprint an image there must carry, and the identity of the
-    source's bytes now (an image built from other bytes is stale). Imports torch. Raises the
+    engine's default) and ``quantize`` (the engine's setting), the fingerprint an image there
+    must carry, and the identity of the source's bytes now (an image built from other bytes is stale). Imports torch. Raises the
     engine's or the weights package's errors when the source's config cannot be read."""
     # imported in the worker's timed import phase (torch, the engine, snapshot), not at its start
     from zerostart import engine, snapshot, weights
 
     identity = weights.identity(source)
     model_dir = weights.localize(source)
-    fp = snapshot.fingerprint(model_dir, device_type(device), str(engine.weights_dtype(model_dir, device, dtype)))
+    fp = snapshot.fingerprint(model_dir, device_type(device), str(engine.weights_dtype(model_dir, device, dtype)),
+                              quantize)
     return snapshot.image_store(source, fp), fp, identity
 
 
@@ -106,7 +107,7 @@ def write(engine: Engine, path: str | None, fp: Fingerprint | None, host_tensors
     from zerostart import snapshot
 
     if fp is None:
-        fp = snapshot.fingerprint(engine.model_dir, engine.device.type, str(engine.dtype))
+        fp = snapshot.fingerprint(engine.model_dir, engine.device.type, str(engine.dtype), engine.config.quantize)
     if path is None:
         path = snapshot.image_store(engine.source, fp)
     sweep_abandoned(path)

@@ -96,7 +96,8 @@ class _Loader:
 
         spec = self.spec
         try:
-            path, self.fp, self.identity = _images.locate(spec.model, spec.device, spec.dtype)
+            path, self.fp, self.identity = _images.locate(spec.model, spec.device, spec.dtype,
+                                                             spec.engine_options.quantize)
         except (EngineError, weights.WeightsError, weights.SourceError, OSError, ValueError) as e:
             self.image.status, self.image.error = "unavailable", str(e)
             log.warning("model %s: the image store could not be consulted (%s); loading the source", spec.name, e)
