@@ -65,6 +65,8 @@ class Proj(nn.Module):
 
     weight: torch.Tensor  # fused: [sum(sizes), in_features] (else weight0, weight1, ...)
     bias: torch.Tensor
+    qweight: torch.Tensor  # quantized and fused: [sum(sizes), in_features / 2] uint8 or [.., in_features] int8
+    scales: torch.Tensor  # [sum(sizes), in_features / group]
 
     def _matmul(self, x: torch.Tensor, i: str, quantized: bool) -> torch.Tensor:
         bias = getattr(self, "bias" + i) if self.has_bias else None
@@ -82,7 +84,7 @@ class Proj(nn.Module):
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` of the (single, fused) matrix: an embedding lookup [len(ids), in]."""
         if self.quantized[0]:
-            return _quant.rows(ids, getattr(self, "qweight"), getattr(self, "scales"), getattr(self, "mins", None), dtype)
+            return _quant.rows(ids, self.qweight, self.scales, getattr(self, "mins", None), dtype)
         return F.embedding(ids, self.weight)
 
 
