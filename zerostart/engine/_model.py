@@ -51,40 +51,42 @@ class Proj(nn.Module):
         self.fused = fused or len(sizes) == 1
         names = [""] if self.fused else [str(i) for i in range(len(sizes))]
         shapes = [sum(sizes)] if self.fused else list(sizes)
-        self.quantized = [f is not None for f in fmts] if fmts else [False] * len(names)
+        self.fmts: list[QFormat | None] = []
         for name, rows, fmt in zip(names, shapes, fmts or [None] * len(names)):
             if fmt is None:
                 self.register_parameter("weight" + name, nn.Parameter(torch.empty(rows, in_features), requires_grad=False))
             else:
-                held = QFormat(fmt.bits, fmt.group, fmt.scale_dtype, fmt.mins, (rows, in_features))
-                for kind, (shape, dtype) in held.shapes().items():
+                fmt = QFormat(fmt.bits, fmt.group, fmt.scale_dtype, fmt.mins, (rows, in_features), fmt.tiled)
+                for kind, (shape, dtype) in fmt.shapes().items():
                     self.register_buffer(kind + name, torch.empty(shape, dtype=dtype))
+            self.fmts.append(fmt)
             if bias:
                 self.register_parameter("bias" + name, nn.Parameter(torch.empty(rows), requires_grad=False))
         self.has_bias = bias
 
     weight: torch.Tensor  # fused: [sum(sizes), in_features] (else weight0, weight1, ...)
     bias: torch.Tensor
-    qweight: torch.Tensor  # quantized and fused: [sum(sizes), in_features / 2] uint8 or [.., in_features] int8
-    scales: torch.Tensor  # [sum(sizes), in_features / group]
 
-    def _matmul(self, x: torch.Tensor, i: str, quantized: bool) -> torch.Tensor:
+    def _parts(self, i: str, fmt: QFormat) -> list[torch.Tensor]:
+        return [getattr(self, kind + i) for kind in fmt.kinds]
+
+    def _matmul(self, x: torch.Tensor, i: str, fmt: QFormat | None) -> torch.Tensor:
         bias = getattr(self, "bias" + i) if self.has_bias else None
-        if quantized:
-            return _quant.linear(x, getattr(self, "qweight" + i), getattr(self, "scales" + i),
-                                 getattr(self, "mins" + i, None), bias)
+        if fmt is not None:
+            return _quant.linear(x, self._parts(i, fmt), fmt, bias)
         return F.linear(x, getattr(self, "weight" + i), bias)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused:
-            y = self._matmul(x, "", self.quantized[0])
+            y = self._matmul(x, "", self.fmts[0])
             return [y] if len(self.sizes) == 1 else list(y.split(self.sizes, dim=-1))
-        return [self._matmul(x, str(i), q) for i, q in enumerate(self.quantized)]
+        return [self._matmul(x, str(i), fmt) for i, fmt in enumerate(self.fmts)]
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` of the (single, fused) matrix: an embedding lookup [len(ids), in]."""
-        if self.quantized[0]:
-            return _quant.rows(ids, self.qweight, self.scales, getattr(self, "mins", None), dtype)
+        fmt = self.fmts[0]
+        if fmt is not None:
+            return _quant.rows(ids, self._parts("", fmt), fmt, dtype)
         return F.embedding(ids, self.weight)
 
 

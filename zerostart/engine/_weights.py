@@ -294,7 +294,8 @@ def _mapping(cfg: ModelShape, tensors: dict[str, torch.Tensor], plan: FusePlan) 
                 sd[f"{dst}.{kind}"] = ts[0] if len(ts) == 1 else _joined(ts)
             f0 = fmts[0]
             rows = sum(f.shape[0] for f in fmts if f is not None)
-            formats[dst] = [None if f0 is None else QFormat(f0.bits, f0.group, f0.scale_dtype, f0.mins, (rows, f0.shape[1]))]
+            formats[dst] = [None if f0 is None else QFormat(f0.bits, f0.group, f0.scale_dtype, f0.mins, (rows, f0.shape[1]),
+                                                          f0.tiled)]
         else:
             for j, (s, ks) in enumerate(zip(srcs, kinds)):
                 for kind in ks:
@@ -340,13 +341,20 @@ def assemble(cfg: ModelShape, arena: Any, config: Any, dtype: torch.dtype, dev: 
         arena = quantize_arena(arena, plan_q, allocator)
     tensors = arena.tensors
     quantized = check(cfg, tensors, where)
+    tiled = 0
+    if dev.type == "cpu" and any(not f.tiled for f in quantized.values()) and getattr(arena, "writable", False):
+        from zerostart.engine import _quant
+
+        arena.wait()  # the CPU kernels' tiles: the same bytes reordered in place (an image holds them so)
+        tiled = _quant.tile_matrices(tensors, quantized)
+        quantized = check(cfg, tensors, where)
     overlap = config.overlap_load and not arena.done and fusion_is_free(cfg, tensors)
     if not overlap:
         arena.wait()  # fusion may move bytes, which must have arrived
     plan = plan_fusion(cfg, tensors, config.fuse, bool(getattr(arena, "writable", False)))
     sd, formats = _mapping(cfg, tensors, plan)
     if quantized:
-        plan.notes.append(_quant_note(quantized, dev))
+        plan.notes.append(_quant_note(quantized, dev) + (f"; tiled {tiled / 1e6:.1f} MB in place" if tiled else ""))
     with torch.device("meta"):
         model = Transformer(cfg, plan.qkv, plan.gate_up, formats)
     model.load_state_dict(sd, strict=True, assign=True)

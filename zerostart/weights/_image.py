@@ -198,8 +198,8 @@ def _quantized(tensors: dict[str, Any]) -> dict[str, int]:
 
     out: dict[str, int] = {}
     for name in tensors:
-        if name.endswith(".qweight"):
-            fmt = qformat(tensors, name.removesuffix(".qweight"))
+        if name.endswith((".qweight", ".qtiles")):
+            fmt = qformat(tensors, name.rpartition(".")[0])
             if fmt is not None:
                 out[fmt.describe()] = out.get(fmt.describe(), 0) + 1
     return out
@@ -210,7 +210,7 @@ Entry = tuple[str, Any, int, int]  # (name, tensor or None for a pad, start, nby
 
 # the groups the engine fuses into one matmul (q/k/v, gate/up; their weights, biases, or a
 # quantized matrix's parts: each kind back to back): rank, place in the group
-_KINDS = ("weight", "bias", "qweight", "scales", "mins")
+_KINDS = ("weight", "bias", "qweight", "scales", "mins", "qtiles", "stiles", "mtiles")
 _FUSED = {f"{part}.{kind}": (rank * 10 + k, i)
           for rank, parts in ((1, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                               (2, ("mlp.gate_proj", "mlp.up_proj")))

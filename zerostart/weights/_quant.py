@@ -11,6 +11,10 @@ A quantized matrix W [N, K] named ``<prefix>.weight`` is held as up to three ten
     W[n, k] = scales[n, k // group] * q[n, k] + mins[n, k // group]
 
 so the bits, the group and K follow from the tensors' dtypes and shapes (:func:`qformat`).
+The CPU's decode kernel holds the same bytes tiled (``<prefix>.qtiles``, ``.stiles``,
+``.mtiles``: rows in tiles of 16, each group's bytes as 64-byte blocks of 4 k of 16 rows; see
+``engine/_quant/qmm.cpp``), made by the engine as it prepares a model and kept in its ready
+image; :func:`dequantize` reads both layouts.
 GGUF's block formats map onto this without changing a value (``from_gguf``: Q4_0, Q4_1 and
 Q4_K as 4 bits, group 32; Q8_0, Q5_0, Q5_1 and Q5_K as 8 bits, group 32; Q6_K as 8 bits,
 group 16); a float matrix is quantized by :func:`quantize` (int8: symmetric, group 32, like
@@ -24,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SUFFIXES = QUANT_SUFFIXES = ("qweight", "scales", "mins")
+ROWS = ("qweight", "scales", "mins")  # the row layout's parts
+TILES = ("qtiles", "stiles", "mtiles")  # the tiled layout's
+SUFFIXES = QUANT_SUFFIXES = ROWS + TILES
 # GGUF types kept quantized, and the (bits, group) each becomes
 GGUF_FORMATS = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q8_0": (8, 32), "Q5_0": (8, 32),
                 "Q5_1": (8, 32), "Q5_K": (8, 32), "Q6_K": (8, 16)}
@@ -43,15 +49,23 @@ class QFormat:
     scale_dtype: torch.dtype  # float16 | float32
     mins: bool  # an offset per group
     shape: tuple[int, int]  # the matrix [N, K]
+    tiled: bool = False  # the decode kernel's tiles of 16 rows
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The suffixes of the tensors it is held in."""
+        names = TILES if self.tiled else ROWS
+        return names if self.mins else names[:2]
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Suffix -> (shape, dtype) of each tensor the matrix is held in."""
         N, K = self.shape
-        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"qweight": ((N, K // 2) if self.bits == 4 else (N, K), torch.uint8 if self.bits == 4 else torch.int8),
-               "scales": ((N, K // self.group), self.scale_dtype)}
-        if self.mins:
-            out["mins"] = ((N, K // self.group), self.scale_dtype)
-        return out
+        qdtype = torch.uint8 if self.bits == 4 else torch.int8
+        if self.tiled:  # the same bytes, 16 rows a row
+            q, s = (N // 16, K * 16 // (2 if self.bits == 4 else 1)), (N // 16, 16 * K // self.group)
+        else:
+            q, s = (N, K // (2 if self.bits == 4 else 1)), (N, K // self.group)
+        return dict(zip(self.kinds, ((q, qdtype), (s, self.scale_dtype), (s, self.scale_dtype))))
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +73,9 @@ class QFormat:
 
     def describe(self) -> str:
         return f"int{self.bits} g{self.group}{' +min' if self.mins else ''}"
+
+    def tiles(self) -> "QFormat":
+        return QFormat(self.bits, self.group, self.scale_dtype, self.mins, self.shape, True)
 
 
 def gguf_qformat(qtype: str, shape: tuple[int, ...]) -> QFormat | None:
@@ -74,27 +91,34 @@ def gguf_qformat(qtype: str, shape: tuple[int, ...]) -> QFormat | None:
 def qformat(tensors: dict[str, torch.Tensor], prefix: str) -> QFormat | None:
     """The format of the quantized matrix ``prefix`` (``model.layers.0.mlp.up_proj``), None if
     ``tensors`` hold it as a plain ``.weight``; a ValueError naming it if its parts disagree."""
-    qw, sc, mn = (tensors.get(f"{prefix}.{s}") for s in SUFFIXES)
+    tiled = f"{prefix}.qtiles" in tensors
+    names = TILES if tiled else ROWS
+    qw, sc, mn = (tensors.get(f"{prefix}.{s}") for s in names)
     if qw is None:
         return None
+    q, s, m = (f"{prefix}.{n}" for n in names)
     if sc is None or qw.dim() != 2 or sc.dim() != 2 or qw.dtype not in (torch.uint8, torch.int8):
-        raise ValueError(f"{prefix}: a quantized matrix needs a 2-D {prefix}.qweight (uint8 or int8) and 2-D .scales")
+        raise ValueError(f"{prefix}: a quantized matrix needs a 2-D {q} (uint8 or int8) and 2-D {s}")
     bits = 4 if qw.dtype == torch.uint8 else 8
-    N, K = qw.shape[0], qw.shape[1] * (2 if bits == 4 else 1)
-    if sc.shape[0] != N or sc.shape[1] == 0 or K % sc.shape[1] or sc.dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"{prefix}.scales: shape {tuple(sc.shape)} {sc.dtype} does not fit .qweight {tuple(qw.shape)}")
-    group = K // sc.shape[1]
+    per = 2 if bits == 4 else 1
+    N, K = (qw.shape[0] * 16, qw.shape[1] * per // 16) if tiled else (qw.shape[0], qw.shape[1] * per)
+    groups = sc.shape[1] // 16 if tiled else sc.shape[1]
+    if sc.shape[0] != qw.shape[0] or groups == 0 or K % groups or sc.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"{s}: shape {tuple(sc.shape)} {sc.dtype} does not fit {q} {tuple(qw.shape)}")
+    group = K // groups
     if (bits, group) not in ((4, 32), (8, 32), (8, 16)):
         raise ValueError(f"{prefix}: int{bits} with groups of {group} is not a supported quantized format")
     if mn is not None and (mn.shape != sc.shape or mn.dtype != sc.dtype):
-        raise ValueError(f"{prefix}.mins: shape {tuple(mn.shape)} {mn.dtype} does not match .scales")
-    return QFormat(bits, group, sc.dtype, mn is not None, (N, K))
+        raise ValueError(f"{m}: shape {tuple(mn.shape)} {mn.dtype} does not match {s}")
+    return QFormat(bits, group, sc.dtype, mn is not None, (N, K), tiled)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, tiled: bool = False) -> torch.Tensor:
     """The matrix [N, K] in ``dtype``, with torch operations (any device; the reference the
-    kernels are tested against)."""
+    kernels are tested against). ``tiled``: the parts are ``qtiles``, ``stiles``, ``mtiles``."""
+    if tiled:
+        qweight, scales, mins = untile(qweight, scales, mins)
     N = qweight.shape[0]
     if qweight.dtype == torch.uint8:  # nibbles -> [N, K/32, 32] in element order
         b = qweight.view(N, -1, 16)
@@ -106,6 +130,28 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
     if mins is not None:
         w = w + mins.float().unsqueeze(-1)
     return w.reshape(N, -1).to(dtype)
+
+
+def untile(qtiles: torch.Tensor, stiles: torch.Tensor, mtiles: torch.Tensor | None):
+    """The tiled layout's parts in the row layout (torch operations)."""
+    T = qtiles.shape[0]
+    G = stiles.shape[1] // 16
+
+    def rows_of(s: torch.Tensor) -> torch.Tensor:  # [T, G * 16] -> [T * 16, G]
+        return s.view(T, G, 16).transpose(1, 2).reshape(T * 16, G)
+
+    if qtiles.dtype == torch.int8:  # [T, G, group/4, 16, 4] -> [T, 16, G, group/4, 4]
+        K = qtiles.shape[1] // 16
+        group = K // G
+        q = qtiles.view(T, G, group // 4, 16, 4).permute(0, 3, 1, 2, 4).reshape(T * 16, K)
+    else:  # [T, G, group/8, 16, 4] bytes: low nibbles k = 4t + i, high ones k = 4(t + group/8) + i
+        K = qtiles.shape[1] // 8
+        group = K // G
+        b = qtiles.view(T, G, group // 8, 16, 4)
+        vals = torch.stack((b & 0x0F, b >> 4), dim=2)  # [T, G, 2, group/8, 16, 4]
+        v = vals.permute(0, 4, 1, 2, 3, 5).reshape(T * 16, K // 32, 32)  # element order within groups of 32
+        q = (v[:, :, :16] | (v[:, :, 16:] << 4)).reshape(T * 16, K // 2)
+    return q, rows_of(stiles), None if mtiles is None else rows_of(mtiles)
 
 
 def pack4(q: np.ndarray) -> np.ndarray:

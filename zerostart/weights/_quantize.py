@@ -60,7 +60,7 @@ def quantize_arena(arena: Arena, plan: dict[str, int], allocator=None) -> Arena:
         tensors[name].copy_(out[name])
     old = arena.stats
     stats = LoadStats(**{**old.__dict__, "arena_bytes": size, "tensors": len(slots)})
-    stats.strategy = {**old.strategy, "quantize": 1}
+    stats.strategy = {"quantize": 1}  # private memory now: the engine may rearrange it (Arena.writable)
     stats.total_s = old.total_s + (time.perf_counter() - t0)
     new = Arena(storage, tensors, Layout("quantized", size, slots, [], []), stats, region)
     new.opened = arena.opened

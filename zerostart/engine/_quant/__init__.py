@@ -1,15 +1,18 @@
 """Quantized linear layers: the matmuls and lookups over weights held as small integers with
 group scales (``zerostart.weights`` formats: int4 or int8, groups of 16 or 32).
 
-    y = linear(x, qweight, scales, mins)        # x [M, K] -> [M, N]
-    h = rows(ids, qweight, scales, mins, dtype)  # embedding lookup
+    y = linear(x, parts, fmt)        # x [M, K] -> [M, N]; parts: the matrix's tensors (fmt.kinds)
+    h = rows(ids, parts, fmt, dtype)  # embedding lookup
 
 The kernel follows the batch and the CPU (measured in ``bench/quant_kernels.py``):
 
-| rows of x | CPU with AVX-512 (kernels built) | elsewhere |
-| --- | --- | --- |
-| <= DECODE_ROWS (decode) | ``qmm``: dequantized in registers, every row of x per group | dequantize, then ``F.linear`` |
-| more (prefill) | ``dequant`` (the same kernel's unpacking), then ``F.linear`` | dequantize, then ``F.linear`` |
+| rows of x | CPU, kernels built, tiled matrix | CPU, row layout | CUDA, or no kernels |
+| --- | --- | --- | --- |
+| <= DECODE_ROWS (decode) | ``qmm_tiles``: x to int8 per group, VNNI integer dot products (AVX-512 VNNI; a portable loop elsewhere) | ``qmm``: dequantized in registers (float) | dequantize, ``F.linear`` |
+| more (prefill) | ``untile`` once, then ``F.linear`` in x's dtype | ``dequant``, then ``F.linear`` | dequantize, ``F.linear`` |
+
+On CPU the engine tiles every quantized matrix of 16k rows as it prepares a model
+(:func:`tile_matrices`), in place: the same bytes, in the order the decode kernel reads them.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from zerostart.engine._quant import _build
-from zerostart.weights import dequantize
+from zerostart.weights import QFormat, dequantize
 
-# at most this many rows run the in-register kernel; more are dequantized once and multiplied
-# by BLAS (bench/quant_kernels.py: at 16 rows qmm is ahead, at 128 the dequantize+BLAS path is)
+# at most this many rows run the decode kernels; more are dequantized once and multiplied by
+# BLAS (bench/quant_kernels.py: qmm_tiles is ahead at 16 and 32 rows, dequantize + BLAS at 128)
 DECODE_ROWS = 32
 
-__all__ = ["DECODE_ROWS", "kernel", "linear", "prepare", "rows"]
+__all__ = ["DECODE_ROWS", "kernel", "linear", "prepare", "rows", "tile_matrices"]
 
 
 def prepare(device: torch.device) -> str:
@@ -40,32 +43,57 @@ def kernel(device: torch.device) -> str:
         return "torch dequantize + matmul"
     if not _build.load():
         return f"torch dequantize + matmul ({_build.why_not()})"
-    return "qmm avx512" if torch.ops.zerostart_quant.avx512() else "qmm portable"
+    ops = torch.ops.zerostart_quant
+    return "qmm_tiles avx512-vnni" if ops.vnni() else "qmm_tiles portable"
 
 
-def _bits_group(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[int, int]:
-    bits = 4 if qweight.dtype == torch.uint8 else 8
-    return bits, qweight.shape[1] * (2 if bits == 4 else 1) // scales.shape[1]
+def tile_matrices(tensors: dict[str, torch.Tensor], formats: dict[str, QFormat]) -> int:
+    """Rewrite the row-layout matrices of ``formats`` (name -> format) that the CPU kernels can
+    tile (16k rows) into the tiled layout, in place: each part's bytes overwritten by the same
+    bytes reordered, its entry in ``tensors`` replaced by the tiled view. Returns the bytes
+    rewritten (0 without kernels)."""
+    if not _build.load():
+        return 0
+    done = 0
+    for name, fmt in formats.items():
+        if fmt.tiled or fmt.shape[0] % 16:
+            continue
+        prefix = name.removesuffix(".weight")
+        parts = [tensors[f"{prefix}.{k}"] for k in fmt.kinds]
+        if any(p.device.type != "cpu" or not p.is_contiguous() for p in parts):
+            continue
+        tiled = torch.ops.zerostart_quant.tile(parts[0], parts[1], parts[2] if fmt.mins else None, fmt.bits, fmt.group)
+        for old, new, kind in zip(parts, tiled, fmt.tiles().kinds):
+            flat = old.view(-1).view(torch.uint8)
+            flat.copy_(new.reshape(-1).view(torch.uint8))
+            tensors[f"{prefix}.{kind}"] = old.view(-1).view(new.dtype).view(new.shape)
+            done += flat.numel()
+        for kind in fmt.kinds:
+            del tensors[f"{prefix}.{kind}"]
+    return done
 
 
-def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T [K, N] (+ bias), in x's dtype."""
+def linear(x: torch.Tensor, parts: list[torch.Tensor], fmt: QFormat, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T [K, N] (+ bias), in x's dtype. ``parts``: the tensors ``fmt.kinds`` name."""
+    q, s, m = parts[0], parts[1], parts[2] if fmt.mins else None
     if x.device.type == "cpu" and _build.load():
-        bits, group = _bits_group(qweight, scales)
-        xf = x.float()
+        ops = torch.ops.zerostart_quant
         if x.shape[0] <= DECODE_ROWS:
-            y = torch.ops.zerostart_quant.qmm(xf, qweight, scales, mins, bits, group)
+            mm = ops.qmm_tiles if fmt.tiled else ops.qmm
+            y = mm(x.float(), q, s, m, fmt.bits, fmt.group)
             if bias is not None:
                 y = y + bias
-        else:
-            y = F.linear(xf, torch.ops.zerostart_quant.dequant(qweight, scales, mins, bits, group),
-                         None if bias is None else bias.float())
-        return y.to(x.dtype)
-    return F.linear(x, dequantize(qweight, scales, mins, x.dtype), bias)
+            return y.to(x.dtype)
+        w = (ops.untile if fmt.tiled else ops.dequant)(q, s, m, fmt.bits, fmt.group)
+        return F.linear(x, w.to(x.dtype), bias)
+    return F.linear(x, dequantize(q, s, m, x.dtype, fmt.tiled), bias)
 
 
-def rows(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-         dtype: torch.dtype) -> torch.Tensor:
+def rows(ids: torch.Tensor, parts: list[torch.Tensor], fmt: QFormat, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``ids`` of W, dequantized: an embedding lookup [len(ids), K]."""
-    return dequantize(qweight[ids], scales[ids], None if mins is None else mins[ids], dtype)
+    q, s, m = parts[0], parts[1], parts[2] if fmt.mins else None
+    if not fmt.tiled:
+        return dequantize(q[ids], s[ids], None if m is None else m[ids], dtype)
+    tiles = ids // 16  # the tiles holding the rows, then the row within each
+    w = dequantize(q[tiles], s[tiles], None if m is None else m[tiles], dtype, tiled=True)
+    return w.view(len(ids), 16, -1)[torch.arange(len(ids), device=ids.device), ids % 16]
