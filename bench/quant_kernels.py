@@ -3,8 +3,8 @@
     python bench/quant_kernels.py [--threads 1,2] [--rows 1,16,128] [--rounds 7] [--json OUT]
 
 SmolLM2-135M's matmuls of one decode step (30 layers of q/k/v, o, gate/up, down at 4 bits;
-the 49152 x 576 LM head at 8 bits, as its Q4_1 GGUF file holds them), each candidate in turn
-round by round, medians. Candidates: float32 and bfloat16 ``F.linear`` (the floats the engine
+the 49152 x 576 LM head at 8 bits, as its Q4_1 GGUF file holds them; every layer its own
+weights, so a step reads them all from memory), each candidate in turn round by round, medians. Candidates: float32 and bfloat16 ``F.linear`` (the floats the engine
 held before), PyTorch's own weight-only ops (``_weight_int4pack_mm_for_cpu``, group 32;
 ``_weight_int8pack_mm``, per channel: no group scales, so not GGUF's values), fbgemm's dynamic
 int8 linear (per channel, activations quantized), and zerostart's kernels over the GGUF values
@@ -13,7 +13,7 @@ int8 linear (per channel, activations quantized), and zerostart's kernels over t
 ``F.linear`` (prefill). torchao 0.18's x86 wheel ships no CPU kernels (its
 CPU paths call these same PyTorch ops), so it is not a separate candidate. Prints each
 candidate's step time, and for the b1 step the fraction of the one-thread read bandwidth
-measured in the same run (bytes of the held weights / time / bandwidth).
+measured in the same run with as many threads (bytes of the held weights / time / bandwidth).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,26 +47,32 @@ def _q(N: int, K: int, bits: int):
     return torch.randint(-127, 128, (N, K), dtype=torch.int8), (torch.rand(N, K // 32) * 0.01).half(), None
 
 
+def _untile_linear(xb: torch.Tensor, qt: torch.Tensor, st: torch.Tensor, mt: torch.Tensor | None, bits: int) -> torch.Tensor:
+    return F.linear(xb, torch.ops.zerostart_quant.untile(qt, st, mt, bits, 32).bfloat16())
+
+
 def candidates(rows: int) -> dict[str, list]:
-    """name -> the step's calls (one per matrix of one layer, and the head), each (fn, times)."""
+    """name -> one decode step's calls: each layer's own matrices (30 distinct copies, so the
+    step streams every byte from memory as the model does), then the head."""
     out: dict[str, list] = {}
-    mats = [(N, K, 4, LAYERS) for N, K in SHAPES.values()] + [(HEAD[0], HEAD[1], 8, 1)]
+    mats = [(N, K, 4) for _ in range(LAYERS) for N, K in SHAPES.values()] + [(HEAD[0], HEAD[1], 8)]
+    ops = torch.ops.zerostart_quant
     for name in ("float32", "bfloat16", "torch int4pack (bf16)", "torch int8pack per-channel (bf16)",
                  "fbgemm dynamic int8 per-channel", "zerostart qmm_tiles", "zerostart qmm", "zerostart untile + F.linear bf16"):
-        calls = []
-        for N, K, bits, times in mats:
-            x = torch.randn(rows, K)
+        calls: list[Callable[[], Any]] = []
+        xs = {K: torch.randn(rows, K) for K in {k for _, k, _ in mats}}
+        for N, K, bits in mats:
+            x = xs[K]
             if name in ("float32", "bfloat16"):
                 dt = torch.float32 if name == "float32" else torch.bfloat16
-                w, xx = torch.randn(N, K).to(dt), x.to(dt)
-                calls.append((lambda w=w, xx=xx: F.linear(xx, w), times))
+                calls.append(partial(F.linear, x.to(dt), torch.randn(N, K).to(dt)))
             elif name.startswith("torch int4pack"):
                 packed = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (N, K), dtype=torch.int32), 1)
-                sz, xb = torch.randn(K // 32, N, 2).bfloat16(), x.bfloat16()
-                calls.append((lambda p=packed, sz=sz, xb=xb: torch._weight_int4pack_mm_for_cpu(xb, p, 32, sz), times))
+                calls.append(partial(torch._weight_int4pack_mm_for_cpu, x.bfloat16(), packed, 32,
+                                     torch.randn(K // 32, N, 2).bfloat16()))
             elif name.startswith("torch int8pack"):
-                w8, s, xb = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16(), x.bfloat16()
-                calls.append((lambda w8=w8, s=s, xb=xb: torch._weight_int8pack_mm(xb, w8, s), times))
+                w8 = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+                calls.append(partial(torch._weight_int8pack_mm, x.bfloat16(), w8, torch.rand(N).bfloat16()))
             elif name.startswith("fbgemm"):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -73,40 +80,32 @@ def candidates(rows: int) -> dict[str, list]:
                     qw = torch.quantize_per_channel(torch.randn(N, K) * 0.02, torch.rand(N) * 1e-3 + 1e-4,
                                                     torch.zeros(N, dtype=torch.long), 0, torch.qint8)
                     lin.set_weight_bias(qw, None)
-                calls.append((lambda lin=lin, x=x: lin(x), times))
+                calls.append(partial(lin, x))
             else:
-                ops = torch.ops.zerostart_quant
                 qw, sc, mn = _q(N, K, bits)
                 if name == "zerostart qmm":
-                    calls.append((lambda qw=qw, sc=sc, mn=mn, x=x, b=bits: ops.qmm(x, qw, sc, mn, b, 32), times))
+                    calls.append(partial(ops.qmm, x, qw, sc, mn, bits, 32))
                     continue
                 t = ops.tile(qw, sc, mn, bits, 32)
                 qt, st, mt = t[0], t[1], t[2] if mn is not None else None
                 if name == "zerostart qmm_tiles":
-                    calls.append((lambda qt=qt, st=st, mt=mt, x=x, b=bits: ops.qmm_tiles(x, qt, st, mt, b, 32), times))
+                    calls.append(partial(ops.qmm_tiles, x, qt, st, mt, bits, 32))
                 else:
-                    xb = x.bfloat16()
-                    calls.append((lambda qt=qt, st=st, mt=mt, xb=xb, b=bits:
-                                  F.linear(xb, ops.untile(qt, st, mt, b, 32).bfloat16()), times))
+                    calls.append(partial(_untile_linear, x.bfloat16(), qt, st, mt, bits))
         out[name] = calls
     return out
 
 
 def step_time(calls: list) -> float:
-    """One decode step's matmuls: each call timed over a few repeats, times its count."""
-    total = 0.0
-    for fn, times in calls:
+    """One decode step's matmuls, in model order (every weight read once)."""
+    t = time.perf_counter()
+    for fn in calls:
         fn()
-        reps = 5
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        total += (time.perf_counter() - t) / reps * times
-    return total
+    return time.perf_counter() - t
 
 
 def read_bandwidth() -> float:
-    """One thread's read bandwidth from memory (GB/s): the median of summing a 512 MB buffer."""
+    """Read bandwidth from memory (GB/s) with torch's threads: the median of summing 512 MB."""
     buf = torch.ones(128 << 20)  # 512 MB of float32, past every cache
     ts = []
     for _ in range(5):
@@ -130,13 +129,16 @@ def main() -> int:
     held = sum(N * K // 2 + N * K // 32 * 4 for N, K in SHAPES.values()) * LAYERS + HEAD[0] * HEAD[1] * (1 + 2 / 32)
     result: dict[str, Any] = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
               "kernel": _quant.kernel(torch.device("cpu")), "loadavg_start": os.getloadavg()[0],
-              "read_gbps_1thread": read_bandwidth(), "held_bytes_b1": held, "runs": []}
-    print(f"one-thread read bandwidth {result['read_gbps_1thread']:.1f} GB/s; quantized step reads {held / 1e6:.1f} MB")
+              "held_bytes_b1": held, "read_gbps": {}, "runs": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
+        gbps = result["read_gbps"][threads] = read_bandwidth()
+        print(f"threads={threads}: read bandwidth {gbps:.1f} GB/s; the quantized step reads {held / 1e6:.1f} MB")
         for rows in [int(r) for r in args.rows.split(",")]:
             cands = candidates(rows)
             times: dict[str, list[float]] = {n: [] for n in cands}
+            for n, calls in cands.items():
+                step_time(calls)  # first calls
             for _ in range(args.rounds):
                 for n, calls in cands.items():
                     times[n].append(step_time(calls))
@@ -144,10 +146,10 @@ def main() -> int:
                 med = statistics.median(ts)
                 row = {"threads": threads, "rows": rows, "candidate": n, "step_ms": round(med * 1e3, 3),
                        "ms": [round(t * 1e3, 3) for t in ts]}
-                if rows == 1 and n.startswith("zerostart qmm"):  # (the b1 step is read once: memory bound)
-                    row["fraction_of_read_bandwidth"] = round(held / med / 1e9 / result["read_gbps_1thread"], 3)
+                if rows == 1 and n.startswith("zerostart qmm"):
+                    row["fraction_of_read_bandwidth"] = round(held / med / 1e9 / gbps, 3)
                 result["runs"].append(row)
-                extra = f"  ({row['fraction_of_read_bandwidth']:.0%} of one thread's read bandwidth)" if "fraction_of_read_bandwidth" in row else ""
+                extra = f"  ({row['fraction_of_read_bandwidth']:.0%} of the read bandwidth)" if "fraction_of_read_bandwidth" in row else ""
                 print(f"threads={threads} rows={rows:>3}  {n:36s} {med * 1e3:8.2f} ms{extra}", flush=True)
     result["loadavg_end"] = os.getloadavg()[0]
     print(f"(load average {result['loadavg_start']:.1f} -> {result['loadavg_end']:.1f})")

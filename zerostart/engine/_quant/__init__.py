@@ -9,7 +9,7 @@ The kernel follows the batch and the CPU (measured in ``bench/quant_kernels.py``
 | rows of x | CPU, kernels built, tiled matrix | CPU, row layout | CUDA, or no kernels |
 | --- | --- | --- | --- |
 | <= DECODE_ROWS (decode) | ``qmm_tiles``: x to int8 per group, VNNI integer dot products (AVX-512 VNNI; a portable loop elsewhere) | ``qmm``: dequantized in registers (float) | dequantize, ``F.linear`` |
-| more (prefill) | ``untile`` once, then ``F.linear`` in x's dtype | ``dequant``, then ``F.linear`` | dequantize, ``F.linear`` |
+| more (prefill) | ``qmm_tiles`` (ahead of untiling + a bfloat16 or float32 BLAS matmul at 64 to 512 rows) | ``dequant``, then ``F.linear`` | dequantize, ``F.linear`` |
 
 On CPU the engine tiles every quantized matrix of 16k rows as it prepares a model
 (:func:`tile_matrices`), in place: the same bytes, in the order the decode kernel reads them.
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from zerostart.engine._quant import _build
 from zerostart.weights import QFormat, dequantize
 
-# at most this many rows run the decode kernels; more are dequantized once and multiplied by
-# BLAS (bench/quant_kernels.py: qmm_tiles is ahead at 16 and 32 rows, dequantize + BLAS at 128)
+# at most this many rows run the row layout's in-register kernel; more are dequantized once and
+# multiplied by BLAS (bench/quant_kernels.py: qmm ahead at 16 rows, dequantize + BLAS at 128)
 DECODE_ROWS = 32
 
 __all__ = ["DECODE_ROWS", "kernel", "linear", "prepare", "rows", "tile_matrices"]
@@ -78,14 +78,12 @@ def linear(x: torch.Tensor, parts: list[torch.Tensor], fmt: QFormat, bias: torch
     q, s, m = parts[0], parts[1], parts[2] if fmt.mins else None
     if x.device.type == "cpu" and _build.load():
         ops = torch.ops.zerostart_quant
-        if x.shape[0] <= DECODE_ROWS:
-            mm = ops.qmm_tiles if fmt.tiled else ops.qmm
-            y = mm(x.float(), q, s, m, fmt.bits, fmt.group)
+        if fmt.tiled or x.shape[0] <= DECODE_ROWS:
+            y = (ops.qmm_tiles if fmt.tiled else ops.qmm)(x.float(), q, s, m, fmt.bits, fmt.group)
             if bias is not None:
                 y = y + bias
             return y.to(x.dtype)
-        w = (ops.untile if fmt.tiled else ops.dequant)(q, s, m, fmt.bits, fmt.group)
-        return F.linear(x, w.to(x.dtype), bias)
+        return F.linear(x, ops.dequant(q, s, m, fmt.bits, fmt.group).to(x.dtype), bias)
     return F.linear(x, dequantize(q, s, m, x.dtype, fmt.tiled), bias)
 
 

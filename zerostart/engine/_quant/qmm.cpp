@@ -389,6 +389,10 @@ ZS_VNNI void tiles_vnni_rows(const int8_t* xq, const float* dx, const int32_t* s
   const int64_t G = K / GROUP;
   int64_t m = 0;
   auto at = [&](int64_t m0) { return std::make_tuple(xq + m0 * K, dx + m0 * G, sx + m0 * G, y + m0 * N); };
+  for (; m + 8 <= M; m += 8) {
+    auto [a, b, c, d] = at(m);
+    tiles_vnni<S, 8, GROUP, BITS>(a, b, c, K, qt, st, mt, d, N, t0, t1);
+  }
   for (; m + 4 <= M; m += 4) {
     auto [a, b, c, d] = at(m);
     tiles_vnni<S, 4, GROUP, BITS>(a, b, c, K, qt, st, mt, d, N, t0, t1);
@@ -442,6 +446,34 @@ at::Tensor qmm_tiles(const at::Tensor& x, const at::Tensor& qtiles, const at::Te
   return y;
 }
 
+// one tile's group -> its 16 rows of float (AVX-512): a 64-byte block holds 4 k of 16 rows;
+// four rows at a time become one register (4 rows x 4 k), stored as 4 x 16 bytes
+template <typename S, int BITS>
+ZS_VNNI void untile_group(const uint8_t* o, const S* s16, const S* m16, int group, float* out, int64_t K) {
+  const __m512 s = load16(s16), mn = m16 ? load16(m16) : _mm512_setzero_ps();
+  const int blocks = group / 4;
+  for (int t = 0; t < blocks; ++t) {
+    const int bt = BITS == 8 ? t : t % (blocks / 2);
+    const bool high = BITS == 4 && t >= blocks / 2;
+    for (int q4 = 0; q4 < 4; ++q4) {  // rows 4 q4 .. 4 q4 + 3
+      const __m128i raw = _mm_loadu_si128((const __m128i*)(o + bt * 64 + q4 * 16));
+      __m512i v;
+      if (BITS == 8) {
+        v = _mm512_cvtepi8_epi32(raw);
+      } else {
+        v = _mm512_cvtepu8_epi32(raw);
+        v = high ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+      }
+      // lane j: row 4 q4 + j / 4 -> its scale and min
+      const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(4 * q4), _mm512_srli_epi32(
+          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2));
+      const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_permutexvar_ps(idx, s), _mm512_permutexvar_ps(idx, mn));
+      for (int j = 0; j < 4; ++j)
+        _mm_storeu_ps(out + (4 * q4 + j) * K + 4 * t, _mm512_extractf32x4_ps(w, j));
+    }
+  }
+}
+
 // tiled -> float [N, K] (prefill: then a BLAS matmul; also the rows of an embedding lookup)
 template <typename S>
 void run_untile(const at::Tensor& qt, const at::Tensor& st, const c10::optional<at::Tensor>& mt, int bits, int group,
@@ -451,10 +483,18 @@ void run_untile(const at::Tensor& qt, const at::Tensor& st, const c10::optional<
   const S* sp = st.data_ptr<S>();
   const S* mp = mt ? mt->data_ptr<S>() : nullptr;
   float* op = out.data_ptr<float>();
+  const bool fast = has_vnni();
   at::parallel_for(0, qt.size(0), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t nt = t0; nt < t1; ++nt)
       for (int64_t b = 0; b < G; ++b) {
         const uint8_t* o = qp + nt * G * gbytes + b * gbytes;
+        if (fast) {
+          const int64_t si = nt * 16 * G + b * 16;
+          float* rows = op + nt * 16 * K + b * group;
+          if (bits == 8) untile_group<S, 8>(o, sp + si, mp ? mp + si : nullptr, group, rows, K);
+          else untile_group<S, 4>(o, sp + si, mp ? mp + si : nullptr, group, rows, K);
+          continue;
+        }
         for (int r = 0; r < 16; ++r) {
           const int64_t si = nt * 16 * G + b * 16 + r;
           const float s = h2f(sp + si), m = mp ? h2f(mp + si) : 0.f;
