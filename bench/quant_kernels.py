@@ -137,7 +137,7 @@ def main() -> int:
         for rows in [int(r) for r in args.rows.split(",")]:
             cands = candidates(rows)
             times: dict[str, list[float]] = {n: [] for n in cands}
-            for n, calls in cands.items():
+            for calls in cands.values():
                 step_time(calls)  # first calls
             for _ in range(args.rounds):
                 for n, calls in cands.items():
