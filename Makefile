@@ -69,7 +69,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps "$(DEMO)"
 	touch $@
 
-setup: $(VENV)/.installed
+# The quantized CPU kernels (engine/_quant/qmm.cpp), built once per machine against this torch
+# (~30 s; a missing compiler leaves the portable torch path, said at load time)
+$(VENV)/.kernels: $(VENV)/.installed zerostart/engine/_quant/qmm.cpp
+	$(BIN)/python -m zerostart.engine._quant
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/.kernels
 
 serve: setup
 	$(BIN)/zerostart serve $(ARGS)

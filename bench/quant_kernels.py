@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zerostart.engine import _quant  # noqa: E402
-from zerostart.engine._quant import _build  # noqa: E402
+from zerostart.engine import EngineError, quant_kernels  # noqa: E402
 
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # [N, K] at 4 bits
@@ -122,13 +121,15 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--json")
     args = p.parse_args()
-    if not _build.load(build=True):
-        print(f"quant_kernels: {_build.why_not()}", file=sys.stderr)
+    try:
+        kernel = quant_kernels(build=True)
+    except EngineError as e:
+        print(f"quant_kernels: {e}", file=sys.stderr)
         return 1
     torch.set_num_threads(1)
     held = sum(N * K // 2 + N * K // 32 * 4 for N, K in SHAPES.values()) * LAYERS + HEAD[0] * HEAD[1] * (1 + 2 / 32)
     result: dict[str, Any] = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-              "kernel": _quant.kernel(torch.device("cpu")), "loadavg_start": os.getloadavg()[0],
+              "kernel": kernel, "loadavg_start": os.getloadavg()[0],
               "held_bytes_b1": held, "read_gbps": {}, "runs": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)

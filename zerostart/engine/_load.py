@@ -81,7 +81,7 @@ def model_dtype(dtype: str | torch.dtype | None, dev: torch.device, files: Model
     ``quantize`` asks for one; they must match the runtime)."""
     if files.image is not None and dtype is None:
         dtype = files.image["fingerprint"]["dtype"]
-    resolved = resolve_dtype(dtype, dev, files.config)
+    resolved = resolve_dtype(dtype, dev, files.config, files.image is None and held_quantized(files.source, quantize))
     if files.image is not None:
         held = files.image["fingerprint"].get("quantize", "auto")
         try:
@@ -92,7 +92,22 @@ def model_dtype(dtype: str | torch.dtype | None, dev: torch.device, files: Model
     return resolved
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelShape) -> torch.dtype:
+def held_quantized(source: str, quantize: str) -> bool:
+    """Whether a model loaded from ``source`` with ``quantize`` holds quantized matrices (an
+    image says so itself)."""
+    if quantize in ("int8", "int4"):
+        return True
+    if quantize != "auto":
+        return False
+    path = weights.gguf_file(source) if is_local(source) else None
+    return path is not None and any(t.qtype in weights.GGUF_QUANTIZED for t in weights.open_gguf(path).tensors)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelShape,
+                  quantized: bool = False) -> torch.dtype:
+    """``dtype``, or the default: the device's (``default_dtype``), except that on CPU a model
+    held quantized computes in float32 (its weights are integers either way, and float32
+    activations skip a conversion around every matmul: bench/quant_llamacpp.py)."""
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise EngineError(f"dtype {dtype} is not a floating dtype")
@@ -104,14 +119,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
             raise EngineError(str(e)) from None
     if dtype is not None:
         raise EngineError(f"dtype must be a torch.dtype, a name or None (got {dtype!r})")
+    if quantized and device.type == "cpu":
+        return torch.float32
     return getattr(torch, default_dtype(device.type, cfg.torch_dtype))
 
 
-def weights_dtype(model_dir: str, device: str | torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """The dtype ``Engine.from_pretrained(model_dir, device=device, dtype=dtype)`` holds the
-    weights in (a ready image's fingerprint names it)."""
+def weights_dtype(model_dir: str, device: str | torch.device, dtype: str | torch.dtype | None = None,
+                  quantize: str = "auto", source: str | None = None) -> torch.dtype:
+    """The dtype ``Engine.from_pretrained(source or model_dir, device=device, dtype=dtype)``
+    with ``quantize`` holds the weights in (a ready image's fingerprint names it)."""
     cfg = ModelShape.from_file(os.path.join(model_dir, "config.json"))
-    return resolve_dtype(dtype, torch.device(device), cfg)
+    return resolve_dtype(dtype, torch.device(device), cfg, held_quantized(source or model_dir, quantize))
 
 
 def device_for(device: str | torch.device) -> torch.device:

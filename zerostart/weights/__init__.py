@@ -38,7 +38,7 @@ _LAZY = {
     "_load": ("Arena", "LoadConfig", "LoadStats", "load", "load_arena"),  # torch
     "_save": ("save_file",),  # torch
     "_gguf_load": ("convert_gguf",),  # torch
-    "_quant": ("QFormat", "QUANT_SUFFIXES", "dequantize", "qformat", "quantize"),  # torch
+    "_quant": ("GGUF_QUANTIZED", "QFormat", "QUANT_SUFFIXES", "dequantize", "qformat", "quantize"),  # torch
     "_quantize": ("quantize_arena",),  # torch
     "_sources": ("gguf_file", "identity", "local_copy", "localize", "open_source", "open_store", "unreachable"),
     "_pull": ("pull",),
@@ -68,6 +68,7 @@ __all__ = [
     "is_gguf",
     "open_gguf",
     # quantized weights: int4/int8 with group scales (GGUF quants kept, or quantized at load)
+    "GGUF_QUANTIZED",
     "QFormat",
     "QUANT_SUFFIXES",
     "dequantize",

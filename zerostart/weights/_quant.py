@@ -32,7 +32,7 @@ ROWS = ("qweight", "scales", "mins")  # the row layout's parts
 TILES = ("qtiles", "stiles", "mtiles")  # the tiled layout's
 SUFFIXES = QUANT_SUFFIXES = ROWS + TILES
 # GGUF types kept quantized, and the (bits, group) each becomes
-GGUF_FORMATS = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q8_0": (8, 32), "Q5_0": (8, 32),
+GGUF_FORMATS = GGUF_QUANTIZED = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q8_0": (8, 32), "Q5_0": (8, 32),
                 "Q5_1": (8, 32), "Q5_K": (8, 32), "Q6_K": (8, 16)}
 # scales (and mins) of these types are float16 values; the K-quants' are products of two
 # scales, held as float32

@@ -27,7 +27,7 @@ from zerostart.weights import QFormat, dequantize
 # multiplied by BLAS (bench/quant_kernels.py: qmm ahead at 16 rows, dequantize + BLAS at 128)
 DECODE_ROWS = 32
 
-__all__ = ["DECODE_ROWS", "kernel", "linear", "prepare", "rows", "tile_matrices"]
+__all__ = ["DECODE_ROWS", "kernel", "linear", "prepare", "quant_kernels", "rows", "tile_matrices"]
 
 
 def prepare(device: torch.device) -> str:
@@ -35,6 +35,16 @@ def prepare(device: torch.device) -> str:
     if device.type == "cpu":
         _build.load()
     return kernel(device)
+
+
+def quant_kernels(build: bool = False) -> str:
+    """The CPU kernels quantized layers run here (loaded; with ``build``, built first if
+    missing: ~30 s once per machine), in words; an EngineError saying why there are none."""
+    from zerostart.engine._config import EngineError
+
+    if not _build.load(build=build):
+        raise EngineError(_build.why_not())
+    return kernel(torch.device("cpu"))
 
 
 def kernel(device: torch.device) -> str:

@@ -2,9 +2,9 @@
 
 import sys
 
-from zerostart.engine._quant import _build
+from zerostart.engine import EngineError, quant_kernels
 
-if not _build.load(build=True):
-    print(f"zerostart: {_build.why_not()}; quantized models run the portable torch path", file=sys.stderr)
-else:
-    print(f"zerostart: quantized CPU kernels ready ({_build.library_path()})")
+try:
+    print(f"zerostart: quantized CPU kernels ready ({quant_kernels(build=True)})")
+except EngineError as e:
+    print(f"zerostart: {e}; quantized models run the portable torch path", file=sys.stderr)

@@ -43,8 +43,8 @@ def locate(source: str, device: str, dtype: str | None, quantize: str = "auto") 
 
     identity = weights.identity(source)
     model_dir = weights.localize(source)
-    fp = snapshot.fingerprint(model_dir, device_type(device), str(engine.weights_dtype(model_dir, device, dtype)),
-                              quantize)
+    held = engine.weights_dtype(model_dir, device, dtype, quantize, source)
+    fp = snapshot.fingerprint(model_dir, device_type(device), str(held), quantize)
     return snapshot.image_store(source, fp), fp, identity
 
 
