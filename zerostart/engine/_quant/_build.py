@@ -47,6 +47,8 @@ def load(build: bool = False) -> bool:
     """Load the library (building it first if ``build`` and it is missing). True if its ops
     are in ``torch.ops.zerostart_quant``; else :func:`why_not` says why."""
     global _loaded, _why_not
+    if _loaded:  # every matmul asks: no lock once loaded
+        return True
     with _lock:
         if _loaded:
             return True
