@@ -111,25 +111,30 @@ def main() -> int:
     p.add_argument("--llama-bin", default=None)
     p.add_argument("--prompts", type=int, default=40)
     p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--text-tokens", type=int, default=16384, help="perplexity over the docs' first this many tokens")
     p.add_argument("--json")
     args = p.parse_args()
     gguf = args.gguf or packaged_gguf()
     text = "\n\n".join(open(f).read() for f in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))))
-    text_file = os.path.join("/tmp", "zerostart-quality-docs.txt")
-    with open(text_file, "w") as f:
-        f.write(text)
     engines = {"quantized": Engine.from_pretrained(gguf, dtype="float32", config=EngineConfig(max_model_len=1024)),
                "dequantized": Engine.from_pretrained(gguf, dtype="float32", config=EngineConfig(max_model_len=1024,
                                                                                                 quantize="none"))}
     texts = prompts(args.prompts)
-    ids = engines["quantized"].tokenizer.encode(text, add_special_tokens=False)
+    tok = engines["quantized"].tokenizer
+    ids = tok.encode(text, add_special_tokens=False)[: args.text_tokens]
+    text_file = os.path.join("/tmp", "zerostart-quality-docs.txt")  # the same tokens for llama-perplexity
+    with open(text_file, "w") as f:
+        f.write(tok.decode(ids))
     result: dict = {"gguf": gguf, "torch": torch.__version__, "loadavg": os.getloadavg()[0], "prompts": len(texts),
                     "ctx": args.ctx, "text_tokens": len(ids), "engines": {}}
     answers = {}
     for name, e in engines.items():
         t = time.perf_counter()
         answers[name] = greedy(e, texts)
-        result["engines"][name] = {"notes": e.fusion.notes if e.fusion else [], "multiple_choice": multiple_choice(e),
+        print(f"{name}: greedy answers in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        mc = multiple_choice(e)
+        print(f"{name}: multiple choice {mc} after {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        result["engines"][name] = {"notes": e.fusion.notes if e.fusion else [], "multiple_choice": mc,
                                    "perplexity": perplexity(e, ids, args.ctx), "seconds": time.perf_counter() - t}
         print(f"{name}: {result['engines'][name]}", flush=True)
     same = [a == b for a, b in zip(answers["quantized"], answers["dequantized"])]
