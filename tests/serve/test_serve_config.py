@@ -180,3 +180,14 @@ def test_defaults_live_in_one_place() -> None:
     """The library reads its defaults from the schema, so the example and the code agree."""
     m = ModelConfig(path="/x")
     assert m.max_queued == 512 and m.idle_timeout == 300
+
+
+def test_quantize_is_a_model_setting() -> None:
+    """How the engine holds a model's matrices: auto by default, refused by name otherwise; the
+    worker's command line takes it."""
+    from zerostart.serve.worker._cli import _arguments
+
+    assert load_config(data={"models": [{"path": "/x/m.gguf"}]}).models[0].quantize == "auto"
+    assert load_config(data={"models": [{"path": "/x/m", "quantize": "int4"}]}).models[0].quantize == "int4"
+    assert "quantize" in _error({"models": [{"path": "/x/m", "quantize": "int3"}]})
+    assert _arguments(["--model", "/x/m", "--port", "8001", "--quantize", "int8"]).quantize == "int8"
