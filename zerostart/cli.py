@@ -40,6 +40,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "cluster"): ("zerostart.bench.cluster", "cold start and hot overhead through Ray Serve vs the gateway"),
     ("bench", "structured"): ("zerostart.bench.structured", "benchmark grammar-constrained decoding against free decoding"),
     ("bench", "engines"): ("zerostart.bench.engines", "cold starts and hot tokens/s: zerostart's rungs vs vLLM"),
+    ("bench", "quant"): ("zerostart.bench.quant", "the quantized engine vs llama.cpp on the same GGUF files"),
 }
 # command groups (the first word of two-word commands) -> what they do
 GROUPS: dict[str, str] = {
