@@ -184,10 +184,12 @@ def test_defaults_live_in_one_place() -> None:
 
 def test_quantize_is_a_model_setting() -> None:
     """How the engine holds a model's matrices: auto by default, refused by name otherwise; the
-    worker's command line takes it."""
-    from zerostart.serve.worker._cli import _arguments
+    worker's command line takes it into its load spec."""
+    from zerostart.serve.worker._cli import _parser, _spec  # the worker's command line: uvicorn, the worker's app
 
     assert load_config(data={"models": [{"path": "/x/m.gguf"}]}).models[0].quantize == "auto"
     assert load_config(data={"models": [{"path": "/x/m", "quantize": "int4"}]}).models[0].quantize == "int4"
     assert "quantize" in _error({"models": [{"path": "/x/m", "quantize": "int3"}]})
-    assert _arguments(["--model", "/x/m", "--port", "8001", "--quantize", "int8"]).quantize == "int8"
+    parser = _parser()
+    spec = _spec(parser.parse_args(["--model", "/x/m", "--port", "8001", "--quantize", "int8"]), parser)
+    assert spec is not None and spec.engine_options.quantize == "int8"

@@ -343,8 +343,6 @@ def assemble(cfg: ModelShape, arena: Any, config: Any, dtype: torch.dtype, dev: 
     quantized = check(cfg, tensors, where)
     tiled = 0
     if dev.type == "cpu" and any(not f.tiled for f in quantized.values()) and getattr(arena, "writable", False):
-        from zerostart.engine import _quant
-
         arena.wait()  # the CPU kernels' tiles: the same bytes reordered in place (an image holds them so)
         tiled = _quant.tile_matrices(tensors, quantized)
         quantized = check(cfg, tensors, where)

@@ -194,7 +194,7 @@ def write_image(tensors: dict[str, Any], model_dir: str, out: str, fp: Fingerpri
 
 def _quantized(tensors: dict[str, Any]) -> dict[str, int]:
     """What the image holds quantized: format ("int4 g32 +min") -> matrices (empty: all floats)."""
-    from zerostart.weights._quant import qformat
+    from zerostart.weights._quant import qformat  # torch: only when an image is written (the gateway reads manifests)
 
     out: dict[str, int] = {}
     for name in tensors:

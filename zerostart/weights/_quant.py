@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import Q4_K
 
 ROWS = ("qweight", "scales", "mins")  # the row layout's parts
 TILES = ("qtiles", "stiles", "mtiles")  # the tiled layout's
@@ -164,9 +166,6 @@ def pack4(q: np.ndarray) -> np.ndarray:
 def from_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
     """A GGUF tensor's stored bytes (``qtype``, [N, K]) as qweight/scales(/mins) arrays with
     the same values (the format's own integers and scales)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import Q4_K
-
     N, K = shape
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     b = np.ascontiguousarray(raw).reshape(N * K // block, size)

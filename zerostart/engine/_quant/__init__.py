@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zerostart.engine._errors import EngineError
 from zerostart.engine._quant import _build
 from zerostart.weights import QFormat, dequantize
 
@@ -40,8 +41,6 @@ def prepare(device: torch.device) -> str:
 def quant_kernels(build: bool = False) -> str:
     """The CPU kernels quantized layers run here (loaded; with ``build``, built first if
     missing: ~30 s once per machine), in words; an EngineError saying why there are none."""
-    from zerostart.engine._config import EngineError
-
     if not _build.load(build=build):
         raise EngineError(_build.why_not())
     return kernel(torch.device("cpu"))

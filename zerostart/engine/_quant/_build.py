@@ -84,7 +84,7 @@ def _build(path: str) -> bool:
     """Compile into a temporary directory beside ``path`` and rename the library into place;
     concurrent builders wait on a lock file and the later ones find it built. True if this
     process built (and so already loaded) it."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # the compiler driver (setuptools): only when a build runs
 
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
