@@ -19,7 +19,8 @@ def _claimer(tmp: str, configured: str | None = None) -> subprocess.Popen[str]:
     """A process that claims a socket directory (as a gateway does) and waits."""
     code = (f"import os, sys, tempfile, time; tempfile.tempdir = {tmp!r}\n"
             "from zerostart.serve.gateway._sockets import SocketDir\n"
-            f"d = SocketDir.claim({configured!r}); open(os.path.join(d.path, 'm-1.sock'), 'w').close()\n"
+            f"d = SocketDir.claim({configured!r})\n"
+            "for name in ('m-1.sock', 'm-2.key'): open(os.path.join(d.path, name), 'w').close()\n"
             "print(d.path, flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True)
     return p
@@ -53,7 +54,8 @@ def test_a_configured_socket_directory_is_taken_over_or_refused(tmp_path) -> Non
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert os.path.exists(os.path.join(configured, "m-1.sock"))
-        d = SocketDir.claim(configured)  # the lock is free: the sockets left behind go
-        assert not os.path.exists(os.path.join(configured, "m-1.sock"))
+        open(os.path.join(configured, "notes.txt"), "w").close()  # not a worker's: stays
+        d = SocketDir.claim(configured)  # the lock is free: the sockets and worker keys left behind go
+        assert sorted(os.listdir(configured)) == [LOCK, "notes.txt"]
         d.close()
         assert os.path.isdir(configured)  # configured: kept

@@ -7,7 +7,8 @@ gateway can tell what was left behind by one that is gone:
 - without ``server.socket_dir``: it removes every ``zerostart-*`` directory of this user in the
   temporary directory whose lock is free, then makes its own;
 - with ``server.socket_dir``: it takes the directory's lock (another live gateway there is a
-  startup error: their workers' socket names would collide) and removes the sockets left in it.
+  startup error: their workers' socket names would collide) and removes the sockets and the
+  worker key files (``*.key``: llama-server reads its API key from one) left in it.
 
 A lock file is put in place already locked (written under another name, locked, renamed), so
 no other gateway can take a live one's lock in between.
@@ -27,6 +28,7 @@ log = logging.getLogger("zerostart.serve")
 
 LOCK = ".gateway.lock"
 _PREFIX = "zerostart-"
+LEFT_BEHIND = ("*.sock", "*.key")  # what a gateway's workers put in its socket directory
 
 
 class SocketDirInUse(RuntimeError):
@@ -46,11 +48,12 @@ class SocketDir:
         if configured:
             os.makedirs(configured, exist_ok=True)
             fd = _lock_in_place(configured)
-            stale = glob.glob(os.path.join(configured, "*.sock"))
+            stale = [p for pattern in LEFT_BEHIND for p in glob.glob(os.path.join(configured, pattern))]
             for path in stale:
                 _unlink(path)
             if stale:
-                log.info("removed %d socket(s) a gateway that is gone left in %s", len(stale), configured)
+                log.info("removed %d socket(s) and key file(s) a gateway that is gone left in %s", len(stale),
+                         configured)
             return cls(configured, fd, owned=False)
         removed = sweep(tempfile.gettempdir())
         if removed:
