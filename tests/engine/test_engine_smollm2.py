@@ -83,11 +83,14 @@ def test_converted_checkpoint_float32(smollm2_dir):
 
 
 def test_gguf_file_float32(smollm2_gguf):
-    """zerostart's GGUF reader and transformers' see the same model, tokenizer included."""
+    """zerostart's GGUF reader and transformers' see the same model, tokenizer included. Both
+    dequantize (``quantize="none"``): held quantized, the engine rounds activations to int8 as
+    llama.cpp does, and its greedy answers part from a float engine's (tests/engine/test_engine_quant.py)."""
     d, name = os.path.split(smollm2_gguf)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
-    engine = Engine.from_pretrained(smollm2_gguf, dtype="float32", config=EngineConfig(max_num_seqs=10))
+    engine = Engine.from_pretrained(smollm2_gguf, dtype="float32",
+                                    config=EngineConfig(max_num_seqs=10, quantize="none"))
     try:
         for p in PROMPTS:
             chat = [{"role": "user", "content": p}]

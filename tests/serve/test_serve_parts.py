@@ -197,8 +197,10 @@ print(heavy)
 
 
 def test_the_gateway_sizes_gguf_and_hub_models_without_torch(tmp_path) -> None:
-    """A GGUF file's memory estimate comes from its tensor table, an hf:// model's from the hub
-    cache (none yet here: known after its first load); neither imports torch nor asks a network."""
+    """A GGUF file's memory estimate comes from its tensor table (Q8_0 matrices held as int8
+    with a float16 scale per 32, unless quantize: none; the rest as float32), an hf:// model's
+    from the hub cache (none yet here: known after its first load); neither imports torch nor
+    asks a network."""
     from tests.weights._gguf_files import write_gguf
 
     tiny = tmp_path / "tiny"
@@ -207,23 +209,31 @@ def test_the_gateway_sizes_gguf_and_hub_models_without_torch(tmp_path) -> None:
     cfg = json.loads((tiny / "config.json").read_text())
     gguf = write_gguf(str(tmp_path / "tiny.gguf"), cfg, {n: t.float() for n, t in weights.load(str(tiny)).items()},
                       str(tiny), qtype="Q8_0")
-    numel = sum(t.numel for t in weights.open_gguf(gguf).tensors)
+    table = weights.open_gguf(gguf).tensors
+    numel = sum(t.numel for t in table)
+    q8 = [t for t in table if t.qtype == "Q8_0"]
+    assert q8 and all(len(t.shape) == 2 for t in q8)
+    held = sum(t.numel + t.numel // 32 * 2 for t in q8) + sum(t.numel * 4 for t in table if t.qtype != "Q8_0")
+    # the engine's arena for the same file holds those bytes (plus each tensor's alignment)
+    arena = weights.load_arena(gguf, "cpu", dtype=torch.float32, keep_quantized=True)
+    assert held <= arena.nbytes < held + 4096 * len(table), (held, arena.nbytes)
     # no hub to ask (a closed port): asking it would fail the start (HF_HUB_OFFLINE would too: test_serve_tenants.py)
     env = {**child_env(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
     code = f"""
 import sys
 from starlette.testclient import TestClient
 from zerostart.serve import create_app, load_config
-app = create_app(load_config(data={{"models": [{{"path": {gguf!r}, "dtype": "float32"}}, {{"path": "hf://org/m"}}]}}))
+app = create_app(load_config(data={{"models": [{{"path": {gguf!r}, "dtype": "float32"}}, {{"path": "hf://org/m"}},
+                                               {{"name": "flat", "path": {gguf!r}, "quantize": "none", "dtype": "float32"}}]}}))
 with TestClient(app) as client:
     models = {{m["name"]: m for m in client.get("/zerostart/status").json()["models"]}}
-    print(models["tiny"]["memory_estimate_bytes"], models["m"]["memory_estimate_bytes"])
+    print(models["tiny"]["memory_estimate_bytes"], models["m"]["memory_estimate_bytes"], models["flat"]["memory_estimate_bytes"])
 print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
 """
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     sizes, heavy = out.stdout.strip().splitlines()
-    assert sizes == f"{numel * 4} None" and heavy == "[]"
+    assert sizes == f"{held} None {numel * 4}" and heavy == "[]"
 
 
 # -- moving idle replicas down: park_after, idle_timeout, and a policy's rungs -----------------

@@ -27,6 +27,7 @@ from zerostart.weights._image_files import MANIFEST
 from zerostart.weights._io import (Eviction, Region, align_up, cached_fraction, drop_all_page_caches, evict_page_cache,
                                    map_anonymous_at, map_shared_at, open_direct, pread_into, release_pages, touch_pages)
 from zerostart.weights._paths import cache_dir
+from zerostart.weights._qformats import GGUF_QUANTIZED, gguf_held_nbytes, quantized_nbytes
 from zerostart.weights._remote import Transport
 from zerostart.weights._reserve import arena_bytes, release_host, reserve_host, reserved_host
 from zerostart.weights._store import ObjectInfo, Store
@@ -38,7 +39,7 @@ _LAZY = {
     "_load": ("Arena", "LoadConfig", "LoadStats", "load", "load_arena"),  # torch
     "_save": ("save_file",),  # torch
     "_gguf_load": ("convert_gguf",),  # torch
-    "_quant": ("GGUF_QUANTIZED", "QFormat", "QUANT_SUFFIXES", "dequantize", "qformat", "quantize"),  # torch
+    "_quant": ("QFormat", "QUANT_SUFFIXES", "dequantize", "qformat", "quantize"),  # torch
     "_quantize": ("quantize_arena",),  # torch
     "_sources": ("gguf_file", "identity", "local_copy", "localize", "open_source", "open_store", "unreachable"),
     "_pull": ("pull",),
@@ -72,8 +73,10 @@ __all__ = [
     "QFormat",
     "QUANT_SUFFIXES",
     "dequantize",
+    "gguf_held_nbytes",
     "qformat",
     "quantize",
+    "quantized_nbytes",
     "quantize_arena",
     # sources, their stores and the local cache
     "Cache",

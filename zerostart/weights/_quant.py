@@ -30,16 +30,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import Q4_K
 
+from zerostart.weights._qformats import F16_SCALES, GGUF_FORMATS, GROUP, WITH_MINS
+
 ROWS = ("qweight", "scales", "mins")  # the row layout's parts
 TILES = ("qtiles", "stiles", "mtiles")  # the tiled layout's
 SUFFIXES = QUANT_SUFFIXES = ROWS + TILES
-# GGUF types kept quantized, and the (bits, group) each becomes
-GGUF_FORMATS = GGUF_QUANTIZED = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q8_0": (8, 32), "Q5_0": (8, 32),
-                "Q5_1": (8, 32), "Q5_K": (8, 32), "Q6_K": (8, 16)}
-# scales (and mins) of these types are float16 values; the K-quants' are products of two
-# scales, held as float32
-_F16_SCALES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1")
-GROUP = 32  # the group of quantize()
 
 
 @dataclass(frozen=True)
@@ -86,8 +81,8 @@ def gguf_qformat(qtype: str, shape: tuple[int, ...]) -> QFormat | None:
     if qtype not in GGUF_FORMATS or len(shape) != 2:
         return None
     bits, group = GGUF_FORMATS[qtype]
-    mins = qtype in ("Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K")
-    return QFormat(bits, group, torch.float16 if qtype in _F16_SCALES else torch.float32, mins, (shape[0], shape[1]))
+    return QFormat(bits, group, torch.float16 if qtype in F16_SCALES else torch.float32, qtype in WITH_MINS,
+                   (shape[0], shape[1]))
 
 
 def qformat(tensors: dict[str, torch.Tensor], prefix: str) -> QFormat | None:
@@ -218,7 +213,7 @@ def from_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> dict[str, 
     else:
         raise ValueError(f"GGUF type {qtype} is not held quantized (held: {', '.join(GGUF_FORMATS)})")
     groups = K // GGUF_FORMATS[qtype][1]
-    half = qtype in _F16_SCALES
+    half = qtype in F16_SCALES
     for key in ("scales", "mins"):
         if key in out:
             v = rows(out[key], groups)

@@ -40,22 +40,39 @@ _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # cast to the load dty
 def estimate_bytes(model: ModelConfig) -> int | None:
     """Device bytes one replica of ``model`` holds: ``memory_estimate`` if set, else its weights
     as loaded plus ``kv_cache_bytes`` (raises ``WeightsError`` for an unreadable checkpoint);
-    None for a source with no copy on this machine yet."""
+    None for a source with no copy on this machine yet. Matrices held quantized (a GGUF file's
+    quants unless ``quantize: none``; a float checkpoint's under ``quantize: int8 | int4``) count
+    as their integers and scales, floats at the load dtype: on CPU a model held quantized
+    computes in float32 (the engine's rule)."""
     if model.memory_estimate is not None:
         return model.memory_estimate
     path = weights.local_copy(model.path)
     if path is None:
         return None
     gguf = weights.gguf_file(path)
-    if gguf is not None:  # every tensor is dequantized to the load dtype
+    if gguf is not None:
         table = weights.open_gguf(gguf)
-        width = DTYPE_BYTES[model.dtype or default_dtype(device_type(model.device), _config_dtype(table.dir))]
-        return sum(t.numel for t in table.tensors) * width + (model.kv_cache_bytes or 0)
+        keep = model.quantize != "none"
+        held = [weights.gguf_held_nbytes(t.qtype, t.shape) if keep and t.name.endswith(".weight") else None
+                for t in table.tensors]
+        width = _width(model, _config_dtype(table.dir), any(h is not None for h in held))
+        weight_bytes = sum(t.numel * width if h is None else h for t, h in zip(table.tensors, held))
+        return weight_bytes + (model.kv_cache_bytes or 0)
     ckpt = weights.resolve(path)
-    width = DTYPE_BYTES[model.dtype or default_dtype(device_type(model.device), _config_dtype(_dir(path)))]
-    weight_bytes = sum(t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
-                       for h in ckpt.headers for t in h.tensors.values())
+    tensors = [(name, t) for h in ckpt.headers for name, t in h.tensors.items()]
+    held = [weights.quantized_nbytes(name, t.shape, model.quantize) if t.dtype in _FLOAT_DTYPES else None
+            for name, t in tensors]
+    width = _width(model, _config_dtype(_dir(path)), any(h is not None for h in held))
+    weight_bytes = sum(h if h is not None else t.numel * width if t.dtype in _FLOAT_DTYPES else t.nbytes
+                       for (_, t), h in zip(tensors, held))
     return weight_bytes + (model.kv_cache_bytes or 0)
+
+
+def _width(model: ModelConfig, config_dtype: str | None, quantized: bool) -> int:
+    """Bytes per element of the floats a replica holds."""
+    if model.dtype is None and quantized and device_type(model.device) == "cpu":
+        return DTYPE_BYTES["float32"]
+    return DTYPE_BYTES[model.dtype or default_dtype(device_type(model.device), config_dtype)]
 
 
 def memory_shares(models: Iterable[ModelConfig], limits: dict[str, int | None],
