@@ -59,3 +59,36 @@ def test_bench_generate_scheduling_and_baseline(tiny_dir, tmp_path, child_env):
     assert base["before"]["aten_ops"] == base["after"]["aten_ops"] and base["before"]["slots"] == 32
     assert all(base[side][k] > 0 for side in ("before", "after") for k in ("b1_tok_s", "b3_tok_s", "prefill_tok_s"))
     assert "before -> after" in r.stdout and "first token" in r.stdout and "KV cache" in r.stdout
+
+
+def test_bench_quant_variants_keep_the_file_and_change_the_bits(tiny_dir, tmp_path):
+    """`bench quant`'s Q8_0 and F16 variants of a Q4_1 file: the same metadata (file type
+    aside) and tensors, each quantized matrix holding the source's values to within the
+    target's rounding, the float tensors unchanged; Q4_1 is the file itself."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    from tests.weights._gguf_files import random_llama, write_gguf
+    from zerostart.bench.quant import FILE_TYPES, variant
+
+    model, cfg = random_llama(tiny_dir)
+    src = write_gguf(str(tmp_path / "q41.gguf"), cfg, model.state_dict(), tiny_dir, qtype="Q4_1")
+    before = gguf.GGUFReader(src)
+    for qtype, tol in (("Q8_0", 1 / 127), ("F16", 1e-3)):
+        path = variant(src, qtype, str(tmp_path))
+        assert variant(src, qtype, str(tmp_path)) == path and not os.path.exists(path + ".tmp")  # made once
+        after = gguf.GGUFReader(path)
+        fields = {f.name: f.contents() for f in after.fields.values() if not f.name.startswith("GGUF.")}
+        assert fields.pop("general.file_type") == FILE_TYPES[qtype]
+        assert fields == {f.name: f.contents() for f in before.fields.values()
+                          if not f.name.startswith("GGUF.") and f.name != "general.file_type"}
+        assert [t.name for t in after.tensors] == [t.name for t in before.tensors]
+        for a, b in zip(after.tensors, before.tensors):
+            x, y = dequantize(a.data, a.tensor_type), dequantize(b.data, b.tensor_type)
+            if b.tensor_type.name == "Q4_1":
+                assert a.tensor_type.name == qtype
+                assert np.abs(x - y).max() <= tol * np.abs(y).max() + 1e-6, a.name
+            else:
+                assert a.tensor_type == b.tensor_type and np.array_equal(x, y), a.name
+    assert variant(src, "Q4_1", str(tmp_path)) == src

