@@ -108,8 +108,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.standby = kind == "standby"
         if self.standby:
-            cmd = [sys.executable, "-m", "zerostart.serve.worker", "--port", str(self.port), "--device", "cpu",
-                   "--standby", "--threads", str(threads)]
+            # the threads come with what to load (engine_options), as the gateway sends them
+            cmd = [sys.executable, "-m", "zerostart.serve.worker", "--port", str(self.port), "--device", "cpu", "--standby"]
             self.proc = subprocess.Popen(cmd, env=_env.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self._wait("standby")
             self.t0 = time.perf_counter()
@@ -131,6 +131,8 @@ class Server:
     def _wait(self, state: str, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited ({self.proc.returncode}) before it reached {state}")
             try:
                 _, body = _peers.call(self.url + "/zerostart/ready?wait=5", timeout=30)
                 if body.get("state") == state:
