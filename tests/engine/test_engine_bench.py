@@ -1,9 +1,11 @@
-"""`zerostart bench generate` end to end on the tiny demo model (short runs)."""
+"""The benchmarks end to end: `zerostart bench generate` on the tiny demo model (short runs), `bench quant`'s variants and its zerostart rows."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 
 def test_bench_generate_writes_json(tiny_dir, tmp_path, child_env):
@@ -92,3 +94,15 @@ def test_bench_quant_variants_keep_the_file_and_change_the_bits(tiny_dir, tmp_pa
             else:
                 assert a.tensor_type == b.tensor_type and np.array_equal(x, y), a.name
     assert variant(src, "Q4_1", str(tmp_path)) == src
+
+
+@pytest.mark.slow  # SmolLM2 (the bench's prompts are token ids of a real vocabulary): about a minute
+def test_bench_quant_runs_zerostart_cold_and_from_standby(smollm2_gguf):
+    """`bench quant`'s zerostart rows drive a real worker as the gateway does: spawned with the
+    model, or a standby worker told what to load (its threads included)."""
+    from zerostart.bench.quant import one_run
+
+    for kind in ("image", "standby"):
+        run = one_run(kind, smollm2_gguf, 1, "")
+        assert run["first_token_s"] > 0 and run["rss"] > 0, (kind, run)
+        assert min(run["decode_b1"], run["decode_b16"], run["prefill"]) > 0, (kind, run)
