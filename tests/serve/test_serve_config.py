@@ -9,9 +9,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from zerostart.serve._config import (ClusterConfig, CommandOptions, ConfigError, DeviceConfig, IngressConfig,
-                                     LlamacppOptions, ModelConfig, PlacementConfig, PoolConfig, PrewarmWindow,
-                                     ServeConfig, ServerConfig, SglangOptions, VllmOptions, load_config)
+from zerostart.serve._config import (ConfigError, DeviceConfig, ModelConfig, PrewarmWindow, ServeConfig, ServerConfig,
+                                     load_config)
+from zerostart.serve._config_backends import CommandOptions, LlamacppOptions, SglangOptions, VllmOptions
+from zerostart.serve._config_cluster import ClusterConfig, IngressConfig, PlacementConfig, PoolConfig
 
 from tests.serve._helpers import ROOT
 

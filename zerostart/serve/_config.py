@@ -1,7 +1,8 @@
 """The ``zerostart serve`` configuration: one YAML file, typed and validated.
 
-Every default lives here and only here (``examples/config.yaml`` documents them; a test keeps
-the two in step). Unknown keys are errors, and every error names the key that is wrong::
+Every default lives here and only here, with the backends' sections in ``_config_backends`` and
+the cluster's in ``_config_cluster`` (``examples/config.yaml`` documents them; a test keeps the
+two in step). Unknown keys are errors, and every error names the key that is wrong::
 
     zerostart: error: config.yaml: models[0].idle_timout: unknown key (did you mean 'idle_timeout'?)
 
@@ -16,19 +17,19 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shlex
 import socket
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from zerostart.engine import EngineConfig
 from zerostart.names import (DEFAULT_IMAGE_MODE, Dtype, ImageMode, Quantize, Scheme, is_local, normalize_device,
                              source_scheme)
+from zerostart.serve._config_backends import CommandOptions, LlamacppOptions, SglangOptions, VllmOptions
+from zerostart.serve._config_base import Bytes, BytesOrAuto, KeepAlive, Seconds, Section
+from zerostart.serve._config_cluster import ClusterConfig
 from zerostart.serve._keys import describe_errors
-from zerostart.units import parse_duration, parse_size
 
 
 API_KEYS_ENV = "ZEROSTART_API_KEYS"  # more server.api_keys, comma-separated, from the environment
@@ -37,23 +38,6 @@ API_KEYS_ENV = "ZEROSTART_API_KEYS"  # more server.api_keys, comma-separated, fr
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the file and the key."""
 
-
-Seconds = Annotated[float, BeforeValidator(lambda v: parse_duration(v))]
-# A keep-alive: seconds, where negative means forever (Ollama's convention).
-KeepAlive = Annotated[float, BeforeValidator(lambda v: parse_duration(v, forever_if_negative=True))]
-Bytes = Annotated[int, BeforeValidator(parse_size)]
-
-
-def _size_or_auto(v: object) -> int | str:
-    if v == "auto":
-        return "auto"
-    try:
-        return parse_size(v)
-    except ValueError as e:
-        raise ValueError(f"{e}, or 'auto'") from None
-
-
-BytesOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_size_or_auto)]
 
 # The engines a model's workers can run: one module each in serve/backends, registered in its
 # BACKENDS under the same name.
@@ -71,11 +55,7 @@ def default_name(path: str) -> str:
     return base.removesuffix(".safetensors").removesuffix(".gguf") or base
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class CorsConfig(_Section):
+class CorsConfig(Section):
     """Cross-origin requests from browsers (starlette's CORSMiddleware). Off unless origins are listed."""
 
     allow_origins: list[str] = []  # e.g. ["https://app.example.com"], or ["*"]; empty: no CORS headers at all
@@ -85,7 +65,7 @@ class CorsConfig(_Section):
     max_age: int = Field(600, ge=0)  # seconds a browser may cache a preflight answer
 
 
-class ResponsesStoreConfig(_Section):
+class ResponsesStoreConfig(Section):
     """The gateway's memory of /v1/responses answers, for ``previous_response_id`` and
     ``GET /v1/responses/{id}``: in memory, by tenant, oldest out first, gone on restart."""
 
@@ -94,7 +74,7 @@ class ResponsesStoreConfig(_Section):
     ttl: Seconds = Field(3600.0, gt=0)  # a response is forgotten this long after it was made
 
 
-class TenantConfig(_Section):
+class TenantConfig(Section):
     """Keys that share what they store (a team, an application): one tenant (docs/serve.md, Tenants)."""
 
     name: str = Field(min_length=1)
@@ -107,7 +87,7 @@ class TenantConfig(_Section):
         return _api_keys(keys)
 
 
-class ServerConfig(_Section):
+class ServerConfig(Section):
     """The gateway process: where it listens, who may call it, how it talks to its workers."""
 
     host: str = "127.0.0.1"  # loopback only unless told otherwise
@@ -190,13 +170,13 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%", 1)[0]).is_loopback for i in infos)
 
 
-class DeviceConfig(_Section):
+class DeviceConfig(Section):
     """One device that models share (``cpu``, ``cuda:0``, ...)."""
 
     memory_budget: Bytes | None = None  # bytes the models on it may hold together; None: no limit
 
 
-class PrewarmWindow(_Section):
+class PrewarmWindow(Section):
     """Keep a model hot from each time ``cron`` fires (server-local time) for ``duration``."""
 
     cron: str  # five fields (minute hour day month weekday), or six with seconds last
@@ -213,92 +193,7 @@ class PrewarmWindow(_Section):
         return expr
 
 
-class VllmOptions(_Section):
-    """``backend: vllm``: vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``)."""
-
-    python: str | None = None  # the Python of vLLM's environment; None: the gateway's own
-    args: list[str] = []  # more vLLM arguments, as on its command line (e.g. ["--enforce-eager"])
-    # auto: zerostart's loader (--load-format zerostart) where zerostart is installed in vLLM's
-    # environment, else vLLM's default; or any vLLM --load-format value
-    load_format: str = "auto"
-    sleep_level: Literal[1, 2] = 1  # CUDA parking: 1 weights to host RAM; 2 weights dropped (reloaded on wake)
-    # CPU: host memory vLLM's processes hold besides weights and KV cache (subtracted from the
-    # replica's memory share to size --kv-cache-memory-bytes; measured ~2.4 GB for vLLM 0.32)
-    runtime_bytes: Bytes = 2_400_000_000
-
-
-class SglangOptions(_Section):
-    """``backend: sglang``: SGLang's server (``python -m sglang.launch_server``)."""
-
-    python: str | None = None  # the Python of SGLang's environment; None: the gateway's own
-    module: str = "sglang.launch_server"  # what ``python -m`` runs
-    args: list[str] = []  # more SGLang arguments (e.g. ["--attention-backend", "torch_native"])
-
-
-# llama-server options zerostart sets itself (the model, where it listens, its key, its metrics)
-_LLAMACPP_OWN = ("-m", "--model", "-a", "--alias", "--host", "--port", "--api-key", "--api-key-file", "--metrics",
-                 "-np", "--parallel", "-t", "--threads", "-tb", "--threads-batch", "-c", "--ctx-size",
-                 "--kv-unified-per-slot", "--embedding", "--embeddings", "--pooling", "--embd-normalize", "-hf",
-                 "--hf-repo", "-mu", "--model-url")
-
-
-class LlamacppOptions(_Section):
-    """``backend: llamacpp``: llama.cpp's ``llama-server`` on a GGUF file (``make llamacpp-env``)."""
-
-    # the llama-server binary; null: .venvs/llamacpp/bin/llama-server of this checkout (make
-    # llamacpp-env), else llama-server on PATH
-    server: str | None = None
-    file: str | None = None  # hf:// sources: the .gguf file of the repository (needed when it holds several)
-    parallel: int = Field(4, ge=1)  # slots (-np): sequences decoded together; more requests wait in its queue
-    # KV cache size in tokens shared by the slots (-c); null: parallel x max_model_len when that is
-    # set, else the model's training context
-    ctx_size: int | None = Field(None, ge=1)
-    # more llama-server arguments, after zerostart's (the last value of an option wins: e.g.
-    # ["--n-gpu-layers", "20"] offloads part of a model on CUDA)
-    args: list[str] = []
-
-    @field_validator("args")
-    @classmethod
-    def _args(cls, args: list[str]) -> list[str]:
-        own = [a for a in args if a.split("=", 1)[0] in _LLAMACPP_OWN]
-        if own:
-            raise ValueError(f"{', '.join(own)}: set by zerostart (the model's path, name, threads, max_model_len, "
-                             "embedding and the llamacpp keys say what it passes); remove it from args")
-        return args
-
-
-class CommandOptions(_Section):
-    """``backend: command``: any OpenAI-compatible server, started from a command template."""
-
-    # the command line; {model} {name} {host} {port} {device} {memory_bytes} are filled in
-    run: list[str] | str
-    ready_path: str = "/health"  # answers 200 once it serves (llama.cpp /health, TGI /health, vLLM /health)
-    checkpoint: bool = True  # CUDA: park it with the CUDA checkpoint API (driver R550+)
-
-    @field_validator("run")
-    @classmethod
-    def _run(cls, run: list[str] | str) -> list[str]:
-        argv = shlex.split(run) if isinstance(run, str) else list(run)
-        if not argv:
-            raise ValueError("needs the server's command line, e.g. llama-server -m {model} --host {host} --port {port}")
-        if not any("{port}" in a for a in argv):
-            raise ValueError("the command must take the port zerostart chooses: put {port} in it")
-        try:
-            [a.format(model="", name="", host="", port=0, device="", memory_bytes=0) for a in argv]
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"unknown placeholder {e} (known: {{model}} {{name}} {{host}} {{port}} {{device}} "
-                             "{memory_bytes}; write {{ and }} for literal braces)") from None
-        return argv
-
-    @field_validator("ready_path")
-    @classmethod
-    def _ready_path(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError(f"must be a path on the server, starting with '/', got {path!r}")
-        return path
-
-
-class EmbeddingConfig(_Section):
+class EmbeddingConfig(Section):
     """A model served as an embedding model (``/v1/embeddings``; not chat or completions): the
     final hidden states of the input pooled into one vector, as decoder embedders such as
     Qwen3-Embedding use them."""
@@ -307,7 +202,7 @@ class EmbeddingConfig(_Section):
     normalize: bool = True  # scale to unit length (cosine similarity is then a dot product)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """One model the gateway serves, with its lifecycle settings."""
 
     path: str  # a model directory, .safetensors or .gguf file, ready image, hf://, s3:// or https:// source
@@ -410,83 +305,7 @@ class ModelConfig(_Section):
                             quantize=self.quantize)
 
 
-class PlacementConfig(_Section):
-    """Where one replica of a pool runs on a Ray cluster, and what it reserves there."""
-
-    num_cpus: float = Field(1.0, ge=0)  # CPUs a replica reserves; its models' workers run inside this share
-    num_gpus: float = Field(0.0, ge=0)  # GPUs a replica reserves (CUDA_VISIBLE_DEVICES of its workers)
-    tensor_parallel: int = Field(1, ge=1)  # >1: one placement-group bundle of num_gpus GPUs per rank, packed on one node
-    node_labels: dict[str, str] = {}  # run only on Ray nodes with these labels (e.g. zerostart.io/nvme: "true")
-    max_replicas_per_node: int | None = Field(None, ge=1)  # at most this many of the pool's replicas on one node
-    resources: dict[str, float] = {}  # custom Ray resources a replica reserves
-
-    @model_validator(mode="after")
-    def _tp(self) -> "PlacementConfig":
-        if self.tensor_parallel > 1 and self.num_gpus <= 0:
-            raise ValueError(f"tensor_parallel is {self.tensor_parallel} but num_gpus is 0: each rank needs GPUs")
-        return self
-
-
-class PoolConfig(_Section):
-    """Models that share one engine-replica deployment: each replica holds several of them, each on
-    its own rung of the ladder, and Ray routes a request to a replica that already holds its model."""
-
-    name: str  # the Ray Serve deployment is named after it
-    models: list[str]  # served names of models in `models`
-    min_replicas: int = Field(0, ge=0)  # replicas kept whatever the traffic
-    max_replicas: int = Field(1, ge=1)  # another replica starts past target_ongoing_requests per replica
-    target_ongoing_requests: float = Field(16.0, gt=0)  # per replica, when the pool scales past one replica
-    max_ongoing_requests: int = Field(64, ge=1)  # requests Ray sends one replica at once
-    max_queued_requests: int = Field(512, ge=1)  # requests Ray holds while no replica has room (at zero too); beyond: 429
-    keep_alive_policy: str | None = None  # when the pool's last replica goes (a zerostart.policy spec); None: ttl of the
-    #                                      longest idle_timeout among its models (the replica outlives its models' ladder)
-    placement: PlacementConfig = PlacementConfig()
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "PoolConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
-        if not self.models:
-            raise ValueError("a pool needs at least one model")
-        return self
-
-
-class IngressConfig(_Section):
-    """The OpenAI ingress deployment in front of the pools."""
-
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.25, ge=0)
-    node_labels: dict[str, str] = {}
-    max_ongoing_requests: int = Field(4096, ge=1)  # requests one ingress replica holds (streams included)
-
-
-class ClusterConfig(_Section):
-    """``zerostart serve --cluster ray``: the same models on a Ray Serve cluster (docs/cluster.md)."""
-
-    backend: Literal["ray"] | None = None  # ray: serve on a Ray cluster; None: this machine only (--cluster sets it)
-    address: str = "auto"  # the Ray cluster: auto (RAY_ADDRESS, else a running one, else a new local one), or host:port
-    app_name: str = "zerostart"  # the Ray Serve application
-    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"  # where Ray Serve's HTTP proxies run
-    cache_dir: str | None = None  # node-local cache (ready images, fetched weights) on every node; None: each node's
-    #                               $ZEROSTART_CACHE_DIR or ~/.cache/zerostart
-    status_interval: Seconds = Field(1.0, gt=0)  # how often each replica reports its models' rungs for status/metrics
-    metrics_interval: Seconds = Field(0.5, gt=0)  # how often Ray's handles report load to the autoscaler
-    look_back: Seconds = Field(1.0, gt=0)  # the window Ray averages that load over
-    ingress: IngressConfig = IngressConfig()
-    pools: list[PoolConfig] = []  # models in no pool share one pool named "default"
-
-    @model_validator(mode="after")
-    def _unique_pools(self) -> "ClusterConfig":
-        names = [p.name for p in self.pools]
-        for n in names:
-            if names.count(n) > 1:
-                raise ValueError(f"two pools are named {n!r}")
-            if not re.fullmatch(r"[A-Za-z0-9_-]+", n):
-                raise ValueError(f"pool name {n!r}: use letters, digits, '-' and '_'")
-        return self
-
-
-class ServeConfig(_Section):
+class ServeConfig(Section):
     """The whole file."""
 
     server: ServerConfig = ServerConfig()
