@@ -34,6 +34,10 @@ import sys
 import time
 from typing import Any
 
+import gguf
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
+
 from zerostart.bench import _env, _peers
 from zerostart.serve.backends import find_llama_server
 
@@ -62,10 +66,6 @@ def variant(src: str, qtype: str, work: str) -> str:
 
 
 def _requantize(src: str, out: str, qtype: str) -> None:
-    import gguf  # heavy (numpy): only when a variant is made
-    from gguf import GGMLQuantizationType as T
-    from gguf import GGUFValueType as V
-
     target = T[qtype]
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(out, arch=str(r.fields["general.architecture"].contents()))
