@@ -42,6 +42,7 @@ from zerostart.bench import _env, _peers
 from zerostart.serve.backends import find_llama_server
 
 MAX_TOKENS, PROMPT, PREFILL = 128, 16, 384
+VARIANTS = ("Q4_1", "Q8_0", "Q4_0", "F16")  # files gguf.quants can write, as llama.cpp names their file types
 
 
 def packaged_q4_1() -> str:
@@ -74,7 +75,7 @@ def _requantize(src: str, out: str, qtype: str) -> None:
             continue  # the writer writes the first ones itself; the file type is the variant's
         w.add_key_value(field.name, field.contents(), field.types[0],
                         sub_type=field.types[-1] if field.types[0] == V.ARRAY else None)
-    w.add_file_type(FILE_TYPES[qtype])
+    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     for t in r.tensors:
         if t.tensor_type in (T.F32, T.F16, T.BF16) or len(t.shape) != 2:
             w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
@@ -85,10 +86,6 @@ def _requantize(src: str, out: str, qtype: str) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-# general.file_type of each variant (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
-FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
 
 
 def image_of(path: str, work: str) -> str:
@@ -196,7 +193,7 @@ def one_run(kind: str, model: str, threads: int, llama_bin: str) -> dict[str, An
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-bin", help="the directory of llama.cpp's llama-server (default: the one `make llamacpp-env` "
                                        "builds, else the PATH's)")
-    p.add_argument("--variants", default="Q4_1,Q8_0,F16", help=f"comma-separated, among {', '.join(FILE_TYPES)}")
+    p.add_argument("--variants", default="Q4_1,Q8_0,F16", help=f"comma-separated, among {', '.join(VARIANTS)}")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work-dir", default=os.path.join("/tmp", "zerostart-quant-bench"))
@@ -211,10 +208,11 @@ def main(args: argparse.Namespace) -> int:
     args.llama_bin = os.path.dirname(server)
     os.makedirs(args.work_dir, exist_ok=True)
     src = packaged_q4_1()
-    unknown = [q for q in args.variants.split(",") if q not in FILE_TYPES]
+    variants = args.variants.split(",")
+    unknown = [q for q in variants if q not in VARIANTS]
     if unknown:
-        raise SystemExit(f"--variants: {', '.join(unknown)} not among {', '.join(FILE_TYPES)}")
-    files = {q: variant(src, q, args.work_dir) for q in args.variants.split(",")}
+        raise SystemExit(f"--variants: {', '.join(unknown)} not among {', '.join(VARIANTS)}")
+    files = {q: variant(src, q, args.work_dir) for q in variants}
     images = {q: image_of(f, args.work_dir) for q, f in files.items()}
     rows: dict[str, list[dict[str, Any]]] = {}
     load = os.getloadavg()

@@ -25,7 +25,7 @@ from zerostart.engine._errors import EngineError
 from zerostart.engine import _quant
 from zerostart.engine._model import Formats, Transformer
 from zerostart.engine._rope import cos_sin_table
-from zerostart.weights import QUANT_SUFFIXES, QFormat, qformat, quantize_arena
+from zerostart.weights import QUANT_SUFFIXES, QFormat, qformat, quantize_arena, quantized_bits
 
 
 @dataclass
@@ -104,18 +104,15 @@ def check(cfg: ModelShape, tensors: dict[str, torch.Tensor], where: str) -> dict
 
 
 def quantize_plan(cfg: ModelShape, tensors: dict[str, torch.Tensor], quantize: str) -> dict[str, int]:
-    """The float matrices ``quantize`` ("int8" | "int4") turns into integers, and their bits:
-    the projections at that many bits, the embeddings and LM head at 8 (they hold every token,
-    and 4 bits cost them the most accuracy). Matrices already quantized stay as they are."""
-    if quantize not in ("int8", "int4"):
-        return {}
-    bits = 8 if quantize == "int8" else 4
+    """The float matrices ``quantize`` ("int8" | "int4") turns into integers, and their bits
+    (``weights.quantized_bits``: the gateway sizes a model by the same rule). Matrices already
+    quantized stay as they are."""
     plan: dict[str, int] = {}
     for name, shape in expected_shapes(cfg).items():
         t = tensors.get(name)
-        if t is None or len(shape) != 2 or not t.is_floating_point() or shape[1] % 32:
-            continue
-        plan[name] = 8 if name in ("model.embed_tokens.weight", "lm_head.weight") else bits
+        bits = quantized_bits(name, shape, quantize) if t is not None and t.is_floating_point() else None
+        if bits is not None:
+            plan[name] = bits
     return plan
 
 

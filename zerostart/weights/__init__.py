@@ -27,7 +27,7 @@ from zerostart.weights._image_files import MANIFEST
 from zerostart.weights._io import (Eviction, Region, align_up, cached_fraction, drop_all_page_caches, evict_page_cache,
                                    map_anonymous_at, map_shared_at, open_direct, pread_into, release_pages, touch_pages)
 from zerostart.weights._paths import cache_dir
-from zerostart.weights._qformats import GGUF_QUANTIZED, gguf_held_nbytes, quantized_nbytes
+from zerostart.weights._qformats import GGUF_QUANTIZED, gguf_held_nbytes, quantized_bits, quantized_nbytes
 from zerostart.weights._remote import Transport
 from zerostart.weights._reserve import arena_bytes, release_host, reserve_host, reserved_host
 from zerostart.weights._store import ObjectInfo, Store
@@ -76,6 +76,7 @@ __all__ = [
     "gguf_held_nbytes",
     "qformat",
     "quantize",
+    "quantized_bits",
     "quantized_nbytes",
     "quantize_arena",
     # sources, their stores and the local cache

@@ -32,11 +32,18 @@ def gguf_held_nbytes(qtype: str, shape: tuple[int, ...]) -> int | None:
     return held_nbytes((shape[0], shape[1]), bits, group, 2 if qtype in F16_SCALES else 4, qtype in WITH_MINS)
 
 
-def quantized_nbytes(name: str, shape: tuple[int, ...], quantize: str) -> int | None:
-    """Bytes of a float checkpoint's tensor ``name`` quantized at load by ``quantize`` ("int8" |
-    "int4": the matrices at that many bits, the embeddings and LM head at 8; float16 scales,
-    int4 with mins); None if it stays a float."""
+def quantized_bits(name: str, shape: tuple[int, ...], quantize: str) -> int | None:
+    """The bits a float checkpoint's matrix ``name`` is quantized to at load under ``quantize``
+    ("int8" | "int4": the matrices at that many bits, the embeddings and LM head at 8: they hold
+    every token, and 4 bits cost them the most accuracy); None if it stays a float (another
+    setting, not a matrix, or a row not a whole number of groups)."""
     if quantize not in ("int8", "int4") or len(shape) != 2 or not name.endswith(".weight") or shape[1] % GROUP:
         return None
-    bits = 8 if quantize == "int8" or name in ("model.embed_tokens.weight", "lm_head.weight") else 4
-    return held_nbytes((shape[0], shape[1]), bits, GROUP, 2, bits == 4)
+    return 8 if quantize == "int8" or name in ("model.embed_tokens.weight", "lm_head.weight") else 4
+
+
+def quantized_nbytes(name: str, shape: tuple[int, ...], quantize: str) -> int | None:
+    """Bytes of a float checkpoint's tensor ``name`` quantized at load by ``quantize`` (float16
+    scales, int4 with mins: what ``_quant.quantize`` writes); None if it stays a float."""
+    bits = quantized_bits(name, shape, quantize)
+    return None if bits is None else held_nbytes((shape[0], shape[1]), bits, GROUP, 2, bits == 4)
