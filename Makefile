@@ -69,10 +69,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps "$(DEMO)"
 	touch $@
 
-# The quantized CPU kernels (engine/_quant/qmm.cpp), built once per machine against this torch
-# (~30 s; a missing compiler leaves the portable torch path, said at load time)
-$(VENV)/.kernels: $(VENV)/.installed zerostart/engine/_quant/qmm.cpp
-	$(BIN)/python -m zerostart.engine._quant
+# The engine's CPU kernels (engine/_kernels/*.cpp: quantized matmuls, the step's fused ops), built
+# once per machine against this torch (~30 s; a missing compiler leaves the torch path, said at load time)
+$(VENV)/.kernels: $(VENV)/.installed $(wildcard zerostart/engine/_kernels/*.cpp)
+	$(BIN)/python -m zerostart.engine._kernels
 	touch $@
 
 setup: $(VENV)/.installed $(VENV)/.kernels

@@ -47,7 +47,7 @@ def _q(N: int, K: int, bits: int):
 
 
 def _untile_linear(xb: torch.Tensor, qt: torch.Tensor, st: torch.Tensor, mt: torch.Tensor | None, bits: int) -> torch.Tensor:
-    return F.linear(xb, torch.ops.zerostart_quant.untile(qt, st, mt, bits, 32).bfloat16())
+    return F.linear(xb, torch.ops.zerostart_kernels.untile(qt, st, mt, bits, 32).bfloat16())
 
 
 def candidates(rows: int) -> dict[str, list]:
@@ -55,7 +55,7 @@ def candidates(rows: int) -> dict[str, list]:
     step streams every byte from memory as the model does), then the head."""
     out: dict[str, list] = {}
     mats = [(N, K, 4) for _ in range(LAYERS) for N, K in SHAPES.values()] + [(HEAD[0], HEAD[1], 8)]
-    ops = torch.ops.zerostart_quant
+    ops = torch.ops.zerostart_kernels
     for name in ("float32", "bfloat16", "torch int4pack (bf16)", "torch int8pack per-channel (bf16)",
                  "fbgemm dynamic int8 per-channel", "zerostart qmm_tiles", "zerostart qmm", "zerostart untile + F.linear bf16"):
         calls: list[Callable[[], Any]] = []

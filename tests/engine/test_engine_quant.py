@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from tests.weights._gguf_files import random_llama, write_gguf
 from zerostart import snapshot, weights
 from zerostart.engine import Engine, EngineConfig, SamplingParams
-from zerostart.engine import _quant
-from zerostart.engine._quant import _build
+from zerostart.engine import _kernels
+from zerostart.engine._kernels import _build
 from zerostart.weights import QFormat
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -53,7 +53,7 @@ def _parts(qw, sc, mn):
 
 def _tiled(qw, sc, mn):
     fmt = _fmt(qw, sc, mn)
-    return list(torch.ops.zerostart_quant.tile(qw, sc, mn, fmt.bits, fmt.group)), fmt.tiles()
+    return list(torch.ops.zerostart_kernels.tile(qw, sc, mn, fmt.bits, fmt.group)), fmt.tiles()
 
 
 def _int8_rows(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -77,11 +77,11 @@ def test_linear_is_the_float_reference(kernels, bits, group, sdt, mins, rows):
     bias = torch.randn(qw.shape[0])
     w = weights.dequantize(qw, sc, mn).double()
     ref = F.linear(x.double(), w, bias.double())
-    got = _quant.linear(x, _parts(qw, sc, mn), _fmt(qw, sc, mn), bias)
+    got = _kernels.linear(x, _parts(qw, sc, mn), _fmt(qw, sc, mn), bias)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     assert (got.double() - ref).abs().max().item() <= KERNEL_RTOL * ref.abs().max().item()
     # the kernel's own unpacking is the reference's
-    unpacked = torch.ops.zerostart_quant.dequant(qw, sc, mn, bits, group)
+    unpacked = torch.ops.zerostart_kernels.dequant(qw, sc, mn, bits, group)
     torch.testing.assert_close(unpacked, w.float(), rtol=1e-6, atol=1e-7)
 
 
@@ -95,23 +95,23 @@ def test_tiled_linear_is_the_reference_on_int8_activations(kernels, bits, group,
     x = torch.randn(rows, fmt.shape[1], generator=torch.Generator().manual_seed(rows))
     w = weights.dequantize(qw, sc, mn).double()
     torch.testing.assert_close(weights.dequantize(*parts[:2], parts[2] if mins else None, tiled=True), w.float())
-    got = _quant.linear(x, parts, fmt).double()
+    got = _kernels.linear(x, parts, fmt).double()
     exact = F.linear(x.double(), w)
     ref = F.linear(_int8_rows(x, group), w)
     assert (got - ref).abs().max().item() <= KERNEL_RTOL * ref.abs().max().item()
     assert (got - exact).abs().max().item() <= 2e-2 * exact.abs().max().item()
-    untiled = torch.ops.zerostart_quant.untile(*parts[:2], parts[2] if mins else None, bits, group)
+    untiled = torch.ops.zerostart_kernels.untile(*parts[:2], parts[2] if mins else None, bits, group)
     torch.testing.assert_close(untiled, w.float(), rtol=1e-6, atol=1e-7)
     # an embedding lookup reads the tiles' rows
     ids = torch.tensor([0, 17, 5, qw.shape[0] - 1])
-    torch.testing.assert_close(_quant.rows(ids, parts, fmt, torch.float32), w.float()[ids])
+    torch.testing.assert_close(_kernels.rows(ids, parts, fmt, torch.float32), w.float()[ids])
 
 
 def test_tile_matrices_rewrites_in_place(kernels):
     qw, sc, mn = _random_q(4, 32, torch.float16, True)
     t = {"a.qweight": qw.clone(), "a.scales": sc.clone(), "a.mins": mn.clone()}
     ptrs = {k: v.data_ptr() for k, v in t.items()}
-    assert _quant.tile_matrices(t, {"a.weight": _fmt(qw, sc, mn)}) == qw.nbytes + sc.nbytes + mn.nbytes
+    assert _kernels.tile_matrices(t, {"a.weight": _fmt(qw, sc, mn)}) == qw.nbytes + sc.nbytes + mn.nbytes
     assert sorted(t) == ["a.mtiles", "a.qtiles", "a.stiles"]
     assert [t["a.qtiles"].data_ptr(), t["a.stiles"].data_ptr(), t["a.mtiles"].data_ptr()] == list(ptrs.values())
     assert weights.qformat(t, "a") == _fmt(qw, sc, mn).tiles()
@@ -120,7 +120,7 @@ def test_tile_matrices_rewrites_in_place(kernels):
 def test_linear_keeps_bfloat16_activations(kernels):
     qw, sc, mn = _random_q(4, 32, torch.float16, True)
     x = torch.randn(2, 256).bfloat16()
-    got = _quant.linear(x, _parts(qw, sc, mn), _fmt(qw, sc, mn))
+    got = _kernels.linear(x, _parts(qw, sc, mn), _fmt(qw, sc, mn))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), F.linear(x.float(), weights.dequantize(qw, sc, mn)), rtol=1e-2, atol=1e-2)
 
@@ -128,18 +128,18 @@ def test_linear_keeps_bfloat16_activations(kernels):
 def test_the_portable_path_without_kernels_gives_the_same(kernels, monkeypatch):
     qw, sc, mn = _random_q(8, 32, torch.float16, False)
     x = torch.randn(4, 256)
-    fast = _quant.linear(x, _parts(qw, sc, mn), _fmt(qw, sc, mn))
+    fast = _kernels.linear(x, _parts(qw, sc, mn), _fmt(qw, sc, mn))
     parts, fmt = _tiled(qw, sc, mn)
     monkeypatch.setattr(_build, "load", lambda build=False: False)
-    assert _quant.kernel(torch.device("cpu")).startswith("torch dequantize")
-    torch.testing.assert_close(_quant.linear(x, _parts(qw, sc, mn), _fmt(qw, sc, mn)), fast, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_quant.linear(x, parts, fmt), fast, rtol=1e-5, atol=1e-5)  # tiles read back by torch
+    assert _kernels.kernel(torch.device("cpu")).startswith("torch dequantize")
+    torch.testing.assert_close(_kernels.linear(x, _parts(qw, sc, mn), _fmt(qw, sc, mn)), fast, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_kernels.linear(x, parts, fmt), fast, rtol=1e-5, atol=1e-5)  # tiles read back by torch
 
 
 def test_the_kernel_refuses_mismatched_parts(kernels):
     qw, sc, mn = _random_q(4, 32, torch.float16, True)
     with pytest.raises(RuntimeError, match="qmm"):
-        torch.ops.zerostart_quant.qmm(torch.randn(1, 128), qw, sc, mn, 4, 32)  # K of x is not the matrix's
+        torch.ops.zerostart_kernels.qmm(torch.randn(1, 128), qw, sc, mn, 4, 32)  # K of x is not the matrix's
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_cuda_quantized_linear_matches_cpu():
         qw, sc, mn = _random_q(bits, group, sdt, mins)
         x = torch.randn(5, qw.shape[1] * (2 if bits == 4 else 1))
         ref = F.linear(x.double(), weights.dequantize(qw, sc, mn).double())
-        got = _quant.linear(x.cuda().bfloat16(), [p.cuda() for p in _parts(qw, sc, mn)], _fmt(qw, sc, mn))
+        got = _kernels.linear(x.cuda().bfloat16(), [p.cuda() for p in _parts(qw, sc, mn)], _fmt(qw, sc, mn))
         assert got.dtype == torch.bfloat16
         assert (got.double().cpu() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
 

@@ -22,7 +22,7 @@ from zerostart.engine._token_text import TokenText
 from zerostart.engine._toolcalls import PARSERS as TOOL_PARSERS, ToolCall, ToolParser, tool_parser
 
 _TORCH_NAMES = {"Engine": "_engine", "RequestHandle": "_sequence", "Tokenizer": "_tokenizer", "device_for": "_load",
-                "quant_kernels": "_quant", "weights_dtype": "_load"}
+                "quant_kernels": "_kernels", "weights_dtype": "_load"}
 
 __all__ = ["Constraint", "Engine", "EngineConfig", "EngineError", "PoolingParams", "RequestHandle", "SamplingParams",
            "TOOL_PARSERS", "TokenEvent", "TokenLogprob", "TokenText", "Tokenizer", "ToolCall", "ToolParser",

@@ -3,17 +3,23 @@
 Built on the meta device and filled with the loaded arena's tensors (``_weights.fill``), so no
 memory is initialized twice. Rows are a flat batch of tokens ([T, hidden]); attention reads and
 writes the preallocated KV cache as described by a :class:`StepContext`.
+
+With ``kernels`` (set by :meth:`Transformer.use_kernels`: the CPU with the engine's kernels built)
+the work between the matmuls runs as the kernels' fused ops (``_kernels.step_ops``): residual add +
+norm, rotary + KV write, decode attention over the cache without masks, SiLU-and-multiply. The
+torch ops beside them are the reference they are tested against.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerostart.engine import _quant
+from zerostart.engine import _kernels
 from zerostart.engine._config import ModelShape
 from zerostart.engine._context import Prefill, StepContext
 from zerostart.weights import QFormat
@@ -23,16 +29,27 @@ Formats = dict[str, list[QFormat | None]]  # model prefix ("layers.0.attn.qkv") 
 
 
 class RMSNorm(nn.Module):
+    kernels = False
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels and x.dim() == 2:
+            return _kernels.step_ops.add_rms_norm(x, None, self.weight, self.eps)[0]
         # statistics in float32 as the reference computes them; no casts when x is float32
         h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * (h if x.dtype == torch.float32 else h.to(x.dtype))
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a residual connection and the norm after it."""
+        if self.kernels:
+            return _kernels.step_ops.add_rms_norm(x, residual, self.weight, self.eps)
+        h = x + residual
+        return self(h), h
 
 
 class Proj(nn.Module):
@@ -41,7 +58,7 @@ class Proj(nn.Module):
     Fused: one matrix [sum(sizes), in] and one matmul whose output is split. Unfused: one
     matrix per part (``weight0``, ``weight1``, ...), used when the parts are not one tensor.
     A matrix is a float ``weight``, or held quantized (``fmts``: ``qweight``, ``scales``,
-    ``mins`` buffers, multiplied by ``_quant.linear``).
+    ``mins`` buffers, multiplied by ``_kernels.linear``).
     """
 
     def __init__(self, in_features: int, sizes: tuple[int, ...], bias: bool, fused: bool,
@@ -70,11 +87,16 @@ class Proj(nn.Module):
     def _parts(self, i: str, fmt: QFormat) -> list[torch.Tensor]:
         return [getattr(self, kind + i) for kind in fmt.kinds]
 
+    kernels = False
+
     def _matmul(self, x: torch.Tensor, i: str, fmt: QFormat | None) -> torch.Tensor:
         bias = getattr(self, "bias" + i) if self.has_bias else None
         if fmt is not None:
-            return _quant.linear(x, self._parts(i, fmt), fmt, bias)
-        return F.linear(x, getattr(self, "weight" + i), bias)
+            return _kernels.linear(x, self._parts(i, fmt), fmt, bias)
+        w = getattr(self, "weight" + i)
+        if self.kernels and x.shape[0] <= _kernels.MV_ROWS and x.dtype == torch.bfloat16:
+            return _kernels.step_ops.mv_bf16(x, w, bias)
+        return F.linear(x, w, bias)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused:
@@ -86,8 +108,20 @@ class Proj(nn.Module):
         """Rows ``ids`` of the (single, fused) matrix: an embedding lookup [len(ids), in]."""
         fmt = self.fmts[0]
         if fmt is not None:
-            return _quant.rows(ids, self._parts("", fmt), fmt, dtype)
+            return _kernels.rows(ids, self._parts("", fmt), fmt, dtype)
         return F.embedding(ids, self.weight)
+
+
+@dataclass
+class Rope:
+    """The rotary tables [positions, head_dim] (cos, and sin with its first half negated)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each row's position, [T, 1, head_dim]."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -100,6 +134,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
+    kernels = False
+
     def __init__(self, cfg: ModelShape, layer: int, fuse_qkv: bool, formats: Formats) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -111,7 +147,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext,
+    def forward(self, x: torch.Tensor, rope: Rope, ctx: StepContext,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]; k_cache, v_cache: [slots, kv_heads, positions, head_dim]
         T = x.shape[0]
@@ -121,8 +157,14 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        _write_kv(ctx, k, v, k_cache, v_cache)
+        if self.kernels:  # rotated in place, decode rows written into the cache
+            _kernels.step_ops.rope_write_(q, k, v, rope.cos, rope.sin, ctx.positions, k_cache, v_cache,
+                                        ctx.kv_slots, ctx.kv_pos)
+            _write_kv(ctx, k, v, k_cache, v_cache, decode=False)
+        else:
+            cos, sin = rope.rows(ctx.positions)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            _write_kv(ctx, k, v, k_cache, v_cache)
         outs = [self._decode(q, ctx, k_cache, v_cache)] if ctx.num_decode else []
         outs += [self._prefill(q, p, ctx, k_cache, v_cache) for p in ctx.prefills]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -131,6 +173,10 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, ctx: StepContext, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         # GQA without repeating keys: the query heads sharing a KV head become its query rows.
         nd, group = ctx.num_decode, self.num_heads // self.num_kv_heads
+        if self.kernels:
+            assert ctx.decode_lens is not None  # set with num_decode
+            return _kernels.step_ops.decode_attention(q[:nd], k_cache, v_cache, ctx.decode_slots, ctx.decode_lens,
+                                                    self.window or -1, self.scale)
         qd = (q if nd == q.shape[0] else q[:nd]).view(nd, self.num_kv_heads, group, self.head_dim)
         if ctx.decode_slots is None:  # rows are slots [0, nd): a view
             kd = k_cache[:nd, :, : ctx.decode_len]
@@ -154,11 +200,13 @@ class Attention(nn.Module):
         return o[0].transpose(0, 1).reshape(p.length, self.num_heads * self.head_dim)
 
 
-def _write_kv(ctx: StepContext, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def _write_kv(ctx: StepContext, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              decode: bool = True) -> None:
     """The step's keys and values into the cache: decode rows each at its own slot and
-    position, a prefill chunk as one slice of its slot. k, v: [T, kv_heads, head_dim]."""
+    position (unless ``decode`` is False), a prefill chunk as one slice of its slot.
+    k, v: [T, kv_heads, head_dim]."""
     nd = ctx.num_decode
-    if nd:
+    if nd and decode:
         k_cache[ctx.kv_slots, :, ctx.kv_pos] = k if nd == k.shape[0] else k[:nd]
         v_cache[ctx.kv_slots, :, ctx.kv_pos] = v if nd == v.shape[0] else v[:nd]
     for p in ctx.prefills:
@@ -167,6 +215,8 @@ def _write_kv(ctx: StepContext, k: torch.Tensor, v: torch.Tensor, k_cache: torch
 
 
 class MLP(nn.Module):
+    kernels = False
+
     def __init__(self, cfg: ModelShape, layer: int, fuse_gate_up: bool, formats: Formats) -> None:
         super().__init__()
         p = f"layers.{layer}.mlp."
@@ -176,6 +226,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
+        if self.kernels:
+            return self.down(_kernels.step_ops.silu_mul(gate, up))[0]
         return self.down(F.silu(gate) * up)[0]
 
 
@@ -187,9 +239,13 @@ class Block(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, layer, fuse_gate_up, formats)
 
-    def forward(self, h, cos, sin, ctx, k_cache, v_cache):
-        h = h + self.attn(self.input_norm(h), cos, sin, ctx, k_cache, v_cache)
-        return h + self.mlp(self.post_norm(h))
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, rope: Rope, ctx: StepContext,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream ``h`` and the previous block's output ``delta`` not yet added to
+        it (so the add and the norm after it are one op) -> this block's (h, delta)."""
+        x, h = (self.input_norm(h), h) if delta is None else self.input_norm.add(delta, h)
+        x, h = self.post_norm.add(self.attn(x, rope, ctx, k_cache, v_cache), h)
+        return h, self.mlp(x)
 
 
 class Transformer(nn.Module):
@@ -221,12 +277,14 @@ class Transformer(nn.Module):
             wait(-1)
         h = self.embed.lookup(ctx.input_ids, self.norm.weight.dtype)
         assert self.cos is not None and self.sin is not None, "the runner sets the rotary tables first"
-        cos = self.cos[ctx.positions].unsqueeze(1)
-        sin = self.sin[ctx.positions].unsqueeze(1)
+        rope = Rope(self.cos, self.sin)
+        delta = None
         for i, layer in enumerate(self.layers):
             if wait is not None:
                 wait(i)
-            h = layer(h, cos, sin, ctx, k_caches[i], v_caches[i])
+            h, delta = layer(h, delta, rope, ctx, k_caches[i], v_caches[i])
+        if delta is not None:
+            h = h + delta
         pooled = h[ctx.hidden_rows] if ctx.hidden_rows is not None else None
         if ctx.logits_rows is not None:
             h = h[ctx.logits_rows]
@@ -237,9 +295,18 @@ class Transformer(nn.Module):
         h = self.norm(h)
         return (self.embed if self.lm_head is None else self.lm_head)(h)[0].float()
 
+    def use_kernels(self, on: bool) -> None:
+        """Run the fused step ops (``_kernels.step_ops``) or the torch reference."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP, Proj)):
+                m.kernels = on
+        self.kernels = on
+
+    kernels = False
+
     def build_masks(self, ctx: StepContext) -> None:
         device = ctx.input_ids.device
-        if ctx.num_decode:
+        if ctx.num_decode and not self.kernels:  # the fused decode attention needs no masks
             assert ctx.decode_lens is not None  # set with num_decode
             keys = torch.arange(ctx.decode_len, device=device)[None, :]
             lens = ctx.decode_lens[:, None]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from zerostart.engine import _kernels
 from zerostart.engine._config import EngineConfig
 from zerostart.engine._context import Prefill, StepContext
 from zerostart.engine._kv_cache import KVCache
@@ -60,6 +61,7 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None  # the CUDA graph memory pool, made at the first capture
         self._forward = model.forward
+        model.use_kernels(not config.compile and _kernels.fused(device, model.norm.weight.dtype))
         if config.compile:
             # torch.compile's machinery (seconds to import) only when compile is on
             import torch._dynamo

@@ -22,7 +22,7 @@ import torch
 
 from zerostart.engine._config import MAX_MODEL_LEN_CAP, ModelShape
 from zerostart.engine._errors import EngineError
-from zerostart.engine import _quant
+from zerostart.engine import _kernels
 from zerostart.engine._model import Formats, Transformer
 from zerostart.engine._rope import cos_sin_table
 from zerostart.weights import QUANT_SUFFIXES, QFormat, qformat, quantize_arena, quantized_bits
@@ -341,7 +341,7 @@ def assemble(cfg: ModelShape, arena: Any, config: Any, dtype: torch.dtype, dev: 
     tiled = 0
     if dev.type == "cpu" and any(not f.tiled for f in quantized.values()) and getattr(arena, "writable", False):
         arena.wait()  # the CPU kernels' tiles: the same bytes reordered in place (an image holds them so)
-        tiled = _quant.tile_matrices(tensors, quantized)
+        tiled = _kernels.tile_matrices(tensors, quantized)
         quantized = check(cfg, tensors, where)
     overlap = config.overlap_load and not arena.done and fusion_is_free(cfg, tensors)
     if not overlap:
@@ -368,4 +368,4 @@ def _quant_note(formats: dict[str, QFormat], dev: torch.device) -> str:
     """"quantized: 210 x int4 g32 +min, 1 x int8 g32 (qmm avx512)": what the matrices are held in."""
     counts = Counter(f.describe() for f in formats.values())
     held = ", ".join(f"{n} x {d}" for d, n in counts.most_common())
-    return f"quantized: {held} ({_quant.prepare(dev)})"
+    return f"quantized: {held} ({_kernels.prepare(dev)})"

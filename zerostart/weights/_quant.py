@@ -13,7 +13,7 @@ A quantized matrix W [N, K] named ``<prefix>.weight`` is held as up to three ten
 so the bits, the group and K follow from the tensors' dtypes and shapes (:func:`qformat`).
 The CPU's decode kernel holds the same bytes tiled (``<prefix>.qtiles``, ``.stiles``,
 ``.mtiles``: rows in tiles of 16, each group's bytes as 64-byte blocks of 4 k of 16 rows; see
-``engine/_quant/qmm.cpp``), made by the engine as it prepares a model and kept in its ready
+``engine/_kernels/qmm.cpp``), made by the engine as it prepares a model and kept in its ready
 image; :func:`dequantize` reads both layouts.
 GGUF's block formats map onto this without changing a value (``from_gguf``: Q4_0, Q4_1 and
 Q4_K as 4 bits, group 32; Q8_0, Q5_0, Q5_1 and Q5_K as 8 bits, group 32; Q6_K as 8 bits,

@@ -1,12 +1,12 @@
-"""The CPU kernels' shared library: built once per machine from ``qmm.cpp`` (against this
-torch), kept in ``$ZEROSTART_KERNELS_DIR/<key>/`` (default ``~/.cache/zerostart/kernels``,
+"""The CPU kernels' shared library: built once per machine from ``qmm.cpp`` and ``step.cpp``
+(against this torch), kept in ``$ZEROSTART_KERNELS_DIR/<key>/`` (default ``~/.cache/zerostart/kernels``,
 shared by every ``ZEROSTART_CACHE_DIR``: it is a build of this code, not a model's data), and
-loaded into ``torch.ops.zerostart_quant``.
+loaded into ``torch.ops.zerostart_kernels``.
 
 Building takes ~30 s (a C++ compiler and torch's headers); loading a built one takes
 milliseconds, so a server's cold start never builds: ``make setup`` (or ``python -m
-zerostart.engine._quant``) builds ahead, and a process that finds no library and no compiler
-runs the portable torch path instead (``_quant.kernel``).
+zerostart.engine._kernels``) builds ahead, and a process that finds no library and no compiler
+runs the portable torch path instead (``_kernels.kernel``).
 """
 
 from __future__ import annotations
@@ -23,17 +23,19 @@ import threading
 import torch
 
 log = logging.getLogger("zerostart.engine")
-NAME = "zerostart_quant"
-SOURCE = os.path.join(os.path.dirname(__file__), "qmm.cpp")
+NAME = "zerostart_kernels"
+SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("qmm.cpp", "step.cpp")]
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 _why_not = ""
 
 
 def key() -> str:
-    """What the library depends on: its source, torch's version, the interpreter."""
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+    """What the library depends on: its sources, torch's version, the interpreter."""
+    src = b""
+    for source in SOURCES:
+        with open(source, "rb") as f:
+            src += f.read()
     return hashlib.sha256(src + f"\n{torch.__version__}\n{sys.version_info[:2]}".encode()).hexdigest()[:20]
 
 
@@ -45,7 +47,7 @@ def library_path() -> str:
 
 def load(build: bool = False) -> bool:
     """Load the library (building it first if ``build`` and it is missing). True if its ops
-    are in ``torch.ops.zerostart_quant``; else :func:`why_not` says why."""
+    are in ``torch.ops.zerostart_kernels``; else :func:`why_not` says why."""
     global _loaded, _why_not
     if _loaded:  # every matmul asks: no lock once loaded
         return True
@@ -57,14 +59,14 @@ def load(build: bool = False) -> bool:
         path = library_path()
         if not os.path.isfile(path):
             if not build:
-                _loaded, _why_not = False, f"the quantized kernels are not built ({path} is missing; run `make setup`)"
+                _loaded, _why_not = False, f"the CPU kernels are not built ({path} is missing; run `make setup`)"
                 return False
             try:
                 if _build(path):  # built and loaded by this process
                     _loaded = True
                     return True
             except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler, no headers, a failed build
-                _loaded, _why_not = False, f"building the quantized kernels failed ({type(e).__name__}: {str(e)[-400:]})"
+                _loaded, _why_not = False, f"building the CPU kernels failed ({type(e).__name__}: {str(e)[-400:]})"
                 log.warning("%s; the portable torch path runs instead", _why_not)
                 return False
         try:
@@ -92,10 +94,10 @@ def _build(path: str) -> bool:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isfile(path):
             return False
-        log.warning("building the quantized CPU kernels once for this machine (~30 s) into %s", d)
+        log.warning("building the CPU kernels once for this machine (~30 s) into %s", d)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=d)
         try:
-            cpp_extension.load(name=NAME, sources=[SOURCE], extra_cflags=["-O3"], build_directory=tmp,
+            cpp_extension.load(name=NAME, sources=SOURCES, extra_cflags=["-O3"], build_directory=tmp,
                                is_python_module=False, verbose=False)
             os.replace(os.path.join(tmp, f"{NAME}.so"), path)
             return True

@@ -529,7 +529,7 @@ bool vnni() { return has_vnni(); }
 
 }  // namespace
 
-TORCH_LIBRARY(zerostart_quant, m) {
+TORCH_LIBRARY(zerostart_kernels, m) {
   m.def("qmm(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group) -> Tensor");
   m.def("dequant(Tensor qweight, Tensor scales, Tensor? mins, int bits, int group) -> Tensor");
   m.def("avx512() -> bool");
@@ -539,7 +539,7 @@ TORCH_LIBRARY(zerostart_quant, m) {
   m.def("untile(Tensor qtiles, Tensor stiles, Tensor? mtiles, int bits, int group) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(zerostart_quant, CPU, m) {
+TORCH_LIBRARY_IMPL(zerostart_kernels, CPU, m) {
   m.impl("qmm", &qmm);
   m.impl("dequant", &dequant);
   m.impl("tile", &tile);
@@ -547,7 +547,7 @@ TORCH_LIBRARY_IMPL(zerostart_quant, CPU, m) {
   m.impl("untile", &untile);
 }
 
-TORCH_LIBRARY_IMPL(zerostart_quant, CatchAll, m) {
+TORCH_LIBRARY_IMPL(zerostart_kernels, CatchAll, m) {
   m.impl("avx512", &avx512);
   m.impl("vnni", &vnni);
 }

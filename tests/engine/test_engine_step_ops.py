@@ -1,0 +1,158 @@
+"""The step's fused CPU ops (``_kernels.step_ops``) against the torch reference the model runs
+without them: float32 to float sums' order, bfloat16 to its rounding; strided views as the
+model passes them (q, k, v split from one projection), gathered and dense decode rows, sliding
+windows, grouped heads, head sizes off the vector width."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zerostart.engine import Engine, EngineConfig, SamplingParams
+from zerostart.engine._kernels import _build, step_ops
+from zerostart.engine._model import RMSNorm, _rotate
+from zerostart.engine._runner import ModelRunner
+
+DTYPES = [torch.float32, torch.bfloat16]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert _build.load(build=True), _build.why_not()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    if want.dtype == torch.bfloat16:  # one rounding apart at most
+        torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(dtype):
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(96, 1e-6)
+    norm.weight.data = (torch.rand(96, generator=g) + 0.5).to(dtype)
+    wide = torch.randn(5, 200, generator=g).to(dtype)
+    x = wide[:, 10:106]  # a strided view, as a split projection's output is
+    r = torch.randn(5, 96, generator=g).to(dtype)
+    want_h = x + r
+    y, h = step_ops.add_rms_norm(x, r, norm.weight, norm.eps)
+    assert torch.equal(h, want_h)
+    _close(y, norm(want_h))
+    y0, same = step_ops.add_rms_norm(x, None, norm.weight, norm.eps)
+    _close(y0, norm(x))
+    assert same.data_ptr() == x.data_ptr()  # no residual: x itself is the stream
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 24])
+def test_rope_write_rotates_in_place_and_writes_decode_rows(dtype, D):
+    g = torch.Generator().manual_seed(1)
+    T, H, KH, P, slots = 5, 6, 2, 40, 4
+    qkv = torch.randn(T, (H + 2 * KH) * D, generator=g).to(dtype)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KH * D, KH * D], dim=-1))
+    cos = torch.randn(P, D, generator=g).to(dtype)
+    sin = torch.randn(P, D, generator=g).to(dtype)
+    pos = torch.tensor([3, 17, 0, 5, 6])
+    rows_cos, rows_sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    want_q, want_k, want_v = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin), v.clone()
+    kc = torch.zeros(slots, KH, P, D, dtype=dtype)
+    vc = torch.zeros(slots, KH, P, D, dtype=dtype)
+    kv_slots, kv_pos = torch.tensor([2, 0]), torch.tensor([3, 17])  # two decode rows; the rest prefill
+    step_ops.rope_write_(q, k, v, cos, sin, pos, kc, vc, kv_slots, kv_pos)
+    _close(q, want_q)
+    _close(k, want_k)
+    for row, (s, p) in enumerate([(2, 3), (0, 17)]):
+        assert torch.equal(kc[s, :, p], k[row]) and torch.equal(vc[s, :, p], want_v[row])
+    assert int((kc != 0).any(-1).sum()) == 2 * KH  # nothing else written
+    with pytest.raises(RuntimeError, match="out of the cache"):
+        step_ops.rope_write_(q, k, v, cos, sin, pos, kc, vc, torch.tensor([slots, 0]), kv_pos)
+
+
+def _sdpa_decode(q, kc, vc, slots, lens, window, scale):
+    """The model's torch path: masks, the group's query heads as rows of their KV head."""
+    nd, H, D = q.shape
+    KH = kc.shape[1]
+    L = int(lens.max())
+    kd, vd = kc[:, :, :L].index_select(0, slots), vc[:, :, :L].index_select(0, slots)
+    keys = torch.arange(L)[None, :]
+    m = keys < lens[:, None]
+    if window is not None:
+        m = m & (keys >= lens[:, None] - window)
+    o = F.scaled_dot_product_attention(q.view(nd, KH, H // KH, D), kd, vd, attn_mask=m[:, None, None, :], scale=scale)
+    return o.reshape(nd, H * D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,window", [(64, None), (64, 5), (24, None), (24, 3)])
+def test_decode_attention(dtype, D, window):
+    g = torch.Generator().manual_seed(2)
+    H, KH, S, P = 6, 2, 5, 33
+    kc = torch.randn(S, KH, P, D, generator=g).to(dtype)
+    vc = torch.randn(S, KH, P, D, generator=g).to(dtype)
+    q = torch.randn(3, H + 1, D, generator=g).to(dtype)[:, :H]  # strided rows
+    lens = torch.tensor([1, 20, 33])
+    scale = D ** -0.5
+    gathered = torch.tensor([4, 0, 2])
+    got = step_ops.decode_attention(q, kc, vc, gathered, lens, window or -1, scale)
+    _close(got, _sdpa_decode(q, kc, vc, gathered, lens, window, scale))
+    dense = step_ops.decode_attention(q, kc, vc, None, lens, window or -1, scale)  # row i reads slot i
+    _close(dense, _sdpa_decode(q, kc, vc, torch.arange(3), lens, window, scale))
+    with pytest.raises(RuntimeError, match="out of the cache"):
+        step_ops.decode_attention(q, kc, vc, None, torch.tensor([1, 20, P + 1]), -1, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    g = torch.Generator().manual_seed(3)
+    gu = (torch.randn(4, 2 * 100, generator=g) * 6).to(dtype)  # 100: a tail past the vector width
+    gu[0, :3] = torch.tensor([-200.0, 90.0, 0.0]).to(dtype)  # exp's clamps
+    gate, up = gu.split(100, dim=-1)
+    _close(step_ops.silu_mul(gate, up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("K", [576, 100])  # 100: the portable loop
+@pytest.mark.parametrize("M", [1, 3, 4])
+def test_mv_bf16(M, K):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(70, K, generator=g).bfloat16()
+    b = torch.randn(70, generator=g).bfloat16()
+    want = (x.float() @ w.float().T + b.float()).bfloat16()  # float sums, rounded once
+    torch.testing.assert_close(step_ops.mv_bf16(x, w, b).float(), want.float(), rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(step_ops.mv_bf16(x, w, None).float(), F.linear(x, w).float(), rtol=1.6e-2, atol=1e-2)
+
+
+def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):
+    """Greedy tokens with the fused ops equal the torch reference's: three sequences decoding
+    together while a long prompt prefills in chunks beside them."""
+    engine = Engine.from_pretrained(tiny_dir, dtype="float32",
+                                    config=EngineConfig(max_model_len=256, max_num_seqs=4, prefill_chunk=16))
+    assert engine.model.kernels  # the CPU with the kernels built: the default
+    prompts = [[1, 2, 3], list(range(5, 40)), [7] * 9, [(i * 7) % 500 + 5 for i in range(100)]]
+
+    def run() -> list[list[int]]:
+        handles = [engine.submit(p, GREEDY) for p in prompts]
+        while not all(h.finished for h in handles):
+            engine.step()
+        return [[ev.token_id for ev in iter(lambda h=h: h.get(0), None)] for h in handles]
+
+    fused = run()
+    engine.model.use_kernels(False)
+    assert run() == fused
+    assert all(len(t) == GREEDY.max_tokens for t in fused)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports
+def test_compile_runs_torch_ops(tiny_engine):
+    runner = ModelRunner(tiny_engine.model, tiny_engine.kv, torch.device("cpu"),
+                         dataclasses.replace(tiny_engine.config, compile=True))
+    try:
+        assert not runner.model.kernels  # torch.compile traces the torch ops, not the library's
+    finally:
+        tiny_engine.model.use_kernels(True)
