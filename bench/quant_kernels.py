@@ -10,10 +10,12 @@ held before), PyTorch's own weight-only ops (``_weight_int4pack_mm_for_cpu``, gr
 int8 linear (per channel, activations quantized), and zerostart's kernels over the GGUF values
 (group scales): ``qmm_tiles`` (tiled rows, activations rounded to int8 per group, VNNI),
 ``qmm`` (row layout, dequantized in registers, float activations), and ``untile`` + a bfloat16
-``F.linear`` (prefill). torchao 0.18's x86 wheel ships no CPU kernels (its
+``F.linear`` (prefill); and for bfloat16 weights (an F16/BF16 file) ``mv_bf16``, the engine's
+matrix-vector beside torch's bfloat16 ``F.linear``. torchao 0.18's x86 wheel ships no CPU kernels (its
 CPU paths call these same PyTorch ops), so it is not a separate candidate. Prints each
 candidate's step time, and for the b1 step the fraction of the one-thread read bandwidth
-measured in the same run with as many threads (bytes of the held weights / time / bandwidth).
+measured in the same run with as many threads (bytes of the held weights / time / bandwidth):
+the quantized bytes for the quantized kernels, two bytes a weight for the bfloat16 ones.
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ def candidates(rows: int) -> dict[str, list]:
     mats = [(N, K, 4) for _ in range(LAYERS) for N, K in SHAPES.values()] + [(HEAD[0], HEAD[1], 8)]
     ops = torch.ops.zerostart_kernels
     for name in ("float32", "bfloat16", "torch int4pack (bf16)", "torch int8pack per-channel (bf16)",
-                 "fbgemm dynamic int8 per-channel", "zerostart qmm_tiles", "zerostart qmm", "zerostart untile + F.linear bf16"):
+                 "fbgemm dynamic int8 per-channel", "zerostart qmm_tiles", "zerostart qmm", "zerostart untile + F.linear bf16", "zerostart mv_bf16"):
         calls: list[Callable[[], Any]] = []
         xs = {K: torch.randn(rows, K) for K in {k for _, k, _ in mats}}
         for N, K, bits in mats:
             x = xs[K]
-            if name in ("float32", "bfloat16"):
+            if name == "zerostart mv_bf16":
+                calls.append(partial(ops.mv_bf16, x.bfloat16(), torch.randn(N, K).bfloat16(), None))
+            elif name in ("float32", "bfloat16"):
                 dt = torch.float32 if name == "float32" else torch.bfloat16
                 calls.append(partial(F.linear, x.to(dt), torch.randn(N, K).to(dt)))
             elif name.startswith("torch int4pack"):
@@ -128,9 +132,10 @@ def main() -> int:
         return 1
     torch.set_num_threads(1)
     held = sum(N * K // 2 + N * K // 32 * 4 for N, K in SHAPES.values()) * LAYERS + HEAD[0] * HEAD[1] * (1 + 2 / 32)
+    held_bf16 = 2 * (sum(N * K for N, K in SHAPES.values()) * LAYERS + HEAD[0] * HEAD[1])
     result: dict[str, Any] = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
               "kernel": kernel, "loadavg_start": os.getloadavg()[0],
-              "held_bytes_b1": held, "read_gbps": {}, "runs": []}
+              "held_bytes_b1": held, "held_bytes_bf16": held_bf16, "read_gbps": {}, "runs": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         gbps = result["read_gbps"][threads] = read_bandwidth()
@@ -149,6 +154,8 @@ def main() -> int:
                        "ms": [round(t * 1e3, 3) for t in ts]}
                 if rows == 1 and n.startswith("zerostart qmm"):
                     row["fraction_of_read_bandwidth"] = round(held / med / 1e9 / gbps, 3)
+                elif rows == 1 and n in ("bfloat16", "zerostart mv_bf16"):
+                    row["fraction_of_read_bandwidth"] = round(held_bf16 / med / 1e9 / gbps, 3)
                 result["runs"].append(row)
                 extra = f"  ({row['fraction_of_read_bandwidth']:.0%} of the read bandwidth)" if "fraction_of_read_bandwidth" in row else ""
                 print(f"threads={threads} rows={rows:>3}  {n:36s} {med * 1e3:8.2f} ms{extra}", flush=True)

@@ -1,4 +1,4 @@
-"""The step's fused CPU ops (``_kernels.step_ops``) against the torch reference the model runs
+"""The step's fused CPU ops (``_kernels.ops``) against the torch reference the model runs
 without them: float32 to float sums' order, bfloat16 to its rounding; strided views as the
 model passes them (q, k, v split from one projection), gathered and dense decode rows, sliding
 windows, grouped heads, head sizes off the vector width."""
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from zerostart.engine import Engine, EngineConfig, SamplingParams
-from zerostart.engine._kernels import _build, step_ops
+from zerostart.engine._kernels import _build, ops
 from zerostart.engine._model import RMSNorm, _rotate
 from zerostart.engine._runner import ModelRunner
 
@@ -41,10 +41,10 @@ def test_add_rms_norm(dtype):
     x = wide[:, 10:106]  # a strided view, as a split projection's output is
     r = torch.randn(5, 96, generator=g).to(dtype)
     want_h = x + r
-    y, h = step_ops.add_rms_norm(x, r, norm.weight, norm.eps)
+    y, h = ops.add_rms_norm(x, r, norm.weight, norm.eps)
     assert torch.equal(h, want_h)
     _close(y, norm(want_h))
-    y0, same = step_ops.add_rms_norm(x, None, norm.weight, norm.eps)
+    y0, same = ops.add_rms_norm(x, None, norm.weight, norm.eps)
     _close(y0, norm(x))
     assert same.data_ptr() == x.data_ptr()  # no residual: x itself is the stream
 
@@ -64,14 +64,14 @@ def test_rope_write_rotates_in_place_and_writes_decode_rows(dtype, D):
     kc = torch.zeros(slots, KH, P, D, dtype=dtype)
     vc = torch.zeros(slots, KH, P, D, dtype=dtype)
     kv_slots, kv_pos = torch.tensor([2, 0]), torch.tensor([3, 17])  # two decode rows; the rest prefill
-    step_ops.rope_write_(q, k, v, cos, sin, pos, kc, vc, kv_slots, kv_pos)
+    ops.rope_write_(q, k, v, cos, sin, pos, kc, vc, kv_slots, kv_pos)
     _close(q, want_q)
     _close(k, want_k)
     for row, (s, p) in enumerate([(2, 3), (0, 17)]):
         assert torch.equal(kc[s, :, p], k[row]) and torch.equal(vc[s, :, p], want_v[row])
     assert int((kc != 0).any(-1).sum()) == 2 * KH  # nothing else written
     with pytest.raises(RuntimeError, match="out of the cache"):
-        step_ops.rope_write_(q, k, v, cos, sin, pos, kc, vc, torch.tensor([slots, 0]), kv_pos)
+        ops.rope_write_(q, k, v, cos, sin, pos, kc, vc, torch.tensor([slots, 0]), kv_pos)
 
 
 def _sdpa_decode(q, kc, vc, slots, lens, window, scale):
@@ -99,12 +99,12 @@ def test_decode_attention(dtype, D, window):
     lens = torch.tensor([1, 20, 33])
     scale = D ** -0.5
     gathered = torch.tensor([4, 0, 2])
-    got = step_ops.decode_attention(q, kc, vc, gathered, lens, window or -1, scale)
+    got = ops.decode_attention(q, kc, vc, gathered, lens, window or -1, scale)
     _close(got, _sdpa_decode(q, kc, vc, gathered, lens, window, scale))
-    dense = step_ops.decode_attention(q, kc, vc, None, lens, window or -1, scale)  # row i reads slot i
+    dense = ops.decode_attention(q, kc, vc, None, lens, window or -1, scale)  # row i reads slot i
     _close(dense, _sdpa_decode(q, kc, vc, torch.arange(3), lens, window, scale))
     with pytest.raises(RuntimeError, match="out of the cache"):
-        step_ops.decode_attention(q, kc, vc, None, torch.tensor([1, 20, P + 1]), -1, scale)
+        ops.decode_attention(q, kc, vc, None, torch.tensor([1, 20, P + 1]), -1, scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,7 +113,7 @@ def test_silu_mul(dtype):
     gu = (torch.randn(4, 2 * 100, generator=g) * 6).to(dtype)  # 100: a tail past the vector width
     gu[0, :3] = torch.tensor([-200.0, 90.0, 0.0]).to(dtype)  # exp's clamps
     gate, up = gu.split(100, dim=-1)
-    _close(step_ops.silu_mul(gate, up), F.silu(gate) * up)
+    _close(ops.silu_mul(gate, up), F.silu(gate) * up)
 
 
 @pytest.mark.parametrize("K", [576, 100])  # 100: the portable loop
@@ -124,8 +124,8 @@ def test_mv_bf16(M, K):
     w = torch.randn(70, K, generator=g).bfloat16()
     b = torch.randn(70, generator=g).bfloat16()
     want = (x.float() @ w.float().T + b.float()).bfloat16()  # float sums, rounded once
-    torch.testing.assert_close(step_ops.mv_bf16(x, w, b).float(), want.float(), rtol=8e-3, atol=1e-3)
-    torch.testing.assert_close(step_ops.mv_bf16(x, w, None).float(), F.linear(x, w).float(), rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(ops.mv_bf16(x, w, b).float(), want.float(), rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(ops.mv_bf16(x, w, None).float(), F.linear(x, w).float(), rtol=1.6e-2, atol=1e-2)
 
 
 def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):

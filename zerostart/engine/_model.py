@@ -5,7 +5,7 @@ memory is initialized twice. Rows are a flat batch of tokens ([T, hidden]); atte
 writes the preallocated KV cache as described by a :class:`StepContext`.
 
 With ``kernels`` (set by :meth:`Transformer.use_kernels`: the CPU with the engine's kernels built)
-the work between the matmuls runs as the kernels' fused ops (``_kernels.step_ops``): residual add +
+the work between the matmuls runs as the kernels' fused ops (``_kernels.ops``): residual add +
 norm, rotary + KV write, decode attention over the cache without masks, SiLU-and-multiply. The
 torch ops beside them are the reference they are tested against.
 """
@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels and x.dim() == 2:
-            return _kernels.step_ops.add_rms_norm(x, None, self.weight, self.eps)[0]
+            return _kernels.ops.add_rms_norm(x, None, self.weight, self.eps)[0]
         # statistics in float32 as the reference computes them; no casts when x is float32
         h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): a residual connection and the norm after it."""
         if self.kernels:
-            return _kernels.step_ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return _kernels.ops.add_rms_norm(x, residual, self.weight, self.eps)
         h = x + residual
         return self(h), h
 
@@ -85,17 +85,20 @@ class Proj(nn.Module):
     bias: torch.Tensor
 
     def _parts(self, i: str, fmt: QFormat) -> list[torch.Tensor]:
-        return [getattr(self, kind + i) for kind in fmt.kinds]
+        return [self._buffers[kind + i] for kind in fmt.kinds]  # type: ignore[misc]  # registered in __init__
 
     kernels = False
 
     def _matmul(self, x: torch.Tensor, i: str, fmt: QFormat | None) -> torch.Tensor:
-        bias = getattr(self, "bias" + i) if self.has_bias else None
+        # the module's dicts read directly: nn.Module's __getattr__ costs a microsecond a call,
+        # and a decode step of a small model makes thousands of them
+        bias = self._parameters["bias" + i] if self.has_bias else None
         if fmt is not None:
             return _kernels.linear(x, self._parts(i, fmt), fmt, bias)
-        w = getattr(self, "weight" + i)
+        w = self._parameters["weight" + i]
+        assert w is not None  # registered in __init__
         if self.kernels and x.shape[0] <= _kernels.MV_ROWS and x.dtype == torch.bfloat16:
-            return _kernels.step_ops.mv_bf16(x, w, bias)
+            return _kernels.ops.mv_bf16(x, w, bias)
         return F.linear(x, w, bias)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -158,7 +161,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.kernels:  # rotated in place, decode rows written into the cache
-            _kernels.step_ops.rope_write_(q, k, v, rope.cos, rope.sin, ctx.positions, k_cache, v_cache,
+            _kernels.ops.rope_write_(q, k, v, rope.cos, rope.sin, ctx.positions, k_cache, v_cache,
                                         ctx.kv_slots, ctx.kv_pos)
             _write_kv(ctx, k, v, k_cache, v_cache, decode=False)
         else:
@@ -175,7 +178,7 @@ class Attention(nn.Module):
         nd, group = ctx.num_decode, self.num_heads // self.num_kv_heads
         if self.kernels:
             assert ctx.decode_lens is not None  # set with num_decode
-            return _kernels.step_ops.decode_attention(q[:nd], k_cache, v_cache, ctx.decode_slots, ctx.decode_lens,
+            return _kernels.ops.decode_attention(q[:nd], k_cache, v_cache, ctx.decode_slots, ctx.decode_lens,
                                                     self.window or -1, self.scale)
         qd = (q if nd == q.shape[0] else q[:nd]).view(nd, self.num_kv_heads, group, self.head_dim)
         if ctx.decode_slots is None:  # rows are slots [0, nd): a view
@@ -227,7 +230,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
         if self.kernels:
-            return self.down(_kernels.step_ops.silu_mul(gate, up))[0]
+            return self.down(_kernels.ops.silu_mul(gate, up))[0]
         return self.down(F.silu(gate) * up)[0]
 
 
@@ -296,7 +299,7 @@ class Transformer(nn.Module):
         return (self.embed if self.lm_head is None else self.lm_head)(h)[0].float()
 
     def use_kernels(self, on: bool) -> None:
-        """Run the fused step ops (``_kernels.step_ops``) or the torch reference."""
+        """Run the fused step ops (``_kernels.ops``) or the torch reference."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, MLP, Proj)):
                 m.kernels = on

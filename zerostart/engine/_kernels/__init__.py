@@ -11,9 +11,9 @@ The kernel follows the batch and the CPU (measured in ``bench/quant_kernels.py``
 | <= DECODE_ROWS (decode) | ``qmm_tiles``: x to int8 per group, VNNI integer dot products (AVX-512 VNNI; a portable loop elsewhere) | ``qmm``: dequantized in registers (float) | dequantize, ``F.linear`` |
 | more (prefill) | ``qmm_tiles`` (ahead of untiling + a bfloat16 or float32 BLAS matmul at 64 to 512 rows) | ``dequant``, then ``F.linear`` | dequantize, ``F.linear`` |
 
-The step's other work (norms, rotary and the KV write, decode attention, SiLU-and-multiply) has
-fused CPU ops in the same library, ``step_ops`` (``step.cpp``), which a model runs where
-:func:`fused` says so.
+The step's other work (norms, rotary and the KV write, decode attention, SiLU-and-multiply, and a
+bfloat16 matrix-vector for up to ``MV_ROWS`` rows) has fused CPU ops in the same library
+(``step.cpp``), which a model runs where :func:`fused` says so. ``ops`` is the library's ops.
 
 On CPU the engine tiles every quantized matrix of 16k rows as it prepares a model
 (:func:`tile_matrices`), in place: the same bytes, in the order the decode kernel reads them.
@@ -35,9 +35,9 @@ DECODE_ROWS = 32
 # torch's matmul (bench/quant_kernels.py --bf16: mv_bf16 ahead at 1-4 rows, behind from 8)
 MV_ROWS = 4
 
-__all__ = ["DECODE_ROWS", "MV_ROWS", "fused", "kernel", "linear", "prepare", "quant_kernels", "rows", "step_ops", "tile_matrices"]
+__all__ = ["DECODE_ROWS", "MV_ROWS", "fused", "kernel", "linear", "ops", "prepare", "quant_kernels", "rows", "tile_matrices"]
 
-step_ops = torch.ops.zerostart_kernels  # the library's ops, resolved when first called (after load)
+ops = torch.ops.zerostart_kernels  # the library's ops, resolved when first called (after load)
 
 
 def prepare(device: torch.device) -> str:
@@ -61,7 +61,6 @@ def kernel(device: torch.device) -> str:
         return "torch dequantize + matmul"
     if not _build.load():
         return f"torch dequantize + matmul ({_build.why_not()})"
-    ops = torch.ops.zerostart_kernels
     return "qmm_tiles avx512-vnni" if ops.vnni() else "qmm_tiles portable"
 
 
@@ -85,7 +84,7 @@ def tile_matrices(tensors: dict[str, torch.Tensor], formats: dict[str, QFormat])
         parts = [tensors[f"{prefix}.{k}"] for k in fmt.kinds]
         if any(p.device.type != "cpu" or not p.is_contiguous() for p in parts):
             continue
-        tiled = torch.ops.zerostart_kernels.tile(parts[0], parts[1], parts[2] if fmt.mins else None, fmt.bits, fmt.group)
+        tiled = ops.tile(parts[0], parts[1], parts[2] if fmt.mins else None, fmt.bits, fmt.group)
         for old, new, kind in zip(parts, tiled, fmt.tiles().kinds):
             flat = old.view(-1).view(torch.uint8)
             flat.copy_(new.reshape(-1).view(torch.uint8))
@@ -100,12 +99,12 @@ def linear(x: torch.Tensor, parts: list[torch.Tensor], fmt: QFormat, bias: torch
     """x [M, K] @ W^T [K, N] (+ bias), in x's dtype. ``parts``: the tensors ``fmt.kinds`` name."""
     q, s, m = parts[0], parts[1], parts[2] if fmt.mins else None
     if x.device.type == "cpu" and _build.load():
-        ops = torch.ops.zerostart_kernels
         if fmt.tiled or x.shape[0] <= DECODE_ROWS:
-            y = (ops.qmm_tiles if fmt.tiled else ops.qmm)(x.float(), q, s, m, fmt.bits, fmt.group)
+            xf = x if x.dtype == torch.float32 else x.float()
+            y = (ops.qmm_tiles if fmt.tiled else ops.qmm)(xf, q, s, m, fmt.bits, fmt.group)
             if bias is not None:
                 y = y + bias
-            return y.to(x.dtype)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         return F.linear(x, ops.dequant(q, s, m, fmt.bits, fmt.group).to(x.dtype), bias)
     return F.linear(x, dequantize(q, s, m, x.dtype, fmt.tiled), bias)
 
