@@ -1,0 +1,94 @@
+"""The engine's fused step ops against the torch ops they replace, in one process.
+
+    python bench/step_ops.py [MODEL ...] [--quantize auto,none] [--tokens 64] [--rounds 5] [--json OUT]
+
+For each model and ``quantize`` setting: batch-1 greedy decode of ``--tokens`` tokens through
+``Engine.generate``, with the kernels' fused ops (``Transformer.use_kernels(True)``, the
+default on a CPU with the kernels built) and without (the torch reference), alternating round by
+round; the median tokens/s of each, and the op calls a token makes (torch.profiler, nested
+calls included). MODEL defaults to SmolLM2-135M-Instruct's Q4_1 GGUF file (``quantize: auto``
+holds it as its quants, ``none`` as floats: bfloat16 where the CPU computes it natively).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from zerostart.engine import Engine, EngineConfig, SamplingParams, quant_kernels  # noqa: E402
+from zerostart.engine.demo import smollm2_gguf  # noqa: E402
+
+PROMPT = "The capital of France is a city that"
+
+
+def op_calls(engine: Engine, ids: list[int], tokens: int) -> int:
+    from torch.profiler import ProfilerActivity, profile  # the profiler only here
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        list(engine.generate(ids, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)))
+    return sum(e.count for e in prof.key_averages()) // tokens
+
+
+def one_model(path: str, quantize: str, tokens: int, rounds: int) -> list[dict[str, Any]]:
+    engine = Engine.from_pretrained(path, config=EngineConfig(max_model_len=2048, threads=1, quantize=quantize))
+    ids = engine.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    for on in (True, False):  # first calls
+        engine.model.use_kernels(on)
+        list(engine.generate(ids, SamplingParams(max_tokens=4, temperature=0.0)))
+    for _ in range(rounds):
+        for on in (True, False):
+            engine.model.use_kernels(on)
+            t = time.perf_counter()
+            n = sum(1 for _ in engine.generate(ids, params))
+            runs[on].append(n / (time.perf_counter() - t))
+    out = []
+    for on in (False, True):
+        engine.model.use_kernels(on)
+        out.append({"model": os.path.basename(path), "quantize": quantize, "dtype": str(engine.dtype).removeprefix("torch."),
+                    "ops": "fused" if on else "torch", "decode_b1_tok_s": round(statistics.median(runs[on]), 1),
+                    "runs": [round(r, 1) for r in runs[on]], "op_calls_per_token": op_calls(engine, ids, 16)})
+    engine.stop()
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="*")
+    p.add_argument("--quantize", default="auto,none")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"torch": torch.__version__, "kernels": quant_kernels(build=True),
+                              "loadavg_start": os.getloadavg()[0], "rows": []}
+    print("| model | quantize | dtype | ops | decode b1 tok/s | op calls per token |")
+    print("| --- | --- | --- | --- | ---: | ---: |")
+    for path in args.models or [smollm2_gguf()]:
+        for quantize in args.quantize.split(","):
+            rows = one_model(path, quantize, args.tokens, args.rounds)
+            for r in rows:
+                print(f"| {r['model']} | {r['quantize']} | {r['dtype']} | {r['ops']} | {r['decode_b1_tok_s']} "
+                      f"| {r['op_calls_per_token']:,} |", flush=True)
+            print(f"(fused / torch: {rows[1]['decode_b1_tok_s'] / rows[0]['decode_b1_tok_s']:.2f}x)")
+            result["rows"] += rows
+    result["loadavg_end"] = os.getloadavg()[0]
+    print(f"(load average {result['loadavg_start']:.1f} -> {result['loadavg_end']:.1f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
