@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zerostart.engine import EngineError, quant_kernels  # noqa: E402
+from zerostart.engine import EngineError, cpu_kernels, quant_kernels  # noqa: E402
 
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # [N, K] at 4 bits
@@ -49,7 +49,7 @@ def _q(N: int, K: int, bits: int):
 
 
 def _untile_linear(xb: torch.Tensor, qt: torch.Tensor, st: torch.Tensor, mt: torch.Tensor | None, bits: int) -> torch.Tensor:
-    return F.linear(xb, torch.ops.zerostart_kernels.untile(qt, st, mt, bits, 32).bfloat16())
+    return F.linear(xb, cpu_kernels().untile(qt, st, mt, bits, 32).bfloat16())
 
 
 def candidates(rows: int) -> dict[str, list]:
@@ -57,7 +57,7 @@ def candidates(rows: int) -> dict[str, list]:
     step streams every byte from memory as the model does), then the head."""
     out: dict[str, list] = {}
     mats = [(N, K, 4) for _ in range(LAYERS) for N, K in SHAPES.values()] + [(HEAD[0], HEAD[1], 8)]
-    ops = torch.ops.zerostart_kernels
+    ops = cpu_kernels()
     for name in ("float32", "bfloat16", "torch int4pack (bf16)", "torch int8pack per-channel (bf16)",
                  "fbgemm dynamic int8 per-channel", "zerostart qmm_tiles", "zerostart qmm", "zerostart untile + F.linear bf16", "zerostart mv_bf16"):
         calls: list[Callable[[], Any]] = []

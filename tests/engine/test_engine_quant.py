@@ -53,7 +53,7 @@ def _parts(qw, sc, mn):
 
 def _tiled(qw, sc, mn):
     fmt = _fmt(qw, sc, mn)
-    return list(torch.ops.zerostart_kernels.tile(qw, sc, mn, fmt.bits, fmt.group)), fmt.tiles()
+    return list(_kernels.ops.tile(qw, sc, mn, fmt.bits, fmt.group)), fmt.tiles()
 
 
 def _int8_rows(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_linear_is_the_float_reference(kernels, bits, group, sdt, mins, rows):
     assert got.dtype == torch.float32 and got.shape == ref.shape
     assert (got.double() - ref).abs().max().item() <= KERNEL_RTOL * ref.abs().max().item()
     # the kernel's own unpacking is the reference's
-    unpacked = torch.ops.zerostart_kernels.dequant(qw, sc, mn, bits, group)
+    unpacked = _kernels.ops.dequant(qw, sc, mn, bits, group)
     torch.testing.assert_close(unpacked, w.float(), rtol=1e-6, atol=1e-7)
 
 
@@ -100,7 +100,7 @@ def test_tiled_linear_is_the_reference_on_int8_activations(kernels, bits, group,
     ref = F.linear(_int8_rows(x, group), w)
     assert (got - ref).abs().max().item() <= KERNEL_RTOL * ref.abs().max().item()
     assert (got - exact).abs().max().item() <= 2e-2 * exact.abs().max().item()
-    untiled = torch.ops.zerostart_kernels.untile(*parts[:2], parts[2] if mins else None, bits, group)
+    untiled = _kernels.ops.untile(*parts[:2], parts[2] if mins else None, bits, group)
     torch.testing.assert_close(untiled, w.float(), rtol=1e-6, atol=1e-7)
     # an embedding lookup reads the tiles' rows
     ids = torch.tensor([0, 17, 5, qw.shape[0] - 1])
@@ -139,7 +139,7 @@ def test_the_portable_path_without_kernels_gives_the_same(kernels, monkeypatch):
 def test_the_kernel_refuses_mismatched_parts(kernels):
     qw, sc, mn = _random_q(4, 32, torch.float16, True)
     with pytest.raises(RuntimeError, match="qmm"):
-        torch.ops.zerostart_kernels.qmm(torch.randn(1, 128), qw, sc, mn, 4, 32)  # K of x is not the matrix's
+        _kernels.ops.qmm(torch.randn(1, 128), qw, sc, mn, 4, 32)  # K of x is not the matrix's
 
 
 @pytest.fixture(scope="module")

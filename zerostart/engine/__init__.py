@@ -22,11 +22,11 @@ from zerostart.engine._token_text import TokenText
 from zerostart.engine._toolcalls import PARSERS as TOOL_PARSERS, ToolCall, ToolParser, tool_parser
 
 _TORCH_NAMES = {"Engine": "_engine", "RequestHandle": "_sequence", "Tokenizer": "_tokenizer", "device_for": "_load",
-                "quant_kernels": "_kernels", "weights_dtype": "_load"}
+                "cpu_kernels": "_kernels", "quant_kernels": "_kernels", "weights_dtype": "_load"}
 
 __all__ = ["Constraint", "Engine", "EngineConfig", "EngineError", "PoolingParams", "RequestHandle", "SamplingParams",
            "TOOL_PARSERS", "TokenEvent", "TokenLogprob", "TokenText", "Tokenizer", "ToolCall", "ToolParser",
-           "available_cpus", "device_for", "quant_kernels", "render_chat", "tool_parser", "weights_dtype"]
+           "available_cpus", "cpu_kernels", "device_for", "quant_kernels", "render_chat", "tool_parser", "weights_dtype"]
 
 
 def __getattr__(name: str) -> Any:

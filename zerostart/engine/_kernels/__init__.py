@@ -21,6 +21,8 @@ On CPU the engine tiles every quantized matrix of 16k rows as it prepares a mode
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
@@ -35,9 +37,23 @@ DECODE_ROWS = 32
 # torch's matmul (bench/quant_kernels.py --bf16: mv_bf16 ahead at 1-4 rows, behind from 8)
 MV_ROWS = 4
 
-__all__ = ["DECODE_ROWS", "MV_ROWS", "fused", "kernel", "linear", "ops", "prepare", "quant_kernels", "rows", "tile_matrices"]
+__all__ = ["DECODE_ROWS", "MV_ROWS", "cpu_kernels", "fused", "kernel", "linear", "ops", "prepare", "quant_kernels", "rows", "tile_matrices"]
 
-ops = torch.ops.zerostart_kernels  # the library's ops, resolved when first called (after load)
+
+
+class _Ops:
+    """The library's functions (``qmm_tiles``, ``add_rms_norm``, ...), each looked up in the
+    loaded module on first use and kept as a plain attribute after."""
+
+    def __getattr__(self, name: str):
+        if not _build.load():
+            raise EngineError(_build.why_not())
+        fn = getattr(_build.module(), name)
+        setattr(self, name, fn)
+        return fn
+
+
+ops = _Ops()
 
 
 def prepare(device: torch.device) -> str:
@@ -50,9 +66,16 @@ def prepare(device: torch.device) -> str:
 def quant_kernels(build: bool = False) -> str:
     """The CPU kernels quantized layers run here (loaded; with ``build``, built first if
     missing: ~30 s once per machine), in words; an EngineError saying why there are none."""
+    cpu_kernels(build)
+    return kernel(torch.device("cpu"))
+
+
+def cpu_kernels(build: bool = False) -> ModuleType:
+    """The CPU kernels' module (``qmm_tiles``, ``add_rms_norm``, ...: what ``ops`` holds), for
+    benchmarks and tests; with ``build``, built first if missing; an EngineError saying why not."""
     if not _build.load(build=build):
         raise EngineError(_build.why_not())
-    return kernel(torch.device("cpu"))
+    return _build.module()
 
 
 def kernel(device: torch.device) -> str:

@@ -1,7 +1,7 @@
 """The CPU kernels' shared library: built once per machine from ``qmm.cpp`` and ``step.cpp``
 (against this torch), kept in ``$ZEROSTART_KERNELS_DIR/<key>/`` (default ``~/.cache/zerostart/kernels``,
 shared by every ``ZEROSTART_CACHE_DIR``: it is a build of this code, not a model's data), and
-loaded into ``torch.ops.zerostart_kernels``.
+imported as a Python extension module (:func:`module`).
 
 Building takes ~30 s (a C++ compiler and torch's headers); loading a built one takes
 milliseconds, so a server's cold start never builds: ``make setup`` (or ``python -m
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
 import sys
 import tempfile
 import threading
+from types import ModuleType
 
 import torch
 
@@ -27,6 +29,7 @@ NAME = "zerostart_kernels"
 SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("qmm.cpp", "step.cpp")]
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
+_module: ModuleType | None = None
 _why_not = ""
 
 
@@ -46,9 +49,9 @@ def library_path() -> str:
 
 
 def load(build: bool = False) -> bool:
-    """Load the library (building it first if ``build`` and it is missing). True if its ops
-    are in ``torch.ops.zerostart_kernels``; else :func:`why_not` says why."""
-    global _loaded, _why_not
+    """Load the library (building it first if ``build`` and it is missing). True if its
+    functions are in :func:`module`; else :func:`why_not` says why."""
+    global _loaded, _why_not, _module
     if _loaded:  # every matmul asks: no lock once loaded
         return True
     with _lock:
@@ -62,30 +65,40 @@ def load(build: bool = False) -> bool:
                 _loaded, _why_not = False, f"the CPU kernels are not built ({path} is missing; run `make setup`)"
                 return False
             try:
-                if _build(path):  # built and loaded by this process
-                    _loaded = True
+                built = _build(path)
+                if built is not None:  # built and imported by this process
+                    _loaded, _module = True, built
                     return True
             except (OSError, RuntimeError, ImportError, SystemExit) as e:  # no compiler, no headers, a failed build
                 _loaded, _why_not = False, f"building the CPU kernels failed ({type(e).__name__}: {str(e)[-400:]})"
                 log.warning("%s; the portable torch path runs instead", _why_not)
                 return False
         try:
-            torch.ops.load_library(path)
-        except OSError as e:
+            spec = importlib.util.spec_from_file_location(NAME, path)
+            assert spec is not None and spec.loader is not None  # a file path with an extension's suffix
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        except (OSError, ImportError) as e:
             _loaded, _why_not = False, f"loading {path} failed ({e})"
             return False
-        _loaded = True
+        _loaded, _module = True, mod
         return True
+
+
+def module() -> ModuleType:
+    """The loaded library (after a :func:`load` that returned True)."""
+    assert _module is not None, "the CPU kernels are not loaded"
+    return _module
 
 
 def why_not() -> str:
     return _why_not
 
 
-def _build(path: str) -> bool:
+def _build(path: str) -> ModuleType | None:
     """Compile into a temporary directory beside ``path`` and rename the library into place;
-    concurrent builders wait on a lock file and the later ones find it built. True if this
-    process built (and so already loaded) it."""
+    concurrent builders wait on a lock file and the later ones find it built. The module if
+    this process built (and so already imported) it."""
     from torch.utils import cpp_extension  # the compiler driver (setuptools): only when a build runs
 
     d = os.path.dirname(path)
@@ -93,13 +106,13 @@ def _build(path: str) -> bool:
     with open(os.path.join(d, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isfile(path):
-            return False
+            return None
         log.warning("building the CPU kernels once for this machine (~30 s) into %s", d)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=d)
         try:
-            cpp_extension.load(name=NAME, sources=SOURCES, extra_cflags=["-O3"], build_directory=tmp,
-                               is_python_module=False, verbose=False)
+            mod = cpp_extension.load(name=NAME, sources=SOURCES, extra_cflags=["-O3"], build_directory=tmp,
+                                     is_python_module=True, verbose=False)
             os.replace(os.path.join(tmp, f"{NAME}.so"), path)
-            return True
+            return mod
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

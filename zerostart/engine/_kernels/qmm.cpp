@@ -20,9 +20,9 @@
 //   stiles, mtiles: [N/16, 16 K/G], per tile and group the 16 rows' scales (mins)
 // Its matmul quantizes x per group of G to int8 (a scale per row and group, as llama.cpp does)
 // and sums products of integers: y = sum_g dx * (scale * sum(q * xq) + min * sum(xq)).
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
@@ -529,25 +529,14 @@ bool vnni() { return has_vnni(); }
 
 }  // namespace
 
-TORCH_LIBRARY(zerostart_kernels, m) {
-  m.def("qmm(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group) -> Tensor");
-  m.def("dequant(Tensor qweight, Tensor scales, Tensor? mins, int bits, int group) -> Tensor");
-  m.def("avx512() -> bool");
-  m.def("vnni() -> bool");
-  m.def("tile(Tensor qweight, Tensor scales, Tensor? mins, int bits, int group) -> Tensor[]");
-  m.def("qmm_tiles(Tensor x, Tensor qtiles, Tensor stiles, Tensor? mtiles, int bits, int group) -> Tensor");
-  m.def("untile(Tensor qtiles, Tensor stiles, Tensor? mtiles, int bits, int group) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(zerostart_kernels, CPU, m) {
-  m.impl("qmm", &qmm);
-  m.impl("dequant", &dequant);
-  m.impl("tile", &tile);
-  m.impl("qmm_tiles", &qmm_tiles);
-  m.impl("untile", &untile);
-}
-
-TORCH_LIBRARY_IMPL(zerostart_kernels, CatchAll, m) {
-  m.impl("avx512", &avx512);
-  m.impl("vnni", &vnni);
+// bound into the library's Python module with step.cpp's ops (step.cpp: PYBIND11_MODULE)
+void bind_qmm(pybind11::module_& m) {
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;  // the engine's thread runs these
+  m.def("qmm", &qmm, release());
+  m.def("dequant", &dequant, release());
+  m.def("tile", &tile, release());
+  m.def("qmm_tiles", &qmm_tiles, release());
+  m.def("untile", &untile, release());
+  m.def("avx512", &avx512);
+  m.def("vnni", &vnni);
 }

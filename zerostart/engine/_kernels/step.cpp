@@ -15,7 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
@@ -353,27 +353,31 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
 // ---- mv_bf16 -----------------------------------------------------------------------------
 
 // rows [n0, n1) of w, one at a time (one sequential stream: what the prefetchers follow best),
-// against MT rows of x (float): y[m, n] = x[m] . w[n]; two accumulators per row of x
-template <int MT>
+// against MT rows of x (float): y[m, n] = x[m] . w[n]; U accumulators per row of x, U x 16
+// weights a step (one row of x: 4, so 128 bytes of weights are in flight; more rows: 2)
+template <int MT, int U = (MT == 1 ? 4 : 2)>
 ZS_AVX512 void mv_tile(const float* x, int64_t K, const BFloat16* w, int64_t ws, float* y, int64_t N, int64_t n0,
                        int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const BFloat16* wr = w + n * ws;
-    __m512 acc[2][MT];
-    for (int m = 0; m < MT; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    __m512 acc[U][MT];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MT; ++m) acc[u][m] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-      const __m512 w0 = load16(wr + k), w1 = load16(wr + k + 16);
-      for (int m = 0; m < MT; ++m) {
-        acc[0][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[0][m]);
-        acc[1][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), acc[1][m]);
+    for (; k + 16 * U <= K; k += 16 * U)
+      for (int u = 0; u < U; ++u) {
+        const __m512 wv = load16(wr + k + 16 * u);
+        for (int m = 0; m < MT; ++m) acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[u][m]);
       }
+    for (; k < K; k += 16) {  // K % 16 == 0
+      const __m512 wv = load16(wr + k);
+      for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[0][m]);
     }
-    if (k < K) {  // K % 32 == 16
-      const __m512 w0 = load16(wr + k);
-      for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[0][m]);
+    for (int m = 0; m < MT; ++m) {
+      __m512 sum = acc[0][m];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
+      y[m * N + n] = _mm512_reduce_add_ps(sum);
     }
-    for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
   }
 }
 
@@ -411,27 +415,18 @@ Tensor mv_bf16(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bi
   return y;
 }
 
-bool step_fast() { return fast(); }
-
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(zerostart_kernels, m) {
-  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("rope_write_(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor cos, Tensor sin, Tensor positions, "
-        "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor? slots, Tensor? pos) -> ()");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? slots, Tensor lens, int window, "
-        "float scale) -> Tensor");
-  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
-  m.def("mv_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("step_avx512() -> bool");
-}
+void bind_qmm(pybind11::module_& m);  // qmm.cpp
 
-TORCH_LIBRARY_IMPL(zerostart_kernels, CPU, m) {
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("rope_write_", &rope_write_);
-  m.impl("decode_attention", &decode_attention);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("mv_bf16", &mv_bf16);
+// The library is a Python module: a call costs a quarter of a microsecond, against about five
+// through torch's dispatcher (a decode step of a small model makes a few hundred of them).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;  // the engine's thread runs these
+  bind_qmm(m);
+  m.def("add_rms_norm", &add_rms_norm, release());
+  m.def("rope_write_", &rope_write_, release());
+  m.def("decode_attention", &decode_attention, release());
+  m.def("silu_mul", &silu_mul, release());
+  m.def("mv_bf16", &mv_bf16, release());
 }
-
-TORCH_LIBRARY_IMPL(zerostart_kernels, CatchAll, m) { m.impl("step_avx512", &step_fast); }
