@@ -20,7 +20,7 @@ def test_public_names():
 
     assert sorted(eng.__all__) == ["Constraint", "Engine", "EngineConfig", "EngineError", "PoolingParams",
                                    "RequestHandle", "SamplingParams", "TOOL_PARSERS", "TokenEvent", "TokenLogprob", "TokenText",
-                                   "Tokenizer", "ToolCall", "ToolParser", "available_cpus", "device_for", "quant_kernels",
+                                   "Tokenizer", "ToolCall", "ToolParser", "available_cpus", "cpu_kernels", "device_for", "quant_kernels",
                                    "render_chat", "tool_parser", "weights_dtype"]
     for name in eng.__all__:
         assert getattr(eng, name) is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -125,8 +126,12 @@ def _watch(url: str, lines: int) -> list[str]:
     """The first ``lines`` lines of ``zerostart status --watch``, then Ctrl-C (which ends it
     with 0 and no traceback)."""
     env = {**child_env(), "ZEROSTART_API_KEYS": _ladder.API_KEY}
+    # Ctrl-C as a terminal delivers it, whatever the test runner's own SIGINT disposition (a
+    # runner started in the background of a non-interactive shell ignores SIGINT, and a child
+    # inherits that: Python would then never raise KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "zerostart", "status", "--url", url, "--watch", "--interval", "0.3",
-                             "--timeout", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--timeout", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None
         seen = [proc.stdout.readline() for _ in range(lines)]
