@@ -162,7 +162,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.kernels:  # rotated in place, decode rows written into the cache
             _kernels.ops.rope_write_(q, k, v, rope.cos, rope.sin, ctx.positions, k_cache, v_cache,
-                                        ctx.kv_slots, ctx.kv_pos)
+                                     ctx.kv_slots, ctx.kv_pos)
             _write_kv(ctx, k, v, k_cache, v_cache, decode=False)
         else:
             cos, sin = rope.rows(ctx.positions)
@@ -179,7 +179,7 @@ class Attention(nn.Module):
         if self.kernels:
             assert ctx.decode_lens is not None  # set with num_decode
             return _kernels.ops.decode_attention(q[:nd], k_cache, v_cache, ctx.decode_slots, ctx.decode_lens,
-                                                    self.window or -1, self.scale)
+                                                 self.window or -1, self.scale)
         qd = (q if nd == q.shape[0] else q[:nd]).view(nd, self.num_kv_heads, group, self.head_dim)
         if ctx.decode_slots is None:  # rows are slots [0, nd): a view
             kd = k_cache[:nd, :, : ctx.decode_len]
