@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -28,6 +28,8 @@ from zerostart.engine import Engine, EngineConfig, SamplingParams, quant_kernels
 from zerostart.engine.demo import smollm2_gguf  # noqa: E402
 
 PROMPT = "The capital of France is a city that"
+Quantize = Literal["auto", "none", "int8", "int4"]  # EngineConfig.quantize
+QUANTIZE: tuple[Quantize, ...] = ("auto", "none", "int8", "int4")
 
 
 def aten_calls(engine: Engine, ids: list[int], tokens: int) -> int:
@@ -38,7 +40,7 @@ def aten_calls(engine: Engine, ids: list[int], tokens: int) -> int:
     return sum(e.count for e in prof.key_averages()) // tokens
 
 
-def one_model(path: str, quantize: str, tokens: int, rounds: int) -> list[dict[str, Any]]:
+def one_model(path: str, quantize: Quantize, tokens: int, rounds: int) -> list[dict[str, Any]]:
     engine = Engine.from_pretrained(path, config=EngineConfig(max_model_len=2048, threads=1, quantize=quantize))
     ids = engine.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -70,13 +72,17 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json")
     args = p.parse_args()
+    asked = args.quantize.split(",")
+    if unknown := [q for q in asked if q not in QUANTIZE]:
+        raise SystemExit(f"--quantize: {', '.join(unknown)} not among {', '.join(QUANTIZE)}")
+    quantize_settings = [q for name in asked for q in QUANTIZE if q == name]
     torch.set_num_threads(1)
     result: dict[str, Any] = {"torch": torch.__version__, "kernels": quant_kernels(build=True),
                               "loadavg_start": os.getloadavg()[0], "rows": []}
     print("| model | quantize | dtype | ops | decode b1 tok/s | ATen calls per token |")
     print("| --- | --- | --- | --- | ---: | ---: |")
     for path in args.models or [smollm2_gguf()]:
-        for quantize in args.quantize.split(","):
+        for quantize in quantize_settings:
             rows = one_model(path, quantize, args.tokens, args.rounds)
             for r in rows:
                 print(f"| {r['model']} | {r['quantize']} | {r['dtype']} | {r['ops']} | {r['decode_b1_tok_s']} "

@@ -128,6 +128,13 @@ def test_mv_bf16(M, K):
     torch.testing.assert_close(ops.mv_bf16(x, w, None).float(), F.linear(x, w).float(), rtol=1.6e-2, atol=1e-2)
 
 
+def _tokens(handle) -> list[int]:
+    out = []
+    while (ev := handle.get(0)) is not None:
+        out.append(ev.token_id)
+    return out
+
+
 def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):
     """Greedy tokens with the fused ops equal the torch reference's: three sequences decoding
     together while a long prompt prefills in chunks beside them."""
@@ -140,7 +147,7 @@ def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):
         handles = [engine.submit(p, GREEDY) for p in prompts]
         while not all(h.finished for h in handles):
             engine.step()
-        return [[ev.token_id for ev in iter(lambda h=h: h.get(0), None)] for h in handles]
+        return [_tokens(h) for h in handles]
 
     fused = run()
     engine.model.use_kernels(False)
