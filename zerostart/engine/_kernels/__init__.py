@@ -34,11 +34,12 @@ from zerostart.weights import QFormat, dequantize
 # multiplied by BLAS (bench/quant_kernels.py: qmm ahead at 16 rows, dequantize + BLAS at 128)
 DECODE_ROWS = 32
 # at most this many rows of bfloat16 activations run ``mv_bf16`` over bfloat16 weights; more run
-# torch's matmul (bench/quant_kernels.py --bf16: mv_bf16 ahead at 1-4 rows, behind from 8)
+# torch's bfloat16 matmul (bench/quant_kernels.py at 1 and 16 rows; SmolLM2's shapes one by one:
+# mv_bf16 ahead at 1-4 rows, behind from 8)
 MV_ROWS = 4
 
-__all__ = ["DECODE_ROWS", "MV_ROWS", "cpu_kernels", "fused", "kernel", "linear", "ops", "prepare", "quant_kernels", "rows", "tile_matrices"]
-
+__all__ = ["DECODE_ROWS", "MV_ROWS", "cpu_kernels", "fused", "kernel", "linear", "ops", "prepare", "quant_kernels",
+           "rows", "tile_matrices"]
 
 
 class _Ops:
@@ -46,9 +47,7 @@ class _Ops:
     loaded module on first use and kept as a plain attribute after."""
 
     def __getattr__(self, name: str):
-        if not _build.load():
-            raise EngineError(_build.why_not())
-        fn = getattr(_build.module(), name)
+        fn = getattr(cpu_kernels(), name)
         setattr(self, name, fn)
         return fn
 

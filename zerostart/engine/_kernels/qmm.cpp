@@ -31,6 +31,14 @@
 #include <tuple>
 #include <vector>
 
+// the CPU runs the AVX-512 loops (of this file and step.cpp); else their portable ones
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") &&
+                          __builtin_cpu_supports("fma");
+  return yes;
+}
+
 namespace {
 
 inline float h2f(const at::Half* p) { return static_cast<float>(*p); }
@@ -144,13 +152,6 @@ ZS_AVX512 void dequant_rows_avx512(const uint8_t* qw, const S* sc, const S* mn, 
       if (g == 32) _mm512_storeu_ps(o + 16, w1);
     }
   }
-}
-
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") &&
-                          __builtin_cpu_supports("fma");
-  return yes;
 }
 
 void check(const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& mins, int64_t bits,

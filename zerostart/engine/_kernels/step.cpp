@@ -23,18 +23,14 @@
 #include <tuple>
 #include <vector>
 
+bool has_avx512();  // qmm.cpp
+
 namespace {
 
 using at::BFloat16;
 using at::Tensor;
 
 #define ZS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-
-bool fast() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
-  return yes;
-}
 
 inline float f32(float v) { return v; }
 inline float f32(BFloat16 v) { return static_cast<float>(v); }
@@ -269,7 +265,7 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   }
   Tensor out = at::empty({nd, H * D}, q.options());
   const int64_t group = H / KH;
-  const bool vec = fast() && D % 16 == 0;
+  const bool vec = has_avx512() && D % 16 == 0;
   ZS_DISPATCH(q.scalar_type(), [&] {
     at::parallel_for(0, nd * KH, 1, [&](int64_t a, int64_t b) {
       for (int64_t task = a; task < b; ++task) {
@@ -325,7 +321,7 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
               "silu_mul: gate and up [rows, features] in one dtype");
   const int64_t rows = gate.size(0), I = gate.size(1);
   Tensor y = at::empty({rows, I}, gate.options());
-  if (fast()) {
+  if (has_avx512()) {
     ZS_DISPATCH(gate.scalar_type(), [&] {
       at::parallel_for(0, rows, 4, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t)
@@ -386,12 +382,13 @@ Tensor mv_bf16(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bi
                   x.device().is_cpu() && w.device().is_cpu() && w.stride(1) == 1 && x.size(1) == w.size(1),
               "mv_bf16: x [M, K] and w [N, K] bfloat16 on the CPU, w's rows contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const bool vec = fast() && K % 16 == 0;
+  const bool vec = has_avx512() && K % 16 == 0;
   if (bias) TORCH_CHECK(bias->numel() == N && bias->is_contiguous() && bias->scalar_type() == at::kBFloat16,
                       "mv_bf16: bias [N] bfloat16");
   std::vector<float> xf(M * K), yf(M * N);
+  const BFloat16* xs = x.data_ptr<BFloat16>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = f32(x.data_ptr<BFloat16>()[m * x.stride(0) + k * x.stride(1)]);
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = f32(xs[m * x.stride(0) + k * x.stride(1)]);
   const float* xp = xf.data();
   const BFloat16* wp = w.data_ptr<BFloat16>();
   float* yp = yf.data();
