@@ -6,6 +6,7 @@ windows, grouped heads, head sizes off the vector width."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -23,6 +24,21 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     assert _build.load(build=True), _build.why_not()
+
+
+def test_the_kernels_run_on_torchs_threads():
+    """The library's loops are split over ATen's threads (built with OpenMP: without it every
+    loop ran on one thread whatever ``threads`` said)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ops.parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert ops.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:

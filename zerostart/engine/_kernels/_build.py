@@ -26,6 +26,7 @@ import torch
 
 log = logging.getLogger("zerostart.engine")
 NAME = "zerostart_kernels"
+FLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels runs on torch's threads
 SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("qmm.cpp", "step.cpp")]
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -34,8 +35,8 @@ _why_not = ""
 
 
 def key() -> str:
-    """What the library depends on: its sources, torch's version, the interpreter."""
-    src = b""
+    """What the library depends on: its sources and flags, torch's version, the interpreter."""
+    src = " ".join(FLAGS).encode()
     for source in SOURCES:
         with open(source, "rb") as f:
             src += f.read()
@@ -110,7 +111,8 @@ def _build(path: str) -> ModuleType | None:
         log.warning("building the CPU kernels once for this machine (~30 s) into %s", d)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=d)
         try:
-            mod = cpp_extension.load(name=NAME, sources=SOURCES, extra_cflags=["-O3"], build_directory=tmp,
+            mod = cpp_extension.load(name=NAME, sources=SOURCES, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                     build_directory=tmp,
                                      is_python_module=True, verbose=False)
             os.replace(os.path.join(tmp, f"{NAME}.so"), path)
             return mod

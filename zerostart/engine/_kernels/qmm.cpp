@@ -528,6 +528,16 @@ at::Tensor untile(const at::Tensor& qtiles, const at::Tensor& stiles, const c10:
 
 bool vnni() { return has_vnni(); }
 
+// how many of ATen's threads one parallel loop of `tasks` tasks ran on (1 when the library was
+// built without OpenMP: then the pragma in at::parallel_for is ignored and every loop is serial)
+int64_t parallel_threads(int64_t tasks) {
+  std::vector<int> seen(std::max(1, at::get_num_threads()), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    seen[std::min<int64_t>(at::get_thread_num(), int64_t(seen.size()) - 1)] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 }  // namespace
 
 // bound into the library's Python module with step.cpp's ops (step.cpp: PYBIND11_MODULE)
@@ -540,4 +550,5 @@ void bind_qmm(pybind11::module_& m) {
   m.def("untile", &untile, release());
   m.def("avx512", &avx512);
   m.def("vnni", &vnni);
+  m.def("parallel_threads", &parallel_threads, release());
 }
