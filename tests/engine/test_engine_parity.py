@@ -142,3 +142,38 @@ def test_batched_continuations_match(pair):
     while any(not h.finished for h in handles):
         engine.step()
     assert [[ev.token_id for ev in h] for h in handles] == expected
+
+
+def test_the_decode_stack_gives_the_layers_bits(pair):
+    """Decode-only steps run every layer in one library call where the CPU kernels are built
+    (the decode stack): each family's logits equal, bit for bit, its Python layers' on the same
+    ops (biases, q/k norms, sliding windows, tied embeddings)."""
+    _, engine, _, ids = pair
+    if not engine.model.stack:
+        pytest.skip("the CPU kernels are not built")
+    prompts = [ids, ids[:9], ids[3:30]]
+
+    def logits() -> list[torch.Tensor]:
+        seen = []
+        sampler = engine.sampler
+
+        def spy(out, seqs):
+            seen.append(out.clone())
+            return sampler(out, seqs)
+
+        engine.sampler = spy
+        try:
+            handles = [engine.submit(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in prompts]
+            while any(not h.finished for h in handles):
+                engine.step()
+        finally:
+            engine.sampler = sampler
+        return seen
+
+    stacked = logits()
+    engine.model.use_kernels(True, stack=False)
+    try:
+        layers = logits()
+    finally:
+        engine.model.use_kernels(True)
+    assert len(stacked) == len(layers) and all(torch.equal(a, b) for a, b in zip(stacked, layers))

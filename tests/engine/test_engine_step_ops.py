@@ -171,6 +171,63 @@ def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):
     assert all(len(t) == GREEDY.max_tokens for t in fused)
 
 
+def _step_logits(engine: Engine, jobs: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+    """Every step's logits while ``jobs`` (prompt, tokens to generate) run greedily together."""
+    seen: list[torch.Tensor] = []
+    sampler = engine.sampler
+
+    def spy(logits, seqs):
+        seen.append(logits.clone())
+        return sampler(logits, seqs)
+
+    engine.sampler = spy  # the engine calls it as it calls the sampler
+    try:
+        handles = [engine.submit(p, dataclasses.replace(GREEDY, max_tokens=n)) for p, n in jobs]
+        while not all(h.finished for h in handles):
+            engine.step()
+    finally:
+        engine.sampler = sampler
+    return seen
+
+
+@pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"),
+                                            ("bfloat16", "int4")])
+def test_the_decode_stack_gives_the_layers_bits(tiny_dir, monkeypatch, dtype, quantize):
+    """Steps of decode rows only run every layer in one library call (the decode stack); its
+    logits equal, bit for bit, those of the model's layers running the same ops from Python:
+    float weights (mv_bf16 at few bfloat16 rows, BLAS beyond) and tiled quantized ones, dense and
+    gathered decode rows; steps with a prefill chunk beside run the layers."""
+    engine = Engine.from_pretrained(tiny_dir, dtype=dtype, config=EngineConfig(
+        max_model_len=256, max_num_seqs=8, prefill_chunk=16, quantize=quantize))
+    model = engine.model
+    assert model.stack  # the CPU with the kernels built: the default
+    calls, gathered_calls = 0, 0
+    make = type(model).decode_stack
+
+    class Counted:  # the stack, its calls counted
+        def __init__(self, stack):
+            self.stack = stack
+
+        def run(self, *args):
+            nonlocal calls, gathered_calls
+            calls += 1
+            gathered_calls += args[8] is not None  # decode_slots: gathered rows
+            return self.stack.run(*args)
+
+    monkeypatch.setattr(type(model), "decode_stack", lambda self: Counted(make(self)))
+    mixed = [([1, 2, 3], 12), (list(range(5, 40)), 12), ([7] * 9, 12), ([(i * 7) % 500 + 5 for i in range(60)], 12)]
+    # six short ones finish, the last one decodes alone in slot 6: its rows are gathered
+    gathered = [([i + 1, i + 2], 2) for i in range(6)] + [([9, 9, 9, 9], 12)]
+    want = [_step_logits(engine, mixed), _step_logits(engine, gathered)]
+    assert calls > 12 and gathered_calls >= 10  # decode-only steps ran the stack, gathered ones too
+    model.use_kernels(True, stack=False)
+    calls = 0
+    got = [_step_logits(engine, mixed), _step_logits(engine, gathered)]
+    assert calls == 0
+    for g, w in zip(got, want, strict=True):
+        assert len(g) == len(w) and all(torch.equal(a, b) for a, b in zip(g, w))
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports
 def test_compile_runs_torch_ops(tiny_engine):
     runner = ModelRunner(tiny_engine.model, tiny_engine.kv, torch.device("cpu"),

@@ -7,13 +7,15 @@ writes the preallocated KV cache as described by a :class:`StepContext`.
 With ``kernels`` (set by :meth:`Transformer.use_kernels`: the CPU with the engine's kernels built)
 the work between the matmuls runs as the kernels' fused ops (``_kernels.ops``): residual add +
 norm, rotary + KV write, decode attention over the cache without masks, SiLU-and-multiply. The
-torch ops beside them are the reference they are tested against.
+torch ops beside them are the reference they are tested against. A step whose rows all decode
+then runs its layers as one call (:meth:`Transformer.decode_stack`: the same ops in the same
+order, without Python between them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,15 @@ class Proj(nn.Module):
         if self.kernels and x.shape[0] <= _kernels.MV_ROWS and x.dtype == torch.bfloat16:
             return _kernels.ops.mv_bf16(x, w, bias)
         return F.linear(x, w, bias)
+
+    def stack_proj(self):
+        """This projection for the kernels' decode stack (``_kernels.ops.Proj``)."""
+        names = [""] if self.fused else [str(i) for i in range(len(self.sizes))]
+        matrices = []
+        for i, fmt in zip(names, self.fmts):
+            parts = [getattr(self, "weight" + i)] if fmt is None else self._parts(i, fmt)
+            matrices.append(_kernels.matrix(parts, fmt, getattr(self, "bias" + i) if self.has_bias else None))
+        return _kernels.ops.Proj(matrices, list(self.sizes))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused:
@@ -250,6 +261,16 @@ class Block(nn.Module):
         x, h = self.post_norm.add(self.attn(x, rope, ctx, k_cache, v_cache), h)
         return h, self.mlp(x)
 
+    def stack_layer(self):
+        """This block for the kernels' decode stack (``_kernels.ops.Layer``): what
+        :meth:`forward` computes for decode rows with the kernels on."""
+        a, mlp = self.attn, self.mlp
+        return _kernels.ops.Layer(
+            self.input_norm.weight, self.post_norm.weight, self.input_norm.eps, a.qkv.stack_proj(), a.o.stack_proj(),
+            mlp.gate_up.stack_proj(), mlp.down.stack_proj(), None if a.q_norm is None else a.q_norm.weight,
+            None if a.k_norm is None else a.k_norm.weight, a.num_heads, a.num_kv_heads, a.head_dim, a.window or -1,
+            a.scale)
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelShape, fuse_qkv: list[bool], fuse_gate_up: list[bool],
@@ -280,12 +301,16 @@ class Transformer(nn.Module):
             wait(-1)
         h = self.embed.lookup(ctx.input_ids, self.norm.weight.dtype)
         assert self.cos is not None and self.sin is not None, "the runner sets the rotary tables first"
-        rope = Rope(self.cos, self.sin)
-        delta = None
-        for i, layer in enumerate(self.layers):
-            if wait is not None:
-                wait(i)
-            h, delta = layer(h, delta, rope, ctx, k_caches[i], v_caches[i])
+        if self.stack and ctx.num_decode and not ctx.prefills and wait is None:  # decode rows only: one call
+            h, delta = self.decode_stack().run(h, self.cos, self.sin, ctx.positions, k_caches, v_caches, ctx.kv_slots,
+                                               ctx.kv_pos, ctx.decode_slots, ctx.decode_lens)
+        else:
+            rope = Rope(self.cos, self.sin)
+            delta = None
+            for i, layer in enumerate(self.layers):
+                if wait is not None:
+                    wait(i)
+                h, delta = layer(h, delta, rope, ctx, k_caches[i], v_caches[i])
         if delta is not None:
             h = h + delta
         pooled = h[ctx.hidden_rows] if ctx.hidden_rows is not None else None
@@ -298,14 +323,25 @@ class Transformer(nn.Module):
         h = self.norm(h)
         return (self.embed if self.lm_head is None else self.lm_head)(h)[0].float()
 
-    def use_kernels(self, on: bool) -> None:
-        """Run the fused step ops (``_kernels.ops``) or the torch reference."""
+    def use_kernels(self, on: bool, stack: bool = True) -> None:
+        """Run the fused step ops (``_kernels.ops``) or the torch reference; with ``stack`` (and
+        ``on``), steps of decode rows only run every layer in one call (:meth:`decode_stack`)."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, MLP, Proj)):
                 m.kernels = on
         self.kernels = on
+        self.stack = on and stack
+        self._stack = None  # made again on first use: the modules' tensors as they are now
 
     kernels = False
+    stack = False
+    _stack = None
+
+    def decode_stack(self):
+        """The decoder layers as one kernels call (``_kernels.ops.DecodeStack``), made on first use."""
+        if self._stack is None:
+            self._stack = _kernels.decode_stack([cast(Block, layer).stack_layer() for layer in self.layers])
+        return self._stack
 
     def build_masks(self, ctx: StepContext) -> None:
         device = ctx.input_ids.device

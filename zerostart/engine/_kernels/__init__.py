@@ -13,7 +13,8 @@ The kernel follows the batch and the CPU (measured in ``bench/quant_kernels.py``
 
 The step's other work (norms, rotary and the KV write, decode attention, SiLU-and-multiply, and a
 bfloat16 matrix-vector for up to ``MV_ROWS`` rows) has fused CPU ops in the same library
-(``step.cpp``), which a model runs where :func:`fused` says so. ``ops`` is the library's ops.
+(``step.cpp``), which a model runs where :func:`fused` says so; a step of decode rows only runs
+all its layers in one call (:func:`decode_stack`, ``layers.cpp``). ``ops`` is the library's ops.
 
 On CPU the engine tiles every quantized matrix of 16k rows as it prepares a model
 (:func:`tile_matrices`), in place: the same bytes, in the order the decode kernel reads them.
@@ -38,8 +39,8 @@ DECODE_ROWS = 32
 # mv_bf16 ahead at 1-4 rows, behind from 8)
 MV_ROWS = 4
 
-__all__ = ["DECODE_ROWS", "MV_ROWS", "cpu_kernels", "fused", "kernel", "linear", "ops", "prepare", "quant_kernels",
-           "rows", "tile_matrices"]
+__all__ = ["DECODE_ROWS", "MV_ROWS", "cpu_kernels", "decode_stack", "fused", "kernel", "linear", "matrix", "ops",
+           "prepare", "quant_kernels", "rows", "tile_matrices"]
 
 
 class _Ops:
@@ -129,6 +130,21 @@ def linear(x: torch.Tensor, parts: list[torch.Tensor], fmt: QFormat, bias: torch
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         return F.linear(x, ops.dequant(q, s, m, fmt.bits, fmt.group).to(x.dtype), bias)
     return F.linear(x, dequantize(q, s, m, x.dtype, fmt.tiled), bias)
+
+
+def matrix(parts: list[torch.Tensor], fmt: QFormat | None, bias: torch.Tensor | None = None):
+    """One matrix for a decode stack (``ops.Matrix``), multiplied as :func:`linear` multiplies it
+    (``parts``: [weight] for floats, else the tensors ``fmt.kinds`` name)."""
+    if fmt is None:
+        return ops.Matrix("float", parts[0], bias=bias)
+    return ops.Matrix("tiles" if fmt.tiled else "rows", parts[0], parts[1], parts[2] if fmt.mins else None, bias,
+                      fmt.bits, fmt.group)
+
+
+def decode_stack(layers: list):
+    """A model's decoder layers (``ops.Layer``, each block's :meth:`stack_layer`) as one call for
+    steps of decode rows only (``layers.cpp``), with this module's kernel limits."""
+    return ops.DecodeStack(layers, MV_ROWS, DECODE_ROWS)
 
 
 def rows(ids: torch.Tensor, parts: list[torch.Tensor], fmt: QFormat, dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The CPU kernels' shared library: built once per machine from ``qmm.cpp`` and ``step.cpp``
+"""The CPU kernels' shared library: built once per machine from ``qmm.cpp``, ``step.cpp`` and ``layers.cpp``
 (against this torch), kept in ``$ZEROSTART_KERNELS_DIR/<key>/`` (default ``~/.cache/zerostart/kernels``,
 shared by every ``ZEROSTART_CACHE_DIR``: it is a build of this code, not a model's data), and
 imported as a Python extension module (:func:`module`).
@@ -27,7 +27,9 @@ import torch
 log = logging.getLogger("zerostart.engine")
 NAME = "zerostart_kernels"
 FLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels runs on torch's threads
-SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("qmm.cpp", "step.cpp")]
+_HERE = os.path.dirname(__file__)
+SOURCES = [os.path.join(_HERE, name) for name in ("qmm.cpp", "step.cpp", "layers.cpp")]
+HEADERS = [os.path.join(_HERE, "ops.h")]
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 _module: ModuleType | None = None
@@ -37,7 +39,7 @@ _why_not = ""
 def key() -> str:
     """What the library depends on: its sources and flags, torch's version, the interpreter."""
     src = " ".join(FLAGS).encode()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             src += f.read()
     return hashlib.sha256(src + f"\n{torch.__version__}\n{sys.version_info[:2]}".encode()).hexdigest()[:20]

@@ -31,6 +31,8 @@
 #include <tuple>
 #include <vector>
 
+#include "ops.h"
+
 // the CPU runs the AVX-512 loops (of this file and step.cpp); else their portable ones
 bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -39,7 +41,7 @@ bool has_avx512() {
   return yes;
 }
 
-namespace {
+namespace zs::quant {
 
 inline float h2f(const at::Half* p) { return static_cast<float>(*p); }
 inline float h2f(const float* p) { return *p; }
@@ -538,10 +540,11 @@ int64_t parallel_threads(int64_t tasks) {
   return std::count(seen.begin(), seen.end(), 1);
 }
 
-}  // namespace
+}  // namespace zs::quant
 
 // bound into the library's Python module with step.cpp's ops (step.cpp: PYBIND11_MODULE)
 void bind_qmm(pybind11::module_& m) {
+  using namespace zs::quant;
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;  // the engine's thread runs these
   m.def("qmm", &qmm, release());
   m.def("dequant", &dequant, release());

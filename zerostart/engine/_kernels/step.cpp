@@ -23,9 +23,9 @@
 #include <tuple>
 #include <vector>
 
-bool has_avx512();  // qmm.cpp
+#include "ops.h"
 
-namespace {
+namespace zs::step {
 
 using at::BFloat16;
 using at::Tensor;
@@ -412,15 +412,18 @@ Tensor mv_bf16(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bi
   return y;
 }
 
-}  // namespace
+}  // namespace zs::step
 
-void bind_qmm(pybind11::module_& m);  // qmm.cpp
+void bind_qmm(pybind11::module_& m);     // qmm.cpp
+void bind_layers(pybind11::module_& m);  // layers.cpp
 
 // The library is a Python module: a call costs a quarter of a microsecond, against about five
 // through torch's dispatcher (a decode step of a small model makes a few hundred of them).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;  // the engine's thread runs these
+  using namespace zs::step;
   bind_qmm(m);
+  bind_layers(m);
   m.def("add_rms_norm", &add_rms_norm, release());
   m.def("rope_write_", &rope_write_, release());
   m.def("decode_attention", &decode_attention, release());
