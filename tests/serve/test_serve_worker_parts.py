@@ -1,9 +1,12 @@
 """Worker pieces that need no server: the grammar a chat request's tools and response_format
-ask for, embedding inputs and encodings, log-probability shapes."""
+ask for, embedding inputs and encodings, log-probability shapes, the heap policy."""
 
 import base64
+import ctypes
 import json
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -118,3 +121,35 @@ def test_tokenize_detokenize_info(tiny_dir):
             _parse(TokenizeRequest, **body_)
     info = tokenizer_info(tok, 1024)
     assert info["eos_token"] == "<|eot_id|>" and info["chat_template"] and info["model_max_length"] == 1024
+
+
+_MALLOC_PROBE = r"""
+import ctypes, sys
+from zerostart.serve.worker import _memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "fixed":
+    assert _memory.fix_mmap_threshold()
+libc.free(libc.malloc(16 << 20))  # a large free: glibc's dynamic threshold rises past 2 MiB
+block = libc.malloc(2 << 20)
+print(libc.mallinfo2().hblkhd >= 2 << 20)  # the 2 MiB block is a mapping of its own
+assert _memory.trim()
+"""
+
+
+def test_the_worker_maps_large_blocks_apart():
+    """The worker's heap policy (``_memory.py``): with the threshold fixed, a 2 MiB block is
+    mapped on its own (and unmapped when freed) even after a larger free, which left to glibc
+    raises the threshold so such blocks stay in the heap."""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc 2.33+")
+    out = {mode: subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True,
+                                check=True).stdout.strip() for mode in ("default", "fixed")}
+    assert out == {"default": "False", "fixed": "True"}

@@ -1,6 +1,8 @@
 """A GGUF file's tensors in one arena, layer by layer: kept quantized, or dequantized.
 
-Each tensor is read from the file's memory map. With ``keep_quantized`` a matrix of a type in
+Each tensor is read from the file's memory map, and its pages are dropped from the mapping once
+it is copied (the page cache keeps them; mapped pages would count in the process's resident
+memory beside the arena's copy until the whole load ended). With ``keep_quantized`` a matrix of a type in
 ``_quant.GGUF_FORMATS`` is held as its integers and group scales (``<prefix>.qweight``,
 ``.scales``, ``.mins``: the same values in the engine's layout, ``_quant.from_gguf``); other
 tensors are dequantized by ``gguf.quants`` into float32 (F16/BF16/F32 tensors are only viewed).
@@ -15,6 +17,7 @@ model's ``images: write``) pays it once.
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -133,9 +136,16 @@ class _Dequantize:
         stats.read_from = time.perf_counter()
         try:
             _check_unchanged(self.model)
-            data = np.memmap(self.model.path, dtype=np.uint8, mode="r")
+            with open(self.model.path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            data = np.frombuffer(mapped, dtype=np.uint8)
+
+            def one(t: GgufTensor) -> None:
+                self.one(data, t)
+                _unmap(mapped, t.offset, t.nbytes)
+
             with ThreadPoolExecutor(self.threads, thread_name_prefix="zerostart-dequant") as ex:
-                list(ex.map(lambda t: self.one(data, t), self.model.tensors))
+                list(ex.map(one, self.model.tensors))
             if self.arena.device.type == "cuda":
                 torch.cuda.synchronize(self.arena.device)
         except BaseException as e:  # noqa: BLE001 - handed to the arena's waiters
@@ -146,7 +156,7 @@ class _Dequantize:
         stats.total_s = time.perf_counter() - self.t_start
         self.arena.finish(error)
 
-    def one(self, data: np.memmap, t: GgufTensor) -> None:
+    def one(self, data: np.ndarray, t: GgufTensor) -> None:
         if self.failed:
             return  # another tensor failed: the load is over
         try:
@@ -164,7 +174,14 @@ class _Dequantize:
                 self.progress(self.done, self.model.nbytes)
 
 
-def convert(data: np.memmap, t: GgufTensor, keep_quantized: bool) -> dict[str, torch.Tensor]:
+def _unmap(mapped: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Drop the pages of [offset, offset + nbytes) from this process's map of the file (a later
+    read of a shared edge page maps it again from the page cache)."""
+    lo = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, lo, offset + nbytes - lo)
+
+
+def convert(data: np.ndarray, t: GgufTensor, keep_quantized: bool) -> dict[str, torch.Tensor]:
     """One tensor in Hugging Face layout, as the parts :func:`parts` names: its quantized
     parts, or one float tensor (float32, or the stored dtype of F16/BF16 tensors)."""
     if keep_quantized and len(parts(t, True)) > 1:
@@ -176,7 +193,7 @@ def convert(data: np.memmap, t: GgufTensor, keep_quantized: bool) -> dict[str, t
     return {t.name: dequantize(data, t)}
 
 
-def dequantize(data: np.memmap, t: GgufTensor) -> torch.Tensor:
+def dequantize(data: np.ndarray, t: GgufTensor) -> torch.Tensor:
     """One tensor in Hugging Face layout: float32, or its stored dtype for F16/BF16 tensors."""
     raw = data[t.offset : t.offset + t.nbytes]
     if t.qtype in _PLAIN:
