@@ -18,6 +18,8 @@ from zerostart.engine._model import RMSNorm, _rotate
 from zerostart.engine._runner import ModelRunner
 
 DTYPES = [torch.float32, torch.bfloat16]
+# (activations, KV cache): a model of float32 activations over quantized weights keeps a bfloat16 cache
+WITH_CACHE = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
@@ -65,9 +67,9 @@ def test_add_rms_norm(dtype):
     assert same.data_ptr() == x.data_ptr()  # no residual: x itself is the stream
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,cache", WITH_CACHE)
 @pytest.mark.parametrize("D", [64, 24])
-def test_rope_write_rotates_in_place_and_writes_decode_rows(dtype, D):
+def test_rope_write_rotates_in_place_and_writes_decode_rows(dtype, cache, D):
     g = torch.Generator().manual_seed(1)
     T, H, KH, P, slots = 5, 6, 2, 40, 4
     qkv = torch.randn(T, (H + 2 * KH) * D, generator=g).to(dtype)
@@ -77,14 +79,14 @@ def test_rope_write_rotates_in_place_and_writes_decode_rows(dtype, D):
     pos = torch.tensor([3, 17, 0, 5, 6])
     rows_cos, rows_sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
     want_q, want_k, want_v = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin), v.clone()
-    kc = torch.zeros(slots, KH, P, D, dtype=dtype)
-    vc = torch.zeros(slots, KH, P, D, dtype=dtype)
+    kc = torch.zeros(slots, KH, P, D, dtype=cache)
+    vc = torch.zeros(slots, KH, P, D, dtype=cache)
     kv_slots, kv_pos = torch.tensor([2, 0]), torch.tensor([3, 17])  # two decode rows; the rest prefill
     ops.rope_write_(q, k, v, cos, sin, pos, kc, vc, kv_slots, kv_pos)
     _close(q, want_q)
     _close(k, want_k)
     for row, (s, p) in enumerate([(2, 3), (0, 17)]):
-        assert torch.equal(kc[s, :, p], k[row]) and torch.equal(vc[s, :, p], want_v[row])
+        assert torch.equal(kc[s, :, p], k[row].to(cache)) and torch.equal(vc[s, :, p], want_v[row].to(cache))
     assert int((kc != 0).any(-1).sum()) == 2 * KH  # nothing else written
     with pytest.raises(RuntimeError, match="out of the cache"):
         ops.rope_write_(q, k, v, cos, sin, pos, kc, vc, torch.tensor([slots, 0]), kv_pos)
@@ -104,21 +106,22 @@ def _sdpa_decode(q, kc, vc, slots, lens, window, scale):
     return o.reshape(nd, H * D)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,cache", WITH_CACHE)
 @pytest.mark.parametrize("D,window", [(64, None), (64, 5), (24, None), (24, 3)])
-def test_decode_attention(dtype, D, window):
+def test_decode_attention(dtype, cache, D, window):
     g = torch.Generator().manual_seed(2)
     H, KH, S, P = 6, 2, 5, 33
-    kc = torch.randn(S, KH, P, D, generator=g).to(dtype)
-    vc = torch.randn(S, KH, P, D, generator=g).to(dtype)
+    kc = torch.randn(S, KH, P, D, generator=g).to(cache)
+    vc = torch.randn(S, KH, P, D, generator=g).to(cache)
     q = torch.randn(3, H + 1, D, generator=g).to(dtype)[:, :H]  # strided rows
     lens = torch.tensor([1, 20, 33])
     scale = D ** -0.5
     gathered = torch.tensor([4, 0, 2])
     got = ops.decode_attention(q, kc, vc, gathered, lens, window or -1, scale)
-    _close(got, _sdpa_decode(q, kc, vc, gathered, lens, window, scale))
+    assert got.dtype == dtype
+    _close(got, _sdpa_decode(q, kc.to(dtype), vc.to(dtype), gathered, lens, window, scale))
     dense = ops.decode_attention(q, kc, vc, None, lens, window or -1, scale)  # row i reads slot i
-    _close(dense, _sdpa_decode(q, kc, vc, torch.arange(3), lens, window, scale))
+    _close(dense, _sdpa_decode(q, kc.to(dtype), vc.to(dtype), torch.arange(3), lens, window, scale))
     with pytest.raises(RuntimeError, match="out of the cache"):
         ops.decode_attention(q, kc, vc, None, torch.tensor([1, 20, P + 1]), -1, scale)
 
@@ -169,6 +172,27 @@ def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):
     engine.model.use_kernels(False)
     assert run() == fused
     assert all(len(t) == GREEDY.max_tokens for t in fused)
+
+
+def test_quantized_weights_keep_a_bfloat16_cache(tiny_dir):
+    """Float32 activations over quantized matrices keep their KV cache in bfloat16 (half the
+    bytes); the fused ops and the torch ops read and write it alike (greedy tokens equal)."""
+    config = EngineConfig(max_model_len=256, max_num_seqs=4, prefill_chunk=16)
+    floats = Engine.from_pretrained(tiny_dir, dtype="float32", config=config)
+    assert floats.kv.storage.dtype == torch.float32
+    engine = Engine.from_pretrained(tiny_dir, dtype="float32", config=dataclasses.replace(config, quantize="int8"))
+    assert engine.kv.storage.dtype == torch.bfloat16
+    prompts = [[1, 2, 3], list(range(5, 40)), [(i * 7) % 500 + 5 for i in range(60)]]
+
+    def run() -> list[list[int]]:
+        handles = [engine.submit(p, GREEDY) for p in prompts]
+        while not all(h.finished for h in handles):
+            engine.step()
+        return [_tokens(h) for h in handles]
+
+    fused = run()
+    engine.model.use_kernels(False)
+    assert run() == fused
 
 
 def _step_logits(engine: Engine, jobs: list[tuple[list[int], int]]) -> list[torch.Tensor]:

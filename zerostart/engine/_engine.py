@@ -128,9 +128,11 @@ class Engine:
                 ph.bytes = built.plan.regrouped_bytes
                 ph.detail.update(fusion="; ".join(built.plan.notes), overlap_load=built.overlap)
             with timeline.phase("warmup") as ph:
-                budget = _load.kv_budget(config, dev, files.config, dtype, built.max_len)
-                plan = kv_plan(files.config, dtype, built.max_len, config.max_num_seqs, budget, dev)
-                kv = KVCache(files.config, plan, built.max_len, dtype, dev, allocator=allocator if dev.type == "cuda" else None)
+                kv_dtype = _load.kv_dtype(built.model, dtype, dev)
+                budget = _load.kv_budget(config, dev, files.config, kv_dtype, built.max_len)
+                plan = kv_plan(files.config, kv_dtype, built.max_len, config.max_num_seqs, budget, dev)
+                kv = KVCache(files.config, plan, built.max_len, kv_dtype, dev,
+                             allocator=allocator if dev.type == "cuda" else None)
                 engine = cls(model=built.model, model_config=files.config, tokenizer=tokenizer, arena=arena, kv=kv,
                              config=config, device=dev, dtype=dtype, max_model_len=built.max_len,
                              eos_ids=_load.eos_ids(files.dir, files.config, tokenizer), model_name=files.name,
@@ -138,6 +140,7 @@ class Engine:
                 shared = _load.warm_up(engine)
                 ph.bytes = kv.nbytes
                 ph.detail.update(kv_slots=plan.slots, kv_blocks=plan.blocks, kv_block_tokens=plan.block_tokens,
+                                 kv_dtype=str(kv_dtype).removeprefix("torch."),
                                  max_model_len=built.max_len, graphs=len(engine.runner._graphs),
                                  threads=torch.get_num_threads())
                 if shared is not None:

@@ -177,6 +177,15 @@ def eos_ids(path: str, cfg: ModelShape, tokenizer: Tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def kv_dtype(model: Transformer, dtype: torch.dtype, dev: torch.device) -> torch.dtype:
+    """The KV cache's dtype: the activations' (``dtype``), except on the CPU for float32
+    activations over quantized matrices, whose cache is bfloat16: half the bytes to hold and to
+    read each decode step, as llama.cpp keeps an f16 cache (attention still computes in float32)."""
+    if dev.type == "cpu" and dtype == torch.float32 and model.quantized():
+        return torch.bfloat16
+    return dtype
+
+
 def kv_budget(config: EngineConfig, dev: torch.device, cfg: ModelShape, dtype: torch.dtype, max_len: int) -> int:
     wanted = slot_bytes(cfg, dtype, max_len, dev) * config.max_num_seqs
     if config.kv_cache_bytes is not None:

@@ -198,6 +198,7 @@ class Attention(nn.Module):
         else:
             kd = k_cache[:, :, : ctx.decode_len].index_select(0, ctx.decode_slots)
             vd = v_cache[:, :, : ctx.decode_len].index_select(0, ctx.decode_slots)
+        kd, vd = kd.to(q.dtype), vd.to(q.dtype)  # a cache in another dtype (_load.kv_dtype): the rows read
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=ctx.masks[self.window], scale=self.scale)
         return o.reshape(nd, self.num_heads * self.head_dim)
 
@@ -206,8 +207,8 @@ class Attention(nn.Module):
         # [1, heads, S, D] against the slot's keys [1, kv_heads, start + S, D]
         qp = q[p.row : p.row + p.length].transpose(0, 1).unsqueeze(0)
         end = p.start + p.length
-        kp = k_cache[p.slot : p.slot + 1, :, :end]
-        vp = v_cache[p.slot : p.slot + 1, :, :end]
+        kp = k_cache[p.slot : p.slot + 1, :, :end].to(q.dtype)
+        vp = v_cache[p.slot : p.slot + 1, :, :end].to(q.dtype)
         mask = ctx.prefill_masks[(p.row, self.window)]
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
                                            scale=self.scale, enable_gqa=True)
@@ -221,8 +222,8 @@ def _write_kv(ctx: StepContext, k: torch.Tensor, v: torch.Tensor, k_cache: torch
     k, v: [T, kv_heads, head_dim]."""
     nd = ctx.num_decode
     if nd and decode:
-        k_cache[ctx.kv_slots, :, ctx.kv_pos] = k if nd == k.shape[0] else k[:nd]
-        v_cache[ctx.kv_slots, :, ctx.kv_pos] = v if nd == v.shape[0] else v[:nd]
+        k_cache[ctx.kv_slots, :, ctx.kv_pos] = (k if nd == k.shape[0] else k[:nd]).to(k_cache.dtype)
+        v_cache[ctx.kv_slots, :, ctx.kv_pos] = (v if nd == v.shape[0] else v[:nd]).to(v_cache.dtype)
     for p in ctx.prefills:
         k_cache[p.slot, :, p.start : p.start + p.length] = k[p.row : p.row + p.length].transpose(0, 1)
         v_cache[p.slot, :, p.start : p.start + p.length] = v[p.row : p.row + p.length].transpose(0, 1)
@@ -336,6 +337,10 @@ class Transformer(nn.Module):
     kernels = False
     stack = False
     _stack = None
+
+    def quantized(self) -> bool:
+        """Whether any matrix is held quantized."""
+        return any(f is not None for m in self.modules() if isinstance(m, Proj) for f in m.fmts)
 
     def decode_stack(self):
         """The decoder layers as one kernels call (``_kernels.ops.DecodeStack``), made on first use."""

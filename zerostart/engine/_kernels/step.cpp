@@ -5,6 +5,7 @@
 //   add_rms_norm(x, residual?, weight, eps) -> (y, h)  h = x + residual, y = rms_norm(h) * weight
 //   rope_write_(q, k, v, cos, sin, positions, k_cache, v_cache, slots?, pos?)
 //                                   q, k rotated in place; rows [0, len(slots)) of k, v into the cache
+//                                   (the cache float32 or bfloat16, whatever q's dtype)
 //   decode_attention(q, k_cache, v_cache, slots?, lens, window, scale) -> [rows, heads * head_dim]
 //   silu_mul(gate, up) -> silu(gate) * up
 //   mv_bf16(x, w, bias?) -> x @ w^T for a few rows of bfloat16 activations and weights
@@ -65,14 +66,26 @@ void check_act(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, op, ": ", name, "'s last dimension must be contiguous");
 }
 
-#define ZS_DISPATCH(dtype, ...)                  \
+// runs the lambda with `Name` the C++ type of `dtype` (float32 or bfloat16)
+#define ZS_DISPATCH_AS(Name, dtype, ...)         \
   if ((dtype) == at::kFloat) {                   \
-    using T = float;                             \
+    using Name = float;                          \
     __VA_ARGS__();                               \
   } else {                                       \
-    using T = BFloat16;                          \
+    using Name = BFloat16;                       \
     __VA_ARGS__();                               \
   }
+#define ZS_DISPATCH(dtype, ...) ZS_DISPATCH_AS(T, dtype, __VA_ARGS__)
+
+// the KV cache is float32 or bfloat16, its own dtype beside the activations' (a model of float32
+// activations over quantized weights keeps a bfloat16 cache)
+void check_caches(const Tensor& k_cache, const Tensor& v_cache, int64_t kv_heads, int64_t D, const char* op) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && (kv_heads < 0 || k_cache.size(1) == kv_heads) &&
+                  k_cache.size(3) == D,
+              op, ": caches [slots, kv_heads, positions, D], float32 or bfloat16, one dtype");
+}
 
 // ---- add_rms_norm ------------------------------------------------------------------------
 
@@ -168,10 +181,7 @@ void rope_write_(Tensor q, Tensor k, const Tensor& v, const Tensor& cos, const T
   TORCH_CHECK(pos && slots->scalar_type() == at::kLong && pos->scalar_type() == at::kLong && slots->is_contiguous() &&
                   pos->is_contiguous() && pos->numel() == slots->numel() && slots->numel() <= rows,
               "rope_write_: slots and pos [decode rows] int64");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.scalar_type() == dt &&
-                  v_cache.scalar_type() == dt && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
-                  k_cache.size(1) == k.size(1) && k_cache.size(3) == D,
-              "rope_write_: caches [slots, kv_heads, positions, D] in q's dtype");
+  check_caches(k_cache, v_cache, k.size(1), D, "rope_write_");
   const int64_t nd = slots->numel(), KH = k.size(1);
   const int64_t* sp = slots->data_ptr<int64_t>();
   const int64_t* ps = pos->data_ptr<int64_t>();
@@ -179,13 +189,19 @@ void rope_write_(Tensor q, Tensor k, const Tensor& v, const Tensor& cos, const T
     TORCH_CHECK(sp[t] >= 0 && sp[t] < k_cache.size(0) && ps[t] >= 0 && ps[t] < k_cache.size(2),
                 "rope_write_: slot or position out of the cache");
   ZS_DISPATCH(dt, [&] {
-    for (int64_t t = 0; t < nd; ++t)
-      for (int64_t hd = 0; hd < KH; ++hd) {
-        const int64_t at_k = sp[t] * k_cache.stride(0) + hd * k_cache.stride(1) + ps[t] * k_cache.stride(2);
-        const int64_t at_v = sp[t] * v_cache.stride(0) + hd * v_cache.stride(1) + ps[t] * v_cache.stride(2);
-        std::copy_n(k.data_ptr<T>() + t * k.stride(0) + hd * k.stride(1), D, k_cache.data_ptr<T>() + at_k);
-        std::copy_n(v.data_ptr<T>() + t * v.stride(0) + hd * v.stride(1), D, v_cache.data_ptr<T>() + at_v);
-      }
+    ZS_DISPATCH_AS(C, k_cache.scalar_type(), [&] {
+      for (int64_t t = 0; t < nd; ++t)
+        for (int64_t hd = 0; hd < KH; ++hd) {
+          const T* kr = k.data_ptr<T>() + t * k.stride(0) + hd * k.stride(1);
+          const T* vr = v.data_ptr<T>() + t * v.stride(0) + hd * v.stride(1);
+          C* ko = k_cache.data_ptr<C>() + sp[t] * k_cache.stride(0) + hd * k_cache.stride(1) + ps[t] * k_cache.stride(2);
+          C* vo = v_cache.data_ptr<C>() + sp[t] * v_cache.stride(0) + hd * v_cache.stride(1) + ps[t] * v_cache.stride(2);
+          for (int64_t d = 0; d < D; ++d) {  // as copy_ converts: float32 to bfloat16 rounds to nearest even
+            ko[d] = to<C>(f32(kr[d]));
+            vo[d] = to<C>(f32(vr[d]));
+          }
+        }
+    });
   });
 }
 
@@ -212,9 +228,10 @@ ZS_AVX512 void axpy16(float p, const T* v, float* out, int64_t D) {
     _mm512_storeu_ps(out + d, _mm512_fmadd_ps(pv, load16(v + d), _mm512_loadu_ps(out + d)));
 }
 
-// one decode row's query heads sharing KV head `kvh` against keys [s0, L) of its slot
-template <typename T>
-void attend(const T* q, int64_t qs1, int64_t group, const T* kc, const T* vc, int64_t ks, int64_t vs, int64_t s0,
+// one decode row's query heads sharing KV head `kvh` against keys [s0, L) of its slot (q and out
+// in T, the cache in C)
+template <typename T, typename C>
+void attend(const T* q, int64_t qs1, int64_t group, const C* kc, const C* vc, int64_t ks, int64_t vs, int64_t s0,
             int64_t L, int64_t D, float scale, bool vec, T* out) {
   const int64_t n = L - s0;
   std::vector<float> qf(group * D), p(n), o(D);
@@ -224,16 +241,16 @@ void attend(const T* q, int64_t qs1, int64_t group, const T* kc, const T* vc, in
     const float* qj = qf.data() + j * D;
     float mx = -INFINITY;
     for (int64_t l = 0; l < n; ++l) {
-      const T* kr = kc + (s0 + l) * ks;
-      p[l] = vec ? dot16<T>(qj, kr, D) : dot_ref<T>(qj, kr, D);
+      const C* kr = kc + (s0 + l) * ks;
+      p[l] = vec ? dot16<C>(qj, kr, D) : dot_ref<C>(qj, kr, D);
       mx = std::max(mx, p[l]);
     }
     float sum = 0.f;
     for (int64_t l = 0; l < n; ++l) sum += (p[l] = std::exp(p[l] - mx));
     std::fill(o.begin(), o.end(), 0.f);
     for (int64_t l = 0; l < n; ++l) {
-      const T* vr = vc + (s0 + l) * vs;
-      if (vec) axpy16<T>(p[l], vr, o.data(), D);
+      const C* vr = vc + (s0 + l) * vs;
+      if (vec) axpy16<C>(p[l], vr, o.data(), D);
       else for (int64_t d = 0; d < D; ++d) o[d] += p[l] * f32(vr[d]);
     }
     const float inv = 1.f / sum;
@@ -246,10 +263,7 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   check_act(q, "decode_attention", "q");
   TORCH_CHECK(q.dim() == 3, "decode_attention: q must be [rows, heads, D]");
   const int64_t nd = q.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type() && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
-                  k_cache.size(3) == D,
-              "decode_attention: caches [slots, kv_heads, positions, D] in q's dtype");
+  check_caches(k_cache, v_cache, -1, D, "decode_attention");
   const int64_t KH = k_cache.size(1);
   TORCH_CHECK(H % KH == 0, "decode_attention: heads ", H, " are not a multiple of kv heads ", KH);
   TORCH_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == nd,
@@ -267,15 +281,17 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   const int64_t group = H / KH;
   const bool vec = has_avx512() && D % 16 == 0;
   ZS_DISPATCH(q.scalar_type(), [&] {
-    at::parallel_for(0, nd * KH, 1, [&](int64_t a, int64_t b) {
-      for (int64_t task = a; task < b; ++task) {
-        const int64_t i = task / KH, kvh = task % KH, s = sp ? sp[i] : i, L = lp[i];
-        const int64_t s0 = window > 0 ? std::max<int64_t>(0, L - window) : 0;
-        attend<T>(q.data_ptr<T>() + i * q.stride(0) + kvh * group * q.stride(1), q.stride(1), group,
-                  k_cache.data_ptr<T>() + s * k_cache.stride(0) + kvh * k_cache.stride(1),
-                  v_cache.data_ptr<T>() + s * v_cache.stride(0) + kvh * v_cache.stride(1), k_cache.stride(2),
-                  v_cache.stride(2), s0, L, D, float(scale), vec, out.data_ptr<T>() + i * H * D + kvh * group * D);
-      }
+    ZS_DISPATCH_AS(C, k_cache.scalar_type(), [&] {
+      at::parallel_for(0, nd * KH, 1, [&](int64_t a, int64_t b) {
+        for (int64_t task = a; task < b; ++task) {
+          const int64_t i = task / KH, kvh = task % KH, s = sp ? sp[i] : i, L = lp[i];
+          const int64_t s0 = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+          attend<T, C>(q.data_ptr<T>() + i * q.stride(0) + kvh * group * q.stride(1), q.stride(1), group,
+                       k_cache.data_ptr<C>() + s * k_cache.stride(0) + kvh * k_cache.stride(1),
+                       v_cache.data_ptr<C>() + s * v_cache.stride(0) + kvh * v_cache.stride(1), k_cache.stride(2),
+                       v_cache.stride(2), s0, L, D, float(scale), vec, out.data_ptr<T>() + i * H * D + kvh * group * D);
+        }
+      });
     });
   });
   return out;
