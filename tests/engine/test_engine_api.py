@@ -91,6 +91,34 @@ def test_async_iteration(tiny_engine):
         tiny_engine.stop()
 
 
+def test_waiting_for_the_end_wakes_the_loop_once(tiny_engine, monkeypatch):
+    """``ended()`` (a non-streamed answer) is woken once, at the last event, not at each; every
+    event is still there to iterate after."""
+    ref = _ids(tiny_engine, "Hello world")
+    tiny_engine.start()
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+            wakes = 0
+            threadsafe = loop.call_soon_threadsafe
+
+            def counted(*args):
+                nonlocal wakes
+                wakes += 1
+                return threadsafe(*args)
+
+            monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+            h = tiny_engine.submit(tiny_engine.tokenizer.encode("Hello world"), GREEDY)
+            await h.ended()
+            assert h.finished
+            return [ev.token_id for ev in h], wakes
+
+        ids, wakes = asyncio.run(main())
+        assert ids == ref and wakes <= 1
+    finally:
+        tiny_engine.stop()
+
+
 def test_cancel_frees_the_slot(tiny_engine):
     tiny_engine.start()
     try:

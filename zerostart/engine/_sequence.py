@@ -131,7 +131,8 @@ class RequestHandle:
         self._done = False  # the final event has been queued
         self._error: BaseException | None = None
         self._cond = threading.Condition(self._lock)
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # for the next event
+        self._end_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # for the end
         self.cancelled = False
         self.on_cancel: Callable[[], None] | None = None  # set by the engine: wakes its loop
 
@@ -189,6 +190,8 @@ class RequestHandle:
         # caller holds the lock
         self._cond.notify_all()
         waiters, self._waiters = self._waiters, []
+        if self._done:
+            waiters, self._end_waiters = waiters + self._end_waiters, []
         for loop, fut in waiters:
             loop.call_soon_threadsafe(_resolve, fut)
 
@@ -247,6 +250,18 @@ class RequestHandle:
                 await fut
                 continue
             yield ev
+
+    async def ended(self) -> None:
+        """Wait without blocking the event loop until the last event is queued (they stay queued:
+        iterate the handle for them). One wake-up of the loop a request, not one an event: an
+        answer that is not streamed needs nothing before the end."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._done:
+                return
+            fut = loop.create_future()
+            self._end_waiters.append((loop, fut))
+        await fut
 
     def text(self) -> str:
         """Consume the stream and return the whole completion text."""

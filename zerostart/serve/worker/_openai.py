@@ -418,7 +418,8 @@ def _finish(reason: str | None, called: bool, req: ChatCompletionRequest) -> str
 
 
 async def _drain(c: _Choice) -> None:
-    async for ev in c.handle.aiter():
+    await c.handle.ended()  # the events carry their own times (the stats' gaps)
+    for ev in c.handle:
         c.take(ev)
 
 
