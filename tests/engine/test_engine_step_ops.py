@@ -154,6 +154,14 @@ def _tokens(handle) -> list[int]:
     return out
 
 
+def _greedy(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    """The greedy tokens of ``prompts`` run together (stepped here: prefills beside decodes)."""
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    while not all(h.finished for h in handles):
+        engine.step()
+    return [_tokens(h) for h in handles]
+
+
 def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):
     """Greedy tokens with the fused ops equal the torch reference's: three sequences decoding
     together while a long prompt prefills in chunks beside them."""
@@ -162,15 +170,9 @@ def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):
     assert engine.model.kernels  # the CPU with the kernels built: the default
     prompts = [[1, 2, 3], list(range(5, 40)), [7] * 9, [(i * 7) % 500 + 5 for i in range(100)]]
 
-    def run() -> list[list[int]]:
-        handles = [engine.submit(p, GREEDY) for p in prompts]
-        while not all(h.finished for h in handles):
-            engine.step()
-        return [_tokens(h) for h in handles]
-
-    fused = run()
+    fused = _greedy(engine, prompts)
     engine.model.use_kernels(False)
-    assert run() == fused
+    assert _greedy(engine, prompts) == fused
     assert all(len(t) == GREEDY.max_tokens for t in fused)
 
 
@@ -184,15 +186,9 @@ def test_quantized_weights_keep_a_bfloat16_cache(tiny_dir):
     assert engine.kv.storage.dtype == torch.bfloat16
     prompts = [[1, 2, 3], list(range(5, 40)), [(i * 7) % 500 + 5 for i in range(60)]]
 
-    def run() -> list[list[int]]:
-        handles = [engine.submit(p, GREEDY) for p in prompts]
-        while not all(h.finished for h in handles):
-            engine.step()
-        return [_tokens(h) for h in handles]
-
-    fused = run()
+    fused = _greedy(engine, prompts)
     engine.model.use_kernels(False)
-    assert run() == fused
+    assert _greedy(engine, prompts) == fused
 
 
 def _step_logits(engine: Engine, jobs: list[tuple[list[int], int]]) -> list[torch.Tensor]:
