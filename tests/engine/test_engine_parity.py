@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from zerostart.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 
+from tests.engine._steps import step_logits  # noqa: E402
+
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 
@@ -151,29 +153,12 @@ def test_the_decode_stack_gives_the_layers_bits(pair):
     _, engine, _, ids = pair
     if not engine.model.stack:
         pytest.skip("the CPU kernels are not built")
-    prompts = [ids, ids[:9], ids[3:30]]
-
-    def logits() -> list[torch.Tensor]:
-        seen = []
-        sampler = engine.sampler
-
-        def spy(out, seqs):
-            seen.append(out.clone())
-            return sampler(out, seqs)
-
-        engine.sampler = spy
-        try:
-            handles = [engine.submit(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in prompts]
-            while any(not h.finished for h in handles):
-                engine.step()
-        finally:
-            engine.sampler = sampler
-        return seen
-
-    stacked = logits()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    jobs = [(ids, params), (ids[:9], params), (ids[3:30], params)]
+    stacked = step_logits(engine, jobs)
     engine.model.use_kernels(True, stack=False)
     try:
-        layers = logits()
+        layers = step_logits(engine, jobs)
     finally:
         engine.model.use_kernels(True)
     assert len(stacked) == len(layers) and all(torch.equal(a, b) for a, b in zip(stacked, layers))

@@ -17,6 +17,8 @@ from zerostart.engine._kernels import _build, ops
 from zerostart.engine._model import RMSNorm, _rotate
 from zerostart.engine._runner import ModelRunner
 
+from tests.engine._steps import step_logits
+
 DTYPES = [torch.float32, torch.bfloat16]
 # (activations, KV cache): a model of float32 activations over quantized weights keeps a bfloat16 cache
 WITH_CACHE = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
@@ -193,21 +195,7 @@ def test_quantized_weights_keep_a_bfloat16_cache(tiny_dir):
 
 def _step_logits(engine: Engine, jobs: list[tuple[list[int], int]]) -> list[torch.Tensor]:
     """Every step's logits while ``jobs`` (prompt, tokens to generate) run greedily together."""
-    seen: list[torch.Tensor] = []
-    sampler = engine.sampler
-
-    def spy(logits, seqs):
-        seen.append(logits.clone())
-        return sampler(logits, seqs)
-
-    engine.sampler = spy  # the engine calls it as it calls the sampler
-    try:
-        handles = [engine.submit(p, dataclasses.replace(GREEDY, max_tokens=n)) for p, n in jobs]
-        while not all(h.finished for h in handles):
-            engine.step()
-    finally:
-        engine.sampler = sampler
-    return seen
+    return step_logits(engine, [(p, dataclasses.replace(GREEDY, max_tokens=n)) for p, n in jobs])
 
 
 @pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"),

@@ -11,7 +11,7 @@
 //       the tiled / row layout (qmm.cpp) with its scales (and mins)
 //   Proj(matrices, sizes)     one matrix whose output splits into `sizes`, or one matrix per size
 //   Layer(input_norm, post_norm, eps, qkv, o, gate_up, down, q_norm?, k_norm?, heads, kv_heads,
-//         head_dim, window, scale)                   window <= 0: none
+//         head_dim, window, scale)                   window <= 0: none (decode_attention's)
 //   DecodeStack(layers, mv_rows, decode_rows).run(h, cos, sin, positions, k_caches, v_caches,
 //         kv_slots, kv_pos, decode_slots?, decode_lens) -> (h, delta)
 //       h the residual stream after the last layer's attention, delta the last MLP's output
@@ -73,8 +73,8 @@ struct Layer {
         double scale_)
       : input_norm(std::move(input_norm_)), post_norm(std::move(post_norm_)), eps(eps_), qkv(std::move(qkv_)),
         o(std::move(o_)), gate_up(std::move(gate_up_)), down(std::move(down_)), q_norm(std::move(q_norm_)),
-        k_norm(std::move(k_norm_)), heads(heads_), kv_heads(kv_heads_), head_dim(head_dim_),
-        window(window_ > 0 ? window_ : -1), scale(scale_) {
+        k_norm(std::move(k_norm_)), heads(heads_), kv_heads(kv_heads_), head_dim(head_dim_), window(window_),
+        scale(scale_) {
     TORCH_CHECK(qkv.sizes.size() == 3 && gate_up.sizes.size() == 2 && o.sizes.size() == 1 && down.sizes.size() == 1,
                 "Layer: qkv splits in 3, gate_up in 2, o and down are one matrix each");
     TORCH_CHECK(bool(q_norm) == bool(k_norm), "Layer: q_norm and k_norm come together");
@@ -96,8 +96,6 @@ class DecodeStack {
       : layers_(std::move(layers)), mv_rows_(mv_rows), decode_rows_(decode_rows) {
     TORCH_CHECK(!layers_.empty(), "DecodeStack: no layers");
   }
-
-  size_t size() const { return layers_.size(); }
 
   std::tuple<Tensor, Tensor> run(Tensor h, const Tensor& cos, const Tensor& sin, const Tensor& positions,
                                  const std::vector<Tensor>& k_caches, const std::vector<Tensor>& v_caches,
@@ -191,7 +189,6 @@ void bind_layers(pybind11::module_& m) {
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<std::vector<Layer>, int64_t, int64_t>(), py::arg("layers"), py::arg("mv_rows"),
            py::arg("decode_rows"))
-      .def("__len__", &DecodeStack::size)
       .def("run", &DecodeStack::run, py::call_guard<py::gil_scoped_release>(), py::arg("h"), py::arg("cos"),
            py::arg("sin"), py::arg("positions"), py::arg("k_caches"), py::arg("v_caches"), py::arg("kv_slots"),
            py::arg("kv_pos"), py::arg("decode_slots"), py::arg("decode_lens"));
