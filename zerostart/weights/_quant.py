@@ -111,11 +111,15 @@ def qformat(tensors: dict[str, torch.Tensor], prefix: str) -> QFormat | None:
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-               dtype: torch.dtype = torch.float32, tiled: bool = False) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, tiled: bool = False,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
     """The matrix [N, K] in ``dtype``, with torch operations (any device; the reference the
-    kernels are tested against). ``tiled``: the parts are ``qtiles``, ``stiles``, ``mtiles``."""
+    kernels are tested against). ``tiled``: the parts are ``qtiles``, ``stiles``, ``mtiles``.
+    ``rows``: only these rows, [len(rows), K] (an embedding lookup)."""
     if tiled:
-        qweight, scales, mins = untile(qweight, scales, mins)
+        qweight, scales, mins = untile(qweight, scales, mins, rows)
+    elif rows is not None:
+        qweight, scales, mins = qweight[rows], scales[rows], None if mins is None else mins[rows]
     N = qweight.shape[0]
     if qweight.dtype == torch.uint8:  # nibbles -> [N, K/32, 32] in element order
         b = qweight.view(N, -1, 16)
@@ -129,10 +133,22 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
     return w.reshape(N, -1).to(dtype)
 
 
-def untile(qtiles: torch.Tensor, stiles: torch.Tensor, mtiles: torch.Tensor | None):
-    """The tiled layout's parts in the row layout (torch operations)."""
+def untile(qtiles: torch.Tensor, stiles: torch.Tensor, mtiles: torch.Tensor | None,
+           rows: torch.Tensor | None = None):
+    """The tiled layout's parts in the row layout (torch operations); ``rows``: only these rows
+    (an embedding lookup), read from their tiles alone."""
     T = qtiles.shape[0]
     G = stiles.shape[1] // 16
+    if rows is not None:
+        # bytes 4r .. 4r + 3 of every 64-byte block are row r's, and in their order they are its
+        # row layout (8 bits: k in order; 4 bits: byte i of a group holds k = i and i + 16)
+        tile, r = rows // 16, rows % 16
+        q = qtiles.view(T, -1, 16, 4)[tile, :, r].reshape(len(rows), -1)
+
+        def picked(s: torch.Tensor) -> torch.Tensor:  # [T, G * 16] -> [len(rows), G]
+            return s.view(T, G, 16)[tile, :, r]
+
+        return q, picked(stiles), None if mtiles is None else picked(mtiles)
 
     def rows_of(s: torch.Tensor) -> torch.Tensor:  # [T, G * 16] -> [T * 16, G]
         return s.view(T, G, 16).transpose(1, 2).reshape(T * 16, G)

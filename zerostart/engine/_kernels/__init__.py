@@ -149,9 +149,4 @@ def decode_stack(layers: list):
 
 def rows(ids: torch.Tensor, parts: list[torch.Tensor], fmt: QFormat, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``ids`` of W, dequantized: an embedding lookup [len(ids), K]."""
-    q, s, m = parts[0], parts[1], parts[2] if fmt.mins else None
-    if not fmt.tiled:
-        return dequantize(q[ids], s[ids], None if m is None else m[ids], dtype)
-    tiles = ids // 16  # the tiles holding the rows, then the row within each
-    w = dequantize(q[tiles], s[tiles], None if m is None else m[tiles], dtype, tiled=True)
-    return w.view(len(ids), 16, -1)[torch.arange(len(ids), device=ids.device), ids % 16]
+    return dequantize(parts[0], parts[1], parts[2] if fmt.mins else None, dtype, fmt.tiled, rows=ids)
