@@ -135,21 +135,26 @@ libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 libc.mallinfo2.restype = MallInfo2
-if sys.argv[1] == "fixed":
-    assert _memory.fix_mmap_threshold()
-libc.free(libc.malloc(16 << 20))  # a large free: glibc's dynamic threshold rises past 2 MiB
-block = libc.malloc(2 << 20)
-print(libc.mallinfo2().hblkhd >= 2 << 20)  # the 2 MiB block is a mapping of its own
+if sys.argv[1] in ("loading", "serving"):
+    assert _memory.for_loading()
+if sys.argv[1] == "serving":
+    assert _memory.for_serving()
+libc.free(libc.malloc(16 << 20))  # a large free: glibc's dynamic threshold rises to 16 MiB
+for size in (2 << 20, 24 << 20):  # is each block a mapping of its own?
+    before = libc.mallinfo2().hblkhd
+    libc.malloc(size)
+    print(libc.mallinfo2().hblkhd - before >= size, end=" ")
 assert _memory.trim()
 """
 
 
-def test_the_worker_maps_large_blocks_apart():
-    """The worker's heap policy (``_memory.py``): with the threshold fixed, a 2 MiB block is
-    mapped on its own (and unmapped when freed) even after a larger free, which left to glibc
-    raises the threshold so such blocks stay in the heap."""
+def test_the_worker_maps_the_loads_blocks_apart_and_keeps_the_steps():
+    """The worker's heap policy (``_memory.py``): while loading, 2 MiB and larger blocks are
+    mapped on their own (and unmapped when freed) even after a larger free, which left to glibc
+    raises the threshold so such blocks stay in the heap; while serving, blocks up to 32 MiB
+    come from the heap, for the steps to reuse without faulting them in again."""
     if not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("not glibc 2.33+")
     out = {mode: subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True,
-                                check=True).stdout.strip() for mode in ("default", "fixed")}
-    assert out == {"default": "False", "fixed": "True"}
+                                check=True).stdout.strip() for mode in ("default", "loading", "serving")}
+    assert out == {"default": "False True", "loading": "True True", "serving": "False False"}

@@ -40,7 +40,7 @@ from zerostart.serve.control import TOKEN_ENV, LoadSpec, load_spec
 from zerostart.serve.edge import bounded_protocol
 from zerostart.serve.worker._app import SHUTDOWN_GRACE_S, build_app
 from zerostart.serve.worker._holder import Holder
-from zerostart.serve.worker._memory import fix_mmap_threshold
+from zerostart.serve.worker._memory import for_loading
 from zerostart.serve.worker._structured import GrammarBudget
 
 _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly before a hard exit
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, origin: tuple[float, float] | None = Non
     ``(perf_counter, time)`` when the process began running our code (``__main__`` takes it
     first thing); phases are measured from it."""
     origin = origin or (time.perf_counter(), time.time())
-    fix_mmap_threshold()  # before the load's first large block (_memory.py)
+    for_loading()  # before the load's first large block (_memory.py)
     parser = _parser()
     args = parser.parse_args(argv)
     spec = _spec(args, parser)

@@ -19,7 +19,7 @@ from zerostart.serve.control import (SETTLED, ImageReport, InFlight, KVCapacity,
                                      PhasesReport, ReadyReport, WakeResult, WorkerState, check_worker)
 from zerostart.serve.worker._image_writer import ImageWriter
 from zerostart.serve.worker._loading import load
-from zerostart.serve.worker._memory import trim
+from zerostart.serve.worker._memory import for_serving
 from zerostart.serve.worker._structured import GrammarBudget
 from zerostart.telemetry import Timeline
 
@@ -222,7 +222,7 @@ class Holder:
             self.routes = OpenAIRoutes(loaded.engine, spec.name, spec.model, spec.embedding, self.grammar_budget)
             self.engine = loaded.engine
             self.climb = Climb.of(loaded.rung, standby=standby)
-            trim()  # the load's freed temporaries back to the system (_memory.py)
+            for_serving()  # the load's freed temporaries back to the system, the steps' kept in the heap (_memory.py)
             if spec.images == "write" and loaded.rung is Rung.ZERO:
                 self.image.status = "queued"
                 self._writer = ImageWriter(self, loaded.fingerprint, loaded.identity)
