@@ -308,7 +308,7 @@ def test_each_leaf_concept_has_one_home() -> None:
 
 FACES = {
     "zerostart.names": ["Climb", "DEFAULT_IMAGE_MODE", "DEVICE_TYPES", "DTYPES", "DTYPE_BYTES", "IMAGE_MODES",
-                        "LADDER", "QUANTIZE_MODES", "Dtype", "ImageMode", "Quantize", "Rung", "Scheme", "cpu_has_bf16",
+                        "KV_DTYPES", "LADDER", "QUANTIZE_MODES", "Dtype", "ImageMode", "KvDtype", "Quantize", "Rung", "Scheme", "cpu_has_bf16",
                         "default_dtype", "device_type", "dtype_name", "is_local", "is_remote", "normalize_device",
                         "source_scheme"],
     "zerostart.units": ["FOREVER", "GB", "HOURS_PER_MONTH", "format_duration", "format_size", "parse_duration",

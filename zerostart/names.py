@@ -29,10 +29,12 @@ __all__ = [
     "DTYPE_BYTES",
     "IMAGE_MODES",
     "LADDER",
+    "KV_DTYPES",
     "QUANTIZE_MODES",
     "Climb",
     "Dtype",
     "ImageMode",
+    "KvDtype",
     "Quantize",
     "Rung",
     "Scheme",
@@ -139,6 +141,11 @@ DEFAULT_IMAGE_MODE: ImageMode = "write"
 # all floats (GGUF quants dequantized at load); int8 / int4: float matrices quantized at load
 Quantize = Literal["auto", "none", "int8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = get_args(Quantize)
+
+# the KV cache's dtype. auto: the activations' (bfloat16 on CPU for float32 activations over
+# quantized matrices, as llama.cpp keeps an f16 cache); else that dtype (float16: CUDA only)
+KvDtype = Literal["auto", "float32", "bfloat16", "float16"]
+KV_DTYPES: tuple[str, ...] = get_args(KvDtype)
 
 
 # -- source schemes ---------------------------------------------------------------------------

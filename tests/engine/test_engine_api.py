@@ -180,6 +180,8 @@ def test_engine_config_validation_names_the_field():
         EngineConfig(fuse="sometimes")
     with pytest.raises(EngineError, match="kv_cache_bytes"):
         EngineConfig(kv_cache_bytes=-5)
+    with pytest.raises(EngineError, match="kv_dtype must be one of auto, float32, bfloat16, float16"):
+        EngineConfig(kv_dtype="fp8")  # type: ignore[arg-type]  # what a caller without a type checker may pass
 
 
 def test_bad_requests(tiny_engine):

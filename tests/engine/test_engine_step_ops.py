@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerostart.engine import Engine, EngineConfig, SamplingParams
+from zerostart.engine import Engine, EngineConfig, EngineError, SamplingParams
 from zerostart.engine._kernels import _build, ops
 from zerostart.engine._model import RMSNorm, _rotate
 from zerostart.engine._runner import ModelRunner
@@ -178,19 +178,25 @@ def test_the_engine_runs_the_kernels_and_they_agree_with_torch(tiny_dir):
     assert all(len(t) == GREEDY.max_tokens for t in fused)
 
 
-def test_quantized_weights_keep_a_bfloat16_cache(tiny_dir):
+@pytest.mark.parametrize("quantize,kv_dtype,held", [("none", "auto", "float32"), ("int8", "auto", "bfloat16"),
+                                                    ("none", "bfloat16", "bfloat16"), ("int8", "float32", "float32")])
+def test_the_kv_cache_dtype(tiny_dir, quantize, kv_dtype, held):
     """Float32 activations over quantized matrices keep their KV cache in bfloat16 (half the
-    bytes); the fused ops and the torch ops read and write it alike (greedy tokens equal)."""
-    config = EngineConfig(max_model_len=256, max_num_seqs=4, prefill_chunk=16)
-    floats = Engine.from_pretrained(tiny_dir, dtype="float32", config=config)
-    assert floats.kv.storage.dtype == torch.float32
-    engine = Engine.from_pretrained(tiny_dir, dtype="float32", config=dataclasses.replace(config, quantize="int8"))
-    assert engine.kv.storage.dtype == torch.bfloat16
+    bytes), a float model's in its own dtype, unless ``kv_dtype`` says otherwise; the fused ops
+    and the torch ops read and write it alike (greedy tokens equal); status says which."""
+    config = EngineConfig(max_model_len=256, max_num_seqs=4, prefill_chunk=16, quantize=quantize, kv_dtype=kv_dtype)
+    engine = Engine.from_pretrained(tiny_dir, dtype="float32", config=config)
+    assert engine.kv.storage.dtype == getattr(torch, held) and engine.kv_stats().dtype == held
     prompts = [[1, 2, 3], list(range(5, 40)), [(i * 7) % 500 + 5 for i in range(60)]]
 
     fused = _greedy(engine, prompts)
     engine.model.use_kernels(False)
     assert _greedy(engine, prompts) == fused
+
+
+def test_a_float16_cache_is_for_cuda(tiny_dir):
+    with pytest.raises(EngineError, match="kv_dtype float16 is for CUDA"):
+        Engine.from_pretrained(tiny_dir, dtype="float32", config=EngineConfig(max_model_len=64, kv_dtype="float16"))
 
 
 def _step_logits(engine: Engine, jobs: list[tuple[list[int], int]]) -> list[torch.Tensor]:

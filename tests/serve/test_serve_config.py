@@ -194,3 +194,23 @@ def test_quantize_is_a_model_setting() -> None:
     parser = _parser()
     spec = _spec(parser.parse_args(["--model", "/x/m", "--port", "8001", "--quantize", "int8"]), parser)
     assert spec is not None and spec.engine_options.quantize == "int8"
+
+
+def test_kv_dtype_is_a_model_setting_of_the_zerostart_engine(capsys) -> None:
+    """The KV cache's dtype: auto by default, into the engine's options and the worker's load
+    spec; refused by name for another backend (which takes its own flag)."""
+    from zerostart.serve.worker._cli import _parser, _spec  # the worker's command line: uvicorn, the worker's app
+
+    model = load_config(data={"models": [{"path": "/x/m", "kv_dtype": "bfloat16"}]}).models[0]
+    assert model.engine_config(kv_cache_bytes=None, threads=None).kv_dtype == "bfloat16"
+    assert load_config(data={"models": [{"path": "/x/m"}]}).models[0].kv_dtype == "auto"
+    assert "kv_dtype" in _error({"models": [{"path": "/x/m", "kv_dtype": "fp8"}]})
+    assert "float16 is for CUDA" in _error({"models": [{"path": "/x/m", "kv_dtype": "float16"}]})
+    assert load_config(data={"models": [{"path": "/x/m", "device": "cuda", "kv_dtype": "float16"}]}).models[0]
+    assert "--cache-type-k" in _error({"models": [{"path": "/x/m.gguf", "backend": "llamacpp", "kv_dtype": "float16"}]})
+    parser = _parser()
+    spec = _spec(parser.parse_args(["--model", "/x/m", "--port", "8001", "--kv-dtype", "float32"]), parser)
+    assert spec is not None and spec.engine_options.kv_dtype == "float32"
+    with pytest.raises(SystemExit):  # a check across keys (the device's) named by its flag too
+        _spec(parser.parse_args(["--model", "/x/m", "--port", "8001", "--kv-dtype", "float16"]), parser)
+    assert "--kv-dtype: float16 is for CUDA" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from zerostart.engine._errors import EngineError
-from zerostart.names import QUANTIZE_MODES, Quantize
+from zerostart.names import KV_DTYPES, QUANTIZE_MODES, KvDtype, Quantize
 
 
 def read_json_object(path: str) -> dict[str, Any]:
@@ -256,6 +256,10 @@ class EngineConfig:
       stay quantized, floats stay floats); "none": all floats (GGUF quants dequantized at load);
       "int8" / "int4": float matrices quantized at load (groups of 32; the embeddings and LM
       head at 8 bits), quantized GGUF matrices kept as stored. A ready image holds the result.
+    - ``kv_dtype``: the KV cache's dtype. "auto": the activations', except on CPU for float32
+      activations over quantized matrices, whose cache is bfloat16 (half the bytes to hold and
+      read); "float32" / "bfloat16" / "float16" (CUDA only): that dtype, whatever the activations
+      (attention computes in the activations' dtype; keys and values round as they are written).
     - ``threads``: on CPU, torch's intra-op threads for this process (``torch.set_num_threads``);
       None leaves torch's setting alone. A server's workers get theirs from the cores available
       and the workers sharing them (``models[].threads`` in the server config).
@@ -272,6 +276,7 @@ class EngineConfig:
     seed: int | None = None
     overlap_load: bool = True
     quantize: Quantize = "auto"
+    kv_dtype: KvDtype = "auto"
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -292,6 +297,8 @@ class EngineConfig:
             raise EngineError(f"EngineConfig.fuse must be 'auto', 'always' or 'never' (got {self.fuse!r})")
         if self.quantize not in QUANTIZE_MODES:
             raise EngineError(f"EngineConfig.quantize must be one of {', '.join(QUANTIZE_MODES)} (got {self.quantize!r})")
+        if self.kv_dtype not in KV_DTYPES:
+            raise EngineError(f"EngineConfig.kv_dtype must be one of {', '.join(KV_DTYPES)} (got {self.kv_dtype!r})")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise EngineError(f"EngineConfig.seed must be an integer or None (got {self.seed!r})")
         for name in ("cuda_graphs", "compile"):

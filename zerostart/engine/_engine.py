@@ -128,7 +128,7 @@ class Engine:
                 ph.bytes = built.plan.regrouped_bytes
                 ph.detail.update(fusion="; ".join(built.plan.notes), overlap_load=built.overlap)
             with timeline.phase("warmup") as ph:
-                kv_dtype = _load.kv_dtype(built.model, dtype, dev)
+                kv_dtype = _load.kv_dtype(built.model, dtype, dev, config.kv_dtype)
                 budget = _load.kv_budget(config, dev, files.config, kv_dtype, built.max_len)
                 plan = kv_plan(files.config, kv_dtype, built.max_len, config.max_num_seqs, budget, dev)
                 kv = KVCache(files.config, plan, built.max_len, kv_dtype, dev,
@@ -180,7 +180,7 @@ class Engine:
         kv = self.kv
         return KVStats(tokens=kv.num_blocks * kv.block_tokens, block_tokens=kv.block_tokens, blocks=kv.num_blocks,
                        free_blocks=kv.free_blocks, slots=kv.num_slots, nbytes=kv.nbytes, paged=kv.paged,
-                       preemptions=self.scheduler.preemptions)
+                       dtype=str(kv.storage.dtype).removeprefix("torch."), preemptions=self.scheduler.preemptions)
 
     # -- requests ---------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class KVStats:
     slots: int  # sequences that may run at once
     nbytes: int  # bytes of the blocks
     paged: bool  # memory is taken block by block (else every slot is backed in full)
+    dtype: str  # of the keys and values held ("bfloat16", ...)
     preemptions: int  # running sequences that gave their blocks back so far (prefilled again later)
 
 

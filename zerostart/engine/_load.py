@@ -18,7 +18,7 @@ from zerostart.engine._params import SamplingParams
 from zerostart.engine._runner import ModelRunner
 from zerostart.engine._sequence import RequestHandle
 from zerostart.engine._tokenizer import Tokenizer
-from zerostart.names import default_dtype, device_type, dtype_name, is_local
+from zerostart.names import KvDtype, default_dtype, device_type, dtype_name, is_local
 from zerostart.telemetry import Timeline
 
 
@@ -177,10 +177,15 @@ def eos_ids(path: str, cfg: ModelShape, tokenizer: Tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def kv_dtype(model: Transformer, dtype: torch.dtype, dev: torch.device) -> torch.dtype:
-    """The KV cache's dtype: the activations' (``dtype``), except on the CPU for float32
-    activations over quantized matrices, whose cache is bfloat16: half the bytes to hold and to
-    read each decode step, as llama.cpp keeps an f16 cache (attention still computes in float32)."""
+def kv_dtype(model: Transformer, dtype: torch.dtype, dev: torch.device, wanted: KvDtype = "auto") -> torch.dtype:
+    """The KV cache's dtype: ``wanted`` (``EngineConfig.kv_dtype``), or for "auto" the
+    activations' (``dtype``), except on the CPU for float32 activations over quantized matrices,
+    whose cache is bfloat16: half the bytes to hold and to read each decode step, as llama.cpp
+    keeps an f16 cache (attention still computes in float32)."""
+    if wanted != "auto":
+        if dev.type == "cpu" and wanted == "float16":
+            raise EngineError("kv_dtype float16 is for CUDA; on the CPU the cache is float32 or bfloat16")
+        return getattr(torch, wanted)
     if dev.type == "cpu" and dtype == torch.float32 and model.quantized():
         return torch.bfloat16
     return dtype

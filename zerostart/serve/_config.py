@@ -24,7 +24,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from zerostart.engine import EngineConfig
-from zerostart.names import (DEFAULT_IMAGE_MODE, Dtype, ImageMode, Quantize, Scheme, is_local, normalize_device,
+from zerostart.names import (DEFAULT_IMAGE_MODE, Dtype, ImageMode, KvDtype, Quantize, Scheme, is_local, normalize_device,
                              source_scheme)
 from zerostart.serve._config_backends import CommandOptions, LlamacppOptions, SglangOptions, VllmOptions
 from zerostart.serve._config_base import Bytes, BytesOrAuto, KeepAlive, Seconds, Section
@@ -215,6 +215,9 @@ class ModelConfig(Section):
     # how the engine holds matrices: auto (as stored: a GGUF file's quants stay quantized), none
     # (all floats), int8 | int4 (float matrices quantized at load; a ready image keeps the result)
     quantize: Quantize = "auto"
+    # the engine's KV cache dtype: auto (the activations'; bfloat16 on CPU for a quantized model),
+    # float32, bfloat16, float16 (CUDA only)
+    kv_dtype: KvDtype = "auto"
     # CPU compute threads of each worker; None: the CPUs available less one / the CPU workers that
     # may run at once (the sum of max_replicas of the models on cpu), at least 1
     threads: int | None = Field(None, ge=1)
@@ -277,6 +280,11 @@ class ModelConfig(Section):
             if getattr(self, key) is not None and self.backend != key:
                 raise ValueError(f"{key}: these are options of backend: {key}, and this model's backend is "
                                  f"{self.backend}")
+        if self.kv_dtype != "auto" and self.backend != "zerostart":
+            raise ValueError(f"kv_dtype: a setting of the zerostart engine; backend {self.backend} takes its own "
+                             f"(its args: vLLM's and SGLang's --kv-cache-dtype, llama.cpp's --cache-type-k/-v)")
+        if self.kv_dtype == "float16" and self.device == "cpu":
+            raise ValueError("kv_dtype: float16 is for CUDA; on the CPU the cache is float32 or bfloat16 (or auto)")
         if self.backend == "command" and self.command is None:
             raise ValueError("backend: command needs command: {run: [...]} (the server's command line)")
         if self.backend == "vllm" and self.vllm is None:
@@ -302,7 +310,7 @@ class ModelConfig(Section):
         threads the fleet sized for one replica (from this entry's, or its memory share and
         the cores). An engine setting a user may set is a key above and one argument here."""
         return EngineConfig(max_model_len=self.max_model_len, kv_cache_bytes=kv_cache_bytes, threads=threads,
-                            quantize=self.quantize)
+                            quantize=self.quantize, kv_dtype=self.kv_dtype)
 
 
 class ServeConfig(Section):

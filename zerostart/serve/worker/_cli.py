@@ -12,7 +12,7 @@ settings as flags (the keys of a config file's model entry)::
 
     python -m zerostart.serve.worker --model SOURCE [--name NAME] [--device cpu] [--dtype bfloat16]
         [--images off|use|write] [--parkable] [--max-model-len N] [--quantize auto|none|int8|int4]
-        [--kv-cache-bytes N] [--threads N]
+        [--kv-dtype auto|float32|bfloat16|float16] [--kv-cache-bytes N] [--threads N]
         [--pooling last|mean [--no-normalize]] (--port 8001 [--host 127.0.0.1] | --uds /tmp/w.sock)
 
 It serves HTTP at once and loads the model in the background, so the gateway can ask how the
@@ -33,7 +33,7 @@ import time
 import uvicorn
 from pydantic import ValidationError
 
-from zerostart.names import DTYPES, IMAGE_MODES, QUANTIZE_MODES
+from zerostart.names import DTYPES, IMAGE_MODES, KV_DTYPES, QUANTIZE_MODES
 from zerostart.serve._config import EmbeddingConfig, ModelConfig, ServerConfig
 from zerostart.serve._keys import describe_errors
 from zerostart.serve.control import TOKEN_ENV, LoadSpec, load_spec
@@ -49,7 +49,7 @@ _ORPHAN_GRACE_S = 10.0  # after the gateway is gone: time to shut down cleanly b
 _MAX_CONNECTIONS = 4096
 _HEADER_TIMEOUT_S = 10.0
 # the flags that say what to load, by hand (a gateway's worker has them in --spec; a standby takes them in /load)
-_LOAD_FLAGS = ("name", "dtype", "images", "parkable", "max_model_len", "quantize", "kv_cache_bytes", "threads",
+_LOAD_FLAGS = ("name", "dtype", "images", "parkable", "max_model_len", "quantize", "kv_dtype", "kv_cache_bytes", "threads",
                "pooling", "no_normalize")
 
 
@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     hand.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                       help="how matrices are held: auto (as stored: a GGUF file's quants stay quantized), none "
                            "(all floats), int8 or int4 (float matrices quantized at load); default auto")
+    hand.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                      help="the KV cache's dtype: auto (the activations'; bfloat16 on CPU for a quantized model), "
+                           "float32, bfloat16, float16 (CUDA only); default auto")
     hand.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV cache size")
     hand.add_argument("--threads", type=int, default=None,
                       help="CPU compute threads (torch intra-op; default: torch's, one per core)")
@@ -156,10 +159,10 @@ def _spec(args: argparse.Namespace, p: argparse.ArgumentParser) -> LoadSpec | No
     try:
         model = ModelConfig(path=args.model, name=args.name, device=args.device, dtype=args.dtype, images=args.images,
                             max_model_len=args.max_model_len, quantize=args.quantize or "auto",
+                            kv_dtype=args.kv_dtype or "auto",
                             kv_cache_bytes=args.kv_cache_bytes, threads=args.threads, embedding=embedding)
     except ValidationError as e:
-        p.error("; ".join(f"--{'model' if err['loc'][0] == 'path' else str(err['loc'][0]).replace('_', '-')}: "
-                          f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()))
+        p.error("; ".join(_flag_error(err["loc"], err["msg"].removeprefix("Value error, ")) for err in e.errors()))
     return load_spec(model, parkable=args.parkable, kv_cache_bytes=model.kv_cache_bytes, threads=model.threads)
 
 
@@ -194,3 +197,16 @@ def _socket(args: argparse.Namespace) -> socket.socket:
         sock.bind((args.host, args.port))
     sock.listen(1024)
     return sock
+
+
+def _flag_error(loc: tuple, msg: str) -> str:
+    """A model entry's validation error as the flag's: ``--key: why`` (``--model`` for its path;
+    a check across keys has no location, and its message starts with the key it names)."""
+    if loc:
+        key = str(loc[0])
+    else:
+        key, sep, rest = msg.partition(": ")
+        if not (sep and key.isidentifier()):
+            return msg
+        msg = rest
+    return f"--{'model' if key == 'path' else key.replace('_', '-')}: {msg}"

@@ -354,4 +354,4 @@ class Holder:
 def _kv_capacity(engine: Engine) -> KVCapacity:
     kv = engine.kv_stats()
     return KVCapacity(tokens=kv.tokens, block_tokens=kv.block_tokens, blocks=kv.blocks, slots=kv.slots,
-                      bytes=kv.nbytes, paged=kv.paged)
+                      bytes=kv.nbytes, paged=kv.paged, dtype=kv.dtype)
