@@ -230,7 +230,7 @@ class KVCapacity(_Body):
     slots: int  # sequences that may run at once
     bytes: int
     paged: bool  # memory is taken block by block (else every slot is backed in full)
-    dtype: str | None = None  # of the keys and values ("bfloat16", ...); None from a worker that does not say
+    dtype: str  # of the keys and values ("bfloat16", ...)
 
 
 class ReadyReport(_Body):
