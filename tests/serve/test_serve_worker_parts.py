@@ -1,5 +1,5 @@
 """Worker pieces that need no server: the grammar a chat request's tools and response_format
-ask for, embedding inputs and encodings, log-probability shapes, the heap policy."""
+ask for, embedding inputs and encodings, log-probability shapes, the heap policy and the code pages it releases."""
 
 import base64
 import ctypes
@@ -158,3 +158,63 @@ def test_the_worker_maps_the_loads_blocks_apart_and_keeps_the_steps():
     out = {mode: subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True,
                                 check=True).stdout.strip() for mode in ("default", "loading", "serving")}
     assert out == {"default": "False True", "loading": "True True", "serving": "False False"}
+
+
+_SMAPS = """\
+7f0000000000-7f0000100000 r-xp 00000000 fd:01 11 /venv/lib/libtorch_cpu.so
+Rss:                 400 kB
+Anonymous:             0 kB
+VmFlags: rd ex mr mw me
+7f0000100000-7f0000200000 r--p 00100000 fd:01 11 /venv/lib/libtorch_cpu.so
+Rss:                 100 kB
+Anonymous:            12 kB
+7f0000200000-7f0000300000 rw-p 00200000 fd:01 11 /venv/lib/libtorch_cpu.so
+Rss:                  50 kB
+Anonymous:             0 kB
+7f0000300000-7f0000400000 r--s 00000000 fd:01 12 /venv/lib/libshared.so.1
+Rss:                  80 kB
+Anonymous:             0 kB
+7f0000400000-7f0000500000 r--p 00000000 fd:01 13 /models/x/model.safetensors
+Rss:                  80 kB
+Anonymous:             0 kB
+7f0000500000-7f0000600000 r--p 00000000 fd:01 14 /usr/lib/libc.so.6
+Rss:                   0 kB
+Anonymous:             0 kB
+7f0000600000-7f0000700000 r-xp 00000000 fd:01 15 /usr/lib/x86_64-linux-gnu/libz.so.1.2.13 (deleted)
+Rss:                   8 kB
+Anonymous:             0 kB
+7f0000700000-7f0000800000 rw-p 00000000 00:00 0
+Rss:                  64 kB
+Anonymous:            64 kB
+"""
+
+
+def test_only_a_librarys_own_bytes_are_released(tmp_path):
+    """``release_code`` unmaps a library's read-only private pages that hold no copies of their
+    own, and nothing else: not a writable or relocated (copied-on-write) mapping, not a shared one,
+    not a model file's, not anonymous memory."""
+    from zerostart.serve.worker._memory import _clean_file_mappings
+
+    smaps = tmp_path / "smaps"
+    smaps.write_text(_SMAPS)
+    assert _clean_file_mappings(str(smaps)) == [(0x7F0000000000, 0x7F0000100000, 400 << 10),
+                                                (0x7F0000600000, 0x7F0000700000, 8 << 10)]
+
+
+_RELEASE_PROBE = r"""
+import numpy as np
+from zerostart.serve.worker import _memory
+
+np.linalg.svd(np.ones((64, 64)))
+released = _memory.release_code()
+left = sum(r for _, _, r in _memory._clean_file_mappings("/proc/self/smaps"))  # mapped back since
+s = np.linalg.svd(np.diag([3.0, 2.0, 1.0]), compute_uv=False)
+print(released > (1 << 20), left < released // 4, [round(float(x), 6) for x in s])
+"""
+
+
+def test_the_libraries_code_is_released_and_runs_again():
+    """A process that released its libraries' resident code (numpy's, Python's, libc's) holds
+    far less of it, and the code still runs, mapped back from the page cache."""
+    out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], capture_output=True, text=True, check=True).stdout
+    assert out.split(" ", 2) == ["True", "True", "[3.0, 2.0, 1.0]\n"]

