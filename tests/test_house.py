@@ -321,7 +321,7 @@ FACES = {
                           "drop_all_page_caches", "evict_page_cache", "fingerprint", "gguf_file", "gguf_held_nbytes", "hf_gguf",
                           "identity", "image_store", "is_gguf", "is_image", "is_remote", "load", "load_arena",
                           "local_copy", "localize", "map_anonymous_at", "map_shared_at", "open_direct", "open_gguf",
-                          "open_source", "open_store", "parse_header", "pread_into", "pull", "qformat", "quantize",
+                          "open_source", "open_store", "own_pages", "parse_header", "pread_into", "pull", "qformat", "quantize",
                           "quantize_arena", "quantized_bits", "quantized_nbytes", "read_header", "read_manifest", "release_host", "release_pages",
                           "reserve_host", "reserved_host", "reset_credentials", "resolve", "save_file",
                           "touch_pages", "unreachable", "write_image"],

@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,6 +134,9 @@ def test_hot_parked_woken_parked_zero(gw: Gateway, tiny_model: str) -> None:
     wake = cold["phases"][0]
     assert wake["bytes"] >= weights_bytes(tiny_model) and wake["gbps"] > 0  # the arena: weights (+ alignment)
     assert gw.phase_count("parky", "wake") == 1
+    # serving again from the worker's own memory, not from the parked file's shared pages
+    gw.wait_for("the weights off the parked file", lambda: gw.model("parky")["state"] == "hot"
+                and "zerostart-parked" not in Path(f"/proc/{pid}/maps").read_text(), timeout=5)
 
     # idle again: parked after park_after, then zero once idle_timeout (3 s) has passed since the request
     t0 = time.monotonic()
@@ -211,6 +215,11 @@ def test_ready_images_written_restored_and_rejected(gw: Gateway, copies: dict[st
     assert cold["image"]["status"] == "used" and cold["image"]["path"] == image["path"]
     read = next(p for p in cold["phases"] if p["name"] == "read")
     assert read["detail"]["verified_bytes"] > 0
+    # mapped from the image as it loads; once serving, from the worker's own memory
+    assert read["detail"]["strategy"] == {"mmap": 1}
+    pid = gw.model("imagey")["workers"][0]["pid"]
+    blob = os.path.join(image["path"], "model.safetensors")
+    gw.wait_for("the weights off the image's pages", lambda: blob not in Path(f"/proc/{pid}/maps").read_text(), timeout=10)
     assert gw.cold_starts("imagey", "source") == 1 and gw.cold_starts("imagey", "image") == 1
 
     # 3. a flipped byte: reported, never served from; the source answers and the image is rewritten

@@ -101,6 +101,39 @@ def test_cpu_wake_maps_the_parked_bytes_back_without_new_memory():
     assert torch.equal(storage[:start], expect[:start]), "bytes outside the page-aligned span never move"
 
 
+def _parked_files_mapped() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("zerostart-parked" in line for line in f)
+
+
+def test_a_woken_allocation_takes_its_pages_back_as_its_own():
+    """``own_pages`` after a CPU wake: the parked file's pages replaced by private memory holding
+    the same bytes at the same addresses, the file closed; the next park copies the bytes out
+    again, and the wake after it brings them back."""
+    n = 32 << 20
+    r = Region.anonymous(n + 8192)
+    storage = r.tensor()[100 : 100 + n]
+    storage.copy_(torch.randint(0, 255, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)))
+    expect, ptr = storage.clone(), storage.data_ptr()
+    p = Parking(storage)
+    assert p.own_pages() == 0  # never parked: nothing to take back
+    p.park(keep=True)
+    assert p.own_pages() == 0  # parked: nothing mapped to take
+    p.wake()
+    mapped = _parked_files_mapped()
+    assert mapped >= 1
+    span = (ptr + n) // 4096 * 4096 - -(-ptr // 4096) * 4096  # the page-aligned part parking moves
+    assert p.own_pages() == span
+    assert _parked_files_mapped() == mapped - 1 and p.host_bytes == 0
+    assert storage.data_ptr() == ptr and torch.equal(storage, expect)
+    assert p.own_pages() == 0
+    storage[777] = expect[777] ^ 0xFF
+    expect[777] ^= 0xFF
+    p.park(keep=True)
+    p.wake()
+    assert torch.equal(storage, expect)
+
+
 def test_cuda_tensor_needs_vmm():
     class Fake:
         device = torch.device("cuda")

@@ -210,6 +210,60 @@ def test_mapped_tensors_are_copy_on_write(tmp_path):
     assert torch.equal(weights.load(p)["w"], torch.zeros(4096))
 
 
+def _files_mapped_in(start: int, end: int) -> set[str]:
+    """The files with pages mapped in [start, end) of this process."""
+    out = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, _, _, _, _, *path = line.split(maxsplit=5)
+            lo, hi = (int(a, 16) for a in span.split("-"))
+            if path and path[0].startswith("/") and lo < end and hi > start:
+                out.add(path[0].strip())
+    return out
+
+
+def test_a_mapped_arena_takes_its_pages_as_its_own(sharded):
+    """``Arena.own_pages`` puts memory of the arena's own holding the same bytes in place of the
+    files mapped into it: every tensor keeps its address and its values, no file stays mapped,
+    the files are untouched, and a write no longer has a file page to copy."""
+    arena = weights.load_arena(sharded, config=LoadConfig(mmap="always"))
+    assert arena.stats.strategy == {"mmap": 3}
+    start = arena.storage.data_ptr()
+    shards = {str(p): p for p in sharded.glob("*.safetensors")}
+    assert _files_mapped_in(start, start + arena.nbytes) == set(shards)
+    before = {p.read_bytes() for p in shards.values()}
+    where = {k: t.data_ptr() for k, t in arena.tensors.items()}
+
+    assert arena.own_pages() >= arena.stats.bytes
+    assert _files_mapped_in(start, start + arena.nbytes) == set()
+    assert {k: t.data_ptr() for k, t in arena.tensors.items()} == where
+    assert_same(arena.tensors, every_dtype())
+    assert arena.own_pages() == 0  # nothing mapped is left
+    arena.tensors["big"] += 1
+    assert {p.read_bytes() for p in shards.values()} == before
+
+
+def test_a_region_takes_a_mapped_range_off_the_huge_page_grid(tmp_path):
+    """A file mapped one page past a 2 MiB boundary, moved in pieces: the stretch before the
+    next boundary, whole pieces, and a tail shorter than a piece."""
+    from zerostart.weights._io import HUGE, PAGE, Region
+
+    data = os.urandom(5 * HUGE + 3 * PAGE + 100)
+    p = tmp_path / "blob"
+    p.write_bytes(data)
+    region = Region.reserve(8 * HUGE)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        region.map_file(PAGE, fd, len(data))
+    finally:
+        os.close(fd)
+    view = region.buffer(PAGE, len(data))
+    assert bytes(view) == data and _files_mapped_in(region.addr, region.addr + region.size) == {str(p)}
+    assert region.own_mapped_pages(piece=2 * HUGE) == -(-len(data) // PAGE) * PAGE
+    assert bytes(view) == data and _files_mapped_in(region.addr, region.addr + region.size) == set()
+    region.close()
+
+
 def test_stats_are_reported(single):
     arena = weights.load_arena(single, config=CONFIGS["direct"])
     s = arena.stats.to_dict()

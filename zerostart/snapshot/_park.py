@@ -12,7 +12,9 @@ kept), so every view of it (model parameters, captured CUDA graphs) stays valid.
   behind the allocation are returned to the kernel with MADV_DONTNEED. Waking maps that file
   over the allocation's own addresses (MAP_SHARED | MAP_FIXED) instead of copying it back, so
   no byte moves and no new memory is touched: the wake costs the page-table fill. From then on
-  the allocation *is* the file, so parking it again copies nothing.
+  the allocation *is* the file, so parking it again copies nothing, until :meth:`Parking.own_pages`
+  (the worker calls it once a woken model serves) moves the bytes into private huge pages: shared
+  memory's 4 KiB pages made a batch-1 decode step 10-12 % slower than before the park.
 """
 
 from __future__ import annotations
@@ -155,6 +157,20 @@ class Parking:
         self._parallel(lambda a, b: weights.touch_pages(start + a, b - a), length)
         self.stats.wake_copy_s = time.perf_counter() - t0
 
+    def own_pages(self) -> int:
+        """After a CPU wake: the parked file's shared pages (4 KiB apiece) replaced by private
+        memory holding the same bytes (``weights.own_pages``: huge pages, a faster read for every
+        step), and the file closed; parking again copies the bytes out again. The bytes moved (0:
+        not a woken CPU allocation). Nothing may write the allocation meanwhile."""
+        if self.storage.device.type != "cpu" or self.parked or not self._mapped:
+            return 0
+        start, length = self._span()
+        moved = weights.own_pages(start, length)
+        if moved == length:  # else (out of memory) the rest stays the file's: keep it
+            self._mapped = False
+            self._close_memfd()
+        return moved
+
     def _close_memfd(self) -> None:
         if self._memfd is not None:
             os.close(self._memfd)
@@ -233,6 +249,11 @@ class EngineParking:
     @property
     def parked(self) -> bool:
         return self.weights.parked
+
+    def own_pages(self) -> int:
+        """After a wake on CPU, the weights' bytes in the process's own memory again
+        (:meth:`Parking.own_pages`); the bytes moved."""
+        return self.weights.own_pages()
 
     def park(self) -> ParkStats:
         busy = self.engine.stats().get("running", 0) + self.engine.stats().get("waiting", 0)

@@ -25,7 +25,8 @@ from zerostart.weights._image import (Fingerprint, check_compatible, fingerprint
                                       write_image)
 from zerostart.weights._image_files import MANIFEST
 from zerostart.weights._io import (Eviction, Region, align_up, cached_fraction, drop_all_page_caches, evict_page_cache,
-                                   map_anonymous_at, map_shared_at, open_direct, pread_into, release_pages, touch_pages)
+                                   map_anonymous_at, map_shared_at, open_direct, own_pages, pread_into, release_pages,
+                                   touch_pages)
 from zerostart.weights._paths import cache_dir
 from zerostart.weights._qformats import GGUF_QUANTIZED, gguf_held_nbytes, quantized_bits, quantized_nbytes
 from zerostart.weights._remote import Transport
@@ -119,6 +120,7 @@ __all__ = [
     "map_anonymous_at",
     "map_shared_at",
     "open_direct",
+    "own_pages",
     "pread_into",
     "release_host",
     "release_pages",

@@ -130,6 +130,13 @@ class Arena:
         memory, or a host arena with no checkpoint file mapped into it."""
         return self.storage.device.type != "cpu" or "mmap" not in self.stats.strategy
 
+    def own_pages(self) -> int:
+        """Once every byte is in place, the files mapped into a host arena replaced by memory of
+        its own holding the same bytes, in huge pages where the system gives them
+        (:meth:`Region.own_mapped_pages`); returns the bytes moved (0: nothing was mapped)."""
+        self.wait()
+        return self.region.own_mapped_pages() if self.region is not None else 0
+
     def is_ready(self, name: str) -> bool:
         with self._cond:
             return self._done or name in self._ready

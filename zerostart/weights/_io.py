@@ -95,6 +95,7 @@ class Region:
         self.size = size
         self._lock = threading.Lock()
         self._closed = False
+        self.mapped: list[tuple[int, int]] = []  # (offset, length) of the file ranges map_file placed
 
     @classmethod
     def anonymous(cls, size: int, huge: bool = True) -> "Region":
@@ -125,6 +126,21 @@ class Region:
         length = align_up(length, PAGE)
         addr = _check(_libc.mmap(self.addr + offset, length, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_FIXED, fd, 0), "mmap")
         assert addr == self.addr + offset
+        self.mapped.append((offset, length))
+
+    def own_mapped_pages(self, piece: int = 8 << 20) -> int:
+        """Put memory of this region's own (:func:`own_pages`) in place of the file ranges
+        :meth:`map_file` placed; return the bytes moved. The ranges must not be written meanwhile."""
+        moved = 0
+        with self._lock:
+            while self.mapped and not self._closed:
+                offset, length = self.mapped[0]
+                done = own_pages(self.addr + offset, length, piece)
+                moved += done
+                if done < length:  # out of memory: the rest serves mapped
+                    break
+                self.mapped.pop(0)
+        return moved
 
     def populate(self, offset: int, length: int) -> None:
         """Fault in ``[offset, offset + length)`` readable, reading any page not yet cached.
@@ -221,6 +237,44 @@ def map_shared_at(addr: int, length: int, fd: int) -> None:
     assert addr % PAGE == 0 and length % PAGE == 0
     got = _check(_libc.mmap(addr, length, _PROT_READ | _PROT_WRITE, _MAP_SHARED | _MAP_FIXED, fd, 0), "mmap")
     assert got == addr
+
+
+def own_pages(addr: int, length: int, piece: int = 8 << 20) -> int:
+    """Put fresh private memory holding the same bytes in place of ``[addr, addr + length)``
+    (a file's pages, mapped), ``piece`` bytes at a time, huge pages requested on the 2 MiB grid;
+    return the bytes moved, fewer where memory ran out (the rest stays as it was).
+
+    A mapped file is served from the page cache's pages as they happen to be: written ones (an
+    image this host just wrote, a parked model's shared memory) are single 4 KiB pages scattered
+    over memory, and reading an arena of them ran at 23.5 GB/s where the same bytes in huge pages
+    ran at 31.7 (a batch-1 decode step of SmolLM2's Q8_0 image: 103-116 against 145-153 tokens/s).
+    Each piece is copied into new memory and moved over its range in one ``mremap``: the
+    addresses (every tensor's view) stay, and a reader sees the same bytes before and after, so
+    the range must not be written meanwhile. The file keeps its own pages."""
+    cuts = sorted({addr, addr + length, *range(align_up(addr, HUGE), addr + length, piece)})
+    moved = 0
+    for a, b in zip(cuts, cuts[1:]):
+        try:
+            _replace_with_copy(a, b - a, huge=a % HUGE == 0)
+        except OSError:
+            break
+        moved += b - a
+    return moved
+
+
+def _replace_with_copy(addr: int, length: int, huge: bool) -> None:
+    """Fresh private memory holding ``[addr, addr + length)``'s bytes, moved over that range
+    (2 MiB-aligned ranges: huge pages requested, and kept by the move)."""
+    tmp = _aligned_mmap(length, _PROT_READ | _PROT_WRITE) if huge else \
+        _check(_libc.mmap(None, length, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0), "mmap")
+    if huge:
+        _libc.madvise(tmp, length, _MADV_HUGEPAGE)  # advisory; failure is harmless
+    try:
+        ctypes.memmove(tmp, addr, length)
+        _check(_libc.mremap(tmp, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr), "mremap")
+    except BaseException:
+        _libc.munmap(tmp, length)
+        raise
 
 
 def map_anonymous_at(addr: int, length: int) -> None:

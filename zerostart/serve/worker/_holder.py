@@ -19,7 +19,7 @@ from zerostart.serve.control import (SETTLED, ImageReport, InFlight, KVCapacity,
                                      PhasesReport, ReadyReport, WakeResult, WorkerState, check_worker)
 from zerostart.serve.worker._image_writer import ImageWriter
 from zerostart.serve.worker._loading import load
-from zerostart.serve.worker._memory import for_serving, release_code
+from zerostart.serve.worker._memory import for_serving, own_weights, release_code
 from zerostart.serve.worker._structured import GrammarBudget
 from zerostart.telemetry import Timeline
 
@@ -72,7 +72,7 @@ class Holder:
         self.in_flight: dict[int, _InFlight] = {}  # OpenAI requests being served, by id
         self.paused = False  # new requests wait (CUDA: while the image writer copies the weights to host)
         self.closing = False  # the worker is shutting down
-        self.weights_lock = threading.Lock()  # held while the weights are read for an image, or parked
+        self.weights_lock = threading.Lock()  # held while the weights are read for an image, moved into own memory, or parked
         self._ids = 0
         self._parking: EngineParking | None = None
         self._writer: ImageWriter | None = None
@@ -232,6 +232,27 @@ class Holder:
                 self._writer.start()
         except BaseException as e:  # noqa: BLE001 - reported to the gateway, which stops this process
             self._fail(e)
+            return
+        self._own_weights(woken=False)
+
+    def _own_weights(self, woken: bool) -> None:
+        """Serving: the weights' file pages (the image's or checkpoint's, mapped as it loaded; the
+        parked file's after a wake) replaced by the worker's own huge pages
+        (``_memory.own_weights``). Parking waits for it; a park that came first skips it. A
+        failure leaves the pages as they were."""
+        t0 = time.perf_counter()
+        try:
+            with self.weights_lock:
+                weights = self._parking if woken else self.engine.arena if self.engine is not None else None
+                if self.state is not WorkerState.READY or weights is None:
+                    return
+                moved = own_weights(weights)
+        except Exception:  # noqa: BLE001 - the mapped pages serve as they did
+            log.warning("the weights stay mapped from their files", exc_info=True)
+            return
+        if moved:
+            log.info("weights: %.1f MB moved from their files into the worker's own memory in %.2f s", moved / 1e6,
+                     time.perf_counter() - t0)
 
     def _fail(self, e: BaseException) -> None:
         self.error = f"{type(e).__name__}: {e}"
@@ -323,6 +344,7 @@ class Holder:
         tl.add("wake", t0, t1, bytes=stats.bytes, kv_bytes=self._parking.engine.kv.nbytes)
         self.current, self.climb, self.requested_s = tl, Climb.PARKED, requested - self.timeline.origin
         self._set(WorkerState.READY)
+        threading.Thread(target=self._own_weights, args=(True,), name="zerostart-own-weights", daemon=True).start()
         return WakeResult(changed=True, wake_s=round(stats.wake_s, 6), bytes=stats.bytes, gbps=round(stats.wake_gbps, 4))
 
     # -- reports ----------------------------------------------------------------------------

@@ -27,12 +27,20 @@ code resident that no step runs again. :func:`release_code` unmaps the resident 
 read-only private mapping of a shared library that holds no private copies (code, constants):
 the kernel keeps them in the page cache and maps back, with a minor fault, the pages that are
 used again. The worker calls it after its imports and after its load.
+
+Its weights, on CPU, are often a file's pages too: an image (or a checkpoint that needs no cast)
+is mapped into the arena, which starts a model soonest, and a woken parked model is its parked
+file's shared memory. Once it serves, :func:`own_weights` moves those bytes into huge pages of
+its own (``weights.own_pages``): pages an image's writer left in the page cache, and shared
+memory's, are 4 KiB apiece, and a batch-1 decode step, which reads every weight, ran 25-45 %
+faster from huge pages (SmolLM2's Q8_0 image, one thread: 103-116 -> 145-153 tokens/s).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from typing import Protocol
 
 LOAD_MMAP_THRESHOLD = 1 << 20
 SERVE_MMAP_THRESHOLD = 32 << 20
@@ -111,6 +119,23 @@ def _clean_file_mappings(smaps: str) -> list[tuple[int, int, int]]:
                 fields[first[:-1]] = int(rest.split()[0])
     close()
     return found
+
+
+class OwnsPages(Protocol):
+    def own_pages(self) -> int: ...
+
+
+def own_weights(weights: OwnsPages) -> int:
+    """``weights``' file pages moved into the worker's own memory (see the module's text): an
+    ``Arena``'s mapped files, or an ``EngineParking``'s parked file after a wake (both have
+    ``own_pages``); the bytes moved. Nothing where the system gives no transparent huge pages."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return 0
+    except OSError:  # not Linux, or no THP: the pages would be no larger
+        return 0
+    return weights.own_pages()
 
 
 def trim() -> bool:
