@@ -14,7 +14,7 @@ kept), so every view of it (model parameters, captured CUDA graphs) stays valid.
   no byte moves and no new memory is touched: the wake costs the page-table fill. From then on
   the allocation *is* the file, so parking it again copies nothing, until :meth:`Parking.own_pages`
   (the worker calls it once a woken model serves) moves the bytes into private huge pages: shared
-  memory's 4 KiB pages made a batch-1 decode step 10-12 % slower than before the park.
+  memory's 4 KiB pages made a batch-1 decode 5-12 % slower than before the park.
 """
 
 from __future__ import annotations
