@@ -244,10 +244,11 @@ def own_pages(addr: int, length: int, piece: int = 8 << 20) -> int:
     (a file's pages, mapped), ``piece`` bytes at a time, huge pages requested on the 2 MiB grid;
     return the bytes moved, fewer where memory ran out (the rest stays as it was).
 
-    A mapped file is served from the page cache's pages as they happen to be: written ones (an
-    image this host just wrote, a parked model's shared memory) are single 4 KiB pages scattered
-    over memory, and reading an arena of them ran at 23.5 GB/s where the same bytes in huge pages
-    ran at 31.7 (a batch-1 decode step of SmolLM2's Q8_0 image: 103-116 against 145-153 tokens/s).
+    A mapped file is served from the page cache's pages as they happen to be, and those of a
+    file this host just wrote (a ready image) read slower than huge pages: an arena of them ran at
+    23.5 GB/s where the same bytes in huge pages ran at 31.7 (a batch-1 decode step of SmolLM2's
+    Q8_0 image: 103-116 against 145-153 tokens/s; read back by the kernel's readahead instead,
+    the file's pages ran at 29.9). Shared memory (a woken parked model's) is 4 KiB pages.
     Each piece is copied into new memory and moved over its range in one ``mremap``: the
     addresses (every tensor's view) stay, and a reader sees the same bytes before and after, so
     the range must not be written meanwhile. The file keeps its own pages."""

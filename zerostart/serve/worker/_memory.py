@@ -31,9 +31,9 @@ used again. The worker calls it after its imports and after its load.
 Its weights, on CPU, are often a file's pages too: an image (or a checkpoint that needs no cast)
 is mapped into the arena, which starts a model soonest, and a woken parked model is its parked
 file's shared memory. Once it serves, :func:`own_weights` moves those bytes into huge pages of
-its own (``weights.own_pages``): pages an image's writer left in the page cache, and shared
-memory's, are 4 KiB apiece, and a batch-1 decode step, which reads every weight, ran 25-50 %
-faster from huge pages (SmolLM2's Q8_0 image, one thread: 103-116 -> 145-153 tokens/s).
+its own (``weights.own_pages``): the pages an image's writer left in the page cache, and shared
+memory's 4 KiB pages, read slower, and a batch-1 decode step, which reads every weight, ran
+25-50 % faster from huge pages (SmolLM2's Q8_0 image, one thread: 103-116 -> 145-153 tokens/s).
 """
 
 from __future__ import annotations
