@@ -249,6 +249,6 @@ def table(summary: dict[str, dict[str, float]], load) -> str:
         *kind, q, t = key.split(" ")
         lines.append(f"| {' '.join(kind)} | {q} | {t[1:]} | {m['first_token_s']:.2f} | {m['decode_b1']:.1f} | "
                      f"{m['decode_b16']:.1f} | {m['prefill']:.0f} | {m['rss'] / 1e6:.0f} | "
-                     f"{m.get('rss_anon', 0) / 1e6:.0f} |")
+                     f"{m['rss_anon'] / 1e6:.0f} |")
     return "\n".join(lines)
 

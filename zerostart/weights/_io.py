@@ -270,12 +270,11 @@ def _replace_with_copy(addr: int, length: int, huge: bool) -> None:
         _check(_libc.mmap(None, length, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0), "mmap")
     if huge:
         _libc.madvise(tmp, length, _MADV_HUGEPAGE)  # advisory; failure is harmless
-    try:
-        ctypes.memmove(tmp, addr, length)
-        _check(_libc.mremap(tmp, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr), "mremap")
-    except BaseException:
-        _libc.munmap(tmp, length)
-        raise
+    ctypes.memmove(tmp, addr, length)
+    if _libc.mremap(tmp, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr) != addr:
+        err = ctypes.get_errno()
+        _libc.munmap(tmp, length)  # the range keeps its file's pages
+        raise OSError(err, f"mremap: {os.strerror(err)}")
 
 
 def map_anonymous_at(addr: int, length: int) -> None:

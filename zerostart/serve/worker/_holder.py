@@ -238,8 +238,8 @@ class Holder:
     def _own_weights(self, woken: bool) -> None:
         """Serving: the weights' file pages (the image's or checkpoint's, mapped as it loaded; the
         parked file's after a wake) replaced by the worker's own huge pages
-        (``_memory.own_weights``). Parking waits for it; a park that came first skips it. A
-        failure leaves the pages as they were."""
+        (``_memory.own_weights``; memory running out leaves the rest mapped). Parking waits for
+        it; a park that came first skips it."""
         t0 = time.perf_counter()
         try:
             with self.weights_lock:
@@ -247,8 +247,8 @@ class Holder:
                 if self.state is not WorkerState.READY or weights is None:
                     return
                 moved = own_weights(weights)
-        except Exception:  # noqa: BLE001 - the mapped pages serve as they did
-            log.warning("the weights stay mapped from their files", exc_info=True)
+        except OSError:  # the parked file's close (the pages' move itself stops short, never raises)
+            log.warning("moving the weights into the worker's own memory failed", exc_info=True)
             return
         if moved:
             log.info("weights: %.1f MB moved from their files into the worker's own memory in %.2f s", moved / 1e6,

@@ -46,7 +46,6 @@ LOAD_MMAP_THRESHOLD = 1 << 20
 SERVE_MMAP_THRESHOLD = 32 << 20
 SERVE_TRIM_THRESHOLD = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
-_MADV_DONTNEED = 4  # madvise's advice (sys/mman.h): unmap; a private file page is read from its file again
 
 
 def _libc_function(name: str):
@@ -80,18 +79,21 @@ def release_code(smaps: str = "/proc/self/smaps") -> int:
     """Unmap the resident pages of this process's read-only private mappings of shared libraries
     that hold no private copies (``Anonymous: 0``: nothing there but the file's own bytes: code
     and constants), and return how many bytes were resident in them. A page used again is mapped
-    back from the page cache. 0 where there is no ``smaps`` or no ``madvise``."""
-    madvise = _libc_function("madvise")
-    if madvise is None:
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released = 0
+    back from the page cache. 0 where there is no ``smaps`` (not Linux)."""
+    # imported once the worker has imported the engine (the import phase's end, or the load's)
+    from zerostart import weights
+
     try:
-        for start, end, resident in _clean_file_mappings(smaps):
-            if madvise(start, end - start, _MADV_DONTNEED) == 0:
-                released += resident
+        mappings = _clean_file_mappings(smaps)
     except OSError:  # no /proc here
         return 0
+    released = 0
+    for start, end, resident in mappings:
+        try:
+            weights.release_pages(start, end - start, "releasing a library's code")
+        except OSError:  # unmapped since smaps was read: nothing to release there
+            continue
+        released += resident
     return released
 
 
